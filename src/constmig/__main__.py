@@ -1,0 +1,3 @@
+from constmig.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""Registry of the enclave apps that ship with constmig.
+
+Names map to "module:Class" strings, so listing apps imports nothing and an app's source can be read
+for measurement without running it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from constmig.enclave.app import EnclaveApp
+from constmig.errors import ConfigError
+
+APPS: dict[str, str] = {
+    "kvstore": "constmig.apps.kvstore:KVStore",
+    "matrix": "constmig.apps.matrix:MatrixApp",
+}
+
+
+def _target(name: str) -> tuple[str, str]:
+    try:
+        module, cls = APPS[name].split(":")
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown app {name!r}; known apps: {', '.join(sorted(APPS))}") from None
+    return module, cls
+
+
+def load_app(name: str) -> type[EnclaveApp]:
+    """The app class registered as `name`."""
+    module, cls = _target(name)
+    app_cls = getattr(importlib.import_module(module), cls)
+    if not (isinstance(app_cls, type) and issubclass(app_cls, EnclaveApp)):
+        raise ConfigError(f"app {name!r} ({APPS[name]}) is not an EnclaveApp")
+    return app_cls
+
+
+def app_source(name: str) -> bytes:
+    """Source bytes of the module that defines app `name` (part of what the enclave measures)."""
+    module, _ = _target(name)
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"cannot find the source of app {name!r} ({module})")
+    with open(spec.origin, "rb") as f:
+        return f.read()

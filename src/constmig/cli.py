@@ -1,0 +1,232 @@
+"""The `constmig` command. Every expected failure ends as one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from constmig.errors import ConfigError, ConstmigError
+from constmig.units import parse_size
+
+STRATEGY_CHOICES = click.Choice(["stopcopy"])
+
+
+def default_ca_dir() -> Path:
+    return Path(os.environ.get("CONSTMIG_CA_DIR", Path.home() / ".constmig" / "ca"))
+
+
+class Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConstmigError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value.hex()
+    if isinstance(value, dict | list):
+        return json.dumps(value, indent=2, default=lambda b: b.hex() if isinstance(b, bytes) else str(b))
+    return str(value)
+
+
+def write_json(obj: Any, path: str | None) -> None:
+    """`--json -` prints to stdout, `--json FILE` writes the file."""
+    if path is None:
+        return
+    text = json.dumps(obj, indent=2, sort_keys=True)
+    if path == "-":
+        click.echo(text)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
+@click.group(cls=Main)
+@click.version_option(package_name="constmig")
+def main() -> None:
+    """Secure live migration of large enclaves."""
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:7001", show_default=True, help="HOST:PORT to serve on.")
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True, help="This host's state folder.")
+@click.option("--host-id", required=True, help="This host's name (its platform certificate's subject).")
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
+              help="Root CA folder shared by all hosts [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
+@click.option("-v", "--verbose", is_flag=True)
+def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, verbose: bool) -> None:
+    """Run a host agent (foreground)."""
+    from constmig.host.address import parse_addr
+    from constmig.host.agent import run_agent
+
+    parse_addr(listen)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    try:
+        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir()))
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {listen}: {e.strerror or e}") from None
+
+
+def _parse_config(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@main.command()
+@click.argument("app")
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+@click.option("--heap", type=Size(), default="256M", show_default=True, help="Heap size, e.g. 512M, 4G.")
+@click.option("--name", default=None, help="Enclave name [default: the app name].")
+@click.option("--chunk-size", type=Size(), default="1M", show_default=True)
+@click.option("--set", "settings", multiple=True, help="App config KEY=VALUE (repeatable).")
+def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, settings: tuple[str, ...]) -> None:
+    """Launch an enclave app on an agent."""
+    from constmig.apps import load_app
+    from constmig.host.client import request
+
+    load_app(app)
+    spec = {"op": "run", "name": name or app, "app": app, "heap": heap, "chunk_size": chunk_size,
+            "config": _parse_config(settings)}
+    click.echo(_show(request(addr, spec)))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("method")
+@click.argument("args", nargs=-1)
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+def call(name: str, method: str, args: tuple[str, ...], addr: str) -> None:
+    """Call an ECALL of an enclave (follows redirects after a migration)."""
+    from constmig.host.client import EnclaveClient
+
+    c = EnclaveClient(addr, name)
+    try:
+        click.echo(_show(c.call(method, *args)))
+    finally:
+        c.close()
+    if c.addr != addr:
+        click.echo(f"(enclave {name!r} now lives at {c.addr})", err=True)
+
+
+@main.command()
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+def status(addr: str) -> None:
+    """Show an agent's enclaves and recent migrations."""
+    from constmig.host.client import request
+
+    click.echo(_show(request(addr, {"op": "status"})))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+def stop(name: str, addr: str) -> None:
+    """Stop (destroy) an enclave."""
+    from constmig.host.client import request
+
+    click.echo(_show(request(addr, {"op": "stop", "name": name})))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
+@click.option("--to", "dst", required=True, help="Destination agent HOST:PORT.")
+@click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Per-step timeout, seconds.")
+@click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
+              "(meaningful only without concurrent writers).")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def migrate(name: str, src: str, dst: str, strategy: str, timeout: float, verify: bool,
+            json_path: str | None) -> None:
+    """Migrate an enclave from one agent to another."""
+    from constmig.host.address import parse_addr
+    from constmig.migration.orchestrate import migrate_with_progress
+
+    parse_addr(src)
+    parse_addr(dst)
+    figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify,
+                                    quiet=json_path == "-")
+    write_json(figures, json_path)
+    if json_path != "-":
+        from constmig.progress import print_figures
+
+        print_figures(figures)
+
+
+@main.command()
+@click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
+@click.option("--heap", type=Size(), default="512M", show_default=True)
+@click.option("--app", default="kvstore", show_default=True)
+@click.option("--fill", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="Fraction of the heap filled with incompressible data before migrating.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for figures.json and a plot of the migration.")
+def demo(strategy: str, heap: int, app: str, fill: float, json_path: str | None, out: Path | None) -> None:
+    """Two agents on this machine, one enclave, one migration, checked end to end."""
+    from constmig.demo import run_demo
+
+    figures = run_demo(strategy=strategy, heap=heap, app=app, fill=fill, quiet=json_path == "-", out=out)
+    write_json(figures, json_path)
+    if not figures.get("verified"):
+        raise ConstmigError("demo migration finished but the state checksum did not match")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (JSON out, plots next to it)."""
+
+
+@bench.command("sizes")
+@click.option("--strategy", "strategies", type=STRATEGY_CHOICES, multiple=True, default=["stopcopy"],
+              show_default=True)
+@click.option("--sizes", default="256M,1G,4G", show_default=True, help="Comma-separated heap sizes.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--app", default="kvstore", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, out: Path) -> None:
+    """Downtime and total time against heap size, per strategy."""
+    from constmig.bench import run_sizes
+
+    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    if not size_list:
+        raise ConfigError("--sizes needs at least one size")
+    run_sizes(list(strategies), size_list, repeat, app, out)
+
+
+if __name__ == "__main__":
+    main()

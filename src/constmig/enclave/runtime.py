@@ -1,0 +1,222 @@
+"""The enclave process: one app, its heap, its lifecycle, and the ECALL loop the agent talks to.
+
+Started by the agent as `python -m constmig.enclave.runtime ...`. It binds a Unix socket, prints one
+line (`ready` or `error: ...`) on stdout, then serves requests one at a time: ECALLs, status, and the
+migration entry points, which receive the migration's TCP connection as a file descriptor. Being one
+thread, every request boundary is an ECALL boundary: a migration stops the app there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constmig.apps import app_source, load_app
+from constmig.enclave.app import EnclaveApp
+from constmig.enclave.heap import Heap
+from constmig.enclave.lifecycle import Life, Lifecycle
+from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
+from constmig.tee.backend import Identity, TeeBackend
+from constmig.tee.measure import measure
+from constmig.wire.framing import FramedSocket
+from constmig.wire.handshake import Policy
+
+DEV_SIGNER = b"constmig development signer"
+
+
+@dataclass
+class Enclave:
+    """Everything trusted that one enclave process holds."""
+
+    app_name: str
+    app_cls: type[EnclaveApp]
+    heap: Heap
+    life: Lifecycle
+    identity: Identity
+    backend: TeeBackend
+    policy: Policy
+    config: dict[str, Any]
+    app: EnclaveApp | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if self.life.state is not Life.RUNNING or self.app is None:
+            raise EnclaveError(f"enclave is {self.life.state.value}; it does not run ECALLs now")
+        if name not in self.app_cls.ecalls():
+            known = ", ".join(sorted(self.app_cls.ecalls()))
+            raise EnclaveError(f"{self.app_name} has no ECALL {name!r}; known: {known}")
+        try:
+            return getattr(self.app, name)(*args, **kwargs)
+        except TypeError as e:
+            raise EnclaveError(f"bad arguments for {name}: {e}") from None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "app": self.app_name,
+            "state": self.life.state.value,
+            "heap_bytes": self.heap.size,
+            "chunk_size": self.heap.chunk_size,
+            "used_bytes": self.heap.used_bytes,
+            "measurement": self.identity.measurement.hex(),
+            "platform": self.backend.platform_id,
+            "pid": os.getpid(),
+        }
+
+
+def measure_app(app_name: str, config: dict[str, Any]) -> bytes:
+    """The measurement: the app's code and its launch config (heap layout is part of what runs)."""
+    return measure(app_source(app_name), json.dumps(config, sort_keys=True).encode())
+
+
+def _die_with_parent() -> None:
+    """An enclave lives inside its host process in real TEEs: if the agent dies, so does the enclave."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
+    except OSError:
+        pass
+
+
+def build_enclave(args: argparse.Namespace) -> Enclave:
+    from constmig.tee.sim import SimPlatform
+
+    config = json.loads(args.config) if args.config else {}
+    app_cls = load_app(args.app)
+    backend = SimPlatform.open(Path(args.platform_dir), Path(args.root_pem))
+    identity = Identity(
+        measurement=measure_app(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config}),
+        signer=hashlib.sha256(DEV_SIGNER).digest(),
+        product_id=1,
+        svn=args.svn,
+    )
+    heap = Heap(args.heap, args.chunk_size)
+    incoming = args.mode == "incoming"
+    enclave = Enclave(
+        app_name=args.app,
+        app_cls=app_cls,
+        heap=heap,
+        life=Lifecycle(Life.INCOMING if incoming else Life.CREATED),
+        identity=identity,
+        backend=backend,
+        policy=Policy(min_svn=args.svn),
+        config=config,
+    )
+    if not incoming:
+        enclave.app = app_cls(heap)
+        enclave.app.setup(**config)
+        enclave.life.move(Life.CREATED, Life.RUNNING)
+    return enclave
+
+
+def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
+    """One request; returns the reply, or None when the process should exit after replying."""
+    from constmig.migration import destination, source
+
+    op = req.get("op")
+    if op == "ecall":
+        result = enclave.ecall(str(req.get("name")), list(req.get("args") or []), dict(req.get("kwargs") or {}))
+        return {"ok": True, "result": result}
+    if op == "status":
+        return {"ok": True, "result": enclave.status()}
+    if op in ("migrate_out", "migrate_in"):
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise EnclaveError(f"{op} needs exactly one connection descriptor")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(True)
+
+        def progress(info: dict[str, Any]) -> None:
+            fs.send({"progress": info})
+
+        try:
+            if op == "migrate_out":
+                result = source.run(enclave, sock, req, progress)
+            else:
+                result = destination.run(enclave, sock, req, progress)
+        finally:
+            sock.close()
+        return {"ok": True, "result": result}
+    if op == "shutdown":
+        return None
+    raise EnclaveError(f"unknown request {op!r}")
+
+
+def serve(enclave: Enclave, listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        fs = FramedSocket(conn)
+        try:
+            while True:
+                req, fds = fs.recv()
+                try:
+                    reply = handle(enclave, fs, req, fds)
+                except ConstmigError as e:
+                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value}
+                except Exception as e:  # an app bug must not kill the enclave and its data
+                    traceback.print_exc(file=sys.stderr)
+                    reply = {"ok": False, "error": f"internal error in enclave: {type(e).__name__}: {e}",
+                             "kind": "InternalError", "state": enclave.life.state.value}
+                if reply is None:
+                    fs.send({"ok": True, "result": "bye"})
+                    return
+                fs.send(reply)
+                if enclave.life.state is Life.DESTROYED:
+                    return
+        except ChannelClosed:
+            fs.close()
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    from constmig.units import parse_size
+
+    p = argparse.ArgumentParser(prog="constmig-enclave")
+    p.add_argument("--app", required=True)
+    p.add_argument("--heap", required=True, type=parse_size)
+    p.add_argument("--chunk-size", type=parse_size, default=1 << 20)
+    p.add_argument("--mode", choices=["fresh", "incoming"], default="fresh")
+    p.add_argument("--config", default="")
+    p.add_argument("--svn", type=int, default=1)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--platform-dir", required=True)
+    p.add_argument("--root-pem", required=True)
+    args = p.parse_args(argv)
+    _die_with_parent()
+    t0 = time.perf_counter()
+    try:
+        enclave = build_enclave(args)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(args.socket):
+            os.unlink(args.socket)
+        listener.bind(args.socket)
+        listener.listen(4)
+    except ConstmigError as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    print(f"ready {time.perf_counter() - t0:.3f}", flush=True)
+    try:
+        serve(enclave, listener)
+    finally:
+        listener.close()
+        if os.path.exists(args.socket):
+            os.unlink(args.socket)
+        enclave.heap.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The per-host agent: untrusted, asyncio. Launches enclaves, proxies calls, brokers migrations.
+
+It never holds a key that opens enclave data: a migration's bytes go over a TCP connection that the
+two agents set up between themselves and then hand, as a file descriptor, to the two enclaves.
+One port serves clients, other agents, and migration data connections (the first frame says which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveError, ProtocolError
+from constmig.host import client
+from constmig.host.address import parse_addr
+from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.tee.sim import SimPlatform, create_root_ca
+from constmig.units import available_memory, format_size
+from constmig.wire.framing import read_frame, write_frame
+
+log = logging.getLogger("constmig.agent")
+
+
+@dataclass
+class Hosted:
+    """An enclave as this agent sees it."""
+
+    handle: EnclaveHandle
+    status: str  # running | migrating-out | incoming
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    since: float = field(default_factory=time.time)
+
+
+class Agent:
+    def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
+        self.listen = listen
+        self.host_id = host_id
+        self.state_dir = state_dir
+        self.run_dir = state_dir / "run"
+        self.platform_dir = state_dir / "platform"
+        self.root_pem = ca_dir / "root.pem"
+        create_root_ca(ca_dir)
+        SimPlatform.provision(self.platform_dir, ca_dir, host_id)
+        self.enclaves: dict[str, Hosted] = {}
+        self.moved: dict[str, str] = {}
+        self.history: list[dict[str, Any]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._stopping = asyncio.Event()
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        host, port = parse_addr(self.listen)
+        self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True)
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        log.info("agent %s listening on %s", self.host_id, self.listen)
+        await self._stopping.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for hosted in list(self.enclaves.values()):
+            await hosted.handle.stop()
+        self.enclaves.clear()
+
+    # ---- connections ----
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                try:
+                    req = await read_frame(reader)
+                except ChannelClosed:
+                    return
+                if req.get("op") == "data":
+                    await self._on_data(req, writer)
+                    return
+                try:
+                    result = await self._dispatch(req, writer)
+                    reply: dict[str, Any] = {"ok": True, "result": result}
+                except client.Redirect as r:
+                    reply = {"ok": False, "error": str(r), "redirect": r.location}
+                except ConstmigError as e:
+                    reply = {"ok": False, "error": str(e)}
+                await write_frame(writer, reply)
+        except ProtocolError as e:
+            log.warning("dropping connection: %s", e)
+        except ChannelClosed:
+            pass
+        finally:
+            writer.close()
+
+    async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        op = req.get("op")
+        handler = {
+            "status": self.op_status,
+            "run": self.op_run,
+            "call": self.op_call,
+            "stop": self.op_stop,
+            "migrate": self.op_migrate,
+            "prepare_in": self.op_prepare_in,
+            "shutdown": self.op_shutdown,
+        }.get(str(op))
+        if handler is None:
+            raise AgentError(f"unknown request {op!r}")
+        return await handler(req, writer)
+
+    def _get(self, name: Any) -> Hosted:
+        name = str(name)
+        if name in self.moved:
+            raise client.Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
+        hosted = self.enclaves.get(name)
+        if hosted is None:
+            known = ", ".join(sorted(self.enclaves)) or "none"
+            raise AgentError(f"no enclave named {name!r} on agent {self.host_id} (known: {known})")
+        return hosted
+
+    # ---- operations ----
+    async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
+        out = {}
+        for name, hosted in self.enclaves.items():
+            info: dict[str, Any] = {"status": hosted.status, "app": hosted.handle.spec.app,
+                                    "heap_bytes": hosted.handle.spec.heap}
+            if hosted.status == "running":
+                with contextlib.suppress(EnclaveError):
+                    info.update(await hosted.handle.call({"op": "status"}))
+            out[name] = info
+        return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
+                "migrations": self.history[-20:]}
+
+    def _check_new(self, spec: LaunchSpec) -> None:
+        if spec.name in self.enclaves:
+            raise AgentError(f"an enclave named {spec.name!r} already exists on agent {self.host_id}")
+        if not spec.name or not spec.name.replace("-", "").replace("_", "").isalnum():
+            raise AgentError(f"bad enclave name {spec.name!r}: use letters, digits, '-' and '_'")
+        avail = available_memory()
+        if spec.heap > avail:
+            raise AgentError(f"heap {format_size(spec.heap)} exceeds this host's available memory "
+                             f"({format_size(avail)})")
+
+    async def _launch(self, spec: LaunchSpec, mode: str) -> EnclaveHandle:
+        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem)
+
+    async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
+        spec = LaunchSpec.from_wire(req)
+        self._check_new(spec)
+        self.moved.pop(spec.name, None)
+        handle = await self._launch(spec, "fresh")
+        self.enclaves[spec.name] = Hosted(handle, "running")
+        return await handle.call({"op": "status"})
+
+    async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
+        while True:
+            hosted = self._get(req.get("name"))
+            if hosted.status == "running":
+                break
+            await hosted.settled.wait()  # a migration is deciding where this enclave lives
+        return await hosted.handle.call({"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
+                                         "kwargs": req.get("kwargs") or {}})
+
+    async def op_stop(self, req: dict[str, Any], writer: Any) -> Any:
+        hosted = self._get(req.get("name"))
+        if hosted.status != "running":
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot stop it now")
+        del self.enclaves[hosted.handle.spec.name]
+        await hosted.handle.stop()
+        return "stopped"
+
+    async def op_shutdown(self, req: dict[str, Any], writer: Any) -> Any:
+        self._stopping.set()
+        return "shutting down"
+
+    async def op_prepare_in(self, req: dict[str, Any], writer: Any) -> Any:
+        """Another agent wants to migrate an enclave here: start an empty instance of it."""
+        spec = LaunchSpec.from_wire(req.get("spec") or {})
+        self._check_new(spec)
+        handle = await self._launch(spec, "incoming")
+        self.enclaves[spec.name] = Hosted(handle, "incoming")
+        return {"host_id": self.host_id}
+
+    async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        """Hand this connection to the incoming enclave: from now on only ciphertext flows on it."""
+        name = str(req.get("name"))
+        hosted = self.enclaves.get(name)
+        if hosted is None or hosted.status != "incoming":
+            await write_frame(writer, {"ok": False, "error": f"no incoming enclave named {name!r} here"})
+            return
+        transport = writer.transport
+        transport.pause_reading()  # the source sends nothing more until it has our answer
+        sock = writer.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        await write_frame(writer, {"ok": True})
+        asyncio.create_task(self._run_incoming(hosted, fd, float(req.get("timeout", 120.0))))
+
+    async def _run_incoming(self, hosted: Hosted, fd: int, timeout: float) -> None:
+        name = hosted.handle.spec.name
+        try:
+            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout}, fds=[fd])
+            hosted.status = "running"
+            self.history.append({"name": name, "direction": "in", **result})
+        except ConstmigError as e:
+            log.warning("incoming migration of %s failed: %s", name, e)
+            self.enclaves.pop(name, None)
+            await hosted.handle.stop()
+        finally:
+            os.close(fd)
+            hosted.settled.set()
+
+    async def op_migrate(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        hosted = self._get(req.get("name"))
+        if hosted.status != "running":
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot migrate it now")
+        to = str(req.get("to"))
+        parse_addr(to)
+        strategy = str(req.get("strategy", "stopcopy"))
+        timeout = float(req.get("timeout", 120.0))
+        spec = hosted.handle.spec
+        hosted.status = "migrating-out"
+        hosted.settled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_progress(info: dict) -> None:
+            loop.call_soon_threadsafe(lambda: writer.write(_progress_frame(info)))
+
+        data_sock = None
+        try:
+            await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire()},
+                                    None, timeout)
+            data_sock = await asyncio.to_thread(_open_data, to, spec.name, timeout)
+            result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout},
+                                              fds=[data_sock.fileno()], on_progress=on_progress)
+        except ConstmigError as e:
+            state = getattr(e, "state", None)
+            if state == "running" or (state is None and hosted.handle.proc.returncode is None):
+                hosted.status = "running"
+            else:
+                hosted.status = "failed"
+            hosted.settled.set()
+            raise AgentError(str(e)) from None
+        finally:
+            if data_sock is not None:
+                data_sock.close()
+        result.update({"from": self.listen, "to": to, "name": spec.name})
+        self.history.append({"direction": "out", **result})
+        del self.enclaves[spec.name]
+        self.moved[spec.name] = to
+        hosted.settled.set()
+        await hosted.handle.stop()
+        return result
+
+
+def _progress_frame(info: dict) -> bytes:
+    from constmig.wire.framing import encode
+
+    return encode({"progress": info})
+
+
+def _open_data(addr: str, name: str, timeout: float) -> socket.socket:
+    """Open the migration's data connection to the destination agent and wait for its go-ahead."""
+    from constmig.wire.framing import FramedSocket
+
+    sock = client.connect(addr, timeout)
+    fs = FramedSocket(sock)
+    fs.send({"op": "data", "name": name, "timeout": timeout})
+    reply, _ = fs.recv()
+    if not reply.get("ok"):
+        sock.close()
+        raise AgentError(str(reply.get("error", "destination refused the data connection")))
+    sock.settimeout(None)
+    return sock
+
+
+async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
+    agent = Agent(listen, state_dir, host_id, ca_dir)
+    await agent.serve_forever()

@@ -1,0 +1,115 @@
+"""Talking to an agent: one request, its progress frames, one reply; redirects followed for calls.
+
+Blocking sockets on purpose: the CLI, tests and benchmark drivers are simple sequential programs,
+and the agent uses the same client from a worker thread when it talks to another agent.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from constmig.errors import AgentError, ChannelClosed, ConstmigError
+from constmig.host.address import parse_addr
+from constmig.wire.framing import FramedSocket
+
+MAX_REDIRECTS = 4
+
+
+class Redirect(AgentError):
+    """The enclave lives elsewhere now."""
+
+    def __init__(self, message: str, location: str) -> None:
+        super().__init__(message)
+        self.location = location
+
+
+def connect(addr: str, timeout: float = 10.0) -> socket.socket:
+    host, port = parse_addr(addr)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise AgentError(f"cannot reach agent at {addr}: connection refused (is it running?)") from None
+    except TimeoutError:
+        raise AgentError(f"cannot reach agent at {addr}: timed out after {timeout:g}s") from None
+    except OSError as e:
+        raise AgentError(f"cannot reach agent at {addr}: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class AgentClient:
+    """A persistent connection to one agent (reuse it for many calls)."""
+
+    def __init__(self, addr: str, timeout: float | None = 600.0) -> None:
+        self.addr = addr
+        self.sock = connect(addr)
+        self.sock.settimeout(timeout)
+        self.fs = FramedSocket(self.sock)
+
+    def request(self, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None) -> Any:
+        try:
+            self.fs.send(req)
+            while True:
+                reply, _ = self.fs.recv()
+                if "progress" in reply:
+                    if on_progress is not None:
+                        on_progress(reply["progress"])
+                    continue
+                break
+        except TimeoutError:
+            raise AgentError(f"agent at {self.addr} did not answer in time") from None
+        except ChannelClosed as e:
+            raise AgentError(f"agent at {self.addr} closed the connection: {e}") from None
+        if reply.get("ok"):
+            return reply.get("result")
+        if reply.get("redirect"):
+            raise Redirect(str(reply.get("error", "moved")), str(reply["redirect"]))
+        raise AgentError(str(reply.get("error", "request failed")))
+
+    def close(self) -> None:
+        self.fs.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None,
+            timeout: float | None = 600.0) -> Any:
+    with AgentClient(addr, timeout) as c:
+        return c.request(req, on_progress)
+
+
+class EnclaveClient:
+    """Calls one enclave by name, following redirects when it has moved (and remembering where)."""
+
+    def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
+        self.addr = addr
+        self.name = name
+        self.timeout = timeout
+        self._client: AgentClient | None = None
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        for _ in range(MAX_REDIRECTS + 1):
+            if self._client is None:
+                self._client = AgentClient(self.addr, self.timeout)
+            try:
+                return self._client.request(
+                    {"op": "call", "name": self.name, "method": method, "args": list(args), "kwargs": kwargs}
+                )
+            except Redirect as r:
+                self._client.close()
+                self._client = None
+                self.addr = r.location
+            except ConstmigError:
+                raise
+        raise AgentError(f"too many redirects looking for enclave {self.name!r}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,98 @@
+"""A few agents on this machine as real processes on loopback: what the demo, benchmarks and tests use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from constmig.errors import AgentError
+from constmig.host import client
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """N agents (separate processes, state dirs and ports) sharing one root CA in a temp folder."""
+
+    def __init__(self, n: int = 2, base_dir: Path | None = None, host: str = "127.0.0.1") -> None:
+        self._own_dir = base_dir is None
+        self.base = Path(tempfile.mkdtemp(prefix="constmig-")) if base_dir is None else base_dir
+        self.ca_dir = self.base / "ca"
+        self.procs: list[subprocess.Popen] = []
+        self.addrs: list[str] = []
+        self.host = host
+        self.n = n
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            for i in range(self.n):
+                self.start_agent(i)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_agent(self, i: int, addr: str | None = None) -> str:
+        """Start (or restart) agent number i; it keeps its state dir and, if given, its address."""
+        host_id = chr(ord("a") + i)
+        addr = addr or f"{self.host}:{free_port(self.host)}"
+        log = open(self.base / f"agent-{host_id}.log", "ab")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "constmig", "agent", "--listen", addr, "--state-dir",
+             str(self.base / f"host-{host_id}"), "--host-id", host_id, "--ca-dir", str(self.ca_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        if i < len(self.procs):
+            self.procs[i], self.addrs[i] = proc, addr
+        else:
+            self.procs.append(proc)
+            self.addrs.append(addr)
+        self._wait_ready(i)
+        return addr
+
+    def _wait_ready(self, i: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[i].poll() is not None:
+                raise AgentError(f"agent {i} exited at start; see {self.base}/agent-*.log")
+            try:
+                client.request(self.addrs[i], {"op": "status"}, timeout=5)
+                return
+            except AgentError:
+                time.sleep(0.05)
+        raise AgentError(f"agent {i} did not come up within {timeout:g}s")
+
+    def kill_agent(self, i: int) -> None:
+        """SIGKILL an agent and everything it started (its enclaves die with it)."""
+        proc = self.procs[i]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def close(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None:
+                try:
+                    client.request(self.addrs[i], {"op": "shutdown"}, timeout=5)
+                    proc.wait(timeout=15)
+                except (AgentError, subprocess.TimeoutExpired):
+                    pass
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._own_dir:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

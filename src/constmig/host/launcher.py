@@ -1,0 +1,126 @@
+"""Starting an enclave process and talking to it: the agent's only door into an enclave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constmig.errors import AgentError, ChannelClosed, EnclaveError
+from constmig.wire.framing import FramedSocket
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class LaunchSpec:
+    """What the agent asks for; the enclave's measurement covers app, heap, chunk size and config."""
+
+    name: str
+    app: str
+    heap: int
+    chunk_size: int = 1 << 20
+    config: dict[str, Any] = field(default_factory=dict)
+    svn: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "app": self.app, "heap": self.heap, "chunk_size": self.chunk_size,
+                "config": self.config, "svn": self.svn}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> LaunchSpec:
+        try:
+            return cls(str(d["name"]), str(d["app"]), int(d["heap"]), int(d.get("chunk_size", 1 << 20)),
+                       dict(d.get("config") or {}), int(d.get("svn", 1)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise AgentError(f"bad enclave spec: {e}") from None
+
+
+class EnclaveHandle:
+    """One running enclave process and the Unix socket to it. Requests are serialized by a lock."""
+
+    def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process, sock_path: Path) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.sock_path = sock_path
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock_path))
+        self.fs = FramedSocket(s)
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def launch(cls, spec: LaunchSpec, mode: str, run_dir: Path, platform_dir: Path,
+                     root_pem: Path) -> EnclaveHandle:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sock_path = run_dir / f"{spec.name}.sock"
+        cmd = [sys.executable, "-m", "constmig.enclave.runtime", "--app", spec.app, "--heap", str(spec.heap),
+               "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
+               "--svn", str(spec.svn), "--socket", str(sock_path), "--platform-dir", str(platform_dir),
+               "--root-pem", str(root_pem)]
+        # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
+        proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)).decode().strip()
+        except TimeoutError:
+            proc.kill()
+            raise AgentError(f"enclave {spec.name!r} did not start within {START_TIMEOUT:g}s") from None
+        if not line.startswith("ready"):
+            await proc.wait()
+            msg = line.removeprefix("error: ") or f"exited with code {proc.returncode}"
+            raise AgentError(f"enclave {spec.name!r} failed to start: {msg}")
+        return cls(spec, proc, sock_path)
+
+    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+                on_progress: Callable[[dict], None] | None = None) -> Any:
+        """Send one request and wait for its reply, passing progress frames to `on_progress`."""
+        with self._lock:
+            try:
+                self.fs.send(req, fds)
+                while True:
+                    reply, extra = self.fs.recv()
+                    for fd in extra:
+                        os.close(fd)
+                    if "progress" in reply:
+                        if on_progress is not None:
+                            on_progress(reply["progress"])
+                        continue
+                    break
+            except ChannelClosed:
+                raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
+        if not reply.get("ok"):
+            err = EnclaveError(str(reply.get("error", "ECALL failed")))
+            err.state = reply.get("state")  # type: ignore[attr-defined]
+            raise err
+        return reply.get("result")
+
+    async def call(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+                   on_progress: Callable[[dict], None] | None = None) -> Any:
+        return await asyncio.to_thread(self.request, req, fds, on_progress)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask the enclave to exit; kill it if it does not."""
+        if self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.call({"op": "shutdown"}), timeout)
+            except (EnclaveError, TimeoutError):
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.fs.close()
+        self.sock_path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()

@@ -1,0 +1,61 @@
+"""A secure channel plus the protocol machine: every message sent or received is checked first."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from constmig.errors import ConstmigError, ProtocolError
+from constmig.migration import messages as m
+from constmig.migration.protocol import CHUNK, Machine
+from constmig.wire.channel import ControlRecord, SealedChunk, SecureChannel
+
+T = TypeVar("T")
+
+
+class Link:
+    """The migration's view of its channel: typed messages, table-checked, with a receive timeout."""
+
+    def __init__(self, chan: SecureChannel, machine: Machine, timeout: float) -> None:
+        self.chan = chan
+        self.machine = machine
+        self.timeout = timeout
+
+    def send(self, msg: m.Message) -> None:
+        self.machine.sent(msg)
+        self.chan.send_control(m.encode(msg))
+
+    def send_chunk(self, index: int, data: memoryview) -> bytes:
+        """Send one chunk; returns its GCM tag for the ledger."""
+        self.machine.sent(CHUNK)
+        return self.chan.send_chunk(index, data)
+
+    def recv(self) -> m.Message | SealedChunk:
+        rec = self.chan.recv(timeout=self.timeout)
+        if isinstance(rec, SealedChunk):
+            self.machine.received(CHUNK)
+            return rec
+        if not isinstance(rec, ControlRecord):
+            self.machine.fail()
+            raise ProtocolError("unexpected handshake record after keys were set")
+        msg = m.decode(rec.payload)
+        self.machine.received(msg)
+        if isinstance(msg, m.Abort):
+            raise ProtocolError(f"peer aborted the migration: {msg.reason}")
+        return msg
+
+    def expect(self, kind: type[T]) -> T:
+        msg = self.recv()
+        if not isinstance(msg, kind):  # the table already refused anything illegal; this is belt and braces
+            self.machine.fail()
+            raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
+        return msg
+
+    def abort(self, reason: str) -> None:
+        """Tell the peer (best effort) and fail the machine."""
+        if not self.machine.committed:
+            try:
+                self.machine.sent(m.Abort(reason[:500]))
+                self.chan.send_control(m.encode(m.Abort(reason[:500])))
+            except (ConstmigError, OSError):
+                pass
+        self.machine.fail()

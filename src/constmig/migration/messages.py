@@ -1,0 +1,79 @@
+"""Control messages between the two enclaves, carried encrypted in CONTROL records.
+
+Typed, tagged msgspec structs: decoding is strict, so a forged or garbled message is a ProtocolError,
+never a half-read object.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from constmig.errors import ProtocolError
+
+
+class StateMsg(msgspec.Struct, tag="state", frozen=True):
+    """The small state that moves at the stop: app state blob, heap layout, the chunks to expect."""
+
+    strategy: str
+    app_state: bytes
+    heap_size: int
+    chunk_size: int
+    chunks: bytes  # int64 little-endian chunk indices, ascending
+    stop_time: float  # source wall clock at the stop (for the downtime figure)
+
+
+class HeapEnd(msgspec.Struct, tag="heap_end", frozen=True):
+    """All chunks meant to precede the handoff have been sent."""
+
+    count: int
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    """Destination holds and checked everything it needs to resume."""
+
+    digest: bytes
+
+
+class Commit(msgspec.Struct, tag="commit", frozen=True):
+    """The handoff: the source has recorded HANDED_OFF and will never run the app again."""
+
+
+class Resumed(msgspec.Struct, tag="resumed", frozen=True):
+    """The destination resumed the app (downtime ended at resume_time)."""
+
+    resume_time: float
+
+
+class Demand(msgspec.Struct, tag="demand", frozen=True):
+    """The destination needs these chunks now (a fault or a tracked access)."""
+
+    index: int
+    count: int = 1
+
+
+class Done(msgspec.Struct, tag="done", frozen=True):
+    """Every chunk arrived; digest over (migration id, count, chunk tags) proves which."""
+
+    count: int
+    digest: bytes
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    reason: str
+
+
+Message = StateMsg | HeapEnd | Ready | Commit | Resumed | Demand | Done | Abort
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    try:
+        return _dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed migration message: {e}") from None

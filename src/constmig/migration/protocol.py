@@ -1,0 +1,141 @@
+"""The migration protocol's rules as pure transition tables (h11-style, no I/O).
+
+Each side owns one Machine. Drivers (stop-and-copy, post-copy) call `sent(msg)` before sending and
+`received(msg)` after receiving; anything the table does not allow raises ProtocolError and moves
+the machine to ABORTED (before the handoff) or PAUSED (after it). Attack tests feed forged event
+sequences straight into these machines.
+
+The commit point is the source's transition READY_RECEIVED -> HANDED_OFF, taken before COMMIT is sent.
+Before it, every failure ends in ABORTED and the source runs on; after it, the source never runs the
+app again, and a failure ends in PAUSED with every chunk still held for recovery.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from constmig.errors import ProtocolError
+from constmig.migration import messages as m
+
+
+class St(enum.Enum):
+    CONNECTED = "connected"
+    STATE_SENT = "state-sent"  # source: small state out, pre-handoff chunks may follow
+    RECEIVING = "receiving"  # destination: small state in, pre-handoff chunks may follow
+    AWAIT_READY = "await-ready"
+    HEAP_RECEIVED = "heap-received"
+    READY_SENT = "ready-sent"
+    READY_RECEIVED = "ready-received"
+    HANDED_OFF = "handed-off"  # source, after the commit point
+    COMMITTED = "committed"  # destination got COMMIT
+    RUNNING = "running"  # destination resumed; background chunks may still arrive
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+    PAUSED = "paused"
+
+
+Role = Literal["source", "destination"]
+CHUNK = "chunk"  # chunk records are events too, though not control messages
+
+# {role: {state: {(direction, event): next_state}}}
+TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
+    "source": {
+        St.CONNECTED: {("send", "state"): St.STATE_SENT},
+        St.STATE_SENT: {("send", CHUNK): St.STATE_SENT, ("send", "heap_end"): St.AWAIT_READY},
+        St.AWAIT_READY: {("recv", "ready"): St.READY_RECEIVED},
+        St.READY_RECEIVED: {("send", "commit"): St.HANDED_OFF},
+        St.HANDED_OFF: {
+            ("send", CHUNK): St.HANDED_OFF,
+            ("recv", "resumed"): St.HANDED_OFF,
+            ("recv", "demand"): St.HANDED_OFF,
+            ("recv", "done"): St.COMPLETE,
+        },
+        St.COMPLETE: {},
+        St.ABORTED: {},
+        St.PAUSED: {},
+    },
+    "destination": {
+        St.CONNECTED: {("recv", "state"): St.RECEIVING},
+        St.RECEIVING: {("recv", CHUNK): St.RECEIVING, ("recv", "heap_end"): St.HEAP_RECEIVED},
+        St.HEAP_RECEIVED: {("send", "ready"): St.READY_SENT},
+        St.READY_SENT: {("recv", "commit"): St.COMMITTED},
+        St.COMMITTED: {("send", "resumed"): St.RUNNING},
+        St.RUNNING: {
+            ("recv", CHUNK): St.RUNNING,
+            ("send", "demand"): St.RUNNING,
+            ("send", "done"): St.COMPLETE,
+        },
+        St.COMPLETE: {},
+        St.ABORTED: {},
+        St.PAUSED: {},
+    },
+}
+
+# States after the commit point: failures there pause instead of aborting.
+_COMMITTED = {
+    "source": frozenset({St.HANDED_OFF, St.PAUSED, St.COMPLETE}),
+    "destination": frozenset({St.COMMITTED, St.RUNNING, St.PAUSED, St.COMPLETE}),
+}
+
+
+def event_name(msg: m.Message | str) -> str:
+    return msg if isinstance(msg, str) else type(msg).__struct_config__.tag  # type: ignore[attr-defined]
+
+
+class Machine:
+    """One side's protocol state. Pure: it only says whether an event is allowed, and what follows."""
+
+    def __init__(self, role: Role) -> None:
+        if role not in TABLE:
+            raise ValueError(f"unknown role {role!r}")
+        self.role = role
+        self.state = St.CONNECTED
+        self.history: list[St] = [St.CONNECTED]
+
+    @property
+    def committed(self) -> bool:
+        return self.state in _COMMITTED[self.role]
+
+    def _step(self, direction: str, msg: m.Message | str) -> St:
+        name = event_name(msg)
+        if name == "abort" and self.state not in (St.COMPLETE, St.ABORTED, St.PAUSED):
+            return self._set(St.PAUSED if self.committed else St.ABORTED)
+        nxt = TABLE[self.role][self.state].get((direction, name))
+        if nxt is None:
+            before = self.state
+            self.fail()
+            verb = "receive" if direction == "recv" else "send"
+            raise ProtocolError(f"{self.role} cannot {verb} {name!r} in state {before.value}")
+        return self._set(nxt)
+
+    def _set(self, st: St) -> St:
+        self.state = st
+        self.history.append(st)
+        return st
+
+    def sent(self, msg: m.Message | str) -> St:
+        """Record that we are about to send `msg` (call before the bytes go out)."""
+        return self._step("send", msg)
+
+    def received(self, msg: m.Message | str) -> St:
+        """Record that `msg` arrived; raises ProtocolError if it is not allowed now."""
+        return self._step("recv", msg)
+
+    def fail(self) -> St:
+        """The link broke or a check failed: abort before the commit point, pause after it."""
+        if self.state in (St.COMPLETE, St.ABORTED, St.PAUSED):
+            return self.state
+        return self._set(St.PAUSED if self.committed else St.ABORTED)
+
+
+def diagram() -> str:
+    """The tables as Mermaid state diagrams, for docs/protocol.md."""
+    out = []
+    for role, states in TABLE.items():
+        out.append(f"### {role}\n\n```mermaid\nstateDiagram-v2")
+        for st, edges in states.items():
+            for (direction, ev), nxt in edges.items():
+                out.append(f"    {st.name} --> {nxt.name}: {direction} {ev}")
+        out.append("```\n")
+    return "\n".join(out)

@@ -1,0 +1,120 @@
+"""The source enclave's side of a migration (runs inside the enclave process).
+
+Attest the destination while still running, stop at an ECALL boundary, send the small state (and for
+stop-and-copy the whole used heap), wait for READY, record HANDED_OFF, send COMMIT, then serve
+whatever the strategy still has to move and wait for a DONE whose digest matches what was sent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from constmig.enclave.lifecycle import Life
+from constmig.enclave.state import export_app_state
+from constmig.errors import ConstmigError, IntegrityError, MigrationError
+from constmig.migration import messages as m
+from constmig.migration.ledger import ChunkLedger
+from constmig.migration.link import Link
+from constmig.migration.protocol import Machine
+from constmig.wire.channel import SecureChannel
+from constmig.wire.handshake import run_initiator
+
+if TYPE_CHECKING:
+    import socket
+
+    from constmig.enclave.runtime import Enclave
+
+STRATEGIES = ("stopcopy",)
+
+
+def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Callable[[dict], None]) -> dict:
+    strategy = str(req.get("strategy", "stopcopy"))
+    if strategy not in STRATEGIES:
+        raise MigrationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    timeout = float(req.get("timeout", 120.0))
+    enclave.life.require(Life.RUNNING)
+    heap, app = enclave.heap, enclave.app
+    assert app is not None
+    migration_id = os.urandom(16)
+    chan = SecureChannel(sock, migration_id)
+    params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": strategy}
+    t_start = time.time()
+    try:
+        sock.settimeout(timeout)
+        run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, migration_id, params)
+    except ConstmigError as e:
+        raise MigrationError(f"attestation with the destination failed: {e}; the enclave keeps running here") from None
+    except OSError as e:
+        raise MigrationError(f"destination unreachable during attestation: {e}; the enclave keeps running here") from None
+    link = Link(chan, Machine("source"), timeout)
+
+    # --- stop: downtime starts ---
+    enclave.life.move(Life.RUNNING, Life.STOPPING)
+    t_stop = time.time()
+    ledger: ChunkLedger | None = None
+    try:
+        chunks = heap.used_chunks()
+        ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
+        blob = export_app_state(app)
+        link.send(m.StateMsg(strategy, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop))
+        total = int(chunks.size) * heap.chunk_size
+        if strategy == "stopcopy":
+            _send_chunks(link, ledger, heap, chunks, progress, total)
+        link.send(m.HeapEnd(ledger.count))
+        ready = link.expect(m.Ready)
+        if ready.digest != ledger.digest():
+            raise IntegrityError("destination's READY digest does not match the chunks sent")
+    except (ConstmigError, OSError) as e:
+        link.abort(str(e))
+        enclave.life.move(Life.STOPPING, Life.RUNNING)
+        raise MigrationError(
+            f"migration aborted before handoff ({e}); the enclave keeps running here with all its data"
+        ) from None
+    # --- commit point: from here on this enclave never runs the app again ---
+    enclave.life.move(Life.STOPPING, Life.HANDED_OFF)
+    try:
+        link.send(m.Commit())
+        resumed = link.expect(m.Resumed)
+        done = link.expect(m.Done)
+        if done.count != ledger.count or done.digest != ledger.digest():
+            raise IntegrityError("destination's DONE digest does not match the chunks sent")
+    except (ConstmigError, OSError) as e:
+        link.machine.fail()
+        raise MigrationError(
+            f"enclave handed off but the destination did not confirm ({e}); this source will not run it again "
+            "and keeps its state for recovery"
+        ) from None
+    t_end = time.time()
+    heap.wipe()
+    enclave.life.move(Life.HANDED_OFF, Life.DESTROYED)
+    return {
+        "strategy": strategy,
+        "workload": enclave.app_name,
+        "heap_bytes": heap.size,
+        "state_bytes": int(ledger.expected.size) * heap.chunk_size,
+        "chunks": int(ledger.expected.size),
+        "small_state_bytes": len(blob),
+        "downtime_ms": (resumed.resume_time - t_stop) * 1e3,
+        "total_s": t_end - t_start,
+        "wire_bytes": chan.bytes_sent + chan.bytes_received,
+        "migration_id": migration_id.hex(),
+    }
+
+
+def _send_chunks(link: Link, ledger: ChunkLedger, heap: Any, chunks: Any, progress: Callable, total: int) -> None:
+    """Send the given chunks in order, reporting progress at most ~10 times a second."""
+    sent_bytes = 0
+    last = 0.0
+    for index in chunks.tolist():
+        tag = link.send_chunk(index, heap.chunk_view(index))
+        ledger.record_sent(index, tag)
+        sent_bytes += heap.chunk_size
+        now = time.monotonic()
+        if now - last > 0.1:
+            last = now
+            progress({"phase": "copy", "done": sent_bytes, "total": total})
+    progress({"phase": "copy", "done": sent_bytes, "total": total})
+

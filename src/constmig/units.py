@@ -1,0 +1,41 @@
+"""Human sizes (512M, 1G, 64K) to bytes and back."""
+
+import re
+
+from constmig.errors import ConfigError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '512M', '1G', '1.5GiB', '65536' into bytes; raise ConfigError on anything else."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative: {text}")
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"malformed size {text!r}: use a number with an optional K, M, G or T suffix (e.g. 512M)")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise ConfigError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int | float) -> str:
+    """Format bytes compactly: 536870912 -> '512.0 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (what a new heap can really get)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("cannot read MemAvailable from /proc/meminfo")

@@ -1,0 +1,410 @@
+"""SecureChannel: records over a connected stream socket, encrypted once the handshake gave keys.
+
+Why it looks like this:
+- The hosts in between are adversaries, so every encrypted record's associated data is its full header
+  plus the migration id: a record replayed from another migration, moved to another chunk index, or
+  with any header bit changed fails its tag. Sequence numbers are strict per direction (the AEAD
+  opener enforces it), so drops, duplicates and reorders fail too.
+- Like trio's SSLStream the channel is OK, BROKEN or CLOSED and checks that on every call: after any
+  failure the stream position can no longer be trusted, so nothing more is sent or accepted.
+- Bulk data is the point of the exercise (FACTS.md: ~1 MiB chunks at GB/s), so no per-byte Python
+  work and no per-chunk allocation: the sender encrypts straight into a reused buffer behind the
+  header and sends both with one sendall; the receiver reads into a reused buffer with recv_into and
+  decrypts a chunk only when the caller says where (`open_chunk`), so a pager can verify into scratch
+  memory and an already touched heap can be written in place.
+- Sending and receiving are independent (one lock each), so a streaming thread can send while
+  another thread receives demand requests.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from constmig.errors import ChannelClosed, IntegrityError, ProtocolError
+from constmig.wire.aead import RecordOpener, RecordSealer
+from constmig.wire.records import (
+    FLAG_DEMAND,
+    HEADER_SIZE,
+    MAX_CHUNK,
+    MAX_CONTROL_PAYLOAD,
+    MAX_HANDSHAKE_PAYLOAD,
+    TAG_SIZE,
+    U64_MAX,
+    Header,
+    Kind,
+    is_encrypted,
+    pack_header,
+    parse_header,
+)
+
+MIGRATION_ID_SIZE = 16
+
+
+class StreamSocket(Protocol):
+    """What the channel needs from a socket (a connected, blocking stream socket)."""
+
+    def sendall(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, flags: int = 0, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ChannelState(Enum):
+    OK = "ok"
+    BROKEN = "broken"  # an error left the stream position untrustworthy; every call raises
+    CLOSED = "closed"  # close() was called here
+
+
+class RecvTimeout(ProtocolError):
+    """recv(timeout=...) ran out of time. The channel stays usable: a partial record is kept and the
+    next recv continues it, so a slow link never desynchronizes the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRecord:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRecord:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SealedChunk:
+    """A received, not yet verified chunk: its ciphertext sits in the channel's receive buffer.
+
+    Open it with `channel.open_chunk(sealed, out)` before the next recv; a chunk not opened by then is
+    still verified (into scratch) by that recv, so skipping a chunk never skips authentication.
+    """
+
+    index: int
+    length: int  # plaintext bytes
+    seq: int
+    flags: int
+    _ct: memoryview = field(repr=False)
+    _aad: bytes = field(repr=False)
+
+    @property
+    def demand(self) -> bool:
+        """The sender marked this chunk as an answer to a demand request."""
+        return bool(self.flags & FLAG_DEMAND)
+
+
+Record = HandshakeRecord | ControlRecord | SealedChunk
+
+
+def _nbytes(data: object) -> int:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"payload must be a bytes-like object, not {type(data).__name__}")
+    return memoryview(data).nbytes
+
+
+class SecureChannel:
+    """One migration's record stream over `sock`; the channel owns the socket and closes it."""
+
+    def __init__(self, sock: StreamSocket, migration_id: bytes | None = None) -> None:
+        if migration_id is not None:
+            migration_id = self._check_mid(migration_id)
+        self._sock = sock
+        self._mid = migration_id
+        self._state = ChannelState.OK
+        self._error: str | None = None
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._sealer: RecordSealer | None = None
+        self._opener: RecordOpener | None = None
+        self._hs_send_seq = 0
+        self._hs_recv_seq = 0
+        self._sbuf = bytearray()
+        self._sview = memoryview(self._sbuf)
+        # receive side: a record is read in two parts (header, body); progress survives a timeout
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._rbuf = bytearray()
+        self._cur: Header | None = None  # header of the record whose body is being read
+        self._got = 0  # bytes of the current part (header or body) read so far
+        self._pending: SealedChunk | None = None
+        self._scratch = bytearray()
+        self._poller: select.poll | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- state -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_mid(mid: object) -> bytes:
+        if not isinstance(mid, bytes | bytearray) or len(mid) != MIGRATION_ID_SIZE:
+            raise ValueError(f"migration id must be {MIGRATION_ID_SIZE} bytes")
+        return bytes(mid)
+
+    @property
+    def state(self) -> ChannelState:
+        return self._state
+
+    @property
+    def migration_id(self) -> bytes | None:
+        return self._mid
+
+    @property
+    def keys_installed(self) -> bool:
+        return self._sealer is not None
+
+    def _check_usable(self) -> None:
+        if self._state is ChannelState.CLOSED:
+            raise ChannelClosed("secure channel is closed")
+        if self._state is ChannelState.BROKEN:
+            raise ProtocolError(f"secure channel is broken by an earlier error: {self._error}")
+
+    def _break(self, exc: ProtocolError) -> ProtocolError:
+        """Mark the channel BROKEN (unless closed here) and hand back `exc` for raising."""
+        if self._state is ChannelState.OK:
+            self._state = ChannelState.BROKEN
+            self._error = str(exc)
+        return exc
+
+    def close(self) -> None:
+        """Close the socket; a recv blocked in another thread wakes up with ChannelClosed."""
+        if self._state is ChannelState.CLOSED:
+            return
+        self._state = ChannelState.CLOSED
+        try:
+            if isinstance(self._sock, socket.socket):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> SecureChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def install_keys(self, send_key: bytes, recv_key: bytes, send_dir: int, recv_dir: int, *,
+                     migration_id: bytes | None = None) -> None:
+        """Switch from plaintext HANDSHAKE records to encrypted CONTROL/CHUNK records.
+
+        `migration_id` is needed here only if the channel was built without one (a destination learns
+        it from the handshake); if both are given they must agree.
+        """
+        if migration_id is not None:
+            migration_id = self._check_mid(migration_id)
+            if self._mid is not None and migration_id != self._mid:
+                raise ProtocolError("handshake migration id differs from the one this channel was opened for")
+        elif self._mid is None:
+            raise ValueError("install_keys needs a migration id: the channel was opened without one")
+        if send_dir == recv_dir:
+            raise ValueError("send and receive directions must differ")
+        if bytes(send_key) == bytes(recv_key):
+            raise ValueError("send and receive keys must differ")
+        sealer, opener = RecordSealer(send_key, send_dir), RecordOpener(recv_key, recv_dir)
+        with self._send_lock, self._recv_lock:
+            self._check_usable()
+            if self._sealer is not None:
+                raise ProtocolError("keys are already installed on this channel")
+            if self._cur is not None or self._got:
+                raise ProtocolError("install_keys called in the middle of a received record")
+            if migration_id is not None:
+                self._mid = migration_id
+            self._sealer, self._opener = sealer, opener
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def _sendall(self, data: bytes | memoryview) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            if self._state is ChannelState.CLOSED:
+                raise ChannelClosed("secure channel was closed while sending") from None
+            raise self._break(ChannelClosed(f"connection lost while sending: {e.strerror or e}")) from None
+        self.bytes_sent += len(data)
+
+    def send_handshake(self, payload: bytes) -> None:
+        """Send a plaintext HANDSHAKE record (only before install_keys)."""
+        n = _nbytes(payload)
+        if n > MAX_HANDSHAKE_PAYLOAD:
+            raise ValueError(f"handshake payload of {n} bytes exceeds {MAX_HANDSHAKE_PAYLOAD}")
+        with self._send_lock:
+            self._check_usable()
+            if self._sealer is not None:
+                raise ProtocolError("cannot send a HANDSHAKE record after keys were installed")
+            header = pack_header(Kind.HANDSHAKE, n, self._hs_send_seq)
+            self._hs_send_seq += 1
+            self._sendall(header + bytes(payload))
+
+    def send_control(self, payload: bytes) -> None:
+        """Send an encrypted CONTROL record (up to MAX_CONTROL_PAYLOAD bytes)."""
+        n = _nbytes(payload)
+        if n > MAX_CONTROL_PAYLOAD:
+            raise ValueError(f"control payload of {n} bytes exceeds {MAX_CONTROL_PAYLOAD}")
+        self._send_encrypted(Kind.CONTROL, payload, n, 0, 0)
+
+    def send_chunk(self, index: int, data: bytes | bytearray | memoryview, *, demand: bool = False) -> None:
+        """Send one heap chunk (1..MAX_CHUNK bytes) as an encrypted CHUNK record bound to `index`."""
+        n = _nbytes(data)
+        if not 1 <= n <= MAX_CHUNK:
+            raise ValueError(f"chunk must be 1..{MAX_CHUNK} bytes, got {n}")
+        if not isinstance(index, int) or not 0 <= index <= U64_MAX:
+            raise ValueError(f"chunk index must be an int in 0..2**64-1, got {index!r}")
+        self._send_encrypted(Kind.CHUNK, data, n, index, FLAG_DEMAND if demand else 0)
+
+    def _send_encrypted(self, kind: Kind, data: bytes | bytearray | memoryview, n: int, arg: int,
+                        flags: int) -> None:
+        total = HEADER_SIZE + n + TAG_SIZE
+        with self._send_lock:
+            self._check_usable()
+            sealer = self._sealer
+            if sealer is None or self._mid is None:
+                raise ProtocolError(f"cannot send a {kind.name} record before keys are installed")
+            if len(self._sbuf) < total:
+                self._sbuf = bytearray(total)
+                self._sview = memoryview(self._sbuf)
+            header = pack_header(kind, n + TAG_SIZE, sealer.next_seq, arg, flags)
+            self._sview[:HEADER_SIZE] = header
+            try:
+                sealer.seal(header + self._mid, data, self._sview[HEADER_SIZE:total])
+            except ProtocolError as e:  # sequence numbers exhausted
+                raise self._break(e) from None
+            self._sendall(self._sview[:total])
+
+    # --- receiving ---------------------------------------------------------------------------------
+
+    def _wait_readable(self, deadline: float, timeout: float) -> None:
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._poller.poll(math.ceil(remaining * 1000)):
+            if self._cur is None and self._got == 0:
+                raise RecvTimeout(f"no record from the peer within {timeout:g} s")
+            raise RecvTimeout(f"record from the peer still incomplete after {timeout:g} s "
+                              "(kept; recv again to continue)")
+
+    def _fill(self, view: memoryview, deadline: float | None, timeout: float) -> None:
+        """Read until `view` is full, keeping progress in self._got across a timeout."""
+        size = len(view)
+        while self._got < size:
+            try:
+                if deadline is None:
+                    n = self._sock.recv_into(view[self._got:])
+                else:
+                    try:
+                        n = self._sock.recv_into(view[self._got:], 0, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        self._wait_readable(deadline, timeout)
+                        continue
+            except TimeoutError:  # the socket itself had a timeout set
+                raise RecvTimeout(f"socket timed out waiting for the peer ({self._got} of {size} bytes)") from None
+            except OSError as e:
+                if self._state is ChannelState.CLOSED:
+                    raise ChannelClosed("secure channel was closed while receiving") from None
+                raise self._break(ChannelClosed(f"connection lost: {e.strerror or e}")) from None
+            if n == 0:
+                if self._state is ChannelState.CLOSED:
+                    raise ChannelClosed("secure channel was closed while receiving")
+                if self._cur is None and self._got == 0:
+                    raise self._break(ChannelClosed("peer closed the connection"))
+                where = "header" if self._cur is None else f"{self._cur.kind.name} record"
+                raise self._break(ChannelClosed(
+                    f"peer closed the connection mid-record ({self._got} of {size} {where} bytes)"))
+            self._got += n
+            self.bytes_received += n
+
+    def recv(self, timeout: float | None = None) -> Record:
+        """Read exactly one record and return it (CONTROL decrypted, CHUNK sealed).
+
+        Raises ChannelClosed on EOF or reset, IntegrityError on any authentication or ordering
+        failure, ProtocolError on malformed or out-of-phase records (the channel is BROKEN after any
+        of these), and RecvTimeout if `timeout` seconds pass first (the channel stays OK).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._recv_lock:
+            self._check_usable()
+            if self._pending is not None:
+                self._verify_pending_into_scratch()
+            try:
+                return self._recv_record(deadline, timeout or 0.0)
+            except RecvTimeout:
+                raise
+            except ProtocolError as e:
+                raise self._break(e) from None
+
+    def _recv_record(self, deadline: float | None, timeout: float) -> Record:
+        if self._cur is None:
+            self._fill(self._hdr_view, deadline, timeout)
+            header = parse_header(self._hdr)
+            if is_encrypted(header.kind) and self._opener is None:
+                raise ProtocolError(f"{header.kind.name} record arrived before keys were installed")
+            if header.kind is Kind.HANDSHAKE and self._opener is not None:
+                raise ProtocolError("HANDSHAKE record arrived after keys were installed")
+            if header.kind is Kind.HANDSHAKE and header.seq != self._hs_recv_seq:
+                raise ProtocolError(f"handshake record seq {header.seq} arrived where {self._hs_recv_seq} "
+                                    "was expected")
+            if self._opener is not None:
+                self._opener.check_seq(header.seq)  # fail before reading a body we would reject anyway
+            if len(self._rbuf) < header.length:
+                self._rbuf = bytearray(header.length)  # new object: an old SealedChunk view stays valid
+            self._cur, self._got = header, 0
+        header = self._cur
+        body = memoryview(self._rbuf)[:header.length]
+        self._fill(body, deadline, timeout)
+        self._cur, self._got = None, 0
+        if header.kind is Kind.HANDSHAKE:
+            self._hs_recv_seq += 1
+            return HandshakeRecord(bytes(body))
+        assert self._opener is not None and self._mid is not None
+        aad = bytes(self._hdr) + self._mid
+        if header.kind is Kind.CONTROL:
+            return ControlRecord(bytes(self._opener.open(header.seq, aad, body)))
+        self._pending = SealedChunk(header.arg, header.plaintext_length, header.seq, header.flags, body, aad)
+        return self._pending
+
+    def open_chunk(self, sealed: SealedChunk, out: bytearray | memoryview) -> memoryview:
+        """Verify and decrypt the chunk recv just returned into `out` (exactly sealed.length bytes).
+
+        On a bad tag `out` is zeroed, IntegrityError is raised and the channel is BROKEN. Give scratch
+        memory as `out` when unverified plaintext must never be seen at the final place.
+        """
+        with self._recv_lock:
+            self._check_usable()
+            if sealed is not self._pending:
+                raise ValueError("this chunk is not the one pending on this channel (open it before the next recv)")
+            opener = self._opener
+            assert opener is not None
+            try:
+                plain = opener.open(sealed.seq, sealed._aad, sealed._ct, out)
+            except IntegrityError as e:
+                self._pending = None
+                raise self._break(e) from None
+            self._pending = None
+            return plain
+
+    def discard_chunk(self, sealed: SealedChunk) -> None:
+        """Drop the pending chunk (e.g. already restored), verifying it first so the stream stays whole."""
+        with self._recv_lock:
+            self._check_usable()
+            if sealed is not self._pending:
+                raise ValueError("this chunk is not the one pending on this channel")
+            self._verify_pending_into_scratch()
+
+    def _verify_pending_into_scratch(self) -> None:
+        sealed, self._pending = self._pending, None
+        assert sealed is not None and self._opener is not None
+        if len(self._scratch) < sealed.length:
+            self._scratch = bytearray(sealed.length)
+        try:
+            self._opener.open(sealed.seq, sealed._aad, sealed._ct, memoryview(self._scratch)[:sealed.length])
+        except IntegrityError as e:
+            raise self._break(e) from None

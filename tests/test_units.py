@@ -1,0 +1,29 @@
+import pytest
+
+from constmig.errors import ConfigError
+from constmig.host.address import parse_addr
+from constmig.units import format_size, parse_size
+
+
+@pytest.mark.parametrize("text,n", [("512M", 512 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29), ("64k", 65536),
+                                    ("4096", 4096), (" 2 G ", 2 << 30)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["12Q", "", "G", "-1G", "1.0000001K", "1 2G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(512 << 20) == "512.0 MiB"
+
+
+def test_parse_addr():
+    assert parse_addr("127.0.0.1:7001") == ("127.0.0.1", 7001)
+    assert parse_addr("[::1]:80") == ("::1", 80)
+    for bad in ("localhost", ":80", "h:x", "h:70000"):
+        with pytest.raises(ConfigError):
+            parse_addr(bad)
