@@ -29,7 +29,7 @@ _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _S33 = np.uint64(33)
-_POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)
+_POW10 = np.array([10**k for k in range(19)], dtype=np.int64)
 _FILL_PREFIX = np.frombuffer(b"fill-", dtype=np.uint8)
 
 
@@ -57,16 +57,22 @@ def hash_keys(keys: np.ndarray, lens: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def _fill_keys(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keys b"fill-<id>" as zero-padded (m, 32) uint8 rows and lengths, built without a per-key loop."""
-    ids = ids.astype(np.uint64)
-    nd = np.ones(len(ids), dtype=np.int64)
-    for k in range(1, 20):
-        nd += ids >= _POW10[k]
-    width = int(nd.max()) if len(ids) else 1
-    exp = nd[:, None] - 1 - np.arange(width)[None, :]  # power of ten of each digit position, left to right
-    digits = (ids[:, None] // _POW10[np.clip(exp, 0, None)]) % np.uint64(10)
-    keys = np.zeros((len(ids), KEY_MAX), dtype=np.uint8)
+    x = ids.astype(np.int64)
+    m = len(x)
+    nd = np.ones(m, dtype=np.int64)  # decimal digits of each id
+    for p in _POW10[1:]:
+        more = x >= p
+        if not more.any():
+            break
+        nd += more
+    keys = np.zeros((m, KEY_MAX), dtype=np.uint8)
     keys[:, :5] = _FILL_PREFIX
-    keys[:, 5 : 5 + width] = np.where(exp >= 0, digits + np.uint64(48), 0).astype(np.uint8)
+    flat = keys.reshape(-1)
+    last = np.arange(m, dtype=np.int64) * KEY_MAX + 4 + nd  # flat position of each key's last digit
+    for j in range(int(nd.max()) if m else 0):  # one pass per digit position, right to left
+        sel = nd > j
+        flat[last[sel] - j] = 48 + x[sel] % 10
+        x //= 10
     return keys, (nd + 5).astype(np.uint8)
 
 
@@ -102,9 +108,13 @@ class KVStore(EnclaveApp):
         elif isinstance(cap, bool) or not isinstance(cap, int) or cap < 2:
             raise ConfigError(f"kvstore capacity must be an integer of at least 2, not {cap!r}")
         elif cap > fit:
-            raise ConfigError(f"kvstore capacity {cap} with value_size {vs} needs more heap; at most {fit} slots fit")
+            raise ConfigError(
+                f"kvstore capacity {cap} with value_size {vs} needs more heap; at most {fit} slots fit"
+            )
         if cap < 2:
-            raise ConfigError(f"heap of {self.heap.size} bytes is too small for a kvstore with value_size {vs}")
+            raise ConfigError(
+                f"heap of {self.heap.size} bytes is too small for a kvstore with value_size {vs}"
+            )
         self.value_size = vs
         self.capacity = cap
         self.hash_seed = seed
@@ -112,6 +122,7 @@ class KVStore(EnclaveApp):
         self.tombstones = 0
         self.value_bytes = 0
         self.fill_next = 0
+        self.fill_keys_put = False  # a client stored a "fill-..." key: fill must check for collisions
         self.keys = self.heap.alloc("kv.keys", (cap, KEY_MAX), np.uint8)
         self.values = self.heap.alloc("kv.values", (cap, vs), np.uint8)
         self.klen = self.heap.alloc("kv.klen", cap, np.uint8)
@@ -165,6 +176,8 @@ class KVStore(EnclaveApp):
                     f"value of {len(v)} bytes is longer than this kvstore's value_size of {self.value_size} bytes"
                 )
             latest[self._check_key(item[0])] = v
+        if not self.fill_keys_put and any(kb.startswith(b"fill-") for kb in latest):
+            self.fill_keys_put = True
         if not latest:
             return 0
         k, n = self._key_rows(list(latest))
@@ -176,7 +189,6 @@ class KVStore(EnclaveApp):
         h = hash_keys(k, n, self.hash_seed)
         slots = self._lookup(k, n, h)
         old = slots >= 0
-        self._write_values(slots[old], vals[old], vl[old])
         new = ~old
         n_new = int(new.sum())
         # Keep at least one empty slot so probes end (a lone key may also reuse a deleted-key marker).
@@ -186,8 +198,9 @@ class KVStore(EnclaveApp):
                 f"kvstore table is full: {self.count} of {self.capacity} slots used"
                 + (f", {self.tombstones} held by deleted keys" if self.tombstones else "")
             )
+        self._write_values(slots[old], vals[old], vl[old])  # only after the check: all or nothing
         if n_new:
-            self._insert_new(k[new], n[new], h[new], vals[new], vl[new])
+            self.values[self._insert_new(k[new], n[new], h[new], vl[new])] = vals[new]
         return len(items)
 
     @ecall
@@ -236,29 +249,42 @@ class KVStore(EnclaveApp):
             raise EnclaveError(f"fill seed must be a non-negative integer, not {seed!r}")
         t0 = time.perf_counter()
         target = min(int(fraction * self.capacity), self.capacity - 1)
-        rng = np.random.Generator(np.random.PCG64([seed, self.fill_next]))
-        words = -(-self.value_size // 8)
-        batch = max(1024, min(1 << 16, (32 << 20) // self.value_size))
         inserted = 0
+        written: list[np.ndarray] = []  # slots whose value rows get random data in phase 2
+        # Phase 1: place the keys (small rows), batch by batch.
         while self.count < target:
-            n = min(batch, target - self.count, self.capacity - 1 - self.count - self.tombstones)
+            n = min(1 << 16, target - self.count, self.capacity - 1 - self.count - self.tombstones)
             if n <= 0:
                 break  # only deleted-key markers left to reuse; a fill never probes for them
             ids = np.arange(self.fill_next, self.fill_next + n, dtype=np.uint64)
             self.fill_next += n
             k, kl = _fill_keys(ids)
             h = hash_keys(k, kl, self.hash_seed)
-            raw = rng.bit_generator.random_raw((n, words))
-            vals = raw.view(np.uint8).reshape(n, words * 8)[:, : self.value_size]
             vl = np.full(n, self.value_size, dtype=np.uint32)
-            slots = self._lookup(k, kl, h) if self.count else np.full(n, -1, dtype=np.int64)
+            # Keys fill-<i> for i >= fill_next were never stored unless a client put one: skip the lookup.
+            slots = self._lookup(k, kl, h) if self.fill_keys_put else np.full(n, -1, dtype=np.int64)
             old = slots >= 0
             if old.any():
-                self._write_values(slots[old], vals[old], vl[old])
+                self.value_bytes += int(vl[old].sum(dtype=np.int64)) - int(
+                    self.vlen[slots[old]].sum(dtype=np.int64)
+                )
+                self.vlen[slots[old]] = vl[old]
+                written.append(slots[old])
                 new = ~old
-                k, kl, h, vals, vl = k[new], kl[new], h[new], vals[new], vl[new]
-            self._insert_new(k, kl, h, vals, vl, values_any_order=True)
+                k, kl, h, vl = k[new], kl[new], h[new], vl[new]
+            written.append(self._insert_new(k, kl, h, vl))
             inserted += len(kl)
+        # Phase 2: random values, written in slot order so the big array is swept once, sequentially
+        # (first touches of fresh memory are the slow part; scattered 1 KiB writes would hit every page
+        # several times and miss the TLB each time).
+        all_slots = np.sort(np.concatenate(written)) if written else np.zeros(0, dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64([seed, self.fill_next]))
+        words = -(-self.value_size // 8)
+        batch = max(64, (4 << 20) // self.value_size)
+        for i in range(0, len(all_slots), batch):
+            part = all_slots[i : i + batch]
+            raw = rng.bit_generator.random_raw((len(part), words))
+            self.values[part] = raw.view(np.uint8).reshape(len(part), words * 8)[:, : self.value_size]
         return {
             "inserted": inserted,
             "count": self.count,
@@ -348,31 +374,22 @@ class KVStore(EnclaveApp):
         return out, reused
 
     def _insert_new(
-        self,
-        keys: np.ndarray,
-        lens: np.ndarray,
-        hashes: np.ndarray,
-        vals: np.ndarray,
-        vl: np.ndarray,
-        values_any_order: bool = False,
-    ) -> None:
-        """Place keys known to be absent and distinct; the caller checked that empty slots remain.
+        self, keys: np.ndarray, lens: np.ndarray, hashes: np.ndarray, vl: np.ndarray
+    ) -> np.ndarray:
+        """Place keys known to be absent and distinct, writing all but their values; returns their slots.
 
-        With `values_any_order` (random fill data) the value rows are not permuted along with the keys,
-        which saves a copy of the whole batch.
+        The caller checked that empty slots remain, and writes the value rows itself.
         """
         if not len(lens):
-            return
+            return np.zeros(0, dtype=np.int64)
         slots, reused = self._place(hashes)
-        order = np.argsort(slots)  # write rows in address order: sequential memory, fewer TLB misses
-        slots = slots[order]
-        self.keys[slots] = keys[order]
-        self.klen[slots] = lens[order]
-        self.vlen[slots] = vl[order]
-        self.values[slots] = vals if values_any_order else vals[order]
+        self.keys[slots] = keys
+        self.klen[slots] = lens
+        self.vlen[slots] = vl
         self.count += len(slots)
         self.tombstones -= reused
         self.value_bytes += int(vl.sum(dtype=np.int64))
+        return slots
 
     def _write_values(self, slots: np.ndarray, vals: np.ndarray, vl: np.ndarray) -> None:
         if not len(slots):

@@ -70,7 +70,12 @@ class MatrixApp(EnclaveApp):
         for r in range(0, rows, step):
             rng.random(out=self.a[r : min(rows, r + step)])
         self.filled_rows = max(self.filled_rows, rows)
-        return {"rows": rows, "n": self.n, "bytes": rows * self.n * 8, "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            "rows": rows,
+            "n": self.n,
+            "bytes": rows * self.n * 8,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
 
     @ecall
     def matvec(self, iters: int = 1) -> float:

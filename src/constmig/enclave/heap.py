@@ -10,9 +10,11 @@ into numpy arrays, and zeroing is one madvise call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -74,10 +76,8 @@ def _probe_zero_pfn(length: int, at: int, huge: bool) -> int:
         entry = int(_read_pagemap(base + start, 1)[0])
         del arr
     finally:
-        try:
+        with contextlib.suppress(BufferError):
             m.close()
-        except BufferError:
-            pass
     present = bool(entry & int(_PM_PRESENT))
     exclusive = bool(entry & int(_PM_EXCLUSIVE))
     # A page of our own would be exclusive (mapcount 1); the zero page never is, and is never PFN 0.
@@ -250,7 +250,9 @@ class Heap:
                 f"this heap size {self.size} chunk {self.chunk_size}"
             )
         if self._allocs:
-            raise HeapError(f"cannot restore metadata into a heap that already has {len(self._allocs)} allocations")
+            raise HeapError(
+                f"cannot restore metadata into a heap that already has {len(self._allocs)} allocations"
+            )
         allocs: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
         spans = []
         try:
@@ -260,7 +262,12 @@ class Heap:
                     raise HeapError(f"heap metadata has a bad or duplicate allocation name {name!r}")
                 shape_t, dt = self._check_spec(name, tuple(a["shape"]), a["dtype"])
                 nbytes = int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize
-                if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE or offset + nbytes > self.size:
+                if (
+                    not isinstance(offset, int)
+                    or offset < 0
+                    or offset % PAGE_SIZE
+                    or offset + nbytes > self.size
+                ):
                     raise HeapError(f"heap metadata puts {name!r} at a bad offset {offset!r}")
                 allocs[name] = (offset, shape_t, dt)
                 spans.append((offset, offset + nbytes))
@@ -335,6 +342,18 @@ class Heap:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    def populate(self) -> float:
+        """Back every page with memory now (one madvise); returns the seconds it took.
+
+        A migration destination does this while the source still runs, as an SGX enclave's pages are
+        added at build time: first touches are slow on these VMs and must not land in the downtime.
+        """
+        self._check_open()
+        assert self._mm is not None
+        t0 = time.perf_counter()
+        self._mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), 0, self.size)
+        return time.perf_counter() - t0
+
     def wipe(self) -> None:
         """Zero the whole heap and return its memory to the OS (one madvise); allocations stay valid."""
         self._check_open()
@@ -347,10 +366,8 @@ class Heap:
             return
         self.closed = True
         mm, self._mm = self._mm, None
-        try:
+        with contextlib.suppress(BufferError):  # something still uses the view; the mapping outlives us
             self._mv.release()
-        except BufferError:  # something still uses the view; the mapping outlives us then
-            pass
         del self.buf
         try:
             mm.close()
@@ -364,7 +381,11 @@ class Heap:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{len(self._allocs)} allocations, {format_size(self.used_bytes)} used"
+        state = (
+            "closed"
+            if self.closed
+            else f"{len(self._allocs)} allocations, {format_size(self.used_bytes)} used"
+        )
         return f"<Heap {format_size(self.size)} chunk {format_size(self.chunk_size)} {state}>"
 
     # -- internals ---------------------------------------------------------------------------------
@@ -385,10 +406,11 @@ class Heap:
         if any(s < 0 for s in shape_t):
             raise HeapError(f"allocation {name!r}: negative dimension in shape {shape_t}")
         if dt.hasobject or dt.fields is not None or dt.subdtype is not None or dt.itemsize == 0:
-            raise HeapError(f"allocation {name!r}: dtype {dt} cannot live in a heap (use a plain numeric dtype)")
+            raise HeapError(
+                f"allocation {name!r}: dtype {dt} cannot live in a heap (use a plain numeric dtype)"
+            )
         return shape_t, dt
 
     def _view(self, offset: int, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self._mm, dtype=dt, count=count, offset=offset).reshape(shape)
-

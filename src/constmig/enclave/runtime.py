@@ -114,7 +114,9 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         policy=Policy(min_svn=args.svn),
         config=config,
     )
-    if not incoming:
+    if incoming:
+        enclave.figures["populate_s"] = heap.populate()
+    else:
         enclave.app = app_cls(heap)
         enclave.app.setup(**config)
         enclave.life.move(Life.CREATED, Life.RUNNING)

@@ -81,7 +81,9 @@ class _StateUnpickler(pickle.Unpickler):
         elif kind == "view":
             _, name, ptr_off, shape, strides, dtype, _w = pid
             whole = self._heap.array(name)
-            arr = np.ndarray(shape, dtype=np.dtype(dtype), buffer=self._heap.buf, offset=ptr_off, strides=strides)
+            arr = np.ndarray(
+                shape, dtype=np.dtype(dtype), buffer=self._heap.buf, offset=ptr_off, strides=strides
+            )
             lo, hi = byte_bounds(arr)
             w_lo, w_hi = byte_bounds(whole)
             if arr.size and not (w_lo <= lo and hi <= w_hi):
@@ -130,7 +132,15 @@ def import_app_state(app_cls: type[EnclaveApp], heap: Heap, blob: bytes) -> Encl
         doc = unpickler.load()
         _check_doc(doc, app_cls, heap)
         attrs = unpickler.load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as e:
         raise EnclaveError(f"malformed app state blob: {e!r}") from None
     if not isinstance(attrs, dict):
         raise EnclaveError("malformed app state blob: attributes are not a dict")

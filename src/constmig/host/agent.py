@@ -209,6 +209,7 @@ class Agent:
         try:
             result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout}, fds=[fd])
             hosted.status = "running"
+            self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})
         except ConstmigError as e:
             log.warning("incoming migration of %s failed: %s", name, e)
@@ -235,10 +236,12 @@ class Agent:
             loop.call_soon_threadsafe(lambda: writer.write(_progress_frame(info)))
 
         data_sock = None
+        t0 = time.time()
         try:
             await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire()},
                                     None, timeout)
             data_sock = await asyncio.to_thread(_open_data, to, spec.name, timeout)
+            t_prepared = time.time()
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout},
                                               fds=[data_sock.fileno()], on_progress=on_progress)
         except ConstmigError as e:
@@ -252,6 +255,10 @@ class Agent:
         finally:
             if data_sock is not None:
                 data_sock.close()
+        # The enclave timed attestation to DONE; the user waited for the whole thing, preparation included.
+        result["migrate_s"] = result.pop("total_s")
+        result["prepare_s"] = t_prepared - t0
+        result["total_s"] = time.time() - t0
         result.update({"from": self.listen, "to": to, "name": spec.name})
         self.history.append({"direction": "out", **result})
         del self.enclaves[spec.name]

@@ -25,10 +25,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalCluster:
     """N agents (separate processes, state dirs and ports) sharing one root CA in a temp folder."""
 
-    def __init__(self, n: int = 2, base_dir: Path | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, n: int = 2, base_dir: Path | None = None, host: str = "127.0.0.1",
+                 ca_dir: Path | None = None) -> None:
         self._own_dir = base_dir is None
         self.base = Path(tempfile.mkdtemp(prefix="constmig-")) if base_dir is None else base_dir
-        self.ca_dir = self.base / "ca"
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.ca_dir = ca_dir or self.base / "ca"
         self.procs: list[subprocess.Popen] = []
         self.addrs: list[str] = []
         self.host = host

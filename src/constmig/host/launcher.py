@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -109,10 +110,8 @@ class EnclaveHandle:
     async def stop(self, timeout: float = 10.0) -> None:
         """Ask the enclave to exit; kill it if it does not."""
         if self.proc.returncode is None:
-            try:
+            with contextlib.suppress(EnclaveError, TimeoutError):
                 await asyncio.wait_for(self.call({"op": "shutdown"}), timeout)
-            except (EnclaveError, TimeoutError):
-                pass
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except TimeoutError:

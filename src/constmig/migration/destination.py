@@ -42,11 +42,11 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     enclave.life.require(Life.INCOMING)
     timeout = float(req.get("timeout", 120.0))
     heap = enclave.heap
+    sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
     chan = SecureChannel(sock, None)
     try:
-        sock.settimeout(timeout)
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
-                           check=lambda params: check_params(enclave, params))
+                           check_params=lambda params: check_params(enclave, params), timeout=timeout)
         link = Link(chan, Machine("destination"), timeout)
         state = link.expect(m.StateMsg)
         if state.heap_size != heap.size or state.chunk_size != heap.chunk_size:

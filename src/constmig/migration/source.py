@@ -39,12 +39,12 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     heap, app = enclave.heap, enclave.app
     assert app is not None
     migration_id = os.urandom(16)
+    sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
     chan = SecureChannel(sock, migration_id)
     params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": strategy}
     t_start = time.time()
     try:
-        sock.settimeout(timeout)
-        run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, migration_id, params)
+        run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
     except ConstmigError as e:
         raise MigrationError(f"attestation with the destination failed: {e}; the enclave keeps running here") from None
     except OSError as e:

@@ -18,6 +18,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import socket
@@ -92,6 +93,11 @@ class SealedChunk:
     flags: int
     _ct: memoryview = field(repr=False)
     _aad: bytes = field(repr=False)
+
+    @property
+    def tag(self) -> bytes:
+        """The record's GCM tag, which the completeness digest is built from."""
+        return bytes(self._ct[-TAG_SIZE:])
 
     @property
     def demand(self) -> bool:
@@ -176,15 +182,11 @@ class SecureChannel:
         if self._state is ChannelState.CLOSED:
             return
         self._state = ChannelState.CLOSED
-        try:
+        with contextlib.suppress(OSError):
             if isinstance(self._sock, socket.socket):
                 self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> SecureChannel:
         return self
@@ -225,6 +227,8 @@ class SecureChannel:
     def _sendall(self, data: bytes | memoryview) -> None:
         try:
             self._sock.sendall(data)
+        except TimeoutError:
+            raise self._break(ChannelClosed("peer stopped reading: send timed out")) from None
         except OSError as e:
             if self._state is ChannelState.CLOSED:
                 raise ChannelClosed("secure channel was closed while sending") from None
@@ -251,17 +255,20 @@ class SecureChannel:
             raise ValueError(f"control payload of {n} bytes exceeds {MAX_CONTROL_PAYLOAD}")
         self._send_encrypted(Kind.CONTROL, payload, n, 0, 0)
 
-    def send_chunk(self, index: int, data: bytes | bytearray | memoryview, *, demand: bool = False) -> None:
-        """Send one heap chunk (1..MAX_CHUNK bytes) as an encrypted CHUNK record bound to `index`."""
+    def send_chunk(self, index: int, data: bytes | bytearray | memoryview, *, demand: bool = False) -> bytes:
+        """Send one heap chunk (1..MAX_CHUNK bytes) as an encrypted CHUNK record bound to `index`.
+
+        Returns the record's GCM tag (for the sender's completeness ledger).
+        """
         n = _nbytes(data)
         if not 1 <= n <= MAX_CHUNK:
             raise ValueError(f"chunk must be 1..{MAX_CHUNK} bytes, got {n}")
         if not isinstance(index, int) or not 0 <= index <= U64_MAX:
             raise ValueError(f"chunk index must be an int in 0..2**64-1, got {index!r}")
-        self._send_encrypted(Kind.CHUNK, data, n, index, FLAG_DEMAND if demand else 0)
+        return self._send_encrypted(Kind.CHUNK, data, n, index, FLAG_DEMAND if demand else 0)
 
     def _send_encrypted(self, kind: Kind, data: bytes | bytearray | memoryview, n: int, arg: int,
-                        flags: int) -> None:
+                        flags: int) -> bytes:
         total = HEADER_SIZE + n + TAG_SIZE
         with self._send_lock:
             self._check_usable()
@@ -278,6 +285,7 @@ class SecureChannel:
             except ProtocolError as e:  # sequence numbers exhausted
                 raise self._break(e) from None
             self._sendall(self._sview[:total])
+            return bytes(self._sview[total - TAG_SIZE : total])
 
     # --- receiving ---------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ Nothing here does I/O; `run_initiator` / `run_responder` drive it over a SecureC
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -422,11 +423,10 @@ def _step(channel: SecureChannel, machine: _Machine, fn: Callable[[], bytes]) ->
         return fn()
     except (HandshakeAborted, ChannelClosed):
         raise
-    except ConstmigError as e:
-        try:
-            channel.send_handshake(machine.abort(str(e)))
-        except ConstmigError:
-            pass
+    except Exception as e:
+        reason = str(e) if isinstance(e, ConstmigError) else f"internal error in the {machine._role}"
+        with contextlib.suppress(ConstmigError):
+            channel.send_handshake(machine.abort(reason))
         raise
 
 

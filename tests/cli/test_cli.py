@@ -1,0 +1,51 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from constmig.host.cluster import free_port
+
+
+def cm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    assert fragment in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["run", "kvstore", "--heap", "12Q"], "malformed size"),
+    (["demo", "--heap", "12Q"], "malformed size"),
+    (["run", "nosuchapp"], "unknown app 'nosuchapp'"),
+    (["migrate", "kv", "--from", "nocolon", "--to", "127.0.0.1:1"], "bad address"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "teleport"], "teleport"),
+    (["bench", "sizes", "--sizes", "1X"], "malformed size"),
+    (["frobnicate"], "No such command"),
+])
+def test_bad_input_gives_one_clean_error(args, fragment):
+    assert_clean_error(cm(*args), fragment)
+
+
+def test_unreachable_agent_is_one_line():
+    p = cm("call", "kv1", "--agent", f"127.0.0.1:{free_port()}", "get", "x")
+    assert_clean_error(p, "cannot reach agent")
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_demo_prints_verified_json(tmp_path):
+    p = cm("demo", "--strategy", "stopcopy", "--heap", "64M", "--out", str(tmp_path), "--json", "-", timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads(p.stdout)
+    assert fig["verified"] is True
+    for key in ("strategy", "workload", "heap_bytes", "state_bytes", "downtime_ms", "total_s", "wire_bytes"):
+        assert key in fig
+    assert (tmp_path / "figures.json").exists() and (tmp_path / "demo.png").stat().st_size > 1000

@@ -1,0 +1,130 @@
+"""Stop-and-copy end to end: two real agent processes, real enclave processes, real TCP."""
+
+import threading
+
+import pytest
+from conftest import checksum, launch
+from mitm import MitmProxy, cut_after, flip_bit_at
+
+from constmig.errors import AgentError
+from constmig.host.client import EnclaveClient, request
+from constmig.host.cluster import LocalCluster, free_port
+from constmig.migration.orchestrate import migrate
+
+pytestmark = pytest.mark.e2e
+
+
+def running_at(addr: str, name: str = "kv") -> bool:
+    st = request(addr, {"op": "status"})
+    return st["enclaves"].get(name, {}).get("state") == "running"
+
+
+@pytest.mark.parametrize("app", ["kvstore", "matrix"])
+def test_migration_moves_every_byte_and_redirects(cluster, app):
+    a, b = cluster.addrs
+    before = launch(a, app=app)
+    fig = migrate("kv", a, b, "stopcopy")
+    assert fig["strategy"] == "stopcopy" and fig["workload"] == app
+    assert fig["heap_bytes"] == 64 << 20 and 0 < fig["state_bytes"] <= fig["heap_bytes"]
+    assert fig["wire_bytes"] > fig["state_bytes"] and fig["downtime_ms"] > 0 and fig["total_s"] > 0
+    c = EnclaveClient(a, "kv")  # the old address: must be redirected
+    assert c.call("checksum") == before
+    if app == "kvstore":
+        assert c.call("get", "k7") == b"v7"
+        assert c.call("put", "after", "move")
+    assert c.addr == b
+    c.close()
+    assert not request(a, {"op": "status"})["enclaves"]
+    assert running_at(b)
+
+
+def test_migrate_back_and_forth(cluster):
+    a, b = cluster.addrs
+    before = launch(a, heap=32 << 20)
+    migrate("kv", a, b, "stopcopy")
+    migrate("kv", b, a, "stopcopy")
+    assert checksum(a) == before and running_at(a)
+
+
+def test_unreachable_destination_keeps_source(cluster):
+    a, _ = cluster.addrs
+    before = launch(a)
+    with pytest.raises(AgentError, match="cannot reach agent"):
+        migrate("kv", a, f"127.0.0.1:{free_port()}", "stopcopy")
+    assert running_at(a) and checksum(a) == before
+
+
+def test_unknown_enclave(cluster):
+    a, b = cluster.addrs
+    with pytest.raises(AgentError, match="no enclave named 'nope'"):
+        migrate("nope", a, b, "stopcopy")
+    with pytest.raises(AgentError, match="no enclave named"):
+        EnclaveClient(a, "nope").call("get", "x")
+
+
+def test_heap_larger_than_memory_is_refused(cluster):
+    with pytest.raises(AgentError, match="exceeds this host's available memory"):
+        request(cluster.addrs[0], {"op": "run", "name": "big", "app": "kvstore", "heap": 1 << 50})
+
+
+@pytest.mark.parametrize("position", [200, 5 << 20])
+def test_flipped_bit_in_flight_aborts_and_source_keeps_running(cluster, position):
+    """position 200 lands in the handshake; 5 MiB lands in a heap chunk."""
+    a, b = cluster.addrs
+    before = launch(a)
+    proxy = MitmProxy(b, flip_bit_at(position))
+    try:
+        with pytest.raises(AgentError, match="aborted before handoff|attestation"):
+            migrate("kv", a, proxy.addr, "stopcopy")
+    finally:
+        proxy.close()
+    assert running_at(a) and checksum(a) == before
+    assert "kv" not in request(b, {"op": "status"})["enclaves"]  # the half-built copy was wiped
+
+
+def test_truncated_stream_aborts_and_source_keeps_running(cluster):
+    a, b = cluster.addrs
+    before = launch(a)
+    proxy = MitmProxy(b, cut_after(20 << 20))
+    try:
+        with pytest.raises(AgentError, match="aborted before handoff"):
+            migrate("kv", a, proxy.addr, "stopcopy", timeout=20)
+    finally:
+        proxy.close()
+    assert running_at(a) and checksum(a) == before
+
+
+def test_destination_agent_killed_mid_transfer(cluster):
+    a, b = cluster.addrs
+    before = launch(a, heap=512 << 20, fill=0.9)
+    errors: list[Exception] = []
+    flowing = threading.Event()
+
+    def on_progress(info):
+        if info.get("done", 0) > 0:
+            flowing.set()
+
+    def go():
+        try:
+            migrate("kv", a, b, "stopcopy", timeout=30, on_progress=on_progress)
+        except AgentError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=go)
+    t.start()
+    assert flowing.wait(60), "no transfer progress seen"
+    cluster.kill_agent(1)  # SIGKILL the destination agent and its enclave mid-transfer
+    t.join(60)
+    assert not t.is_alive()
+    assert errors, "migration should have failed"
+    assert "keeps running here" in str(errors[0])
+    assert running_at(a) and checksum(a) == before
+
+
+def test_destination_with_other_root_ca_is_refused(tmp_path):
+    with LocalCluster(1) as one, LocalCluster(1) as other:
+        a, b = one.addrs[0], other.addrs[0]
+        before = launch(a)
+        with pytest.raises(AgentError, match="not signed by the trusted root|root"):
+            migrate("kv", a, b, "stopcopy")
+        assert running_at(a) and checksum(a) == before
