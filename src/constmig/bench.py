@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import migrate
+from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size
 
@@ -42,19 +43,10 @@ def one_migration(cluster: LocalCluster, app: str, heap: int, strategy: str, fil
                   name: str = "bench") -> dict[str, Any]:
     """Launch, fill, checksum, migrate a->b, checksum, stop. Returns the figures."""
     a, b = cluster.addrs[0], cluster.addrs[1]
-    request(a, {"op": "run", "name": name, "app": app, "heap": heap, "config": {}})
-    c = EnclaveClient(a, name)
-    try:
-        c.call("fill", fill, seed)
-        before = c.call("checksum")
-    finally:
-        c.close()
+    launch_filled(a, name, app, heap, fill, seed)
+    before = app_checksum(a, name)
     figures = migrate(name, a, b, strategy)
-    c = EnclaveClient(b, name)
-    try:
-        figures["verified"] = c.call("checksum") == before
-    finally:
-        c.close()
+    figures["verified"] = app_checksum(b, name) == before
     request(b, {"op": "stop", "name": name})
     return figures
 
@@ -99,7 +91,7 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
 
     plot_sizes(results, out / "downtime_vs_heap.png")
     plot_sizes(results, out / "total_vs_heap.png", key="total_s", ylabel="total migration time (s)")
-    table = Table(title=f"{app}: downtime and total time against heap size (median [min-max] of {repeat})")
+    table = Table(title=escape(f"{app}: downtime and total time against heap size (median [min-max] of {repeat})"))
     for col in ("strategy", "heap", "downtime ms", "total s", "verified"):
         table.add_column(col)
     for row in doc["summary"]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import EnclaveClient
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import migrate_with_progress
+from constmig.migration.orchestrate import app_checksum, launch_filled, migrate_with_progress
 from constmig.progress import console, print_figures
 
 CLIENT_KEYS = 256
@@ -22,19 +22,11 @@ def run_demo(strategy: str = "stopcopy", heap: int = 512 << 20, app: str = "kvst
     with LocalCluster(2) as cluster:
         a, b = cluster.addrs
         say(f"agents: a={a}  b={b}  (state in {cluster.base})")
-        request(a, {"op": "run", "name": name, "app": app, "heap": heap, "config": {}})
-        c = EnclaveClient(a, name)
         t0 = time.perf_counter()
-        filled = c.call("fill", fill, 7)
-        say(f"filled {app} inside the enclave in {time.perf_counter() - t0:.1f}s: {filled}")
-        written = {}
-        if app == "kvstore":
-            for i in range(CLIENT_KEYS):
-                key, value = f"client-{i}", f"value-{i}-{'x' * (i % 50)}"
-                c.call("put", key, value)
-                written[key] = value.encode()
-        before = c.call("checksum")
-        c.close()
+        written = launch_filled(a, name, app, heap, fill, seed=7, client_keys=CLIENT_KEYS)
+        say(f"launched {app} and filled {fill:.0%} of its heap inside the enclave in "
+            f"{time.perf_counter() - t0:.1f}s, plus {len(written)} client puts")
+        before = app_checksum(a, name)
         figures = migrate_with_progress(name, a, b, strategy, quiet=quiet)
         # A client that still knows only the old agent must be redirected and see the same state.
         c = EnclaveClient(a, name)

@@ -1,7 +1,7 @@
 import pytest
 
-from constmig.host.client import EnclaveClient, request
 from constmig.host.cluster import LocalCluster
+from constmig.migration.orchestrate import app_checksum, launch_filled
 
 
 @pytest.fixture
@@ -12,21 +12,9 @@ def cluster():
 
 def launch(addr: str, name: str = "kv", app: str = "kvstore", heap: int = 64 << 20, fill: float = 0.9) -> str:
     """Start an app, fill it, write a few client keys; return its checksum."""
-    request(addr, {"op": "run", "name": name, "app": app, "heap": heap, "config": {}})
-    c = EnclaveClient(addr, name)
-    try:
-        c.call("fill", fill, 3)
-        if app == "kvstore":
-            for i in range(32):
-                c.call("put", f"k{i}", f"v{i}")
-        return c.call("checksum")
-    finally:
-        c.close()
+    launch_filled(addr, name, app, heap, fill, seed=3, client_keys=32)
+    return app_checksum(addr, name)
 
 
 def checksum(addr: str, name: str = "kv") -> str:
-    c = EnclaveClient(addr, name)
-    try:
-        return c.call("checksum")
-    finally:
-        c.close()
+    return app_checksum(addr, name)

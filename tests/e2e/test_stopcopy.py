@@ -30,7 +30,7 @@ def test_migration_moves_every_byte_and_redirects(cluster, app):
     c = EnclaveClient(a, "kv")  # the old address: must be redirected
     assert c.call("checksum") == before
     if app == "kvstore":
-        assert c.call("get", "k7") == b"v7"
+        assert c.call("get", "client-7") == b"value-7-xxxxxxx"
         assert c.call("put", "after", "move")
     assert c.addr == b
     c.close()

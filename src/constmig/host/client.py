@@ -50,14 +50,7 @@ class AgentClient:
 
     def request(self, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None) -> Any:
         try:
-            self.fs.send(req)
-            while True:
-                reply, _ = self.fs.recv()
-                if "progress" in reply:
-                    if on_progress is not None:
-                        on_progress(reply["progress"])
-                    continue
-                break
+            reply = self.fs.exchange(req, on_progress=on_progress)
         except TimeoutError:
             raise AgentError(f"agent at {self.addr} did not answer in time") from None
         except ChannelClosed as e:

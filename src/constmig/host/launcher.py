@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import sys
 import threading
@@ -85,16 +84,7 @@ class EnclaveHandle:
         """Send one request and wait for its reply, passing progress frames to `on_progress`."""
         with self._lock:
             try:
-                self.fs.send(req, fds)
-                while True:
-                    reply, extra = self.fs.recv()
-                    for fd in extra:
-                        os.close(fd)
-                    if "progress" in reply:
-                        if on_progress is not None:
-                            on_progress(reply["progress"])
-                        continue
-                    break
+                reply = self.fs.exchange(req, fds, on_progress)
             except ChannelClosed:
                 raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
         if not reply.get("ok"):

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -116,6 +117,22 @@ class FramedSocket:
         del self._buf[: _LEN.size + n]
         fds, self._fds = self._fds, []
         return decode_body(body), fds
+
+    def exchange(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+                 on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Send a request and return its final reply; `{"progress": ...}` frames before it go to on_progress.
+
+        Descriptors that arrive with replies are closed: no reply is meant to carry any.
+        """
+        self.send(req, fds)
+        while True:
+            reply, extra = self.recv()
+            for fd in extra:
+                os.close(fd)
+            if "progress" not in reply:
+                return reply
+            if on_progress is not None:
+                on_progress(reply["progress"])
 
     def close(self) -> None:
         for fd in self._fds:
