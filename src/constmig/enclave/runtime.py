@@ -27,6 +27,7 @@ from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
+from constmig.migration import destination, source
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
 from constmig.wire.framing import FramedSocket
@@ -125,8 +126,6 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
 
 def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
     """One request; returns the reply, or None when the process should exit after replying."""
-    from constmig.migration import destination, source
-
     op = req.get("op")
     if op == "ecall":
         result = enclave.ecall(str(req.get("name")), list(req.get("args") or []), dict(req.get("kwargs") or {}))

@@ -23,7 +23,7 @@ from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size
-from constmig.wire.framing import read_frame, write_frame
+from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
 
@@ -269,15 +269,11 @@ class Agent:
 
 
 def _progress_frame(info: dict) -> bytes:
-    from constmig.wire.framing import encode
-
     return encode({"progress": info})
 
 
 def _open_data(addr: str, name: str, timeout: float) -> socket.socket:
     """Open the migration's data connection to the destination agent and wait for its go-ahead."""
-    from constmig.wire.framing import FramedSocket
-
     sock = client.connect(addr, timeout)
     fs = FramedSocket(sock)
     fs.send({"op": "data", "name": name, "timeout": timeout})

@@ -94,4 +94,5 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     except (ConstmigError, OSError):
         pass  # the app runs here now; the source learns of completion on recovery
     return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
+            "populate_s": enclave.figures.get("populate_s"),
             "chunks": ledger.count, "wire_bytes": chan.bytes_sent + chan.bytes_received}
