@@ -37,6 +37,9 @@ def page_of(value: int) -> bytes:
     return bytes([value]) * PAGE_SIZE
 
 
+_WAITERS: list[threading.Thread] = []
+
+
 @pytest.fixture
 def region():
     """An anonymous private mapping factory: region(n_bytes) -> (mmap, address)."""
@@ -48,21 +51,27 @@ def region():
         return mm, buffer_address(mm)
 
     yield make
+    if any(th.is_alive() for th in _WAITERS):
+        return  # never unmap under a thread that may still read the region (it would segfault)
     for mm in maps:
         mm.close()
 
 
 @pytest.fixture
-def uffd():
+def uffd(region):  # depends on region so that it is closed before the region is unmapped
     u = Userfaultfd.open()
     yield u
-    u.close()  # releases the registration and wakes any waiter left behind
+    u.close()  # releases the registration: a waiter left behind by a failed test wakes up
+    for th in _WAITERS:
+        th.join(5.0)
+    _WAITERS[:] = [th for th in _WAITERS if th.is_alive()]
 
 
 def start_waiter(addr: int) -> tuple[threading.Thread, ctypes.Array]:
     """A thread that reads one page at addr. ctypes.memmove releases the GIL, so its fault blocks only it."""
     out = ctypes.create_string_buffer(PAGE_SIZE)
     th = threading.Thread(target=ctypes.memmove, args=(out, addr, PAGE_SIZE), daemon=True)
+    _WAITERS.append(th)
     th.start()
     return th, out
 
@@ -126,15 +135,25 @@ def test_preflight_explains_unprivileged_refusal_in_one_line():
         pytest.skip("needs root to run a child as another user")
     with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
         sysctl = f.read().strip()
-    code = "from constmig.migration.uffd import preflight; print(repr(preflight()))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], user=65534, capture_output=True, text=True, timeout=20, cwd="/"
-    )
-    assert out.returncode == 0, out.stderr
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody (this also drops CAP_SYS_PTRACE) and ask
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, repr(preflight()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
     if sysctl == "0":
-        assert out.stdout.strip() == repr("userfaultfd needs root or vm.unprivileged_userfaultfd=1 (it is 0)")
+        assert said == repr("userfaultfd needs root or vm.unprivileged_userfaultfd=1 (it is 0)")
     else:
-        assert out.stdout.strip() == "None"
+        assert said == "None"
 
 
 # -- single-process behaviour (no GIL-holding access to missing pages) ------------------------------------
@@ -279,8 +298,8 @@ def test_errors_are_one_line_uffd_errors(uffd, region):
         uffd.wake(addr, 1.5)
     with pytest.raises(UffdError, match="already done"):
         uffd.api()
-    with pytest.raises(UffdError, match="handshake"):
-        Userfaultfd.open(handshake=False).register_missing(addr, PAGE_SIZE)
+    with Userfaultfd.open(handshake=False) as raw, pytest.raises(UffdError, match="handshake"):
+        raw.register_missing(addr, PAGE_SIZE)
     r, w = os.pipe()
     try:
         with pytest.raises(UffdError, match="not a userfaultfd"):
@@ -307,7 +326,8 @@ def test_send_and_receive_over_unix_socket(region):
             assert got.copy_buffer(addr, page_of(3) * 2) == 2 * PAGE_SIZE
             assert got.copy_buffer(addr, page_of(4) * 2) == 0  # same userfaultfd: pages already present
     assert mm[:] == page_of(3) * 2
-    with socket.socketpair() as (c, d), pytest.raises(UffdError, match="within"):
+    c, d = socket.socketpair()
+    with c, d, pytest.raises(UffdError, match="within"):
         Userfaultfd.receive(d, timeout=0.05)
 
 
