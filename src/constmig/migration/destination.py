@@ -44,6 +44,7 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     heap = enclave.heap
     sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
     chan = SecureChannel(sock, None)
+    link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     try:
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
                            check_params=lambda params: check_params(enclave, params), timeout=timeout)
@@ -78,7 +79,7 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
         link.send(m.Ready(ledger.digest()))
         link.expect(m.Commit)
     except (ConstmigError, OSError) as e:
-        if "link" in locals():
+        if link is not None:
             link.abort(str(e))
         heap.wipe()
         enclave.life.move(Life.INCOMING, Life.DESTROYED)
