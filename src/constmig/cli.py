@@ -15,7 +15,13 @@ import click
 from constmig.errors import ConfigError, ConstmigError
 from constmig.units import parse_size
 
-STRATEGY_CHOICES = click.Choice(["stopcopy"])
+STRATEGY_CHOICES = click.Choice(["stopcopy", "constmig"])
+TRACKER_CHOICES = click.Choice(["auto", "fault", "access"])
+# bench variants: a strategy, with the tracker after a dash for post-copy
+VARIANT_CHOICES = click.Choice(["stopcopy", "constmig-fault", "constmig-access", "constmig"])
+_TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig only): "
+                 "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
+                 "where userfaultfd works.")
 
 
 def default_ca_dir() -> Path:
@@ -166,12 +172,17 @@ def stop(name: str, addr: str) -> None:
 @click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
 @click.option("--to", "dst", required=True, help="Destination agent HOST:PORT.")
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Per-step timeout, seconds.")
+@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
+              help="Cap for constmig's background stream, bytes per second (e.g. 100M); 0 = no cap. "
+              "Chunks the app waits for are never held back.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
               "(meaningful only without concurrent writers).")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def migrate(name: str, src: str, dst: str, strategy: str, timeout: float, verify: bool,
-            json_path: str | None) -> None:
+def migrate(name: str, src: str, dst: str, strategy: str, tracker: str, max_bandwidth: int, timeout: float,
+            verify: bool, json_path: str | None) -> None:
     """Migrate an enclave from one agent to another."""
     from constmig.host.address import parse_addr
     from constmig.migration.orchestrate import migrate_with_progress
@@ -179,7 +190,7 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float, verify
     parse_addr(src)
     parse_addr(dst)
     figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify,
-                                    quiet=json_path == "-")
+                                    quiet=json_path == "-", tracker=tracker, max_bandwidth=max_bandwidth)
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures
@@ -189,6 +200,7 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float, verify
 
 @main.command()
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
+@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
 @click.option("--heap", type=Size(), default="512M", show_default=True)
 @click.option("--app", default="kvstore", show_default=True)
 @click.option("--fill", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
@@ -196,11 +208,13 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float, verify
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for figures.json and a plot of the migration.")
-def demo(strategy: str, heap: int, app: str, fill: float, json_path: str | None, out: Path | None) -> None:
+def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_path: str | None,
+         out: Path | None) -> None:
     """Two agents on this machine, one enclave, one migration, checked end to end."""
     from constmig.demo import run_demo
 
-    figures = run_demo(strategy=strategy, heap=heap, app=app, fill=fill, quiet=json_path == "-", out=out)
+    figures = run_demo(strategy=strategy, tracker=tracker, heap=heap, app=app, fill=fill, quiet=json_path == "-",
+                       out=out)
     write_json(figures, json_path)
     if not figures.get("verified"):
         raise ConstmigError("demo migration finished but the state checksum did not match")
@@ -212,8 +226,8 @@ def bench() -> None:
 
 
 @bench.command("sizes")
-@click.option("--strategy", "strategies", type=STRATEGY_CHOICES, multiple=True, default=["stopcopy"],
-              show_default=True)
+@click.option("--strategy", "strategies", type=VARIANT_CHOICES, multiple=True,
+              default=["stopcopy", "constmig-fault", "constmig-access"], show_default=True)
 @click.option("--sizes", default="256M,1G,4G", show_default=True, help="Comma-separated heap sizes.")
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
 @click.option("--app", default="kvstore", show_default=True)

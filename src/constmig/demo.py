@@ -17,7 +17,8 @@ CLIENT_KEYS = 256
 
 
 def run_demo(strategy: str = "stopcopy", heap: int = 512 << 20, app: str = "kvstore", fill: float = 0.9,
-             quiet: bool = False, out: Path | None = None, name: str = "demo") -> dict[str, Any]:
+             quiet: bool = False, out: Path | None = None, name: str = "demo", tracker: str = "auto"
+             ) -> dict[str, Any]:
     say = (lambda *a: None) if quiet else console.print
     with LocalCluster(2) as cluster:
         a, b = cluster.addrs
@@ -27,7 +28,7 @@ def run_demo(strategy: str = "stopcopy", heap: int = 512 << 20, app: str = "kvst
         say(f"launched {app} and filled {fill:.0%} of its heap inside the enclave in "
             f"{time.perf_counter() - t0:.1f}s, plus {len(written)} client puts")
         before = app_checksum(a, name)
-        figures = migrate_with_progress(name, a, b, strategy, quiet=quiet)
+        figures = migrate_with_progress(name, a, b, strategy, quiet=quiet, tracker=tracker)
         # A client that still knows only the old agent must be redirected and see the same state.
         c = EnclaveClient(a, name)
         after = c.call("checksum")

@@ -40,8 +40,14 @@ class MigrationProgress:
         if self._task is None:
             return
         phase = info.get("phase", "")
+        if phase == "handed_off":  # a marker, not a byte count: keep the bar where it is
+            self._progress.update(self._task, description=f"{self.label} [resumed at destination]")
+            return
+        detail = phase
+        if phase == "stream":
+            detail = f"stream: {info.get('background', 0)} background, {info.get('demand', 0)} on demand"
         self._progress.update(self._task, completed=info.get("done", 0), total=info.get("total") or None,
-                              description=f"{self.label} [{phase}]")
+                              description=f"{self.label} [{detail}]")
 
     def __exit__(self, *exc: object) -> None:
         if not self.quiet:
@@ -50,11 +56,19 @@ class MigrationProgress:
 
 FIGURE_LABELS = [
     ("strategy", "strategy", "{}"),
+    ("tracker", "tracker", "{}"),
+    ("tracker_reason", "tracker chosen", "{}"),
     ("workload", "workload", "{}"),
     ("heap_bytes", "heap", "{:,} B"),
     ("state_bytes", "state moved", "{:,} B"),
     ("downtime_ms", "downtime", "{:.1f} ms"),
     ("total_s", "total time", "{:.3f} s"),
+    ("stream_s", "streaming after resume", "{:.3f} s"),
+    ("background_chunks", "chunks by background", "{:,}"),
+    ("demand_chunks", "chunks on demand", "{:,}"),
+    ("fault_latency_us_p50", "fault latency p50", "{:.0f} us"),
+    ("fault_latency_us_p99", "fault latency p99", "{:.0f} us"),
+    ("client_gap_ms", "longest client gap", "{:.1f} ms"),
     ("wire_bytes", "bytes on the wire", "{:,}"),
     ("throughput_gbps", "throughput", "{:.2f} GB/s"),
     ("verified", "verified", "{}"),

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
-# tamper(is_data_conn, offset_of_data_in_stream, data) -> bytes to forward, or None to cut the connection
-Tamper = Callable[[bool, int, bytes], bytes | None]
+from constmig.wire.records import HEADER_SIZE, Header, parse_header
+
+# tamper(channel, offset_in_stream, data) -> bytes to forward, or None to cut the connection.
+# `channel` is "" for agent-to-agent requests and the data connection's name ("main", "demand") otherwise.
+Tamper = Callable[[str, int, bytes], bytes | None]
 
 
 class MitmProxy:
@@ -50,9 +54,9 @@ class MitmProxy:
                 if not data:
                     break
                 if forward and state["data"] is None:
-                    state["data"] = b'"data"' in data[:64] or b"\xa4data" in data[:64]
+                    state["data"] = _channel_of(data)
                 if forward and self.tamper is not None:
-                    out = self.tamper(bool(state["data"]), offset, data)
+                    out = self.tamper(state["data"], offset, data)
                     offset += len(data)
                     if state["data"]:
                         self.data_bytes = offset
@@ -78,11 +82,19 @@ class MitmProxy:
                 s.close()
 
 
-def flip_bit_at(position: int) -> Tamper:
-    """Flip one bit of the data connection's client->server stream at byte `position`."""
+def _channel_of(first: bytes) -> str:
+    """Which connection this is, from its first frame (the data request names the channel)."""
+    head = first[:96]
+    if b"data" not in head:
+        return ""
+    return "demand" if b"demand" in head else "main"
 
-    def tamper(is_data: bool, offset: int, data: bytes) -> bytes | None:
-        if is_data and offset <= position < offset + len(data):
+
+def flip_bit_at(position: int, only: str = "main") -> Tamper:
+    """Flip one bit of a data connection's client->server stream at byte `position`."""
+
+    def tamper(channel: str, offset: int, data: bytes) -> bytes | None:
+        if channel == only and offset <= position < offset + len(data):
             b = bytearray(data)
             b[position - offset] ^= 0x10
             return bytes(b)
@@ -94,9 +106,52 @@ def flip_bit_at(position: int) -> Tamper:
 def cut_after(position: int) -> Tamper:
     """Forward the data connection up to `position` bytes, then cut it (truncation)."""
 
-    def tamper(is_data: bool, offset: int, data: bytes) -> bytes | None:
-        if is_data and offset + len(data) > position:
+    def tamper(channel: str, offset: int, data: bytes) -> bytes | None:
+        if channel == "main" and offset + len(data) > position:
             return None
         return data
 
     return tamper
+
+
+class RecordTamper:
+    """Sees a data connection's forward stream as records and lets `on_record` rewrite it.
+
+    on_record(channel, n, header, record_bytes) -> list of byte strings to forward in its place
+    (return [record_bytes] to pass it on, [] to drop it, several to inject). `n` counts the records of
+    that connection from 0 (the first few are the handshake). The agent's opening frame passes through.
+    """
+
+    def __init__(self, on_record: Callable[[str, int, Header, bytes], list[bytes]]) -> None:
+        self.on_record = on_record
+        self._state: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, channel: str, offset: int, data: bytes) -> bytes | None:
+        if not channel:
+            return data
+        with self._lock:
+            st = self._state.setdefault(channel, {"buf": b"", "frame_done": False, "n": 0})
+            st["buf"] += data
+            out: list[bytes] = []
+            buf = st["buf"]
+            if not st["frame_done"]:
+                if len(buf) < 4:
+                    st["buf"] = buf
+                    return b""
+                n = struct.unpack("!I", buf[:4])[0]
+                if len(buf) < 4 + n:
+                    return b""
+                out.append(buf[:4 + n])
+                buf = buf[4 + n:]
+                st["frame_done"] = True
+            while len(buf) >= HEADER_SIZE:
+                header = parse_header(buf[:HEADER_SIZE])
+                end = HEADER_SIZE + header.length
+                if len(buf) < end:
+                    break
+                out.extend(self.on_record(channel, st["n"], header, buf[:end]))
+                st["n"] += 1
+                buf = buf[end:]
+            st["buf"] = buf
+            return b"".join(out)

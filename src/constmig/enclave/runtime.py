@@ -26,8 +26,11 @@ from constmig.apps import app_source, load_app
 from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
+from constmig.enclave.pager import PagerHandle
+from constmig.enclave.tracker import AccessTracker, interpose, restore, untrack_app
 from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
 from constmig.migration import destination, source
+from constmig.migration.receiver import Receiver
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
 from constmig.wire.framing import FramedSocket
@@ -50,10 +53,44 @@ class Enclave:
     config: dict[str, Any]
     app: EnclaveApp | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    tracker: str = "none"  # how an incoming post-copy migration tracks missing chunks: none | fault | access
+    pager: PagerHandle | None = None  # Fault Tracker
+    access: AccessTracker | None = None  # Access Tracker
+    receiver: Receiver | None = None  # Access Tracker's stream receiver (the pager has its own)
+
+    def start_access_tracking(self, expected: Any, timeout: float) -> Any:
+        """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
+        def request(chunks: Any) -> None:
+            if self.receiver is not None:
+                self.receiver.request(chunks)
+
+        self.access = AccessTracker(self.heap, expected, request, timeout)
+        self.access.guard()
+        interpose(sys.modules[self.app_cls.__module__])
+        return self.access.track
+
+    def _settle_access(self) -> None:
+        """Stream complete: give the app plain arrays back (no tracking cost from now on)."""
+        if self.access is not None and self.access.complete and self.app is not None:
+            untrack_app(self.app)
+            restore(sys.modules[self.app_cls.__module__])
+            self.access = None
+
+    def abandon_incoming(self) -> None:
+        """The incoming migration failed before COMMIT: drop trackers and the pager."""
+        if self.access is not None:
+            self.access.fail("migration aborted")
+            restore(sys.modules[self.app_cls.__module__])
+            self.access = None
+        if self.pager is not None:
+            self.pager.close()
+            self.pager = None
 
     def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.life.state is not Life.RUNNING or self.app is None:
             raise EnclaveError(f"enclave is {self.life.state.value}; it does not run ECALLs now")
+        if self.access is not None:
+            self._settle_access()
         if name not in self.app_cls.ecalls():
             known = ", ".join(sorted(self.app_cls.ecalls()))
             raise EnclaveError(f"{self.app_name} has no ECALL {name!r}; known: {known}")
@@ -72,6 +109,9 @@ class Enclave:
             "measurement": self.identity.measurement.hex(),
             "platform": self.backend.platform_id,
             "pid": os.getpid(),
+            "tracker": self.tracker,
+            **({"streaming": self.receiver.stats or {"complete": False, "error": self.receiver.error}}
+               if self.receiver is not None else {}),
         }
 
 
@@ -80,7 +120,7 @@ def measure_app(app_name: str, config: dict[str, Any]) -> bytes:
     return measure(app_source(app_name), json.dumps(config, sort_keys=True).encode())
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """An enclave lives inside its host process in real TEEs: if the agent dies, so does the enclave."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -114,8 +154,12 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         backend=backend,
         policy=Policy(min_svn=args.svn),
         config=config,
+        tracker=args.tracker if incoming else "none",
     )
-    if incoming:
+    if incoming and enclave.tracker == "fault":
+        # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
+        enclave.pager = PagerHandle.start(heap, Path(args.socket).with_suffix(".pager.json"))
+    elif incoming:
         enclave.figures["populate_s"] = heap.populate()
     else:
         enclave.app = app_cls(heap)
@@ -133,23 +177,26 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
     if op == "status":
         return {"ok": True, "result": enclave.status()}
     if op in ("migrate_out", "migrate_in"):
-        if len(fds) != 1:
+        if not 1 <= len(fds) <= 2:
             for fd in fds:
                 os.close(fd)
-            raise EnclaveError(f"{op} needs exactly one connection descriptor")
-        sock = socket.socket(fileno=fds[0])
-        sock.setblocking(True)
+            raise EnclaveError(f"{op} needs one or two connection descriptors, got {len(fds)}")
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for sock in socks:
+            sock.setblocking(True)
 
         def progress(info: dict[str, Any]) -> None:
             fs.send({"progress": info})
 
         try:
             if op == "migrate_out":
-                result = source.run(enclave, sock, req, progress)
+                result = source.run(enclave, socks, req, progress)
             else:
-                result = destination.run(enclave, sock, req, progress)
+                result = destination.run(enclave, socks, req, progress)
         finally:
-            sock.close()
+            if enclave.receiver is None:  # otherwise the Access Tracker's receiver streams on them
+                for sock in socks:
+                    sock.close()
         return {"ok": True, "result": result}
     if op == "shutdown":
         return None
@@ -190,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heap", required=True, type=parse_size)
     p.add_argument("--chunk-size", type=parse_size, default=1 << 20)
     p.add_argument("--mode", choices=["fresh", "incoming"], default="fresh")
+    p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
     p.add_argument("--config", default="")
     p.add_argument("--svn", type=int, default=1)
     p.add_argument("--socket", required=True)
     p.add_argument("--platform-dir", required=True)
     p.add_argument("--root-pem", required=True)
     args = p.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     t0 = time.perf_counter()
     try:
         enclave = build_enclave(args)
@@ -215,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         if os.path.exists(args.socket):
             os.unlink(args.socket)
+        if enclave.pager is not None:
+            enclave.pager.close()
         enclave.heap.close()
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,12 @@ class _StatePickler(pickle.Pickler):
 
 
 class _StateUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, heap: Heap) -> None:
+    def __init__(
+        self, file: io.BytesIO, heap: Heap, wrap: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> None:
         super().__init__(file)
         self._heap = heap
+        self._wrap = wrap
 
     def persistent_load(self, pid: Any) -> Any:
         kind = pid[0]
@@ -92,6 +96,8 @@ class _StateUnpickler(pickle.Unpickler):
             raise EnclaveError(f"state blob has an unknown heap reference {kind!r}")
         if not pid[-1]:
             arr.flags.writeable = False
+        if self._wrap is not None:
+            arr = self._wrap(arr)  # a view of a read-only array stays read-only
         return arr
 
 
@@ -119,15 +125,23 @@ def export_app_state(app: EnclaveApp) -> bytes:
     return buf.getvalue()
 
 
-def import_app_state(app_cls: type[EnclaveApp], heap: Heap, blob: bytes) -> EnclaveApp:
+def import_app_state(
+    app_cls: type[EnclaveApp],
+    heap: Heap,
+    blob: bytes,
+    *,
+    wrap: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> EnclaveApp:
     """Rebuild an app instance on a fresh heap of the same geometry from `export_app_state` output.
 
     The heap's contents are not touched: its arrays are rebound by name and fill in as chunks arrive.
+    `wrap` is applied to every rebuilt heap array, so a post-copy destination can hand the app arrays
+    that check for missing chunks (the Access Tracker's `track`) without the app knowing.
     Only call this on a blob received over the attested, authenticated migration channel.
     """
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise EnclaveError(f"app state blob must be bytes, not {type(blob).__name__}")
-    unpickler = _StateUnpickler(io.BytesIO(blob), heap)
+    unpickler = _StateUnpickler(io.BytesIO(blob), heap, wrap)
     try:
         doc = unpickler.load()
         _check_doc(doc, app_cls, heap)

@@ -21,11 +21,16 @@ from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveErr
 from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.migration.source import CONNECTIONS
+from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
+TRACKERS = ("auto", "fault", "access")
+PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
+DATA_CHANNELS = ("main", "demand")
 
 
 @dataclass
@@ -33,9 +38,13 @@ class Hosted:
     """An enclave as this agent sees it."""
 
     handle: EnclaveHandle
-    status: str  # running | migrating-out | incoming
+    status: str  # running | migrating-out | handed-off | incoming | failed
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     since: float = field(default_factory=time.time)
+    calls: int = 0  # ECALLs in flight through this agent
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while calls == 0
+    connections: int = 1  # data connections an incoming migration uses
+    data_fds: dict[str, int] = field(default_factory=dict)
 
 
 class Agent:
@@ -99,6 +108,8 @@ class Agent:
             log.warning("dropping connection: %s", e)
         except ChannelClosed:
             pass
+        except asyncio.CancelledError:
+            pass  # the agent is shutting down; ending quietly keeps asyncio from logging it as an error
         finally:
             writer.close()
 
@@ -150,8 +161,8 @@ class Agent:
             raise AgentError(f"heap {format_size(spec.heap)} exceeds this host's available memory "
                              f"({format_size(avail)})")
 
-    async def _launch(self, spec: LaunchSpec, mode: str) -> EnclaveHandle:
-        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem)
+    async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none") -> EnclaveHandle:
+        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker)
 
     async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
         spec = LaunchSpec.from_wire(req)
@@ -164,11 +175,36 @@ class Agent:
     async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
         while True:
             hosted = self._get(req.get("name"))
-            if hosted.status == "running":
+            if hosted.status == "paused":
+                raise AgentError(self._paused_error(hosted))
+            if hosted.status in ("running", "preparing-out"):
                 break
             await hosted.settled.wait()  # a migration is deciding where this enclave lives
-        return await hosted.handle.call({"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
-                                         "kwargs": req.get("kwargs") or {}})
+        hosted.calls += 1
+        hosted.idle.clear()
+        try:
+            call = asyncio.ensure_future(hosted.handle.call(
+                {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
+                 "kwargs": req.get("kwargs") or {}}))
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
+                if done:
+                    return call.result()
+                # A call into a post-copy destination may wait for heap data; if its stream is paused,
+                # it waits until a recovery delivers it: answer the client now instead of hanging.
+                if hosted.handle.pager_status().get("state") == "paused":
+                    hosted.status = "paused"
+                    raise AgentError(self._paused_error(hosted))
+        finally:
+            hosted.calls -= 1
+            if hosted.calls == 0:
+                hosted.idle.set()
+
+    def _paused_error(self, hosted: Hosted) -> str:
+        reason = hosted.handle.pager_status().get("reason", "the stream stopped")
+        return (f"enclave {hosted.handle.spec.name!r} is waiting for heap data its incoming migration could not "
+                f"deliver ({reason}); the call is held inside the enclave until the migration recovers, so its outcome "
+                "is unknown; the source still holds the missing data")
 
     async def op_stop(self, req: dict[str, Any], writer: Any) -> Any:
         hosted = self._get(req.get("name"))
@@ -185,29 +221,42 @@ class Agent:
     async def op_prepare_in(self, req: dict[str, Any], writer: Any) -> Any:
         """Another agent wants to migrate an enclave here: start an empty instance of it."""
         spec = LaunchSpec.from_wire(req.get("spec") or {})
+        strategy = str(req.get("strategy", "stopcopy"))
+        if strategy not in CONNECTIONS:
+            raise AgentError(f"unknown strategy {strategy!r}; known: {', '.join(CONNECTIONS)}")
+        tracker, reason = ("none", "stop-and-copy needs no tracker") if strategy == "stopcopy" else \
+            choose_tracker(str(req.get("tracker", "auto")))
         self._check_new(spec)
-        handle = await self._launch(spec, "incoming")
-        self.enclaves[spec.name] = Hosted(handle, "incoming")
-        return {"host_id": self.host_id}
+        handle = await self._launch(spec, "incoming", tracker)
+        self.enclaves[spec.name] = Hosted(handle, "incoming", connections=CONNECTIONS[strategy])
+        return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
 
     async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         """Hand this connection to the incoming enclave: from now on only ciphertext flows on it."""
         name = str(req.get("name"))
+        channel = str(req.get("channel", "main"))
         hosted = self.enclaves.get(name)
         if hosted is None or hosted.status != "incoming":
             await write_frame(writer, {"ok": False, "error": f"no incoming enclave named {name!r} here"})
             return
+        wanted = DATA_CHANNELS[:hosted.connections]
+        if channel not in wanted or channel in hosted.data_fds:
+            await write_frame(writer, {"ok": False, "error": f"unexpected data connection {channel!r} for {name!r}"})
+            return
         transport = writer.transport
         transport.pause_reading()  # the source sends nothing more until it has our answer
         sock = writer.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
+        hosted.data_fds[channel] = os.dup(sock.fileno())
         await write_frame(writer, {"ok": True})
-        asyncio.create_task(self._run_incoming(hosted, fd, float(req.get("timeout", 120.0))))
+        if len(hosted.data_fds) == len(wanted):
+            fds = [hosted.data_fds[c] for c in wanted]
+            hosted.data_fds = {}
+            asyncio.create_task(self._run_incoming(hosted, fds, float(req.get("timeout", 120.0))))
 
-    async def _run_incoming(self, hosted: Hosted, fd: int, timeout: float) -> None:
+    async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
         name = hosted.handle.spec.name
         try:
-            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout}, fds=[fd])
+            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout}, fds=fds)
             hosted.status = "running"
             self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})
@@ -216,7 +265,8 @@ class Agent:
             self.enclaves.pop(name, None)
             await hosted.handle.stop()
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             hosted.settled.set()
 
     async def op_migrate(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
@@ -226,40 +276,62 @@ class Agent:
         to = str(req.get("to"))
         parse_addr(to)
         strategy = str(req.get("strategy", "stopcopy"))
+        if strategy not in CONNECTIONS:
+            raise AgentError(f"unknown strategy {strategy!r}; known: {', '.join(CONNECTIONS)}")
+        tracker = str(req.get("tracker", "auto"))
+        if tracker not in TRACKERS:
+            raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
         timeout = float(req.get("timeout", 120.0))
         spec = hosted.handle.spec
-        hosted.status = "migrating-out"
+        hosted.status = "preparing-out"  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        def handed_off() -> None:
+            # Past the commit point the destination runs the app: send callers there right away.
+            hosted.status = "handed-off"
+            self.moved[spec.name] = to
+            hosted.settled.set()
+
         def on_progress(info: dict) -> None:
+            if info.get("phase") == "handed_off":
+                loop.call_soon_threadsafe(handed_off)
             loop.call_soon_threadsafe(lambda: writer.write(_progress_frame(info)))
 
-        data_sock = None
+        data_socks: list[socket.socket] = []
         t0 = time.time()
         try:
-            await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire()},
-                                    None, timeout)
-            data_sock = await asyncio.to_thread(_open_data, to, spec.name, timeout)
+            prep = await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire(),
+                                                                "strategy": strategy, "tracker": tracker},
+                                           None, timeout)
+            for channel in DATA_CHANNELS[:CONNECTIONS[strategy]]:
+                data_socks.append(await asyncio.to_thread(_open_data, to, spec.name, timeout, channel))
             t_prepared = time.time()
-            result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout},
-                                              fds=[data_sock.fileno()], on_progress=on_progress)
+            hosted.status = "migrating-out"  # from here the enclave is busy migrating: new calls wait
+            if hosted.calls:
+                await hosted.idle.wait()  # calls already admitted finish here first
+            result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
+                                               "max_bandwidth": float(req.get("max_bandwidth") or 0)},
+                                              fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
             state = getattr(e, "state", None)
-            if state == "running" or (state is None and hosted.handle.proc.returncode is None):
+            if state == "running" or (state is None and hosted.handle.proc.returncode is None
+                                      and hosted.status != "handed-off"):
                 hosted.status = "running"
+                self.moved.pop(spec.name, None)
             else:
-                hosted.status = "failed"
+                hosted.status = "failed"  # handed off: it never runs here again, and keeps its state
             hosted.settled.set()
             raise AgentError(str(e)) from None
         finally:
-            if data_sock is not None:
-                data_sock.close()
+            for s in data_socks:
+                s.close()
         # The enclave timed attestation to DONE; the user waited for the whole thing, preparation included.
         result["migrate_s"] = result.pop("total_s")
         result["prepare_s"] = t_prepared - t0
         result["total_s"] = time.time() - t0
-        result.update({"from": self.listen, "to": to, "name": spec.name})
+        result.update({"from": self.listen, "to": to, "name": spec.name,
+                       "tracker_reason": prep.get("tracker_reason")})
         self.history.append({"direction": "out", **result})
         del self.enclaves[spec.name]
         self.moved[spec.name] = to
@@ -272,11 +344,27 @@ def _progress_frame(info: dict) -> bytes:
     return encode({"progress": info})
 
 
-def _open_data(addr: str, name: str, timeout: float) -> socket.socket:
-    """Open the migration's data connection to the destination agent and wait for its go-ahead."""
+def choose_tracker(wanted: str) -> tuple[str, str]:
+    """The tracker this host will use for an incoming post-copy migration, and why."""
+    if wanted not in TRACKERS:
+        raise AgentError(f"unknown tracker {wanted!r}; known: {', '.join(TRACKERS)}")
+    problem = preflight()
+    if wanted == "fault":
+        if problem:
+            raise AgentError(f"the fault tracker cannot run on this host: {problem}")
+        return "fault", "requested"
+    if wanted == "access":
+        return "access", "requested"
+    if problem:
+        return "access", f"auto: userfaultfd is not usable here ({problem})"
+    return "fault", "auto: userfaultfd works here"
+
+
+def _open_data(addr: str, name: str, timeout: float, channel: str = "main") -> socket.socket:
+    """Open one of the migration's data connections to the destination agent and wait for its go-ahead."""
     sock = client.connect(addr, timeout)
     fs = FramedSocket(sock)
-    fs.send({"op": "data", "name": name, "timeout": timeout})
+    fs.send({"op": "data", "name": name, "timeout": timeout, "channel": channel})
     reply, _ = fs.recv()
     if not reply.get("ok"):
         sock.close()

@@ -57,13 +57,13 @@ class EnclaveHandle:
 
     @classmethod
     async def launch(cls, spec: LaunchSpec, mode: str, run_dir: Path, platform_dir: Path,
-                     root_pem: Path) -> EnclaveHandle:
+                     root_pem: Path, tracker: str = "none") -> EnclaveHandle:
         run_dir.mkdir(parents=True, exist_ok=True)
         sock_path = run_dir / f"{spec.name}.sock"
         cmd = [sys.executable, "-m", "constmig.enclave.runtime", "--app", spec.app, "--heap", str(spec.heap),
                "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
                "--svn", str(spec.svn), "--socket", str(sock_path), "--platform-dir", str(platform_dir),
-               "--root-pem", str(root_pem)]
+               "--root-pem", str(root_pem), "--tracker", tracker]
         # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE)
@@ -92,6 +92,14 @@ class EnclaveHandle:
             err.state = reply.get("state")  # type: ignore[attr-defined]
             raise err
         return reply.get("result")
+
+    def pager_status(self) -> dict[str, Any]:
+        """What this enclave's pager (Fault Tracker) last reported, if it has one: {} otherwise."""
+        try:
+            info = json.loads(self.sock_path.with_suffix(".pager.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
 
     async def call(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
                    on_progress: Callable[[dict], None] | None = None) -> Any:

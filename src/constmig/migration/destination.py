@@ -7,6 +7,7 @@ COMMIT. Any failure before COMMIT wipes this instance: the source still runs.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,13 +19,12 @@ from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.protocol import Machine
-from constmig.migration.source import STRATEGIES
+from constmig.migration.receiver import Receiver
+from constmig.migration.source import CONNECTIONS, DEMAND_LABEL, STRATEGIES, shallow_queue
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
 
 if TYPE_CHECKING:
-    import socket
-
     from constmig.enclave.runtime import Enclave
 
 
@@ -34,31 +34,46 @@ def check_params(enclave: Enclave, params: dict[str, Any]) -> None:
     for key, value in want.items():
         if params.get(key) != value:
             raise ProtocolError(f"source wants {key}={params.get(key)!r} but this instance has {value!r}")
-    if params.get("strategy") not in STRATEGIES:
-        raise ProtocolError(f"unknown strategy {params.get('strategy')!r}")
+    strategy = params.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ProtocolError(f"unknown strategy {strategy!r}")
+    if strategy == "constmig" and enclave.tracker not in ("fault", "access"):
+        raise ProtocolError("this instance was prepared without a tracker, so it cannot take a post-copy migration")
 
 
-def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Callable[[dict], None]) -> dict:
+def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+        progress: Callable[[dict], None]) -> dict:
     enclave.life.require(Life.INCOMING)
     timeout = float(req.get("timeout", 120.0))
     heap = enclave.heap
-    sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
-    chan = SecureChannel(sock, None)
+    for sock in socks:
+        sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
+    chan = SecureChannel(socks[0], None)
     link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     try:
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
                            check_params=lambda params: check_params(enclave, params), timeout=timeout)
+        strategy = hs.params["strategy"]
         link = Link(chan, Machine("destination"), timeout)
+        if len(socks) != CONNECTIONS[strategy]:
+            raise ProtocolError(f"{strategy} needs {CONNECTIONS[strategy]} connections, got {len(socks)}")
         state = link.expect(m.StateMsg)
         if state.heap_size != heap.size or state.chunk_size != heap.chunk_size:
             raise ProtocolError("small state describes a different heap layout")
+        if state.strategy != strategy:
+            raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy!r}")
         ledger = ChunkLedger.from_wire(hs.migration_id, heap.n_chunks, state.chunks)
-        app = import_app_state(enclave.app_cls, heap, state.app_state)
+        wrap = None
+        if strategy == "constmig" and enclave.tracker == "access":
+            wrap = enclave.start_access_tracking(ledger.expected, timeout)
+        app = import_app_state(enclave.app_cls, heap, state.app_state, wrap=wrap)
         total = int(ledger.expected.size) * heap.chunk_size
         last = 0.0
         while True:
             msg = link.recv()
             if isinstance(msg, SealedChunk):
+                if strategy != "stopcopy":
+                    raise ProtocolError("post-copy sends no chunk before the handoff")
                 ledger.check_acceptable(msg.index)
                 # The app is not running and this instance is wiped on any failure, so decrypting
                 # straight into place is safe here; the tag is checked before the chunk counts.
@@ -81,6 +96,7 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     except (ConstmigError, OSError) as e:
         if link is not None:
             link.abort(str(e))
+        enclave.abandon_incoming()
         heap.wipe()
         enclave.life.move(Life.INCOMING, Life.DESTROYED)
         raise MigrationError(f"incoming migration failed before commit ({e}); this instance was wiped") from None
@@ -90,10 +106,60 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     t_resume = time.time()
     try:
         link.send(m.Resumed(t_resume))
-        if ledger.complete:
-            link.send(m.Done(ledger.count, ledger.digest()))
+        if strategy == "stopcopy":
+            link.send(m.Done(ledger.count, ledger.digest(), {"tracker": "none"}))
     except (ConstmigError, OSError):
         pass  # the app runs here now; the source learns of completion on recovery
-    return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
-            "populate_s": enclave.figures.get("populate_s"),
-            "chunks": ledger.count, "wire_bytes": chan.bytes_sent + chan.bytes_received}
+    out = {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
+           "populate_s": enclave.figures.get("populate_s"), "strategy": strategy, "tracker": enclave.tracker,
+           "chunks": int(ledger.expected.size)}
+    if strategy == "constmig":
+        shallow_queue(socks[0], socket.SO_RCVBUF, heap.chunk_size)
+        _start_stream(enclave, link, socks, ledger, t_resume, timeout)
+    return out
+
+
+def _start_stream(enclave: Enclave, link: Link, socks: list[socket.socket], ledger: ChunkLedger,
+                  t_resume: float, timeout: float) -> None:
+    """Hand the stream to the tracker: the pager process (fault) or receiver threads here (access)."""
+    try:
+        if enclave.tracker == "fault":
+            assert enclave.pager is not None
+            main = link.chan.detach()
+            enclave.pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in socks], ledger.to_wire(),
+                                 t_resume, timeout)
+            return
+        assert enclave.access is not None
+        demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
+                      timeout)
+        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access), tracker="access",
+                                    t_resume=t_resume)
+        enclave.receiver.start()
+    except (ConstmigError, OSError) as e:
+        # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.
+        link.machine.fail()
+        if enclave.access is not None:
+            enclave.access.fail(f"could not start streaming: {e}")
+
+
+class AccessInstaller:
+    """Access Tracker installs: decrypt straight into the heap chunk, which the app cannot read until
+    finish_install flips its bit (and which is PROT_NONE until begin_install)."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+        view = self.tracker.begin_install(index)
+        if sealed.length != len(view):
+            self.tracker.abort_install(index)
+            raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not {len(view)}")
+        try:
+            chan.open_chunk(sealed, view)
+        except BaseException:
+            self.tracker.abort_install(index)
+            raise
+        self.tracker.finish_install(index)
+
+    def fail(self, reason: str) -> None:
+        self.tracker.fail(reason)

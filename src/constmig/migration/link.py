@@ -24,10 +24,10 @@ class Link:
         self.machine.sent(msg)
         self.chan.send_control(m.encode(msg))
 
-    def send_chunk(self, index: int, data: memoryview) -> bytes:
+    def send_chunk(self, index: int, data: memoryview, *, demand: bool = False) -> bytes:
         """Send one chunk; returns its GCM tag for the ledger."""
         self.machine.sent(CHUNK)
-        return self.chan.send_chunk(index, data)
+        return self.chan.send_chunk(index, data, demand=demand)
 
     def recv(self) -> m.Message | SealedChunk:
         rec = self.chan.recv(timeout=self.timeout)

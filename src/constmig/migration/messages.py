@@ -56,6 +56,7 @@ class Done(msgspec.Struct, tag="done", frozen=True):
 
     count: int
     digest: bytes
+    stats: dict[str, float | int | str] = {}  # destination's streaming figures (tracker, demand counts...)
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

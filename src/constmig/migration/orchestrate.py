@@ -9,9 +9,10 @@ from constmig.progress import MigrationProgress
 
 
 def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
-            on_progress: Any = None) -> dict[str, Any]:
+            on_progress: Any = None, tracker: str = "auto", max_bandwidth: float = 0.0) -> dict[str, Any]:
     """One migration; returns the source's figures plus throughput."""
-    figures = request(src, {"op": "migrate", "name": name, "to": dst, "strategy": strategy, "timeout": timeout},
+    figures = request(src, {"op": "migrate", "name": name, "to": dst, "strategy": strategy, "tracker": tracker,
+                            "timeout": timeout, "max_bandwidth": max_bandwidth},
                       on_progress=on_progress, timeout=None)
     if figures.get("migrate_s"):  # attestation to DONE: the enclaves' own transfer rate
         figures["throughput_gbps"] = figures["state_bytes"] / figures["migrate_s"] / 1e9
@@ -19,11 +20,13 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0
 
 
 def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
-                          verify: bool = False, quiet: bool = False) -> dict[str, Any]:
+                          verify: bool = False, quiet: bool = False, tracker: str = "auto",
+                          max_bandwidth: float = 0.0) -> dict[str, Any]:
     """migrate(), with a progress bar and an optional checksum comparison before/after."""
     before = app_checksum(src, name) if verify else None
     with MigrationProgress(f"migrating {name} ({strategy})", quiet=quiet) as bar:
-        figures = migrate(name, src, dst, strategy, timeout, on_progress=bar.update)
+        figures = migrate(name, src, dst, strategy, timeout, on_progress=bar.update, tracker=tracker,
+                          max_bandwidth=max_bandwidth)
     if verify:
         figures["verified"] = app_checksum(dst, name) == before
     return figures
@@ -39,12 +42,12 @@ def app_checksum(addr: str, name: str) -> str:
 
 
 def launch_filled(addr: str, name: str, app: str, heap: int, fill: float, seed: int = 0,
-                  client_keys: int = 0) -> dict[str, bytes]:
+                  client_keys: int = 0, chunk_size: int = 1 << 20) -> dict[str, bytes]:
     """Start an app on an agent, fill its heap inside the enclave, and (kvstore) write client keys.
 
     Returns the client-written keys and values, for checking after a migration.
     """
-    request(addr, {"op": "run", "name": name, "app": app, "heap": heap, "config": {}})
+    request(addr, {"op": "run", "name": name, "app": app, "heap": heap, "chunk_size": chunk_size, "config": {}})
     c = EnclaveClient(addr, name)
     written: dict[str, bytes] = {}
     try:

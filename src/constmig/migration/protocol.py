@@ -13,6 +13,7 @@ app again, and a failure ends in PAUSED with every chunk still held for recovery
 from __future__ import annotations
 
 import enum
+import threading
 from typing import Literal
 
 from constmig.errors import ProtocolError
@@ -86,25 +87,33 @@ def event_name(msg: m.Message | str) -> str:
 class Machine:
     """One side's protocol state. Pure: it only says whether an event is allowed, and what follows."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, state: St = St.CONNECTED) -> None:
+        """`state` other than CONNECTED continues a machine in another process (post-copy's pager)."""
         if role not in TABLE:
             raise ValueError(f"unknown role {role!r}")
+        if state not in TABLE[role]:
+            raise ValueError(f"{role} has no state {state!r}")
         self.role = role
-        self.state = St.CONNECTED
-        self.history: list[St] = [St.CONNECTED]
+        self.state = state
+        self.history: list[St] = [state]
+        self._lock = threading.Lock()  # post-copy drives one machine from several threads
 
     @property
     def committed(self) -> bool:
         return self.state in _COMMITTED[self.role]
 
     def _step(self, direction: str, msg: m.Message | str) -> St:
+        with self._lock:
+            return self._step_locked(direction, msg)
+
+    def _step_locked(self, direction: str, msg: m.Message | str) -> St:
         name = event_name(msg)
         if name == "abort" and self.state not in (St.COMPLETE, St.ABORTED, St.PAUSED):
             return self._set(St.PAUSED if self.committed else St.ABORTED)
         nxt = TABLE[self.role][self.state].get((direction, name))
         if nxt is None:
             before = self.state
-            self.fail()
+            self._fail_locked()
             verb = "receive" if direction == "recv" else "send"
             raise ProtocolError(f"{self.role} cannot {verb} {name!r} in state {before.value}")
         return self._set(nxt)
@@ -124,6 +133,10 @@ class Machine:
 
     def fail(self) -> St:
         """The link broke or a check failed: abort before the commit point, pause after it."""
+        with self._lock:
+            return self._fail_locked()
+
+    def _fail_locked(self) -> St:
         if self.state in (St.COMPLETE, St.ABORTED, St.PAUSED):
             return self.state
         return self._set(St.PAUSED if self.committed else St.ABORTED)

@@ -7,7 +7,9 @@ whatever the strategy still has to move and wait for a DONE whose digest matches
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,28 +21,43 @@ from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.protocol import Machine
+from constmig.migration.streamer import Streamer
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
 
 if TYPE_CHECKING:
-    import socket
-
     from constmig.enclave.runtime import Enclave
 
-STRATEGIES = ("stopcopy",)
+STRATEGIES = ("stopcopy", "constmig")
+# How many connections each strategy uses: post-copy adds one for demanded chunks (see streamer.py).
+CONNECTIONS = {"stopcopy": 1, "constmig": 2}
+DEMAND_LABEL = b"demand"
+BACKGROUND_QUEUE_CHUNKS = 1  # socket buffer per side, in chunks (the kernel doubles it for bookkeeping)
 
 
-def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Callable[[dict], None]) -> dict:
+def shallow_queue(sock: socket.socket, option: int, chunk_size: int) -> None:
+    """Keep few background chunks queued in the kernel: a demanded chunk the source already sent on the
+    background path arrives only after everything queued before it (FACTS: post-copy is CPU-bound here,
+    so deep buffers buy no bandwidth, only latency)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, option, chunk_size * BACKGROUND_QUEUE_CHUNKS)
+
+
+def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+        progress: Callable[[dict], None]) -> dict:
     strategy = str(req.get("strategy", "stopcopy"))
     if strategy not in STRATEGIES:
         raise MigrationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if len(socks) != CONNECTIONS[strategy]:
+        raise MigrationError(f"{strategy} needs {CONNECTIONS[strategy]} connections, got {len(socks)}")
     timeout = float(req.get("timeout", 120.0))
     enclave.life.require(Life.RUNNING)
     heap, app = enclave.heap, enclave.app
     assert app is not None
     migration_id = os.urandom(16)
-    sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
-    chan = SecureChannel(sock, migration_id)
+    for sock in socks:
+        sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
+    chan = SecureChannel(socks[0], migration_id)
     params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": strategy}
     t_start = time.time()
     try:
@@ -50,6 +67,10 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
     except OSError as e:
         raise MigrationError(f"destination unreachable during attestation: {e}; the enclave keeps running here") from None
     link = Link(chan, Machine("source"), timeout)
+    demand = None
+    if strategy == "constmig":
+        demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine, timeout)
+        shallow_queue(socks[0], socket.SO_SNDBUF, heap.chunk_size)
 
     # --- stop: downtime starts ---
     enclave.life.move(Life.RUNNING, Life.STOPPING)
@@ -75,18 +96,30 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
         ) from None
     # --- commit point: from here on this enclave never runs the app again ---
     enclave.life.move(Life.STOPPING, Life.HANDED_OFF)
+    progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
+    streamer = None
     try:
         link.send(m.Commit())
+        if demand is not None:
+            streamer = Streamer(link, demand, ledger, heap, progress, float(req.get("max_bandwidth") or 0))
+            streamer.start()
         resumed = link.expect(m.Resumed)
         done = link.expect(m.Done)
-        if done.count != ledger.count or done.digest != ledger.digest():
-            raise IntegrityError("destination's DONE digest does not match the chunks sent")
+        if done.count != ledger.expected.size or done.count != ledger.count or done.digest != ledger.digest():
+            raise IntegrityError(
+                f"destination's DONE ({done.count} chunks) does not match the {ledger.expected.size} chunks of "
+                "this migration or their digest")
     except (ConstmigError, OSError) as e:
         link.machine.fail()
+        # the streamer's error is the real cause when it closed the main channel to wake us
+        cause = streamer.error if streamer is not None and streamer.error else str(e)
         raise MigrationError(
-            f"enclave handed off but the destination did not confirm ({e}); this source will not run it again "
-            "and keeps its state for recovery"
+            f"enclave handed off but the destination did not confirm ({cause}); this source will not run it "
+            "again and keeps its state for recovery"
         ) from None
+    finally:
+        if streamer is not None:
+            streamer.stop()
     t_end = time.time()
     heap.wipe()
     enclave.life.move(Life.HANDED_OFF, Life.DESTROYED)
@@ -99,8 +132,11 @@ def run(enclave: Enclave, sock: socket.socket, req: dict[str, Any], progress: Ca
         "small_state_bytes": len(blob),
         "downtime_ms": (resumed.resume_time - t_stop) * 1e3,
         "total_s": t_end - t_start,
-        "wire_bytes": chan.bytes_sent + chan.bytes_received,
+        "wire_bytes": chan.bytes_sent + chan.bytes_received
+        + (demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0),
         "migration_id": migration_id.hex(),
+        **({"tracker": "none"} if strategy == "stopcopy" else {}),
+        **done.stats,
     }
 
 

@@ -44,6 +44,13 @@ def _check_direction(direction: object) -> int:
     return direction
 
 
+def _check_start(seq: object) -> int:
+    """A sealer/opener handed to another trusted process continues at the seq where it stopped."""
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= U64_MAX:
+        raise ValueError(f"start seq must be an int in 0..2**64-1, not {seq!r}")
+    return seq
+
+
 def _check_bytes(name: str, value: object) -> None:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"{name} must be a bytes-like object, not {type(value).__name__}")
@@ -80,10 +87,10 @@ class RecordSealer:
 
     __slots__ = ("_aead", "_direction", "_next_seq", "_buf")
 
-    def __init__(self, key: bytes, direction: int) -> None:
+    def __init__(self, key: bytes, direction: int, start_seq: int = 0) -> None:
         self._aead = AESGCM(_check_key(key))
         self._direction = _check_direction(direction)
-        self._next_seq = 0
+        self._next_seq = _check_start(start_seq)
         self._buf = bytearray()
 
     def __repr__(self) -> str:
@@ -126,10 +133,10 @@ class RecordOpener:
 
     __slots__ = ("_aead", "_direction", "_next_seq", "_failed")
 
-    def __init__(self, key: bytes, direction: int) -> None:
+    def __init__(self, key: bytes, direction: int, start_seq: int = 0) -> None:
         self._aead = AESGCM(_check_key(key))
         self._direction = _check_direction(direction)
-        self._next_seq = 0
+        self._next_seq = _check_start(start_seq)
         self._failed: str | None = None
 
     def __repr__(self) -> str:

@@ -46,6 +46,48 @@ from constmig.wire.records import (
 )
 
 MIGRATION_ID_SIZE = 16
+_SUBCHANNEL_INFO = b"constmig subchannel v1 "
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelTicket:
+    """An encrypted channel's keys and positions, so another trusted process can continue it.
+
+    Post-copy hands the destination's channel to its pager process after the handoff; `derive` gives
+    a second channel (the demand path) keys of its own, so no record can move between the two.
+    Only ever passed between processes of one enclave (a socketpair both ends of which are trusted).
+    """
+
+    migration_id: bytes
+    send_key: bytes = field(repr=False)
+    recv_key: bytes = field(repr=False)
+    send_dir: int
+    recv_dir: int
+    send_seq: int = 0
+    recv_seq: int = 0
+
+    def derive(self, label: bytes) -> ChannelTicket:
+        """Keys for a sibling channel: both ends derive the same pair, at seq 0, bound to `label`."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        def kdf(key: bytes) -> bytes:
+            return HKDF(hashes.SHA256(), 32, salt=self.migration_id, info=_SUBCHANNEL_INFO + label).derive(key)
+
+        return ChannelTicket(self.migration_id, kdf(self.send_key), kdf(self.recv_key), self.send_dir,
+                             self.recv_dir)
+
+    def to_wire(self) -> dict:
+        return {"mid": self.migration_id, "sk": self.send_key, "rk": self.recv_key, "sd": self.send_dir,
+                "rd": self.recv_dir, "ss": self.send_seq, "rs": self.recv_seq}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> ChannelTicket:
+        try:
+            return cls(bytes(d["mid"]), bytes(d["sk"]), bytes(d["rk"]), int(d["sd"]), int(d["rd"]),
+                       int(d["ss"]), int(d["rs"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed channel ticket: {e}") from None
 
 
 class StreamSocket(Protocol):
@@ -128,6 +170,7 @@ class SecureChannel:
         self._recv_lock = threading.Lock()
         self._sealer: RecordSealer | None = None
         self._opener: RecordOpener | None = None
+        self._keys: tuple[bytes, bytes, int, int] | None = None
         self._hs_send_seq = 0
         self._hs_recv_seq = 0
         self._sbuf = bytearray()
@@ -221,6 +264,36 @@ class SecureChannel:
             if migration_id is not None:
                 self._mid = migration_id
             self._sealer, self._opener = sealer, opener
+            self._keys = (bytes(send_key), bytes(recv_key), send_dir, recv_dir)
+
+    @classmethod
+    def resume(cls, sock: StreamSocket, ticket: ChannelTicket) -> SecureChannel:
+        """Continue a channel from a ticket (see ChannelTicket) over `sock`."""
+        chan = cls(sock, ticket.migration_id)
+        chan.install_keys(ticket.send_key, ticket.recv_key, ticket.send_dir, ticket.recv_dir)
+        assert chan._sealer is not None and chan._opener is not None
+        chan._sealer = RecordSealer(ticket.send_key, ticket.send_dir, ticket.send_seq)
+        chan._opener = RecordOpener(ticket.recv_key, ticket.recv_dir, ticket.recv_seq)
+        return chan
+
+    def ticket(self) -> ChannelTicket:
+        """This channel's keys and current positions (the channel stays usable)."""
+        with self._send_lock, self._recv_lock:
+            self._check_usable()
+            if self._keys is None or self._sealer is None or self._opener is None or self._mid is None:
+                raise ProtocolError("channel has no keys yet")
+            if self._cur is not None or self._got or self._pending is not None:
+                raise ProtocolError("channel is in the middle of a received record")
+            sk, rk, sd, rd = self._keys
+            return ChannelTicket(self._mid, sk, rk, sd, rd, self._sealer.next_seq, self._opener.expected_seq)
+
+    def detach(self) -> ChannelTicket:
+        """Give this channel away: return its ticket and stop using it here (the socket stays open)."""
+        t = self.ticket()
+        with self._send_lock, self._recv_lock:
+            self._state = ChannelState.CLOSED
+            self._error = "detached"
+        return t
 
     # --- sending -----------------------------------------------------------------------------------
 

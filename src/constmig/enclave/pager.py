@@ -1,0 +1,297 @@
+"""The Fault Tracker: a trusted pager process that serves the resumed enclave's page faults.
+
+Why a second process: the enclave process cannot serve its own faults (the faulting thread holds the
+GIL, so no thread of that process could run the handler; FACTS.md). So an incoming enclave that will
+receive a post-copy migration registers its untouched heap with userfaultfd (MISSING) at launch and
+hands the userfaultfd to this pager, which it starts as its own child (part of the same enclave: it
+holds the migration's keys after the handoff, and dies with the enclave through PDEATHSIG).
+
+After COMMIT the enclave process gives the pager both migration channels (their sockets over
+SCM_RIGHTS, their keys and positions as tickets) and goes back to running the app. The pager then:
+- receives every chunk, verifies and decrypts it into private scratch memory, and installs it with
+  one UFFDIO_COPY (so no unverified byte is ever visible to the app);
+- reads fault events, turns each into a demand request (chunks nobody migrates, because they were
+  never written at the source, are filled with zero pages locally);
+- sends DONE when the ledger is complete, unregisters the heap (from then on it is plain memory), and
+  exits.
+The enclave process keeps its own copy of the userfaultfd until then: if the pager dies, a missing
+page makes the app wait instead of silently reading zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constmig.errors import ConstmigError, EnclaveError, ProtocolError
+from constmig.migration.ledger import ChunkLedger
+from constmig.migration.link import Link
+from constmig.migration.priority import boost_this_thread, quick_gil_handoff
+from constmig.migration.protocol import Machine, St
+from constmig.migration.receiver import Receiver
+from constmig.migration.uffd import Userfaultfd, buffer_address
+from constmig.wire.channel import ChannelTicket, SealedChunk, SecureChannel
+from constmig.wire.framing import FramedSocket
+
+START_TIMEOUT = 30.0
+FIRST_COPY = 64 << 10  # bytes around a fault installed before the rest of its chunk
+
+
+class UffdInstaller:
+    """Verify into scratch, then one UFFDIO_COPY: the app sees a chunk whole and verified, or not at all."""
+
+    def __init__(self, uffd: Userfaultfd, base: int, chunk_size: int, status: Path | None) -> None:
+        self.uffd, self.base, self.chunk_size, self.status = uffd, base, chunk_size, status
+        self._local = threading.local()
+        self.fault_at: dict[int, int] = {}  # chunk -> first faulting address: installed first
+
+    def note_faults(self, chunks: np.ndarray, addrs: np.ndarray) -> None:
+        for c, a in zip(chunks.tolist(), addrs.tolist(), strict=True):
+            self.fault_at.setdefault(c, a)
+
+    def _scratch(self) -> tuple[memoryview, int]:
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            buf = np.zeros(self.chunk_size, dtype=np.uint8)  # touched once, reused for every chunk
+            s = self._local.scratch = (memoryview(buf), buffer_address(buf), buf)
+        return s[0], s[1]
+
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> float | None:
+        """Returns when the part a faulting access waits for became visible (None: no one waited)."""
+        if sealed.length != self.chunk_size:
+            raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not the heap's {self.chunk_size}")
+        view, addr = self._scratch()
+        chan.open_chunk(sealed, view)
+        dst = self.base + index * self.chunk_size
+        hot = self.fault_at.pop(index, None)
+        if hot is None:
+            self.uffd.copy(dst, addr, self.chunk_size)
+            return None
+        # Someone waits in this chunk: install the pages around the fault first and wake it, then the rest
+        # (a cold 1 MiB copy costs milliseconds on a fresh VM; its first FIRST_COPY bytes a fraction).
+        off = min(max(0, (hot - dst) // FIRST_COPY * FIRST_COPY), self.chunk_size - FIRST_COPY)
+        self.uffd.copy(dst + off, addr + off, FIRST_COPY)
+        t_visible = time.perf_counter()
+        if off:
+            self.uffd.copy(dst, addr, off)
+        if off + FIRST_COPY < self.chunk_size:
+            self.uffd.copy(dst + off + FIRST_COPY, addr + off + FIRST_COPY, self.chunk_size - off - FIRST_COPY)
+        return t_visible
+
+    def fail(self, reason: str) -> None:
+        write_status(self.status, {"state": "paused", "reason": reason})
+
+
+def write_status(path: Path | None, info: dict[str, Any]) -> None:
+    """The pager's state for the (untrusted) agent to read: it says only whether streaming is stuck."""
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps({**info, "time": time.time()}))
+        os.replace(tmp, path)
+
+
+class Pager:
+    """The pager's state: the userfaultfd, the heap geometry, and (after COMMIT) the receiver."""
+
+    def __init__(self, uffd: Userfaultfd, base: int, size: int, chunk_size: int, status: Path | None) -> None:
+        self.uffd, self.base, self.size, self.chunk_size, self.status = uffd, base, size, chunk_size, status
+        self.n_chunks = size // chunk_size
+        self.receiver: Receiver | None = None
+        self.ledger: ChunkLedger | None = None
+        self.installer: UffdInstaller | None = None
+        self._early: list[tuple[np.ndarray, np.ndarray, float]] = []  # faults before the stream started (should not happen)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.zero_filled = 0
+        self._faults = threading.Thread(target=self._serve_faults, name="faults", daemon=True)
+        self._faults.start()
+
+    def _serve_faults(self) -> None:
+        boost_this_thread()
+        try:
+            while not self._stop.is_set():
+                if not self.uffd.wait(0.2):
+                    continue
+                addrs = self.uffd.read_faults(128)
+                if not addrs:
+                    continue
+                t = time.perf_counter()
+                at = np.asarray(addrs, dtype=np.int64)
+                chunks = (at - self.base) // self.chunk_size
+                with self._lock:
+                    if self.receiver is None:
+                        self._early.append((chunks, at, t))
+                        continue
+                self._on_faults(chunks, at, t)
+        except ConstmigError as e:
+            if not self._stop.is_set():
+                print(f"constmig pager: fault service stopped: {e}", file=sys.stderr, flush=True)
+                if self.receiver is not None:
+                    self.receiver.fail(f"pager fault service failed: {e}")
+
+    def _on_faults(self, chunks: np.ndarray, addrs: np.ndarray, t: float) -> None:
+        assert self.receiver is not None and self.ledger is not None and self.installer is not None
+        ok = (chunks >= 0) & (chunks < self.n_chunks)
+        self.installer.note_faults(chunks[ok], addrs[ok])
+        chunks = np.unique(chunks[ok])
+        ledger = self.ledger
+        other = chunks[~ledger.expected_mask[chunks]]
+        for c in other.tolist():  # never written at the source: zero pages, no round trip
+            self.uffd.zeropage(self.base + c * self.chunk_size, self.chunk_size)
+            self.zero_filled += 1
+        mine = chunks[ledger.expected_mask[chunks]]
+        for c in mine[ledger.received[mine]].tolist():  # installed meanwhile: the copy woke it; be sure
+            self.uffd.wake(self.base + c * self.chunk_size, self.chunk_size)
+        self.receiver.request(mine, t)
+
+    def start_stream(self, req: dict[str, Any], fds: list[int]) -> None:
+        if self.receiver is not None:
+            raise EnclaveError("the pager is already streaming")
+        if len(fds) != 2:
+            raise EnclaveError(f"stream needs two connection descriptors, got {len(fds)}")
+        main_t = ChannelTicket.from_wire(req["main"])
+        demand_t = ChannelTicket.from_wire(req["demand"])
+        ledger = ChunkLedger.from_wire(main_t.migration_id, self.n_chunks, req["expected"])
+        timeout = float(req.get("timeout", 120.0))
+        machine = Machine("destination", St.RUNNING)
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(timeout)
+        main = Link(SecureChannel.resume(socks[0], main_t), machine, timeout)
+        demand = Link(SecureChannel.resume(socks[1], demand_t), machine, timeout)
+        installer = UffdInstaller(self.uffd, self.base, self.chunk_size, self.status)
+        receiver = Receiver(main, demand, ledger, installer, tracker="fault", t_resume=float(req["t_resume"]))
+        with self._lock:
+            self.ledger, self.receiver, self.installer = ledger, receiver, installer
+            early, self._early = self._early, []
+        write_status(self.status, {"state": "streaming"})
+        receiver.start()
+        for chunks, addrs, t in early:
+            self._on_faults(chunks, addrs, t)
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the stream to end; unregister the heap if it completed."""
+        assert self.receiver is not None
+        self.receiver.wait()
+        self.receiver.join()
+        if self.receiver.error is None or self.receiver.complete:
+            self._stop.set()
+            self._faults.join(timeout=5.0)
+            # Every migrated chunk is in; what is still missing was never written: plain memory from now on.
+            self.uffd.unregister(self.base, self.size)
+            stats = {**self.receiver.stats, "zero_filled_chunks": self.zero_filled}
+            write_status(self.status, {"state": "done", **stats})
+            return {"ok": True, "stats": stats}
+        write_status(self.status, {"state": "paused", "reason": self.receiver.error})
+        return {"ok": False, "error": self.receiver.error}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="constmig-pager")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--status", default="")
+    args = p.parse_args(argv)
+    from constmig.enclave.runtime import die_with_parent
+
+    die_with_parent()
+    # The demand path (fault thread, demand receiver) must not wait the default 5 ms for the GIL
+    # while the background receiver holds it.
+    quick_gil_handoff()
+    fs = FramedSocket(socket.socket(fileno=args.control_fd))
+    status = Path(args.status) if args.status else None
+    try:
+        req, fds = fs.recv()
+        if req.get("op") != "init" or len(fds) != 1:
+            raise EnclaveError("pager expected init with one userfaultfd")
+        uffd = Userfaultfd.from_fd(fds[0])
+        pager = Pager(uffd, int(req["address"]), int(req["size"]), int(req["chunk_size"]), status)
+        fs.send({"ok": True, "pid": os.getpid()})
+        req, fds = fs.recv()  # blocks until COMMIT (or EOF: the migration never happened)
+        if req.get("op") != "stream":
+            raise EnclaveError(f"pager got {req.get('op')!r}, expected stream")
+        pager.start_stream(req, fds)
+        fs.send({"ok": True})
+        result = pager.finish()
+        with contextlib.suppress(ConstmigError, OSError):
+            fs.send({"event": "finished", **result})
+        if not result["ok"]:
+            # Paused: keep the userfaultfd registered so missing pages wait (recovery is the source's job),
+            # until the enclave goes away.
+            with contextlib.suppress(ConstmigError):
+                fs.recv()
+        return 0
+    except ConstmigError as e:
+        with contextlib.suppress(ConstmigError, OSError):
+            fs.send({"ok": False, "error": str(e)})
+        return 1
+
+
+class PagerHandle:
+    """The enclave process's side: register the heap, start the pager, hand it the stream."""
+
+    def __init__(self, proc: subprocess.Popen, fs: FramedSocket, uffd: Userfaultfd, status: Path | None) -> None:
+        self.proc, self.fs, self.uffd, self.status = proc, fs, uffd, status
+
+    @classmethod
+    def start(cls, heap: Any, status: Path | None) -> PagerHandle:
+        uffd = Userfaultfd.open()
+        try:
+            uffd.register_missing(heap.address, heap.size)
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "constmig.enclave.pager", "--control-fd", str(theirs.fileno()),
+                 "--status", str(status or "")],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            theirs.close()
+        except BaseException:
+            uffd.close()
+            raise
+        fs = FramedSocket(mine)
+        mine.settimeout(START_TIMEOUT)
+        try:
+            fs.send({"op": "init", "address": heap.address, "size": heap.size, "chunk_size": heap.chunk_size},
+                    fds=[uffd.fileno()])
+            reply, _ = fs.recv()
+        except ConstmigError as e:
+            proc.kill()
+            raise EnclaveError(f"pager did not start: {e}") from None
+        if not reply.get("ok"):
+            proc.kill()
+            raise EnclaveError(f"pager did not start: {reply.get('error')}")
+        mine.settimeout(None)
+        return cls(proc, fs, uffd, status)
+
+    def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
+               t_resume: float, timeout: float) -> None:
+        self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
+                      "t_resume": t_resume, "timeout": timeout}, fds=fds)
+        reply, _ = self.fs.recv()
+        if not reply.get("ok"):
+            raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
+
+    def close(self) -> None:
+        self.fs.close()
+        try:
+            self.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.uffd.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The destination's half of post-copy streaming, shared by both trackers.
+
+Chunks arrive on two channels (background and demand); each is verified before it is installed and
+counted at most once. How a chunk is installed is the tracker's business (the Fault Tracker's pager
+copies it in with UFFDIO_COPY; the Access Tracker decrypts it in place and flips its bitmap), so
+that is an `Installer`. When the ledger is complete the receiver sends DONE with its digest and the
+streaming figures. Any failure pauses: nothing more is installed, missing chunks stay missing (an
+access to one waits or fails; it never sees unverified or zero bytes), and the source keeps them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
+from constmig.migration import messages as m
+from constmig.migration.ledger import ChunkLedger
+from constmig.migration.link import Link
+from constmig.migration.priority import boost_this_thread
+from constmig.migration.streamer import MAX_DEMAND
+from constmig.wire.channel import SealedChunk, SecureChannel
+
+
+class Installer(Protocol):
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> float | None:
+        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app.
+
+        May return the perf_counter time at which a waiting access could go on, if that was before the
+        whole chunk was in (the fault latency ends there)."""
+
+    def fail(self, reason: str) -> None:
+        """The migration paused: make waiting and later accesses to missing chunks fail or wait."""
+
+
+def percentile_us(samples: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(samples) * 1e6, q)), 1) if samples else None
+
+
+class Receiver:
+    """Receives the streamed heap on `main` and `demand`, with demand requests going out on `demand`."""
+
+    def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *,
+                 tracker: str, t_resume: float, on_done: Callable[[dict], None] | None = None) -> None:
+        self.main, self.demand, self.ledger, self.installer = main, demand, ledger, installer
+        self.tracker = tracker
+        self.t_resume = t_resume
+        self.on_done = on_done
+        n = ledger.n_chunks
+        self._lock = threading.Lock()
+        self._inflight = np.zeros(n, dtype=bool)
+        self._requested = np.zeros(n, dtype=bool)
+        self._t_wait: dict[int, float] = {}  # chunk -> when an access first waited for it
+        self.latencies: list[float] = []
+        self.demand_chunks = 0
+        self.background_chunks = 0
+        self.requested_chunks = 0
+        self.recv_s = 0.0  # time the receive threads waited for records (together)
+        self.install_s = 0.0  # time they spent verifying and installing chunks
+        self.error: str | None = None
+        self.finished = threading.Event()
+        self.stats: dict = {}
+        self._threads = [threading.Thread(target=self._loop, args=(main,), name="recv-bg", daemon=True),
+                         threading.Thread(target=self._loop, args=(demand,), name="recv-demand", daemon=True)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+        if self.ledger.complete:
+            self._finish()
+
+    @property
+    def complete(self) -> bool:
+        return self.ledger.complete
+
+    def received(self, index: int) -> bool:
+        return bool(self.ledger.received[index])
+
+    def request(self, chunks: np.ndarray, t_wait: float | None = None) -> None:
+        """An access needs `chunks` (int64, any order): ask the source for those not on their way yet."""
+        if t_wait is None:
+            t_wait = time.perf_counter()
+        chunks = np.unique(np.asarray(chunks, dtype=np.int64))
+        with self._lock:
+            if self.error is not None:
+                return
+            chunks = chunks[(chunks >= 0) & (chunks < self.ledger.n_chunks)]
+            chunks = chunks[self.ledger.expected_mask[chunks] & ~self.ledger.received[chunks]]
+            for c in chunks.tolist():
+                self._t_wait.setdefault(c, t_wait)
+            chunks = chunks[~self._requested[chunks] & ~self._inflight[chunks]]
+            self._requested[chunks] = True
+            self.requested_chunks += int(chunks.size)
+        if chunks.size == 0:
+            return
+        # contiguous runs, at most MAX_DEMAND each: one small message per run
+        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
+        try:
+            for run in np.split(chunks, breaks):
+                for start in range(0, run.size, MAX_DEMAND):
+                    part = run[start:start + MAX_DEMAND]
+                    self.demand.send(m.Demand(int(part[0]), int(part.size)))
+        except (ConstmigError, OSError) as e:
+            self.fail(f"cannot send a demand request: {e}")
+
+    def _loop(self, link: Link) -> None:
+        if link is self.demand:
+            boost_this_thread()
+        try:
+            while not self.ledger.complete and self.error is None:
+                t0 = time.perf_counter()
+                msg = link.recv()
+                t1 = time.perf_counter()
+                if not isinstance(msg, SealedChunk):
+                    raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")
+                self._take(msg, link.chan)
+                self.recv_s += t1 - t0
+                self.install_s += time.perf_counter() - t1
+        except ChannelClosed as e:
+            if not self.finished.is_set():
+                self.fail(f"connection to the source lost while streaming: {e}")
+        except (ConstmigError, OSError) as e:
+            self.fail(str(e))
+        except Exception as e:  # a bug must pause the migration, not leave an access waiting forever
+            self.fail(f"internal error while receiving: {type(e).__name__}: {e}")
+
+    def _take(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+        idx = sealed.index
+        with self._lock:
+            self.ledger.check_acceptable(idx)
+            if self._inflight[idx]:
+                raise ProtocolError(f"chunk {idx} arrived twice")
+            self._inflight[idx] = True
+        tag = sealed.tag
+        t_visible = self.installer.install(idx, sealed, chan)  # raises on a bad tag: never visible
+        now = time.perf_counter()
+        with self._lock:
+            self.ledger.accept(idx, tag)
+            self._inflight[idx] = False
+            if sealed.demand:
+                self.demand_chunks += 1
+            else:
+                self.background_chunks += 1
+            t0 = self._t_wait.pop(idx, None)
+            if t0 is not None:
+                self.latencies.append((t_visible or now) - t0)
+            complete = self.ledger.complete
+        if complete:
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self.finished.is_set():
+                return
+            self.finished.set()
+        self.stats = {
+            "tracker": self.tracker,
+            "demand_chunks": self.demand_chunks,
+            "background_chunks": self.background_chunks,
+            "requested_chunks": self.requested_chunks,
+            "faults": len(self.latencies),
+            "fault_latency_us_p50": percentile_us(self.latencies, 50),
+            "fault_latency_us_p99": percentile_us(self.latencies, 99),
+            "fault_latency_us_max": percentile_us(self.latencies, 100),
+            "stream_s": round(time.time() - self.t_resume, 4),
+            "recv_wait_s": round(self.recv_s, 3),
+            "install_s": round(self.install_s, 3),
+        }
+        try:
+            self.main.send(m.Done(self.ledger.count, self.ledger.digest(),
+                                  {k: v for k, v in self.stats.items() if v is not None}))
+        except (ConstmigError, OSError) as e:
+            self.error = f"could not send DONE: {e}"  # the app runs here with every chunk; the source waits
+        self.demand.chan.close()  # nothing more comes on it; wakes its receive thread
+        if self.on_done is not None:
+            self.on_done(self.stats)
+
+    def fail(self, reason: str) -> None:
+        """Pause: stop receiving, keep every verified chunk, and tell the tracker."""
+        with self._lock:
+            if self.error is not None or self.finished.is_set():
+                return
+            self.error = reason
+        self.main.machine.fail()
+        self.installer.fail(reason)
+        self.main.chan.close()
+        self.demand.chan.close()
+        self.finished.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        for t in self._threads:
+            t.join(timeout)

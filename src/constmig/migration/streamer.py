@@ -1,0 +1,163 @@
+"""The source's half of post-copy streaming: every remaining chunk goes out exactly once.
+
+Two paths, as in QEMU's postcopy-preempt: a background stream in heap order on the main channel, and
+demanded chunks on a channel of their own, so a chunk the resumed app is waiting for never queues
+behind megabytes of background data in the socket buffers. After a demand the background stream
+jumps to the chunk after it (an app that touched chunk i will likely touch i+1 next) and wraps around
+at the end to pick up whatever it skipped.
+
+Runs after the commit point: a failure here never resumes the app at the source; the caller pauses
+with every chunk still in the heap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
+from constmig.migration import messages as m
+from constmig.migration.priority import boost_this_thread, quick_gil_handoff
+
+if TYPE_CHECKING:
+    from constmig.enclave.heap import Heap
+    from constmig.migration.ledger import ChunkLedger
+    from constmig.migration.link import Link
+
+MAX_DEMAND = 256  # chunks one Demand may name; more is a confused or hostile peer
+
+
+class Streamer:
+    """Sends the ledger's chunks over `main` in background order and over `demand` when asked."""
+
+    def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, heap: Heap,
+                 progress: Callable[[dict], None], max_bandwidth: float = 0.0) -> None:
+        """`max_bandwidth` (bytes/s, 0 = unlimited) caps the background stream only, like QEMU's
+        max-postcopy-bandwidth: demanded chunks always go at once."""
+        self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
+        self.max_bandwidth = max_bandwidth
+        self._lock = threading.Lock()
+        self._claimed = ~ledger.expected_mask  # chunks not in the migration count as already sent
+        self._order = ledger.expected.tolist()
+        self._pos = 0  # next position in _order for the background stream
+        self._where = {c: i for i, c in enumerate(self._order)}
+        self._left = len(self._order)
+        self.demand_chunks = 0
+        self.background_chunks = 0
+        self.error: str | None = None
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._guard, args=(self._background,), name="stream-bg",
+                                          daemon=True),
+                         threading.Thread(target=self._guard, args=(self._serve_demands,), name="stream-demand",
+                                          daemon=True)]
+        self.t_start = 0.0
+        self.t_sent_all = 0.0
+
+    def start(self) -> None:
+        # A demand must not wait the default 5 ms for the GIL behind the background sender.
+        quick_gil_handoff()
+        self.t_start = time.monotonic()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop both paths (after DONE or on failure) and wait for them."""
+        self._stopping = True
+        self.demand.chan.close()  # wakes the demand path's blocking recv
+        for t in self._threads:
+            t.join(timeout=10.0)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as e:  # any failure here must reach the waiting main thread, never hang it
+            if self._stopping and isinstance(e, ConstmigError | OSError):
+                return
+            self.error = self.error or (str(e) if isinstance(e, ConstmigError | OSError)
+                                        else f"internal error while streaming: {type(e).__name__}: {e}")
+            self.main.machine.fail()
+            self.main.chan.close()  # the main thread is waiting for DONE on it: wake it with the failure
+
+    def _claim_next(self) -> int | None:
+        with self._lock:
+            if self._left == 0:
+                return None
+            n = len(self._order)
+            for _ in range(2):  # from the cursor to the end, then once more from the start
+                while self._pos < n and self._claimed[self._order[self._pos]]:
+                    self._pos += 1
+                if self._pos < n:
+                    idx = self._order[self._pos]
+                    self._claim(idx)
+                    return idx
+                self._pos = 0
+            return None
+
+    def _claim(self, idx: int) -> None:
+        self._claimed[idx] = True
+        self._left -= 1
+
+    def _background(self) -> None:
+        total = len(self._order) * self.heap.chunk_size
+        last = 0.0
+        paced = 0
+        while not self._stopping:
+            if self.max_bandwidth > 0:  # pace: a chunk goes once the allowed rate has paid for it
+                ahead = self.t_start + (paced + self.heap.chunk_size) / self.max_bandwidth - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            idx = self._claim_next()
+            if idx is None:
+                break
+            paced += self.heap.chunk_size
+            tag = self.main.send_chunk(idx, self.heap.chunk_view(idx))
+            with self._lock:
+                self.ledger.record_sent(idx, tag)
+                self.background_chunks += 1
+            now = time.monotonic()
+            if now - last > 0.1:
+                last = now
+                self._report(total)
+        self.t_sent_all = time.monotonic()
+        self._report(total)
+
+    def _report(self, total: int) -> None:
+        self.progress({"phase": "stream", "done": self.ledger.count * self.heap.chunk_size, "total": total,
+                       "demand": self.demand_chunks, "background": self.background_chunks})
+
+    def _serve_demands(self) -> None:
+        boost_this_thread()
+        n_chunks = self.heap.n_chunks
+        while not self._stopping:
+            try:
+                msg = self.demand.recv()
+            except ChannelClosed:
+                if self._stopping or self._left == 0:
+                    return  # the destination closes its demand channel once it holds every chunk
+                raise
+            if not isinstance(msg, m.Demand):
+                raise ProtocolError(f"unexpected {type(msg).__name__} on the demand channel")
+            if not (0 < msg.count <= MAX_DEMAND and msg.index >= 0 and msg.index + msg.count <= n_chunks):
+                raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} is outside the heap's "
+                                    f"{n_chunks} chunks or over {MAX_DEMAND} at once")
+            for idx in range(msg.index, msg.index + msg.count):
+                with self._lock:
+                    if self._claimed[idx]:
+                        continue  # already sent (in flight on the background path) or not migrating
+                    self._claim(idx)
+                    self._pos = self._where[idx] + 1  # background continues right after it
+                tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
+                with self._lock:
+                    self.ledger.record_sent(idx, tag)
+                    self.demand_chunks += 1
+
+    @property
+    def all_claimed(self) -> bool:
+        return self._left == 0
+
+    def claimed(self) -> np.ndarray:
+        return self._claimed.copy()
