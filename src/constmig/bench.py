@@ -19,6 +19,7 @@ from rich.table import Table
 
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
+from constmig.loadgen import KVHammer
 from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size
@@ -39,31 +40,70 @@ def machine_info() -> dict[str, Any]:
             "aes_ni": " aes " in f" {flags} ", "machine": platform.machine()}
 
 
-def one_migration(cluster: LocalCluster, app: str, heap: int, strategy: str, fill: float, seed: int,
-                  name: str = "bench") -> dict[str, Any]:
-    """Launch, fill, checksum, migrate a->b, checksum, stop. Returns the figures."""
+def split_variant(variant: str) -> tuple[str, str]:
+    """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used)."""
+    strategy, _, tracker = variant.partition("-")
+    return strategy, tracker or "auto"
+
+
+def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill: float, seed: int,
+                  name: str = "bench", load: bool = True) -> dict[str, Any]:
+    """Launch, fill, checksum, migrate a->b with a client calling throughout, checksum, stop.
+
+    The client (kvstore only) reads keys it wrote before, so the state checksum must come out equal
+    and every answer must be the value written: `verified` covers both.
+    """
     a, b = cluster.addrs[0], cluster.addrs[1]
+    strategy, tracker = split_variant(variant)
     launch_filled(a, name, app, heap, fill, seed)
-    before = app_checksum(a, name)
-    figures = migrate(name, a, b, strategy)
-    figures["verified"] = app_checksum(b, name) == before
+    hammer = KVHammer(a, name, keys=2000, write_ratio=0.0, seed=seed) if load and app == "kvstore" else None
+    try:
+        if hammer is not None:
+            hammer.preload()
+        before = app_checksum(a, name)
+        if hammer is not None:
+            hammer.start()
+            time.sleep(0.3)
+        figures = migrate(name, a, b, strategy, tracker=tracker)
+        ok = True
+        if hammer is not None:
+            time.sleep(0.3)
+            report = hammer.stop()
+            figures.update(report.figures())
+            ok = report.wrong == 0 and not report.errors
+        figures["verified"] = ok and app_checksum(b, name) == before
+    finally:
+        if hammer is not None:
+            hammer.close()
+    figures["variant"] = variant
     request(b, {"op": "stop", "name": name})
     return figures
 
 
-def summarize(results: list[dict[str, Any]], keys: tuple[str, ...] = ("downtime_ms", "total_s")
-              ) -> list[dict[str, Any]]:
+SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",
+                "fault_latency_us_p99", "demand_chunks")
+
+
+def summarize(results: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEYS) -> list[dict[str, Any]]:
+    """Median [min, max] per (variant, heap), and each variant's ratios to stop-and-copy's medians."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["strategy"], r.get("tracker", ""), r["heap_bytes"]), []).append(r)
+        groups.setdefault((r.get("variant", r["strategy"]), r["heap_bytes"]), []).append(r)
     rows = []
-    for (strategy, tracker, heap), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
-        row: dict[str, Any] = {"strategy": strategy, "tracker": tracker, "heap_bytes": heap, "n": len(rs),
-                               "all_verified": all(r.get("verified") for r in rs)}
+    for (variant, heap), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        row: dict[str, Any] = {"variant": variant, "strategy": rs[0]["strategy"], "tracker": rs[0].get("tracker"),
+                               "heap_bytes": heap, "n": len(rs), "all_verified": all(r.get("verified") for r in rs)}
         for k in keys:
-            vals = [r[k] for r in rs]
-            row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         rows.append(row)
+    base = {r["heap_bytes"]: r for r in rows if r["variant"] == "stopcopy"}
+    for r in rows:
+        b = base.get(r["heap_bytes"])
+        if b is not None and r is not b:
+            r["downtime_vs_stopcopy"] = r["downtime_ms"]["median"] / b["downtime_ms"]["median"]
+            r["total_vs_stopcopy"] = r["total_s"]["median"] / b["total_s"]["median"]
     return rows
 
 
@@ -78,10 +118,10 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
         done = 0
         for heap in sizes:
             for rep in range(repeat):
-                for strategy in strategies:
+                for variant in strategies:
                     done += 1
-                    console.print(f"[{done}/{total}] {strategy} {format_size(heap)} repeat {rep + 1}")
-                    fig = one_migration(cluster, app, heap, strategy, fill, seed=rep)
+                    console.print(f"[{done}/{total}] {variant} {format_size(heap)} repeat {rep + 1}")
+                    fig = one_migration(cluster, app, heap, variant, fill, seed=rep)
                     fig["repeat"] = rep
                     results.append(fig)
                     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -91,14 +131,33 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
 
     plot_sizes(results, out / "downtime_vs_heap.png")
     plot_sizes(results, out / "total_vs_heap.png", key="total_s", ylabel="total migration time (s)")
-    table = Table(title=escape(f"{app}: downtime and total time against heap size (median [min-max] of {repeat})"))
-    for col in ("strategy", "heap", "downtime ms", "total s", "verified"):
-        table.add_column(col)
-    for row in doc["summary"]:
-        d, t = row["downtime_ms"], row["total_s"]
-        table.add_row(row["strategy"], format_size(row["heap_bytes"]),
-                      f"{d['median']:.0f} [{d['min']:.0f}-{d['max']:.0f}]",
-                      f"{t['median']:.2f} [{t['min']:.2f}-{t['max']:.2f}]", str(row["all_verified"]))
-    console.print(table)
+    plot_sizes(results, out / "client_gap_vs_heap.png", key="client_gap_ms",
+               ylabel="longest gap between client calls (ms)")
+    console.print(summary_table(doc["summary"], f"{app}: median [min-max] of {repeat}"))
     console.print(f"wrote {out / 'results.json'} and plots in {out}")
     return doc
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    return f"{fmt.format(v['median'])} [{fmt.format(v['min'])}-{fmt.format(v['max'])}]"
+
+
+def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=escape(title))
+    for col in ("variant", "heap", "downtime ms", "vs stopcopy", "total s", "vs stopcopy", "client gap ms",
+                "fault p50/p99 us", "verified"):
+        table.add_column(col)
+    for row in rows:
+        p50, p99 = row.get("fault_latency_us_p50"), row.get("fault_latency_us_p99")
+        table.add_row(
+            row["variant"], format_size(row["heap_bytes"]), _cell(row, "downtime_ms", "{:.0f}"),
+            f"{row['downtime_vs_stopcopy']:.1%}" if "downtime_vs_stopcopy" in row else "",
+            _cell(row, "total_s", "{:.2f}"),
+            f"{row['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in row else "",
+            _cell(row, "client_gap_ms", "{:.0f}"),
+            f"{p50['median']:.0f} / {p99['median']:.0f}" if p50 and p99 else "-",
+            str(row["all_verified"]))
+    return table

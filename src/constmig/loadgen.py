@@ -48,6 +48,14 @@ class KVHammer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-hammer", daemon=True)
 
+    def preload(self) -> None:
+        """Write every key once (so a read-only hammer has known answers), in a few batched calls."""
+        for i in range(0, len(self.keys), 256):
+            items = [[k, f"{k}:preload".encode()] for k in self.keys[i:i + 256]]
+            self.client.call("put_many", items)
+            for k, v in items:
+                self.acked[k] = v
+
     def start(self) -> KVHammer:
         self._thread.start()
         return self

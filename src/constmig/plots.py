@@ -34,7 +34,9 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
     """A measure against heap size per strategy: median with min-max bars, log-log."""
     by = defaultdict(lambda: defaultdict(list))
     for r in results:
-        label = r["strategy"] + (f"/{r['tracker']}" if r.get("tracker") else "")
+        if r.get(key) is None:
+            continue
+        label = r.get("variant") or r["strategy"]
         by[label][r["heap_bytes"]].append(r[key])
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, sizes in sorted(by.items()):

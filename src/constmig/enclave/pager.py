@@ -245,6 +245,7 @@ class PagerHandle:
 
     def __init__(self, proc: subprocess.Popen, fs: FramedSocket, uffd: Userfaultfd, status: Path | None) -> None:
         self.proc, self.fs, self.uffd, self.status = proc, fs, uffd, status
+        self.ready = False
 
     @classmethod
     def start(cls, heap: Any, status: Path | None) -> PagerHandle:
@@ -261,22 +262,35 @@ class PagerHandle:
             uffd.close()
             raise
         fs = FramedSocket(mine)
-        mine.settimeout(START_TIMEOUT)
         try:
             fs.send({"op": "init", "address": heap.address, "size": heap.size, "chunk_size": heap.chunk_size},
                     fds=[uffd.fileno()])
-            reply, _ = fs.recv()
         except ConstmigError as e:
             proc.kill()
+            uffd.close()
             raise EnclaveError(f"pager did not start: {e}") from None
-        if not reply.get("ok"):
-            proc.kill()
-            raise EnclaveError(f"pager did not start: {reply.get('error')}")
-        mine.settimeout(None)
+        # Not waiting for its answer here: the pager starts (imports, threads) while the migration is
+        # prepared and attested; `wait_ready` checks it before this side sends READY.
         return cls(proc, fs, uffd, status)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Raise unless the pager is up (called before the commit point: a dead pager aborts, not strands)."""
+        if self.ready:
+            return
+        self.fs.sock.settimeout(timeout)
+        try:
+            reply, _ = self.fs.recv()
+        except ConstmigError as e:
+            raise EnclaveError(f"pager did not start: {e}") from None
+        finally:
+            self.fs.sock.settimeout(None)
+        if not reply.get("ok"):
+            raise EnclaveError(f"pager did not start: {reply.get('error')}")
+        self.ready = True
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
                t_resume: float, timeout: float) -> None:
+        self.wait_ready()
         self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
                       "t_resume": t_resume, "timeout": timeout}, fds=fds)
         reply, _ = self.fs.recv()

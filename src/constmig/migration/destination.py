@@ -51,6 +51,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     chan = SecureChannel(socks[0], None)
     link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     try:
+        if enclave.pager is not None:
+            enclave.pager.wait_ready()  # before the handshake, so before the source stops
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
                            check_params=lambda params: check_params(enclave, params), timeout=timeout)
         strategy = hs.params["strategy"]
