@@ -3,8 +3,9 @@
 Why a second process: the enclave process cannot serve its own faults (the faulting thread holds the
 GIL, so no thread of that process could run the handler; FACTS.md). So an incoming enclave that will
 receive a post-copy migration registers its untouched heap with userfaultfd (MISSING) at launch and
-hands the userfaultfd to this pager, which it starts as its own child (part of the same enclave: it
-holds the migration's keys after the handoff, and dies with the enclave through PDEATHSIG).
+hands the userfaultfd to this pager, which it forks at launch (part of the same enclave: it holds the
+migration's keys after the handoff, and dies with the enclave through PDEATHSIG; forked, it starts in
+milliseconds, so preparing a destination costs no extra interpreter start).
 
 After COMMIT the enclave process gives the pager both migration channels (their sockets over
 SCM_RIGHTS, their keys and positions as tickets) and goes back to running the app. The pager then:
@@ -20,22 +21,23 @@ page makes the app wait instead of silently reading zeros.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from constmig.enclave.lifeline import die_with_parent
 from constmig.errors import ConstmigError, EnclaveError, ProtocolError
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import PIECE, ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
 from constmig.migration.protocol import Machine, St
@@ -49,7 +51,10 @@ FIRST_COPY = 64 << 10  # bytes around a fault installed before the rest of its c
 
 
 class UffdInstaller:
-    """Verify into scratch, then one UFFDIO_COPY: the app sees a chunk whole and verified, or not at all."""
+    """Verify into scratch, then one UFFDIO_COPY: the app sees a chunk (or a demanded piece of one) whole
+    and verified, or not at all."""
+
+    pieces_visible = True  # a demanded chunk's first piece wakes the access waiting in it
 
     def __init__(self, uffd: Userfaultfd, base: int, chunk_size: int, status: Path | None) -> None:
         self.uffd, self.base, self.chunk_size, self.status = uffd, base, chunk_size, status
@@ -67,8 +72,19 @@ class UffdInstaller:
             s = self._local.scratch = (memoryview(buf), buffer_address(buf), buf)
         return s[0], s[1]
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> float | None:
-        """Returns when the part a faulting access waits for became visible (None: no one waited)."""
+    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+        view, addr = self._scratch()
+        chan.open_chunk(sealed, view[:PIECE])
+        self.fault_at.pop(index, None)
+        self.uffd.copy(self.base + index * self.chunk_size + piece * PIECE, addr, PIECE)
+
+    def chunk_done(self, index: int) -> None:
+        pass
+
+    def chunk_failed(self, index: int) -> None:
+        pass  # pieces already in place were verified on their own; the rest stays missing
+
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         if sealed.length != self.chunk_size:
             raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not the heap's {self.chunk_size}")
         view, addr = self._scratch()
@@ -77,17 +93,15 @@ class UffdInstaller:
         hot = self.fault_at.pop(index, None)
         if hot is None:
             self.uffd.copy(dst, addr, self.chunk_size)
-            return None
+            return
         # Someone waits in this chunk: install the pages around the fault first and wake it, then the rest
         # (a cold 1 MiB copy costs milliseconds on a fresh VM; its first FIRST_COPY bytes a fraction).
         off = min(max(0, (hot - dst) // FIRST_COPY * FIRST_COPY), self.chunk_size - FIRST_COPY)
         self.uffd.copy(dst + off, addr + off, FIRST_COPY)
-        t_visible = time.perf_counter()
         if off:
             self.uffd.copy(dst, addr, off)
         if off + FIRST_COPY < self.chunk_size:
             self.uffd.copy(dst + off + FIRST_COPY, addr + off + FIRST_COPY, self.chunk_size - off - FIRST_COPY)
-        return t_visible
 
     def fail(self, reason: str) -> None:
         write_status(self.status, {"state": "paused", "reason": reason})
@@ -145,17 +159,18 @@ class Pager:
     def _on_faults(self, chunks: np.ndarray, addrs: np.ndarray, t: float) -> None:
         assert self.receiver is not None and self.ledger is not None and self.installer is not None
         ok = (chunks >= 0) & (chunks < self.n_chunks)
-        self.installer.note_faults(chunks[ok], addrs[ok])
-        chunks = np.unique(chunks[ok])
+        chunks, addrs = chunks[ok], addrs[ok]
+        self.installer.note_faults(chunks, addrs)
         ledger = self.ledger
-        other = chunks[~ledger.expected_mask[chunks]]
-        for c in other.tolist():  # never written at the source: zero pages, no round trip
+        expected = ledger.expected_mask[chunks]
+        for c in np.unique(chunks[~expected]).tolist():  # never written at the source: zero pages, no round trip
             self.uffd.zeropage(self.base + c * self.chunk_size, self.chunk_size)
             self.zero_filled += 1
-        mine = chunks[ledger.expected_mask[chunks]]
-        for c in mine[ledger.received[mine]].tolist():  # installed meanwhile: the copy woke it; be sure
+        arrived = expected & ledger.received[chunks]
+        for c in np.unique(chunks[arrived]).tolist():  # installed meanwhile: the copy woke it; be sure
             self.uffd.wake(self.base + c * self.chunk_size, self.chunk_size)
-        self.receiver.request(mine, t)
+        wait = expected & ~arrived
+        self.receiver.request(chunks[wait], t, addrs[wait] - self.base - chunks[wait] * self.chunk_size)
 
     def start_stream(self, req: dict[str, Any], fds: list[int]) -> None:
         if self.receiver is not None:
@@ -174,7 +189,8 @@ class Pager:
         main = Link(SecureChannel.resume(socks[0], main_t), machine, timeout)
         demand = Link(SecureChannel.resume(socks[1], demand_t), machine, timeout)
         installer = UffdInstaller(self.uffd, self.base, self.chunk_size, self.status)
-        receiver = Receiver(main, demand, ledger, installer, tracker="fault", t_resume=float(req["t_resume"]))
+        receiver = Receiver(main, demand, ledger, installer, chunk_size=self.chunk_size, tracker="fault",
+                            t_resume=float(req["t_resume"]))
         with self._lock:
             self.ledger, self.receiver, self.installer = ledger, receiver, installer
             early, self._early = self._early, []
@@ -200,19 +216,13 @@ class Pager:
         return {"ok": False, "error": self.receiver.error}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="constmig-pager")
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--status", default="")
-    args = p.parse_args(argv)
-    from constmig.enclave.runtime import die_with_parent
-
+def serve(control: socket.socket, status: Path | None) -> int:
+    """The pager's life: adopt the userfaultfd, serve faults, stream after COMMIT, report, exit."""
     die_with_parent()
     # The demand path (fault thread, demand receiver) must not wait the default 5 ms for the GIL
     # while the background receiver holds it.
     quick_gil_handoff()
-    fs = FramedSocket(socket.socket(fileno=args.control_fd))
-    status = Path(args.status) if args.status else None
+    fs = FramedSocket(control)
     try:
         req, fds = fs.recv()
         if req.get("op") != "init" or len(fds) != 1:
@@ -243,35 +253,43 @@ def main(argv: list[str] | None = None) -> int:
 class PagerHandle:
     """The enclave process's side: register the heap, start the pager, hand it the stream."""
 
-    def __init__(self, proc: subprocess.Popen, fs: FramedSocket, uffd: Userfaultfd, status: Path | None) -> None:
-        self.proc, self.fs, self.uffd, self.status = proc, fs, uffd, status
+    def __init__(self, pid: int, fs: FramedSocket, uffd: Userfaultfd, status: Path | None) -> None:
+        self.pid, self.fs, self.uffd, self.status = pid, fs, uffd, status
         self.ready = False
 
     @classmethod
     def start(cls, heap: Any, status: Path | None) -> PagerHandle:
-        uffd = Userfaultfd.open()
-        try:
-            uffd.register_missing(heap.address, heap.size)
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "constmig.enclave.pager", "--control-fd", str(theirs.fileno()),
-                 "--status", str(status or "")],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-            theirs.close()
-        except BaseException:
-            uffd.close()
-            raise
+        """Fork the pager (it starts in milliseconds with every module already loaded), then register the
+        heap and hand it the userfaultfd. Call before the process starts threads or touches the heap."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the pager: never returns into the enclave's code
+            code = 1
+            try:
+                mine.close()
+                code = serve(theirs, status)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
         fs = FramedSocket(mine)
+        handle = None
         try:
+            uffd = Userfaultfd.open()
+            handle = cls(pid, fs, uffd, status)
+            uffd.register_missing(heap.address, heap.size)
             fs.send({"op": "init", "address": heap.address, "size": heap.size, "chunk_size": heap.chunk_size},
                     fds=[uffd.fileno()])
-        except ConstmigError as e:
-            proc.kill()
-            uffd.close()
-            raise EnclaveError(f"pager did not start: {e}") from None
-        # Not waiting for its answer here: the pager starts (imports, threads) while the migration is
-        # prepared and attested; `wait_ready` checks it before this side sends READY.
-        return cls(proc, fs, uffd, status)
+            handle.wait_ready()
+        except BaseException:
+            if handle is not None:
+                handle.close()
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
+        return handle
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Raise unless the pager is up (called before the commit point: a dead pager aborts, not strands)."""
@@ -298,14 +316,13 @@ class PagerHandle:
             raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
 
     def close(self) -> None:
-        self.fs.close()
-        try:
-            self.proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.fs.close()  # the pager sees EOF and exits (or is killed after a grace period)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG) != (0, 0):
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
         self.uffd.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,11 +9,9 @@ thread, every request boundary is an ECALL boundary: a migration stops the app t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -26,6 +24,7 @@ from constmig.apps import app_source, load_app
 from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
+from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.pager import PagerHandle
 from constmig.enclave.tracker import AccessTracker, interpose, restore, untrack_app
 from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
@@ -118,17 +117,6 @@ class Enclave:
 def measure_app(app_name: str, config: dict[str, Any]) -> bytes:
     """The measurement: the app's code and its launch config (heap layout is part of what runs)."""
     return measure(app_source(app_name), json.dumps(config, sort_keys=True).encode())
-
-
-def die_with_parent() -> None:
-    """An enclave lives inside its host process in real TEEs: if the agent dies, so does the enclave."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            os._exit(1)
-    except OSError:
-        pass
 
 
 def build_enclave(args: argparse.Namespace) -> Enclave:

@@ -8,10 +8,11 @@ access waits until they are installed. App code does not change: the arrays are 
 small state is unpickled (`import_app_state(..., wrap=tracker.track)`), and back to plain arrays
 (`untrack_app`) once the whole heap is there, so the steady state pays nothing.
 
-What cannot be hooked in Python 3.11 is the buffer protocol (memoryview(a), bytes(a), hashlib, ctypes,
-np.asarray(a)). `interpose` covers the builtins an app module calls by name, and `guard` makes every
-missing chunk PROT_NONE, so any access that still escapes crashes the enclave loudly (SIGSEGV) instead
-of computing on zeros that were never the app's data.
+What cannot be hooked in Python 3.11 is the buffer protocol (memoryview(a), hashlib's update(a),
+ctypes, np.asarray(a), np.frombuffer(a)) and C code handed an array as `out` outside the ufunc
+machinery (Generator.random(out=a)). `interpose` covers the builtins an app module calls by name, and
+`guard` makes every missing chunk PROT_NONE, so any access that still escapes crashes the enclave
+loudly (SIGSEGV) instead of computing on zeros that were never the app's data.
 
 Hot paths stay vectorized: which chunks an access needs comes from its index array with numpy, and the
 restored check is one gather over a bool bitmap; nothing loops per chunk or per page in Python.
@@ -335,13 +336,36 @@ _UNTRACKED = _Untracked()
 # -- which bytes an access touches ---------------------------------------------------------------------
 
 
+def _probe_data_offset() -> int | None:
+    """Offset of the data pointer in numpy's array struct, if reading it directly gives the right answer.
+
+    `__array_interface__` builds a dict per call (about 1 us); the struct field (`PyArrayObject_fields.data`,
+    right after the object header, fixed by numpy's C ABI) reads in a tenth of that, and every fresh
+    view on the streaming path needs its pointer once. Checked against the slow way before it is used.
+    """
+    off = object.__basicsize__
+    probes = [np.zeros(7), np.zeros((5, 6), dtype=np.int16)[1:, 2:], np.zeros(3).view(TrackedArray)]
+    for arr in probes:
+        if ctypes.c_void_p.from_address(id(arr) + off).value != arr.__array_interface__["data"][0]:
+            return None
+    return off
+
+
+def _data_ptr_slow(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _data_ptr_fast(a: np.ndarray) -> int:
+    return ctypes.c_void_p.from_address(id(a) + _DATA_OFFSET).value or 0
+
+
 def _addr(a: TrackedArray) -> int | None:
     """Data pointer of `a`, cached (it never changes); None (and untracked) if `a` is not heap memory."""
     try:
         return a._ptr
     except AttributeError:
         pass
-    p: int = a.__array_interface__["data"][0]
+    p = _data_ptr(a)
     t = a._tracker
     if not t._base <= p < t._base + t._size:
         a._tracker = _UNTRACKED  # e.g. `.imag` of a real array: fresh zeros, nothing to wait for
@@ -540,8 +564,11 @@ def _rewrap(res: Any, pairs: list[tuple[np.ndarray, TrackedArray]]) -> Any:
 def _reader(name: str) -> Callable[..., Any]:
     """An ndarray method that reads or writes the whole array through C code no hook sees."""
     impl = getattr(np.ndarray, name)
+    on_self = name in _ON_SELF
 
     def method(self: TrackedArray, *args: Any, **kwargs: Any) -> Any:
+        if on_self and self._tracker.complete:
+            return impl(self, *args, **kwargs)
         pairs: list[tuple[np.ndarray, TrackedArray]] = []
         if args:
             args = tuple(_unwrap(x, pairs) for x in args)
@@ -556,6 +583,8 @@ def _reader(name: str) -> Callable[..., Any]:
     return method
 
 
+# Results that are never arrays of the caller's type: with the tracker complete, call them on self as is.
+_ON_SELF = frozenset({"tobytes", "tolist", "__int__", "__float__", "__complex__", "__index__", "__bool__"})
 _READERS = (
     # whole-array reads and writes implemented in C, outside ufuncs and __array_function__
     "tobytes", "tolist", "tofile", "dump", "dumps", "copy", "__copy__", "__deepcopy__", "astype", "fill",
@@ -592,8 +621,7 @@ class TrackedArray(np.ndarray):
     def __getitem__(self, key: Any) -> Any:
         t = self._tracker
         if not t.complete:
-            key = _plain_key(key)
-            _ensure_plan(t, _read_plan(self, key))
+            key = _before_read(self, t, key)
         res = _nd_getitem(self, key)
         if type(res) is TrackedArray and type(res.base) is not TrackedArray:
             return _nd_view(res, np.ndarray)  # fancy indexing made a copy: not heap memory
@@ -699,6 +727,59 @@ class TrackedArray(np.ndarray):
 for _name in _READERS:
     setattr(TrackedArray, _name, _reader(_name))
 del _name
+
+_DATA_OFFSET = _probe_data_offset()
+_data_ptr: Callable[[np.ndarray], int] = _data_ptr_slow if _DATA_OFFSET is None else _data_ptr_fast
+
+
+def _before_read(a: TrackedArray, t: AccessTracker, key: Any) -> Any:
+    """Slow path of a[key]: wait for what it reads; returns the key with tracked index arrays unwrapped.
+
+    The two commonest shapes of key (one integer; a tuple of integers and slices) are decided in one
+    pass here, since this runs for every access while the heap streams.
+    """
+    tk = type(key)
+    if tk is int or (tk is not bool and isinstance(key, np.integer)):
+        if a.ndim != 1:
+            return key  # a row view
+        n0 = a.shape[0]
+        r = int(key)
+        if r < 0:
+            r += n0
+        if 0 <= r < n0:  # else numpy raises before reading
+            p = _addr(a)
+            if p is not None:
+                off = p - t._base + r * a.strides[0]
+                t._ensure_offsets(off, off + a.itemsize)
+        return key
+    if tk is tuple:
+        n_int = 0
+        basic = True
+        view = False
+        for k in key:
+            tkk = type(k)
+            if tkk is slice:
+                continue
+            if tkk is int:
+                n_int += 1
+            elif k is None or k is Ellipsis:
+                view = True
+            elif isinstance(k, TrackedArray):
+                key = _plain_key(key)
+                basic = False
+                break
+            elif _is_int(k):
+                n_int += 1
+            else:
+                basic = False
+        if basic and (view or n_int < a.ndim):
+            return key
+    elif tk is slice or key is Ellipsis or key is None:
+        return key
+    else:
+        key = _plain_key(key)
+    _ensure_plan(t, _read_plan(a, key))
+    return key
 
 
 def _plain_key(key: Any) -> Any:

@@ -16,7 +16,7 @@ from constmig.enclave.lifecycle import Life
 from constmig.enclave.state import import_app_state
 from constmig.errors import ConstmigError, MigrationError, ProtocolError
 from constmig.migration import messages as m
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import PIECE, ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.protocol import Machine
 from constmig.migration.receiver import Receiver
@@ -51,8 +51,6 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     chan = SecureChannel(socks[0], None)
     link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     try:
-        if enclave.pager is not None:
-            enclave.pager.wait_ready()  # before the handshake, so before the source stops
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
                            check_params=lambda params: check_params(enclave, params), timeout=timeout)
         strategy = hs.params["strategy"]
@@ -134,9 +132,10 @@ def _start_stream(enclave: Enclave, link: Link, socks: list[socket.socket], ledg
         assert enclave.access is not None
         demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
                       timeout)
-        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access), tracker="access",
-                                    t_resume=t_resume)
+        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access),
+                                    chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
         enclave.receiver.start()
+        enclave.receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
     except (ConstmigError, OSError) as e:
         # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.
         link.machine.fail()
@@ -148,8 +147,25 @@ class AccessInstaller:
     """Access Tracker installs: decrypt straight into the heap chunk, which the app cannot read until
     finish_install flips its bit (and which is PROT_NONE until begin_install)."""
 
+    pieces_visible = False  # the tracker's bitmap is per chunk: a demanded chunk counts when whole
+
     def __init__(self, tracker: Any) -> None:
         self.tracker = tracker
+        self._open: dict[int, memoryview] = {}  # chunks arriving piece by piece
+
+    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+        view = self._open.get(index)
+        if view is None:
+            view = self._open[index] = self.tracker.begin_install(index)
+        chan.open_chunk(sealed, view[piece * PIECE:(piece + 1) * PIECE])
+
+    def chunk_done(self, index: int) -> None:
+        del self._open[index]
+        self.tracker.finish_install(index)
+
+    def chunk_failed(self, index: int) -> None:
+        if self._open.pop(index, None) is not None:
+            self.tracker.abort_install(index)
 
     def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         view = self.tracker.begin_install(index)

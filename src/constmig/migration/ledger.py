@@ -13,6 +13,15 @@ import numpy as np
 from constmig.errors import ProtocolError
 
 TAG_SIZE = 16
+PIECE = 64 << 10  # a demanded chunk travels as pieces of this size, the awaited one first
+
+
+def pieces_tag(tags: list[bytes]) -> bytes:
+    """One ledger tag for a chunk that travelled as pieces: binds every piece's GCM tag, in piece order."""
+    h = hashlib.sha256(b"constmig-pieces-v1")
+    for t in tags:
+        h.update(t)
+    return h.digest()[:TAG_SIZE]
 
 
 class ChunkLedger:

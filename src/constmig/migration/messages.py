@@ -45,10 +45,13 @@ class Resumed(msgspec.Struct, tag="resumed", frozen=True):
 
 
 class Demand(msgspec.Struct, tag="demand", frozen=True):
-    """The destination needs these chunks now (a fault or a tracked access)."""
+    """The destination needs these chunks now (a fault or a tracked access).
+
+    `offset` (bytes into the first chunk) is where the access waits: that piece is sent first."""
 
     index: int
     count: int = 1
+    offset: int = 0
 
 
 class Done(msgspec.Struct, tag="done", frozen=True):

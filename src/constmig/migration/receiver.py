@@ -19,7 +19,7 @@ import numpy as np
 
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
@@ -27,11 +27,20 @@ from constmig.wire.channel import SealedChunk, SecureChannel
 
 
 class Installer(Protocol):
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> float | None:
-        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app.
+    pieces_visible: bool  # does a piece become visible to the app before its whole chunk is in?
 
-        May return the perf_counter time at which a waiting access could go on, if that was before the
-        whole chunk was in (the fault latency ends there)."""
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app."""
+
+    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+        """Verify one PIECE of chunk `index` and put it in place (visible at once for the Fault
+        Tracker; for the Access Tracker only with `chunk_done`)."""
+
+    def chunk_done(self, index: int) -> None:
+        """Every piece of chunk `index` is in."""
+
+    def chunk_failed(self, index: int) -> None:
+        """A piece of chunk `index` failed: none of it may count."""
 
     def fail(self, reason: str) -> None:
         """The migration paused: make waiting and later accesses to missing chunks fail or wait."""
@@ -44,9 +53,11 @@ def percentile_us(samples: list[float], q: float) -> float | None:
 class Receiver:
     """Receives the streamed heap on `main` and `demand`, with demand requests going out on `demand`."""
 
-    def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *,
+    def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
                  tracker: str, t_resume: float, on_done: Callable[[dict], None] | None = None) -> None:
         self.main, self.demand, self.ledger, self.installer = main, demand, ledger, installer
+        self.pieces = chunk_size // PIECE  # a demanded chunk comes as this many records
+        self._partial: dict[int, list[bytes | None]] = {}  # chunk -> piece tags so far (demand path)
         self.tracker = tracker
         self.t_resume = t_resume
         self.on_done = on_done
@@ -80,10 +91,17 @@ class Receiver:
     def received(self, index: int) -> bool:
         return bool(self.ledger.received[index])
 
-    def request(self, chunks: np.ndarray, t_wait: float | None = None) -> None:
-        """An access needs `chunks` (int64, any order): ask the source for those not on their way yet."""
+    def request(self, chunks: np.ndarray, t_wait: float | None = None, offsets: np.ndarray | None = None) -> None:
+        """An access needs `chunks` (int64, any order): ask the source for those not on their way yet.
+
+        `offsets` (bytes into each chunk, same order) say where an access waits, so that piece comes first.
+        """
         if t_wait is None:
             t_wait = time.perf_counter()
+        where: dict[int, int] = {}
+        if offsets is not None:
+            for c, o in zip(np.asarray(chunks).tolist(), np.asarray(offsets).tolist(), strict=True):
+                where.setdefault(int(c), int(o))
         chunks = np.unique(np.asarray(chunks, dtype=np.int64))
         with self._lock:
             if self.error is not None:
@@ -97,9 +115,13 @@ class Receiver:
             self.requested_chunks += int(chunks.size)
         if chunks.size == 0:
             return
-        # contiguous runs, at most MAX_DEMAND each: one small message per run
-        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
         try:
+            if where:  # a fault knows its address: one message per chunk, with the piece to send first
+                for c in chunks.tolist():
+                    self.demand.send(m.Demand(c, 1, where.get(c, 0)))
+                return
+            # contiguous runs, at most MAX_DEMAND each: one small message per run
+            breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
             for run in np.split(chunks, breaks):
                 for start in range(0, run.size, MAX_DEMAND):
                     part = run[start:start + MAX_DEMAND]
@@ -117,7 +139,10 @@ class Receiver:
                 t1 = time.perf_counter()
                 if not isinstance(msg, SealedChunk):
                     raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")
-                self._take(msg, link.chan)
+                if link is self.demand:
+                    self._take_piece(msg, link.chan)
+                else:
+                    self._take(msg, link.chan)
                 self.recv_s += t1 - t0
                 self.install_s += time.perf_counter() - t1
         except ChannelClosed as e:
@@ -136,18 +161,54 @@ class Receiver:
                 raise ProtocolError(f"chunk {idx} arrived twice")
             self._inflight[idx] = True
         tag = sealed.tag
-        t_visible = self.installer.install(idx, sealed, chan)  # raises on a bad tag: never visible
+        self.installer.install(idx, sealed, chan)  # raises on a bad tag: never visible
+        self._accept(idx, tag, demand=False)
+
+    def _take_piece(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+        idx, piece = divmod(sealed.index, self.pieces)
+        if sealed.length != PIECE:
+            raise ProtocolError(f"piece record of chunk {idx} is {sealed.length} bytes, not {PIECE}")
+        with self._lock:
+            tags = self._partial.get(idx)
+            if tags is None:
+                self.ledger.check_acceptable(idx)
+                if self._inflight[idx]:
+                    raise ProtocolError(f"chunk {idx} arrived twice")
+                self._inflight[idx] = True
+                tags = self._partial[idx] = [None] * self.pieces
+            elif tags[piece] is not None:
+                raise ProtocolError(f"piece {piece} of chunk {idx} arrived twice")
+        tag = sealed.tag
+        try:
+            self.installer.install_piece(idx, piece, sealed, chan)
+        except BaseException:
+            self.installer.chunk_failed(idx)
+            raise
+        tags[piece] = tag
+        if len(tags) - tags.count(None) == 1 and self.installer.pieces_visible:
+            # the awaited piece (sent first) is in place: the access goes on now
+            with self._lock:
+                t0 = self._t_wait.pop(idx, None)
+                if t0 is not None:
+                    self.latencies.append(time.perf_counter() - t0)
+        if None in tags:
+            return
+        del self._partial[idx]
+        self.installer.chunk_done(idx)
+        self._accept(idx, pieces_tag(tags), demand=True)  # type: ignore[arg-type]
+
+    def _accept(self, idx: int, tag: bytes, demand: bool) -> None:
         now = time.perf_counter()
         with self._lock:
             self.ledger.accept(idx, tag)
             self._inflight[idx] = False
-            if sealed.demand:
+            if demand:
                 self.demand_chunks += 1
             else:
                 self.background_chunks += 1
             t0 = self._t_wait.pop(idx, None)
             if t0 is not None:
-                self.latencies.append((t_visible or now) - t0)
+                self.latencies.append(now - t0)
             complete = self.ledger.complete
         if complete:
             self._finish()

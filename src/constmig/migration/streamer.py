@@ -21,6 +21,7 @@ import numpy as np
 
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
+from constmig.migration.ledger import PIECE, pieces_tag
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
 
 if TYPE_CHECKING:
@@ -141,19 +142,33 @@ class Streamer:
                 raise
             if not isinstance(msg, m.Demand):
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the demand channel")
-            if not (0 < msg.count <= MAX_DEMAND and msg.index >= 0 and msg.index + msg.count <= n_chunks):
-                raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} is outside the heap's "
-                                    f"{n_chunks} chunks or over {MAX_DEMAND} at once")
+            if not (0 < msg.count <= MAX_DEMAND and msg.index >= 0 and msg.index + msg.count <= n_chunks
+                    and 0 <= msg.offset < self.heap.chunk_size):
+                raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} (offset {msg.offset}) is outside "
+                                    f"the heap's {n_chunks} chunks or over {MAX_DEMAND} at once")
             for idx in range(msg.index, msg.index + msg.count):
                 with self._lock:
                     if self._claimed[idx]:
                         continue  # already sent (in flight on the background path) or not migrating
                     self._claim(idx)
                     self._pos = self._where[idx] + 1  # background continues right after it
-                tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
+                offset = msg.offset if idx == msg.index else 0
+                tag = self._send_pieces(idx, offset)
                 with self._lock:
                     self.ledger.record_sent(idx, tag)
                     self.demand_chunks += 1
+
+    def _send_pieces(self, idx: int, offset: int) -> bytes:
+        """Send chunk `idx` as PIECE-sized records (arg = chunk * pieces + piece), the piece holding
+        `offset` first and then on in address order: the waiting access can go on after one piece."""
+        view = self.heap.chunk_view(idx)
+        n = self.heap.chunk_size // PIECE
+        hot = min(max(offset, 0) // PIECE, n - 1)
+        tags: list[bytes] = [b""] * n
+        for k in range(n):
+            p = (hot + k) % n
+            tags[p] = self.demand.send_chunk(idx * n + p, view[p * PIECE:(p + 1) * PIECE], demand=True)
+        return pieces_tag(tags)
 
     @property
     def all_claimed(self) -> bool:
