@@ -26,7 +26,7 @@ from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.pager import PagerHandle
-from constmig.enclave.tracker import AccessTracker, interpose, restore, untrack_app
+from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
 from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
 from constmig.migration import destination, source
 from constmig.migration.receiver import Receiver
@@ -64,7 +64,7 @@ class Enclave:
                 self.receiver.request(chunks)
 
         self.access = AccessTracker(self.heap, expected, request, timeout)
-        self.access.guard()
+        self.access.adopt_guard()  # the heap was guarded at launch (see build_enclave)
         interpose(sys.modules[self.app_cls.__module__])
         return self.access.track
 
@@ -149,6 +149,8 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         enclave.pager = PagerHandle.start(heap, Path(args.socket).with_suffix(".pager.json"))
     elif incoming:
         enclave.figures["populate_s"] = heap.populate()
+        if enclave.tracker == "access":
+            guard_heap(heap)  # missing chunks must fault loudly, never read as zeros; costly, so now
     else:
         enclave.app = app_cls(heap)
         enclave.app.setup(**config)
