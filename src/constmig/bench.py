@@ -19,8 +19,7 @@ from rich.table import Table
 
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.loadgen import KVHammer
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.migration.orchestrate import launch_filled, migrate_under_load
 from constmig.progress import console
 from constmig.units import format_size
 
@@ -48,33 +47,11 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill: float, seed: int,
                   name: str = "bench", load: bool = True) -> dict[str, Any]:
-    """Launch, fill, checksum, migrate a->b with a client calling throughout, checksum, stop.
-
-    The client (kvstore only) reads keys it wrote before, so the state checksum must come out equal
-    and every answer must be the value written: `verified` covers both.
-    """
+    """Launch, fill, migrate a->b with a client calling throughout (see migrate_under_load), stop."""
     a, b = cluster.addrs[0], cluster.addrs[1]
     strategy, tracker = split_variant(variant)
     launch_filled(a, name, app, heap, fill, seed)
-    hammer = KVHammer(a, name, keys=2000, write_ratio=0.0, seed=seed) if load and app == "kvstore" else None
-    try:
-        if hammer is not None:
-            hammer.preload()
-        before = app_checksum(a, name)
-        if hammer is not None:
-            hammer.start()
-            time.sleep(0.3)
-        figures = migrate(name, a, b, strategy, tracker=tracker)
-        ok = True
-        if hammer is not None:
-            time.sleep(0.3)
-            report = hammer.stop()
-            figures.update(report.figures())
-            ok = report.wrong == 0 and not report.errors
-        figures["verified"] = ok and app_checksum(b, name) == before
-    finally:
-        if hammer is not None:
-            hammer.close()
+    figures = migrate_under_load(name, a, b, strategy, tracker, app=app if load else "", seed=seed)
     figures["variant"] = variant
     request(b, {"op": "stop", "name": name})
     return figures

@@ -14,16 +14,28 @@ import numpy as np  # noqa: E402
 
 
 def plot_demo(figures: dict[str, Any], path: Path) -> None:
-    """One migration: total time against the part of it the app was down."""
-    fig, ax = plt.subplots(figsize=(7, 2.2))
-    total_ms = figures["total_s"] * 1e3
-    ax.barh(["migration"], [total_ms], color="#9ecae1", label="total migration time")
-    ax.barh(["migration"], [figures["downtime_ms"]], left=[total_ms - figures["downtime_ms"]],
-            color="#de2d26", label="downtime (app stopped)")
-    ax.set_xlabel("ms")
-    ax.set_title(f"{figures['strategy']}: {figures['heap_bytes'] / 2**20:.0f} MiB heap, "
-                 f"downtime {figures['downtime_ms']:.0f} ms")
-    ax.legend(loc="lower right", fontsize=8)
+    """One migration as a timeline: preparing (app runs at the source), down, streaming (app runs at
+    the destination while the heap arrives)."""
+    fig, ax = plt.subplots(figsize=(7.5, 2.4))
+    prepare = figures.get("prepare_s", 0.0) * 1e3
+    down = figures["downtime_ms"]
+    stream = (figures.get("stream_s") or 0.0) * 1e3
+    total = figures["total_s"] * 1e3
+    attest = max(0.0, total - prepare - down - stream)  # attestation, and for stop-and-copy the wrap-up
+    left = 0.0
+    for width, color, label in ((prepare, "#bdbdbd", "prepare destination (app runs at source)"),
+                                (attest, "#9ecae1", "attest / finish"),
+                                (down, "#de2d26", "downtime (app stopped)"),
+                                (stream, "#31a354", "heap streams (app runs at destination)")):
+        if width > 0:
+            ax.barh(["migration"], [width], left=[left], color=color, label=label)
+            left += width
+    ax.set_xlabel("ms since the migrate request")
+    tracker = f", {figures['tracker']} tracker" if figures.get("tracker") not in (None, "none") else ""
+    gap = f", client gap {figures['client_gap_ms']:.0f} ms" if figures.get("client_gap_ms") is not None else ""
+    ax.set_title(f"{figures['strategy']}{tracker}: {figures['heap_bytes'] / 2**20:.0f} MiB heap, "
+                 f"downtime {down:.0f} ms{gap}", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

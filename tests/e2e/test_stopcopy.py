@@ -1,6 +1,7 @@
 """Stop-and-copy end to end: two real agent processes, real enclave processes, real TCP."""
 
 import threading
+import time
 
 import pytest
 from conftest import checksum, launch
@@ -79,7 +80,14 @@ def test_flipped_bit_in_flight_aborts_and_source_keeps_running(cluster, position
     finally:
         proxy.close()
     assert running_at(a) and checksum(a) == before
-    assert "kv" not in request(b, {"op": "status"})["enclaves"]  # the half-built copy was wiped
+    wait_gone(b)  # the half-built copy was wiped (the destination notices on its own schedule)
+
+
+def wait_gone(addr: str, name: str = "kv", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while name in request(addr, {"op": "status"})["enclaves"]:
+        assert time.monotonic() < deadline, f"{name} still listed at {addr}"
+        time.sleep(0.05)
 
 
 def test_truncated_stream_aborts_and_source_keeps_running(cluster):

@@ -243,3 +243,27 @@ def test_close_is_idempotent_even_with_live_views():
     h2 = Heap(MiB)
     h2.alloc("a", 10)
     h2.close()
+
+
+def test_used_chunks_with_an_earlier_scan_equals_a_full_scan():
+    """The source scans while running and rescans only the rest at the stop: same answer as a full scan."""
+    with Heap(16 << 20, 1 << 20) as h:
+        a = h.alloc("a", 6 << 20, np.uint8)
+        a[: 3 << 20] = 1
+        known = h.touched_chunks()
+        a[(4 << 20) + 17] = 2  # touched after the scan
+        b = h.alloc("b", 2 << 20, np.uint8)  # allocated after the scan
+        b[-1] = 3
+        assert np.array_equal(h.used_chunks(known), h.used_chunks())
+        h.free("b")  # freed after the scan: no longer allocated, so not sent
+        assert np.array_equal(h.used_chunks(known), h.used_chunks())
+        assert h.used_chunks(known).tolist() == [0, 1, 2, 4]
+
+
+def test_touched_chunks_among_limits_the_scan(heap):
+    a = heap.alloc("a", heap.size - PAGE_SIZE, np.uint8)
+    a[0] = a[-1] = 1
+    among = np.zeros(heap.n_chunks, dtype=bool)
+    among[-1] = True
+    got = heap.touched_chunks(among)
+    assert got is not None and got.tolist() == [False] * (heap.n_chunks - 1) + [True]

@@ -60,6 +60,21 @@ def _read_pagemap(address: int, n_pages: int) -> np.ndarray:
     return out
 
 
+def _has_data(entries: np.ndarray, pages_per_chunk: int) -> np.ndarray:
+    """Per chunk: does any of its pagemap entries hold data (swapped, or present and not a zero page)?"""
+    data = (entries & _PM_SWAPPED) != 0
+    present = (entries & _PM_PRESENT) != 0
+    small, huge = _zero_pfns()
+    if small or huge:
+        pfn = entries & _PM_PFN_MASK
+        zero = pfn == np.uint64(small) if small else np.zeros(len(pfn), dtype=bool)
+        if huge:
+            zero |= (pfn >= np.uint64(huge)) & (pfn < np.uint64(huge + _HUGE_ZERO_PAGES))
+        present &= ~zero
+    data |= present
+    return data.reshape(-1, pages_per_chunk).any(axis=1)
+
+
 _zero_pfns_cache: tuple[int, int] | None = None
 
 
@@ -306,38 +321,48 @@ class Heap:
                 mask[off // self.chunk_size : (off + nbytes - 1) // self.chunk_size + 1] = True
         return mask
 
-    def touched_chunks(self) -> np.ndarray | None:
+    def touched_chunks(self, among: np.ndarray | None = None) -> np.ndarray | None:
         """Bool mask (n_chunks,) of chunks holding a page with data (present or swapped), or None.
 
         Pages mapped to the kernel's zero page (read but never written) carry no data and do not count.
+        `among` (a bool mask) limits the scan to those chunks, read as runs; the others come out False.
         None means /proc/self/pagemap could not be read.
         """
         self._check_open()
+        pages = self.chunk_size // PAGE_SIZE
         try:
-            entries = _read_pagemap(self.address, self.size // PAGE_SIZE)
+            if among is None:
+                return _has_data(_read_pagemap(self.address, self.size // PAGE_SIZE), pages)
+            out = np.zeros(self.n_chunks, dtype=bool)
+            idx = np.flatnonzero(among)
+            if idx.size:
+                breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+                starts = idx[np.concatenate(([0], breaks))]
+                stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
+                for a, b in zip(starts.tolist(), stops.tolist(), strict=True):  # one read per run
+                    entries = _read_pagemap(self.address + a * self.chunk_size, (b - a) * pages)
+                    out[a:b] = _has_data(entries, pages)
+            return out
         except OSError:
             return None
-        data = (entries & _PM_SWAPPED) != 0
-        present = (entries & _PM_PRESENT) != 0
-        small, huge = _zero_pfns()
-        if small or huge:
-            pfn = entries & _PM_PFN_MASK
-            zero = pfn == np.uint64(small) if small else np.zeros(len(pfn), dtype=bool)
-            if huge:
-                zero |= (pfn >= np.uint64(huge)) & (pfn < np.uint64(huge + _HUGE_ZERO_PAGES))
-            present &= ~zero
-        data |= present
-        return data.reshape(self.n_chunks, self.chunk_size // PAGE_SIZE).any(axis=1)
 
-    def used_chunks(self) -> np.ndarray:
+    def used_chunks(self, known: np.ndarray | None = None) -> np.ndarray:
         """Sorted int64 indices of chunks to migrate: allocated and holding data.
 
         Never-touched chunks are zero on the fresh destination heap already, so they are not sent.
+        `known` is a `touched_chunks()` mask taken earlier (while the app still ran): a chunk that held
+        data then still does (or is sent as zeros, which is as correct), so only the other allocated
+        chunks are scanned now. That keeps a multi-GiB pagemap scan out of the downtime.
         """
         mask = self.allocated_chunks()
-        touched = self.touched_chunks()
-        if touched is not None:
-            mask &= touched
+        if known is not None:
+            touched = self.touched_chunks(mask & ~known)
+            if touched is not None:
+                mask &= known | touched
+        else:
+            touched = self.touched_chunks()
+            if touched is not None:
+                mask &= touched
         return np.flatnonzero(mask).astype(np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
-from constmig.wire.channel import SealedChunk, SecureChannel
+from constmig.wire.channel import RecvTimeout, SealedChunk, SecureChannel
 
 
 class Installer(Protocol):
@@ -135,7 +135,12 @@ class Receiver:
         try:
             while not self.ledger.complete and self.error is None:
                 t0 = time.perf_counter()
-                msg = link.recv()
+                try:
+                    msg = link.recv()
+                except RecvTimeout:
+                    if link is self.demand:
+                        continue  # nothing demanded for a while: normal
+                    raise
                 t1 = time.perf_counter()
                 if not isinstance(msg, SealedChunk):
                     raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")

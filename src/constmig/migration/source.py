@@ -22,7 +22,7 @@ from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.protocol import Machine
 from constmig.migration.streamer import Streamer
-from constmig.wire.channel import SecureChannel
+from constmig.wire.channel import RecvTimeout, SecureChannel
 from constmig.wire.handshake import run_initiator
 
 if TYPE_CHECKING:
@@ -72,12 +72,13 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine, timeout)
         shallow_queue(socks[0], socket.SO_SNDBUF, heap.chunk_size)
 
+    known = heap.touched_chunks()  # the long scan, while the app still runs; the stop rescans the rest
     # --- stop: downtime starts ---
     enclave.life.move(Life.RUNNING, Life.STOPPING)
     t_stop = time.time()
     ledger: ChunkLedger | None = None
     try:
-        chunks = heap.used_chunks()
+        chunks = heap.used_chunks(known)
         ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
         blob = export_app_state(app)
         link.send(m.StateMsg(strategy, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop))
@@ -104,7 +105,15 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
             streamer = Streamer(link, demand, ledger, heap, progress, float(req.get("max_bandwidth") or 0))
             streamer.start()
         resumed = link.expect(m.Resumed)
-        done = link.expect(m.Done)
+        while True:  # the stream may take longer than one receive timeout; a stall may not
+            try:
+                done = link.expect(m.Done)
+                break
+            except RecvTimeout:
+                if streamer is None or time.monotonic() - streamer.last_progress > timeout:
+                    raise
+        if streamer is not None:
+            streamer.wait_recorded(timeout)
         if done.count != ledger.expected.size or done.count != ledger.count or done.digest != ledger.digest():
             raise IntegrityError(
                 f"destination's DONE ({done.count} chunks) does not match the {ledger.expected.size} chunks of "

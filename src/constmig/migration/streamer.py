@@ -23,6 +23,7 @@ from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
+from constmig.wire.channel import RecvTimeout
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
@@ -42,6 +43,7 @@ class Streamer:
         self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
         self.max_bandwidth = max_bandwidth
         self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)  # notified as sent chunks' tags are recorded
         self._claimed = ~ledger.expected_mask  # chunks not in the migration count as already sent
         self._order = ledger.expected.tolist()
         self._pos = 0  # next position in _order for the background stream
@@ -57,6 +59,7 @@ class Streamer:
                                           daemon=True)]
         self.t_start = 0.0
         self.t_sent_all = 0.0
+        self.last_progress = time.monotonic()  # when a chunk last went out (a long stream is not a stall)
 
     def start(self) -> None:
         # A demand must not wait the default 5 ms for the GIL behind the background sender.
@@ -116,9 +119,11 @@ class Streamer:
                 break
             paced += self.heap.chunk_size
             tag = self.main.send_chunk(idx, self.heap.chunk_view(idx))
+            self.last_progress = time.monotonic()
             with self._lock:
                 self.ledger.record_sent(idx, tag)
                 self.background_chunks += 1
+                self._recorded.notify_all()
             now = time.monotonic()
             if now - last > 0.1:
                 last = now
@@ -136,6 +141,8 @@ class Streamer:
         while not self._stopping:
             try:
                 msg = self.demand.recv()
+            except RecvTimeout:
+                continue  # no demand for a while: normal
             except ChannelClosed:
                 if self._stopping or self._left == 0:
                     return  # the destination closes its demand channel once it holds every chunk
@@ -157,6 +164,7 @@ class Streamer:
                 with self._lock:
                     self.ledger.record_sent(idx, tag)
                     self.demand_chunks += 1
+                    self._recorded.notify_all()
 
     def _send_pieces(self, idx: int, offset: int) -> bytes:
         """Send chunk `idx` as PIECE-sized records (arg = chunk * pieces + piece), the piece holding
@@ -169,6 +177,12 @@ class Streamer:
             p = (hot + k) % n
             tags[p] = self.demand.send_chunk(idx * n + p, view[p * PIECE:(p + 1) * PIECE], demand=True)
         return pieces_tag(tags)
+
+    def wait_recorded(self, timeout: float) -> None:
+        """Until every sent chunk's tag is in the ledger: a DONE can arrive before the sending thread
+        has recorded the tag of the last chunk it sent."""
+        with self._recorded:
+            self._recorded.wait_for(lambda: self.ledger.complete or self.error is not None, timeout)
 
     @property
     def all_claimed(self) -> bool:
