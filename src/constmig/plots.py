@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 def plot_demo(figures: dict[str, Any], path: Path) -> None:
     """One migration as a timeline: preparing (app runs at the source), down, streaming (app runs at
     the destination while the heap arrives)."""
-    fig, ax = plt.subplots(figsize=(7.5, 2.4))
+    fig, ax = plt.subplots(figsize=(7.5, 1.8))
     prepare = figures.get("prepare_s", 0.0) * 1e3
     down = figures["downtime_ms"]
     stream = (figures.get("stream_s") or 0.0) * 1e3
@@ -30,14 +30,17 @@ def plot_demo(figures: dict[str, Any], path: Path) -> None:
         if width > 0:
             ax.barh(["migration"], [width], left=[left], color=color, label=label)
             left += width
+    stop_at = prepare + attest
+    ax.axvline(stop_at, color="#de2d26", lw=1.5)
+    ax.annotate(f"stop: {down:.0f} ms down", (stop_at, 0.0), xytext=(6, 0), textcoords="offset points",
+                color="white" if stream > 0 else "black", fontsize=9, fontweight="bold", va="center")
     ax.set_xlabel("ms since the migrate request")
     tracker = f", {figures['tracker']} tracker" if figures.get("tracker") not in (None, "none") else ""
     gap = f", client gap {figures['client_gap_ms']:.0f} ms" if figures.get("client_gap_ms") is not None else ""
     ax.set_title(f"{figures['strategy']}{tracker}: {figures['heap_bytes'] / 2**20:.0f} MiB heap, "
                  f"downtime {down:.0f} ms{gap}", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=7, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -140,6 +140,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         "chunks": int(ledger.expected.size),
         "small_state_bytes": len(blob),
         "downtime_ms": (resumed.resume_time - t_stop) * 1e3,
+        "attest_ms": (t_stop - t_start) * 1e3,  # handshake and pre-stop scan (the app waits meanwhile)
         "total_s": t_end - t_start,
         "wire_bytes": chan.bytes_sent + chan.bytes_received
         + (demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0),
