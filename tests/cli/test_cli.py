@@ -27,6 +27,11 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
     (["migrate", "kv", "--from", "nocolon", "--to", "127.0.0.1:1"], "bad address"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "teleport"], "teleport"),
     (["bench", "sizes", "--sizes", "1X"], "malformed size"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--tracker", "psychic"], "psychic"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--max-bandwidth", "fast"],
+     "malformed size"),
+    (["demo", "--tracker", "psychic"], "psychic"),
+    (["bench", "sizes", "--strategy", "constmig-psychic"], "constmig-psychic"),
     (["frobnicate"], "No such command"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
@@ -49,3 +54,16 @@ def test_demo_prints_verified_json(tmp_path):
     for key in ("strategy", "workload", "heap_bytes", "state_bytes", "downtime_ms", "total_s", "wire_bytes"):
         assert key in fig
     assert (tmp_path / "figures.json").exists() and (tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.e2e
+def test_constmig_demo_reports_tracker_and_streaming_figures(tmp_path):
+    p = cm("demo", "--strategy", "constmig", "--tracker", "access", "--heap", "64M", "--out", str(tmp_path),
+           "--json", "-", timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads(p.stdout)
+    assert fig["verified"] is True and fig["client_wrong"] == 0 and fig["client_errors"] == 0
+    assert fig["strategy"] == "constmig" and fig["tracker"] == "access"
+    for key in ("demand_chunks", "background_chunks", "stream_s", "client_gap_ms", "downtime_ms", "attest_ms"):
+        assert key in fig, key
+    assert fig["demand_chunks"] + fig["background_chunks"] == fig["chunks"]

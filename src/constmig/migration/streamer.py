@@ -153,12 +153,13 @@ class Streamer:
                     and 0 <= msg.offset < self.heap.chunk_size):
                 raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} (offset {msg.offset}) is outside "
                                     f"the heap's {n_chunks} chunks or over {MAX_DEMAND} at once")
-            for idx in range(msg.index, msg.index + msg.count):
-                with self._lock:
-                    if self._claimed[idx]:
-                        continue  # already sent (in flight on the background path) or not migrating
+            with self._lock:  # claim the whole run first, so the background cannot take a part of it
+                run = [i for i in range(msg.index, msg.index + msg.count) if not self._claimed[i]]
+                for idx in run:
                     self._claim(idx)
-                    self._pos = self._where[idx] + 1  # background continues right after it
+                if run:
+                    self._pos = self._where[run[-1]] + 1  # background continues right after it
+            for idx in run:
                 offset = msg.offset if idx == msg.index else 0
                 tag = self._send_pieces(idx, offset)
                 with self._lock:

@@ -381,10 +381,12 @@ class SecureChannel:
                 if deadline is None:
                     n = self._sock.recv_into(view[self._got:])
                 else:
+                    # Poll first: on a socket with its own timeout CPython waits that long before even
+                    # a MSG_DONTWAIT recv, which would override this call's timeout.
+                    self._wait_readable(deadline, timeout)
                     try:
                         n = self._sock.recv_into(view[self._got:], 0, socket.MSG_DONTWAIT)
                     except BlockingIOError:
-                        self._wait_readable(deadline, timeout)
                         continue
             except TimeoutError:  # the socket itself had a timeout set
                 raise RecvTimeout(f"socket timed out waiting for the peer ({self._got} of {size} bytes)") from None
