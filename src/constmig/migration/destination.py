@@ -18,9 +18,10 @@ from constmig.errors import ConstmigError, MigrationError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, ChunkLedger
 from constmig.migration.link import Link
+from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine
 from constmig.migration.receiver import Receiver
-from constmig.migration.source import CONNECTIONS, DEMAND_LABEL, STRATEGIES, shallow_queue
+from constmig.migration.source import CONNECTIONS, DEMAND_LABEL, STRATEGIES
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -54,13 +53,12 @@ class Receiver:
     """Receives the streamed heap on `main` and `demand`, with demand requests going out on `demand`."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
-                 tracker: str, t_resume: float, on_done: Callable[[dict], None] | None = None) -> None:
+                 tracker: str, t_resume: float) -> None:
         self.main, self.demand, self.ledger, self.installer = main, demand, ledger, installer
         self.pieces = chunk_size // PIECE  # a demanded chunk comes as this many records
         self._partial: dict[int, list[bytes | None]] = {}  # chunk -> piece tags so far (demand path)
         self.tracker = tracker
         self.t_resume = t_resume
-        self.on_done = on_done
         n = ledger.n_chunks
         self._lock = threading.Lock()
         self._inflight = np.zeros(n, dtype=bool)
@@ -242,8 +240,6 @@ class Receiver:
         except (ConstmigError, OSError) as e:
             self.error = f"could not send DONE: {e}"  # the app runs here with every chunk; the source waits
         self.demand.chan.close()  # nothing more comes on it; wakes its receive thread
-        if self.on_done is not None:
-            self.on_done(self.stats)
 
     def fail(self, reason: str) -> None:
         """Pause: stop receiving, keep every verified chunk, and tell the tracker."""

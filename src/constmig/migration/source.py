@@ -7,7 +7,6 @@ whatever the strategy still has to move and wait for a DONE whose digest matches
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -20,6 +19,7 @@ from constmig.errors import ConstmigError, IntegrityError, MigrationError
 from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
+from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine
 from constmig.migration.streamer import Streamer
 from constmig.wire.channel import RecvTimeout, SecureChannel
@@ -32,15 +32,6 @@ STRATEGIES = ("stopcopy", "constmig")
 # How many connections each strategy uses: post-copy adds one for demanded chunks (see streamer.py).
 CONNECTIONS = {"stopcopy": 1, "constmig": 2}
 DEMAND_LABEL = b"demand"
-BACKGROUND_QUEUE_CHUNKS = 1  # socket buffer per side, in chunks (the kernel doubles it for bookkeeping)
-
-
-def shallow_queue(sock: socket.socket, option: int, chunk_size: int) -> None:
-    """Keep few background chunks queued in the kernel: a demanded chunk the source already sent on the
-    background path arrives only after everything queued before it (FACTS: post-copy is CPU-bound here,
-    so deep buffers buy no bandwidth, only latency)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, option, chunk_size * BACKGROUND_QUEUE_CHUNKS)
 
 
 def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
@@ -58,7 +56,6 @@ class Streamer:
                          threading.Thread(target=self._guard, args=(self._serve_demands,), name="stream-demand",
                                           daemon=True)]
         self.t_start = 0.0
-        self.t_sent_all = 0.0
         self.last_progress = time.monotonic()  # when a chunk last went out (a long stream is not a stall)
 
     def start(self) -> None:
@@ -128,7 +125,6 @@ class Streamer:
             if now - last > 0.1:
                 last = now
                 self._report(total)
-        self.t_sent_all = time.monotonic()
         self._report(total)
 
     def _report(self, total: int) -> None:
@@ -184,10 +180,3 @@ class Streamer:
         has recorded the tag of the last chunk it sent."""
         with self._recorded:
             self._recorded.wait_for(lambda: self.ledger.complete or self.error is not None, timeout)
-
-    @property
-    def all_claimed(self) -> bool:
-        return self._left == 0
-
-    def claimed(self) -> np.ndarray:
-        return self._claimed.copy()
