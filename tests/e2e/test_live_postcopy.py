@@ -175,3 +175,16 @@ def test_bad_chunk_while_streaming_pauses_and_is_never_installed(cluster, tracke
     finally:
         proxy.close()
     assert before  # the source's state was checksummed before; it is never exposed afterwards
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_chunks_no_bigger_than_a_piece(cluster, tracker):
+    """64 KiB chunks: a demanded chunk is one piece, sent whole; DONE's digest must still agree."""
+    a, b = cluster.addrs
+    launch_filled(a, "kv", "kvstore", 8 << 20, 0.9, seed=4, chunk_size=64 << 10)
+    before = app_checksum(a, "kv")
+    mig = Migration(a, b, tracker, max_bandwidth=1 << 20)
+    wait_handed_off(a, "kv")
+    assert app_checksum(a, "kv") == before  # redirected; demands every chunk it reads
+    figures = mig.result()
+    assert figures["demand_chunks"] > 0 and figures["chunks"] == 128

@@ -47,11 +47,13 @@ class Resumed(msgspec.Struct, tag="resumed", frozen=True):
 class Demand(msgspec.Struct, tag="demand", frozen=True):
     """The destination needs these chunks now (a fault or a tracked access).
 
-    `offset` (bytes into the first chunk) is where the access waits: that piece is sent first."""
+    `offset` (bytes into the first chunk) is where the access waits: that piece is sent first. `whole`
+    asks for each chunk as one record instead (a tracker that can use a chunk only when all of it is in)."""
 
     index: int
     count: int = 1
     offset: int = 0
+    whole: bool = False
 
 
 class Done(msgspec.Struct, tag="done", frozen=True):

@@ -20,7 +20,7 @@ from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
-from constmig.migration.priority import boost_this_thread
+from constmig.migration.priority import background_thread, boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
 from constmig.wire.channel import RecvTimeout, SealedChunk, SecureChannel
 
@@ -55,7 +55,8 @@ class Receiver:
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
                  tracker: str, t_resume: float) -> None:
         self.main, self.demand, self.ledger, self.installer = main, demand, ledger, installer
-        self.pieces = chunk_size // PIECE  # a demanded chunk comes as this many records
+        self.chunk_size = chunk_size
+        self.pieces = chunk_size // PIECE  # a demanded chunk comes as this many records (unless whole)
         self._partial: dict[int, list[bytes | None]] = {}  # chunk -> piece tags so far (demand path)
         self.tracker = tracker
         self.t_resume = t_resume
@@ -118,18 +119,21 @@ class Receiver:
                 for c in chunks.tolist():
                     self.demand.send(m.Demand(c, 1, where.get(c, 0)))
                 return
+            whole = not self.installer.pieces_visible  # pieces would only add records
             # contiguous runs, at most MAX_DEMAND each: one small message per run
             breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
             for run in np.split(chunks, breaks):
                 for start in range(0, run.size, MAX_DEMAND):
                     part = run[start:start + MAX_DEMAND]
-                    self.demand.send(m.Demand(int(part[0]), int(part.size)))
+                    self.demand.send(m.Demand(int(part[0]), int(part.size), whole=whole))
         except (ConstmigError, OSError) as e:
             self.fail(f"cannot send a demand request: {e}")
 
     def _loop(self, link: Link) -> None:
         if link is self.demand:
             boost_this_thread()
+        else:
+            background_thread()
         try:
             while not self.ledger.complete and self.error is None:
                 t0 = time.perf_counter()
@@ -142,7 +146,7 @@ class Receiver:
                 t1 = time.perf_counter()
                 if not isinstance(msg, SealedChunk):
                     raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")
-                if link is self.demand:
+                if link is self.demand and msg.length != self.chunk_size:
                     self._take_piece(msg, link.chan)
                 else:
                     self._take(msg, link.chan)
@@ -165,7 +169,7 @@ class Receiver:
             self._inflight[idx] = True
         tag = sealed.tag
         self.installer.install(idx, sealed, chan)  # raises on a bad tag: never visible
-        self._accept(idx, tag, demand=False)
+        self._accept(idx, tag, demand=sealed.demand)
 
     def _take_piece(self, sealed: SealedChunk, chan: SecureChannel) -> None:
         idx, piece = divmod(sealed.index, self.pieces)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
-from constmig.migration.priority import boost_this_thread, quick_gil_handoff
+from constmig.migration.priority import background_thread, boost_this_thread, quick_gil_handoff
 from constmig.wire.channel import RecvTimeout
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class Streamer:
         self._left -= 1
 
     def _background(self) -> None:
+        background_thread()
         total = len(self._order) * self.heap.chunk_size
         last = 0.0
         paced = 0
@@ -156,8 +157,10 @@ class Streamer:
                 if run:
                     self._pos = self._where[run[-1]] + 1  # background continues right after it
             for idx in run:
-                offset = msg.offset if idx == msg.index else 0
-                tag = self._send_pieces(idx, offset)
+                if msg.whole:
+                    tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
+                else:
+                    tag = self._send_pieces(idx, msg.offset if idx == msg.index else 0)
                 with self._lock:
                     self.ledger.record_sent(idx, tag)
                     self.demand_chunks += 1
@@ -168,6 +171,8 @@ class Streamer:
         `offset` first and then on in address order: the waiting access can go on after one piece."""
         view = self.heap.chunk_view(idx)
         n = self.heap.chunk_size // PIECE
+        if n == 1:  # a chunk no bigger than a piece goes whole (the receiver tells them apart by size)
+            return self.demand.send_chunk(idx, view, demand=True)
         hot = min(max(offset, 0) // PIECE, n - 1)
         tags: list[bytes] = [b""] * n
         for k in range(n):
