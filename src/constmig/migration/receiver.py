@@ -15,6 +15,7 @@ import time
 from typing import Protocol
 
 import numpy as np
+import numpy.ma  # noqa: F401  np.unique imports it on first use (10-20 ms): not at the first fault
 
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
