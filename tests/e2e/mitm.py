@@ -17,16 +17,22 @@ from constmig.wire.records import HEADER_SIZE, Header, parse_header
 # tamper(channel, offset_in_stream, data) -> bytes to forward, or None to cut the connection.
 # `channel` is "" for agent-to-agent requests and the data connection's name ("main", "demand") otherwise.
 Tamper = Callable[[str, int, bytes], bytes | None]
+# record(conn, channel, direction, data): every chunk of bytes the proxy receives, in both directions, before
+# any tampering. `conn` numbers the proxied connections from 0; `direction` is "c2s" (towards the target)
+# or "s2c"; one connection's chunks in one direction arrive in stream order, from one thread.
+Record = Callable[[int, str, str, bytes], None]
 
 
 class MitmProxy:
-    def __init__(self, target: str, tamper: Tamper | None = None) -> None:
+    def __init__(self, target: str, tamper: Tamper | None = None, record: Record | None = None) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.tamper = tamper
+        self.record = record
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.data_bytes = 0
+        self._conns = 0
         self._stop = False
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
@@ -40,7 +46,8 @@ class MitmProxy:
                 return
             upstream = socket.create_connection(self.target)
             self._socks += [client, upstream]
-            state = {"data": None}
+            state = {"data": None, "conn": self._conns}
+            self._conns += 1
             for src, dst, forward in ((client, upstream, True), (upstream, client, False)):
                 t = threading.Thread(target=self._pump, args=(src, dst, forward, state), daemon=True)
                 t.start()
@@ -55,6 +62,8 @@ class MitmProxy:
                     break
                 if forward and state["data"] is None:
                     state["data"] = _channel_of(data)
+                if self.record is not None:
+                    self.record(state["conn"], state["data"] or "", "c2s" if forward else "s2c", data)
                 if forward and self.tamper is not None:
                     out = self.tamper(state["data"], offset, data)
                     offset += len(data)
