@@ -39,7 +39,7 @@ class LaunchSpec:
         try:
             return cls(str(d["name"]), str(d["app"]), int(d["heap"]), int(d.get("chunk_size", 1 << 20)),
                        dict(d.get("config") or {}), int(d.get("svn", 1)))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise AgentError(f"bad enclave spec: {e}") from None
 
 

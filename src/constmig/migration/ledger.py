@@ -44,7 +44,7 @@ class ChunkLedger:
 
     @classmethod
     def from_wire(cls, migration_id: bytes, n_chunks: int, packed: bytes) -> ChunkLedger:
-        if len(packed) % 8:
+        if not isinstance(packed, bytes | bytearray | memoryview) or len(packed) % 8:
             raise ProtocolError("chunk list length is not a multiple of 8 bytes")
         return cls(migration_id, n_chunks, np.frombuffer(packed, dtype="<i8").astype(np.int64))
 

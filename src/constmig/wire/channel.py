@@ -84,6 +84,11 @@ class ChannelTicket:
     @classmethod
     def from_wire(cls, d: dict) -> ChannelTicket:
         try:
+            if not all(type(d[k]) is bytes for k in ("mid", "sk", "rk")) or \
+                    not all(type(d[k]) is int for k in ("sd", "rd", "ss", "rs")):
+                raise TypeError("fields have the wrong types")
+            if len(d["mid"]) != MIGRATION_ID_SIZE or len(d["sk"]) != 32 or len(d["rk"]) != 32:
+                raise ValueError("wrong migration id or key length")
             return cls(bytes(d["mid"]), bytes(d["sk"]), bytes(d["rk"]), int(d["sd"]), int(d["rd"]),
                        int(d["ss"]), int(d["rs"]))
         except (KeyError, TypeError, ValueError) as e:

@@ -38,7 +38,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
     """Decode a frame body into a map, turning every decoding failure into ProtocolError."""
     try:
         return _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(f"malformed control message: {e}") from None
 
 
