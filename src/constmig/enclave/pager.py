@@ -208,8 +208,7 @@ class Pager:
             stats = {**self.receiver.stats, "zero_filled_chunks": self.zero_filled}
             write_status(self.status, {"state": "done", **stats})
             return {"ok": True, "stats": stats}
-        write_status(self.status, {"state": "paused", "reason": self.receiver.error})
-        return {"ok": False, "error": self.receiver.error}
+        return {"ok": False, "error": self.receiver.error}  # the installer wrote "paused" when it failed
 
 
 def serve(control: socket.socket, status: Path | None) -> int:
