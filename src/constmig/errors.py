@@ -25,6 +25,10 @@ class IntegrityError(ProtocolError):
     """An authenticated record failed its tag check, or arrived out of sequence."""
 
 
+class PeerAborted(ProtocolError):
+    """The peer enclave said, over the authenticated channel, that it gave the migration up."""
+
+
 class ChannelClosed(ProtocolError):
     """The stream ended (EOF or reset) before the protocol said it could."""
 

@@ -1,5 +1,8 @@
+import time
+
 import pytest
 
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.migration.orchestrate import app_checksum, launch_filled
 
@@ -18,3 +21,16 @@ def launch(addr: str, name: str = "kv", app: str = "kvstore", heap: int = 64 << 
 
 def checksum(addr: str, name: str = "kv") -> str:
     return app_checksum(addr, name)
+
+
+def running_at(addr: str, name: str = "kv") -> bool:
+    st = request(addr, {"op": "status"})
+    return st["enclaves"].get(name, {}).get("state") == "running"
+
+
+def wait_gone(addr: str, name: str = "kv", timeout: float = 15.0) -> None:
+    """Until the agent at `addr` no longer lists `name` (a half-built copy wipes on its own schedule)."""
+    deadline = time.monotonic() + timeout
+    while name in request(addr, {"op": "status"})["enclaves"]:
+        assert time.monotonic() < deadline, f"{name} still listed at {addr}"
+        time.sleep(0.05)

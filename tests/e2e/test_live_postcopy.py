@@ -145,6 +145,7 @@ def _flip_ciphertext(record: bytes) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("tracker", TRACKERS)
 @pytest.mark.parametrize("attack", ["tamper", "replay"])
 def test_bad_chunk_while_streaming_pauses_and_is_never_installed(cluster, tracker, attack):

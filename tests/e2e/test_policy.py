@@ -16,6 +16,7 @@ from constmig.migration.orchestrate import migrate
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.adversarial
 def test_destination_with_other_code_is_refused(tmp_path, monkeypatch):
     # A copy of the package whose kvstore differs by one comment: its measurement differs.
     pkg = Path(constmig.__file__).parent

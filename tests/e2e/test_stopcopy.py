@@ -1,10 +1,9 @@
 """Stop-and-copy end to end: two real agent processes, real enclave processes, real TCP."""
 
 import threading
-import time
 
 import pytest
-from conftest import checksum, launch
+from conftest import checksum, launch, running_at, wait_gone
 from mitm import MitmProxy, cut_after, flip_bit_at
 
 from constmig.errors import AgentError
@@ -13,11 +12,6 @@ from constmig.host.cluster import LocalCluster, free_port
 from constmig.migration.orchestrate import migrate
 
 pytestmark = pytest.mark.e2e
-
-
-def running_at(addr: str, name: str = "kv") -> bool:
-    st = request(addr, {"op": "status"})
-    return st["enclaves"].get(name, {}).get("state") == "running"
 
 
 @pytest.mark.parametrize("app", ["kvstore", "matrix"])
@@ -68,6 +62,7 @@ def test_heap_larger_than_memory_is_refused(cluster):
         request(cluster.addrs[0], {"op": "run", "name": "big", "app": "kvstore", "heap": 1 << 50})
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("position", [200, 5 << 20])
 def test_flipped_bit_in_flight_aborts_and_source_keeps_running(cluster, position):
     """position 200 lands in the handshake; 5 MiB lands in a heap chunk."""
@@ -83,13 +78,7 @@ def test_flipped_bit_in_flight_aborts_and_source_keeps_running(cluster, position
     wait_gone(b)  # the half-built copy was wiped (the destination notices on its own schedule)
 
 
-def wait_gone(addr: str, name: str = "kv", timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while name in request(addr, {"op": "status"})["enclaves"]:
-        assert time.monotonic() < deadline, f"{name} still listed at {addr}"
-        time.sleep(0.05)
-
-
+@pytest.mark.adversarial
 def test_truncated_stream_aborts_and_source_keeps_running(cluster):
     a, b = cluster.addrs
     before = launch(a)
@@ -129,6 +118,7 @@ def test_destination_agent_killed_mid_transfer(cluster):
     assert running_at(a) and checksum(a) == before
 
 
+@pytest.mark.adversarial
 def test_destination_with_other_root_ca_is_refused(tmp_path):
     with LocalCluster(1) as one, LocalCluster(1) as other:
         a, b = one.addrs[0], other.addrs[0]

@@ -335,6 +335,7 @@ def assert_handed_off_and_intact(case: SourceCase) -> None:
 # --- 1. DONE must cover every chunk -------------------------------------------------------------------
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("flaw", ["count-short-by-one", "wrong-digest"])
 def test_source_rejects_done_that_does_not_cover_every_chunk(source_case: SourceCase, flaw: str) -> None:
@@ -361,6 +362,7 @@ def test_source_rejects_done_that_does_not_cover_every_chunk(source_case: Source
 # --- 2. a wrong READY digest aborts before the commit point -------------------------------------------
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 def test_source_rejects_wrong_ready_digest_and_keeps_running(source_case: SourceCase) -> None:
     fake = source_case.fake
@@ -429,6 +431,7 @@ def _bad_demands() -> list[Any]:
     ]
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("index", "count"), _bad_demands())
 def test_demand_outside_the_heap_fails_the_source(source_case: SourceCase, index: int, count: int) -> None:
@@ -656,6 +659,7 @@ def dest_case(enclaves: Enclaves, pairs: Pairs, dest_req: dict[str, Any]) -> Ite
             print(f"destination.run raised {runner.error!r}")
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 def test_destination_refuses_a_chunk_before_commit_in_postcopy(dest_case: DestCase) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
@@ -693,6 +697,7 @@ def streaming(case: DestCase) -> Any:
     return enclave.receiver
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("first", ["main", "demand"])
 def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: str) -> None:
@@ -721,6 +726,7 @@ def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: st
         fake.main.recv(timeout=TIMEOUT)
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(60)
 def test_destination_rejects_a_tampered_chunk_and_keeps_it_missing(dest_case: DestCase) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake

@@ -35,6 +35,7 @@ def test_happy_path_both_sides():
     assert s.state is St.COMPLETE and d.state is St.COMPLETE
 
 
+@pytest.mark.adversarial
 def test_destination_never_resumes_without_commit():
     d = Machine("destination")
     d.received(STATE)
@@ -44,6 +45,7 @@ def test_destination_never_resumes_without_commit():
     assert d.state is St.ABORTED
 
 
+@pytest.mark.adversarial
 def test_commit_before_ready_is_refused():
     d = Machine("destination")
     d.received(STATE)
@@ -52,6 +54,7 @@ def test_commit_before_ready_is_refused():
     assert d.state is St.ABORTED
 
 
+@pytest.mark.adversarial
 def test_source_cannot_commit_without_ready():
     s = Machine("source")
     s.sent(STATE)
@@ -75,6 +78,7 @@ def test_abort_before_commit():
     assert s.state is St.ABORTED
 
 
+@pytest.mark.adversarial
 def test_stale_commit_replayed_after_running_is_refused():
     d = Machine("destination")
     for ev in (STATE, m.HeapEnd(0)):
@@ -121,3 +125,28 @@ def test_messages_roundtrip_and_garbage():
         m.decode(b"\x81\xa4type\xa5bogus")
     with pytest.raises(ProtocolError):
         m.decode(b"")
+
+
+@pytest.mark.adversarial
+def test_abort_before_resumed_lets_the_source_run_again():
+    """An authenticated ABORT after COMMIT but before RESUMED: the destination never ran the app."""
+    s = source_to_handoff()
+    s.received(m.Abort("commit record failed authentication"))
+    assert s.state is St.ABORTED and not s.committed
+
+
+@pytest.mark.adversarial
+def test_abort_after_resumed_only_pauses():
+    """Once the destination said it resumed, an ABORT cannot give the source the app back (no fork)."""
+    s = source_to_handoff()
+    s.received(m.Resumed(1.0))
+    s.received(m.Abort("late"))
+    assert s.state is St.PAUSED and s.committed
+
+
+def test_demand_may_overtake_resumed():
+    s = source_to_handoff()
+    s.received(m.Demand(0, 1))
+    s.received(m.Resumed(1.0))
+    s.received(m.Done(1, b"d"))
+    assert s.state is St.COMPLETE

@@ -174,6 +174,7 @@ def _tweak(value: object) -> object:
 
 @pytest.mark.parametrize("field", ["version", "backend", "measurement", "signer", "product_id", "svn",
                                    "report_data", "cert", "signature"])
+@pytest.mark.adversarial
 def test_tampering_with_any_field_fails(world: World, field: str) -> None:
     fields = _fields(world.a.quote(IDENT, RD))
     assert field in fields
@@ -202,6 +203,7 @@ def test_missing_field_fails(world: World, field: str) -> None:
         world.b.verify(_reencode(fields))
 
 
+@pytest.mark.adversarial
 def test_quote_from_platform_under_another_root_is_rejected(world: World, tmp_path: Path) -> None:
     create_root_ca(tmp_path / "evil-ca")
     evil = SimPlatform.provision(tmp_path / "evil", tmp_path / "evil-ca", "b")
@@ -210,6 +212,7 @@ def test_quote_from_platform_under_another_root_is_rejected(world: World, tmp_pa
         world.a.verify(evil.quote(IDENT, RD))
 
 
+@pytest.mark.adversarial
 def test_stolen_certificate_with_another_key_is_rejected(world: World) -> None:
     """Host b presents a's certificate but can only sign with its own key."""
     fields = _fields(world.b.quote(IDENT, RD))
@@ -255,6 +258,7 @@ def test_certificate_profile_is_enforced(world: World) -> None:
         world.b.verify(_forged(world, usage=False))
 
 
+@pytest.mark.adversarial
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")  # flipped serials
 def test_every_truncation_and_byte_flip_fails(world: World) -> None:
     quote = world.a.quote(IDENT, RD)

@@ -233,6 +233,7 @@ def flipped(record: bytes, bit: int) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("bit", range(HEADER_SIZE * 8))
 def test_any_header_bit_flip_is_rejected(bit: int) -> None:
     recs = capture(chunks(2, size=1000))
@@ -250,6 +251,7 @@ def test_any_header_bit_flip_is_rejected(bit: int) -> None:
     (20 * 8 + 0, "chunk index"),
     (27 * 8 + 7, "chunk index"),
 ])
+@pytest.mark.adversarial
 def test_authenticated_header_fields_fail_as_integrity_errors(field_bit: int, name: str) -> None:
     recs = capture(chunks(1, size=1000))
     _, dst = deliver([flipped(recs[0], field_bit)])
@@ -258,6 +260,7 @@ def test_authenticated_header_fields_fail_as_integrity_errors(field_bit: int, na
         dst.open_chunk(rec, bytearray(rec.length))
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("where", ["first payload byte", "last payload byte", "tag"])
 def test_payload_and_tag_flips_fail(where: str) -> None:
     rec = capture(chunks(1, size=1000))[0]
@@ -273,11 +276,33 @@ def test_payload_and_tag_flips_fail(where: str) -> None:
     assert dst.state is ChannelState.BROKEN
 
 
+@pytest.mark.adversarial
 def test_tampered_control_record_fails_in_recv() -> None:
     rec = capture(lambda ch: ch.send_control(b"COMMIT"))[0]
     _, dst = deliver([flipped(rec, (HEADER_SIZE + 2) * 8)])
     with pytest.raises(IntegrityError):
         dst.recv()
+
+
+@pytest.mark.adversarial
+def test_last_words_after_a_forged_record() -> None:
+    """A receive error breaks the channel, but the send direction may still say an authenticated goodbye."""
+    a, b = socket.socketpair()
+    src, dst = SecureChannel(a, MID), SecureChannel(b, MID)
+    install_source(src)
+    install_destination(dst)
+    rec = capture(lambda ch: ch.send_control(b"COMMIT"))[0]
+    a.sendall(flipped(rec, (HEADER_SIZE + 2) * 8))
+    with pytest.raises(IntegrityError):
+        dst.recv()
+    with pytest.raises(ProtocolError, match="broken"):
+        dst.send_control(b"not allowed")
+    dst.send_last_words(b"ABORT")
+    assert dst.state is ChannelState.BROKEN
+    got = src.recv(timeout=5)
+    assert isinstance(got, ControlRecord) and got.payload == b"ABORT"
+    src.close()
+    dst.close()
 
 
 @pytest.mark.parametrize(("order", "match"), [
@@ -286,6 +311,7 @@ def test_tampered_control_record_fails_in_recv() -> None:
     ((0, 2), "dropped"),
     ((0, 1, 2, 1), "replayed"),
 ])
+@pytest.mark.adversarial
 def test_reordered_duplicated_dropped(order: tuple[int, ...], match: str) -> None:
     recs = capture(chunks(3))
     _, dst = deliver([recs[i] for i in order])
@@ -294,6 +320,7 @@ def test_reordered_duplicated_dropped(order: tuple[int, ...], match: str) -> Non
     assert dst.state is ChannelState.BROKEN
 
 
+@pytest.mark.adversarial
 def test_record_from_another_migration_fails() -> None:
     """Same keys (worst case), same position, but sealed for another migration id."""
     recs = capture(chunks(1), mid=OTHER_MID)
@@ -302,6 +329,7 @@ def test_record_from_another_migration_fails() -> None:
         drain(dst)
 
 
+@pytest.mark.adversarial
 def test_chunk_moved_to_another_index_fails() -> None:
     rec = bytearray(capture(chunks(1))[0])
     magic, kind, flags, res, length, seq, arg = HEADER.unpack(rec[:HEADER_SIZE])
@@ -311,6 +339,7 @@ def test_chunk_moved_to_another_index_fails() -> None:
         drain(dst)
 
 
+@pytest.mark.adversarial
 def test_reflected_record_fails() -> None:
     """A destination's own record sent back to it is under the other direction's key."""
     a, b = socket.socketpair()
@@ -323,6 +352,7 @@ def test_reflected_record_fails() -> None:
         dst.recv()
 
 
+@pytest.mark.adversarial
 def test_control_record_relabelled_as_chunk_fails() -> None:
     rec = bytearray(capture(lambda ch: ch.send_control(b"x" * 100))[0])
     rec[4] = Kind.CHUNK
@@ -331,6 +361,7 @@ def test_control_record_relabelled_as_chunk_fails() -> None:
         drain(dst)
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("cut", [1, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 100, -1])
 def test_truncated_record_is_eof_mid_record(cut: int) -> None:
     rec = capture(chunks(1))[0]
@@ -481,6 +512,7 @@ def test_unopened_chunk_is_still_verified(pair: tuple[SecureChannel, SecureChann
         dst.open_chunk(stale, bytearray(100))
 
 
+@pytest.mark.adversarial
 def test_unopened_tampered_chunk_breaks_the_next_recv() -> None:
     recs = capture(chunks(2))
     _, dst = deliver([flipped(recs[0], (HEADER_SIZE + 5) * 8), recs[1]])

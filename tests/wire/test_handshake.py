@@ -130,6 +130,7 @@ OTHER_CODE = replace(APP, measurement=measure(b"other code"))
     (replace(APP, svn=9), APP, Policy(allow_svn_downgrade=True), Policy(), "destination",
      "destination security version 5 is lower than the source's 9"),
 ])
+@pytest.mark.adversarial
 def test_policy_refusals(world: World, src: Identity, dst: Identity, src_policy: Policy, dst_policy: Policy,
                          who_refuses: str, match: str) -> None:
     ini, res = machines(world, src, dst, src_policy, dst_policy)
@@ -166,6 +167,7 @@ def test_policy_arguments() -> None:
         Policy().check(APP, vq, "peer")
 
 
+@pytest.mark.adversarial
 def test_untrusted_root_is_refused(world: World) -> None:
     """A host certified by another CA (same name as the real destination) cannot pass as it."""
     ini = Initiator(world.a, APP, Policy(), PARAMS)
@@ -198,6 +200,7 @@ def flip_at(i: int) -> Tamper:
     return lambda m: m[:i] + bytes([m[i] ^ 0x01]) + m[i + 1:]
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("step", [1, 2, 3, 4])
 def test_any_flipped_byte_is_caught(world: World, step: int) -> None:
     ini, res = machines(world)
@@ -228,6 +231,7 @@ def reencode(change: Callable[[dict[str, Any]], None]) -> Tamper:
     (2, lambda m: abort_message("nope"), HandshakeAborted, "destination aborted the handshake: nope"),
     (3, lambda m: abort_message("bad\nline"), HandshakeAborted, "source aborted the handshake: bad line$"),
 ])
+@pytest.mark.adversarial
 def test_semantic_tampering(world: World, step: int, tamper: Tamper, exc: type, match: str) -> None:
     err = run_tampered(world, step, tamper)
     assert isinstance(err, exc), repr(err)
@@ -235,6 +239,7 @@ def test_semantic_tampering(world: World, step: int, tamper: Tamper, exc: type, 
     assert "\n" not in str(err)
 
 
+@pytest.mark.adversarial
 def test_key_substitution_by_a_host_in_the_middle(world: World) -> None:
     """A relay that runs its own key exchange with each side (classic MITM) cannot get a quote over it."""
     ini, res = machines(world)
@@ -248,6 +253,7 @@ def test_key_substitution_by_a_host_in_the_middle(world: World) -> None:
 
 # --- replay --------------------------------------------------------------------------------------------------
 
+@pytest.mark.adversarial
 def test_replayed_m2_is_refused(world: World) -> None:
     old = handshake(*machines(world))
     ini, _ = machines(world)
@@ -256,6 +262,7 @@ def test_replayed_m2_is_refused(world: World) -> None:
         ini.receive_reply(old.m2)
 
 
+@pytest.mark.adversarial
 def test_replayed_m3_is_refused(world: World) -> None:
     old = handshake(*machines(world))
     ini, res = machines(world)
@@ -264,6 +271,7 @@ def test_replayed_m3_is_refused(world: World) -> None:
         res.receive_finish(old.m3)
 
 
+@pytest.mark.adversarial
 def test_replayed_m1_and_m3_are_refused(world: World) -> None:
     """Replaying a whole old source side to a new destination: its fresh M2 nonce defeats the old M3."""
     old = handshake(*machines(world))
@@ -273,6 +281,7 @@ def test_replayed_m1_and_m3_are_refused(world: World) -> None:
         res.receive_finish(old.m3)
 
 
+@pytest.mark.adversarial
 def test_replayed_m4_is_refused(world: World) -> None:
     old = handshake(*machines(world))
     ini, res = machines(world)
@@ -283,6 +292,7 @@ def test_replayed_m4_is_refused(world: World) -> None:
 
 # --- order and arguments -----------------------------------------------------------------------------------
 
+@pytest.mark.adversarial
 def test_out_of_order_calls(world: World) -> None:
     ini, res = machines(world)
     with pytest.raises(ProtocolError, match="cannot receive M2 in phase 'start'"):

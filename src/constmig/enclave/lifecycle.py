@@ -2,7 +2,8 @@
 
 Changes are compare-and-set (QEMU's migrate_set_state): a caller says which state it expects to
 leave, so a stale or confused caller cannot, say, resume a source that has already handed off.
-HANDED_OFF and DESTROYED are terminal for the application: no transition leads back to RUNNING.
+DESTROYED is terminal. HANDED_OFF leads back to RUNNING only through `reclaim`, which the source takes
+when the destination enclave said (authenticated, before it resumed) that it gave the migration up.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ class Lifecycle:
             if new not in TRANSITIONS[expected]:
                 raise EnclaveError(f"enclave cannot go from {expected.value} to {new.value}")
             self._state = new
+
+    def reclaim(self) -> None:
+        """HANDED_OFF -> RUNNING: only for a source whose destination proved it never resumed.
+
+        Kept out of TRANSITIONS so that no ordinary `move` can take this edge by mistake.
+        """
+        with self._lock:
+            if self._state is not Life.HANDED_OFF:
+                raise EnclaveError(f"enclave is {self._state.value}, not handed-off: nothing to reclaim")
+            self._state = Life.RUNNING
 
     def require(self, *allowed: Life) -> None:
         if self._state not in allowed:

@@ -26,6 +26,8 @@ from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.pager import PagerHandle
+from constmig.enclave.persist import Persistence
+from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
 from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
 from constmig.migration import destination, source
@@ -56,6 +58,7 @@ class Enclave:
     pager: PagerHandle | None = None  # Fault Tracker
     access: AccessTracker | None = None  # Access Tracker
     receiver: Receiver | None = None  # Access Tracker's stream receiver (the pager has its own)
+    persist: Persistence | None = None  # sealed checkpoints and their counter (set by build_enclave)
 
     def start_access_tracking(self, expected: Any, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
@@ -98,6 +101,20 @@ class Enclave:
         except TypeError as e:
             raise EnclaveError(f"bad arguments for {name}: {e}") from None
 
+    def checkpoint(self, folder: str, name: str) -> dict[str, Any]:
+        """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value."""
+        if self.life.state is not Life.RUNNING or self.app is None:
+            raise EnclaveError(f"enclave is {self.life.state.value}; only a running enclave checkpoints")
+        assert self.persist is not None
+        if self.access is not None:
+            self._settle_access()
+            if self.access is not None:
+                raise EnclaveError("the heap is still arriving from a migration; checkpoint once it is complete")
+        spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
+                "config": self.config, "svn": self.identity.svn}
+        return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app),
+                                       self.heap.used_chunks())
+
     def status(self) -> dict[str, Any]:
         return {
             "app": self.app_name,
@@ -133,6 +150,7 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     )
     heap = Heap(args.heap, args.chunk_size)
     incoming = args.mode == "incoming"
+    persist = Persistence(backend, identity, Path(args.platform_dir) / "enclaves")
     enclave = Enclave(
         app_name=args.app,
         app_cls=app_cls,
@@ -140,9 +158,10 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         life=Lifecycle(Life.INCOMING if incoming else Life.CREATED),
         identity=identity,
         backend=backend,
-        policy=Policy(min_svn=args.svn),
+        policy=Policy(),  # the downgrade rule compares SVNs; min_svn is for an owner-set floor
         config=config,
         tracker=args.tracker if incoming else "none",
+        persist=persist,
     )
     if incoming and enclave.tracker == "fault":
         # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
@@ -151,6 +170,10 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         enclave.figures["populate_s"] = heap.populate()
         if enclave.tracker == "access":
             guard_heap(heap)  # missing chunks must fault loudly, never read as zeros; costly, so now
+    elif args.mode == "restore":
+        blob = persist.restore(Path(args.restore), heap)
+        enclave.app = import_app_state(app_cls, heap, blob)
+        enclave.life.move(Life.CREATED, Life.RUNNING)
     else:
         enclave.app = app_cls(heap)
         enclave.app.setup(**config)
@@ -166,6 +189,8 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
         return {"ok": True, "result": result}
     if op == "status":
         return {"ok": True, "result": enclave.status()}
+    if op == "checkpoint":
+        return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")))}
     if op in ("migrate_out", "migrate_in"):
         if not 1 <= len(fds) <= 2:
             for fd in fds:
@@ -226,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app", required=True)
     p.add_argument("--heap", required=True, type=parse_size)
     p.add_argument("--chunk-size", type=parse_size, default=1 << 20)
-    p.add_argument("--mode", choices=["fresh", "incoming"], default="fresh")
+    p.add_argument("--mode", choices=["fresh", "incoming", "restore"], default="fresh")
+    p.add_argument("--restore", default="", help="checkpoint file (with --mode restore)")
     p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
     p.add_argument("--config", default="")
     p.add_argument("--svn", type=int, default=1)

@@ -118,6 +118,8 @@ class Agent:
         handler = {
             "status": self.op_status,
             "run": self.op_run,
+            "checkpoint": self.op_checkpoint,
+            "restore": self.op_restore,
             "call": self.op_call,
             "stop": self.op_stop,
             "migrate": self.op_migrate,
@@ -161,14 +163,39 @@ class Agent:
             raise AgentError(f"heap {format_size(spec.heap)} exceeds this host's available memory "
                              f"({format_size(avail)})")
 
-    async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none") -> EnclaveHandle:
-        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker)
+    async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none",
+                      restore: Path | None = None) -> EnclaveHandle:
+        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
+                                          restore)
 
     async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
         spec = LaunchSpec.from_wire(req)
         self._check_new(spec)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "fresh")
+        self.enclaves[spec.name] = Hosted(handle, "running")
+        return await handle.call({"op": "status"})
+
+    async def op_checkpoint(self, req: dict[str, Any], writer: Any) -> Any:
+        """Have the enclave seal its state into this agent's checkpoint folder (see enclave/persist.py)."""
+        hosted = self._get(req.get("name"))
+        if hosted.status != "running":
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot checkpoint it now")
+        spec = hosted.handle.spec
+        return await hosted.handle.call({"op": "checkpoint", "folder": str(self.state_dir / "checkpoints"),
+                                         "name": spec.name})
+
+    async def op_restore(self, req: dict[str, Any], writer: Any) -> Any:
+        """Start an enclave from a sealed checkpoint; the enclave itself refuses a stale or foreign one."""
+        from constmig.enclave.persist import read_header
+
+        path = Path(str(req.get("path")))
+        header = read_header(path)
+        spec = LaunchSpec(str(req.get("name") or path.name.split(".")[0]), header.app, header.heap,
+                          header.chunk_size, dict(header.config), header.svn)
+        self._check_new(spec)
+        self.moved.pop(spec.name, None)
+        handle = await self._launch(spec, "restore", restore=path.resolve())
         self.enclaves[spec.name] = Hosted(handle, "running")
         return await handle.call({"op": "status"})
 

@@ -57,13 +57,14 @@ class EnclaveHandle:
 
     @classmethod
     async def launch(cls, spec: LaunchSpec, mode: str, run_dir: Path, platform_dir: Path,
-                     root_pem: Path, tracker: str = "none") -> EnclaveHandle:
+                     root_pem: Path, tracker: str = "none", restore: Path | None = None) -> EnclaveHandle:
         run_dir.mkdir(parents=True, exist_ok=True)
         sock_path = run_dir / f"{spec.name}.sock"
         cmd = [sys.executable, "-m", "constmig.enclave.runtime", "--app", spec.app, "--heap", str(spec.heap),
                "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
                "--svn", str(spec.svn), "--socket", str(sock_path), "--platform-dir", str(platform_dir),
-               "--root-pem", str(root_pem), "--tracker", tracker]
+               "--root-pem", str(root_pem), "--tracker", tracker,
+               *(["--restore", str(restore)] if restore is not None else [])]
         # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE)

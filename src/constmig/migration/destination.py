@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from constmig.enclave.lifecycle import Life
+from constmig.enclave.persist import Lineage
 from constmig.enclave.state import import_app_state
 from constmig.errors import ConstmigError, MigrationError, ProtocolError
 from constmig.migration import messages as m
@@ -64,6 +65,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         if state.strategy != strategy:
             raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy!r}")
         ledger = ChunkLedger.from_wire(hs.migration_id, heap.n_chunks, state.chunks)
+        if state.lineage and enclave.persist is not None:  # sealed checkpoints and their counter continue on this platform
+            enclave.persist.adopt(Lineage(state.lineage, state.lineage_key, state.lineage_version))
         wrap = None
         if strategy == "constmig" and enclave.tracker == "access":
             wrap = enclave.start_access_tracking(ledger.expected, timeout)
@@ -98,6 +101,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         if link is not None:
             link.abort(str(e))
         enclave.abandon_incoming()
+        if enclave.persist is not None:
+            enclave.persist.forget()
         heap.wipe()
         enclave.life.move(Life.INCOMING, Life.DESTROYED)
         raise MigrationError(f"incoming migration failed before commit ({e}); this instance was wiped") from None

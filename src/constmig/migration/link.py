@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from constmig.errors import ConstmigError, ProtocolError
+from constmig.errors import ConstmigError, PeerAborted, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.protocol import CHUNK, Machine
 from constmig.wire.channel import ControlRecord, SealedChunk, SecureChannel
@@ -40,7 +40,7 @@ class Link:
         msg = m.decode(rec.payload)
         self.machine.received(msg)
         if isinstance(msg, m.Abort):
-            raise ProtocolError(f"peer aborted the migration: {msg.reason}")
+            raise PeerAborted(f"peer aborted the migration: {msg.reason}")
         return msg
 
     def expect(self, kind: type[T]) -> T:
@@ -55,7 +55,7 @@ class Link:
         if not self.machine.committed:
             try:
                 self.machine.sent(m.Abort(reason[:500]))
-                self.chan.send_control(m.encode(m.Abort(reason[:500])))
+                self.chan.send_last_words(m.encode(m.Abort(reason[:500])))
             except (ConstmigError, OSError):
                 pass
         self.machine.fail()

@@ -20,6 +20,10 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
     chunk_size: int
     chunks: bytes  # int64 little-endian chunk indices, ascending
     stop_time: float  # source wall clock at the stop (for the downtime figure)
+    # the enclave's persistent-state lineage (see enclave/persist.py); empty if it never checkpointed
+    lineage: bytes = b""
+    lineage_key: bytes = b""
+    lineage_version: int = 0
 
 
 class HeapEnd(msgspec.Struct, tag="heap_end", frozen=True):

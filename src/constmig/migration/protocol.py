@@ -7,7 +7,10 @@ sequences straight into these machines.
 
 The commit point is the source's transition READY_RECEIVED -> HANDED_OFF, taken before COMMIT is sent.
 Before it, every failure ends in ABORTED and the source runs on; after it, the source never runs the
-app again, and a failure ends in PAUSED with every chunk still held for recovery.
+app again, and a failure ends in PAUSED with every chunk still held for recovery. One exception keeps
+a lost or forged COMMIT from leaving no live copy: an authenticated ABORT from the destination before
+its RESUMED proves the destination never ran the app and wiped itself, so the source's machine goes to
+ABORTED and the source may run again (the destination only sends ABORT before it commits).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class St(enum.Enum):
     READY_SENT = "ready-sent"
     READY_RECEIVED = "ready-received"
     HANDED_OFF = "handed-off"  # source, after the commit point
+    PEER_RUNNING = "peer-running"  # source: the destination said it resumed
     COMMITTED = "committed"  # destination got COMMIT
     RUNNING = "running"  # destination resumed; background chunks may still arrive
     COMPLETE = "complete"
@@ -48,8 +52,12 @@ TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
         St.READY_RECEIVED: {("send", "commit"): St.HANDED_OFF},
         St.HANDED_OFF: {
             ("send", CHUNK): St.HANDED_OFF,
-            ("recv", "resumed"): St.HANDED_OFF,
-            ("recv", "demand"): St.HANDED_OFF,
+            ("recv", "resumed"): St.PEER_RUNNING,
+            ("recv", "demand"): St.HANDED_OFF,  # demands travel apart from RESUMED and may overtake it
+        },
+        St.PEER_RUNNING: {
+            ("send", CHUNK): St.PEER_RUNNING,
+            ("recv", "demand"): St.PEER_RUNNING,
             ("recv", "done"): St.COMPLETE,
         },
         St.COMPLETE: {},
@@ -75,7 +83,7 @@ TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
 
 # States after the commit point: failures there pause instead of aborting.
 _COMMITTED = {
-    "source": frozenset({St.HANDED_OFF, St.PAUSED, St.COMPLETE}),
+    "source": frozenset({St.HANDED_OFF, St.PEER_RUNNING, St.PAUSED, St.COMPLETE}),
     "destination": frozenset({St.COMMITTED, St.RUNNING, St.PAUSED, St.COMPLETE}),
 }
 
@@ -108,6 +116,8 @@ class Machine:
 
     def _step_locked(self, direction: str, msg: m.Message | str) -> St:
         name = event_name(msg)
+        if name == "abort" and direction == "recv" and self.role == "source" and self.state is St.HANDED_OFF:
+            return self._set(St.ABORTED)  # the destination gave up before resuming: see the module doc
         if name == "abort" and self.state not in (St.COMPLETE, St.ABORTED, St.PAUSED):
             return self._set(St.PAUSED if self.committed else St.ABORTED)
         nxt = TABLE[self.role][self.state].get((direction, name))

@@ -20,7 +20,7 @@ from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
-from constmig.migration.protocol import Machine
+from constmig.migration.protocol import Machine, St
 from constmig.migration.streamer import Streamer
 from constmig.wire.channel import RecvTimeout, SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -72,7 +72,9 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         chunks = heap.used_chunks(known)
         ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
         blob = export_app_state(app)
-        link.send(m.StateMsg(strategy, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop))
+        lineage = enclave.persist.export() if enclave.persist is not None else None
+        link.send(m.StateMsg(strategy, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
+                             *((lineage.lineage, lineage.key, lineage.version) if lineage else ())))
         total = int(chunks.size) * heap.chunk_size
         if strategy == "stopcopy":
             _send_chunks(link, ledger, heap, chunks, progress, total)
@@ -91,6 +93,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     streamer = None
     try:
+        if enclave.persist is not None:
+            enclave.persist.leave()  # no checkpoint may restore here once the destination runs it
         link.send(m.Commit())
         if demand is not None:
             streamer = Streamer(link, demand, ledger, heap, progress, float(req.get("max_bandwidth") or 0))
@@ -111,6 +115,15 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
                 "this migration or their digest")
     except (ConstmigError, OSError) as e:
         link.machine.fail()
+        if link.machine.state is St.ABORTED:  # authenticated ABORT before RESUMED: see protocol.py
+            if streamer is not None:
+                streamer.stop()
+            enclave.life.reclaim()
+            if enclave.persist is not None:
+                enclave.persist.reinstate()
+            raise MigrationError(
+                f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "
+                "enclave runs here again with all its data") from None
         # the streamer's error is the real cause when it closed the main channel to wake us
         cause = streamer.error if streamer is not None and streamer.error else str(e)
         raise MigrationError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from constmig.tee.counters import CounterStore
+
 REPORT_DATA_SIZE = 64
 
 
@@ -48,6 +50,11 @@ class TeeBackend(ABC):
     @abstractmethod
     def sealing_key(self, identity: Identity, label: bytes) -> bytes:
         """A 32-byte key only this enclave identity on this platform can derive."""
+
+    @property
+    @abstractmethod
+    def counters(self) -> CounterStore:
+        """This platform's monotonic counters (for rollback-proof sealed state)."""
 
     @property
     @abstractmethod

@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from constmig.errors import AttestationError, ConfigError
 from constmig.tee.backend import REPORT_DATA_SIZE, Identity, TeeBackend, VerifiedQuote
+from constmig.tee.counters import CounterStore
 
 QUOTE_VERSION = 1
 MAX_QUOTE_SIZE = 8192  # a quote is ~600 bytes; refuse to parse anything much bigger
@@ -264,6 +265,7 @@ class SimPlatform(TeeBackend):
                  root: x509.Certificate) -> None:
         self._host_id, self._key, self._secret, self._root = host_id, key, secret, root
         self._cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self._counters: CounterStore | None = None
 
     @classmethod
     def provision(cls, platform_dir: Path, ca_dir: Path, host_id: str) -> SimPlatform:
@@ -303,11 +305,20 @@ class SimPlatform(TeeBackend):
             raise ConfigError(f"{platform_dir}: {e}") from None
         if pub != key.public_key():
             raise ConfigError(f"{platform_dir}/platform.pem does not certify {platform_dir}/platform.key")
-        return cls(host, key, cert, secret, root)
+        platform = cls(host, key, cert, secret, root)
+        counter_key = HKDF(hashes.SHA256(), 32, salt=None, info=b"constmig-counters").derive(secret)
+        platform._counters = CounterStore(platform_dir / "counters.json", counter_key)
+        return platform
 
     @property
     def platform_id(self) -> str:
         return self._host_id
+
+    @property
+    def counters(self) -> CounterStore:
+        if self._counters is None:
+            raise ConfigError("this platform was opened without a directory, so it has no counters")
+        return self._counters
 
     def quote(self, identity: Identity, report_data: bytes) -> bytes:
         """Sign (identity, report_data, our certificate) with the platform attestation key."""

@@ -171,6 +171,7 @@ class SecureChannel:
         self._mid = migration_id
         self._state = ChannelState.OK
         self._error: str | None = None
+        self._send_broken = False  # a receive error leaves the send direction usable for last words
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._sealer: RecordSealer | None = None
@@ -218,8 +219,9 @@ class SecureChannel:
         if self._state is ChannelState.BROKEN:
             raise ProtocolError(f"secure channel is broken by an earlier error: {self._error}")
 
-    def _break(self, exc: ProtocolError) -> ProtocolError:
+    def _break(self, exc: ProtocolError, *, sending: bool = False) -> ProtocolError:
         """Mark the channel BROKEN (unless closed here) and hand back `exc` for raising."""
+        self._send_broken = self._send_broken or sending
         if self._state is ChannelState.OK:
             self._state = ChannelState.BROKEN
             self._error = str(exc)
@@ -306,11 +308,12 @@ class SecureChannel:
         try:
             self._sock.sendall(data)
         except TimeoutError:
-            raise self._break(ChannelClosed("peer stopped reading: send timed out")) from None
+            raise self._break(ChannelClosed("peer stopped reading: send timed out"), sending=True) from None
         except OSError as e:
             if self._state is ChannelState.CLOSED:
                 raise ChannelClosed("secure channel was closed while sending") from None
-            raise self._break(ChannelClosed(f"connection lost while sending: {e.strerror or e}")) from None
+            raise self._break(ChannelClosed(f"connection lost while sending: {e.strerror or e}"),
+                              sending=True) from None
         self.bytes_sent += len(data)
 
     def send_handshake(self, payload: bytes) -> None:
@@ -333,6 +336,17 @@ class SecureChannel:
             raise ValueError(f"control payload of {n} bytes exceeds {MAX_CONTROL_PAYLOAD}")
         self._send_encrypted(Kind.CONTROL, payload, n, 0, 0)
 
+    def send_last_words(self, payload: bytes) -> None:
+        """Send one CONTROL record even though receiving broke (a forged or garbled record arrived).
+
+        Why: the send direction has its own key and counter, so an authenticated goodbye (an abort)
+        is still trustworthy, and it is what lets the peer enclave know for sure that this side gave up.
+        """
+        n = _nbytes(payload)
+        if n > MAX_CONTROL_PAYLOAD:
+            raise ValueError(f"control payload of {n} bytes exceeds {MAX_CONTROL_PAYLOAD}")
+        self._send_encrypted(Kind.CONTROL, payload, n, 0, 0, last_words=True)
+
     def send_chunk(self, index: int, data: bytes | bytearray | memoryview, *, demand: bool = False) -> bytes:
         """Send one heap chunk (1..MAX_CHUNK bytes) as an encrypted CHUNK record bound to `index`.
 
@@ -346,10 +360,11 @@ class SecureChannel:
         return self._send_encrypted(Kind.CHUNK, data, n, index, FLAG_DEMAND if demand else 0)
 
     def _send_encrypted(self, kind: Kind, data: bytes | bytearray | memoryview, n: int, arg: int,
-                        flags: int) -> bytes:
+                        flags: int, *, last_words: bool = False) -> bytes:
         total = HEADER_SIZE + n + TAG_SIZE
         with self._send_lock:
-            self._check_usable()
+            if not (last_words and self._state is ChannelState.BROKEN and not self._send_broken):
+                self._check_usable()
             sealer = self._sealer
             if sealer is None or self._mid is None:
                 raise ProtocolError(f"cannot send a {kind.name} record before keys are installed")

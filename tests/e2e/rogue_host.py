@@ -1,0 +1,162 @@
+"""The test as the untrusted host: it launches enclave processes itself and talks to them directly.
+
+An agent is untrusted code, so anything an agent could send an enclave is fair game for an attack:
+this harness starts enclave runtimes the way an agent does, hands them connections it controls (a
+relay that records, drops or cuts each direction), and sends them any request in any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from constmig.tee.sim import SimPlatform, create_root_ca
+from constmig.wire.framing import FramedSocket
+
+
+class Enclave:
+    """One enclave process this host started; `request` is the agent's door into it."""
+
+    def __init__(self, base: Path, host: str, name: str, mode: str, *, app: str = "kvstore", heap: int = 32 << 20,
+                 tracker: str = "none", svn: int = 1) -> None:
+        ca = base / "ca"
+        create_root_ca(ca)
+        platform = base / f"host-{host}" / "platform"
+        SimPlatform.provision(platform, ca, host)
+        sock = base / f"host-{host}" / f"{name}.sock"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "constmig.enclave.runtime", "--app", app, "--heap", str(heap), "--mode", mode,
+             "--svn", str(svn), "--socket", str(sock), "--platform-dir", str(platform),
+             "--root-pem", str(ca / "root.pem"), "--tracker", tracker],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("ready"), line
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        self.fs = FramedSocket(s)
+        self.lock = threading.Lock()
+
+    def request(self, req: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:
+        """The raw reply ({"ok": ..., "result"|"error": ...}); never raises on a refusal."""
+        with self.lock:
+            return self.fs.exchange(req, fds)
+
+    def ecall(self, name: str, *args: Any) -> dict[str, Any]:
+        return self.request({"op": "ecall", "name": name, "args": list(args)})
+
+    def state(self) -> str:
+        return self.request({"op": "status"})["result"]["state"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+# pump(direction, data) -> bytes to forward (b"" drops), or None to cut both directions.
+Pump = Callable[[str, bytes], bytes | None]
+
+
+class Relay:
+    """Two socket pairs and a thread per direction: the host's position between two enclaves."""
+
+    def __init__(self, pump: Pump | None = None) -> None:
+        self.src_end, a = socket.socketpair()
+        self.dst_end, b = socket.socketpair()
+        self.recorded: dict[str, bytearray] = {"s2d": bytearray(), "d2s": bytearray()}
+        self.pump = pump
+        self._socks = [a, b]
+        for direction, frm, to in (("s2d", a, b), ("d2s", b, a)):
+            threading.Thread(target=self._run, args=(direction, frm, to), daemon=True).start()
+
+    def _run(self, direction: str, frm: socket.socket, to: socket.socket) -> None:
+        try:
+            while data := frm.recv(1 << 16):
+                self.recorded[direction] += data
+                out = data if self.pump is None else self.pump(direction, data)
+                if out is None:
+                    break
+                if out:
+                    to.sendall(out)
+        except OSError:
+            pass
+        self.cut()
+
+    def cut(self) -> None:
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def migrate(src: Enclave, dst: Enclave, relay: Relay, strategy: str = "stopcopy",
+            timeout: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one migration the way the agents do, over `relay`; returns (source reply, destination reply)."""
+    replies: dict[str, dict[str, Any]] = {}
+    req = {"strategy": strategy, "timeout": timeout}
+
+    def side(name: str, enclave: Enclave, op: str, sock: socket.socket) -> None:
+        replies[name] = enclave.request({"op": op, **req}, [sock.fileno()])
+        sock.close()
+
+    threads = [threading.Thread(target=side, args=("dst", dst, "migrate_in", relay.dst_end)),
+               threading.Thread(target=side, args=("src", src, "migrate_out", relay.src_end))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * 4)
+    return replies["src"], replies["dst"]
+
+
+def feed(dst: Enclave, data: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    """Play a recorded source stream into an incoming enclave; returns its reply."""
+    mine, theirs = socket.socketpair()
+    threading.Thread(target=lambda: _send_quietly(mine, data), daemon=True).start()
+    try:
+        return dst.request({"op": "migrate_in", "strategy": "stopcopy", "timeout": timeout}, [theirs.fileno()])
+    finally:
+        theirs.close()
+        mine.close()
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def json_reply(reply: dict[str, Any]) -> str:
+    return json.dumps(reply, default=str)[:300]
+
+
+class RecordFilter:
+    """A Pump that sees one direction as whole records: on_record(direction, header, bytes) -> bytes."""
+
+    def __init__(self, on_record: Callable[[str, Any, bytes], bytes | None]) -> None:
+        self.on_record = on_record
+        self._buf: dict[str, bytes] = {"s2d": b"", "d2s": b""}
+
+    def __call__(self, direction: str, data: bytes) -> bytes | None:
+        from constmig.wire.records import HEADER_SIZE, parse_header
+
+        buf = self._buf[direction] + data
+        out = []
+        while len(buf) >= HEADER_SIZE:
+            header = parse_header(buf[:HEADER_SIZE])
+            end = HEADER_SIZE + header.length
+            if len(buf) < end:
+                break
+            got = self.on_record(direction, header, buf[:end])
+            if got is None:
+                return None
+            out.append(got)
+            buf = buf[end:]
+        self._buf[direction] = buf
+        return b"".join(out)
