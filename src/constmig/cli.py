@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from constmig.errors import ConfigError, ConstmigError
+from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import parse_size
 
 STRATEGY_CHOICES = click.Choice(["stopcopy", "constmig"])
@@ -160,6 +161,27 @@ def status(addr: str) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+def checkpoint(name: str, addr: str) -> None:
+    """Seal an enclave's state to a file on its host, bound to a monotonic counter (no rollback)."""
+    from constmig.host.client import request
+
+    click.echo(_show(request(addr, {"op": "checkpoint", "name": name})))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+@click.option("--name", default=None, help="Enclave name (default: from the file name).")
+def restore(path: str, addr: str, name: str | None) -> None:
+    """Start an enclave from its newest checkpoint (an older one, or one from a host it left, is refused)."""
+    from constmig.host.client import request
+
+    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name})))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
 def stop(name: str, addr: str) -> None:
     """Stop (destroy) an enclave."""
     from constmig.host.client import request
@@ -240,6 +262,9 @@ def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, 
     if not size_list:
         raise ConfigError("--sizes needs at least one size")
     run_sizes(list(strategies), size_list, repeat, app, out)
+
+
+main.add_command(testbed_group)
 
 
 if __name__ == "__main__":
