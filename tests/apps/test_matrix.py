@@ -86,3 +86,35 @@ def test_set_get_row_sum_and_checksum():
         app.set(0, 0, "x")
     with pytest.raises(EnclaveError):
         app.fill(2.0)
+
+
+def test_step_is_a_bounded_block_of_the_matvec():
+    app = make(n=300)
+    app.fill(1.0, seed=3)
+    before = app.checksum()
+    r = app.step(n=20, seed=4)
+    start = r["start"]
+    y = app.a[start : start + 20] @ app.x
+    assert r["ops"] == 20 and 0 <= start <= 280
+    assert math.isclose(r["norm2"], float(y @ y), rel_tol=1e-12)
+    assert app.step(seed=4)["ops"] == 300  # default: the rows in about 16 MiB, here all of them
+    assert app.stats()["steps"] == 2 and app.checksum() != before  # steps count in the small state
+    b = make(n=300)
+    b.fill(1.0, seed=3)
+    assert b.step(n=20, seed=4) == r  # deterministic given the seed
+    for bad in ({"n": 0}, {"n": 301}, {"n": "2"}, {"seed": -1}):
+        with pytest.raises(EnclaveError):
+            app.step(**bad)
+
+
+def test_step_runs_unchanged_on_a_tracked_heap(tracked):
+    app = MatrixApp(Heap(8 * MiB, chunk_size=64 << 10))
+    app.setup(n=800)
+    app.fill(1.0, seed=2)
+    copy = tracked(app)
+    assert copy.app.step(n=4, seed=1) == app.step(n=4, seed=1)
+    assert copy.tracker.demanded <= 3, "four rows of 6400 bytes, and the vector"
+    for s in range(3):
+        assert copy.app.step(seed=s) == app.step(seed=s)
+    assert copy.app.checksum() == app.checksum()
+    app.heap.close()

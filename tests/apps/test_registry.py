@@ -1,9 +1,15 @@
+from collections import Counter
+
 import pytest
 
 from constmig.apps import APPS, app_source, load_app
 from constmig.apps.kvstore import KVStore
 from constmig.apps.matrix import MatrixApp
+from constmig.enclave.heap import Heap
 from constmig.errors import ConfigError
+from constmig.loadgen import KVHammer, LoadReport, StepDriver, driver_for
+
+WORKLOADS = ["btree", "graph", "hashjoin", "kmeans", "matrix", "xsbench"]
 
 
 def test_load_app():
@@ -15,7 +21,7 @@ def test_load_app():
 def test_unknown_app():
     with pytest.raises(ConfigError) as e:
         load_app("x")
-    assert str(e.value) == "unknown app 'x'; known apps: kvstore, matrix"
+    assert str(e.value) == f"unknown app 'x'; known apps: {', '.join(sorted(APPS))}"
     with pytest.raises(ConfigError):
         app_source("x")
 
@@ -31,3 +37,44 @@ def test_ecalls_listed():
         KVStore.ecalls()
     )
     assert {"matvec", "set", "get", "row_sum", "fill", "stats", "checksum"} <= set(MatrixApp.ecalls())
+
+
+def test_every_workload_is_registered_and_steps():
+    assert set(APPS) == {"kvstore", *WORKLOADS}
+    for name in WORKLOADS:
+        cls = load_app(name)
+        assert {"step", "fill", "stats", "checksum"} <= set(cls.ecalls())
+        assert f"class {cls.__name__}(EnclaveApp)".encode() in app_source(name)
+        with Heap(16 << 20) as heap:
+            app = cls(heap)
+            app.setup()
+            if name != "matrix":  # a square matrix takes `fraction` (0.9) of the heap by default
+                assert heap.free_bytes < 64 << 10, f"{name} leaves heap unused"
+            r = app.fill(0.5, seed=1)
+            assert isinstance(r["seconds"], float)
+            out = app.step(seed=3)
+            assert isinstance(out["ops"], int) and out["ops"] > 0
+            del app
+
+
+def test_driver_for_picks_the_client_load():
+    assert type(driver_for("kvstore", "127.0.0.1:1", "kv", zipf=0.99)) is KVHammer
+    d = driver_for("btree", "127.0.0.1:1", "bt", n=10, record=True)
+    assert type(d) is StepDriver and d.n == 10 and d.record
+    assert d.seed_of(5) == (1 << 32) + 5
+
+
+def test_zipf_keys_are_skewed():
+    h = KVHammer("127.0.0.1:1", "kv", keys=1000, zipf=0.99)  # no call made: nothing connects
+    counts = Counter(h._key() for _ in range(20000))
+    assert counts["hammer-0"] > 0.1 * 20000 > 50 * counts.get("hammer-999", 0) + 1
+    u = KVHammer("127.0.0.1:1", "kv", keys=1000)
+    assert max(Counter(u._key() for _ in range(20000)).values()) < 60
+    with pytest.raises(ValueError):
+        KVHammer("127.0.0.1:1", "kv", zipf=0.0)
+
+
+def test_load_report_figures_keep_their_keys():
+    r = LoadReport(calls=3, ops=300, max_gap_ms=1.234)
+    assert r.figures() == {"client_calls": 3, "client_errors": 0, "client_wrong": 0, "client_gap_ms": 1.23,
+                           "client_ops": 300}

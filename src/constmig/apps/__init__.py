@@ -15,6 +15,11 @@ from constmig.errors import ConfigError
 APPS: dict[str, str] = {
     "kvstore": "constmig.apps.kvstore:KVStore",
     "matrix": "constmig.apps.matrix:MatrixApp",
+    "btree": "constmig.apps.btree:BTree",
+    "hashjoin": "constmig.apps.hashjoin:HashJoin",
+    "graph": "constmig.apps.graph:Graph",
+    "kmeans": "constmig.apps.kmeans:KMeans",
+    "xsbench": "constmig.apps.xsbench:XSBench",
 }
 
 

@@ -49,6 +49,7 @@ class MatrixApp(EnclaveApp):
         self.n = n
         self.iterations = 0
         self.filled_rows = 0
+        self.steps = 0
         self.a = self.heap.alloc("matrix.a", (n, n), np.float64)
         self.x = self.heap.alloc("matrix.x", n, np.float64)
         self.x[:] = 1.0 / math.sqrt(n)
@@ -93,6 +94,23 @@ class MatrixApp(EnclaveApp):
         return norm
 
     @ecall
+    def step(self, n: int | None = None, seed: int = 0) -> dict[str, Any]:
+        """A bounded unit of power iteration: y = A x over `n` consecutive rows from a random start.
+
+        `n` defaults to the rows in about 16 MiB, so a step costs the same at any matrix size. Reads
+        only; einsum rather than BLAS, so a replay gives bit-identical results on any thread count.
+        """
+        rows = max(1, min(self.n, (16 << 20) // (8 * self.n))) if n is None else n
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= self.n:
+            raise EnclaveError(f"step n must be an integer from 1 to {self.n}, not {rows!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+            raise EnclaveError(f"step seed must be an integer from 0 to 2**64-1, not {seed!r}")
+        start = int(np.random.Generator(np.random.PCG64(seed)).integers(0, self.n - rows + 1))
+        y = np.einsum("ij,j->i", self.a[start : start + rows], self.x)
+        self.steps += 1
+        return {"ops": rows, "start": start, "norm2": float(np.einsum("i,i->", y, y))}
+
+    @ecall
     def set(self, i: int, j: int, v: float) -> bool:
         """Set one element."""
         self._check_index(i, j)
@@ -121,6 +139,7 @@ class MatrixApp(EnclaveApp):
             "matrix_bytes": 8 * self.n * self.n,
             "filled_rows": self.filled_rows,
             "iterations": self.iterations,
+            "steps": self.steps,
             "used_bytes": self.heap.used_bytes,
         }
 
@@ -128,7 +147,7 @@ class MatrixApp(EnclaveApp):
     def checksum(self) -> str:
         """sha256 over the matrix and vector bytes and the small state."""
         h = hashlib.sha256()
-        h.update(f"matrix:{self.n}:{self.iterations}:{self.filled_rows}:".encode())
+        h.update(f"matrix:{self.n}:{self.iterations}:{self.filled_rows}:{self.steps}:".encode())
         h.update(memoryview(self.a).cast("B"))
         h.update(memoryview(self.x).cast("B"))
         return h.hexdigest()
