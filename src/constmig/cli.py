@@ -192,7 +192,7 @@ def stop(name: str, addr: str) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
-@click.option("--to", "dst", required=True, help="Destination agent HOST:PORT.")
+@click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
 @click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
@@ -202,17 +202,33 @@ def stop(name: str, addr: str) -> None:
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
               "(meaningful only without concurrent writers).")
+@click.option("--resume-deadline", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="If the link breaks after the handoff, keep reconnecting this many seconds (0 = give up at "
+              "once; the source keeps its state either way).")
+@click.option("--resume", "resume_paused", is_flag=True,
+              help="Resume this enclave's migration out of --from that paused after its handoff.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def migrate(name: str, src: str, dst: str, strategy: str, tracker: str, max_bandwidth: int, timeout: float,
-            verify: bool, json_path: str | None) -> None:
-    """Migrate an enclave from one agent to another."""
+def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int, timeout: float,
+            verify: bool, resume_deadline: float, resume_paused: bool, json_path: str | None) -> None:
+    """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration)."""
     from constmig.host.address import parse_addr
-    from constmig.migration.orchestrate import migrate_with_progress
+    from constmig.migration.orchestrate import migrate_with_progress, resume
 
     parse_addr(src)
-    parse_addr(dst)
-    figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify,
-                                    quiet=json_path == "-", tracker=tracker, max_bandwidth=max_bandwidth)
+    if resume_paused:
+        if dst is not None or verify:
+            raise ConfigError("--resume continues the paused migration to where it was going; drop --to and --verify")
+        from constmig.progress import MigrationProgress
+
+        with MigrationProgress(f"resuming {name}", quiet=json_path == "-") as bar:
+            figures = resume(name, src, timeout, max(resume_deadline, 0.1), on_progress=bar.update)
+    else:
+        if dst is None:
+            raise ConfigError("missing --to (the destination agent HOST:PORT)")
+        parse_addr(dst)
+        figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-",
+                                        tracker=tracker, max_bandwidth=max_bandwidth,
+                                        resume_deadline=resume_deadline)
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures

@@ -24,11 +24,15 @@ Record = Callable[[int, str, str, bytes], None]
 
 
 class MitmProxy:
-    def __init__(self, target: str, tamper: Tamper | None = None, record: Record | None = None) -> None:
+    def __init__(self, target: str, tamper: Tamper | None = None, record: Record | None = None,
+                 back: Tamper | None = None) -> None:
+        """`tamper` sees each connection's bytes towards the target, `back` those coming back from it."""
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.tamper = tamper
+        self.back = back
         self.record = record
+        self.connections = 0  # data connections seen (a reconnect adds more)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.data_bytes = 0
@@ -62,12 +66,15 @@ class MitmProxy:
                     break
                 if forward and state["data"] is None:
                     state["data"] = _channel_of(data)
+                    if state["data"]:
+                        self.connections += 1
                 if self.record is not None:
                     self.record(state["conn"], state["data"] or "", "c2s" if forward else "s2c", data)
-                if forward and self.tamper is not None:
-                    out = self.tamper(state["data"], offset, data)
+                tamper = self.tamper if forward else self.back
+                if tamper is not None and (forward or state["data"] is not None):
+                    out = tamper(state["data"], offset, data)
                     offset += len(data)
-                    if state["data"]:
+                    if state["data"] and forward:
                         self.data_bytes = offset
                     if out is None:
                         break
@@ -127,8 +134,10 @@ class RecordTamper:
     """Sees a data connection's forward stream as records and lets `on_record` rewrite it.
 
     on_record(channel, n, header, record_bytes) -> list of byte strings to forward in its place
-    (return [record_bytes] to pass it on, [] to drop it, several to inject). `n` counts the records of
-    that connection from 0 (the first few are the handshake). The agent's opening frame passes through.
+    (return [record_bytes] to pass it on, [] to drop it, several to inject), or None to cut the
+    connection there. `n` counts the records of that channel from 0 across reconnects (the first few of
+    each connection are its handshake). A connection's opening frame (the agent's request, or its
+    answer) passes through.
     """
 
     def __init__(self, on_record: Callable[[str, int, Header, bytes], list[bytes]]) -> None:
@@ -141,6 +150,8 @@ class RecordTamper:
             return data
         with self._lock:
             st = self._state.setdefault(channel, {"buf": b"", "frame_done": False, "n": 0})
+            if offset == 0:  # a new connection on this channel (a reconnect): parse it from its start
+                st["buf"], st["frame_done"] = b"", False
             st["buf"] += data
             out: list[bytes] = []
             buf = st["buf"]
@@ -159,8 +170,11 @@ class RecordTamper:
                 end = HEADER_SIZE + header.length
                 if len(buf) < end:
                     break
-                out.extend(self.on_record(channel, st["n"], header, buf[:end]))
+                got = self.on_record(channel, st["n"], header, buf[:end])
                 st["n"] += 1
+                if got is None:
+                    return None
+                out.extend(got)
                 buf = buf[end:]
             st["buf"] = buf
             return b"".join(out)

@@ -54,3 +54,13 @@ def test_async_reader_eof_mid_frame():
             await read_frame(reader)
 
     asyncio.run(go())
+
+
+def test_unencodable_message_is_a_protocol_error():
+    """An ECALL result msgpack cannot carry must become an error reply, not kill the enclave's loop."""
+    from constmig.errors import ProtocolError
+    from constmig.wire.framing import encode
+
+    for bad in ({"result": 2**70}, {"result": object()}):
+        with pytest.raises(ProtocolError, match="cannot be encoded"):
+            encode(bad)

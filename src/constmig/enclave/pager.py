@@ -42,6 +42,8 @@ from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
 from constmig.migration.protocol import Machine, St
 from constmig.migration.receiver import Receiver
+from constmig.migration.resume import ResumeSecret
+from constmig.migration.resume_server import ResumeServer
 from constmig.migration.uffd import Userfaultfd, buffer_address
 from constmig.wire.channel import ChannelTicket, SealedChunk, SecureChannel
 from constmig.wire.framing import FramedSocket
@@ -64,6 +66,7 @@ class UffdInstaller:
         self._chunk_buf = np.ones(chunk_size, dtype=np.uint8)
         self._piece_buf = np.ones(PIECE, dtype=np.uint8)
         self.fault_at: dict[int, int] = {}  # chunk -> first faulting address: installed first
+        self._pieces_in: dict[int, set[int]] = {}  # chunk -> pieces in place (the rest still missing)
 
     def note_faults(self, chunks: np.ndarray, addrs: np.ndarray) -> None:
         for c, a in zip(chunks.tolist(), addrs.tolist(), strict=True):
@@ -72,13 +75,17 @@ class UffdInstaller:
     def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         chan.open_chunk(sealed, memoryview(self._piece_buf))
         self.fault_at.pop(index, None)
+        have = self._pieces_in.setdefault(index, set())
+        if piece in have:  # in place since before a reconnect (same bytes, verified then)
+            return
         self.uffd.copy(self.base + index * self.chunk_size + piece * PIECE, buffer_address(self._piece_buf), PIECE)
+        have.add(piece)
 
     def chunk_done(self, index: int) -> None:
-        pass
+        self._pieces_in.pop(index, None)
 
     def chunk_failed(self, index: int) -> None:
-        pass  # pieces already in place were verified on their own; the rest stays missing
+        pass  # pieces already in place were verified on their own (and remembered); the rest stays missing
 
     def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         if sealed.length != self.chunk_size:
@@ -86,6 +93,13 @@ class UffdInstaller:
         chan.open_chunk(sealed, memoryview(self._chunk_buf))
         addr = buffer_address(self._chunk_buf)
         dst = self.base + index * self.chunk_size
+        partial = self._pieces_in.pop(index, None)
+        if partial:  # some pieces arrived before a reconnect: copy only the others (a copy may not overwrite)
+            for p in range(self.chunk_size // PIECE):
+                if p not in partial:
+                    self.uffd.copy(dst + p * PIECE, addr + p * PIECE, PIECE)
+            self.fault_at.pop(index, None)
+            return
         hot = self.fault_at.pop(index, None)
         if hot is None:
             self.uffd.copy(dst, addr, self.chunk_size)
@@ -101,6 +115,9 @@ class UffdInstaller:
 
     def fail(self, reason: str) -> None:
         write_status(self.status, {"state": "paused", "reason": reason})
+
+    def resumed(self) -> None:
+        write_status(self.status, {"state": "streaming"})
 
 
 def write_status(path: Path | None, info: dict[str, Any]) -> None:
@@ -121,6 +138,7 @@ class Pager:
         self.n_chunks = size // chunk_size
         self.receiver: Receiver | None = None
         self.ledger: ChunkLedger | None = None
+        self.resume_server: ResumeServer | None = None
         self.installer = UffdInstaller(uffd, base, chunk_size, status)  # buffers warm before any fault
         self._early: list[tuple[np.ndarray, np.ndarray, float]] = []  # faults before the stream started (should not happen)
         self._lock = threading.Lock()
@@ -192,14 +210,19 @@ class Pager:
             early, self._early = self._early, []
         write_status(self.status, {"state": "streaming"})
         receiver.start()
+        if req.get("resume_path"):
+            self.resume_server = ResumeServer(Path(req["resume_path"]), ResumeSecret.from_wire(req["resume"]), ledger,
+                                              float(req["t_resume"]), receiver, self.chunk_size)
         for chunks, addrs, t in early:
             self._on_faults(chunks, addrs, t)
 
     def finish(self) -> dict[str, Any]:
-        """Wait for the stream to end; unregister the heap if it completed."""
+        """Wait for the stream to complete (across reconnects); then unregister the heap."""
         assert self.receiver is not None
-        self.receiver.wait()
+        self.receiver.done.wait()  # a paused stream waits here for a reconnect (the pager dies with the enclave)
         self.receiver.join()
+        if self.resume_server is not None:
+            self.resume_server.close()
         if self.receiver.error is None or self.receiver.complete:
             self._stop.set()
             self._faults.join(timeout=5.0)
@@ -302,10 +325,11 @@ class PagerHandle:
         self.ready = True
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
-               t_resume: float, timeout: float) -> None:
+               t_resume: float, timeout: float, secret: ResumeSecret, resume_path: Path | None) -> None:
         self.wait_ready()
         self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
-                      "t_resume": t_resume, "timeout": timeout}, fds=fds)
+                      "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
+                      "resume_path": str(resume_path) if resume_path else ""}, fds=fds)
         reply, _ = self.fs.recv()
         if not reply.get("ok"):
             raise EnclaveError(f"pager refused the stream: {reply.get('error')}")

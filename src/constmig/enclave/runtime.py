@@ -29,12 +29,12 @@ from constmig.enclave.pager import PagerHandle
 from constmig.enclave.persist import Persistence
 from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
-from constmig.errors import ChannelClosed, ConstmigError, EnclaveError
+from constmig.errors import ChannelClosed, ConstmigError, EnclaveError, ProtocolError
 from constmig.migration import destination, source
 from constmig.migration.receiver import Receiver
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
-from constmig.wire.framing import FramedSocket
+from constmig.wire.framing import FramedSocket, encode
 from constmig.wire.handshake import Policy
 
 DEV_SIGNER = b"constmig development signer"
@@ -59,6 +59,8 @@ class Enclave:
     access: AccessTracker | None = None  # Access Tracker
     receiver: Receiver | None = None  # Access Tracker's stream receiver (the pager has its own)
     persist: Persistence | None = None  # sealed checkpoints and their counter (set by build_enclave)
+    outgoing: source.Outgoing | None = None  # a migration out that paused after the commit point
+    resume_path: Path | None = None  # where an incoming migration listens for reconnects (resume.py)
 
     def start_access_tracking(self, expected: Any, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
@@ -162,6 +164,7 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         config=config,
         tracker=args.tracker if incoming else "none",
         persist=persist,
+        resume_path=Path(args.socket).with_suffix(".resume.sock") if incoming else None,
     )
     if incoming and enclave.tracker == "fault":
         # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
@@ -191,7 +194,7 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
         return {"ok": True, "result": enclave.status()}
     if op == "checkpoint":
         return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")))}
-    if op in ("migrate_out", "migrate_in"):
+    if op in ("migrate_out", "migrate_in", "resume_out"):
         if not 1 <= len(fds) <= 2:
             for fd in fds:
                 os.close(fd)
@@ -206,6 +209,8 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
         try:
             if op == "migrate_out":
                 result = source.run(enclave, socks, req, progress)
+            elif op == "resume_out":
+                result = source.resume(enclave, socks, req, progress)
             else:
                 result = destination.run(enclave, socks, req, progress)
         finally:
@@ -236,6 +241,11 @@ def serve(enclave: Enclave, listener: socket.socket) -> None:
                 if reply is None:
                     fs.send({"ok": True, "result": "bye"})
                     return
+                try:
+                    encode(reply)
+                except ProtocolError as e:  # a result the wire cannot carry must not end the enclave
+                    reply = {"ok": False, "error": f"the ECALL's result cannot be sent back: {e}",
+                             "kind": "EnclaveError", "state": enclave.life.state.value}
                 fs.send(reply)
                 if enclave.life.state is Life.DESTROYED:
                     return
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         if os.path.exists(args.socket):
             os.unlink(args.socket)
+        if enclave.resume_path is not None:
+            enclave.resume_path.unlink(missing_ok=True)
         if enclave.pager is not None:
             enclave.pager.close()
         enclave.heap.close()

@@ -90,6 +90,7 @@ class AccessTracker:
         self._restored_at = np.full(n, np.nan)
         self._cond = threading.Condition()
         self._failure: str | None = None
+        self._paused: str | None = None  # the stream stopped; waiters wait on (a reconnect may come)
         self._guarded = False
         # geometry, copied out of the heap so the hot path does plain attribute reads
         self._base = heap.address
@@ -191,10 +192,11 @@ class AccessTracker:
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        paused = f"; the migration is paused ({self._paused})" if self._paused else ""
                         raise MigrationError(
                             f"heap access timed out after {self.timeout:g} s waiting for {pending.size} "
                             f"chunk(s) from chunk {int(pending[0])}; {self.expected_count - self._n_missing} "
-                            f"of {self.expected_count} chunks restored"
+                            f"of {self.expected_count} chunks restored{paused}"
                         )
                     self._cond.wait(left)
                 self.latencies.extend((self._restored_at[waited] - self._requested_at[waited]).tolist())
@@ -243,6 +245,19 @@ class AccessTracker:
             self._installing[i] = False
             if self._guarded:
                 self._protect(i, i + 1, PROT_NONE)
+
+    def pause(self, reason: str) -> None:
+        """The stream stopped: accesses to missing chunks keep waiting (up to their timeout) for a reconnect."""
+        with self._cond:
+            self._paused = str(reason)
+
+    def unpause(self) -> None:
+        with self._cond:
+            self._paused = None
+
+    @property
+    def paused(self) -> str | None:
+        return self._paused
 
     def fail(self, reason: str) -> None:
         """The migration cannot finish: waiting and every later access to an unfinished heap raise."""

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 log = logging.getLogger("constmig.agent")
 TRACKERS = ("auto", "fault", "access")
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
+RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
+RESUME_HANDSHAKE_S = 10.0
 DATA_CHANNELS = ("main", "demand")
 
 
@@ -43,8 +46,13 @@ class Hosted:
     since: float = field(default_factory=time.time)
     calls: int = 0  # ECALLs in flight through this agent
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while calls == 0
-    connections: int = 1  # data connections an incoming migration uses
+    connections: int = 1  # data connections an incoming migration (or a reconnect of it) uses
     data_fds: dict[str, int] = field(default_factory=dict)
+    resume_fds: dict[str, int] = field(default_factory=dict)
+    moving_to: str = ""  # a migration out past its commit point: where, and how (for a resume)
+    strategy: str = ""
+    resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
+    paused_since: float | None = None
 
 
 class Agent:
@@ -123,6 +131,7 @@ class Agent:
             "call": self.op_call,
             "stop": self.op_stop,
             "migrate": self.op_migrate,
+            "resume": self.op_resume,
             "prepare_in": self.op_prepare_in,
             "shutdown": self.op_shutdown,
         }.get(str(op))
@@ -132,9 +141,11 @@ class Agent:
 
     def _get(self, name: Any) -> Hosted:
         name = str(name)
-        if name in self.moved:
-            raise client.Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
         hosted = self.enclaves.get(name)
+        # An enclave coming back here is ours to wait for, even while we still remember it left: else
+        # callers bounce between the agent it is leaving and this one until the handoff.
+        if name in self.moved and (hosted is None or hosted.status != "incoming"):
+            raise client.Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
         if hosted is None:
             known = ", ".join(sorted(self.enclaves)) or "none"
             raise AgentError(f"no enclave named {name!r} on agent {self.host_id} (known: {known})")
@@ -217,11 +228,16 @@ class Agent:
                 done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
                 if done:
                     return call.result()
-                # A call into a post-copy destination may wait for heap data; if its stream is paused,
-                # it waits until a recovery delivers it: answer the client now instead of hanging.
+                # A call into a post-copy destination may wait for heap data; if its stream is paused, it
+                # waits for the source to reconnect, but not past the migration's resume deadline.
                 if hosted.handle.pager_status().get("state") == "paused":
-                    hosted.status = "paused"
-                    raise AgentError(self._paused_error(hosted))
+                    now = time.monotonic()
+                    hosted.paused_since = hosted.paused_since or now
+                    if now - hosted.paused_since > hosted.resume_deadline:
+                        hosted.status = "paused"
+                        raise AgentError(self._paused_error(hosted))
+                else:
+                    hosted.paused_since = None
         finally:
             hosted.calls -= 1
             if hosted.calls == 0:
@@ -255,7 +271,8 @@ class Agent:
             choose_tracker(str(req.get("tracker", "auto")))
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
-        self.enclaves[spec.name] = Hosted(handle, "incoming", connections=CONNECTIONS[strategy])
+        self.enclaves[spec.name] = Hosted(handle, "incoming", connections=CONNECTIONS[strategy],
+                                          resume_deadline=float(req.get("resume_deadline", RESUME_DEADLINE_S)))
         return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
 
     async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
@@ -263,6 +280,9 @@ class Agent:
         name = str(req.get("name"))
         channel = str(req.get("channel", "main"))
         hosted = self.enclaves.get(name)
+        if req.get("resume"):
+            await self._on_resume_data(req, writer)
+            return
         if hosted is None or hosted.status != "incoming":
             await write_frame(writer, {"ok": False, "error": f"no incoming enclave named {name!r} here"})
             return
@@ -279,6 +299,38 @@ class Agent:
             fds = [hosted.data_fds[c] for c in wanted]
             hosted.data_fds = {}
             asyncio.create_task(self._run_incoming(hosted, fds, float(req.get("timeout", 120.0))))
+
+    async def _on_resume_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        """A reconnect of a paused migration into an enclave here: pass the connections to its resume socket."""
+        name, channel = str(req.get("name")), str(req.get("channel", "main"))
+        hosted = self.enclaves.get(name)
+        n = req.get("resume")
+        if hosted is None or hosted.status not in ("running", "paused") or n not in (1, 2):
+            await write_frame(writer, {"ok": False, "error": f"no enclave named {name!r} here takes a reconnect"})
+            return
+        wanted = DATA_CHANNELS[:n]
+        if channel not in wanted:
+            await write_frame(writer, {"ok": False, "error": f"unexpected reconnect channel {channel!r}"})
+            return
+        if channel in hosted.resume_fds:  # a stale half of an earlier attempt: this one replaces it
+            os.close(hosted.resume_fds.pop(channel))
+        writer.transport.pause_reading()
+        hosted.resume_fds[channel] = os.dup(writer.get_extra_info("socket").fileno())
+        await write_frame(writer, {"ok": True})
+        if len(hosted.resume_fds) == n:
+            fds = [hosted.resume_fds.pop(c) for c in wanted]
+            asyncio.create_task(self._run_resume(hosted, fds, float(req.get("timeout", 120.0))))
+
+    async def _run_resume(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
+        path = hosted.handle.sock_path.with_suffix(".resume.sock")
+        try:
+            await asyncio.to_thread(_resume_request, path, fds, timeout)
+            hosted.status, hosted.paused_since = "running", None
+        except ConstmigError as e:
+            log.warning("reconnect of %s failed: %s", hosted.handle.spec.name, e)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
         name = hosted.handle.spec.name
@@ -309,6 +361,7 @@ class Agent:
         if tracker not in TRACKERS:
             raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
         timeout = float(req.get("timeout", 120.0))
+        deadline = float(req.get("resume_deadline", RESUME_DEADLINE_S))
         spec = hosted.handle.spec
         hosted.status = "preparing-out"  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
@@ -327,9 +380,11 @@ class Agent:
 
         data_socks: list[socket.socket] = []
         t0 = time.time()
+        t_prepared = t0
         try:
             prep = await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire(),
-                                                                "strategy": strategy, "tracker": tracker},
+                                                                "strategy": strategy, "tracker": tracker,
+                                                                "resume_deadline": deadline},
                                            None, timeout)
             for channel in DATA_CHANNELS[:CONNECTIONS[strategy]]:
                 data_socks.append(await asyncio.to_thread(_open_data, to, spec.name, timeout, channel))
@@ -346,10 +401,19 @@ class Agent:
                                       and hosted.status != "handed-off"):
                 hosted.status = "running"
                 self.moved.pop(spec.name, None)
-            else:
+                hosted.settled.set()
+                raise AgentError(str(e)) from None
+            if state != "handed-off" or deadline <= 0:
                 hosted.status = "failed"  # handed off: it never runs here again, and keeps its state
+                hosted.settled.set()
+                raise AgentError(str(e)) from None
+            # Past the commit point: the source keeps every chunk; reconnect until the deadline.
+            hosted.status, hosted.moving_to, hosted.strategy = "paused", to, strategy
             hosted.settled.set()
-            raise AgentError(str(e)) from None
+            for s in data_socks:
+                s.close()
+            data_socks = []
+            result = await self._resume_out(hosted, deadline, timeout, e, on_progress)
         finally:
             for s in data_socks:
                 s.close()
@@ -359,12 +423,72 @@ class Agent:
         result["total_s"] = time.time() - t0
         result.update({"from": self.listen, "to": to, "name": spec.name,
                        "tracker_reason": prep.get("tracker_reason")})
+        return await self._moved_out(hosted, result)
+
+    async def _moved_out(self, hosted: Hosted, result: dict[str, Any]) -> dict[str, Any]:
+        name = hosted.handle.spec.name
         self.history.append({"direction": "out", **result})
-        del self.enclaves[spec.name]
-        self.moved[spec.name] = to
+        self.enclaves.pop(name, None)
+        self.moved[name] = result["to"]
         hosted.settled.set()
         await hosted.handle.stop()
         return result
+
+    async def _resume_out(self, hosted: Hosted, deadline: float, timeout: float, first: Exception,
+                          on_progress: Callable[[dict], None] | None) -> dict[str, Any]:
+        """Reconnect a paused migration with backoff until it finishes or `deadline` seconds pass."""
+        name, to = hosted.handle.spec.name, hosted.moving_to
+        n = CONNECTIONS[hosted.strategy]
+        t_end = time.monotonic() + deadline
+        delay, last, attempts = 0.1, str(first), 0
+        while True:
+            left = t_end - time.monotonic()
+            if left <= 0:
+                hosted.status = "failed"
+                raise AgentError(
+                    f"migration of {name!r} to {to} paused after the handoff and could not be resumed within "
+                    f"{deadline:g} s ({attempts} attempts; last: {last}); this source keeps every chunk the "
+                    f"destination lacks: retry with `constmig migrate {name} --from {self.listen} --resume`")
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+            attempts += 1
+            socks: list[socket.socket] = []
+            try:
+                for channel in DATA_CHANNELS[:n]:
+                    socks.append(await asyncio.to_thread(_open_data, to, name, min(RESUME_HANDSHAKE_S, left),
+                                                         channel, n))
+                hosted.status = "resuming"
+                result = await hosted.handle.call({"op": "resume_out", "timeout": timeout},
+                                                  fds=[s.fileno() for s in socks], on_progress=on_progress)
+                result.update({"from": self.listen, "to": to, "name": name})
+                return result
+            except ConstmigError as e:
+                last = str(e)
+                hosted.status = "paused"
+                if getattr(e, "state", "handed-off") != "handed-off":
+                    hosted.status = "failed"
+                    raise AgentError(f"migration of {name!r} cannot be resumed: {e}") from None
+            finally:
+                for s in socks:
+                    s.close()
+
+    async def op_resume(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        """Resume a migration out that paused after its handoff (after its automatic retries gave up)."""
+        hosted = self.enclaves.get(str(req.get("name")))
+        if hosted is None:
+            raise AgentError(f"no enclave named {req.get('name')!r} on agent {self.host_id}")
+        if hosted.status not in ("failed", "paused") or not hosted.moving_to:
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; it has no paused migration to resume")
+        if hosted.status == "paused":
+            raise AgentError(f"enclave {req.get('name')!r} is reconnecting already")
+        hosted.status = "paused"
+        deadline = float(req.get("resume_deadline", RESUME_DEADLINE_S))
+        t0 = time.time()
+        result = await self._resume_out(hosted, max(deadline, 0.1), float(req.get("timeout", 120.0)),
+                                        AgentError("resumed by request"),
+                                        lambda info: writer.write(_progress_frame(info)))
+        result["total_s"] = time.time() - t0
+        return await self._moved_out(hosted, result)
 
 
 def _progress_frame(info: dict) -> bytes:
@@ -387,11 +511,29 @@ def choose_tracker(wanted: str) -> tuple[str, str]:
     return "fault", "auto: userfaultfd works here"
 
 
-def _open_data(addr: str, name: str, timeout: float, channel: str = "main") -> socket.socket:
-    """Open one of the migration's data connections to the destination agent and wait for its go-ahead."""
+def _resume_request(path: Path, fds: list[int], timeout: float) -> None:
+    """Hand a reconnect's connections to the enclave side that owns the stream (see resume_server.py)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(RESUME_HANDSHAKE_S + 5)
+    try:
+        s.connect(str(path))
+        reply = FramedSocket(s).exchange({"op": "resume_in", "timeout": timeout}, fds)
+    except (OSError, ConstmigError) as e:
+        raise AgentError(f"the enclave takes no reconnect: {e}") from None
+    finally:
+        s.close()
+    if not reply.get("ok"):
+        raise AgentError(str(reply.get("error")))
+
+
+def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resume: int = 0) -> socket.socket:
+    """Open one of the migration's data connections to the destination agent and wait for its go-ahead.
+
+    `resume` (the number of connections) marks a reconnect of a paused migration."""
     sock = client.connect(addr, timeout)
     fs = FramedSocket(sock)
-    fs.send({"op": "data", "name": name, "timeout": timeout, "channel": channel})
+    fs.send({"op": "data", "name": name, "timeout": timeout, "channel": channel,
+             **({"resume": resume} if resume else {})})
     reply, _ = fs.recv()
     if not reply.get("ok"):
         sock.close()

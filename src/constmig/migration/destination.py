@@ -22,6 +22,8 @@ from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine
 from constmig.migration.receiver import Receiver
+from constmig.migration.resume import ResumeSecret
+from constmig.migration.resume_server import ResumeServer
 from constmig.migration.source import CONNECTIONS, DEMAND_LABEL, STRATEGIES
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
@@ -110,30 +112,33 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     enclave.app = app
     enclave.life.move(Life.INCOMING, Life.RUNNING)
     t_resume = time.time()
+    secret = ResumeSecret.from_ticket(link.chan.ticket())  # lets the source reconnect if the link breaks
+    if strategy == "stopcopy" and enclave.resume_path is not None:
+        ResumeServer(enclave.resume_path, secret, ledger, t_resume, None, heap.chunk_size)
     try:
         link.send(m.Resumed(t_resume))
         if strategy == "stopcopy":
             link.send(m.Done(ledger.count, ledger.digest(), {"tracker": "none"}))
     except (ConstmigError, OSError):
-        pass  # the app runs here now; the source learns of completion on recovery
+        pass  # the app runs here now; the source reconnects to learn of completion
     out = {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
            "populate_s": enclave.figures.get("populate_s"), "strategy": strategy, "tracker": enclave.tracker,
            "chunks": int(ledger.expected.size)}
     if strategy == "constmig":
         shallow_queue(socks[0], socket.SO_RCVBUF, heap.chunk_size)
-        _start_stream(enclave, link, socks, ledger, t_resume, timeout)
+        _start_stream(enclave, link, socks, ledger, t_resume, timeout, secret)
     return out
 
 
 def _start_stream(enclave: Enclave, link: Link, socks: list[socket.socket], ledger: ChunkLedger,
-                  t_resume: float, timeout: float) -> None:
+                  t_resume: float, timeout: float, secret: ResumeSecret) -> None:
     """Hand the stream to the tracker: the pager process (fault) or receiver threads here (access)."""
     try:
         if enclave.tracker == "fault":
             assert enclave.pager is not None
             main = link.chan.detach()
             enclave.pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in socks], ledger.to_wire(),
-                                 t_resume, timeout)
+                                 t_resume, timeout, secret, enclave.resume_path)
             return
         assert enclave.access is not None
         demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
@@ -142,6 +147,8 @@ def _start_stream(enclave: Enclave, link: Link, socks: list[socket.socket], ledg
                                     chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
         enclave.receiver.start()
         enclave.receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
+        if enclave.resume_path is not None:
+            ResumeServer(enclave.resume_path, secret, ledger, t_resume, enclave.receiver, enclave.heap.chunk_size)
     except (ConstmigError, OSError) as e:
         # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.
         link.machine.fail()
@@ -186,4 +193,7 @@ class AccessInstaller:
         self.tracker.finish_install(index)
 
     def fail(self, reason: str) -> None:
-        self.tracker.fail(reason)
+        self.tracker.pause(reason)
+
+    def resumed(self) -> None:
+        self.tracker.unpause()

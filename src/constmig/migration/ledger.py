@@ -72,6 +72,12 @@ class ChunkLedger:
             self.received[index] = True
             self.count += 1
 
+    def keep_only(self, have: np.ndarray) -> None:
+        """Source, after a reconnect: only chunks in `have` (a bool mask) count as delivered; the rest go again."""
+        lost = self.received & ~have
+        self.received &= have
+        self.count -= int(np.count_nonzero(lost))
+
     @property
     def complete(self) -> bool:
         return self.count == self.expected.size

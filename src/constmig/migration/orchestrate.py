@@ -11,10 +11,15 @@ from constmig.progress import MigrationProgress
 
 
 def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
-            on_progress: Any = None, tracker: str = "auto", max_bandwidth: float = 0.0) -> dict[str, Any]:
-    """One migration; returns the source's figures plus throughput."""
+            on_progress: Any = None, tracker: str = "auto", max_bandwidth: float = 0.0,
+            resume_deadline: float | None = None) -> dict[str, Any]:
+    """One migration; returns the source's figures plus throughput.
+
+    `resume_deadline` (seconds; the agent's default if None, 0 = never) bounds how long a migration
+    that broke after its handoff keeps reconnecting before it fails (the source keeps its state)."""
     figures = request(src, {"op": "migrate", "name": name, "to": dst, "strategy": strategy, "tracker": tracker,
-                            "timeout": timeout, "max_bandwidth": max_bandwidth},
+                            "timeout": timeout, "max_bandwidth": max_bandwidth,
+                            **({"resume_deadline": resume_deadline} if resume_deadline is not None else {})},
                       on_progress=on_progress, timeout=None)
     if figures.get("migrate_s"):  # attestation to DONE: the enclaves' own transfer rate
         figures["throughput_gbps"] = figures["state_bytes"] / figures["migrate_s"] / 1e9
@@ -23,15 +28,22 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0
 
 def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
                           verify: bool = False, quiet: bool = False, tracker: str = "auto",
-                          max_bandwidth: float = 0.0) -> dict[str, Any]:
+                          max_bandwidth: float = 0.0, resume_deadline: float | None = None) -> dict[str, Any]:
     """migrate(), with a progress bar and an optional checksum comparison before/after."""
     before = app_checksum(src, name) if verify else None
     with MigrationProgress(f"migrating {name} ({strategy})", quiet=quiet) as bar:
         figures = migrate(name, src, dst, strategy, timeout, on_progress=bar.update, tracker=tracker,
-                          max_bandwidth=max_bandwidth)
+                          max_bandwidth=max_bandwidth, resume_deadline=resume_deadline)
     if verify:
         figures["verified"] = app_checksum(dst, name) == before
     return figures
+
+
+def resume(name: str, src: str, timeout: float = 120.0, resume_deadline: float = 30.0,
+           on_progress: Any = None) -> dict[str, Any]:
+    """Resume a migration out of `src` that paused after its handoff and gave up reconnecting."""
+    return request(src, {"op": "resume", "name": name, "timeout": timeout, "resume_deadline": resume_deadline},
+                   on_progress=on_progress, timeout=None)
 
 
 def app_checksum(addr: str, name: str) -> str:

@@ -5,7 +5,8 @@ counted at most once. How a chunk is installed is the tracker's business (the Fa
 copies it in with UFFDIO_COPY; the Access Tracker decrypts it in place and flips its bitmap), so
 that is an `Installer`. When the ledger is complete the receiver sends DONE with its digest and the
 streaming figures. Any failure pauses: nothing more is installed, missing chunks stay missing (an
-access to one waits or fails; it never sees unverified or zero bytes), and the source keeps them.
+access to one waits; it never sees unverified or zero bytes), and the source keeps them. A reconnect
+(resume.py) gives the receiver new links: half-received chunks are dropped and asked for again.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ class Installer(Protocol):
         """A piece of chunk `index` failed: none of it may count."""
 
     def fail(self, reason: str) -> None:
-        """The migration paused: make waiting and later accesses to missing chunks fail or wait."""
+        """The migration paused: accesses to missing chunks wait (until a reconnect or their timeout)."""
+
+    def resumed(self) -> None:
+        """A reconnect brought the stream back."""
 
 
 def percentile_us(samples: list[float], q: float) -> float | None:
@@ -73,7 +77,9 @@ class Receiver:
         self.recv_s = 0.0  # time the receive threads waited for records (together)
         self.install_s = 0.0  # time they spent verifying and installing chunks
         self.error: str | None = None
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # complete, or paused
+        self.done = threading.Event()  # complete and DONE sent
+        self.resumes = 0
         self.stats: dict = {}
         self._threads = [threading.Thread(target=self._loop, args=(main,), name="recv-bg", daemon=True),
                          threading.Thread(target=self._loop, args=(demand,), name="recv-demand", daemon=True)]
@@ -104,12 +110,12 @@ class Receiver:
                 where.setdefault(int(c), int(o))
         chunks = np.unique(np.asarray(chunks, dtype=np.int64))
         with self._lock:
-            if self.error is not None:
-                return
             chunks = chunks[(chunks >= 0) & (chunks < self.ledger.n_chunks)]
             chunks = chunks[self.ledger.expected_mask[chunks] & ~self.ledger.received[chunks]]
             for c in chunks.tolist():
                 self._t_wait.setdefault(c, t_wait)
+            if self.error is not None:
+                return  # paused: a reconnect asks for every chunk still awaited
             chunks = chunks[~self._requested[chunks] & ~self._inflight[chunks]]
             self._requested[chunks] = True
             self.requested_chunks += int(chunks.size)
@@ -239,17 +245,22 @@ class Receiver:
             "recv_wait_s": round(self.recv_s, 3),
             "install_s": round(self.install_s, 3),
         }
+        if self.resumes:
+            self.stats["resumes"] = self.resumes
         try:
             self.main.send(m.Done(self.ledger.count, self.ledger.digest(),
                                   {k: v for k, v in self.stats.items() if v is not None}))
+            self.done.set()
         except (ConstmigError, OSError) as e:
-            self.error = f"could not send DONE: {e}"  # the app runs here with every chunk; the source waits
+            # the app runs here with every chunk; the source waits for DONE: a reconnect sends it
+            self.error = f"could not send DONE: {e}"
+            self.installer.fail(self.error)
         self.demand.chan.close()  # nothing more comes on it; wakes its receive thread
 
     def fail(self, reason: str) -> None:
         """Pause: stop receiving, keep every verified chunk, and tell the tracker."""
         with self._lock:
-            if self.error is not None or self.finished.is_set():
+            if self.error is not None or self.done.is_set():
                 return
             self.error = reason
         self.main.machine.fail()
@@ -257,6 +268,37 @@ class Receiver:
         self.main.chan.close()
         self.demand.chan.close()
         self.finished.set()
+
+    def resume(self, main: Link, demand: Link) -> None:
+        """Continue on a reconnect's links (the caller sent HAVE on `main` already, after `pause_for_resume`)."""
+        with self._lock:
+            self.main, self.demand = main, demand
+            self.error = None
+            self.finished.clear()
+            self.resumes += 1
+            waiting = [c for c in self._t_wait if not self.ledger.received[c]]
+            self._threads = [threading.Thread(target=self._loop, args=(main,), name="recv-bg", daemon=True),
+                             threading.Thread(target=self._loop, args=(demand,), name="recv-demand", daemon=True)]
+        self.installer.resumed()
+        for t in self._threads:
+            t.start()
+        if self.ledger.complete:
+            self._finish()  # everything was here; DONE was what got lost
+        elif waiting:
+            self.request(np.asarray(waiting, dtype=np.int64))
+
+    def pause_for_resume(self, reason: str) -> None:
+        """Stop the current links (if they still look alive) and settle the ledger for a HAVE."""
+        self.fail(reason)
+        self.join(10.0)
+        with self._lock:
+            for idx in list(self._partial):  # a chunk half-received as pieces comes again whole
+                self.installer.chunk_failed(idx)
+            self._partial.clear()
+            self._inflight[:] = False
+            self._requested[:] = False
+        if self.finished.is_set() and self.ledger.complete:
+            self.finished.clear()  # _finish runs again on the new links and sends DONE there
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)

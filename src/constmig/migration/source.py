@@ -11,7 +11,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import numpy as np
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.state import export_app_state
@@ -21,6 +24,7 @@ from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine, St
+from constmig.migration.resume import ResumeSecret, recv_have
 from constmig.migration.streamer import Streamer
 from constmig.wire.channel import RecvTimeout, SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -90,16 +94,81 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         ) from None
     # --- commit point: from here on this enclave never runs the app again ---
     enclave.life.move(Life.STOPPING, Life.HANDED_OFF)
+    out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, t_stop, len(blob),
+                   float(req.get("max_bandwidth") or 0))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
-    streamer = None
     try:
         if enclave.persist is not None:
             enclave.persist.leave()  # no checkpoint may restore here once the destination runs it
         link.send(m.Commit())
+    except (ConstmigError, OSError) as e:
+        link.machine.fail()
+        _pause(enclave, out, link, e, None)
+    return _finish(enclave, out, link, demand, progress, timeout)
+
+
+@dataclass
+class Outgoing:
+    """A migration past its commit point, kept by the source until DONE: what a reconnect needs."""
+
+    strategy: str
+    ledger: ChunkLedger
+    secret: ResumeSecret
+    t_start: float
+    t_stop: float
+    small_state_bytes: int
+    max_bandwidth: float
+    resume_time: float | None = None  # the destination's, once it said so
+    epoch: int = 0
+    resumes: int = 0
+    wire_bytes: int = 0
+    done: np.ndarray | None = None  # after a reconnect: chunks the destination already holds
+
+
+def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+           progress: Callable[[dict], None]) -> dict:
+    """Reconnect a paused migration (see resume.py): re-key, learn what arrived, send the rest, await DONE."""
+    out = enclave.outgoing
+    if out is None or enclave.life.state is not Life.HANDED_OFF:
+        raise MigrationError(f"enclave is {enclave.life.state.value} and has no paused migration to resume")
+    if len(socks) != CONNECTIONS[out.strategy]:
+        raise MigrationError(f"{out.strategy} needs {CONNECTIONS[out.strategy]} connections, got {len(socks)}")
+    timeout = float(req.get("timeout", 120.0))
+    for sock in socks:
+        sock.settimeout(timeout)
+    out.epoch += 1
+    chan = SecureChannel(socks[0], out.ledger.migration_id)
+    link = Link(chan, Machine("source", St.PEER_RUNNING), timeout)
+    demand = None
+    try:
+        out.secret.initiate(chan, out.epoch, timeout)
+        have, resume_time = recv_have(chan, out.ledger, timeout)
+        if out.strategy == "constmig":
+            demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine,
+                          timeout)
+            shallow_queue(socks[0], socket.SO_SNDBUF, enclave.heap.chunk_size)
+    except (ConstmigError, OSError) as e:
+        raise MigrationError(f"reconnect to the destination failed ({e}); the migration stays paused and this "
+                             "source keeps its state") from None
+    out.resumes += 1
+    out.resume_time = out.resume_time or resume_time
+    out.ledger.keep_only(have)
+    out.done = have
+    progress({"phase": "resumed", "epoch": out.epoch, "missing": int(out.ledger.expected.size - out.ledger.count)})
+    return _finish(enclave, out, link, demand, progress, timeout)
+
+
+def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, progress: Callable[[dict], None],
+            timeout: float) -> dict:
+    """After COMMIT (or a reconnect): stream what is left, wait for a DONE that matches, then wipe."""
+    heap, ledger = enclave.heap, out.ledger
+    streamer = None
+    try:
         if demand is not None:
-            streamer = Streamer(link, demand, ledger, heap, progress, float(req.get("max_bandwidth") or 0))
+            streamer = Streamer(link, demand, ledger, heap, progress, out.max_bandwidth, done=out.done)
             streamer.start()
-        resumed = link.expect(m.Resumed)
+        if out.resume_time is None:
+            out.resume_time = link.expect(m.Resumed).resume_time
         while True:  # the stream may take longer than one receive timeout; a stall may not
             try:
                 done = link.expect(m.Done)
@@ -115,43 +184,54 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
                 "this migration or their digest")
     except (ConstmigError, OSError) as e:
         link.machine.fail()
-        if link.machine.state is St.ABORTED:  # authenticated ABORT before RESUMED: see protocol.py
-            if streamer is not None:
-                streamer.stop()
-            enclave.life.reclaim()
-            if enclave.persist is not None:
-                enclave.persist.reinstate()
-            raise MigrationError(
-                f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "
-                "enclave runs here again with all its data") from None
-        # the streamer's error is the real cause when it closed the main channel to wake us
-        cause = streamer.error if streamer is not None and streamer.error else str(e)
-        raise MigrationError(
-            f"enclave handed off but the destination did not confirm ({cause}); this source will not run it "
-            "again and keeps its state for recovery"
-        ) from None
+        if streamer is not None:
+            streamer.stop()
+        _pause(enclave, out, link, e, streamer)
     finally:
         if streamer is not None:
             streamer.stop()
+        out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
+            demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
     t_end = time.time()
     heap.wipe()
+    enclave.outgoing = None
     enclave.life.move(Life.HANDED_OFF, Life.DESTROYED)
     return {
-        "strategy": strategy,
+        "strategy": out.strategy,
         "workload": enclave.app_name,
         "heap_bytes": heap.size,
         "state_bytes": int(ledger.expected.size) * heap.chunk_size,
         "chunks": int(ledger.expected.size),
-        "small_state_bytes": len(blob),
-        "downtime_ms": (resumed.resume_time - t_stop) * 1e3,
-        "attest_ms": (t_stop - t_start) * 1e3,  # handshake and pre-stop scan (the app waits meanwhile)
-        "total_s": t_end - t_start,
-        "wire_bytes": chan.bytes_sent + chan.bytes_received
-        + (demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0),
-        "migration_id": migration_id.hex(),
-        **({"tracker": "none"} if strategy == "stopcopy" else {}),
+        "small_state_bytes": out.small_state_bytes,
+        "downtime_ms": (out.resume_time - out.t_stop) * 1e3,
+        "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake and pre-stop scan (the app waits meanwhile)
+        "total_s": t_end - out.t_start,
+        "wire_bytes": out.wire_bytes,
+        "migration_id": ledger.migration_id.hex(),
+        "resumes": out.resumes,
+        **({"tracker": "none"} if out.strategy == "stopcopy" else {}),
         **done.stats,
     }
+
+
+def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, streamer: Streamer | None) -> NoReturn:
+    """Past the commit point a failure pauses; only the destination's authenticated ABORT before it
+    resumed gives the enclave back to this source (see protocol.py)."""
+    if link.machine.state is St.ABORTED:
+        enclave.life.reclaim()
+        enclave.outgoing = None
+        if enclave.persist is not None:
+            enclave.persist.reinstate()
+        raise MigrationError(
+            f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "
+            "enclave runs here again with all its data") from None
+    enclave.outgoing = out
+    # the streamer's error is the real cause when it closed the main channel to wake us
+    cause = streamer.error if streamer is not None and streamer.error else str(e)
+    raise MigrationError(
+        f"enclave handed off but the destination did not confirm ({cause}); this source will not run it "
+        "again and keeps its state for recovery"
+    ) from None
 
 
 def _send_chunks(link: Link, ledger: ChunkLedger, heap: Any, chunks: Any, progress: Callable, total: int) -> None:

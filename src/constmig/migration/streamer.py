@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
@@ -35,18 +37,21 @@ class Streamer:
     """Sends the ledger's chunks over `main` in background order and over `demand` when asked."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, heap: Heap,
-                 progress: Callable[[dict], None], max_bandwidth: float = 0.0) -> None:
+                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None) -> None:
         """`max_bandwidth` (bytes/s, 0 = unlimited) caps the background stream only, like QEMU's
-        max-postcopy-bandwidth: demanded chunks always go at once."""
+        max-postcopy-bandwidth: demanded chunks always go at once. `done` (a bool mask) names chunks
+        the destination holds already (after a reconnect): they are not sent again."""
         self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
         self.max_bandwidth = max_bandwidth
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)  # notified as sent chunks' tags are recorded
         self._claimed = ~ledger.expected_mask  # chunks not in the migration count as already sent
+        if done is not None:
+            self._claimed |= done
         self._order = ledger.expected.tolist()
         self._pos = 0  # next position in _order for the background stream
         self._where = {c: i for i, c in enumerate(self._order)}
-        self._left = len(self._order)
+        self._left = int(np.count_nonzero(~self._claimed))
         self.demand_chunks = 0
         self.background_chunks = 0
         self.error: str | None = None
@@ -104,7 +109,7 @@ class Streamer:
 
     def _background(self) -> None:
         background_thread()
-        total = len(self._order) * self.heap.chunk_size
+        total = len(self._order) * self.heap.chunk_size  # progress counts the ledger, resent chunks included
         last = 0.0
         paced = 0
         while not self._stopping:

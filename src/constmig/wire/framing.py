@@ -27,8 +27,11 @@ _decoder = msgspec.msgpack.Decoder(dict)
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    """Frame one message."""
-    body = _encoder.encode(obj)
+    """Frame one message (ProtocolError if msgpack cannot carry it, e.g. an int beyond 64 bits)."""
+    try:
+        body = _encoder.encode(obj)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"message cannot be encoded: {e}") from None
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"control message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return _LEN.pack(len(body)) + body
