@@ -33,6 +33,10 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
     (["demo", "--tracker", "psychic"], "psychic"),
     (["bench", "sizes", "--strategy", "constmig-psychic"], "constmig-psychic"),
     (["frobnicate"], "No such command"),
+    (["migrate", "kv", "--from", "127.0.0.1:1"], "missing --to"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--resume"], "drop --to"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--resume-deadline", "-1"],
+     "resume-deadline"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
     assert_clean_error(cm(*args), fragment)
@@ -67,3 +71,22 @@ def test_constmig_demo_reports_tracker_and_streaming_figures(tmp_path):
     for key in ("demand_chunks", "background_chunks", "stream_s", "client_gap_ms", "downtime_ms", "attest_ms"):
         assert key in fig, key
     assert fig["demand_chunks"] + fig["background_chunks"] == fig["chunks"]
+
+
+@pytest.mark.e2e
+def test_checkpoint_and_restore_from_the_command_line(tmp_path):
+    """checkpoint prints where it sealed the state; restore of a missing or foreign file is one line."""
+    from constmig.host.cluster import LocalCluster
+    from constmig.migration.orchestrate import launch_filled
+
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        launch_filled(a, "kv", "kvstore", 16 << 20, 0.5, seed=1)
+        p = cm("checkpoint", "kv", "--agent", a)
+        assert p.returncode == 0, p.stderr
+        assert "kv.v1.ckpt" in p.stdout
+        assert_clean_error(cm("restore", str(tmp_path / "nope.ckpt"), "--agent", a), "cannot read checkpoint")
+        junk = tmp_path / "junk.ckpt"
+        junk.write_bytes(b"not a checkpoint at all")
+        assert_clean_error(cm("restore", str(junk), "--agent", a, "--name", "kv2"), "not a constmig checkpoint")
+        assert_clean_error(cm("checkpoint", "nope", "--agent", a), "no enclave named 'nope'")
