@@ -22,6 +22,7 @@ from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveErr
 from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.migration.resume import HANDSHAKE_TIMEOUT
 from constmig.migration.source import CONNECTIONS
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
@@ -32,7 +33,6 @@ log = logging.getLogger("constmig.agent")
 TRACKERS = ("auto", "fault", "access")
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
-RESUME_HANDSHAKE_S = 10.0
 DATA_CHANNELS = ("main", "demand")
 
 
@@ -455,7 +455,7 @@ class Agent:
             socks: list[socket.socket] = []
             try:
                 for channel in DATA_CHANNELS[:n]:
-                    socks.append(await asyncio.to_thread(_open_data, to, name, min(RESUME_HANDSHAKE_S, left),
+                    socks.append(await asyncio.to_thread(_open_data, to, name, min(HANDSHAKE_TIMEOUT, left),
                                                          channel, n))
                 hosted.status = "resuming"
                 result = await hosted.handle.call({"op": "resume_out", "timeout": timeout},
@@ -514,7 +514,7 @@ def choose_tracker(wanted: str) -> tuple[str, str]:
 def _resume_request(path: Path, fds: list[int], timeout: float) -> None:
     """Hand a reconnect's connections to the enclave side that owns the stream (see resume_server.py)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(RESUME_HANDSHAKE_S + 5)
+    s.settimeout(HANDSHAKE_TIMEOUT + 5)
     try:
         s.connect(str(path))
         reply = FramedSocket(s).exchange({"op": "resume_in", "timeout": timeout}, fds)

@@ -32,6 +32,7 @@ from constmig.migration.ledger import ChunkLedger
 from constmig.wire.channel import ChannelTicket, ControlRecord, HandshakeRecord, SecureChannel
 
 NONCE = 32
+HANDSHAKE_TIMEOUT = 10.0  # a reconnect's hello/reply/HAVE: a peer that is there answers in milliseconds
 _DIRS = {"source": (1, 2), "destination": (2, 1)}  # (send, receive) record directions
 
 

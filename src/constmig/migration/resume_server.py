@@ -20,12 +20,10 @@ from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine, St
 from constmig.migration.receiver import Receiver
-from constmig.migration.resume import ResumeSecret, send_have
+from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, send_have
 from constmig.migration.source import DEMAND_LABEL
 from constmig.wire.channel import SecureChannel
 from constmig.wire.framing import FramedSocket
-
-HANDSHAKE_TIMEOUT = 10.0
 
 
 class ResumeServer:

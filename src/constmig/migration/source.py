@@ -24,7 +24,7 @@ from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine, St
-from constmig.migration.resume import ResumeSecret, recv_have
+from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.streamer import Streamer
 from constmig.wire.channel import RecvTimeout, SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -141,8 +141,9 @@ def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     link = Link(chan, Machine("source", St.PEER_RUNNING), timeout)
     demand = None
     try:
-        out.secret.initiate(chan, out.epoch, timeout)
-        have, resume_time = recv_have(chan, out.ledger, timeout)
+        quick = min(timeout, HANDSHAKE_TIMEOUT)
+        out.secret.initiate(chan, out.epoch, quick)
+        have, resume_time = recv_have(chan, out.ledger, quick)
         if out.strategy == "constmig":
             demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine,
                           timeout)
