@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from constmig.apps.hashjoin import HashJoin, _fmix, _fmix_inv
+from constmig.apps.common import fmix as _fmix
+from constmig.apps.hashjoin import HashJoin, _fmix_inv
 from constmig.enclave.heap import Heap
 from constmig.errors import ConfigError, EnclaveError
 

@@ -78,3 +78,14 @@ def test_load_report_figures_keep_their_keys():
     r = LoadReport(calls=3, ops=300, max_gap_ms=1.234)
     assert r.figures() == {"client_calls": 3, "client_errors": 0, "client_wrong": 0, "client_gap_ms": 1.23,
                            "client_ops": 300}
+
+
+def test_measured_source_covers_the_shared_helpers():
+    """The apps run apps/common.py too: a change there must change every app's measurement."""
+    import constmig.apps.common as common
+    from constmig.apps import app_source
+
+    src = app_source("btree")
+    with open(common.__file__, "rb") as f:
+        assert f.read() in src
+    assert app_source("btree") != app_source("graph")

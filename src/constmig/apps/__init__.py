@@ -40,11 +40,17 @@ def load_app(name: str) -> type[EnclaveApp]:
     return app_cls
 
 
+SHARED = ("constmig.apps.common",)  # helper modules the apps run: measured with each of them
+
+
 def app_source(name: str) -> bytes:
-    """Source bytes of the module that defines app `name` (part of what the enclave measures)."""
+    """Source bytes of app `name`'s module and of the shared app helpers (what the enclave measures)."""
     module, _ = _target(name)
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"cannot find the source of app {name!r} ({module})")
-    with open(spec.origin, "rb") as f:
-        return f.read()
+    out = []
+    for mod in (module, *SHARED):
+        spec = importlib.util.find_spec(mod)
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"cannot find the source of app {name!r} ({mod})")
+        with open(spec.origin, "rb") as f:
+            out.append(f.read())
+    return b"".join(len(part).to_bytes(8, "big") + part for part in out)

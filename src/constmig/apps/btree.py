@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options, int_arg
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
@@ -26,7 +27,6 @@ KEY_LIMIT = 1 << 62  # keys are integers 0..KEY_LIMIT-1
 VALUE_LIMIT = 1 << 63  # values are integers 0..VALUE_LIMIT-1
 _SENT = np.iinfo(np.int64).max  # above every key: unused directory and inner slots
 _OPTIONS = ("fanout", "leaves")
-_PAGE = 4096
 _MASK64 = (1 << 64) - 1
 
 
@@ -52,11 +52,6 @@ def _sum64(v: np.ndarray) -> int:
     return int(v.view(np.uint64).sum(dtype=np.uint64)) if v.size else 0
 
 
-def _int(v: Any, what: str, lo: int, hi: int, err: type[Exception] = EnclaveError) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
-        raise err(f"{what} must be an integer from {lo} to {hi - 1}, not {v!r}")
-    return int(v)
-
 
 class BTree(EnclaveApp):
     """B+tree of int64 keys and values: leaf pool rows, a key-ordered directory and inner levels."""
@@ -65,10 +60,8 @@ class BTree(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Size the leaf pool to fill the free heap (or `leaves` leaves of `fanout` slots) and allocate."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown btree option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        b = _int(config.get("fanout", 64), "btree fanout", 8, 4097, ConfigError)
+        check_options("btree", config, _OPTIONS)
+        b = int_arg(config.get("fanout", 64), "btree fanout", 8, 4097, ConfigError)
         free = self.heap.free_bytes
         lo, hi = 0, free // (16 * b) + 1  # largest leaf count that fits: bytes grow with leaves
         while hi - lo > 1:
@@ -79,7 +72,7 @@ class BTree(EnclaveApp):
         if n is None:
             n = fit
         else:
-            n = _int(n, "btree leaves", 1, 1 << 40, ConfigError)
+            n = int_arg(n, "btree leaves", 1, 1 << 40, ConfigError)
             if n > fit:
                 raise ConfigError(f"btree of {n} leaves with fanout {b} needs more heap; at most {fit} fit")
         if n < 1:
@@ -108,15 +101,15 @@ class BTree(EnclaveApp):
     def _bytes(n: int, b: int) -> int:
         p0 = -(-n // b) * b
         pages = [16 * n * b // 2, 16 * n * b // 2, 4 * n, 8 * p0, 4 * p0, 8 * max(_inner_size(p0, b), 1)]
-        return sum(-(-x // _PAGE) * _PAGE for x in pages)
+        return sum(-(-x // PAGE) * PAGE for x in pages)
 
     # -- ECALLs ------------------------------------------------------------------------------------
 
     @ecall
     def insert(self, key: int, value: int) -> bool:
         """Store `value` under `key` (overwriting); True if the key is new."""
-        k = _int(key, "btree key", 0, KEY_LIMIT)
-        v = _int(value, "btree value", 0, VALUE_LIMIT)
+        k = int_arg(key, "btree key", 0, KEY_LIMIT)
+        v = int_arg(value, "btree value", 0, VALUE_LIMIT)
         new = self._upsert(k, v)
         if new is None:
             raise EnclaveError(f"btree is full: all {self.capacity} leaves are in use")
@@ -125,15 +118,15 @@ class BTree(EnclaveApp):
     @ecall
     def lookup(self, key: int) -> int | None:
         """The value stored under `key`, or None."""
-        k = _int(key, "btree key", 0, KEY_LIMIT)
+        k = int_arg(key, "btree key", 0, KEY_LIMIT)
         found, vals = self._lookup(np.array([k], dtype=np.int64))
         return int(vals[0]) if found[0] else None
 
     @ecall
     def range(self, lo: int, hi: int) -> dict[str, int]:
         """Count and sum (modulo 2**64) of the values of keys in [lo, hi) (reads every leaf in range)."""
-        a = _int(lo, "btree range start", 0, KEY_LIMIT + 1)
-        z = _int(hi, "btree range end", 0, KEY_LIMIT + 1)
+        a = int_arg(lo, "btree range start", 0, KEY_LIMIT + 1)
+        z = int_arg(hi, "btree range end", 0, KEY_LIMIT + 1)
         count, total = self._range(a, z)
         return {"count": count, "sum": total}
 
@@ -144,8 +137,8 @@ class BTree(EnclaveApp):
         Keys are drawn uniformly from [0, key_hi), about half of which are stored after a fill. Sums
         of values are modulo 2**64 (an exact one could outgrow what msgpack carries).
         """
-        n = _int(n, "step n", 1, 1 << 20)
-        seed = _int(seed, "step seed", 0, 1 << 64)
+        n = int_arg(n, "step n", 1, 1 << 20)
+        seed = int_arg(seed, "step seed", 0, 1 << 64)
         rng = np.random.Generator(np.random.PCG64(seed))
         q = rng.integers(0, self.key_hi, n, dtype=np.int64)
         found, vals = self._lookup(q)
@@ -180,7 +173,7 @@ class BTree(EnclaveApp):
         """
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
             raise EnclaveError(f"fill fraction must be a number from 0 to 1, not {fraction!r}")
-        seed = _int(seed, "fill seed", 0, 1 << 64)
+        seed = int_arg(seed, "fill seed", 0, 1 << 64)
         t0 = time.perf_counter()
         b = self.fanout
         per = b - b // 8

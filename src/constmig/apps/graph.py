@@ -16,19 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options, int_arg
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
 _OPTIONS = ("vertices", "avg_degree")
-_PAGE = 4096
 _BATCH_EDGES = 1 << 22  # bounds the temporaries of whole-graph operations
 _S32 = np.uint64(32)
 
-
-def _int(v: Any, what: str, lo: int, hi: int, err: type[Exception] = EnclaveError) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
-        raise err(f"{what} must be an integer from {lo} to {hi - 1}, not {v!r}")
-    return int(v)
 
 
 class Graph(EnclaveApp):
@@ -38,10 +33,8 @@ class Graph(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Size the graph to fill the free heap (or to `vertices`) at `avg_degree` edges per vertex."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown graph option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        deg = _int(config.get("avg_degree", 16), "graph avg_degree", 1, 1025, ConfigError)
+        check_options("graph", config, _OPTIONS)
+        deg = int_arg(config.get("avg_degree", 16), "graph avg_degree", 1, 1025, ConfigError)
         free = self.heap.free_bytes
         lo, hi = 0, min(free // (20 + 4 * deg), (1 << 31) - 2) + 1  # largest vertex count that fits
         while hi - lo > 1:
@@ -52,7 +45,7 @@ class Graph(EnclaveApp):
         if n is None:
             n = fit
         else:
-            n = _int(n, "graph vertices", 1, 1 << 31, ConfigError)
+            n = int_arg(n, "graph vertices", 1, 1 << 31, ConfigError)
             if n > fit:
                 raise ConfigError(
                     f"graph of {n} vertices with avg_degree {deg} needs more heap; at most {fit} fit"
@@ -72,14 +65,14 @@ class Graph(EnclaveApp):
 
     @staticmethod
     def _bytes(n: int, deg: int) -> int:
-        return sum(-(-x // _PAGE) * _PAGE for x in (8 * (n + 1), 4 * n * deg, 8 * n, 4 * n))
+        return sum(-(-x // PAGE) * PAGE for x in (8 * (n + 1), 4 * n * deg, 8 * n, 4 * n))
 
     # -- ECALLs ------------------------------------------------------------------------------------
 
     @ecall
     def neighbors(self, v: int) -> list[int]:
         """Out-neighbours of vertex `v`."""
-        v = _int(v, "graph vertex", 0, max(self.n_vertices, 1))
+        v = int_arg(v, "graph vertex", 0, max(self.n_vertices, 1))
         self._need_graph()
         return self.indices[int(self.indptr[v]) : int(self.indptr[v + 1])].tolist()
 
@@ -87,7 +80,7 @@ class Graph(EnclaveApp):
     def bfs(self, source: int = 0) -> dict[str, int]:
         """Full BFS from `source`; hop counts land in `dist` (-1: unreached). Reads the reachable graph."""
         self._need_graph()
-        s = _int(source, "bfs source", 0, self.n_vertices)
+        s = int_arg(source, "bfs source", 0, self.n_vertices)
         nv = self.n_vertices
         self.dist[:nv] = -1
         self.dist[s] = 0
@@ -113,7 +106,7 @@ class Graph(EnclaveApp):
     @ecall
     def distance(self, v: int) -> int:
         """Hop count of `v` found by the last BFS (-1: not reached)."""
-        v = _int(v, "graph vertex", 0, max(self.n_vertices, 1))
+        v = int_arg(v, "graph vertex", 0, max(self.n_vertices, 1))
         self._need_graph()
         return int(self.dist[v])
 
@@ -121,7 +114,7 @@ class Graph(EnclaveApp):
     def pagerank(self, iterations: int = 10, damping: float = 0.85) -> dict[str, Any]:
         """Power iterations of PageRank over the whole graph (dangling mass spread evenly); ranks in `rank`."""
         self._need_graph()
-        its = _int(iterations, "pagerank iterations", 1, 1001)
+        its = int_arg(iterations, "pagerank iterations", 1, 1001)
         if isinstance(damping, bool) or not isinstance(damping, int | float) or not 0 <= damping < 1:
             raise EnclaveError(f"pagerank damping must be a number in [0, 1), not {damping!r}")
         nv = self.n_vertices
@@ -152,8 +145,8 @@ class Graph(EnclaveApp):
 
         The last frontier is cut so the work stays near `n` edges (at most one vertex's degree over).
         """
-        n = _int(n, "step n", 1, 1 << 24)
-        seed = _int(seed, "step seed", 0, 1 << 64)
+        n = int_arg(n, "step n", 1, 1 << 24)
+        seed = int_arg(seed, "step seed", 0, 1 << 64)
         self._need_graph()
         rng = np.random.Generator(np.random.PCG64(seed))
         src = int(rng.integers(0, self.n_vertices))
@@ -181,7 +174,7 @@ class Graph(EnclaveApp):
         """
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
             raise EnclaveError(f"fill fraction must be a number from 0 to 1, not {fraction!r}")
-        seed = _int(seed, "fill seed", 0, 1 << 64)
+        seed = int_arg(seed, "fill seed", 0, 1 << 64)
         t0 = time.perf_counter()
         nv = min(self.capacity, round(fraction * self.capacity))
         d = self.avg_degree

@@ -19,39 +19,25 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import M1, M2, PAGE, check_options, fmix, int_arg
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
 _OPTIONS = ("build_rows", "probe_ratio", "match_ratio")
-_PAGE = 4096
-_M1 = 0xFF51AFD7ED558CCD
-_M2 = 0xC4CEB9FE1A85EC53
 _S33 = np.uint64(33)
 _MORSEL = 1 << 16
 
 
-def _fmix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer (the table's hash function): a bijection on uint64."""
-    h = h ^ (h >> _S33)
-    h = h * np.uint64(_M1)
-    h = h ^ (h >> _S33)
-    h = h * np.uint64(_M2)
-    return h ^ (h >> _S33)
 
 
 def _fmix_inv(h: np.ndarray) -> np.ndarray:
     """The key whose hash is `h` (xor-shifts by 33 undo themselves; the multipliers are odd)."""
     h = h ^ (h >> _S33)
-    h = h * np.uint64(pow(_M2, -1, 1 << 64))
+    h = h * np.uint64(pow(M2, -1, 1 << 64))
     h = h ^ (h >> _S33)
-    h = h * np.uint64(pow(_M1, -1, 1 << 64))
+    h = h * np.uint64(pow(M1, -1, 1 << 64))
     return h ^ (h >> _S33)
 
-
-def _int(v: Any, what: str, lo: int, hi: int, err: type[Exception] = EnclaveError) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
-        raise err(f"{what} must be an integer from {lo} to {hi - 1}, not {v!r}")
-    return int(v)
 
 
 class HashJoin(EnclaveApp):
@@ -61,10 +47,8 @@ class HashJoin(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Size R (and S = probe_ratio x R) to fill the free heap, or to `build_rows`, and allocate."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown hashjoin option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        ratio = _int(config.get("probe_ratio", 4), "hashjoin probe_ratio", 1, 65, ConfigError)
+        check_options("hashjoin", config, _OPTIONS)
+        ratio = int_arg(config.get("probe_ratio", 4), "hashjoin probe_ratio", 1, 65, ConfigError)
         match = config.get("match_ratio", 0.5)
         if isinstance(match, bool) or not isinstance(match, int | float) or not 0 <= match <= 1:
             raise ConfigError(f"hashjoin match_ratio must be a number from 0 to 1, not {match!r}")
@@ -78,7 +62,7 @@ class HashJoin(EnclaveApp):
         if n is None:
             n = fit
         else:
-            n = _int(n, "hashjoin build_rows", 1, 1 << 40, ConfigError)
+            n = int_arg(n, "hashjoin build_rows", 1, 1 << 40, ConfigError)
             if n > fit:
                 raise ConfigError(
                     f"hashjoin of {n} build rows with probe_ratio {ratio} needs more heap; at most {fit} fit"
@@ -108,14 +92,14 @@ class HashJoin(EnclaveApp):
     @classmethod
     def _bytes(cls, n: int, ratio: int) -> int:
         sizes = [8 * n] * 3 + [8 * ((1 << cls._bits(n)) + 1)] + [8 * n * ratio] * 2
-        return sum(-(-x // _PAGE) * _PAGE for x in sizes)
+        return sum(-(-x // PAGE) * PAGE for x in sizes)
 
     # -- ECALLs ------------------------------------------------------------------------------------
 
     @ecall
     def probe(self, key: int) -> list[int]:
         """Payloads of the R rows whose key is `key` (one bucket read)."""
-        k = _int(key, "hashjoin key", 0, 1 << 64)
+        k = int_arg(key, "hashjoin key", 0, 1 << 64)
         rows, _ = self._probe(np.array([k], dtype=np.uint64))
         return [int(v) for v in self.r_pay[rows]]
 
@@ -125,8 +109,8 @@ class HashJoin(EnclaveApp):
 
         The sum wraps modulo 2**64 (as int64), like the payloads themselves. Reads, writes nothing.
         """
-        a = _int(start, "join start", 0, self.s_rows + 1)
-        c = self.s_rows - a if count is None else _int(count, "join count", 0, self.s_rows - a + 1)
+        a = int_arg(start, "join start", 0, self.s_rows + 1)
+        c = self.s_rows - a if count is None else int_arg(count, "join count", 0, self.s_rows - a + 1)
         matches = total = 0
         for m in range(a, a + c, _MORSEL):
             z = min(a + c, m + _MORSEL)
@@ -139,8 +123,8 @@ class HashJoin(EnclaveApp):
     @ecall
     def step(self, n: int = 16384, seed: int = 0) -> dict[str, Any]:
         """Join one random morsel of `n` S rows with R and add each matched S payload into R's `agg`."""
-        n = _int(n, "step n", 1, 1 << 22)
-        seed = _int(seed, "step seed", 0, 1 << 64)
+        n = int_arg(n, "step n", 1, 1 << 22)
+        seed = int_arg(seed, "step seed", 0, 1 << 64)
         if not self.r_rows or not self.s_rows:
             raise EnclaveError("hashjoin has no rows; call fill first")
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -165,7 +149,7 @@ class HashJoin(EnclaveApp):
         """
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
             raise EnclaveError(f"fill fraction must be a number from 0 to 1, not {fraction!r}")
-        seed = _int(seed, "fill seed", 0, 1 << 64)
+        seed = int_arg(seed, "fill seed", 0, 1 << 64)
         t0 = time.perf_counter()
         nr = min(self.r_cap, round(fraction * self.r_cap))
         ns = min(self.s_cap, round(fraction * self.s_cap))
@@ -234,14 +218,14 @@ class HashJoin(EnclaveApp):
     def _hash_of_row(self, i: np.ndarray) -> np.ndarray:
         """Hash of R row i: i*stride plus a pseudo-random jitter below stride, so increasing in i."""
         stride = (1 << 64) // max(self.r_rows, 1)
-        jitter = (_fmix(i ^ np.uint64(self.salt)) >> np.uint64(40)) * np.uint64(stride >> 24)
+        jitter = (fmix(i ^ np.uint64(self.salt)) >> np.uint64(40)) * np.uint64(stride >> 24)
         return i * np.uint64(stride) + jitter
 
     def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(R rows, indices into `keys`) of every matching pair: one bucket lookup per key."""
         if not self.r_rows:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        bk = (_fmix(keys) >> np.uint64(64 - self.bits)).astype(np.int64)
+        bk = (fmix(keys) >> np.uint64(64 - self.bits)).astype(np.int64)
         lo = self.bstart[bk]
         cnt = self.bstart[bk + 1] - lo
         total = int(cnt.sum())

@@ -15,18 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options, int_arg
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
 _OPTIONS = ("dims", "clusters")
-_PAGE = 4096
 _BLOCK_BYTES = 16 << 20
 
-
-def _int(v: Any, what: str, lo: int, hi: int, err: type[Exception] = EnclaveError) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
-        raise err(f"{what} must be an integer from {lo} to {hi - 1}, not {v!r}")
-    return int(v)
 
 
 def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -42,12 +37,10 @@ class KMeans(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Size the dataset to fill the free heap at `dims` float32 columns, and allocate the model."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown kmeans option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        d = _int(config.get("dims", 32), "kmeans dims", 1, 4097, ConfigError)
-        k = _int(config.get("clusters", 16), "kmeans clusters", 1, 1025, ConfigError)
-        model = -(-4 * k * d // _PAGE) * _PAGE + -(-8 * k // _PAGE) * _PAGE
+        check_options("kmeans", config, _OPTIONS)
+        d = int_arg(config.get("dims", 32), "kmeans dims", 1, 4097, ConfigError)
+        k = int_arg(config.get("clusters", 16), "kmeans clusters", 1, 1025, ConfigError)
+        model = -(-4 * k * d // PAGE) * PAGE + -(-8 * k // PAGE) * PAGE
         n = max(self.heap.free_bytes - model, 0) // (4 * d)
         if n < k:
             raise ConfigError(
@@ -67,8 +60,8 @@ class KMeans(EnclaveApp):
     @ecall
     def step(self, n: int = 1024, seed: int = 0) -> dict[str, Any]:
         """One mini-batch iteration on `n` random rows; returns the batch inertia before the update."""
-        n = _int(n, "step n", 1, 1 << 20)
-        seed = _int(seed, "step seed", 0, 1 << 64)
+        n = int_arg(n, "step n", 1, 1 << 20)
+        seed = int_arg(seed, "step seed", 0, 1 << 64)
         self._need_data()
         rng = np.random.Generator(np.random.PCG64(seed))
         xb = self.x[np.sort(rng.integers(0, self.rows, n))]
@@ -130,7 +123,7 @@ class KMeans(EnclaveApp):
         """
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
             raise EnclaveError(f"fill fraction must be a number from 0 to 1, not {fraction!r}")
-        seed = _int(seed, "fill seed", 0, 1 << 64)
+        seed = int_arg(seed, "fill seed", 0, 1 << 64)
         t0 = time.perf_counter()
         k, d = self.clusters, self.dims
         rows = min(self.capacity, round(fraction * self.capacity))

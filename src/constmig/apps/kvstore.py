@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options, fmix
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
@@ -23,23 +24,12 @@ EMPTY, USED, TOMB = 0, 1, 2
 MAX_VALUE_SIZE = 1 << 20
 _OPTIONS = ("value_size", "capacity", "hash_seed")
 _ARRAYS = ("keys", "values", "klen", "vlen", "state")
-_PAGE = 4096
 
-_M1 = np.uint64(0xFF51AFD7ED558CCD)
-_M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_S33 = np.uint64(33)
 _POW10 = np.array([10**k for k in range(19)], dtype=np.int64)
 _FILL_PREFIX = np.frombuffer(b"fill-", dtype=np.uint8)
 
 
-def _fmix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer: a bijection that spreads every input bit over the output."""
-    h = h ^ (h >> _S33)
-    h = h * _M1
-    h = h ^ (h >> _S33)
-    h = h * _M2
-    return h ^ (h >> _S33)
 
 
 def hash_keys(keys: np.ndarray, lens: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -49,9 +39,9 @@ def hash_keys(keys: np.ndarray, lens: np.ndarray, seed: int = 0) -> np.ndarray:
     processes and hosts (unlike Python's hash()), so a migrated table needs no rehash.
     """
     words = np.ascontiguousarray(keys, dtype=np.uint8).view("<u8")  # (m, 4)
-    h = _fmix(np.asarray(lens, dtype=np.uint64) * _GOLDEN ^ np.uint64(seed))
+    h = fmix(np.asarray(lens, dtype=np.uint64) * _GOLDEN ^ np.uint64(seed))
     for j in range(KEY_MAX // 8):
-        h = _fmix(h ^ words[:, j])
+        h = fmix(h ^ words[:, j])
     return h
 
 
@@ -91,9 +81,7 @@ class KVStore(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Size the table to fill the free heap (or `capacity` slots) and allocate its arrays."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown kvstore option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
+        check_options("kvstore", config, _OPTIONS)
         vs = config.get("value_size", 1024)
         if isinstance(vs, bool) or not isinstance(vs, int) or not 1 <= vs <= MAX_VALUE_SIZE:
             raise ConfigError(f"kvstore value_size must be an integer from 1 to {MAX_VALUE_SIZE}, not {vs!r}")
@@ -101,7 +89,7 @@ class KVStore(EnclaveApp):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
             raise ConfigError(f"kvstore hash_seed must be an integer from 0 to 2**64-1, not {seed!r}")
         slot = KEY_MAX + vs + 1 + 4 + 1
-        fit = (self.heap.free_bytes - len(_ARRAYS) * _PAGE) // slot
+        fit = (self.heap.free_bytes - len(_ARRAYS) * PAGE) // slot
         cap = config.get("capacity")
         if cap is None:
             cap = fit

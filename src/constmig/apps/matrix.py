@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
 _OPTIONS = ("n", "fraction")
-_PAGE = 4096
 
 
 class MatrixApp(EnclaveApp):
@@ -27,10 +27,8 @@ class MatrixApp(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Allocate an n x n matrix: `n` if given, else the largest that fits `fraction` (0.9) of the heap."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown matrix option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        free = self.heap.free_bytes - 2 * _PAGE
+        check_options("matrix", config, _OPTIONS)
+        free = self.heap.free_bytes - 2 * PAGE
         n = config.get("n")
         if n is None:
             frac = config.get("fraction", 0.9)

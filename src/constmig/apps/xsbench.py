@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from constmig.apps.common import PAGE, check_options, int_arg
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
 _OPTIONS = ("nuclides", "gridpoints")
-_PAGE = 4096
 CHANNELS = 5
 # XSBench's 12 materials: nuclide counts for its "small" problem (68 nuclides; the fuel scales with
 # the nuclide count) and how often a particle is in each material.
@@ -31,11 +31,6 @@ _MAT_NUCS = (34, 5, 4, 4, 27, 21, 21, 21, 21, 21, 9, 9)
 _MAT_CDF = np.cumsum([0.140, 0.052, 0.275, 0.134, 0.154, 0.064, 0.066, 0.055, 0.008, 0.015, 0.025, 0.013])
 N_MATERIALS = len(_MAT_NUCS)
 
-
-def _int(v: Any, what: str, lo: int, hi: int, err: type[Exception] = EnclaveError) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
-        raise err(f"{what} must be an integer from {lo} to {hi - 1}, not {v!r}")
-    return int(v)
 
 
 def _energy(e: Any) -> float:
@@ -56,19 +51,17 @@ class XSBench(EnclaveApp):
 
     def setup(self, **config: Any) -> None:
         """Give each of `nuclides` (68) nuclides as many grid points as fill the free heap (or `gridpoints`)."""
-        unknown = sorted(set(config) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown xsbench option {unknown[0]!r}; known options: {', '.join(_OPTIONS)}")
-        nuc = _int(config.get("nuclides", 68), "xsbench nuclides", 1, 1 << 16, ConfigError)
+        check_options("xsbench", config, _OPTIONS)
+        nuc = int_arg(config.get("nuclides", 68), "xsbench nuclides", 1, 1 << 16, ConfigError)
         width = max(material_sizes(nuc))
-        small = 3 * _PAGE + -(-12 * N_MATERIALS * width // _PAGE) * _PAGE
-        free = self.heap.free_bytes - small - 2 * _PAGE
+        small = 3 * PAGE + -(-12 * N_MATERIALS * width // PAGE) * PAGE
+        free = self.heap.free_bytes - small - 2 * PAGE
         fit = max(free // (nuc * 8 * (1 + CHANNELS)), 0)
         g = config.get("gridpoints")
         if g is None:
             g = fit
         else:
-            g = _int(g, "xsbench gridpoints", 2, 1 << 40, ConfigError)
+            g = int_arg(g, "xsbench gridpoints", 2, 1 << 40, ConfigError)
             if g > fit:
                 raise ConfigError(
                     f"xsbench of {nuc} nuclides x {g} gridpoints needs more heap; at most {fit} gridpoints fit"
@@ -91,14 +84,14 @@ class XSBench(EnclaveApp):
     def lookup(self, energy: float, material: int) -> list[float]:
         """Macroscopic cross sections (5 channels) of `material` at `energy` (0..1)."""
         e = _energy(energy)
-        m = _int(material, "material", 0, N_MATERIALS)
+        m = int_arg(material, "material", 0, N_MATERIALS)
         self._need_grid()
         return self._macro(np.array([e]), np.array([m]))[0].tolist()
 
     @ecall
     def micro(self, nuclide: int, energy: float) -> list[float]:
         """Microscopic cross sections (5 channels) of one nuclide at `energy`, interpolated."""
-        n = _int(nuclide, "nuclide", 0, self.nuclides)
+        n = int_arg(nuclide, "nuclide", 0, self.nuclides)
         e = _energy(energy)
         self._need_grid()
         return self._micro(np.array([n]), np.array([e]))[0].tolist()
@@ -109,8 +102,8 @@ class XSBench(EnclaveApp):
 
         Returns XSBench's verification number (sum over lookups of 1 + the largest channel's index).
         """
-        n = _int(n, "step n", 1, 1 << 20)
-        seed = _int(seed, "step seed", 0, 1 << 64)
+        n = int_arg(n, "step n", 1, 1 << 20)
+        seed = int_arg(seed, "step seed", 0, 1 << 64)
         self._need_grid()
         rng = np.random.Generator(np.random.PCG64(seed))
         e = rng.random(n)
@@ -132,7 +125,7 @@ class XSBench(EnclaveApp):
         """
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
             raise EnclaveError(f"fill fraction must be a number from 0 to 1, not {fraction!r}")
-        seed = _int(seed, "fill seed", 0, 1 << 64)
+        seed = int_arg(seed, "fill seed", 0, 1 << 64)
         t0 = time.perf_counter()
         g = min(self.gridpoints, round(fraction * self.gridpoints))
         g = g if g >= 2 else 0
