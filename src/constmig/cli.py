@@ -280,6 +280,86 @@ def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, 
     run_sizes(list(strategies), size_list, repeat, app, out)
 
 
+@bench.command("suite")
+@click.option("--sizes", default=None, help="Heap sizes of the size sweep [default: 256M,1G,4G; --quick: 32M,64M].")
+@click.option("--workloads", default=None, help="Workloads, comma-separated, or all [default: all; --quick: "
+              "kvstore,btree,xsbench].")
+@click.option("--sweep", default=None, help="Workloads run at every --sizes size (all, none, or names) "
+              "[default: kvstore].")
+@click.option("--workload-size", default=None, help="Heap size every workload runs at [default: 1G; --quick: 64M].")
+@click.option("--variants", default=None, help="Comma-separated [default: stopcopy,constmig-fault,constmig-access; "
+              "constmig-fault is skipped, with the reason, where userfaultfd does not work].")
+@click.option("--repeat", default=None, help="Repeats per point [default: 3; --quick: 1].")
+@click.option("--quick", is_flag=True, help="A CI smoke run (small heaps, 3 workloads, 1 repeat; under 3 minutes).")
+@click.option("--no-overhead", is_flag=True, help="Skip the in-process tracker overhead measurement.")
+@click.option("--out", default=None, help="Folder for results.json, report.md and the plots (required).")
+def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, workload_size: str | None,
+                variants: str | None, repeat: str | None, quick: bool, no_overhead: bool, out: str | None) -> None:
+    """Every workload, strategy and tracker under load in one run: results.json, plots and report.md."""
+    import shlex
+
+    from constmig.suite import make_config, run_suite
+
+    cfg = make_config(out, sizes=sizes, workloads=workloads, sweep=sweep, workload_size=workload_size,
+                      variants=variants, repeat=repeat, quick=quick, overhead=not no_overhead)
+    ctx = click.get_current_context()
+    given = ["constmig", "bench", "suite"]
+    for p in ctx.command.params:
+        if ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE:
+            value = ctx.params[p.name]
+            given += [p.opts[0]] if isinstance(value, bool) else [p.opts[0], str(value)]
+    run_suite(cfg, given=shlex.join(given))
+
+
+@bench.command("load")
+@click.option("--clients", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Client threads, each with its own connection.")
+@click.option("--rate", type=click.FloatRange(min=1.0, max=100_000.0), default=400.0, show_default=True,
+              help="Aggregate calls per second, fixed (open loop: latency counts from the scheduled send).")
+@click.option("--duration", type=click.FloatRange(min=1.0, max=3600.0), default=20.0, show_default=True,
+              help="Seconds of load per variant; the migration starts midway.")
+@click.option("--heap", type=Size(), default="256M", show_default=True)
+@click.option("--strategy", "variants", type=VARIANT_CHOICES, multiple=True,
+              help="Variant to run (repeatable) [default: stopcopy, constmig-fault where userfaultfd works, "
+              "constmig-access].")
+@click.option("--write-ratio", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--testbed", default=None, help="Use the first two hosts of this running testbed "
+              "(`constmig testbed up`) instead of two agents on loopback.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for load.json and the plot.")
+def bench_load(clients: int, rate: float, duration: float, heap: int, variants: tuple[str, ...],
+               write_ratio: float, testbed: str | None, out: Path) -> None:
+    """A client fleet at a fixed rate through a migration: lost, failed, retried calls and p99 per phase."""
+    from constmig.loadbench import run_load
+
+    doc = run_load(out, list(variants) or None, clients=clients, rate=rate, duration=duration, heap=heap,
+                   write_ratio=write_ratio, testbed=testbed)
+    bad = [r["variant"] for r in doc["runs"] if not r["ok"]]
+    if bad:
+        raise ConstmigError(f"lost or wrong answers, unread keys or a failed migration in {', '.join(bad)}: "
+                            f"see {out / 'load.json'}")
+
+
+@bench.command("soak")
+@click.option("--migrations", type=click.IntRange(1, 10_000), default=None,
+              help="Migrations back and forth [default: 50, or 6 with --quick].")
+@click.option("--heap", type=Size(), default=None, help="Heap size [default: 1G, or 64M with --quick].")
+@click.option("--strategy", "variants", type=VARIANT_CHOICES, multiple=True,
+              help="Variants to alternate (repeatable) [default: stopcopy, constmig-fault where userfaultfd "
+              "works, constmig-access].")
+@click.option("--quick", is_flag=True, help="A short soak for CI: 6 migrations of 64M.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for soak.json and the plot.")
+def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ...], quick: bool, out: Path) -> None:
+    """Many migrations back and forth under load: state checked every time, agents checked for leaks."""
+    from constmig.soak import run_soak
+
+    doc = run_soak(out, migrations or (6 if quick else 50), heap or ((64 if quick else 1024) << 20),
+                   variants=list(variants) or None)
+    if not doc["ok"]:
+        first = doc["problems"][0]
+        raise ConstmigError(f"soak found {len(doc['problems'])} problem(s), first: {first['kind']}: "
+                            f"{first['detail']} (see {out / 'soak.json'})")
+
+
 main.add_command(testbed_group)
 
 

@@ -6,15 +6,23 @@ longest gap between two successful calls is the client-observed unavailability (
 afterwards `verify` reads back every acknowledged write, so a lost or wrong answer is counted, not
 assumed away. `StepDriver` does the same for the other workloads: it calls their `step` ECALL (one
 bounded unit of work, deterministic given its seed) and counts the operations each step reports.
+
+`Fleet` is the many-users view: N clients at a fixed aggregate rate, open loop (latency counted from
+each call's scheduled send time, so queueing behind a stall is measured), failed calls retried and
+counted, every acknowledged write read back afterwards, and latency percentiles per phase (before,
+during and after a migration).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import random
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -195,3 +203,348 @@ def driver_for(app: str, addr: str, name: str, **kw: Any) -> KVHammer | StepDriv
     if app == "kvstore":
         return KVHammer(addr, name, **kw)
     return StepDriver(addr, name, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fleet: many clients at a fixed aggregate rate, open loop, for latency percentiles around a migration.
+# ---------------------------------------------------------------------------------------------------
+
+PHASES = ("before", "during", "after")
+
+
+class GaveUp(ConstmigError):
+    """A fleet call that still failed after its retries."""
+
+    def __init__(self, message: str, retries: int) -> None:
+        super().__init__(message)
+        self.retries = retries
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One scheduled call. Times are seconds since the fleet's start; latency runs from `scheduled`
+    (not from the send), so a call that queued behind a slow one is charged for the wait."""
+
+    client: int
+    op: str  # put | get
+    scheduled: float
+    sent: float  # when the first attempt went out (sent - scheduled = time queued in the client)
+    latency: float  # scheduled to the answer (or to giving up, for a failed call)
+    ok: bool
+    retries: int = 0
+    error: str = ""
+
+
+def fleet_schedule(rate: float, duration: float, clients: int) -> list[list[float]]:
+    """Send times per client: slot j of the aggregate schedule (j / rate) goes to client j mod N.
+
+    Interleaving the clients keeps the aggregate rate even, instead of N bursts at every client tick.
+    """
+    if rate <= 0 or duration <= 0 or clients < 1:
+        raise ValueError("rate, duration and clients must be positive")
+    slots = int(round(rate * duration))
+    out: list[list[float]] = [[] for _ in range(clients)]
+    for j in range(slots):
+        out[j % clients].append(j / rate)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100): always a value that was observed; None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))  # ceil(q/100 * n) - 1
+    return s[k]
+
+
+def phase_of(t: float, window: tuple[float, float] | None) -> str:
+    """before / during / after the migration window [start, end), by the call's scheduled time."""
+    if window is None or t < window[0]:
+        return "before"
+    return "during" if t < window[1] else "after"
+
+
+def call_stats(records: list[CallRecord], span_s: float | None = None) -> dict[str, Any]:
+    """Counts and latency percentiles (ms, answered calls only) of a set of calls."""
+    lat = [r.latency * 1e3 for r in records if r.ok]
+    queued = [(r.sent - r.scheduled) * 1e3 for r in records]
+    out: dict[str, Any] = {
+        "calls": len(records), "ok": sum(r.ok for r in records), "failed": sum(not r.ok for r in records),
+        "retried": sum(r.retries > 0 for r in records), "retries": sum(r.retries for r in records),
+        "puts": sum(r.op == "put" for r in records), "gets": sum(r.op == "get" for r in records)}
+    for name, q in (("p50", 50), ("p99", 99), ("max", 100)):
+        v = percentile(lat, q)
+        out[f"{name}_ms"] = round(v, 3) if v is not None else None
+    out["mean_ms"] = round(statistics.fmean(lat), 3) if lat else None
+    v = percentile(queued, 99)
+    out["queued_p99_ms"] = round(v, 3) if v is not None else None
+    if span_s is not None:
+        out["span_s"] = round(span_s, 3)
+        out["rate"] = round(len(records) / span_s, 1) if span_s > 0 else None
+    return out
+
+
+def phase_stats(records: list[CallRecord], window: tuple[float, float] | None,
+                duration: float) -> dict[str, dict[str, Any]]:
+    """call_stats per phase (before / during / after the migration), split by scheduled time."""
+    groups: dict[str, list[CallRecord]] = {p: [] for p in PHASES}
+    for r in records:
+        groups[phase_of(r.scheduled, window)].append(r)
+    if window is None:
+        spans = {"before": duration, "during": 0.0, "after": 0.0}
+    else:
+        start, end = window
+        spans = {"before": max(0.0, start), "during": max(0.0, min(end, duration) - start),
+                 "after": max(0.0, duration - end)}
+    return {p: call_stats(groups[p], spans[p]) for p in PHASES}
+
+
+def latency_timeline(records: list[CallRecord], bucket_s: float = 0.25) -> list[dict[str, Any]]:
+    """Per bucket of scheduled time: calls, failures and latency p50/p99/max (ms), for plots."""
+    buckets: dict[int, list[CallRecord]] = {}
+    for r in records:
+        buckets.setdefault(int(r.scheduled // bucket_s), []).append(r)
+    out = []
+    for k in sorted(buckets):
+        rs = buckets[k]
+        lat = [r.latency * 1e3 for r in rs if r.ok]
+        out.append({"t": round(k * bucket_s, 3), "calls": len(rs), "failed": sum(not r.ok for r in rs),
+                    "p50_ms": _round(percentile(lat, 50)), "p99_ms": _round(percentile(lat, 99)),
+                    "max_ms": _round(percentile(lat, 100))})
+    return out
+
+
+def _round(v: float | None) -> float | None:
+    return round(v, 3) if v is not None else None
+
+
+class WriteBook:
+    """What one client knows about its own keys, to judge every answer it gets.
+
+    Each client owns its keys, so it alone writes them and knows what a read must return: the last
+    acknowledged value, or the value of a put that failed after it (that put may or may not have been
+    applied). Values are unique per put, so a read of an older value (or of nothing) is a lost
+    acknowledged write, and anything never written to the key is wrong.
+    """
+
+    def __init__(self) -> None:
+        self.acked: dict[str, bytes] = {}
+        self.maybe: dict[str, set[bytes]] = {}
+        self.written: dict[str, set[bytes]] = {}  # every value ever sent for the key
+
+    def sending(self, key: str, value: bytes) -> None:
+        self.written.setdefault(key, set()).add(value)
+
+    def acknowledged(self, key: str, value: bytes) -> None:
+        self.acked[key] = value
+        self.maybe.pop(key, None)
+
+    def failed(self, key: str, value: bytes) -> None:
+        self.maybe.setdefault(key, set()).add(value)
+
+    def judge(self, key: str, got: Any) -> str:
+        """"ok", "lost" (nothing, or a value an acknowledged write replaced) or "wrong"."""
+        if got == self.acked.get(key) or got in self.maybe.get(key, ()):
+            return "ok"
+        if got is None or got in self.written.get(key, ()):
+            return "lost"
+        return "wrong"
+
+
+@dataclass
+class FleetReport:
+    """Everything a fleet run measured; `summary` turns it into JSON-ready figures."""
+
+    records: list[CallRecord]
+    duration: float
+    clients: int
+    rate: float
+    unsent: int = 0  # scheduled calls never sent (the run overran its drain time)
+    stale_reads: int = 0  # a get answered with an older value than the last acknowledged write
+    wrong_reads: int = 0  # a get answered with something never written
+    lost: int = 0  # read-back after the run: acknowledged writes missing or rolled back
+    wrong_final: int = 0  # read-back after the run: values never written
+    unverified: int = 0  # keys the read-back could not read (call failed after retries)
+    verified_keys: int = 0
+    errors: list[str] = field(default_factory=list)  # first few distinct failure messages
+
+    @property
+    def wrong(self) -> int:
+        return self.wrong_reads + self.stale_reads + self.wrong_final
+
+    def totals(self) -> dict[str, Any]:
+        t = call_stats(self.records, self.duration)
+        t.update({"scheduled": len(self.records) + self.unsent, "unsent": self.unsent, "lost": self.lost,
+                  "wrong": self.wrong, "stale_reads": self.stale_reads, "wrong_reads": self.wrong_reads,
+                  "wrong_final": self.wrong_final, "unverified": self.unverified,
+                  "verified_keys": self.verified_keys, "errors": self.errors[:10]})
+        return t
+
+    def summary(self, window: tuple[float, float] | None) -> dict[str, Any]:
+        return {"totals": self.totals(), "phases": phase_stats(self.records, window, self.duration),
+                "timeline": latency_timeline(self.records)}
+
+
+class Fleet:
+    """N clients, each with its own connection, sending at a fixed aggregate rate for a bounded time.
+
+    Open loop: every call has a scheduled send time fixed in advance, and its latency is measured
+    from that time, so a stall (a migration's downtime) is charged to every call it delayed, not just
+    to the one that was waiting (no coordinated omission). Each client owns a disjoint set of keys
+    and puts or gets them; a failed call is retried with backoff up to `retries` times. After the run
+    `verify` reads every key back and judges it against what was acknowledged.
+
+    `client_factory(i)` makes client i's connection (an object with `call` and `close`), so the
+    accounting can be tested without agents.
+    """
+
+    def __init__(self, addr: str, name: str, clients: int = 8, rate: float = 400.0, duration: float = 20.0,
+                 keys_per_client: int = 200, write_ratio: float = 0.5, value_size: int = 200, seed: int = 1,
+                 retries: int = 5, backoff: float = 0.05, call_timeout: float = 30.0, drain: float = 30.0,
+                 client_factory: Callable[[int], Any] | None = None) -> None:
+        if clients < 1 or keys_per_client < 1:
+            raise ValueError("a fleet needs at least one client and one key per client")
+        self.clients, self.rate, self.duration = clients, rate, duration
+        self.write_ratio, self.value_size = write_ratio, value_size
+        self.retries, self.backoff, self.drain = retries, backoff, drain
+        self.schedule = fleet_schedule(rate, duration, clients)
+        factory = client_factory or (lambda i: EnclaveClient(addr, name, timeout=call_timeout))
+        self.conns = [factory(i) for i in range(clients)]
+        self.keys = [[f"fleet-{i}-{k}" for k in range(keys_per_client)] for i in range(clients)]
+        self.books = [WriteBook() for _ in range(clients)]
+        self.rngs = [random.Random(seed * 1_000_003 + i) for i in range(clients)]
+        self._records: list[list[CallRecord]] = [[] for _ in range(clients)]
+        self._unsent = [0] * clients
+        self._reads = [{"stale": 0, "wrong": 0} for _ in range(clients)]
+        self._errors: list[str] = []
+        self._abort = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), name=f"fleet-{i}", daemon=True)
+                         for i in range(clients)]
+        self.t0 = 0.0
+
+    def now(self) -> float:
+        """Seconds since the fleet's start (the clock of every record)."""
+        return time.monotonic() - self.t0
+
+    def preload(self) -> None:
+        """Give every key a known value first, so every get from the start has one right answer."""
+        for i, conn in enumerate(self.conns):
+            keys = self.keys[i]
+            for j in range(0, len(keys), 256):
+                items = [[k, f"{k}:preload".encode()] for k in keys[j:j + 256]]
+                for k, v in items:
+                    self.books[i].sending(k, v)
+                self._with_retries(lambda c=conn, it=items: c.call("put_many", it))
+                for k, v in items:
+                    self.books[i].acknowledged(k, v)
+
+    def start(self) -> Self:
+        self.t0 = time.monotonic() + 0.05  # every thread is up before the first slot
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> FleetReport:
+        """Wait for the schedule to finish (at most duration + drain, or `timeout`)."""
+        limit = self.duration + self.drain + 5.0 if timeout is None else timeout
+        end = time.monotonic() + limit
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self._abort.set()
+        for t in self._threads:
+            t.join(5.0)
+        return self.report()
+
+    def report(self) -> FleetReport:
+        records = sorted((r for rs in self._records for r in rs), key=lambda r: r.scheduled)
+        return FleetReport(records, self.duration, self.clients, self.rate, unsent=sum(self._unsent),
+                           stale_reads=sum(r["stale"] for r in self._reads),
+                           wrong_reads=sum(r["wrong"] for r in self._reads), errors=list(self._errors))
+
+    def verify(self, report: FleetReport) -> FleetReport:
+        """Read back every key of every client (batched, retried) and count lost and wrong values."""
+        for i, conn in enumerate(self.conns):
+            book = self.books[i]
+            keys = self.keys[i]
+            for j in range(0, len(keys), 256):
+                part = keys[j:j + 256]
+                try:
+                    got = self._with_retries(lambda c=conn, p=part: c.call("get_many", p))[0]
+                except ConstmigError as e:
+                    report.unverified += len(part)
+                    self._note(report.errors, f"read-back: {e}")
+                    continue
+                for k, v in zip(part, got, strict=True):
+                    verdict = book.judge(k, v)
+                    report.verified_keys += 1
+                    report.lost += verdict == "lost"
+                    report.wrong_final += verdict == "wrong"
+        return report
+
+    def close(self) -> None:
+        self._abort.set()
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # ---- inside a client thread ----
+    def _with_retries(self, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """fn(), retried on ConstmigError with exponential backoff; returns (result, retries).
+
+        Raises GaveUp (a ConstmigError that says how many retries were made) once they run out."""
+        delay = self.backoff
+        attempt = 0
+        while True:
+            try:
+                return fn(), attempt
+            except ConstmigError as e:
+                if attempt >= self.retries or self._abort.is_set():
+                    raise GaveUp(str(e), attempt) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                attempt += 1
+
+    def _note(self, errors: list[str], msg: str) -> None:
+        if len(errors) < 10 and msg not in errors:
+            errors.append(msg)
+
+    def _client(self, i: int) -> None:
+        conn, book, rng, keys = self.conns[i], self.books[i], self.rngs[i], self.keys[i]
+        records, reads = self._records[i], self._reads[i]
+        times = self.schedule[i]
+        for n, due in enumerate(times):
+            if self._abort.is_set() or self.now() > self.duration + self.drain:
+                self._unsent[i] += len(times) - n
+                return
+            wait = due - self.now()
+            if wait > 0:
+                time.sleep(wait)
+            key = rng.choice(keys)
+            is_put = rng.random() < self.write_ratio
+            sent = self.now()
+            if is_put:
+                value = f"{key}:{n}:".encode().ljust(rng.randint(16, max(16, self.value_size)), b"v")
+                book.sending(key, value)
+                fn: Callable[[], Any] = lambda k=key, v=value: conn.call("put", k, v)  # noqa: E731
+            else:
+                fn = lambda k=key: conn.call("get", k)  # noqa: E731
+            try:
+                got, retries = self._with_retries(fn)
+            except GaveUp as e:
+                if is_put:
+                    book.failed(key, value)
+                self._note(self._errors, str(e))
+                records.append(CallRecord(i, "put" if is_put else "get", due, sent, self.now() - due, False,
+                                          e.retries, str(e)[:200]))
+                continue
+            done = self.now()
+            if is_put:
+                book.acknowledged(key, value)
+            else:
+                verdict = book.judge(key, got)
+                if verdict == "lost":
+                    reads["stale"] += 1
+                elif verdict == "wrong":
+                    reads["wrong"] += 1
+            records.append(CallRecord(i, "put" if is_put else "get", due, sent, done - due, True, retries))

@@ -69,3 +69,230 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- bench suite (report.py aggregates; these only draw) ----------------------------------------------
+
+VARIANT_COLORS = {"stopcopy": "#de2d26", "constmig-fault": "#3182bd", "constmig-access": "#31a354",
+                  "constmig": "#756bb1"}
+Band = tuple[float, float, float]  # median, min, max
+
+
+def _color(variant: str) -> str:
+    return VARIANT_COLORS.get(variant, "#636363")
+
+
+def _size_axis(ax: Any, heaps: list[int]) -> None:
+    """Log2 heap axis ticked at the sizes that ran, labelled 256M, 1G..."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(heaps))
+    if ticks:
+        ax.set_xticks([h / 2**30 for h in ticks])
+        ax.set_xticklabels([f"{h >> 30}G" if h % 2**30 == 0 else f"{h >> 20}M" for h in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(ticks[0] / 2**30 / 1.4, ticks[-1] / 2**30 * 1.4)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_suite_downtime(series: dict[str, list[tuple[int, Band]]], reductions: dict[str, dict[int, float]],
+                        path: Path, title: str = "") -> None:
+    """Downtime against heap size per variant (median, min-max bars, log y), each post-copy point
+    labelled with its reduction against stop-and-copy at that size."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, pts in series.items():
+        if not pts:
+            continue
+        xs = np.array([h for h, _ in pts]) / 2**30
+        med = np.array([b[0] for _, b in pts])
+        err = [med - np.array([b[1] for _, b in pts]), np.array([b[2] for _, b in pts]) - med]
+        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=variant, color=_color(variant))
+        for heap, band in pts:
+            red = reductions.get(variant, {}).get(heap)
+            if red is not None:
+                ax.annotate(f"-{red:.1f}%", (heap / 2**30, band[0]), xytext=(4, -12), textcoords="offset points",
+                            fontsize=7, color=_color(variant))
+    _size_axis(ax, [h for pts in series.values() for h, _ in pts])
+    ax.set_yscale("log")
+    ax.set_xlabel("heap size")
+    ax.set_ylabel("downtime (ms), median and min-max")
+    ax.set_title(title or "downtime against heap size (labels: reduction vs stop-and-copy)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _grouped_bars(ax: Any, data: dict[str, dict[str, Band]], variants: list[str], log: bool) -> None:
+    groups = list(data)
+    width = 0.8 / max(1, len(variants))
+    for j, variant in enumerate(variants):
+        xs, med, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            band = data[g].get(variant)
+            if band is None:
+                continue
+            xs.append(i + (j - (len(variants) - 1) / 2) * width)
+            med.append(band[0])
+            lo.append(band[0] - band[1])
+            hi.append(band[2] - band[0])
+        if xs:
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=variant, color=_color(variant))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
+def plot_workload_bars(data: dict[str, dict[str, Band]], variants: list[str], path: Path, ylabel: str,
+                       title: str, log: bool = True) -> None:
+    """One group of bars per workload, one bar per variant (median, min-max whiskers)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(data) + 2), 4.2))
+    _grouped_bars(ax, data, variants, log)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_suite_total(series: dict[str, list[tuple[int, Band]]], by_workload: dict[str, dict[str, Band]],
+                     variants: list[str], path: Path, sweep_label: str, workload_label: str) -> None:
+    """Total migration time per variant: against heap size (left), per workload at one size (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    for variant, pts in series.items():
+        if pts:
+            xs = np.array([h for h, _ in pts]) / 2**30
+            med = np.array([b[0] for _, b in pts])
+            err = [med - np.array([b[1] for _, b in pts]), np.array([b[2] for _, b in pts]) - med]
+            left.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=variant, color=_color(variant))
+    _size_axis(left, [h for pts in series.values() for h, _ in pts])
+    left.set_xlabel("heap size")
+    left.set_ylabel("total migration time (s)")
+    left.set_title(sweep_label, fontsize=10)
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    _grouped_bars(right, by_workload, variants, log=False)
+    right.set_title(workload_label, fontsize=10)
+    right.set_ylabel("total migration time (s)")
+    _save(fig, path)
+
+
+PHASE_STYLE = {"prepared": ("#969696", "destination ready"), "stop": ("#de2d26", "stop"),
+               "resumed": ("#31a354", "resumed at destination"), "done": ("#3182bd", "last chunk (DONE)")}
+
+
+def plot_timelines(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The client driver's ops/s over time, one panel per variant, with the migration's phases marked:
+    downtime shaded red, streaming after the resume shaded green."""
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.1 * len(runs) + 0.6), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        tl = run.get("timeline") or []
+        ph = run.get("phases") or {}
+        if tl:
+            ts = np.array([t for t, _ in tl])
+            rs = np.array([r for _, r in tl])
+            ax.step(ts, rs, where="post", color="#252525", lw=1)
+            ax.fill_between(ts, rs, step="post", color="#bdbdbd", alpha=0.5)
+        if "stop" in ph and "resumed" in ph:
+            ax.axvspan(ph["stop"], max(ph["resumed"], ph["stop"] + 0.004), color="#de2d26", alpha=0.35, lw=0)
+            if ph.get("done", ph["resumed"]) > ph["resumed"] + 0.01 and run.get("strategy") == "constmig":
+                ax.axvspan(ph["resumed"], ph["done"], color="#31a354", alpha=0.12, lw=0)
+        for key, (color, label) in PHASE_STYLE.items():
+            if key in ph:
+                ax.axvline(ph[key], color=color, lw=1, ls="--", label=label)
+        gap = run.get("client_gap_ms")
+        ax.set_title(f"{run['variant']}: downtime {run['downtime_ms']:.1f} ms, total {run['total_s']:.2f} s"
+                     + (f", longest client gap {gap:.0f} ms" if gap is not None else ""), fontsize=9)
+        ax.set_ylabel("ops/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower left", ncol=4)
+    axes[-1, 0].set_xlabel("seconds since the migrate request")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_fault_cdf(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path, title: str) -> None:
+    """Demand-fault latency CDF per tracker (one panel each), one line per workload plus all merged.
+
+    Each line is a histogram's cumulative count at its bins' upper edges (log-binned, 10 per decade)."""
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False,
+                             sharey=True)
+    cmap = plt.get_cmap("tab10")
+    for ax, (tracker, lines) in zip(axes[0], panels.items(), strict=False):
+        for i, (label, (upper, counts)) in enumerate(lines.items()):
+            if counts.sum() == 0:
+                continue
+            i0 = int(np.flatnonzero(counts)[0])  # start at the first bin that holds a fault
+            cdf = np.cumsum(counts[i0:]) / counts.sum()
+            lower = upper[i0] ** 2 / upper[i0 + 1] if i0 + 1 < len(upper) else upper[i0] / 10 ** 0.1
+            xs = np.concatenate(([lower], upper[i0:]))
+            ys = np.concatenate(([0.0], cdf))
+            bold = label.startswith("all")
+            ax.step(xs / 1e3, ys, where="post", lw=2.2 if bold else 1, color="black" if bold else cmap(i % 10),
+                    label=f"{label} (n={int(counts.sum())})")
+        ax.set_xscale("log")
+        ax.set_xlabel("fault latency (ms): access waits until its bytes are in place")
+        ax.set_title(f"{tracker} tracker", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0, 0].set_ylabel("fraction of faults")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_overhead(data: dict[str, dict[str, Band]], labels: dict[str, str], path: Path, title: str) -> None:
+    """Throughput relative to plain arrays (1.0 = no cost), per workload, one bar per tracker mode."""
+    modes = [m for m in labels if m != "plain"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(data) + 2), 4.2))
+    colors = {"access": "#74c476", "access-stream": "#238b45", "fault": "#3182bd"}
+    width = 0.8 / max(1, len(modes))
+    groups = list(data)
+    for j, mode in enumerate(modes):
+        xs, med, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            band = data[g].get(mode)
+            if band is None:
+                continue
+            xs.append(i + (j - (len(modes) - 1) / 2) * width)
+            med.append(band[0])
+            lo.append(max(0.0, band[0] - band[1]))
+            hi.append(max(0.0, band[2] - band[0]))
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=labels[mode], color=colors.get(mode, "#969696"))
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, fontsize=8)
+    ax.set_ylabel("throughput / plain (median of rounds, min-max)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_growth(points: dict[str, dict[str, tuple[list[float], list[float]]]],
+                fits: dict[str, dict[str, dict[str, float]]], ylabels: dict[str, str], path: Path,
+                title: str) -> None:
+    """Each measure against heap size on linear axes, every run a dot, with its least-squares line."""
+    keys = list(points)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=False):
+        for variant, (xs, ys) in points[key].items():
+            ax.scatter(xs, ys, s=12, color=_color(variant), alpha=0.7)
+            fit = fits.get(key, {}).get(variant)
+            if fit and xs:
+                gx = np.linspace(min(xs), max(xs), 50)  # over the measured range only
+                gy = fit["intercept"] + fit["slope"] * gx
+                r2 = f"{fit['r2']:.2f}" if fit.get("r2") is not None else "-"
+                ax.plot(gx[gy > 0], gy[gy > 0], color=_color(variant), lw=1,
+                        label=f"{variant}: {fit['slope']:.3g}/GiB, R²={r2}")
+        ax.set_xlabel("heap (GiB)")
+        ax.set_ylabel(ylabels.get(key, key) + ", log scale")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

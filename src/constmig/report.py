@@ -1,0 +1,670 @@
+"""The bench suite's report: analysis of results.json (tables, slope fits), the plots, and report.md.
+
+Everything here is a pure function of the results document, so a report can be regenerated (or
+tested) without running a migration: `write_report(json.load(open("results.json")), out_dir)`.
+Numbers in the text all come from the document; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constmig.units import format_size
+
+MEASURES = {"downtime_ms": "downtime (ms)", "total_s": "total migration time (s)",
+            "client_gap_ms": "longest client gap (ms)"}
+PLOTS = {
+    "downtime": "downtime_vs_heap.png",
+    "workloads": "downtime_per_workload.png",
+    "total": "total_time.png",
+    "timeline": "timeline.png",
+    "faults": "fault_latency_cdf.png",
+    "overhead": "tracker_overhead.png",
+    "growth": "growth_vs_heap.png",
+}
+
+
+# -- numbers ------------------------------------------------------------------------------------------
+
+
+def fit_line(xs: list[float], ys: list[float]) -> dict[str, float | None]:
+    """Least squares y = intercept + slope * x, with R² and the slope's standard error.
+
+    R² is None when y does not vary at all, and the standard error None with fewer than 3 points.
+    A flat measure (ConstMig's downtime) has a slope near 0 and a low R²: read the slope and its error,
+    not R², there.
+    """
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    n = int(x.size)
+    if n < 2 or np.ptp(x) == 0:
+        raise ValueError("a line needs at least two distinct x values")
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    slope = float(((x - xm) * (y - ym)).sum() / sxx)
+    intercept = float(ym - slope * xm)
+    resid = y - (intercept + slope * x)
+    ss_res = float((resid**2).sum())
+    ss_tot = float(((y - ym) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
+    se = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else None
+    return {"slope": slope, "intercept": intercept, "r2": r2, "slope_se": se, "n": n}
+
+
+def parse_hist(text: str | None) -> tuple[int, np.ndarray] | None:
+    """"B:FIRST:c,c,..." (receiver.latency_histogram) -> (bins per decade, counts from bin 0)."""
+    if not text:
+        return None
+    try:
+        per_decade, first, counts = text.split(":", 2)
+        b, f = int(per_decade), int(first)
+        cs = [int(c) for c in counts.split(",")]
+    except ValueError:
+        return None
+    if b <= 0 or f < 0 or any(c < 0 for c in cs):
+        return None
+    return b, np.concatenate((np.zeros(f, dtype=np.int64), np.asarray(cs, dtype=np.int64)))
+
+
+def merge_hists(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sum of histograms of one resolution -> (upper bin edges in µs, counts); None if there are none."""
+    parsed = [p for p in (parse_hist(t) for t in texts) if p is not None]
+    if not parsed:
+        return None
+    b = parsed[0][0]
+    parsed = [p for p in parsed if p[0] == b]
+    size = max(len(c) for _, c in parsed)
+    total = np.zeros(size, dtype=np.int64)
+    for _, c in parsed:
+        total[: len(c)] += c
+    upper = 10 ** ((np.arange(size) + 1) / b)
+    return upper, total
+
+
+def hist_quantile(upper: np.ndarray, counts: np.ndarray, q: float) -> float | None:
+    """Upper edge of the bin holding quantile q (an upper bound, within one bin, ~26%)."""
+    n = counts.sum()
+    if n == 0:
+        return None
+    i = int(np.searchsorted(np.cumsum(counts), q * n))
+    return float(upper[min(i, len(upper) - 1)])
+
+
+def band(values: list[float]) -> tuple[float, float, float] | None:
+    return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def _ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if "error" not in r]
+
+
+def headline_workload(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    sweep = cfg.get("sweep") or []
+    if "kvstore" in sweep:
+        return "kvstore"
+    return sweep[0] if sweep else cfg["workloads"][0]
+
+
+def rows_for(doc: dict[str, Any], workload: str, heap: int | None = None) -> list[dict[str, Any]]:
+    return [r for r in doc.get("summary", []) if r["workload"] == workload and (heap is None or r["heap_bytes"] == heap)]
+
+
+def reductions(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """variant -> heap -> downtime reduction against stop-and-copy's median at that size, in %."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if "downtime_vs_stopcopy" in r:
+            out[r["variant"]][r["heap_bytes"]] = (1 - r["downtime_vs_stopcopy"]) * 100
+    return dict(out)
+
+
+def slopes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per sweep workload, variant and measure: a line through every run's (heap GiB, value)."""
+    out = []
+    ok = _ok(doc["results"])
+    for w in doc["config"].get("sweep") or []:
+        for variant in doc["config"]["variants"]:
+            runs = [r for r in ok if r["workload"] == w and r["variant"] == variant]
+            for key in MEASURES:
+                pts = [(r["heap_bytes"] / 2**30, r[key]) for r in runs if r.get(key) is not None]
+                row: dict[str, Any] = {"workload": w, "variant": variant, "measure": key, "n": len(pts)}
+                if len({x for x, _ in pts}) >= 2:
+                    row.update(fit_line([x for x, _ in pts], [y for _, y in pts]))
+                out.append(row)
+    return out
+
+
+def representative(results: list[dict[str, Any]], workload: str, heap: int, variant: str) -> dict[str, Any] | None:
+    """The run of a group whose downtime is closest to the group's median (for a timeline)."""
+    runs = [r for r in _ok(results) if r["workload"] == workload and r["heap_bytes"] == heap
+            and r["variant"] == variant and r.get("timeline")]
+    if not runs:
+        return None
+    med = statistics.median(r["downtime_ms"] for r in runs)
+    return min(runs, key=lambda r: abs(r["downtime_ms"] - med))
+
+
+def anomalies(doc: dict[str, Any]) -> list[str]:
+    """What looked wrong or suspicious in this run, one line each (the report lists them all)."""
+    out: list[str] = []
+    results = doc["results"]
+    for v, why in (doc["config"].get("skipped") or {}).items():
+        out.append(f"variant {v} was not run: {why}")
+    for r in results:
+        where = f"{r['workload']} {format_size(r['heap_bytes'])} {r['variant']} #{r.get('repeat', 0) + 1}"
+        if "error" in r:
+            out.append(f"FAILED: {where}: {r['error']}")
+            continue
+        if not r.get("verified"):
+            out.append(f"NOT VERIFIED: {where}: {r.get('verify_detail')}")
+        if r.get("client_errors") or r.get("client_wrong"):
+            out.append(f"client errors in {where}: {r.get('client_errors')} failed, {r.get('client_wrong')} wrong; "
+                       f"first: {(r.get('client_error_sample') or [''])[0]}")
+        if r.get("strategy") == "constmig" and not r.get("faults"):
+            out.append(f"{where}: no demand fault at all (the driver never touched a chunk before it arrived)")
+        ph = r.get("phases") or {}
+        if ph and (ph.get("stop", 0) < ph.get("prepared", 0) - 0.005 or ph.get("done", 0) > ph.get("returned", 0) + 0.05):
+            out.append(f"{where}: phase timestamps inconsistent ({ph})")
+        gap, down = r.get("client_gap_ms") or 0, r.get("downtime_ms") or 0
+        if gap > 1000 and gap - down > 500:  # a wait the stop does not explain
+            out.append(f"{where}: the client waited {gap / 1e3:.1f} s between two answers although the app was "
+                       f"stopped for only {down:.0f} ms")
+        if r.get("resumes"):
+            out.append(f"{where}: the stream had to reconnect {r['resumes']} time(s)")
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in _ok(results):
+        groups[(r["workload"], r["heap_bytes"], r["variant"])].append(r)
+    for (w, h, v), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        med = statistics.median(r["downtime_ms"] for r in rs)
+        for r in rs:
+            if r["downtime_ms"] > 3 * med and r["downtime_ms"] - med > 5:
+                out.append(f"outlier: {w} {format_size(h)} {v} #{r.get('repeat', 0) + 1}: downtime "
+                           f"{r['downtime_ms']:.1f} ms against a median of {med:.1f} ms (load average "
+                           f"{r.get('load_avg')})")
+        totals = [r["total_s"] for r in rs]
+        if min(totals) > 0 and max(totals) / min(totals) > 2.5:
+            parts = [f"{label} {_spread(rs, key)} s" for key, label in (("prepare_s", "preparing the destination"),
+                                                                        ("stream_s", "streaming"))
+                     if _spread(rs, key) != "-"]
+            out.append(f"{w} {format_size(h)} {v}: total time varies {max(totals) / min(totals):.1f}x across repeats "
+                       f"({min(totals):.2f}-{max(totals):.2f} s; {', '.join(parts)})")
+    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in _ok(results):
+        if r.get("strategy") == "constmig":
+            by_variant[r["variant"]].append(r)
+    for v, rs in by_variant.items():  # a post-copy stop far slower than the variant's usual one
+        med = statistics.median(r["downtime_ms"] for r in rs)
+        for r in rs:
+            if r["downtime_ms"] > 3 * med and r["downtime_ms"] - med > 5:
+                out.append(f"slow post-copy stop: {r['workload']} {format_size(r['heap_bytes'])} {v} "
+                           f"#{r.get('repeat', 0) + 1}: {r['downtime_ms']:.1f} ms, against {med:.1f} ms for {v} "
+                           f"over the whole run (load average {r.get('load_avg')})")
+    cores = doc["machine"].get("cores") or 1
+    loads = [r.get("load_avg") for r in results if r.get("load_avg") is not None]
+    busy = [x for x in loads if x > cores]
+    if busy:
+        out.append(f"the machine was busy during {len(busy)} of {len(loads)} migrations (1-min load average "
+                   f"above {cores} cores, up to {max(busy):.1f}): other processes shared the CPUs")
+    ov = doc.get("overhead") or {}
+    for w in ov.get("workloads", []):
+        if not w.get("answers_match"):
+            out.append(f"overhead {w['workload']}: the modes answered differently (a tracker changed a result)")
+        if w.get("uffd_faults"):
+            out.append(f"overhead {w['workload']}: the armed heap took {w['uffd_faults']} userfaultfd faults")
+        for mode, m in w.get("modes", {}).items():
+            if mode != "plain" and m["relative"] > 1.1:
+                out.append(f"overhead {w['workload']} {mode}: {m['relative']:.0%} of plain (faster than without "
+                           "the tracker: measurement noise of this size is in every overhead figure)")
+    return out
+
+
+def _spread(rs: list[dict[str, Any]], key: str) -> str:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return f"{min(vals):.1f}-{max(vals):.1f}" if vals else "-"
+
+
+# -- formatting ---------------------------------------------------------------------------------------
+
+
+def _n(v: float | None, digits: int | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if digits is not None:
+        return f"{v:.{digits}f}"
+    return f"{v:.1f}" if abs(v) < 10 else f"{v:.0f}"
+
+
+def cell(row: dict[str, Any], key: str, digits: int | None = None) -> str:
+    v = row.get(key)
+    if not v:
+        return "-"
+    return f"{_n(v['median'], digits)} [{_n(v['min'], digits)}-{_n(v['max'], digits)}]"
+
+
+def _med(row: dict[str, Any], key: str) -> float | None:
+    v = row.get(key)
+    return v["median"] if v else None
+
+
+def _verified(doc: dict[str, Any], workload: str, heap: int, variant: str) -> str:
+    rs = [r for r in doc["results"] if r["workload"] == workload and r["heap_bytes"] == heap
+          and r["variant"] == variant]
+    return f"{sum(1 for r in rs if r.get('verified'))}/{len(rs)}"
+
+
+def _faults(row: dict[str, Any]) -> str:
+    p50, p99 = _med(row, "fault_latency_us_p50"), _med(row, "fault_latency_us_p99")
+    if p50 is None:
+        return "-"
+    return f"{p50:.0f} / {p99:.0f}" if p99 is not None else f"{p50:.0f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def headline_table(doc: dict[str, Any], workload: str) -> str:
+    rows = []
+    last_heap = None
+    for r in sorted(rows_for(doc, workload), key=lambda r: (r["heap_bytes"], _variant_order(doc, r["variant"]))):
+        heap = format_size(r["heap_bytes"]) if r["heap_bytes"] != last_heap else ""
+        last_heap = r["heap_bytes"]
+        red = f"{(1 - r['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in r else ""
+        ratio = f"{r['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in r else ""
+        rows.append([heap, r["variant"], cell(r, "downtime_ms"), red, cell(r, "total_s", 2), ratio,
+                     cell(r, "client_gap_ms"), _faults(r), _n(_med(r, "faults"), 0),
+                     _verified(doc, workload, r["heap_bytes"], r["variant"])])
+    return table(["heap", "variant", "downtime ms, median [min-max]", "reduction vs stop-and-copy", "total s",
+                  "total vs stop-and-copy", "client gap ms", "fault latency p50 / p99 µs", "faults",
+                  "verified"], rows)
+
+
+def _variant_order(doc: dict[str, Any], v: str) -> int:
+    order = list(doc["config"]["variants"])
+    return order.index(v) if v in order else len(order)
+
+
+def workload_table(doc: dict[str, Any], heap: int) -> str:
+    rows = []
+    for w in doc["config"]["workloads"]:
+        first = True
+        for r in sorted(rows_for(doc, w, heap), key=lambda r: _variant_order(doc, r["variant"])):
+            red = f"{(1 - r['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in r else ""
+            ratio = f"{r['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in r else ""
+            before, during = _med(r, "ops_s_before"), _med(r, "ops_s_during")
+            tput = f"{_n(before, 0)} → {_n(during, 0)}" if before else "-"
+            if before and during is not None:
+                tput += f" ({during / before:.0%})"
+            rows.append([w if first else "", r["variant"], cell(r, "downtime_ms"), red, cell(r, "total_s", 2), ratio,
+                         cell(r, "client_gap_ms"), tput, _faults(r), _verified(doc, w, heap, r["variant"])])
+            first = False
+    return table(["workload", "variant", "downtime ms", "reduction", "total s", "vs stop-and-copy",
+                  "client gap ms", "client ops/s before → stop..DONE", "fault p50 / p99 µs", "verified"], rows)
+
+
+def slope_table(fits: list[dict[str, Any]]) -> str:
+    rows = []
+    for f in fits:
+        if "slope" not in f:
+            rows.append([f["workload"], f["variant"], MEASURES[f["measure"]], "-", "-", "-", str(f["n"])])
+            continue
+        se = f" ± {_g(f['slope_se'])}" if f.get("slope_se") is not None else ""
+        rows.append([f["workload"], f["variant"], MEASURES[f["measure"]], f"{_g(f['slope'])}{se}",
+                     _g(f["intercept"]), _n(f["r2"], 3) if f["r2"] is not None else "-", str(f["n"])])
+    return table(["workload", "variant", "measure", "slope per GiB (± std. error)", "intercept", "R²", "runs"], rows)
+
+
+def _g(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}"
+
+
+def overhead_table(ov: dict[str, Any]) -> str:
+    modes = [m for m in ov["modes"] if m != "plain"]
+    rows = []
+    for w in ov["workloads"]:
+        plain = w["modes"]["plain"]
+        row = [w["workload"], f"{plain['median']:,.0f}"]
+        for m in modes:
+            x = w["modes"].get(m)
+            row.append(f"{x['relative']:.1%} [{x['relative_min']:.0%}-{x['relative_max']:.0%}]" if x else "-")
+        row += ["yes" if w["answers_match"] else "**no**", "-" if w.get("uffd_faults") is None else str(w["uffd_faults"])]
+        rows.append(row)
+    return table(["workload", "plain ops/s", *[ov["mode_labels"][m] for m in modes], "same answers",
+                  "uffd faults"], rows)
+
+
+# -- plots and the document ---------------------------------------------------------------------------
+
+
+def _series(doc: dict[str, Any], workload: str, key: str) -> dict[str, list[tuple[int, tuple[float, float, float]]]]:
+    out: dict[str, list] = {v: [] for v in doc["config"]["variants"]}
+    for r in sorted(rows_for(doc, workload), key=lambda r: r["heap_bytes"]):
+        v = r.get(key)
+        if v:
+            out.setdefault(r["variant"], []).append((r["heap_bytes"], (v["median"], v["min"], v["max"])))
+    return out
+
+
+def _by_workload(doc: dict[str, Any], heap: int, key: str) -> dict[str, dict[str, tuple[float, float, float]]]:
+    out: dict[str, dict] = {}
+    for w in doc["config"]["workloads"]:
+        for r in rows_for(doc, w, heap):
+            v = r.get(key)
+            if v:
+                out.setdefault(w, {})[r["variant"]] = (v["median"], v["min"], v["max"])
+    return out
+
+
+def make_plots(doc: dict[str, Any], out: Path, fits: list[dict[str, Any]]) -> dict[str, str]:
+    """Draw every plot the data allows; returns name -> file name (relative to out)."""
+    from constmig import plots
+
+    made: dict[str, str] = {}
+    cfg = doc["config"]
+    hw = headline_workload(doc)
+    variants = list(cfg["variants"])
+    ws = cfg["workload_size"]
+    sweep_rows = rows_for(doc, hw)
+    if sweep_rows:
+        plots.plot_suite_downtime(_series(doc, hw, "downtime_ms"), reductions(sweep_rows), out / PLOTS["downtime"],
+                                  f"{hw}: downtime against heap size (labels: reduction vs stop-and-copy)")
+        made["downtime"] = PLOTS["downtime"]
+    by_w = _by_workload(doc, ws, "downtime_ms")
+    if by_w:
+        plots.plot_workload_bars(by_w, variants, out / PLOTS["workloads"], "downtime (ms), log scale",
+                                 f"downtime per workload at {format_size(ws)} (median, min-max)")
+        made["workloads"] = PLOTS["workloads"]
+        plots.plot_suite_total(_series(doc, hw, "total_s"), _by_workload(doc, ws, "total_s"), variants,
+                               out / PLOTS["total"], f"{hw}: against heap size",
+                               f"per workload at {format_size(ws)}")
+        made["total"] = PLOTS["total"]
+    sizes = sorted({r["heap_bytes"] for r in sweep_rows}) or [ws]
+    runs = [r for r in (representative(doc["results"], hw, sizes[-1], v) for v in variants) if r]
+    if runs:
+        plots.plot_timelines(runs, out / PLOTS["timeline"],
+                             f"{hw}, {format_size(sizes[-1])}: client ops/s through one migration per variant "
+                             "(the run with the median downtime)")
+        made["timeline"] = PLOTS["timeline"]
+    for w in cfg["workloads"]:
+        runs = [r for r in (representative(doc["results"], w, ws, v) for v in variants) if r]
+        if runs:
+            name = f"timeline_{w}.png"
+            plots.plot_timelines(runs, out / name, f"{w}, {format_size(ws)}: client ops/s through one migration "
+                                 "per variant")
+            made[f"timeline_{w}"] = name
+    panels = fault_panels(doc)
+    if panels:
+        plots.plot_fault_cdf(panels, out / PLOTS["faults"], "demand-fault latency distribution (all repeats)")
+        made["faults"] = PLOTS["faults"]
+    ov = doc.get("overhead")
+    if ov and ov.get("workloads"):
+        data = {w["workload"]: {m: (x["relative"], x["relative_min"], x["relative_max"]) for m, x in w["modes"].items()}
+                for w in ov["workloads"]}
+        plots.plot_overhead(data, ov["mode_labels"], out / PLOTS["overhead"],
+                            f"tracker cost outside migration, in process, {format_size(ov['heap_bytes'])} heaps")
+        made["overhead"] = PLOTS["overhead"]
+    pts: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    fit_map: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for f in fits:
+        if f["workload"] != hw:
+            continue
+        runs = [r for r in _ok(doc["results"]) if r["workload"] == hw and r["variant"] == f["variant"]
+                and r.get(f["measure"]) is not None]
+        pts.setdefault(f["measure"], {})[f["variant"]] = ([r["heap_bytes"] / 2**30 for r in runs],
+                                                          [r[f["measure"]] for r in runs])
+        if "slope" in f:
+            fit_map[f["measure"]][f["variant"]] = f
+    if pts and any(fit_map.values()):
+        plots.plot_growth(pts, fit_map, MEASURES, out / PLOTS["growth"], f"{hw}: growth with heap size "
+                          "(every run a dot; least-squares lines)")
+        made["growth"] = PLOTS["growth"]
+    return made
+
+
+def fault_panels(doc: dict[str, Any]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """tracker -> {workload at workload size, "all runs"} -> merged histogram."""
+    ws = doc["config"]["workload_size"]
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    ok = [r for r in _ok(doc["results"]) if r.get("strategy") == "constmig"]
+    for tracker in dict.fromkeys(r.get("tracker") for r in ok):
+        mine = [r for r in ok if r.get("tracker") == tracker]
+        lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for w in doc["config"]["workloads"]:
+            h = merge_hists([r.get("fault_latency_hist") for r in mine if r["workload"] == w and r["heap_bytes"] == ws])
+            if h is not None:
+                lines[f"{w} {format_size(ws)}"] = h
+        h = merge_hists([r.get("fault_latency_hist") for r in mine])
+        if h is not None:
+            lines["all runs"] = h
+        if lines:
+            panels[str(tracker)] = lines
+    return panels
+
+
+def _img(made: dict[str, str], key: str, alt: str) -> str:
+    return f"![{alt}]({made[key]})\n" if key in made else f"*({alt}: no data in this run)*\n"
+
+
+def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]) -> str:
+    """report.md from the results document, the plots made and the slope fits."""
+    cfg, m = doc["config"], doc["machine"]
+    hw = headline_workload(doc)
+    ws = cfg["workload_size"]
+    results = doc["results"]
+    n_ok = sum(1 for r in results if r.get("verified"))
+    mem = f"{m['memory_bytes'] / 2**30:.1f} GiB" if m.get("memory_bytes") else "?"
+    L: list[str] = []
+    L.append("# constmig bench suite\n\n")
+    L.append(f"Generated by `constmig bench suite` on {doc.get('finished', doc.get('started'))}: "
+             f"{len(results)} migrations ({n_ok} verified) in {doc.get('migrations_s', 0) / 60:.1f} min, "
+             f"whole run {doc.get('duration_s', 0) / 60:.1f} min. Every number and plot below comes from "
+             "`results.json` next to this file.\n")
+    L.append("\n## Summary\n\n")
+    L.append("".join(f"* {b}\n" for b in summary_bullets(doc, fits)))
+    L.append("\n## Command\n\n")
+    L.append(f"```\n{doc.get('given') or doc['command']}\n```\n\n")
+    if doc.get("given") and doc["given"] != doc["command"]:
+        L.append(f"with every setting spelled out:\n\n```\n{doc['command']}\n```\n\n")
+    L.append("## Machine\n\n")
+    flags = ", ".join(m.get("cpu_flags") or []) or "-"
+    la0 = doc.get("load_avg_start") or []
+    la1 = doc.get("load_avg_end") or []
+    L.append(table(["", ""], [
+        ["CPU", f"{m.get('cpu_model') or '?'} ({m.get('machine')}), {m.get('cores')} cores"],
+        ["memory", mem], ["kernel", str(m.get("kernel"))], ["Python", str(m.get("python"))],
+        ["CPU flags (subset)", flags], ["transparent huge pages", str(m.get("thp", "?"))],
+        ["userfaultfd", "usable" if not doc.get("uffd_problem") else f"unusable: {doc['uffd_problem']}"],
+        ["load average (1/5/15 min) at start / end",
+         f"{' '.join(f'{x:.2f}' for x in la0)} / {' '.join(f'{x:.2f}' for x in la1)}"],
+    ]) + "\n")
+    L.append("\n## What ran\n\n")
+    sweep = ", ".join(cfg.get("sweep") or []) or "none"
+    sizes = ", ".join(format_size(s) for s in cfg["sizes"])
+    L.append(
+        f"* Two agents on this machine (a LocalCluster, loopback). Each migration: launch the app on agent a, "
+        f"fill {cfg['fill']:.0%} of its heap inside the enclave, start the workload's client driver, wait "
+        f"{cfg['settle_s']:g} s, migrate to agent b, wait {cfg['settle_s']:g} s, stop the driver, check, stop the enclave.\n"
+        f"* Variants {', '.join(cfg['variants'])}, interleaved within each repeat; {cfg['repeat']} repeat(s) per point; "
+        "tables give the median [min-max] over repeats.\n"
+        f"* Size sweep: {sweep} at {sizes} (the slopes come from these). Workload matrix: every workload "
+        f"({', '.join(cfg['workloads'])}) at {format_size(ws)}. Why not every workload at every size: on this "
+        "2-vCPU machine one migration cycle (launch, fill, migrate, check) takes 5-30 s, so the full grid "
+        "would not fit in the half hour the suite is meant to take; `--sweep all` runs it anyway.\n"
+        "* Client drivers: kvstore is read by a hammer (one `get` per call over 2000 keys it wrote first); the "
+        "other workloads have their `step` ECALL called in a loop (loadgen.StepDriver). `client gap` is the "
+        "longest wait between two answered calls; client ops/s counts the operations the answered calls did.\n"
+        "* Verified: kvstore's state checksum is the same after the migration and every answer was the value "
+        "written; the step workloads change state with every step, so an in-process twin (same heap geometry and "
+        "fill seed, checked equal to the enclave before) replays every acknowledged step: each must answer the same, "
+        "and the migrated state's checksum must equal the twin's. No client call may fail.\n"
+        "* Phase timestamps (timeline plots, `phases` in results.json) are seconds since the migrate request: "
+        "`prepared` from the agent's prepare time, `resumed` at the source's `handed_off` progress event "
+        "(sent on the destination's READY, one message before it resumes), `stop` = resumed - downtime (timed "
+        "inside the enclaves), `done` = attestation start + the enclaves' migrate time.\n")
+    if cfg.get("skipped"):
+        for v, why in cfg["skipped"].items():
+            L.append(f"* **{v} was not run**: {why}\n")
+    L.append(f"\n## Headline: {hw} across heap sizes\n\n")
+    L.append(headline_table(doc, hw) + "\n")
+    dt_fits = {f["variant"]: f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f}
+    if dt_fits:
+        parts = []
+        for v, f in dt_fits.items():
+            se = f" ± {f['slope_se']:.2g}" if f.get("slope_se") is not None else ""
+            parts.append(f"{v} {f['slope']:.3g}{se} ms/GiB")
+        L.append("\nDowntime slope against heap size (least squares over every run): " + "; ".join(parts) + ".\n")
+    L.append("\n" + _img(made, "downtime", "downtime against heap size"))
+    L.append(_img(made, "total", "total migration time"))
+    L.append(f"\n## Per workload at {format_size(ws)}\n\n")
+    L.append(workload_table(doc, ws) + "\n")
+    L.append("\n" + _img(made, "workloads", "downtime per workload"))
+    L.append("\n## Throughput through a migration\n\n")
+    L.append("The client driver's operations per second in buckets of at least 100 ms (a bucket closes at the "
+             "first answered call after 100 ms, so a long wait shows as one long, low bucket); red band and line: "
+             "the stop and the downtime (a few ms for post-copy, so mostly a line); green band: the heap streaming "
+             "behind the resumed app; grey dashed: destination ready.\n\n")
+    L.append(_img(made, "timeline", "throughput timeline"))
+    extra = [k for k in made if k.startswith("timeline_")]
+    if extra:
+        L.append("\n<details><summary>every workload</summary>\n\n")
+        for k in extra:
+            L.append(_img(made, k, k.replace("timeline_", "timeline ")))
+        L.append("\n</details>\n")
+    L.append("\n## Demand-fault latency\n\n")
+    L.append("From the first access that needed a missing chunk until its bytes were in place (Fault Tracker: "
+             "until the awaited piece was installed; Access Tracker: until the whole chunk was), per tracker. "
+             "The destination sends a histogram (10 log bins per decade) with its figures, so the curves carry "
+             "every fault, not only p50/p99.\n\n")
+    L.append(fault_summary(doc) + "\n\n")
+    L.append(_img(made, "faults", "fault latency CDF"))
+    L.append("\n## Growth with heap size\n\n")
+    L.append(slope_table(fits) + "\n\n" if fits else "No size sweep in this run.\n\n")
+    L.append(_img(made, "growth", "growth with heap size"))
+    L.append("\n## Tracker overhead outside migration\n\n")
+    ov = doc.get("overhead")
+    if ov:
+        L.append(
+            f"In-process, on copies of one filled app ({format_size(ov['heap_bytes'])} heap) that differ only in the "
+            f"tracker; round-robin over the modes, {ov['rounds']} timed rounds of about {ov['round_s']:g} s each after a "
+            "warm-up round; each cell is the median over rounds of the mode's throughput divided by plain's in the "
+            "same round, [min-max]. The copies run the same units of work (kvstore: 100 `get` and 10 `put` calls; "
+            "others: one `step`) with the same seeds, and must give the same answers. Modes: "
+            "*Access Tracker armed (complete)* = TrackedArrays with every chunk present (what the app would pay "
+            "if the runtime did not untrack it after the stream; it does); *streaming path* = the tracker held in "
+            "its streaming state with every chunk present (the per-access tax while a heap streams in, without "
+            "waiting); *Fault Tracker armed* = a populated heap registered with userfaultfd (MISSING) and a pager "
+            "standing by (the kernel only involves userfaultfd on a missing page).\n\n")
+        if ov.get("fault_skipped"):
+            L.append(f"Fault Tracker overhead not measured: {ov['fault_skipped']}.\n\n")
+        L.append(overhead_table(ov) + "\n\n")
+        L.append(_img(made, "overhead", "tracker overhead"))
+    else:
+        L.append("Not measured in this run (`--no-overhead`).\n")
+    L.append("\n## What looked wrong\n\n")
+    found = anomalies(doc)
+    L.append("\n".join(f"* {a}" for a in found) + "\n" if found else "Nothing: every migration verified, no client "
+             "error, no outlier.\n")
+    return "".join(L)
+
+
+def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str]:
+    """The run in a few computed sentences (ranges over the (workload, size) groups' medians)."""
+    out: list[str] = []
+    rows = doc.get("summary", [])
+    variants = list(doc["config"]["variants"])
+
+    def rng(vals: list[float], fmt: str) -> str:
+        return f"{fmt.format(min(vals))}-{fmt.format(max(vals))}" if vals else "-"
+
+    results = doc["results"]
+    n_ok = sum(1 for r in results if r.get("verified"))
+    n_err = sum(1 for r in results if "error" in r)
+    out.append(f"{len(results)} migrations, {n_ok} verified end to end, {n_err} failed.")
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        downs = [r["downtime_ms"]["median"] for r in mine if r.get("downtime_ms")]
+        if not downs:
+            continue
+        text = f"{v}: median downtime {rng(downs, '{:.1f}')} ms over the {len(downs)} workload/size points"
+        ratios = [r["total_vs_stopcopy"] for r in mine if "total_vs_stopcopy" in r]
+        if ratios:
+            text += f", total time {rng(ratios, '{:.2f}')}x stop-and-copy's"
+        gaps = [r["client_gap_ms"]["median"] for r in mine if r.get("client_gap_ms")]
+        if gaps:
+            text += f", longest client gap {rng(gaps, '{:.0f}')} ms"
+        dips = [r["ops_s_during"]["median"] / r["ops_s_before"]["median"] for r in mine
+                if r.get("ops_s_during") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
+        if dips and v != "stopcopy":
+            text += f"; client throughput while the heap streams {rng([d * 100 for d in dips], '{:.0f}')}% of before"
+        out.append(text + ".")
+    hw = headline_workload(doc)
+    dt = [f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f]
+    if dt:
+        out.append(f"Downtime against heap size ({hw}): " + "; ".join(
+            f"{f['variant']} {f['slope']:.3g}" + (f" ± {f['slope_se']:.2g}" if f.get("slope_se") is not None else "")
+            + " ms/GiB" for f in dt) + ".")
+    for tracker, lines in fault_panels(doc).items():
+        if "all runs" in lines:
+            upper, counts = lines["all runs"]
+            p50, p99 = hist_quantile(upper, counts, 0.5), hist_quantile(upper, counts, 0.99)
+            out.append(f"{tracker} tracker: {int(counts.sum())} demand faults, p50 under {_n((p50 or 0) / 1e3, 2)} ms, "
+                       f"p99 under {_n((p99 or 0) / 1e3, 2)} ms (all runs).")
+    ov = doc.get("overhead")
+    if ov and ov.get("workloads"):
+        for mode in ov["modes"]:
+            if mode == "plain":
+                continue
+            rel = [w["modes"][mode]["relative"] * 100 for w in ov["workloads"] if mode in w["modes"]]
+            out.append(f"Outside migration, {ov['mode_labels'][mode]}: {rng(rel, '{:.0f}')}% of plain throughput "
+                       "across workloads (median of rounds).")
+    return out
+
+
+def fault_summary(doc: dict[str, Any]) -> str:
+    rows = []
+    for tracker, lines in fault_panels(doc).items():
+        for label, (upper, counts) in lines.items():
+            q = [hist_quantile(upper, counts, x) for x in (0.5, 0.9, 0.99)]
+            rows.append([tracker, label, str(int(counts.sum())), *[_n(v / 1e3, 2) if v else "-" for v in q]])
+    if not rows:
+        return "No demand fault in this run."
+    return table(["tracker", "runs", "faults", "p50 ms (bin upper edge)", "p90 ms", "p99 ms"], rows)
+
+
+def write_report(doc: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Plots and report.md in `out`; returns the analysis (slopes, plots, anomalies) for results.json."""
+    fits = slopes(doc)
+    made = make_plots(doc, out, fits)
+    (out / "report.md").write_text(render(doc, made, fits))
+    return {"slopes": fits, "plots": made, "anomalies": anomalies(doc)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m constmig.report DIR`: redraw the plots and report.md from DIR/results.json."""
+    import json
+    import sys
+
+    from constmig.suite import dumps
+
+    out = Path((argv or sys.argv[1:] or ["."])[0])
+    doc = json.loads((out / "results.json").read_text())
+    doc["analysis"] = write_report(doc, out)
+    (out / "results.json").write_text(dumps(doc))
+    print(f"wrote {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

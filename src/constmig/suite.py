@@ -1,0 +1,453 @@
+"""`constmig bench suite`: every workload, strategy and tracker, migrated under load, in one run.
+
+Why one run: the machines are shared and noisy, so the variants are compared back to back on the same
+two agents, interleaved within each repeat, and every figure is a median with its min and max. Each
+migration has the workload's own client driver (loadgen.driver_for) calling from before the stop until
+after the last chunk arrived, and is checked end to end:
+
+* kvstore: a read-only hammer over keys it wrote first, so the state checksum must come out equal and
+  every answer must be the value written (what `bench sizes` checks);
+* the step-driven workloads change their state with every step, so a twin of the app in this process
+  (same heap geometry, same fill seed; its checksum must equal the enclave's before the migration)
+  replays the acknowledged steps afterwards: every step must answer the same on the twin, and the
+  migrated app's checksum must equal the twin's.
+
+Size sweep and workload matrix: all workloads at every size does not fit in half an hour on a 2-vCPU
+machine, so the `--sweep` workloads (kvstore by default) run at every `--sizes` size (that is what
+the slope of downtime against heap size comes from), and every workload runs at `--workload-size`
+(the per-workload comparison). `--sweep all` runs the full grid.
+
+Output: results.json (one object per migration, with the driver's ops/s timeline and the phase
+timestamps), plots next to it, and report.md (see report.py), all generated from this run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from constmig.apps import APPS, load_app
+from constmig.bench import SUMMARY_KEYS, machine_info, split_variant, summarize
+from constmig.errors import AgentError, ConfigError, ConstmigError
+from constmig.host.client import request
+from constmig.host.cluster import LocalCluster
+from constmig.loadgen import KVHammer, StepDriver, driver_for
+from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.progress import console
+from constmig.units import available_memory, format_size, parse_size
+
+VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")
+MIN_HEAP = 16 << 20
+CHUNK = 1 << 20  # launch_filled's chunk size; the twin uses the same geometry
+SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "fault_latency_us_max")
+
+FULL = {"sizes": "256M,1G,4G", "workloads": ",".join(APPS), "sweep": "kvstore", "workload_size": "1G",
+        "variants": ",".join(VARIANTS), "repeat": "3"}
+QUICK = {"sizes": "32M,64M", "workloads": "kvstore,btree,xsbench", "sweep": "kvstore", "workload_size": "64M",
+         "variants": ",".join(VARIANTS), "repeat": "1"}
+
+
+@dataclass
+class SuiteConfig:
+    sizes: list[int]  # sweep sizes, ascending
+    workloads: list[str]
+    sweep: list[str]  # workloads run at every size
+    workload_size: int  # every workload runs at this size
+    variants: list[str]
+    repeat: int
+    out: Path
+    quick: bool = False
+    fill: float = 0.9
+    settle_s: float = 0.5  # the driver runs this long before the migrate request and after it returns
+    overhead: bool = True
+    overhead_heap: int = 256 << 20
+    overhead_rounds: int = 15
+    overhead_round_s: float = 0.15
+    timeout: float = 120.0
+    skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it was left out
+
+    def cells(self) -> list[tuple[str, int]]:
+        """(workload, heap) pairs to migrate: the sweep at every size, then the rest at workload_size."""
+        out = [(w, s) for w in self.sweep for s in self.sizes]
+        out += [(w, self.workload_size) for w in self.workloads if (w, self.workload_size) not in out]
+        return out
+
+    def command(self) -> str:
+        """The equivalent command with every setting spelled out (what reproduces this run)."""
+        args = ["constmig", "bench", "suite", "--sizes", ",".join(_size_arg(s) for s in self.sizes),
+                "--workloads", ",".join(self.workloads), "--sweep", ",".join(self.sweep) or "none",
+                "--workload-size", _size_arg(self.workload_size), "--variants", ",".join(self.variants),
+                "--repeat", str(self.repeat)]
+        if self.quick:
+            args.append("--quick")
+        if not self.overhead:
+            args.append("--no-overhead")
+        return shlex.join([*args, "--out", str(self.out)])
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def _size_arg(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20)):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _names(text: str, what: str, known: tuple[str, ...] | list[str]) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"--{what} needs at least one name")
+    for s in items:
+        if s not in known:
+            raise ConfigError(f"unknown {what[:-1]} {s!r}; known: {', '.join(known)}")
+    return list(dict.fromkeys(items))
+
+
+def make_config(out: str | None, *, sizes: str | None = None, workloads: str | None = None,
+                sweep: str | None = None, workload_size: str | None = None, variants: str | None = None,
+                repeat: str | int | None = None, quick: bool = False, overhead: bool = True) -> SuiteConfig:
+    """Check the user's settings (unset ones take the full or --quick defaults); ConfigError on bad input."""
+    d = QUICK if quick else FULL
+    if not out:
+        raise ConfigError("missing --out DIR (the folder for results.json, report.md and the plots)")
+    size_list = sorted({parse_size(s.strip()) for s in (sizes or d["sizes"]).split(",") if s.strip()})
+    if not size_list:
+        raise ConfigError("--sizes needs at least one size")
+    ws = parse_size(workload_size or d["workload_size"])
+    for s in (*size_list, ws):
+        if s < MIN_HEAP or s % CHUNK:
+            raise ConfigError(f"heap size {s} bytes is not a whole number of MiB of at least "
+                              f"{format_size(MIN_HEAP)}")
+    wl = ["kvstore", *[w for w in APPS if w != "kvstore"]] if (workloads or "") == "all" else \
+        _names(workloads or d["workloads"], "workloads", tuple(APPS))
+    sweep_text = sweep if sweep is not None else d["sweep"]
+    if sweep_text == "all":
+        sw = list(wl)
+    elif sweep_text == "none":
+        sw = []
+    else:
+        sw = _names(sweep_text, "workloads", tuple(APPS))
+        missing = [w for w in sw if w not in wl]
+        if missing and sweep is not None:
+            raise ConfigError(f"--sweep {','.join(missing)} is not among --workloads {','.join(wl)}")
+        sw = [w for w in sw if w in wl] or wl[:1]  # the default sweep follows --workloads
+    var = _names(variants or d["variants"], "variants", VARIANTS)
+    try:
+        rep = int(repeat if repeat is not None else d["repeat"])
+    except ValueError:
+        raise ConfigError(f"--repeat must be a whole number, not {repeat!r}") from None
+    if not 1 <= rep <= 20:
+        raise ConfigError(f"--repeat must be from 1 to 20, not {rep}")
+    cfg = SuiteConfig(sizes=size_list, workloads=wl, sweep=sw, workload_size=ws, variants=var, repeat=rep,
+                      out=Path(out), quick=quick, overhead=overhead)
+    if quick:
+        cfg.settle_s, cfg.overhead_heap, cfg.overhead_rounds, cfg.overhead_round_s = 0.3, 32 << 20, 5, 0.05
+    biggest = max(s for _, s in cfg.cells())
+    need = 3 * biggest  # source, destination, and (step workloads) the twin that checks the result
+    avail = available_memory()
+    if need > avail:
+        raise ConfigError(f"a {format_size(biggest)} heap needs about {format_size(need)} of memory here "
+                          f"(source, destination and a checking twin); {format_size(avail)} is available")
+    _check_writable(cfg.out)
+    return cfg
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+# -- one migration ------------------------------------------------------------------------------------
+
+
+def window_rate(timeline: list[list[float]], lo: float, hi: float, bucket: float = 0.1) -> float | None:
+    """Mean ops/s over [lo, hi) from (start, ops/s) buckets, each lasting until the next starts.
+
+    A bucket's ops are spread evenly over its span, so a window that cuts a bucket takes its share.
+    """
+    if hi <= lo or not timeline:
+        return None
+    ops = covered = 0.0
+    for i, (t, rate) in enumerate(timeline):
+        end = timeline[i + 1][0] if i + 1 < len(timeline) else t + bucket
+        a, b = max(t, lo), min(end, hi)
+        if b > a:
+            ops += rate * (b - a)
+            covered += b - a
+    return ops / covered if covered > 0 else None
+
+
+def derive_phases(figures: dict[str, Any], events: list[list[Any]], returned: float) -> dict[str, Any]:
+    """Phase timestamps, seconds since the migrate request, from the figures and the progress events.
+
+    The anchor is the `handed_off` progress event: the source emits it on the destination's READY, one
+    message before the destination resumes the app, so its arrival here marks the resume (within a
+    millisecond or two on loopback). The stop is the resume minus the downtime (timed inside the two
+    enclaves); attestation starts `attest_ms` before the stop; DONE is `migrate_s` after that.
+    Without the event (it is always sent), the agent's total is used instead (it also counts the
+    source's heap wipe after DONE, so it is a little late).
+    """
+    down = figures["downtime_ms"] / 1e3
+    attest = figures.get("attest_ms", 0.0) / 1e3
+    migrate_s = figures.get("migrate_s", figures["total_s"])
+    handed = next((e[0] for e in events if e[1] == "handed_off"), None)
+    if handed is not None:
+        resumed = float(handed)
+        anchor = "handed_off event"
+    else:
+        resumed = figures["total_s"] - migrate_s + attest + down
+        anchor = "agent total"
+    stop = resumed - down
+    phases = {"request": 0.0, "prepared": figures.get("prepare_s", 0.0), "attest": stop - attest, "stop": stop,
+              "resumed": resumed, "done": stop - attest + migrate_s, "returned": returned}
+    if figures.get("stream_s") is not None:
+        phases["stream_end"] = resumed + figures["stream_s"]
+    return {**{k: round(v, 4) for k, v in phases.items()}, "anchor": anchor}
+
+
+def _twin_check(workload: str, heap: int, fill: float, seed: int, before: str, after: str,
+                log: list[tuple[int, Any]]) -> tuple[bool, str]:
+    """Replay the acknowledged steps on an in-process twin; (ok, why not)."""
+    from constmig.enclave.heap import Heap
+
+    twin = load_app(workload)(Heap(heap, chunk_size=CHUNK))
+    try:
+        twin.setup()
+        twin.fill(fill, seed)
+        if twin.checksum() != before:
+            return False, "the twin does not start from the enclave's state (cannot check)"
+        for step_seed, result in log:
+            if twin.step(seed=step_seed) != result:  # type: ignore[attr-defined]
+                return False, f"step with seed {step_seed} answered differently at the destination"
+        if twin.checksum() != after:
+            return False, "the migrated state differs from the twin's"
+        return True, f"{len(log)} steps replayed on a twin"
+    finally:
+        twin.heap.close()
+
+
+def _stop_everywhere(cluster: LocalCluster, name: str) -> None:
+    for addr in cluster.addrs:
+        with contextlib.suppress(AgentError, ConstmigError):
+            request(addr, {"op": "stop", "name": name}, timeout=30)
+
+
+def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed: int, cfg: SuiteConfig,
+            name: str, on_progress: Any = None) -> dict[str, Any]:
+    """Launch and fill, start the driver, migrate a->b, stop the driver, check; one record."""
+    a, b = cluster.addrs[0], cluster.addrs[1]
+    strategy, tracker = split_variant(variant)
+    rec: dict[str, Any] = {"variant": variant, "strategy": strategy, "workload": workload, "heap_bytes": heap,
+                           "seed": seed, "load_avg": round(os.getloadavg()[0], 2)}
+    t_cycle = time.perf_counter()
+    driver: KVHammer | StepDriver | None = None
+    events: list[list[Any]] = []
+    try:
+        launch_filled(a, name, workload, heap, cfg.fill, seed, chunk_size=CHUNK)
+        if workload == "kvstore":
+            driver = driver_for(workload, a, name, keys=2000, write_ratio=0.0, seed=seed)
+            driver.preload()
+        else:
+            driver = driver_for(workload, a, name, seed=seed + 1, record=True)
+        before = app_checksum(a, name)
+        driver.start()
+        time.sleep(cfg.settle_s)
+        t_req = time.time()
+
+        def progress(info: dict[str, Any]) -> None:
+            events.append([round(time.time() - t_req, 4), info.get("phase", ""), info.get("done")])
+            if on_progress is not None:
+                on_progress(info)
+
+        figures = migrate(name, a, b, strategy, cfg.timeout, on_progress=progress, tracker=tracker)
+        returned = time.time() - t_req
+        time.sleep(cfg.settle_s)
+        report = driver.stop()
+        rec.update(figures)
+        rec["variant"], rec["seed"] = variant, seed
+        rec.update(report.figures())
+        rec["client_error_sample"] = report.errors[:3]
+        timeline = [[round(t - t_req, 4), round(r, 1)] for t, r in report.ops_timeline]
+        rec["timeline"] = timeline
+        rec["events"] = events
+        phases = derive_phases(figures, events, returned)
+        rec["phases"] = phases
+        rec["ops_s_before"] = window_rate(timeline, -cfg.settle_s, 0.0)
+        rec["ops_s_during"] = window_rate(timeline, phases["stop"], phases["done"])
+        after = app_checksum(b, name)
+        client_ok = not report.errors and report.wrong == 0
+        if isinstance(driver, KVHammer):
+            ok, why = after == before, "state checksum equal before and after (read-only client)"
+            if not ok:
+                why = "state checksum changed"
+        else:
+            ok, why = _twin_check(workload, heap, cfg.fill, seed, before, after, driver.log)
+        if not client_ok:
+            why = f"client saw {len(report.errors)} failed and {report.wrong} wrong calls; " + why
+        rec["verified"] = bool(ok and client_ok)
+        rec["verify_detail"] = why
+    except ConstmigError as e:
+        rec["error"] = str(e)
+        rec["verified"] = False
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.stop()
+    finally:
+        if driver is not None:
+            driver.close()
+        _stop_everywhere(cluster, name)
+    rec["cycle_s"] = round(time.perf_counter() - t_cycle, 2)
+    return rec
+
+
+# -- the whole suite ----------------------------------------------------------------------------------
+
+
+def summarize_all(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bench.summarize per workload (it groups by variant and heap only); failed runs left out."""
+    rows: list[dict[str, Any]] = []
+    ok = [r for r in results if "error" not in r]
+    for w in dict.fromkeys(r["workload"] for r in ok):
+        for row in summarize([r for r in ok if r["workload"] == w], SUITE_KEYS):
+            rows.append({"workload": w, **row})
+    return rows
+
+
+_INNER_LIST = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")  # raw newlines only occur between JSON tokens
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """Indented JSON with innermost lists on one line (a timeline is one [t, ops/s] pair per line)."""
+    return _INNER_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]",
+                           json.dumps(doc, indent=1)) + "\n"
+
+
+def _write(doc: dict[str, Any], out: Path) -> None:
+    """Rewritten after every migration (an interrupted run keeps what it measured), atomically."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(dumps(doc))
+    tmp.replace(out / "results.json")
+
+
+def machine() -> dict[str, Any]:
+    """bench.machine_info plus what a reader needs to place the numbers: CPU model and flags, load."""
+    info = machine_info()
+    model, flags = "", set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    interesting = ("aes", "avx", "avx2", "avx512f", "sha_ni", "vaes", "pclmulqdq", "hypervisor", "sgx", "sev",
+                   "tdx_guest", "pdpe1gb")
+    info["cpu_model"] = model
+    info["cpu_flags"] = [f for f in interesting if f in flags]
+    with contextlib.suppress(OSError):
+        info["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    return info
+
+
+def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
+    """Run every migration and the overhead measurement; write results.json, the plots and report.md."""
+    from constmig.migration.uffd import preflight
+
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    problem = preflight()
+    if problem is not None and "constmig-fault" in cfg.variants:
+        cfg.variants = [v for v in cfg.variants if v != "constmig-fault"]
+        cfg.skipped["constmig-fault"] = f"userfaultfd unusable here: {problem}"
+        console.print(f"[yellow]skipping constmig-fault: {problem}[/]")
+    if not cfg.variants:
+        raise ConfigError("no variant left to run")
+    results: list[dict[str, Any]] = []
+    t0 = time.time()
+    doc: dict[str, Any] = {"suite_version": 1, "command": cfg.command(), "given": given or cfg.command(),
+                           "config": cfg.to_json(), "machine": machine(), "uffd_problem": problem,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": os.getloadavg(),
+                           "results": results}
+    cells = cfg.cells()
+    total = len(cells) * cfg.repeat * len(cfg.variants)
+    console.print(f"bench suite: {total} migrations ({len(cells)} workload/size cells x {cfg.repeat} repeats x "
+                  f"{len(cfg.variants)} variants){', then tracker overhead' if cfg.overhead else ''}; out {out}")
+    t_mig = time.time()
+    with LocalCluster(2) as cluster, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True) as bar:
+        task = bar.add_task("migrations", total=total)
+        n = 0
+        for workload, heap in cells:
+            for rep in range(cfg.repeat):
+                for variant in cfg.variants:
+                    n += 1
+                    label = f"[{n}/{total}] {workload} {format_size(heap)} {variant} #{rep + 1}"
+                    bar.update(task, description=label)
+
+                    def on_progress(info: dict[str, Any], label: str = label) -> None:
+                        if info.get("total"):
+                            bar.update(task, description=f"{label} {info.get('phase')} "
+                                       f"{info.get('done', 0) / info['total']:.0%}")
+
+                    rec = one_run(cluster, workload, heap, variant, rep, cfg, f"s{n}-{workload}", on_progress)
+                    rec["repeat"] = rep
+                    results.append(rec)
+                    bar.advance(task)
+                    console.print(_line(label, rec))
+                    _write(doc, out)
+    doc["migrations_s"] = round(time.time() - t_mig, 1)
+    if cfg.overhead:
+        from constmig.overhead import measure
+
+        t_ov = time.time()
+        console.print(f"tracker overhead outside migration: {len(cfg.workloads)} workloads in process, "
+                      f"{format_size(cfg.overhead_heap)} heaps")
+        doc["overhead"] = measure(cfg.workloads, cfg.overhead_heap, cfg.overhead_rounds, cfg.overhead_round_s,
+                                  fault_problem=problem,
+                                  progress=lambda w: console.print(f"  overhead: {w}"))
+        doc["overhead_s"] = round(time.time() - t_ov, 1)
+    doc["summary"] = summarize_all(results)
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    doc["load_avg_end"] = os.getloadavg()
+    doc["duration_s"] = round(time.time() - t0, 1)
+    from constmig.report import write_report
+
+    doc["analysis"] = write_report(doc, out)  # plots, report.md; slopes etc. kept in the JSON too
+    doc["duration_s"] = round(time.time() - t0, 1)
+    _write(doc, out)
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {out} "
+                  f"({doc['duration_s']:.0f} s)")
+    bad = [r for r in results if not r.get("verified")]
+    if bad:
+        raise ConstmigError(f"{len(bad)} of {len(results)} migrations failed or were not verified; "
+                            f"see {out / 'report.md'}")
+    return doc
+
+
+def _line(label: str, rec: dict[str, Any]) -> str:
+    if "error" in rec:
+        return f"{label}: [red]failed[/]: {rec['error']}"
+    extra = ""
+    if rec.get("fault_latency_us_p50") is not None:
+        extra = f", {rec.get('faults', 0)} faults p50 {rec['fault_latency_us_p50'] / 1e3:.1f} ms"
+    ok = "[green]verified[/]" if rec["verified"] else f"[red]NOT verified[/] ({rec.get('verify_detail')})"
+    return (f"{label}: down {rec['downtime_ms']:.1f} ms, total {rec['total_s']:.2f} s, "
+            f"gap {rec.get('client_gap_ms', 0):.0f} ms{extra}, {ok}")

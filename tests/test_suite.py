@@ -1,0 +1,285 @@
+"""`constmig bench suite`: the pure parts (fits, phases, histograms, config, report) and one quick e2e run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from constmig.errors import ConfigError
+from constmig.migration.receiver import latency_histogram
+from constmig.migration.uffd import preflight
+from constmig.report import fit_line, hist_quantile, merge_hists, parse_hist, slopes, write_report
+from constmig.suite import derive_phases, make_config, summarize_all, window_rate
+
+GiB, MiB = 1 << 30, 1 << 20
+RECORD_KEYS = {"strategy", "tracker", "variant", "workload", "heap_bytes", "state_bytes", "downtime_ms", "total_s",
+               "migrate_s", "prepare_s", "attest_ms", "wire_bytes", "client_calls", "client_errors", "client_wrong",
+               "client_gap_ms", "client_ops", "verified", "verify_detail", "timeline", "phases", "events", "repeat"}
+POSTCOPY_KEYS = {"faults", "fault_latency_us_p50", "fault_latency_us_p99", "fault_latency_hist", "stream_s",
+                 "demand_chunks", "background_chunks"}
+
+
+# -- numbers ------------------------------------------------------------------------------------------
+
+
+def test_fit_line_exact_and_noisy():
+    f = fit_line([0.25, 1, 4], [100 + 300 * x for x in (0.25, 1, 4)])
+    assert f["slope"] == pytest.approx(300) and f["intercept"] == pytest.approx(100)
+    assert f["r2"] == pytest.approx(1.0) and f["slope_se"] == pytest.approx(0.0, abs=1e-9) and f["n"] == 3
+    rng = np.random.default_rng(1)
+    xs = [0.25, 1, 4] * 3
+    flat = fit_line(xs, list(3 + rng.normal(0, 0.3, len(xs))))
+    assert abs(flat["slope"]) < 0.3 and flat["r2"] < 0.5  # flat: slope near 0, R² says little
+    assert fit_line([1, 2], [5, 5])["r2"] is None  # y does not vary
+    with pytest.raises(ValueError):
+        fit_line([1, 1], [2, 3])
+
+
+def test_window_rate_weights_buckets_by_overlap():
+    tl = [[0.0, 100.0], [0.1, 300.0], [0.2, 0.0]]
+    assert window_rate(tl, 0.0, 0.2) == pytest.approx(200.0)
+    assert window_rate(tl, 0.05, 0.15) == pytest.approx(200.0)
+    assert window_rate(tl, 0.2, 0.3) == pytest.approx(0.0)
+    assert window_rate(tl, 1.0, 2.0) is None and window_rate([], 0, 1) is None
+
+
+def test_phases_anchor_on_handed_off():
+    fig = {"downtime_ms": 4.0, "attest_ms": 30.0, "migrate_s": 1.0, "total_s": 1.6, "prepare_s": 0.5,
+           "stream_s": 0.9}
+    ph = derive_phases(fig, [[0.2, "copy", 1], [0.6, "handed_off", None]], returned=1.7)
+    assert ph["anchor"] == "handed_off event"
+    assert ph["resumed"] == pytest.approx(0.6) and ph["stop"] == pytest.approx(0.596)
+    assert ph["attest"] == pytest.approx(0.566) and ph["done"] == pytest.approx(1.566)
+    assert ph["stream_end"] == pytest.approx(1.5) and ph["prepared"] == 0.5 and ph["returned"] == 1.7
+    no_event = derive_phases(fig, [], returned=1.7)
+    assert no_event["anchor"] == "agent total" and no_event["done"] == pytest.approx(1.6)
+
+
+def test_latency_histogram_is_compact_and_round_trips():
+    rng = np.random.default_rng(3)
+    samples = list(np.exp(rng.uniform(np.log(1e-7), np.log(100.0), 100_000)))  # 0.1 µs .. 100 s
+    text = latency_histogram(samples)
+    assert text is not None and len(text) < 2048
+    per_decade, counts = parse_hist(text)
+    assert per_decade == 10 and counts.sum() == len(samples)
+    assert latency_histogram([]) is None
+    ms = [0.001] * 90 + [0.010] * 10  # 1 ms and 10 ms
+    upper, total = merge_hists([latency_histogram(ms), latency_histogram(ms), None, "garbage"])
+    assert total.sum() == 200
+    p50, p99 = hist_quantile(upper, total, 0.5), hist_quantile(upper, total, 0.99)
+    assert 1000 <= p50 <= 1000 * 10**0.1 + 1 and 10_000 <= p99 <= 10_000 * 10**0.1 + 1
+
+
+# -- config -------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_cells(tmp_path):
+    full = make_config(str(tmp_path / "full"))
+    assert full.sizes == [256 * MiB, GiB, 4 * GiB] and full.repeat == 3 and full.sweep == ["kvstore"]
+    assert len(full.workloads) == 7 and full.workload_size == GiB
+    cells = full.cells()
+    assert cells[:3] == [("kvstore", 256 * MiB), ("kvstore", GiB), ("kvstore", 4 * GiB)]
+    assert len(cells) == 3 + 6 and all(s == GiB for _, s in cells[3:])
+    quick = make_config(str(tmp_path / "q"), quick=True)
+    assert quick.repeat == 1 and max(quick.sizes) <= 64 * MiB and len(quick.workloads) <= 3
+    assert "--quick" in quick.command()
+    grid = make_config(str(tmp_path / "g"), sizes="32M,64M", workloads="btree,matrix", sweep="all",
+                       workload_size="64M", variants="stopcopy", repeat="2")
+    assert grid.cells() == [("btree", 32 * MiB), ("btree", 64 * MiB), ("matrix", 32 * MiB), ("matrix", 64 * MiB)]
+    assert make_config(str(tmp_path / "d"), workloads="btree").sweep == ["btree"]  # default sweep follows
+
+
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"workloads": "kvstore,nosuch"}, "unknown workload 'nosuch'"),
+    ({"variants": "constmig-psychic"}, "unknown variant 'constmig-psychic'"),
+    ({"sizes": "12Q"}, "malformed size"),
+    ({"sizes": "1M"}, "at least"),
+    ({"workload_size": "1000K"}, "whole number of MiB"),
+    ({"repeat": "x"}, "--repeat"),
+    ({"repeat": "0"}, "--repeat"),
+    ({"sweep": "btree", "workloads": "kvstore"}, "not among --workloads"),
+    ({"sizes": "100T"}, "memory"),
+])
+def test_config_rejects_bad_input(tmp_path, kw, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        make_config(str(tmp_path / "o"), **kw)
+
+
+def test_config_rejects_unwritable_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write to --out"):
+        make_config(str(tmp_path / "file" / "sub"))
+    with pytest.raises(ConfigError, match="missing --out"):
+        make_config(None)
+
+
+def _cm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--workloads", "nosuch"], "unknown workload"),
+    (["--variants", "stopcopy,teleport"], "unknown variant 'teleport'"),
+    (["--sizes", "1X"], "malformed size"),
+    (["--repeat", "many"], "--repeat"),
+    ([], "missing --out"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args, fragment):
+    out = [] if not args else ["--out", str(tmp_path / "o")]
+    p = _cm("bench", "suite", *args, *out)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and fragment in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unwritable_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    p = _cm("bench", "suite", "--quick", "--out", str(tmp_path / "file" / "o"))
+    assert p.returncode == 1 and "cannot write to --out" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# -- report from a synthetic run ----------------------------------------------------------------------
+
+
+def _record(workload: str, heap: int, variant: str, rep: int, downtime: float, verified: bool = True) -> dict:
+    post = variant != "stopcopy"
+    r = {"variant": variant, "strategy": "constmig" if post else "stopcopy",
+         "tracker": variant.split("-")[1] if post else "none", "workload": workload, "heap_bytes": heap,
+         "repeat": rep, "downtime_ms": downtime, "total_s": 0.5 + heap / GiB * (1.2 if post else 1.0),
+         "client_gap_ms": downtime + 30, "verified": verified, "verify_detail": "synthetic", "load_avg": 0.5,
+         "timeline": [[t / 10, 1000.0 if not 5 <= t <= 7 else 200.0] for t in range(-5, 15)],
+         "phases": {"prepared": 0.3, "stop": 0.5, "resumed": 0.5 + downtime / 1e3, "done": 0.9, "returned": 1.0},
+         "ops_s_before": 1000.0, "ops_s_during": 400.0}
+    if post:
+        r.update({"faults": 20, "fault_latency_us_p50": 1200.0, "fault_latency_us_p99": 5000.0,
+                  "fault_latency_hist": latency_histogram([0.0012] * 15 + [0.005] * 5), "stream_s": 0.4})
+    return r
+
+
+def _doc(tmp_path: Path) -> dict:
+    cfg = make_config(str(tmp_path), sizes="256M,1G,4G", workloads="kvstore,btree", workload_size="1G",
+                      repeat="2")
+    results = []
+    for heap in cfg.sizes:
+        for rep in range(2):
+            results.append(_record("kvstore", heap, "stopcopy", rep, 100 + 350 * heap / GiB + rep))
+            results.append(_record("kvstore", heap, "constmig-fault", rep, 3.0 + rep * 0.2))
+            results.append(_record("kvstore", heap, "constmig-access", rep, 2.5 + rep * 0.1))
+    for rep in range(2):
+        results.append(_record("btree", GiB, "stopcopy", rep, 400.0))
+        results.append(_record("btree", GiB, "constmig-fault", rep, 4.0, verified=rep == 0))
+        results.append(_record("btree", GiB, "constmig-access", rep, 3.0))
+    results.append({"variant": "constmig-access", "strategy": "constmig", "workload": "btree", "heap_bytes": GiB,
+                    "repeat": 2, "error": "synthetic failure", "verified": False})
+    ov_modes = {m: {"ops_s": [1.0], "median": 100.0, "min": 90.0, "max": 110.0, "relative": rel,
+                    "relative_min": rel - 0.05, "relative_max": rel + 0.05}
+                for m, rel in (("plain", 1.0), ("access", 0.9), ("access-stream", 0.5), ("fault", 1.0))}
+    overhead = {"heap_bytes": 256 * MiB, "rounds": 3, "round_s": 0.1, "modes": list(ov_modes),
+                "mode_labels": {m: m for m in ov_modes},
+                "workloads": [{"workload": w, "answers_match": True, "uffd_faults": 0, "modes": ov_modes}
+                              for w in ("kvstore", "btree")]}
+    return {"command": cfg.command(), "given": "constmig bench suite --out x", "config": cfg.to_json(),
+            "machine": {"cores": 2, "memory_bytes": 8 * GiB, "kernel": "k", "python": "3.11", "machine": "x86_64",
+                        "cpu_model": "Test CPU", "cpu_flags": ["aes"]},
+            "uffd_problem": None, "load_avg_start": [0.1, 0.1, 0.1], "load_avg_end": [0.2, 0.2, 0.2],
+            "results": results, "summary": summarize_all(results), "overhead": overhead,
+            "migrations_s": 60.0, "duration_s": 70.0}
+
+
+def test_report_from_synthetic_results(tmp_path):
+    doc = _doc(tmp_path)
+    fits = {(f["variant"], f["measure"]): f for f in slopes(doc)}
+    sc = fits["stopcopy", "downtime_ms"]
+    assert sc["slope"] == pytest.approx(350, rel=0.01) and sc["r2"] > 0.99
+    assert abs(fits["constmig-fault", "downtime_ms"]["slope"]) < 0.01
+    analysis = write_report(doc, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| heap | variant | downtime ms, median [min-max] | reduction vs stop-and-copy |" in md
+    assert "Test CPU" in md and "constmig bench suite --out x" in md
+    # 1 GiB kvstore: stop-and-copy median 450.5 ms, fault 3.1 ms -> reduction 99.3%
+    assert "| 1.0 GiB | stopcopy | 450 [450-451] |" in md and "99.3%" in md
+    assert "350 ± " in md  # the stop-and-copy downtime slope
+    assert "FAILED: btree 1.0 GiB constmig-access #3: synthetic failure" in md
+    assert "NOT VERIFIED: btree 1.0 GiB constmig-fault #2" in md
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) >= 7
+    for name in images:
+        assert (tmp_path / name).stat().st_size > 1000, name
+    assert set(analysis["plots"].values()) == set(images)
+
+
+def test_report_without_sweep_or_overhead(tmp_path):
+    doc = _doc(tmp_path)
+    doc["config"]["sweep"] = []
+    doc["results"] = [r for r in doc["results"] if r["heap_bytes"] == GiB]
+    doc["summary"] = summarize_all(doc["results"])
+    del doc["overhead"]
+    write_report(doc, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No size sweep in this run" in md and "`--no-overhead`" in md
+
+
+# -- overhead, in process -----------------------------------------------------------------------------
+
+
+def test_overhead_modes_agree_and_armed_heap_never_faults():
+    from constmig.overhead import measure
+
+    problem = preflight()
+    doc = measure(["btree"], 16 * MiB, rounds=1, round_s=0.01, fault_problem=problem)
+    w = doc["workloads"][0]
+    assert w["answers_match"]
+    assert set(w["modes"]) == ({"plain", "access", "access-stream"} | ({"fault"} if problem is None else set()))
+    assert w["modes"]["plain"]["relative"] == 1.0
+    if problem is None:
+        assert w["uffd_faults"] == 0
+    else:
+        assert "fault_skipped" in doc
+
+
+# -- the whole thing, quick ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_quick_suite_end_to_end(tmp_path):
+    out = tmp_path / "suite"
+    t0 = time.monotonic()
+    p = _cm("bench", "suite", "--quick", "--out", str(out), timeout=220)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert elapsed < 180, f"--quick took {elapsed:.0f} s"
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["results"]
+    variants = {r["variant"] for r in results}
+    want = {"stopcopy", "constmig-access"} | ({"constmig-fault"} if preflight() is None else set())
+    assert variants == want
+    assert len({r["workload"] for r in results}) >= 2
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert set(r) >= RECORD_KEYS, RECORD_KEYS - set(r)
+        if r["strategy"] == "constmig":
+            assert set(r) >= POSTCOPY_KEYS, POSTCOPY_KEYS - set(r)
+            assert r["tracker"] == r["variant"].split("-")[1]
+        assert r["verified"] is True, r["verify_detail"]
+        assert r["client_errors"] == 0 and r["client_calls"] > 0 and r["timeline"]
+        ph = r["phases"]
+        assert ph["anchor"] == "handed_off event"
+        assert 0 < ph["prepared"] <= ph["stop"] + 0.005 and ph["stop"] < ph["resumed"] <= ph["done"] + 0.005
+    for key in ("cores", "memory_bytes", "kernel", "cpu_flags"):
+        assert key in doc["machine"]
+    assert doc["summary"] and doc["overhead"]["workloads"] and doc["analysis"]["slopes"]
+    md = (out / "report.md").read_text()
+    assert "## Headline" in md and "| heap | variant | downtime ms, median [min-max]" in md
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) >= 7
+    for name in images:
+        assert (out / name).stat().st_size > 1000, name
