@@ -25,16 +25,19 @@ Record = Callable[[int, str, str, bytes], None]
 
 class MitmProxy:
     def __init__(self, target: str, tamper: Tamper | None = None, record: Record | None = None,
-                 back: Tamper | None = None) -> None:
-        """`tamper` sees each connection's bytes towards the target, `back` those coming back from it."""
+                 back: Tamper | None = None, listen: str = "127.0.0.1") -> None:
+        """`tamper` sees each connection's bytes towards the target, `back` those coming back from it.
+
+        `listen` is the address to accept on: loopback, or (testbed) the root namespace's address on the
+        testbed, so agents in other namespaces reach the proxy and its traffic crosses their links."""
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.tamper = tamper
         self.back = back
         self.record = record
         self.connections = 0  # data connections seen (a reconnect adds more)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.listener = socket.create_server((listen, 0))
+        self.addr = f"{listen}:{self.listener.getsockname()[1]}"
         self.data_bytes = 0
         self._conns = 0
         self._stop = False
@@ -48,14 +51,22 @@ class MitmProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
-            self._socks += [client, upstream]
             state = {"data": None, "conn": self._conns}
             self._conns += 1
-            for src, dst, forward in ((client, upstream, True), (upstream, client, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, forward, state), daemon=True)
-                t.start()
-                self._threads.append(t)
+            # Connect upstream off the accept loop: a target behind a dead link must not stall other clients.
+            threading.Thread(target=self._open, args=(client, state), daemon=True).start()
+
+    def _open(self, client: socket.socket, state: dict) -> None:
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:  # target down (refused, unreachable): the client sees its connection end
+            client.close()
+            return
+        self._socks += [client, upstream]
+        for src, dst, forward in ((client, upstream, True), (upstream, client, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, forward, state), daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _pump(self, src: socket.socket, dst: socket.socket, forward: bool, state: dict) -> None:
         offset = 0
