@@ -182,11 +182,13 @@ def restore(path: str, addr: str, name: str | None) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
-def stop(name: str, addr: str) -> None:
+@click.option("--force", is_flag=True, help="Also stop an enclave whose migration paused or failed after the "
+              "handoff (its undelivered heap data is lost).")
+def stop(name: str, addr: str, force: bool) -> None:
     """Stop (destroy) an enclave."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "stop", "name": name})))
+    click.echo(_show(request(addr, {"op": "stop", "name": name, "force": force})))
 
 
 @main.command()

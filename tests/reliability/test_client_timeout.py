@@ -20,8 +20,6 @@ from constmig.host.cluster import LocalCluster
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="host/client.py keeps a connection after a timed-out call: the late reply answers the next one")
 def test_a_timed_out_call_does_not_answer_the_next_one() -> None:
     with LocalCluster(1) as c:
         a = c.addrs[0]

@@ -221,8 +221,7 @@ class Pager:
         assert self.receiver is not None
         self.receiver.done.wait()  # a paused stream waits here for a reconnect (the pager dies with the enclave)
         self.receiver.join()
-        if self.resume_server is not None:
-            self.resume_server.close()
+        # The resume socket stays open: if DONE is lost on its way, the source reconnects to fetch it.
         if self.receiver.error is None or self.receiver.complete:
             self._stop.set()
             self._faults.join(timeout=5.0)
@@ -256,11 +255,10 @@ def serve(control: socket.socket, status: Path | None) -> int:
         result = pager.finish()
         with contextlib.suppress(ConstmigError, OSError):
             fs.send({"event": "finished", **result})
-        if not result["ok"]:
-            # Paused: keep the userfaultfd registered so missing pages wait (recovery is the source's job),
-            # until the enclave goes away.
-            with contextlib.suppress(ConstmigError):
-                fs.recv()
+        # Stay until the enclave goes away: to answer a reconnect that fetches a lost DONE, and (were
+        # the stream ever to end unfinished) to keep missing pages waiting rather than reading zeros.
+        with contextlib.suppress(ConstmigError):
+            fs.recv()
         return 0
     except ConstmigError as e:
         with contextlib.suppress(ConstmigError, OSError):

@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             enclave.resume_path.unlink(missing_ok=True)
         if enclave.pager is not None:
             enclave.pager.close()
+        Path(args.socket).with_suffix(".pager.json").unlink(missing_ok=True)  # after the pager last wrote it
         enclave.heap.close()
     return 0
 

@@ -155,6 +155,8 @@ class Agent:
     async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
         out = {}
         for name, hosted in self.enclaves.items():
+            if hosted.handle.proc.returncode is not None and hosted.status != "exited":
+                hosted.status = "exited"  # killed, or crashed: say so rather than list it as running
             info: dict[str, Any] = {"status": hosted.status, "app": hosted.handle.spec.app,
                                     "heap_bytes": hosted.handle.spec.heap}
             if hosted.status == "running":
@@ -215,8 +217,14 @@ class Agent:
             hosted = self._get(req.get("name"))
             if hosted.status == "paused":
                 raise AgentError(self._paused_error(hosted))
+            if hosted.handle.proc.returncode is not None:
+                hosted.status = "exited"
+                raise AgentError(f"enclave {hosted.handle.spec.name!r} on agent {self.host_id} has exited "
+                                 f"(code {hosted.handle.proc.returncode}); its state here is gone")
             if hosted.status in ("running", "preparing-out"):
                 break
+            if hosted.settled.is_set():  # settled, yet not callable: never spin the event loop on it
+                raise AgentError(f"enclave {hosted.handle.spec.name!r} is {hosted.status}; it takes no calls")
             await hosted.settled.wait()  # a migration is deciding where this enclave lives
         hosted.calls += 1
         hosted.idle.clear()
@@ -250,9 +258,16 @@ class Agent:
                 "is unknown; the source still holds the missing data")
 
     async def op_stop(self, req: dict[str, Any], writer: Any) -> Any:
-        hosted = self._get(req.get("name"))
-        if hosted.status != "running":
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot stop it now")
+        name = str(req.get("name"))
+        hosted = self.enclaves.get(name) if req.get("force") else None
+        hosted = hosted or self._get(name)
+        if hosted.handle.proc.returncode is not None:
+            hosted.status = "exited"
+        if hosted.status in ("failed", "paused") and not req.get("force"):
+            raise AgentError(f"enclave {name!r} is {hosted.status}: it holds heap data its migration has not "
+                             "delivered; stopping it loses that data (use --force if that is what you want)")
+        if hosted.status not in ("running", "exited", "failed", "paused"):
+            raise AgentError(f"enclave {name!r} is {hosted.status}; cannot stop it now")
         del self.enclaves[hosted.handle.spec.name]
         await hosted.handle.stop()
         return "stopped"
@@ -305,6 +320,11 @@ class Agent:
         name, channel = str(req.get("name")), str(req.get("channel", "main"))
         hosted = self.enclaves.get(name)
         n = req.get("resume")
+        if hosted is not None and hosted.handle.proc.returncode is not None:
+            hosted.status = "exited"
+            await write_frame(writer, {"ok": False, "error": f"enclave {name!r} here has exited (its process is "
+                                       f"gone, code {hosted.handle.proc.returncode}); it takes no reconnect"})
+            return
         if hosted is None or hosted.status not in ("running", "paused") or n not in (1, 2):
             await write_frame(writer, {"ok": False, "error": f"no enclave named {name!r} here takes a reconnect"})
             return
@@ -335,7 +355,8 @@ class Agent:
     async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
         name = hosted.handle.spec.name
         try:
-            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout}, fds=fds)
+            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout,
+                                               "commit_wait": hosted.resume_deadline}, fds=fds)
             hosted.status = "running"
             self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})

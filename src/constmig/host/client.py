@@ -10,7 +10,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, ConstmigError
+from constmig.errors import AgentError, ChannelClosed
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
@@ -98,7 +98,11 @@ class EnclaveClient:
                 self._client.close()
                 self._client = None
                 self.addr = r.location
-            except ConstmigError:
+            except AgentError as e:
+                if "did not answer" in str(e) or "closed the connection" in str(e):
+                    # a late reply would otherwise answer the next call: never reuse a broken exchange
+                    self._client.close()
+                    self._client = None
                 raise
         raise AgentError(f"too many redirects looking for enclave {self.name!r}")
 

@@ -17,6 +17,7 @@ from constmig.errors import AgentError, ChannelClosed, EnclaveError
 from constmig.wire.framing import FramedSocket
 
 START_TIMEOUT = 60.0
+RUN_FILE_SUFFIXES = (".pager.json", ".resume.sock")  # beside <name>.sock: the pager's status, reconnects
 
 
 @dataclass
@@ -60,6 +61,8 @@ class EnclaveHandle:
                      root_pem: Path, tracker: str = "none", restore: Path | None = None) -> EnclaveHandle:
         run_dir.mkdir(parents=True, exist_ok=True)
         sock_path = run_dir / f"{spec.name}.sock"
+        for suffix in RUN_FILE_SUFFIXES:  # left by an earlier enclave of this name that was killed
+            sock_path.with_suffix(suffix).unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "constmig.enclave.runtime", "--app", spec.app, "--heap", str(spec.heap),
                "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
                "--svn", str(spec.svn), "--socket", str(sock_path), "--platform-dir", str(platform_dir),
@@ -117,7 +120,12 @@ class EnclaveHandle:
                 self.proc.kill()
                 await self.proc.wait()
         self.fs.close()
-        self.sock_path.unlink(missing_ok=True)
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """The enclave's files in the run folder (it removes them itself unless it was killed)."""
+        for path in (self.sock_path, *(self.sock_path.with_suffix(s) for s in RUN_FILE_SUFFIXES)):
+            path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self.proc.returncode is None:

@@ -67,8 +67,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         if state.strategy != strategy:
             raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy!r}")
         ledger = ChunkLedger.from_wire(hs.migration_id, heap.n_chunks, state.chunks)
-        if state.lineage and enclave.persist is not None:  # sealed checkpoints and their counter continue on this platform
-            enclave.persist.adopt(Lineage(state.lineage, state.lineage_key, state.lineage_version))
+
         wrap = None
         if strategy == "constmig" and enclave.tracker == "access":
             wrap = enclave.start_access_tracking(ledger.expected, timeout)
@@ -98,7 +97,11 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
                 f"heap stream ended after {ledger.count} of {ledger.expected.size} chunks (truncated)"
             )
         link.send(m.Ready(ledger.digest()))
+        # A COMMIT held up by a link outage still counts: once READY is out, wait as long as the source
+        # would go on reconnecting, not one I/O timeout (else the source, committed, strands the enclave).
+        link.timeout = max(timeout, float(req.get("commit_wait") or 0))
         link.expect(m.Commit)
+        link.timeout = timeout
     except (ConstmigError, OSError) as e:
         if link is not None:
             link.abort(str(e))
@@ -109,6 +112,13 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         enclave.life.move(Life.INCOMING, Life.DESTROYED)
         raise MigrationError(f"incoming migration failed before commit ({e}); this instance was wiped") from None
     # --- COMMIT received: resume (downtime ends) ---
+    if state.lineage and enclave.persist is not None:
+        # Sealed checkpoints and their counter continue here; bound only now, so a destination killed
+        # before COMMIT leaves no lineage behind that could restore while the source runs on.
+        try:
+            enclave.persist.adopt(Lineage(state.lineage, state.lineage_key, state.lineage_version))
+        except (ConstmigError, OSError) as e:  # the app must run now; only its checkpoints are affected
+            enclave.figures["lineage_error"] = str(e)
     enclave.app = app
     enclave.life.move(Life.INCOMING, Life.RUNNING)
     t_resume = time.time()
