@@ -12,6 +12,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from constmig.errors import ProtocolError
 from constmig.wire.records import HEADER_SIZE, Header, parse_header
 
 # tamper(channel, offset_in_stream, data) -> bytes to forward, or None to cut the connection.
@@ -91,7 +92,7 @@ class MitmProxy:
                         break
                     data = out
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ProtocolError):  # a stream the record parser cannot follow ends like a cut
             pass
         finally:  # a cut is a cut: both ends see the connection end, nothing stalls
             for s in (src, dst):
