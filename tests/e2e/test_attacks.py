@@ -136,6 +136,14 @@ def record_migration(a: str, b: str, variant: tuple[str, str]) -> dict[tuple[Kin
     return kept
 
 
+def recorded_and_back(a: str, b: str, variant: tuple[str, str]) -> tuple[dict[tuple[Kind, int], bytes], str]:
+    """An earlier migration a -> b recorded by the host, then the enclave moved back: (records, checksum)."""
+    launch(a, heap=32 << 20)
+    old = record_migration(a, b, variant)
+    migrate("kv", b, a, "stopcopy")
+    return old, checksum(a)
+
+
 # --- before the commit point: the source runs on ---------------------------------------------------
 
 
@@ -219,8 +227,7 @@ def test_chunk_attack_before_commit(cluster, kind):
 # --- on COMMIT: the destination refuses it, and the source may run again ---------------------------
 
 
-def _commit_index(strategy: str) -> int:
-    return 2  # CONTROL records on the main channel: STATE, HEAP_END, COMMIT (chunks are CHUNK records)
+COMMIT = 2  # CONTROL records on the main channel, either strategy: STATE, HEAP_END, COMMIT
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -231,7 +238,7 @@ def test_flipped_bit_in_commit(cluster, variant):
 
     def on_record(channel, n, header, record):
         k = count(channel, header)
-        if header.kind == Kind.CONTROL and k == _commit_index(variant[0]):
+        if header.kind == Kind.CONTROL and k == COMMIT:
             return [flipped(record)]
         return [record]
 
@@ -243,15 +250,12 @@ def test_flipped_bit_in_commit(cluster, variant):
 def test_stale_commit_from_an_earlier_migration(cluster, variant):
     """COMMIT recorded from an earlier migration of the same enclave, replayed in place of the real one."""
     a, b = cluster.addrs
-    launch(a, heap=32 << 20)
-    old = record_migration(a, b, variant)
-    migrate("kv", b, a, "stopcopy")
-    before = checksum(a)
+    old, before = recorded_and_back(a, b, variant)
     count = Counter()
 
     def on_record(channel, n, header, record):
         k = count(channel, header)
-        if header.kind == Kind.CONTROL and k == _commit_index(variant[0]):
+        if header.kind == Kind.CONTROL and k == COMMIT:
             return [old[(Kind.CONTROL, k)]]
         return [record]
 
@@ -265,10 +269,7 @@ def test_stale_commit_from_an_earlier_migration(cluster, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_chunk_replayed_from_an_earlier_migration(cluster, variant):
     a, b = cluster.addrs
-    launch(a, heap=32 << 20)
-    old = record_migration(a, b, variant)
-    migrate("kv", b, a, "stopcopy")
-    before = checksum(a)
+    old, before = recorded_and_back(a, b, variant)
     count = Counter()
 
     def on_record(channel, n, header, record):
