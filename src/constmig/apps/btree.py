@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from constmig.apps.common import PAGE, check_options, int_arg
+from constmig.apps.common import PAGE, check_options, int_arg, largest_fitting
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
@@ -63,11 +63,7 @@ class BTree(EnclaveApp):
         check_options("btree", config, _OPTIONS)
         b = int_arg(config.get("fanout", 64), "btree fanout", 8, 4097, ConfigError)
         free = self.heap.free_bytes
-        lo, hi = 0, free // (16 * b) + 1  # largest leaf count that fits: bytes grow with leaves
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._bytes(mid, b) <= free else (lo, mid)
-        fit = lo
+        fit = largest_fitting(lambda k: self._bytes(k, b), free, free // (16 * b))
         n = config.get("leaves")
         if n is None:
             n = fit

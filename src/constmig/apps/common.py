@@ -5,7 +5,7 @@ Part of every app's measurement (apps/__init__.py:app_source), since the apps ru
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,3 +40,13 @@ def fmix(h: np.ndarray) -> np.ndarray:
     h = h ^ (h >> _S33)
     h = h * _M2
     return h ^ (h >> _S33)
+
+
+def largest_fitting(size_of: Callable[[int], int], free: int, upper: int) -> int:
+    """The largest n in 0..upper with size_of(n) <= free (size_of grows with n): a binary search, since
+    the apps' layouts round up to pages and cannot be solved for n in closed form."""
+    lo, hi = 0, upper + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size_of(mid) <= free else (lo, mid)
+    return lo

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from constmig.apps.common import PAGE, check_options, int_arg
+from constmig.apps.common import PAGE, check_options, int_arg, largest_fitting
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
@@ -36,11 +36,7 @@ class Graph(EnclaveApp):
         check_options("graph", config, _OPTIONS)
         deg = int_arg(config.get("avg_degree", 16), "graph avg_degree", 1, 1025, ConfigError)
         free = self.heap.free_bytes
-        lo, hi = 0, min(free // (20 + 4 * deg), (1 << 31) - 2) + 1  # largest vertex count that fits
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._bytes(mid, deg) <= free else (lo, mid)
-        fit = lo
+        fit = largest_fitting(lambda k: self._bytes(k, deg), free, min(free // (20 + 4 * deg), (1 << 31) - 2))
         n = config.get("vertices")
         if n is None:
             n = fit

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from constmig.apps.common import M1, M2, PAGE, check_options, fmix, int_arg
+from constmig.apps.common import M1, M2, PAGE, check_options, fmix, int_arg, largest_fitting
 from constmig.enclave.app import EnclaveApp, ecall
 from constmig.errors import ConfigError, EnclaveError
 
@@ -53,11 +53,7 @@ class HashJoin(EnclaveApp):
         if isinstance(match, bool) or not isinstance(match, int | float) or not 0 <= match <= 1:
             raise ConfigError(f"hashjoin match_ratio must be a number from 0 to 1, not {match!r}")
         free = self.heap.free_bytes
-        lo, hi = 0, free // (24 + 16 * ratio) + 1  # largest row count that fits: bytes grow with rows
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._bytes(mid, ratio) <= free else (lo, mid)
-        fit = lo
+        fit = largest_fitting(lambda k: self._bytes(k, ratio), free, free // (24 + 16 * ratio))
         n = config.get("build_rows")
         if n is None:
             n = fit
