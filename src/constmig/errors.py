@@ -41,6 +41,10 @@ class EnclaveError(ConstmigError):
     """An ECALL failed inside the enclave, or the enclave is in the wrong lifecycle state."""
 
 
+class HeapIncomplete(EnclaveError):
+    """The heap is still arriving from a migration: nothing may export it whole (migrate out, checkpoint)."""
+
+
 class MigrationError(ConstmigError):
     """A migration failed; the message says which side still runs the enclave."""
 

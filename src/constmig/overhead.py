@@ -139,7 +139,7 @@ def _copy(src: EnclaveApp, mode: str) -> _Copy:
     """A copy of `src` on a fresh, fully populated heap, set up the way `mode` says."""
     heap = Heap(src.heap.size, chunk_size=src.heap.chunk_size)
     heap.populate()
-    used = src.heap.used_chunks()
+    used = src.heap.export_chunks()
     blob = export_app_state(src)
     cls = type(src)
     if mode in ("plain", "fault"):

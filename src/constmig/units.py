@@ -1,5 +1,6 @@
-"""Human sizes (512M, 1G, 64K) to bytes and back."""
+"""Human sizes (512M, 1G, 64K) to bytes and back, and bounded waits."""
 
+import math
 import re
 
 from constmig.errors import ConfigError
@@ -39,3 +40,18 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise ConfigError("cannot read MemAvailable from /proc/meminfo")
+
+
+MAX_WAIT_S = 86400.0  # no wait a peer or agent asks for may exceed a day
+
+
+def wait_seconds(value: object, what: str, *, zero: bool = False) -> float:
+    """A wait someone else chose (an agent's timeout, a resume deadline): a finite number of seconds in
+    (0, a day], or [0, a day] with `zero`. inf, nan, bools and strings are refused, never passed on to
+    socket.settimeout (which raises OverflowError) or to a wait that never ends."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) \
+        and (value >= 0 if zero else value > 0) and value <= MAX_WAIT_S
+    if not ok:
+        raise ConfigError(f"{what} must be a number of seconds in {'[' if zero else '('}0, {MAX_WAIT_S:g}], "
+                          f"not {value!r}")
+    return float(value)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ class TrackedCopy:
         self.snapshot = src.buf.copy()
         self.chunk = src.chunk_size
         self.heap = Heap(src.size, chunk_size=src.chunk_size)
-        self.tracker = AccessTracker(self.heap, src.used_chunks(), self._request, timeout=10.0)
+        self.tracker = AccessTracker(self.heap, src.export_chunks(), self._request, timeout=10.0)
         self.tracker.guard()
         self.module = sys.modules[type(app).__module__]
         interpose(self.module)

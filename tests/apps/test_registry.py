@@ -21,9 +21,37 @@ def test_load_app():
 def test_unknown_app():
     with pytest.raises(ConfigError) as e:
         load_app("x")
-    assert str(e.value) == f"unknown app 'x'; known apps: {', '.join(sorted(APPS))}"
+    assert str(e.value) == f"unknown app 'x'; known apps: {', '.join(sorted(APPS))} (or module:Class)"
     with pytest.raises(ConfigError):
         app_source("x")
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("nosuchmodule_xyz:App", "cannot import nosuchmodule_xyz"),
+    ("constmig.apps.kvstore:Nope", "is not an EnclaveApp"),
+    ("constmig.units:parse_size", "is not an EnclaveApp"),
+    ("a:b:c", "unknown app"),
+    ("bad name:App", "unknown app"),
+])
+def test_module_class_references(ref, message):
+    with pytest.raises(ConfigError, match=message):
+        load_app(ref)
+
+
+def test_module_class_reference_loads_the_class_and_its_svn():
+    from constmig.apps.kvstore import KVStore
+
+    assert load_app("constmig.apps.kvstore:KVStore") is KVStore
+    assert KVStore.svn == 1
+
+
+def test_an_app_with_a_bad_security_version_is_refused(monkeypatch):
+    from constmig.apps.kvstore import KVStore
+
+    for bad in (-1, 1 << 16, True, "2"):
+        monkeypatch.setattr(KVStore, "svn", bad)
+        with pytest.raises(ConfigError, match="security version"):
+            load_app("kvstore")
 
 
 def test_app_source_is_the_module_file():

@@ -29,8 +29,11 @@ def running_at(addr: str, name: str = "kv") -> bool:
 
 
 def wait_gone(addr: str, name: str = "kv", timeout: float = 15.0) -> None:
-    """Until the agent at `addr` no longer lists `name` (a half-built copy wipes on its own schedule)."""
+    """Until the agent at `addr` no longer lists `name`, or lists it only as "aborted" (a half-built copy
+    wipes on its own schedule; one that gave up after READY stays as a wiped tombstone that answers the
+    source's reconnects with ABORT)."""
     deadline = time.monotonic() + timeout
-    while name in request(addr, {"op": "status"})["enclaves"]:
-        assert time.monotonic() < deadline, f"{name} still listed at {addr}"
+    while (st := request(addr, {"op": "status"})["enclaves"].get(name)) is not None and st["status"] != "aborted":
+        assert time.monotonic() < deadline, f"{name} still listed at {addr}: {st}"
         time.sleep(0.05)
+    assert st is None or "state" not in st, f"a tombstone of {name} runs: {st}"

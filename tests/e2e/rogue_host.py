@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,7 +26,8 @@ class Enclave:
     """One enclave process this host started; `request` is the agent's door into it."""
 
     def __init__(self, base: Path, host: str, name: str, mode: str, *, app: str = "kvstore", heap: int = 32 << 20,
-                 tracker: str = "none", svn: int = 1) -> None:
+                 tracker: str = "none", path: Path | None = None) -> None:
+        """`path`: a folder put first on the enclave's PYTHONPATH (for apps named as module:Class)."""
         ca = base / "ca"
         create_root_ca(ca)
         platform = base / f"host-{host}" / "platform"
@@ -33,9 +35,11 @@ class Enclave:
         sock = base / f"host-{host}" / f"{name}.sock"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "constmig.enclave.runtime", "--app", app, "--heap", str(heap), "--mode", mode,
-             "--svn", str(svn), "--socket", str(sock), "--platform-dir", str(platform),
+             "--socket", str(sock), "--platform-dir", str(platform),
              "--root-pem", str(ca / "root.pem"), "--tracker", tracker],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            env=None if path is None else {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(path), *filter(None, [os.environ.get("PYTHONPATH")])])})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         assert line.startswith("ready"), line

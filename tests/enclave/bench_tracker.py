@@ -36,7 +36,7 @@ RUNS = 5
 def migrate(src: KVStore, mode: str) -> tuple[KVStore, AccessTracker | None]:
     """A destination copy of `src` in the given mode, every used chunk already installed."""
     heap = Heap(src.heap.size, chunk_size=src.heap.chunk_size)
-    used = src.heap.used_chunks()
+    used = src.heap.export_chunks()
     blob = export_app_state(src)
     if mode == "plain":
         for i in used.tolist():

@@ -157,35 +157,42 @@ def test_restore_metadata_rejects_mismatch(heap):
 # -- chunks ------------------------------------------------------------------------------------------
 
 
-def test_used_chunks_untouched_and_touched(heap):
+def test_export_chunks_are_the_allocated_ones(heap):
+    """What an export carries comes from the allocator, touched or not (zero chunks travel as zero records)."""
+    assert heap.export_chunks().tolist() == []
+    a = heap.alloc("a", 3 * MiB + 1, np.uint8)
+    assert heap.export_chunks().dtype == np.int64
+    assert heap.export_chunks().tolist() == [0, 1, 2, 3]  # untouched: still the app's to write
+    heap.buf[10 * MiB] = 1  # not part of any allocation: never exported
+    a[0] = 1
+    assert heap.export_chunks().tolist() == [0, 1, 2, 3]
+    b = heap.alloc("b", 2 * MiB)  # starts on the next page, inside chunk 3
+    assert heap.export_chunks().tolist() == [0, 1, 2, 3, 4, 5]
+    del b
+    heap.free("b")
+    assert heap.export_chunks().tolist() == [0, 1, 2, 3]
+
+
+def test_touched_chunks_untouched_and_touched(heap):
     a = heap.alloc("a", 12 * MiB, np.uint8)
-    assert heap.used_chunks().tolist() == []
+    assert not heap.touched_chunks().any()
     a[3 * MiB + 17] = 1
     a[7 * MiB] = 2
     a[5 * MiB - 1] = 3
-    used = heap.used_chunks()
-    assert used.dtype == np.int64
-    assert used.tolist() == [3, 4, 7]
+    assert np.flatnonzero(heap.touched_chunks()).tolist() == [3, 4, 7]
 
 
-def test_used_chunks_ignore_memory_outside_allocations(heap):
-    heap.alloc("a", 2 * MiB)
-    heap.buf[10 * MiB] = 1  # not part of any allocation: never migrates
-    heap.array("a")[MiB] = 1
-    assert heap.used_chunks().tolist() == [1]
-
-
-def test_used_chunks_skip_pages_only_read():
+def test_touched_chunks_skip_pages_only_read():
     if not zero_page_known():
         pytest.skip("zero page PFN not visible (needs CAP_SYS_ADMIN)")
     with Heap(8 * MiB) as h:
         a = h.alloc("a", 8 * MiB)
         assert int(a.sum()) == 0  # maps the zero page everywhere
         a[2 * MiB] = 9
-        assert h.used_chunks().tolist() == [2]
+        assert np.flatnonzero(h.touched_chunks()).tolist() == [2]
 
 
-def test_used_chunks_skip_huge_zero_pages():
+def test_touched_chunks_skip_huge_zero_pages():
     if not heap_mod._zero_pfns()[1]:
         pytest.skip("huge zero page not available or PFN not visible")
     with Heap(16 * MiB, chunk_size=4 * MiB) as h:
@@ -193,17 +200,15 @@ def test_used_chunks_skip_huge_zero_pages():
         h._mm.madvise(mmap.MADV_HUGEPAGE, 0, h.size)
         assert int(a[::4096].sum()) == 0  # read faults map the huge zero page where THP applies
         a[9 * MiB] = 1
-        assert h.used_chunks().tolist() == [2]
+        assert np.flatnonzero(h.touched_chunks()).tolist() == [2]
 
 
-def test_used_chunks_fallback_without_pagemap(heap, monkeypatch):
-    heap.alloc("a", 3 * MiB)
-
+def test_touched_chunks_without_pagemap_is_none(heap, monkeypatch):
     def boom(*args):
         raise OSError("no pagemap")
 
     monkeypatch.setattr(heap_mod, "_read_pagemap", boom)
-    assert heap.used_chunks().tolist() == [0, 1, 2]
+    assert heap.touched_chunks() is None
 
 
 def test_chunk_view_writes_land_in_arrays(heap):
@@ -227,7 +232,7 @@ def test_wipe_zeroes_and_keeps_allocations(heap):
     a[:] = 5
     heap.wipe()
     assert not a.any() and heap.names() == ["a"]
-    assert heap.used_chunks().tolist() == []
+    assert not heap.touched_chunks().any()
 
 
 def test_close_is_idempotent_even_with_live_views():
@@ -243,27 +248,3 @@ def test_close_is_idempotent_even_with_live_views():
     h2 = Heap(MiB)
     h2.alloc("a", 10)
     h2.close()
-
-
-def test_used_chunks_with_an_earlier_scan_equals_a_full_scan():
-    """The source scans while running and rescans only the rest at the stop: same answer as a full scan."""
-    with Heap(16 << 20, 1 << 20) as h:
-        a = h.alloc("a", 6 << 20, np.uint8)
-        a[: 3 << 20] = 1
-        known = h.touched_chunks()
-        a[(4 << 20) + 17] = 2  # touched after the scan
-        b = h.alloc("b", 2 << 20, np.uint8)  # allocated after the scan
-        b[-1] = 3
-        assert np.array_equal(h.used_chunks(known), h.used_chunks())
-        h.free("b")  # freed after the scan: no longer allocated, so not sent
-        assert np.array_equal(h.used_chunks(known), h.used_chunks())
-        assert h.used_chunks(known).tolist() == [0, 1, 2, 4]
-
-
-def test_touched_chunks_among_limits_the_scan(heap):
-    a = heap.alloc("a", heap.size - PAGE_SIZE, np.uint8)
-    a[0] = a[-1] = 1
-    among = np.zeros(heap.n_chunks, dtype=bool)
-    among[-1] = True
-    got = heap.touched_chunks(among)
-    assert got is not None and got.tolist() == [False] * (heap.n_chunks - 1) + [True]

@@ -53,7 +53,7 @@ def migrate(app: EnclaveApp, size: int | None = None) -> EnclaveApp:
     src = app.heap
     blob = export_app_state(app)
     dst = Heap(size or src.size, chunk_size=src.chunk_size)
-    for i in src.used_chunks():
+    for i in src.export_chunks():
         dst.chunk_view(int(i))[:] = src.chunk_view(int(i))
     return import_app_state(type(app), dst, blob)
 
@@ -104,11 +104,11 @@ def test_matrix_round_trip():
     assert new.matvec(1) == app.matvec(1)
 
 
-def test_only_used_chunks_needed():
+def test_only_allocated_chunks_needed():
     app = KVStore(Heap(16 * MiB))
     app.setup(value_size=64, capacity=1000)
     app.fill(1.0)
-    used = app.heap.used_chunks()
+    used = app.heap.export_chunks()
     assert 0 < len(used) < app.heap.n_chunks
     assert migrate(app).checksum() == app.checksum()
 

@@ -138,7 +138,7 @@ class Migration:
         self.src_app = app
         src = app.heap
         blob = export_app_state(app)
-        self.expected = src.used_chunks()
+        self.expected = src.export_chunks()
         self.heap = Heap(src.size, chunk_size=src.chunk_size)
         self.net = FakeNet(src, delay=delay, serve=serve, seed=seed)
         self.tracker = AccessTracker(self.heap, self.expected, self.net.request, timeout=timeout)
@@ -229,7 +229,7 @@ def test_a_write_to_a_missing_chunk_is_not_overwritten_later():
     a_src[:] = np.arange(100_000)
     heap.alloc("a", 100_000, np.int64)
     net = FakeNet(src, delay=0.01)
-    t = AccessTracker(heap, src.used_chunks(), net.request, timeout=5)
+    t = AccessTracker(heap, src.export_chunks(), net.request, timeout=5)
     net.attach(t)
     a = t.track(heap.array("a"))
     a[50_000] = -1
@@ -483,7 +483,7 @@ def arrays() -> Iterator[Callable[[], Arrays]]:
         s["v"][:] = rng.random(300)
         s["i"][:] = rng.integers(-1000, 1000, 2000)
         net = FakeNet(src)
-        t = AccessTracker(dst, src.used_chunks(), net.request, timeout=5)
+        t = AccessTracker(dst, src.export_chunks(), net.request, timeout=5)
         net.attach(t)
         d = {k: t.track(dst.alloc(k, shape, dt)) for k, (shape, dt) in specs.items()}
         made.append((net, src, dst))

@@ -86,7 +86,7 @@ class Enclaves:
     def build(self, host: str, *, incoming: bool = False, tracker: str = "none") -> Enclave:
         args = argparse.Namespace(
             app="kvstore", heap=HEAP, chunk_size=CHUNK, mode="incoming" if incoming else "fresh",
-            tracker=tracker, config="", svn=1, socket=str(self.world.base / f"{host}-{len(self.made)}.sock"),
+            tracker=tracker, config="", socket=str(self.world.base / f"{host}-{len(self.made)}.sock"),
             platform_dir=str(self.world.platforms[host]), root_pem=str(self.world.root_pem),
         )
         enclave = build_enclave(args)
@@ -562,7 +562,7 @@ class FakeSource:
         run_initiator(self.main, enclave.backend, enclave.identity, enclave.policy, params, timeout=TIMEOUT)
         self.demand_sock = socks[1]
         self.demand = SecureChannel.resume(socks[1], self.main.ticket().derive(DEMAND_LABEL))
-        self.ledger = ChunkLedger(self.mid, heap.n_chunks, heap.used_chunks())
+        self.ledger = ChunkLedger(self.mid, heap.n_chunks, heap.export_chunks())
 
     def send_state(self) -> None:
         assert self.enclave.app is not None
@@ -765,7 +765,7 @@ def test_integrity_error_is_what_a_flipped_bit_gives() -> None:
         rx.install_keys(b"j" * 32, b"k" * 32, 2, 1)
         assert isinstance(tx._sock, TamperSocket)
         tx._sock.flip_at = HEADER_SIZE + 1000
-        tx.send_chunk(3, bytes(4096))  # small: fits the socket buffer, so one thread can do both ends
+        tx.send_chunk(3, b"d" * 4096)  # small: fits the socket buffer, so one thread can do both ends
         rec = rx.recv(timeout=5)
         assert isinstance(rec, SealedChunk) and rec.index == 3
         with pytest.raises(IntegrityError):

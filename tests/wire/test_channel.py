@@ -23,6 +23,7 @@ from constmig.wire.channel import (
     SecureChannel,
 )
 from constmig.wire.records import (
+    FLAG_ZERO,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -98,7 +99,7 @@ def deliver(records: list[bytes], keys: bool = True, mid: bytes = MID) -> tuple[
 def chunks(n: int = 3, size: int = 4096) -> Callable[[SecureChannel], None]:
     def act(ch: SecureChannel) -> None:
         for i in range(n):
-            ch.send_chunk(10 + i, bytes([i]) * size)
+            ch.send_chunk(10 + i, bytes([i + 1]) * size)
     return act
 
 
@@ -222,7 +223,7 @@ def test_capture_and_deliver_unchanged() -> None:
         assert isinstance(rec, SealedChunk) and rec.index == 10 + i
         out = bytearray(rec.length)
         dst.open_chunk(rec, out)
-        assert out == bytes([i]) * 4096
+        assert out == bytes([i + 1]) * 4096
     with pytest.raises(ChannelClosed, match="peer closed the connection$"):
         dst.recv()
 
@@ -487,8 +488,6 @@ def test_open_chunk_checks_its_arguments(pair: tuple[SecureChannel, SecureChanne
     src.send_chunk(2, b"b" * 100)
     first = dst.recv()
     assert isinstance(first, SealedChunk)
-    with pytest.raises(ValueError, match="exactly 100 bytes"):
-        dst.open_chunk(first, bytearray(99))
     with pytest.raises(TypeError):
         dst.open_chunk(first, bytes(100))
     assert dst.state is ChannelState.OK
@@ -500,6 +499,69 @@ def test_open_chunk_checks_its_arguments(pair: tuple[SecureChannel, SecureChanne
     assert isinstance(second, SealedChunk)
     dst.open_chunk(second, out)
     assert out == b"b" * 100
+
+
+@pytest.mark.adversarial
+def test_a_chunk_of_another_length_than_expected_is_a_protocol_error(pair: tuple[SecureChannel, SecureChannel]) -> None:
+    """A record whose (authentic) length is not what the receiver expects at that place: a protocol error
+    that breaks the channel before a byte is written, never a ValueError that escapes the receive path."""
+    src, dst = pair
+    src.send_chunk(1, b"a" * 100)
+    rec = dst.recv()
+    assert isinstance(rec, SealedChunk)
+    out = bytearray(b"u" * 99)
+    with pytest.raises(ProtocolError, match="carries 100 bytes where 99 were expected"):
+        dst.open_chunk(rec, out)
+    assert out == b"u" * 99 and dst.state is ChannelState.BROKEN
+
+
+# --- zero chunks -----------------------------------------------------------------------------------------
+
+def test_zero_chunk_travels_as_its_length(pair: tuple[SecureChannel, SecureChannel]) -> None:
+    src, dst = pair
+    before = src.bytes_sent
+    src.send_chunk(7, bytes(1 << 20), demand=True)
+    assert src.bytes_sent - before == HEADER_SIZE + 4 + TAG_SIZE and src.zero_chunks_sent == 1
+    src.send_chunk(8, bytes(4095) + b"\x01")  # one byte of data at the very end: not a zero chunk
+    assert src.zero_chunks_sent == 1
+    rec = dst.recv()
+    assert isinstance(rec, SealedChunk)
+    assert (rec.index, rec.length, rec.zero, rec.demand) == (7, 1 << 20, True, True)
+    out = bytearray(b"x" * (1 << 20))
+    dst.open_chunk(rec, out)
+    assert not any(out)
+    rec = dst.recv()
+    assert isinstance(rec, SealedChunk) and not rec.zero
+    with pytest.raises(ValueError, match="takes only a zero chunk"):
+        dst.open_zero(rec)
+    assert bytes(dst.open_chunk(rec, bytearray(4096)))[-1] == 1
+
+
+def test_open_zero_writes_nothing(pair: tuple[SecureChannel, SecureChannel]) -> None:
+    src, dst = pair
+    src.send_chunk(3, bytes(4096))
+    src.send_control(b"after")
+    rec = dst.recv()
+    assert isinstance(rec, SealedChunk) and rec.zero
+    dst.open_zero(rec)
+    with pytest.raises(ValueError, match="not the one pending"):
+        dst.open_zero(rec)
+    assert dst.recv() == ControlRecord(b"after")
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("edit", ["flag-on-data", "flag-off-zero", "claim"])
+def test_forged_zero_chunks_are_rejected(edit: str) -> None:
+    """The host sets FLAG_ZERO on a data chunk, clears it on a zero chunk, or edits the claimed length."""
+    recs = capture(lambda ch: ch.send_chunk(1, bytes(4096) if edit != "flag-on-data" else b"d" * 4096))
+    rec = bytearray(recs[0])
+    if edit == "claim":
+        rec[HEADER_SIZE] ^= 0x01  # first ciphertext byte of the 4-byte length
+    else:
+        rec[5] ^= FLAG_ZERO  # the flags byte (records.HEADER: magic, kind, flags, ...)
+    _, dst = deliver([bytes(rec)])
+    with pytest.raises(ProtocolError):
+        drain(dst)
 
 
 def test_unopened_chunk_is_still_verified(pair: tuple[SecureChannel, SecureChannel]) -> None:

@@ -976,14 +976,14 @@ def prop_ticket_from_wire(d: Any) -> None:
         assert all(type(v) is int for v in (t.send_dir, t.recv_dir, t.send_seq, t.recv_seq))
 
 
-VALID_SPEC = LaunchSpec("kv-1", "kv", 1 << 26, 1 << 20, {"shards": 4}, 2).to_wire()
+VALID_SPEC = LaunchSpec("kv-1", "kv", 1 << 26, 1 << 20, {"shards": 4}).to_wire()
 
 
 def prop_spec_from_wire(d: Any) -> None:
     spec, _ = attempt("LaunchSpec.from_wire", lambda: LaunchSpec.from_wire(d), (AgentError,))
     if spec is not None:
         assert isinstance(spec.name, str) and isinstance(spec.app, str) and isinstance(spec.config, dict)
-        assert all(type(v) is int for v in (spec.heap, spec.chunk_size, spec.svn))
+        assert all(type(v) is int for v in (spec.heap, spec.chunk_size))
 
 
 size_texts = st.one_of(
@@ -1104,7 +1104,7 @@ CRASHES: tuple[tuple[str, str, Callable[[], Any], type[ConstmigError]], ...] = (
     ("units.parse_size", "400-digits", lambda: parse_size("9" * 400), ConfigError),
     ("units.parse_size", "400-digits-K", lambda: parse_size("1" + "0" * 400 + "K"), ConfigError),
     ("LaunchSpec.from_wire", "heap-inf", lambda: LaunchSpec.from_wire(_spec(heap=math.inf)), AgentError),
-    ("LaunchSpec.from_wire", "svn-minus-inf", lambda: LaunchSpec.from_wire(_spec(svn=-math.inf)), AgentError),
+    ("LaunchSpec.from_wire", "chunk-minus-inf", lambda: LaunchSpec.from_wire(_spec(chunk_size=-math.inf)), AgentError),
     ("ChannelTicket.from_wire", "sd-inf", lambda: ChannelTicket.from_wire(_ticket(sd=math.inf)), ProtocolError),
     ("ChannelTicket.from_wire", "mid-2**63", lambda: ChannelTicket.from_wire(_ticket(mid=2**63)), ProtocolError),
     # an int where bytes belong: bytes(n) allocates n zero bytes (256 MiB here; up to 2**63 - 1 asked for)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from constmig.errors import ProtocolError
 from constmig.wire.records import (
     FLAG_DEMAND,
+    FLAG_ZERO,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -62,7 +63,9 @@ def test_round_trip(kind: Kind, length: int, arg: int, flags: int) -> None:
     (raw(reserved=1), "reserved field"),
     (raw(reserved=0x8000), "reserved field"),
     (raw(flags=FLAG_DEMAND), "unknown flags"),  # DEMAND is for chunks only
-    (raw(kind=3, flags=0x02), "unknown flags"),
+    (raw(kind=3, flags=0x04), "unknown flags"),
+    (raw(kind=3, flags=FLAG_ZERO, length=100), "zero CHUNK record length 100"),  # a zero chunk carries 4+16
+    (raw(kind=2, flags=FLAG_ZERO, length=20), "unknown flags"),
     (raw(kind=1, flags=0x80, length=1), "unknown flags"),
     (raw(kind=1, length=MAX_HANDSHAKE_PAYLOAD + 1), "outside"),
     (raw(kind=2, length=MAX_CONTROL_PAYLOAD + TAG_SIZE + 1), "outside"),

@@ -1,4 +1,4 @@
-"""Registry of the enclave apps that ship with constmig.
+"""Registry of the enclave apps that ship with constmig, and lookup of any app as `module:Class`.
 
 Names map to "module:Class" strings, so listing apps imports nothing and an app's source can be read
 for measurement without running it.
@@ -24,19 +24,27 @@ APPS: dict[str, str] = {
 
 
 def _target(name: str) -> tuple[str, str]:
-    try:
-        module, cls = APPS[name].split(":")
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown app {name!r}; known apps: {', '.join(sorted(APPS))}") from None
+    """(module, class) of an app: a shipped app's name, or `module:Class` naming any importable one."""
+    ref = APPS.get(name) if isinstance(name, str) else None
+    if ref is None and isinstance(name, str) and name.count(":") == 1:
+        ref = name
+    module, _, cls = (ref or "").partition(":")
+    if not (all(part.isidentifier() for part in module.split(".")) and cls.isidentifier()):
+        raise ConfigError(f"unknown app {name!r}; known apps: {', '.join(sorted(APPS))} (or module:Class)")
     return module, cls
 
 
 def load_app(name: str) -> type[EnclaveApp]:
-    """The app class registered as `name`."""
+    """The app class registered as `name` (or named by `module:Class`)."""
     module, cls = _target(name)
-    app_cls = getattr(importlib.import_module(module), cls)
+    try:
+        app_cls = getattr(importlib.import_module(module), cls, None)
+    except ImportError as e:
+        raise ConfigError(f"app {name!r}: cannot import {module}: {e}") from None
     if not (isinstance(app_cls, type) and issubclass(app_cls, EnclaveApp)):
-        raise ConfigError(f"app {name!r} ({APPS[name]}) is not an EnclaveApp")
+        raise ConfigError(f"app {name!r} ({module}:{cls}) is not an EnclaveApp")
+    if isinstance(app_cls.svn, bool) or not isinstance(app_cls.svn, int) or not 0 <= app_cls.svn < 1 << 16:
+        raise ConfigError(f"app {name!r} declares security version {app_cls.svn!r}; it must be an int in 0..65535")
     return app_cls
 
 

@@ -4,8 +4,8 @@ Why one region: migration moves memory chunk by chunk with single syscalls (user
 range, UFFDIO_COPY fills whole chunks), and a bump allocator with small metadata lets the destination
 rebuild every array at the same offset from a few hundred bytes sent during the stop.
 
-Nothing here loops over pages in Python: page state comes from one read of /proc/self/pagemap turned
-into numpy arrays, and zeroing is one madvise call.
+Nothing here loops over pages in Python: zeroing is one madvise call, and the (diagnostic) page state
+comes from one read of /proc/self/pagemap turned into numpy arrays.
 """
 
 from __future__ import annotations
@@ -321,49 +321,28 @@ class Heap:
                 mask[off // self.chunk_size : (off + nbytes - 1) // self.chunk_size + 1] = True
         return mask
 
-    def touched_chunks(self, among: np.ndarray | None = None) -> np.ndarray | None:
-        """Bool mask (n_chunks,) of chunks holding a page with data (present or swapped), or None.
+    def export_chunks(self) -> np.ndarray:
+        """Sorted int64 indices of the chunks a whole-heap export (migration, checkpoint) carries.
 
-        Pages mapped to the kernel's zero page (read but never written) carry no data and do not count.
-        `among` (a bool mask) limits the scan to those chunks, read as runs; the others come out False.
-        None means /proc/self/pagemap could not be read.
+        Every chunk an allocation overlaps, from the allocator's own records: the app may have written
+        any of them. Not the OS's view of memory (pagemap), which the host controls and which shows a
+        page still arriving by userfaultfd as absent: chunks of zeros cost little anyway, because the
+        sender ships them as zero records (wire/records.py).
+        """
+        return np.flatnonzero(self.allocated_chunks()).astype(np.int64)
+
+    def touched_chunks(self) -> np.ndarray | None:
+        """Bool mask (n_chunks,) of chunks holding a page with data (present or swapped) in the OS's view.
+
+        A diagnostic (tests use it to see whether memory was touched), never what decides an export.
+        Pages mapped to the kernel's zero page (read but never written) do not count. None means
+        /proc/self/pagemap could not be read.
         """
         self._check_open()
-        pages = self.chunk_size // PAGE_SIZE
         try:
-            if among is None:
-                return _has_data(_read_pagemap(self.address, self.size // PAGE_SIZE), pages)
-            out = np.zeros(self.n_chunks, dtype=bool)
-            idx = np.flatnonzero(among)
-            if idx.size:
-                breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-                starts = idx[np.concatenate(([0], breaks))]
-                stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
-                for a, b in zip(starts.tolist(), stops.tolist(), strict=True):  # one read per run
-                    entries = _read_pagemap(self.address + a * self.chunk_size, (b - a) * pages)
-                    out[a:b] = _has_data(entries, pages)
-            return out
+            return _has_data(_read_pagemap(self.address, self.size // PAGE_SIZE), self.chunk_size // PAGE_SIZE)
         except OSError:
             return None
-
-    def used_chunks(self, known: np.ndarray | None = None) -> np.ndarray:
-        """Sorted int64 indices of chunks to migrate: allocated and holding data.
-
-        Never-touched chunks are zero on the fresh destination heap already, so they are not sent.
-        `known` is a `touched_chunks()` mask taken earlier (while the app still ran): a chunk that held
-        data then still does (or is sent as zeros, which is as correct), so only the other allocated
-        chunks are scanned now. That keeps a multi-GiB pagemap scan out of the downtime.
-        """
-        mask = self.allocated_chunks()
-        if known is not None:
-            touched = self.touched_chunks(mask & ~known)
-            if touched is not None:
-                mask &= known | touched
-        else:
-            touched = self.touched_chunks()
-            if touched is not None:
-                mask &= touched
-        return np.flatnonzero(mask).astype(np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

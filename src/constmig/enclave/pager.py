@@ -73,12 +73,19 @@ class UffdInstaller:
             self.fault_at.setdefault(c, a)
 
     def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
-        chan.open_chunk(sealed, memoryview(self._piece_buf))
+        dst = self.base + index * self.chunk_size + piece * PIECE
+        if sealed.zero:
+            chan.open_zero(sealed)
+        else:
+            chan.open_chunk(sealed, memoryview(self._piece_buf))
         self.fault_at.pop(index, None)
         have = self._pieces_in.setdefault(index, set())
         if piece in have:  # in place since before a reconnect (same bytes, verified then)
             return
-        self.uffd.copy(self.base + index * self.chunk_size + piece * PIECE, buffer_address(self._piece_buf), PIECE)
+        if sealed.zero:
+            self.uffd.zeropage(dst, PIECE)
+        else:
+            self.uffd.copy(dst, buffer_address(self._piece_buf), PIECE)
         have.add(piece)
 
     def chunk_done(self, index: int) -> None:
@@ -90,9 +97,15 @@ class UffdInstaller:
     def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         if sealed.length != self.chunk_size:
             raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not the heap's {self.chunk_size}")
+        dst = self.base + index * self.chunk_size
+        if sealed.zero:  # the kernel's zero page, no copy (pieces in place from before a reconnect stay)
+            chan.open_zero(sealed)
+            self._pieces_in.pop(index, None)
+            self.fault_at.pop(index, None)
+            self.uffd.zeropage(dst, self.chunk_size)
+            return
         chan.open_chunk(sealed, memoryview(self._chunk_buf))
         addr = buffer_address(self._chunk_buf)
-        dst = self.base + index * self.chunk_size
         partial = self._pieces_in.pop(index, None)
         if partial:  # some pieces arrived before a reconnect: copy only the others (a copy may not overwrite)
             for p in range(self.chunk_size // PIECE):
@@ -212,9 +225,18 @@ class Pager:
         receiver.start()
         if req.get("resume_path"):
             self.resume_server = ResumeServer(Path(req["resume_path"]), ResumeSecret.from_wire(req["resume"]), ledger,
-                                              float(req["t_resume"]), receiver, self.chunk_size)
+                                              float(req["t_resume"]), receiver, self.chunk_size,
+                                              epoch=int(req.get("epoch", 0)))
         for chunks, addrs, t in early:
             self._on_faults(chunks, addrs, t)
+
+    def progress(self) -> dict[str, Any]:
+        """How much of the heap is in, from the migration's ledger: the enclave asks before it exports
+        the heap whole (migrate out, checkpoint), and refuses while chunks are missing."""
+        ledger = self.ledger
+        if ledger is None:
+            return {"received": 0, "expected": None, "complete": False}
+        return {"received": int(ledger.count), "expected": int(ledger.expected.size), "complete": ledger.complete}
 
     def finish(self) -> dict[str, Any]:
         """Wait for the stream to complete (across reconnects); then unregister the heap."""
@@ -252,14 +274,21 @@ def serve(control: socket.socket, status: Path | None) -> int:
             raise EnclaveError(f"pager got {req.get('op')!r}, expected stream")
         pager.start_stream(req, fds)
         fs.send({"ok": True})
-        result = pager.finish()
-        with contextlib.suppress(ConstmigError, OSError):
-            fs.send({"event": "finished", **result})
-        # Stay until the enclave goes away: to answer a reconnect that fetches a lost DONE, and (were
-        # the stream ever to end unfinished) to keep missing pages waiting rather than reading zeros.
-        with contextlib.suppress(ConstmigError):
-            fs.recv()
-        return 0
+        threading.Thread(target=pager.finish, name="finish", daemon=True).start()
+        # Stay until the enclave goes away, answering how much of the heap is in; also to answer a
+        # reconnect that fetches a lost DONE, and (were the stream ever to end unfinished) to keep
+        # missing pages waiting rather than reading zeros.
+        while True:
+            try:
+                req, fds = fs.recv()
+            except ConstmigError:
+                return 0
+            for fd in fds:
+                os.close(fd)
+            if req.get("op") == "progress":
+                fs.send({"ok": True, **pager.progress()})
+            else:
+                fs.send({"ok": False, "error": f"the pager takes no {req.get('op')!r} while streaming"})
     except ConstmigError as e:
         with contextlib.suppress(ConstmigError, OSError):
             fs.send({"ok": False, "error": str(e)})
@@ -272,6 +301,9 @@ class PagerHandle:
     def __init__(self, pid: int, fs: FramedSocket, uffd: Userfaultfd, status: Path | None) -> None:
         self.pid, self.fs, self.uffd, self.status = pid, fs, uffd, status
         self.ready = False
+        self.expected: int | None = None  # chunks of the stream once it was handed over
+        self._received = 0  # as last reported
+        self._complete = False
 
     @classmethod
     def start(cls, heap: Any, status: Path | None) -> PagerHandle:
@@ -323,14 +355,36 @@ class PagerHandle:
         self.ready = True
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
-               t_resume: float, timeout: float, secret: ResumeSecret, resume_path: Path | None) -> None:
+               t_resume: float, timeout: float, secret: ResumeSecret, resume_path: Path | None,
+               epoch: int = 0) -> None:
+        """Hand the stream over; `epoch` is the last reconnect epoch used (one that committed the migration)."""
         self.wait_ready()
+        self.expected = len(expected) // 8
         self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
                       "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
-                      "resume_path": str(resume_path) if resume_path else ""}, fds=fds)
+                      "resume_path": str(resume_path) if resume_path else "", "epoch": epoch}, fds=fds)
         reply, _ = self.fs.recv()
         if not reply.get("ok"):
             raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
+
+    def progress(self) -> int | None:
+        """Chunks in so far while the heap is still arriving; None once every chunk is in.
+
+        Asked of the pager over the enclave's own socket (never read from the status file the host can
+        write). A stream never handed over, or a pager that is gone, leaves the heap incomplete for good.
+        """
+        if self._complete:
+            return None
+        if self.expected is None:
+            return 0
+        try:
+            reply = self.fs.exchange({"op": "progress"})
+        except (ConstmigError, OSError):
+            return self._received
+        if reply.get("ok"):
+            self._received = int(reply.get("received") or 0)
+            self._complete = bool(reply.get("complete"))
+        return None if self._complete else self._received
 
     def close(self) -> None:
         self.fs.close()  # the pager sees EOF and exits (or is killed after a grace period)

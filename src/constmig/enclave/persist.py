@@ -1,7 +1,7 @@
 """Sealed checkpoints that cannot be rolled back, and that move with the enclave (Alder et al., DSN'18).
 
 An enclave that checkpoints gets a *lineage*: an id, a migratable sealing key and a platform
-monotonic counter. A checkpoint is the small state plus the used heap chunks, sealed under a key
+monotonic counter. A checkpoint is the small state plus the heap chunks that hold data, sealed under a key
 derived from the lineage key and bound to the counter's next value; a restore accepts only the
 checkpoint whose version equals the counter now, so an older one (a rollback) is refused.
 
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from constmig.errors import ConfigError, EnclaveError, IntegrityError
 from constmig.wire.aead import RecordOpener, RecordSealer
+from constmig.wire.channel import is_zero
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
@@ -148,8 +149,11 @@ class Persistence:
 
     def checkpoint(self, folder: Path, name: str, spec: dict[str, Any], heap: Heap, small_state: bytes,
                    chunks: np.ndarray) -> dict[str, Any]:
-        """Seal small state and `chunks` of `heap` into folder/name.v<version>.ckpt; returns figures."""
+        """Seal small state and `chunks` of `heap` into folder/name.v<version>.ckpt; returns figures.
+
+        Chunks of zeros are left out: a restore starts from a fresh heap, which is zeros already."""
         t0 = time.perf_counter()
+        data = [i for i in chunks.tolist() if not is_zero(heap.chunk_view(i))]
         if self.lineage is None:
             self._bind_here(Lineage(os.urandom(16), os.urandom(32), 0))
         assert self.lineage is not None
@@ -157,7 +161,7 @@ class Persistence:
         self.lineage = Lineage(self.lineage.lineage, self.lineage.key, version)
         header = msgspec.msgpack.encode(Header(self.lineage.lineage, version, spec["app"], spec["heap"],
                                                spec["chunk_size"], spec.get("config") or {}, spec.get("svn", 1),
-                                               int(chunks.size), time.time()))
+                                               len(data), time.time()))
         sealer = RecordSealer(_kdf(self.lineage.key, b"checkpoint" + struct.pack("<Q", version)), 1)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.v{version}.ckpt"
@@ -167,13 +171,14 @@ class Persistence:
             f.write(MAGIC + _LEN.pack(len(header)) + header)
             _, ct = sealer.seal(header + _REC.pack(2**64 - 1, len(small_state)), small_state)
             f.write(_REC.pack(2**64 - 1, len(small_state)) + ct)
-            for index in chunks.tolist():
+            for index in data:
                 _, ct = sealer.seal(header + _REC.pack(index, size), heap.chunk_view(index))
                 f.write(_REC.pack(index, size) + ct)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return {"path": str(path), "version": version, "chunks": int(chunks.size), "bytes": path.stat().st_size,
+        return {"path": str(path), "version": version, "chunks": len(data), "zero_chunks": int(chunks.size) - len(data),
+                "bytes": path.stat().st_size,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def restore(self, path: Path, heap: Heap) -> bytes:

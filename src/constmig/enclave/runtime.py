@@ -29,9 +29,10 @@ from constmig.enclave.pager import PagerHandle
 from constmig.enclave.persist import Persistence
 from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
-from constmig.errors import ChannelClosed, ConstmigError, EnclaveError, ProtocolError
+from constmig.errors import ChannelClosed, ConstmigError, EnclaveError, HeapIncomplete, ProtocolError
 from constmig.migration import destination, source
 from constmig.migration.receiver import Receiver
+from constmig.migration.resume_server import CommitWaiter
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
 from constmig.wire.framing import FramedSocket, encode
@@ -61,6 +62,8 @@ class Enclave:
     persist: Persistence | None = None  # sealed checkpoints and their counter (set by build_enclave)
     outgoing: source.Outgoing | None = None  # a migration out that paused after the commit point
     resume_path: Path | None = None  # where an incoming migration listens for reconnects (resume.py)
+    incoming_chunks: int = 0  # chunks the last incoming post-copy migration streams after COMMIT
+    tombstone: CommitWaiter | None = None  # gave an incoming migration up after READY: answers ABORT
 
     def start_access_tracking(self, expected: Any, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
@@ -90,6 +93,32 @@ class Enclave:
             self.pager.close()
             self.pager = None
 
+    def heap_arrival(self) -> int | None:
+        """Chunks in so far while an incoming migration's heap is still arriving; None when it is whole.
+
+        Decided by the migration's own ledger (the pager's, or the Access Tracker receiver's), never by
+        the OS's view of memory: a page still waiting on userfaultfd looks absent, not missing.
+        """
+        if self.pager is not None:
+            return self.pager.progress()
+        if self.access is not None:
+            self._settle_access()
+        if self.access is None:
+            return None
+        return self.receiver.ledger.count if self.receiver is not None else 0
+
+    def whole_heap(self, what: str) -> Any:
+        """The chunks an export of the whole heap carries (migrate out, checkpoint, anything that
+        serializes it): the one gate, which refuses an enclave that is not running or whose heap is
+        still arriving (exporting then would carry missing chunks as zeros and lose acknowledged writes)."""
+        if self.life.state is not Life.RUNNING or self.app is None:
+            raise EnclaveError(f"enclave is {self.life.state.value}; only a running enclave can {what}")
+        arrived = self.heap_arrival()
+        if arrived is not None:
+            raise HeapIncomplete(f"cannot {what}: heap still arriving: {arrived} of {self.incoming_chunks} "
+                                 "chunks; retry after DONE")
+        return self.heap.export_chunks()
+
     def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.life.state is not Life.RUNNING or self.app is None:
             raise EnclaveError(f"enclave is {self.life.state.value}; it does not run ECALLs now")
@@ -105,17 +134,11 @@ class Enclave:
 
     def checkpoint(self, folder: str, name: str) -> dict[str, Any]:
         """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value."""
-        if self.life.state is not Life.RUNNING or self.app is None:
-            raise EnclaveError(f"enclave is {self.life.state.value}; only a running enclave checkpoints")
-        assert self.persist is not None
-        if self.access is not None:
-            self._settle_access()
-            if self.access is not None:
-                raise EnclaveError("the heap is still arriving from a migration; checkpoint once it is complete")
+        chunks = self.whole_heap("checkpoint")
+        assert self.persist is not None and self.app is not None
         spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
                 "config": self.config, "svn": self.identity.svn}
-        return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app),
-                                       self.heap.used_chunks())
+        return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app), chunks)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -125,17 +148,21 @@ class Enclave:
             "chunk_size": self.heap.chunk_size,
             "used_bytes": self.heap.used_bytes,
             "measurement": self.identity.measurement.hex(),
+            "svn": self.identity.svn,
             "platform": self.backend.platform_id,
             "pid": os.getpid(),
             "tracker": self.tracker,
             **({"streaming": self.receiver.stats or {"complete": False, "error": self.receiver.error}}
                if self.receiver is not None else {}),
+            **({"heap_arriving": [arrived, self.incoming_chunks]}
+               if self.life.state is Life.RUNNING and (arrived := self.heap_arrival()) is not None else {}),
         }
 
 
 def measure_app(app_name: str, config: dict[str, Any]) -> bytes:
-    """The measurement: the app's code and its launch config (heap layout is part of what runs)."""
-    return measure(app_source(app_name), json.dumps(config, sort_keys=True).encode())
+    """The measurement: the app's code (which class of it runs, and its source, svn included) and its
+    launch config (heap layout is part of what runs)."""
+    return measure(app_source(app_name), json.dumps({"app": app_name, **config}, sort_keys=True).encode())
 
 
 def build_enclave(args: argparse.Namespace) -> Enclave:
@@ -148,7 +175,7 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         measurement=measure_app(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config}),
         signer=hashlib.sha256(DEV_SIGNER).digest(),
         product_id=1,
-        svn=args.svn,
+        svn=app_cls.svn,
     )
     heap = Heap(args.heap, args.chunk_size)
     incoming = args.mode == "incoming"
@@ -194,6 +221,8 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
         return {"ok": True, "result": enclave.status()}
     if op == "checkpoint":
         return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")))}
+    if op == "check_export":  # the agent asks before it prepares a destination: same gate as the export
+        return {"ok": True, "result": {"chunks": int(enclave.whole_heap(str(req.get("what") or "migrate")).size)}}
     if op in ("migrate_out", "migrate_in", "resume_out"):
         if not 1 <= len(fds) <= 2:
             for fd in fds:
@@ -233,7 +262,8 @@ def serve(enclave: Enclave, listener: socket.socket) -> None:
                 try:
                     reply = handle(enclave, fs, req, fds)
                 except ConstmigError as e:
-                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value}
+                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value,
+                             **({"tombstone": True} if enclave.tombstone is not None else {})}
                 except Exception as e:  # an app bug must not kill the enclave and its data
                     traceback.print_exc(file=sys.stderr)
                     reply = {"ok": False, "error": f"internal error in enclave: {type(e).__name__}: {e}",
@@ -247,8 +277,8 @@ def serve(enclave: Enclave, listener: socket.socket) -> None:
                     reply = {"ok": False, "error": f"the ECALL's result cannot be sent back: {e}",
                              "kind": "EnclaveError", "state": enclave.life.state.value}
                 fs.send(reply)
-                if enclave.life.state is Life.DESTROYED:
-                    return
+                if enclave.life.state is Life.DESTROYED and enclave.tombstone is None:
+                    return  # a tombstone stays, answering the source's reconnects, until the agent stops it
         except ChannelClosed:
             fs.close()
             continue
@@ -265,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restore", default="", help="checkpoint file (with --mode restore)")
     p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
     p.add_argument("--config", default="")
-    p.add_argument("--svn", type=int, default=1)
     p.add_argument("--socket", required=True)
     p.add_argument("--platform-dir", required=True)
     p.add_argument("--root-pem", required=True)
@@ -289,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         if os.path.exists(args.socket):
             os.unlink(args.socket)
+        if enclave.tombstone is not None:
+            enclave.tombstone.close()
         if enclave.resume_path is not None:
             enclave.resume_path.unlink(missing_ok=True)
         if enclave.pager is not None:

@@ -26,13 +26,14 @@ from constmig.migration.resume import HANDSHAKE_TIMEOUT
 from constmig.migration.source import CONNECTIONS
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.units import available_memory, format_size
+from constmig.units import available_memory, format_size, wait_seconds
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
 TRACKERS = ("auto", "fault", "access")
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
+TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
 DATA_CHANNELS = ("main", "demand")
 
 
@@ -41,7 +42,9 @@ class Hosted:
     """An enclave as this agent sees it."""
 
     handle: EnclaveHandle
-    status: str  # running | migrating-out | handed-off | incoming | failed
+    # running | preparing-out | migrating-out | handed-off | paused | resuming | incoming | failed | exited
+    # | aborted (gave an incoming migration up after READY: its process answers reconnects with ABORT)
+    status: str
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     since: float = field(default_factory=time.time)
     calls: int = 0  # ECALLs in flight through this agent
@@ -166,6 +169,13 @@ class Agent:
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
                 "migrations": self.history[-20:]}
 
+    async def _clear_tombstone(self, name: str) -> None:
+        """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
+        hosted = self.enclaves.get(name)
+        if hosted is not None and hosted.status == "aborted":
+            del self.enclaves[name]
+            await hosted.handle.stop()
+
     def _check_new(self, spec: LaunchSpec) -> None:
         if spec.name in self.enclaves:
             raise AgentError(f"an enclave named {spec.name!r} already exists on agent {self.host_id}")
@@ -183,6 +193,7 @@ class Agent:
 
     async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
         spec = LaunchSpec.from_wire(req)
+        await self._clear_tombstone(spec.name)
         self._check_new(spec)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "fresh")
@@ -205,7 +216,8 @@ class Agent:
         path = Path(str(req.get("path")))
         header = read_header(path)
         spec = LaunchSpec(str(req.get("name") or path.name.split(".")[0]), header.app, header.heap,
-                          header.chunk_size, dict(header.config), header.svn)
+                          header.chunk_size, dict(header.config))
+        await self._clear_tombstone(spec.name)
         self._check_new(spec)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "restore", restore=path.resolve())
@@ -266,7 +278,7 @@ class Agent:
         if hosted.status in ("failed", "paused") and not req.get("force"):
             raise AgentError(f"enclave {name!r} is {hosted.status}: it holds heap data its migration has not "
                              "delivered; stopping it loses that data (use --force if that is what you want)")
-        if hosted.status not in ("running", "exited", "failed", "paused"):
+        if hosted.status not in ("running", "exited", "failed", "paused", "aborted"):
             raise AgentError(f"enclave {name!r} is {hosted.status}; cannot stop it now")
         del self.enclaves[hosted.handle.spec.name]
         await hosted.handle.stop()
@@ -284,10 +296,12 @@ class Agent:
             raise AgentError(f"unknown strategy {strategy!r}; known: {', '.join(CONNECTIONS)}")
         tracker, reason = ("none", "stop-and-copy needs no tracker") if strategy == "stopcopy" else \
             choose_tracker(str(req.get("tracker", "auto")))
+        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
+        await self._clear_tombstone(spec.name)
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
         self.enclaves[spec.name] = Hosted(handle, "incoming", connections=CONNECTIONS[strategy],
-                                          resume_deadline=float(req.get("resume_deadline", RESUME_DEADLINE_S)))
+                                          resume_deadline=deadline)
         return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
 
     async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
@@ -325,7 +339,8 @@ class Agent:
             await write_frame(writer, {"ok": False, "error": f"enclave {name!r} here has exited (its process is "
                                        f"gone, code {hosted.handle.proc.returncode}); it takes no reconnect"})
             return
-        if hosted is None or hosted.status not in ("running", "paused") or n not in (1, 2):
+        # incoming: past READY a reconnect stands for a lost COMMIT; aborted: it is answered with ABORT
+        if hosted is None or hosted.status not in ("running", "paused", "incoming", "aborted") or n not in (1, 2):
             await write_frame(writer, {"ok": False, "error": f"no enclave named {name!r} here takes a reconnect"})
             return
         wanted = DATA_CHANNELS[:n]
@@ -345,7 +360,8 @@ class Agent:
         path = hosted.handle.sock_path.with_suffix(".resume.sock")
         try:
             await asyncio.to_thread(_resume_request, path, fds, timeout)
-            hosted.status, hosted.paused_since = "running", None
+            if hosted.status == "paused":  # an incoming migration's own task settles its status
+                hosted.status, hosted.paused_since = "running", None
         except ConstmigError as e:
             log.warning("reconnect of %s failed: %s", hosted.handle.spec.name, e)
         finally:
@@ -362,12 +378,24 @@ class Agent:
             self.history.append({"name": name, "direction": "in", **result})
         except ConstmigError as e:
             log.warning("incoming migration of %s failed: %s", name, e)
-            self.enclaves.pop(name, None)
-            await hosted.handle.stop()
+            if getattr(e, "tombstone", False):
+                # It gave up after READY: the source may be committed and reconnecting; the process
+                # (its heap wiped) answers that with an authenticated ABORT, so the source runs again.
+                hosted.status = "aborted"
+                asyncio.get_running_loop().call_later(TOMBSTONE_S, lambda: asyncio.ensure_future(
+                    self._clear_tombstone_if(hosted)))
+            else:
+                self.enclaves.pop(name, None)
+                await hosted.handle.stop()
         finally:
             for fd in fds:
                 os.close(fd)
             hosted.settled.set()
+
+    async def _clear_tombstone_if(self, hosted: Hosted) -> None:
+        name = hosted.handle.spec.name
+        if self.enclaves.get(name) is hosted and hosted.status == "aborted":
+            await self._clear_tombstone(name)
 
     async def op_migrate(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         hosted = self._get(req.get("name"))
@@ -381,11 +409,17 @@ class Agent:
         tracker = str(req.get("tracker", "auto"))
         if tracker not in TRACKERS:
             raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
-        timeout = float(req.get("timeout", 120.0))
-        deadline = float(req.get("resume_deadline", RESUME_DEADLINE_S))
+        timeout = _seconds(req.get("timeout", 120.0), "timeout")
+        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         spec = hosted.handle.spec
         hosted.status = "preparing-out"  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
+        try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
+            await hosted.handle.call({"op": "check_export", "what": "migrate"})
+        except ConstmigError as e:
+            hosted.status = "running" if hosted.handle.proc.returncode is None else "exited"
+            hosted.settled.set()
+            raise AgentError(str(e)) from None
         loop = asyncio.get_running_loop()
 
         def handed_off() -> None:
@@ -486,7 +520,13 @@ class Agent:
             except ConstmigError as e:
                 last = str(e)
                 hosted.status = "paused"
-                if getattr(e, "state", "handed-off") != "handed-off":
+                state = getattr(e, "state", "handed-off")
+                if state == "running":  # the destination proved it never ran it (authenticated ABORT)
+                    hosted.status, hosted.moving_to = "running", ""
+                    self.moved.pop(name, None)
+                    hosted.settled.set()
+                    raise AgentError(str(e)) from None
+                if state != "handed-off":
                     hosted.status = "failed"
                     raise AgentError(f"migration of {name!r} cannot be resumed: {e}") from None
             finally:
@@ -502,14 +542,22 @@ class Agent:
             raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; it has no paused migration to resume")
         if hosted.status == "paused":
             raise AgentError(f"enclave {req.get('name')!r} is reconnecting already")
+        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
+        timeout = _seconds(req.get("timeout", 120.0), "timeout")
         hosted.status = "paused"
-        deadline = float(req.get("resume_deadline", RESUME_DEADLINE_S))
         t0 = time.time()
-        result = await self._resume_out(hosted, max(deadline, 0.1), float(req.get("timeout", 120.0)),
+        result = await self._resume_out(hosted, max(deadline, 0.1), timeout,
                                         AgentError("resumed by request"),
                                         lambda info: writer.write(_progress_frame(info)))
         result["total_s"] = time.time() - t0
         return await self._moved_out(hosted, result)
+
+
+def _seconds(value: Any, what: str, zero: bool = False) -> float:
+    try:
+        return wait_seconds(value, what, zero=zero)
+    except ConstmigError as e:
+        raise AgentError(str(e)) from None
 
 
 def _progress_frame(info: dict) -> bytes:

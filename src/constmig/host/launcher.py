@@ -29,17 +29,16 @@ class LaunchSpec:
     heap: int
     chunk_size: int = 1 << 20
     config: dict[str, Any] = field(default_factory=dict)
-    svn: int = 1
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "app": self.app, "heap": self.heap, "chunk_size": self.chunk_size,
-                "config": self.config, "svn": self.svn}
+                "config": self.config}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> LaunchSpec:
         try:
             return cls(str(d["name"]), str(d["app"]), int(d["heap"]), int(d.get("chunk_size", 1 << 20)),
-                       dict(d.get("config") or {}), int(d.get("svn", 1)))
+                       dict(d.get("config") or {}))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise AgentError(f"bad enclave spec: {e}") from None
 
@@ -65,7 +64,7 @@ class EnclaveHandle:
             sock_path.with_suffix(suffix).unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "constmig.enclave.runtime", "--app", spec.app, "--heap", str(spec.heap),
                "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
-               "--svn", str(spec.svn), "--socket", str(sock_path), "--platform-dir", str(platform_dir),
+               "--socket", str(sock_path), "--platform-dir", str(platform_dir),
                "--root-pem", str(root_pem), "--tracker", tracker,
                *(["--restore", str(restore)] if restore is not None else [])]
         # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
@@ -94,6 +93,7 @@ class EnclaveHandle:
         if not reply.get("ok"):
             err = EnclaveError(str(reply.get("error", "ECALL failed")))
             err.state = reply.get("state")  # type: ignore[attr-defined]
+            err.tombstone = bool(reply.get("tombstone"))  # type: ignore[attr-defined]
             raise err
         return reply.get("result")
 

@@ -6,6 +6,8 @@ the machine to ABORTED (before the handoff) or PAUSED (after it). Attack tests f
 sequences straight into these machines.
 
 The commit point is the source's transition READY_RECEIVED -> HANDED_OFF, taken before COMMIT is sent.
+So from READY on the destination waits for COMMIT or, if the link broke, a keyed reconnect from the
+source (which only a handed-off source makes): either commits it.
 Before it, every failure ends in ABORTED and the source runs on; after it, the source never runs the
 app again, and a failure ends in PAUSED with every chunk still held for recovery. One exception keeps
 a lost or forged COMMIT from leaving no live copy: an authenticated ABORT from the destination before
@@ -42,6 +44,8 @@ class St(enum.Enum):
 
 Role = Literal["source", "destination"]
 CHUNK = "chunk"  # chunk records are events too, though not control messages
+RECONNECT = "reconnect"  # a reconnect's keyed hello (resume.py), checked before it gets here
+HAVE = "have"  # a reconnect's first record: what the destination holds (it runs the app)
 
 # {role: {state: {(direction, event): next_state}}}
 TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
@@ -53,10 +57,12 @@ TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
         St.HANDED_OFF: {
             ("send", CHUNK): St.HANDED_OFF,
             ("recv", "resumed"): St.PEER_RUNNING,
+            ("recv", HAVE): St.PEER_RUNNING,  # a reconnect's HAVE says the destination runs (resume.py)
             ("recv", "demand"): St.HANDED_OFF,  # demands travel apart from RESUMED and may overtake it
         },
         St.PEER_RUNNING: {
             ("send", CHUNK): St.PEER_RUNNING,
+            ("recv", HAVE): St.PEER_RUNNING,
             ("recv", "demand"): St.PEER_RUNNING,
             ("recv", "done"): St.COMPLETE,
         },
@@ -68,8 +74,9 @@ TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
         St.CONNECTED: {("recv", "state"): St.RECEIVING},
         St.RECEIVING: {("recv", CHUNK): St.RECEIVING, ("recv", "heap_end"): St.HEAP_RECEIVED},
         St.HEAP_RECEIVED: {("send", "ready"): St.READY_SENT},
-        St.READY_SENT: {("recv", "commit"): St.COMMITTED},
-        St.COMMITTED: {("send", "resumed"): St.RUNNING},
+        # A keyed reconnect after READY stands for a COMMIT lost with the link (resume_server.py).
+        St.READY_SENT: {("recv", "commit"): St.COMMITTED, ("recv", RECONNECT): St.COMMITTED},
+        St.COMMITTED: {("send", "resumed"): St.RUNNING, ("send", HAVE): St.RUNNING},
         St.RUNNING: {
             ("recv", CHUNK): St.RUNNING,
             ("send", "demand"): St.RUNNING,

@@ -12,7 +12,9 @@ after which both install keys = HKDF(secret, salt = nonce_s | nonce_d, info = mi
 destination accepts each epoch once and only increasing, the source checks the reply against its own
 fresh nonce, so a recorded reconnect replays into nothing. The first encrypted record is the
 destination's HAVE: which of the migration's chunks it holds (verified and installed), so the source
-resends exactly the rest; chunks in flight when the link broke are simply sent again.
+resends exactly the rest; chunks in flight when the link broke are simply sent again. A destination that
+never received COMMIT and gave the migration up answers with an authenticated ABORT instead of HAVE
+(resume_server.CommitWaiter): the source may run again.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import hashlib
 import hmac
 import os
 import struct
+from typing import Any
 
 import msgspec
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from constmig.errors import IntegrityError, ProtocolError
+from constmig.errors import IntegrityError, PeerAborted, ProtocolError
+from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.wire.channel import ChannelTicket, ControlRecord, HandshakeRecord, SecureChannel
 
@@ -54,16 +58,16 @@ class Have(msgspec.Struct, tag="have", forbid_unknown_fields=True, frozen=True):
     resume_time: float
 
 
-_MSG = ResumeHello | ResumeReply | Have
+_MSG = ResumeHello | ResumeReply | Have | m.Abort
 
 
-def _decode(payload: bytes, kind: type) -> object:
+def _decode(payload: bytes, kind: Any) -> object:
     try:
         msg = msgspec.msgpack.decode(payload, type=_MSG)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed resume message: {e}") from None
     if not isinstance(msg, kind):
-        raise ProtocolError(f"expected {kind.__name__} while resuming, got {type(msg).__name__}")
+        raise ProtocolError(f"unexpected {type(msg).__name__} while resuming")
     return msg
 
 
@@ -160,7 +164,9 @@ def recv_have(chan: SecureChannel, ledger: ChunkLedger, timeout: float) -> tuple
     rec = chan.recv(timeout=timeout)
     if not isinstance(rec, ControlRecord):
         raise ProtocolError("expected HAVE after resuming")
-    have = _decode(rec.payload, Have)
+    have = _decode(rec.payload, Have | m.Abort)
+    if isinstance(have, m.Abort):  # authenticated: only the destination enclave holds these keys
+        raise PeerAborted(f"destination aborted the migration: {have.reason}")
     assert isinstance(have, Have)
     n = int(ledger.expected.size)
     if len(have.received) != (n + 7) // 8:

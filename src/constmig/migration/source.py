@@ -18,14 +18,15 @@ import numpy as np
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.state import export_app_state
-from constmig.errors import ConstmigError, IntegrityError, MigrationError
+from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerAborted
 from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
-from constmig.migration.protocol import Machine, St
+from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.streamer import Streamer
+from constmig.units import wait_seconds
 from constmig.wire.channel import RecvTimeout, SecureChannel
 from constmig.wire.handshake import run_initiator
 
@@ -45,8 +46,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         raise MigrationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     if len(socks) != CONNECTIONS[strategy]:
         raise MigrationError(f"{strategy} needs {CONNECTIONS[strategy]} connections, got {len(socks)}")
-    timeout = float(req.get("timeout", 120.0))
-    enclave.life.require(Life.RUNNING)
+    timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
+    enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
     heap, app = enclave.heap, enclave.app
     assert app is not None
     migration_id = os.urandom(16)
@@ -67,13 +68,12 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine, timeout)
         shallow_queue(socks[0], socket.SO_SNDBUF, heap.chunk_size)
 
-    known = heap.touched_chunks()  # the long scan, while the app still runs; the stop rescans the rest
     # --- stop: downtime starts ---
+    chunks = enclave.whole_heap("migrate")  # nothing ran since the check above; the list is the allocator's
     enclave.life.move(Life.RUNNING, Life.STOPPING)
     t_stop = time.time()
     ledger: ChunkLedger | None = None
     try:
-        chunks = heap.used_chunks(known)
         ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
         blob = export_app_state(app)
         lineage = enclave.persist.export() if enclave.persist is not None else None
@@ -133,21 +133,26 @@ def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         raise MigrationError(f"enclave is {enclave.life.state.value} and has no paused migration to resume")
     if len(socks) != CONNECTIONS[out.strategy]:
         raise MigrationError(f"{out.strategy} needs {CONNECTIONS[out.strategy]} connections, got {len(socks)}")
-    timeout = float(req.get("timeout", 120.0))
+    timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     for sock in socks:
         sock.settimeout(timeout)
     out.epoch += 1
     chan = SecureChannel(socks[0], out.ledger.migration_id)
-    link = Link(chan, Machine("source", St.PEER_RUNNING), timeout)
+    # Until the destination said it runs, an authenticated ABORT may still give the enclave back to us.
+    link = Link(chan, Machine("source", St.HANDED_OFF if out.resume_time is None else St.PEER_RUNNING), timeout)
     demand = None
     try:
         quick = min(timeout, HANDSHAKE_TIMEOUT)
         out.secret.initiate(chan, out.epoch, quick)
         have, resume_time = recv_have(chan, out.ledger, quick)
+        link.machine.received(HAVE)
         if out.strategy == "constmig":
             demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine,
                           timeout)
             shallow_queue(socks[0], socket.SO_SNDBUF, enclave.heap.chunk_size)
+    except PeerAborted as e:  # the destination never received COMMIT and gave up (it is wiped)
+        link.machine.received(m.Abort(str(e)))
+        _pause(enclave, out, link, e, None)
     except (ConstmigError, OSError) as e:
         raise MigrationError(f"reconnect to the destination failed ({e}); the migration stays paused and this "
                              "source keeps its state") from None

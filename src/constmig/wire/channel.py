@@ -22,22 +22,27 @@ import contextlib
 import math
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+import numpy as np
+
 from constmig.errors import ChannelClosed, IntegrityError, ProtocolError
 from constmig.wire.aead import RecordOpener, RecordSealer
 from constmig.wire.records import (
     FLAG_DEMAND,
+    FLAG_ZERO,
     HEADER_SIZE,
     MAX_CHUNK,
     MAX_CONTROL_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
     TAG_SIZE,
     U64_MAX,
+    ZERO_PAYLOAD,
     Header,
     Kind,
     is_encrypted,
@@ -47,6 +52,17 @@ from constmig.wire.records import (
 
 MIGRATION_ID_SIZE = 16
 _SUBCHANNEL_INFO = b"constmig subchannel v1 "
+_ZERO_LEN = struct.Struct("!I")
+_ZERO_PROBE = 4096  # bytes looked at first: a chunk with data almost always has some here
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Are all of `data`'s bytes zero? Cheap for data (one page looked at), one read pass for zeros."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size % 8 == 0:
+        arr = arr.view(np.uint64)
+    probe = _ZERO_PROBE // arr.itemsize
+    return not arr[:probe].any() and not arr[probe:].any()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,11 @@ class SealedChunk:
         """The sender marked this chunk as an answer to a demand request."""
         return bool(self.flags & FLAG_DEMAND)
 
+    @property
+    def zero(self) -> bool:
+        """The chunk is `length` zero bytes (verified already: its record carried only the length)."""
+        return bool(self.flags & FLAG_ZERO)
+
 
 Record = HandshakeRecord | ControlRecord | SealedChunk
 
@@ -192,6 +213,7 @@ class SecureChannel:
         self._poller: select.poll | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.zero_chunks_sent = 0  # chunks that went as FLAG_ZERO records (see records.py)
 
     # --- state -------------------------------------------------------------------------------------
 
@@ -350,14 +372,20 @@ class SecureChannel:
     def send_chunk(self, index: int, data: bytes | bytearray | memoryview, *, demand: bool = False) -> bytes:
         """Send one heap chunk (1..MAX_CHUNK bytes) as an encrypted CHUNK record bound to `index`.
 
-        Returns the record's GCM tag (for the sender's completeness ledger).
+        A chunk of zeros goes as a FLAG_ZERO record carrying only its length. Returns the record's GCM
+        tag (for the sender's completeness ledger).
         """
         n = _nbytes(data)
         if not 1 <= n <= MAX_CHUNK:
             raise ValueError(f"chunk must be 1..{MAX_CHUNK} bytes, got {n}")
         if not isinstance(index, int) or not 0 <= index <= U64_MAX:
             raise ValueError(f"chunk index must be an int in 0..2**64-1, got {index!r}")
-        return self._send_encrypted(Kind.CHUNK, data, n, index, FLAG_DEMAND if demand else 0)
+        flags = FLAG_DEMAND if demand else 0
+        if is_zero(data):
+            tag = self._send_encrypted(Kind.CHUNK, _ZERO_LEN.pack(n), ZERO_PAYLOAD, index, flags | FLAG_ZERO)
+            self.zero_chunks_sent += 1
+            return tag
+        return self._send_encrypted(Kind.CHUNK, data, n, index, flags)
 
     def _send_encrypted(self, kind: Kind, data: bytes | bytearray | memoryview, n: int, arg: int,
                         flags: int, *, last_words: bool = False) -> bytes:
@@ -471,7 +499,12 @@ class SecureChannel:
         aad = bytes(self._hdr) + self._mid
         if header.kind is Kind.CONTROL:
             return ControlRecord(bytes(self._opener.open(header.seq, aad, body)))
-        self._pending = SealedChunk(header.arg, header.plaintext_length, header.seq, header.flags, body, aad)
+        length = header.plaintext_length
+        if header.flags & FLAG_ZERO:  # four bytes: verify now, so the length it claims is authentic
+            (length,) = _ZERO_LEN.unpack(self._opener.open(header.seq, aad, body))
+            if not 1 <= length <= MAX_CHUNK:
+                raise ProtocolError(f"zero chunk record claims {length} bytes, outside 1..{MAX_CHUNK}")
+        self._pending = SealedChunk(header.arg, length, header.seq, header.flags, body, aad)
         return self._pending
 
     def open_chunk(self, sealed: SealedChunk, out: bytearray | memoryview) -> memoryview:
@@ -484,6 +517,15 @@ class SecureChannel:
             self._check_usable()
             if sealed is not self._pending:
                 raise ValueError("this chunk is not the one pending on this channel (open it before the next recv)")
+            if memoryview(out).nbytes != sealed.length:  # a forged length: refuse before a byte is written
+                self._pending = None
+                raise self._break(ProtocolError(
+                    f"chunk record {sealed.index} carries {sealed.length} bytes where {memoryview(out).nbytes} "
+                    "were expected"))
+            if sealed.zero:
+                self._pending = None
+                np.frombuffer(out, dtype=np.uint8)[:] = 0
+                return memoryview(out)
             opener = self._opener
             assert opener is not None
             try:
@@ -493,6 +535,17 @@ class SecureChannel:
                 raise self._break(e) from None
             self._pending = None
             return plain
+
+    def open_zero(self, sealed: SealedChunk) -> None:
+        """Take the pending FLAG_ZERO chunk without writing it anywhere: the caller makes its
+        `sealed.length` bytes zero itself (e.g. with UFFDIO_ZEROPAGE). Its claim was verified on arrival."""
+        with self._recv_lock:
+            self._check_usable()
+            if sealed is not self._pending:
+                raise ValueError("this chunk is not the one pending on this channel (open it before the next recv)")
+            if not sealed.zero:
+                raise ValueError("open_zero takes only a zero chunk; open a chunk with data with open_chunk")
+            self._pending = None
 
     def discard_chunk(self, sealed: SealedChunk) -> None:
         """Drop the pending chunk (e.g. already restored), verifying it first so the stream stays whole."""
@@ -505,6 +558,8 @@ class SecureChannel:
     def _verify_pending_into_scratch(self) -> None:
         sealed, self._pending = self._pending, None
         assert sealed is not None and self._opener is not None
+        if sealed.zero:
+            return  # verified when it arrived
         if len(self._scratch) < sealed.length:
             self._scratch = bytearray(sealed.length)
         try:

@@ -9,6 +9,11 @@ CONTROL and CHUNK payloads are AES-256-GCM ciphertext with the 16-byte tag appen
 header is part of their associated data, so no header field can be changed unnoticed.
 `arg` is the chunk index for CHUNK records and 0 otherwise.
 
+A CHUNK record with FLAG_ZERO stands for a chunk of zeros: its payload is the 4-byte big-endian
+plaintext length it stands for, encrypted like any chunk (so the claim is authenticated and bound to
+its index), instead of that many zero bytes. QEMU sends zero pages the same way; an enclave's heap
+is mostly allocated-but-unwritten memory until the app fills it.
+
 Lengths are bounded per kind before a single payload byte is read, so a forged header cannot make a
 receiver allocate or wait for gigabytes.
 """
@@ -34,6 +39,8 @@ _CHUNK_MARGIN = 256  # room for a future per-chunk prefix without a format chang
 U64_MAX = (1 << 64) - 1
 
 FLAG_DEMAND = 0x01  # CHUNK only: sent in answer to a demand request (for metrics; authenticated)
+FLAG_ZERO = 0x02  # CHUNK only: the chunk is all zeros; the payload is its length (see the module doc)
+ZERO_PAYLOAD = 4  # plaintext bytes of a FLAG_ZERO record: u32 length
 
 
 class Kind(IntEnum):
@@ -42,7 +49,7 @@ class Kind(IntEnum):
     CHUNK = 3
 
 
-_ALLOWED_FLAGS = {Kind.HANDSHAKE: 0, Kind.CONTROL: 0, Kind.CHUNK: FLAG_DEMAND}
+_ALLOWED_FLAGS = {Kind.HANDSHAKE: 0, Kind.CONTROL: 0, Kind.CHUNK: FLAG_DEMAND | FLAG_ZERO}
 _MAX_LENGTH = {
     Kind.HANDSHAKE: MAX_HANDSHAKE_PAYLOAD,
     Kind.CONTROL: MAX_CONTROL_PAYLOAD + TAG_SIZE,
@@ -87,6 +94,8 @@ def _check(kind: Kind, flags: int, length: int, seq: int, arg: int) -> str | Non
     if not _MIN_LENGTH[kind] <= length <= _MAX_LENGTH[kind]:
         return (f"{kind.name} record length {length} is outside "
                 f"{_MIN_LENGTH[kind]}..{_MAX_LENGTH[kind]}")
+    if flags & FLAG_ZERO and length != ZERO_PAYLOAD + TAG_SIZE:
+        return f"zero CHUNK record length {length} is not {ZERO_PAYLOAD + TAG_SIZE}"
     if kind != Kind.CHUNK and arg != 0:
         return f"{kind.name} record has nonzero arg {arg}"
     if not 0 <= seq <= U64_MAX or not 0 <= arg <= U64_MAX:
