@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.persist import Lineage
 from constmig.enclave.state import import_app_state
@@ -282,7 +284,7 @@ def _start_stream(enclave: Enclave, arrived: Arrived, t_resume: float, timeout: 
         assert enclave.access is not None
         demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
                       timeout)
-        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access),
+        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access, enclave.heap.chunk_size),
                                     chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
         enclave.receiver.start()
         enclave.receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
@@ -297,20 +299,37 @@ def _start_stream(enclave: Enclave, arrived: Arrived, t_resume: float, timeout: 
 
 
 class AccessInstaller:
-    """Access Tracker installs: decrypt straight into the heap chunk, which the app cannot read until
-    finish_install flips its bit (and which is PROT_NONE until begin_install)."""
+    """Access Tracker installs: verify into scratch, copy into the heap chunk (PROT_NONE until
+    begin_install), and let the app see it when finish_install flips its bit. Not decrypted in place:
+    GCM writes plaintext before it knows the tag, and the chunk is writable heap memory meanwhile."""
 
     pieces_visible = False  # the tracker's bitmap is per chunk: a demanded chunk counts when whole
 
-    def __init__(self, tracker: Any) -> None:
+    def __init__(self, tracker: Any, chunk_size: int) -> None:
         self.tracker = tracker
         self._open: dict[int, memoryview] = {}  # chunks arriving piece by piece
+        # One scratch per receive thread: only the background thread calls install(), only the demand
+        # thread install_piece(). Touched now, so the first install does not pay for first touches.
+        self._chunk_buf = np.ones(chunk_size, dtype=np.uint8)
+        self._piece_buf = np.ones(min(PIECE, chunk_size), dtype=np.uint8)
+
+    @staticmethod
+    def _verify_then_place(sealed: SealedChunk, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
+        target = np.frombuffer(dst, dtype=np.uint8)
+        if sealed.zero:
+            chan.open_zero(sealed)
+            target[:] = 0
+            return
+        if sealed.length != target.size:
+            raise ProtocolError(f"chunk record carries {sealed.length} bytes where {target.size} were expected")
+        chan.open_chunk(sealed, memoryview(scratch[:sealed.length]))
+        np.copyto(target, scratch[:sealed.length])
 
     def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         view = self._open.get(index)
         if view is None:
             view = self._open[index] = self.tracker.begin_install(index)
-        chan.open_chunk(sealed, view[piece * PIECE:(piece + 1) * PIECE])
+        self._verify_then_place(sealed, chan, self._piece_buf, view[piece * PIECE:(piece + 1) * PIECE])
 
     def chunk_done(self, index: int) -> None:
         del self._open[index]
@@ -326,7 +345,7 @@ class AccessInstaller:
             self.tracker.abort_install(index)
             raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not {len(view)}")
         try:
-            chan.open_chunk(sealed, view)
+            self._verify_then_place(sealed, chan, self._chunk_buf, view)
         except BaseException:
             self.tracker.abort_install(index)
             raise
