@@ -214,7 +214,7 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
             verify: bool, resume_deadline: float, resume_paused: bool, json_path: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration)."""
     from constmig.host.address import parse_addr
-    from constmig.migration.orchestrate import migrate_with_progress, resume
+    from constmig.host.orchestrate import migrate_with_progress, resume
 
     parse_addr(src)
     if resume_paused:
@@ -251,7 +251,7 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
 def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_path: str | None,
          out: Path | None) -> None:
     """Two agents on this machine, one enclave, one migration, checked end to end."""
-    from constmig.demo import run_demo
+    from constmig.bench.demo import run_demo
 
     figures = run_demo(strategy=strategy, tracker=tracker, heap=heap, app=app, fill=fill, quiet=json_path == "-",
                        out=out)
@@ -274,7 +274,7 @@ def bench() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
 def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, out: Path) -> None:
     """Downtime and total time against heap size, per strategy."""
-    from constmig.bench import run_sizes
+    from constmig.bench.sizes import run_sizes
 
     size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
     if not size_list:
@@ -300,7 +300,7 @@ def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, wor
     """Every workload, strategy and tracker under load in one run: results.json, plots and report.md."""
     import shlex
 
-    from constmig.suite import make_config, run_suite
+    from constmig.bench.suite import make_config, run_suite
 
     cfg = make_config(out, sizes=sizes, workloads=workloads, sweep=sweep, workload_size=workload_size,
                       variants=variants, repeat=repeat, quick=quick, overhead=not no_overhead)
@@ -331,7 +331,7 @@ def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, wor
 def bench_load(clients: int, rate: float, duration: float, heap: int, variants: tuple[str, ...],
                write_ratio: float, testbed: str | None, out: Path) -> None:
     """A client fleet at a fixed rate through a migration: lost, failed, retried calls and p99 per phase."""
-    from constmig.loadbench import run_load
+    from constmig.bench.load import run_load
 
     doc = run_load(out, list(variants) or None, clients=clients, rate=rate, duration=duration, heap=heap,
                    write_ratio=write_ratio, testbed=testbed)
@@ -352,7 +352,7 @@ def bench_load(clients: int, rate: float, duration: float, heap: int, variants: 
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for soak.json and the plot.")
 def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ...], quick: bool, out: Path) -> None:
     """Many migrations back and forth under load: state checked every time, agents checked for leaks."""
-    from constmig.soak import run_soak
+    from constmig.bench.soak import run_soak
 
     doc = run_soak(out, migrations or (6 if quick else 50), heap or ((64 if quick else 1024) << 20),
                    variants=list(variants) or None)

@@ -5,9 +5,9 @@ import pytest
 from constmig.apps import APPS, app_source, load_app
 from constmig.apps.kvstore import KVStore
 from constmig.apps.matrix import MatrixApp
+from constmig.bench.loadgen import KVHammer, LoadReport, StepDriver, driver_for
 from constmig.enclave.heap import Heap
 from constmig.errors import ConfigError
-from constmig.loadgen import KVHammer, LoadReport, StepDriver, driver_for
 
 WORKLOADS = ["btree", "graph", "hashjoin", "kmeans", "matrix", "xsbench"]
 

@@ -77,7 +77,7 @@ def test_constmig_demo_reports_tracker_and_streaming_figures(tmp_path):
 def test_checkpoint_and_restore_from_the_command_line(tmp_path):
     """checkpoint prints where it sealed the state; restore of a missing or foreign file is one line."""
     from constmig.host.cluster import LocalCluster
-    from constmig.migration.orchestrate import launch_filled
+    from constmig.host.orchestrate import launch_filled
 
     with LocalCluster(1) as c:
         a = c.addrs[0]

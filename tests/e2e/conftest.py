@@ -4,7 +4,7 @@ import pytest
 
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import app_checksum, launch_filled
+from constmig.host.orchestrate import app_checksum, launch_filled
 
 
 @pytest.fixture

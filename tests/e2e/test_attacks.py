@@ -29,7 +29,7 @@ from test_live_postcopy import TRACKERS
 
 from constmig.errors import AgentError
 from constmig.host.client import request
-from constmig.migration.orchestrate import app_checksum, migrate
+from constmig.host.orchestrate import app_checksum, migrate
 from constmig.wire.records import Kind
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]

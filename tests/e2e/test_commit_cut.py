@@ -23,7 +23,7 @@ from test_live_postcopy import TRACKERS
 
 from constmig.errors import AgentError
 from constmig.host.client import EnclaveClient, request
-from constmig.migration.orchestrate import migrate, resume
+from constmig.host.orchestrate import migrate, resume
 from constmig.wire.records import Kind
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]

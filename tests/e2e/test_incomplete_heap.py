@@ -18,7 +18,7 @@ import pytest
 from constmig.errors import AgentError
 from constmig.host.client import EnclaveClient, request
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration.uffd import preflight
 
 pytestmark = [pytest.mark.e2e]

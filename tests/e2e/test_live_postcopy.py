@@ -14,10 +14,10 @@ import pytest
 from conftest import launch
 from mitm import MitmProxy, RecordTamper
 
+from constmig.bench.loadgen import KVHammer
 from constmig.errors import ConstmigError
 from constmig.host.client import EnclaveClient, request
-from constmig.loadgen import KVHammer
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration.uffd import preflight
 from constmig.wire.records import Kind
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from constmig.soak import SLACK_FDS, SLACK_MAPS, enclave_files
+from constmig.bench.soak import SLACK_FDS, SLACK_MAPS, enclave_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 

@@ -25,7 +25,7 @@ import pytest
 from mitm import MitmProxy
 
 from constmig.host.client import EnclaveClient, request
-from constmig.migration.orchestrate import app_checksum, migrate
+from constmig.host.orchestrate import app_checksum, migrate
 from constmig.migration.uffd import preflight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]

@@ -16,7 +16,7 @@ from conftest import checksum, launch, running_at
 
 from constmig.errors import AgentError
 from constmig.host.client import EnclaveClient, request
-from constmig.migration.orchestrate import migrate
+from constmig.host.orchestrate import migrate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]
 

@@ -11,7 +11,7 @@ import constmig
 from constmig.errors import AgentError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import migrate
+from constmig.host.orchestrate import migrate
 
 pytestmark = pytest.mark.e2e
 

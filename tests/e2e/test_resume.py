@@ -15,10 +15,10 @@ from conftest import launch
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import TRACKERS, Migration
 
+from constmig.bench.loadgen import KVHammer
 from constmig.errors import AgentError
 from constmig.host.client import request
-from constmig.loadgen import KVHammer
-from constmig.migration.orchestrate import app_checksum, migrate, resume
+from constmig.host.orchestrate import app_checksum, migrate, resume
 from constmig.wire.records import Kind
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]

@@ -9,7 +9,7 @@ from mitm import MitmProxy, cut_after, flip_bit_at
 from constmig.errors import AgentError
 from constmig.host.client import EnclaveClient, request
 from constmig.host.cluster import LocalCluster, free_port
-from constmig.migration.orchestrate import migrate
+from constmig.host.orchestrate import migrate
 
 pytestmark = pytest.mark.e2e
 

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 from constmig.apps import APPS, load_app
+from constmig.bench.loadgen import KVHammer, StepDriver, driver_for
 from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.loadgen import KVHammer, StepDriver, driver_for
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration.uffd import preflight
 
 pytestmark = pytest.mark.e2e

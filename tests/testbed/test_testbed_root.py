@@ -10,7 +10,7 @@ from tb_helpers import needs_netns, needs_nft, unique_name
 
 from constmig.errors import AgentError
 from constmig.host import client
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.testbed import LinkSpec, Testbed, TestbedError, probe
 from constmig.testbed.bed import _alive
 

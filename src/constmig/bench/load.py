@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from constmig.bench import machine_info, split_variant
+from constmig.bench.loadgen import PHASES, CallRecord, Fleet
+from constmig.bench.results import machine_info, split_variant
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.loadgen import PHASES, CallRecord, Fleet
-from constmig.migration.orchestrate import launch_filled, migrate
+from constmig.host.orchestrate import launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from constmig.bench.report import fit_line, hist_quantile, merge_hists, parse_hist, slopes, write_report
+from constmig.bench.suite import derive_phases, make_config, summarize_all, window_rate
 from constmig.errors import ConfigError
 from constmig.migration.receiver import latency_histogram
 from constmig.migration.uffd import preflight
-from constmig.report import fit_line, hist_quantile, merge_hists, parse_hist, slopes, write_report
-from constmig.suite import derive_phases, make_config, summarize_all, window_rate
 
 GiB, MiB = 1 << 30, 1 << 20
 RECORD_KEYS = {"strategy", "tracker", "variant", "workload", "heap_bytes", "state_bytes", "downtime_ms", "total_s",
@@ -231,7 +231,7 @@ def test_report_without_sweep_or_overhead(tmp_path):
 
 
 def test_overhead_modes_agree_and_armed_heap_never_faults():
-    from constmig.overhead import measure
+    from constmig.bench.overhead import measure
 
     problem = preflight()
     doc = measure(["btree"], 16 * MiB, rounds=1, round_s=0.01, fault_problem=problem)

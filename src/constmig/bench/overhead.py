@@ -85,7 +85,7 @@ class StandbyPager:
     def __init__(self, uffd: Any) -> None:
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from constmig.overhead import standby_pager_main; "
+            [sys.executable, "-c", "import sys; from constmig.bench.overhead import standby_pager_main; "
              "standby_pager_main(int(sys.argv[1]))", str(child.fileno())],
             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()

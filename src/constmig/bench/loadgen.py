@@ -28,6 +28,7 @@ from typing import Any, Self
 
 from constmig.errors import ConstmigError
 from constmig.host.client import EnclaveClient
+from constmig.host.orchestrate import app_checksum, migrate_with_progress
 
 
 @dataclass
@@ -548,3 +549,32 @@ class Fleet:
                 elif verdict == "wrong":
                     reads["wrong"] += 1
             records.append(CallRecord(i, "put" if is_put else "get", due, sent, done - due, True, retries))
+
+
+def migrate_under_load(name: str, src: str, dst: str, strategy: str, tracker: str = "auto", *, app: str,
+                       seed: int = 0, quiet: bool = True) -> dict[str, Any]:
+    """One migration with a client calling throughout (kvstore), checked end to end.
+
+    The client reads keys it wrote before, so the state checksum must come out equal and every answer
+    must be the value written: `verified` covers both. Adds the client's figures (`client_gap_ms`...).
+    """
+    hammer = KVHammer(src, name, keys=2000, write_ratio=0.0, seed=seed) if app == "kvstore" else None
+    try:
+        if hammer is not None:
+            hammer.preload()
+        before = app_checksum(src, name)
+        if hammer is not None:
+            hammer.start()
+            time.sleep(0.3)
+        figures = migrate_with_progress(name, src, dst, strategy, quiet=quiet, tracker=tracker)
+        ok = True
+        if hammer is not None:
+            time.sleep(0.3)
+            report = hammer.stop()
+            figures.update(report.figures())
+            ok = report.wrong == 0 and not report.errors
+        figures["verified"] = ok and app_checksum(dst, name) == before
+    finally:
+        if hammer is not None:
+            hammer.close()
+    return figures

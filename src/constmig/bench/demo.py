@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from constmig.bench.loadgen import migrate_under_load
 from constmig.errors import ConstmigError
 from constmig.host.client import EnclaveClient
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import launch_filled, migrate_under_load
+from constmig.host.orchestrate import launch_filled
 from constmig.progress import console, print_figures
 
 CLIENT_KEYS = 256
@@ -44,7 +45,7 @@ def run_demo(strategy: str = "stopcopy", heap: int = 512 << 20, app: str = "kvst
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "figures.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-        from constmig.plots import plot_demo
+        from constmig.bench.plots import plot_demo
 
         plot_demo(figures, out / "demo.png")
         say(f"wrote {out / 'figures.json'} and {out / 'demo.png'}")

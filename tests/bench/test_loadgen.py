@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from constmig.errors import AgentError
-from constmig.loadgen import (
+from constmig.bench.loadgen import (
     CallRecord,
     Fleet,
     WriteBook,
@@ -19,6 +18,7 @@ from constmig.loadgen import (
     phase_of,
     phase_stats,
 )
+from constmig.errors import AgentError
 
 # ---- schedule ----
 

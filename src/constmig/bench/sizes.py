@@ -7,9 +7,6 @@ point is repeated, and the summary reports median, min and max. Results are JSON
 from __future__ import annotations
 
 import json
-import os
-import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -17,32 +14,13 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from constmig.bench.loadgen import migrate_under_load
+from constmig.bench.results import machine_info, split_variant, summarize
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.migration.orchestrate import launch_filled, migrate_under_load
+from constmig.host.orchestrate import launch_filled
 from constmig.progress import console
 from constmig.units import format_size
-
-
-def machine_info() -> dict[str, Any]:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "aes_ni": " aes " in f" {flags} ", "machine": platform.machine()}
-
-
-def split_variant(variant: str) -> tuple[str, str]:
-    """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used)."""
-    strategy, _, tracker = variant.partition("-")
-    return strategy, tracker or "auto"
 
 
 def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill: float, seed: int,
@@ -55,33 +33,6 @@ def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill
     figures["variant"] = variant
     request(b, {"op": "stop", "name": name})
     return figures
-
-
-SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",
-                "fault_latency_us_p99", "demand_chunks")
-
-
-def summarize(results: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEYS) -> list[dict[str, Any]]:
-    """Median [min, max] per (variant, heap), and each variant's ratios to stop-and-copy's medians."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r.get("variant", r["strategy"]), r["heap_bytes"]), []).append(r)
-    rows = []
-    for (variant, heap), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        row: dict[str, Any] = {"variant": variant, "strategy": rs[0]["strategy"], "tracker": rs[0].get("tracker"),
-                               "heap_bytes": heap, "n": len(rs), "all_verified": all(r.get("verified") for r in rs)}
-        for k in keys:
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            if vals:
-                row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-        rows.append(row)
-    base = {r["heap_bytes"]: r for r in rows if r["variant"] == "stopcopy"}
-    for r in rows:
-        b = base.get(r["heap_bytes"])
-        if b is not None and r is not b:
-            r["downtime_vs_stopcopy"] = r["downtime_ms"]["median"] / b["downtime_ms"]["median"]
-            r["total_vs_stopcopy"] = r["total_s"]["median"] / b["total_s"]["median"]
-    return rows
 
 
 def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, out: Path,
@@ -104,7 +55,7 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
                     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     doc["summary"] = summarize(results)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from constmig.plots import plot_sizes
+    from constmig.bench.plots import plot_sizes
 
     plot_sizes(results, out / "downtime_vs_heap.png")
     plot_sizes(results, out / "total_vs_heap.png", key="total_s", ylabel="total migration time (s)")

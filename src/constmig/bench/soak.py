@@ -32,13 +32,13 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from constmig.bench import machine_info, split_variant
+from constmig.bench.load import wide_console
+from constmig.bench.loadgen import KVHammer
+from constmig.bench.results import machine_info, split_variant
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import EnclaveClient, request
 from constmig.host.cluster import LocalCluster
-from constmig.loadbench import wide_console
-from constmig.loadgen import KVHammer
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from constmig.bench.results import dumps
 from constmig.units import format_size
 
 MEASURES = {"downtime_ms": "downtime (ms)", "total_s": "total migration time (s)",
@@ -370,7 +371,7 @@ def _by_workload(doc: dict[str, Any], heap: int, key: str) -> dict[str, dict[str
 
 def make_plots(doc: dict[str, Any], out: Path, fits: list[dict[str, Any]]) -> dict[str, str]:
     """Draw every plot the data allows; returns name -> file name (relative to out)."""
-    from constmig import plots
+    from constmig.bench import plots
 
     made: dict[str, str] = {}
     cfg = doc["config"]
@@ -653,11 +654,10 @@ def write_report(doc: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m constmig.report DIR`: redraw the plots and report.md from DIR/results.json."""
+    """`python -m constmig.bench.report DIR`: redraw the plots and report.md from DIR/results.json."""
     import json
     import sys
 
-    from constmig.suite import dumps
 
     out = Path((argv or sys.argv[1:] or ["."])[0])
     doc = json.loads((out / "results.json").read_text())

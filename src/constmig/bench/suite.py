@@ -24,9 +24,7 @@ timestamps), plots next to it, and report.md (see report.py), all generated from
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,12 +34,12 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from constmig.apps import APPS, load_app
-from constmig.bench import SUMMARY_KEYS, machine_info, split_variant, summarize
+from constmig.bench.loadgen import KVHammer, StepDriver, driver_for
+from constmig.bench.results import SUMMARY_KEYS, dumps, machine_info, split_variant, summarize
 from constmig.errors import AgentError, ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.loadgen import KVHammer, StepDriver, driver_for
-from constmig.migration.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
 from constmig.units import available_memory, format_size, parse_size
 
@@ -331,15 +329,6 @@ def summarize_all(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_INNER_LIST = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")  # raw newlines only occur between JSON tokens
-
-
-def dumps(doc: dict[str, Any]) -> str:
-    """Indented JSON with innermost lists on one line (a timeline is one [t, ops/s] pair per line)."""
-    return _INNER_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]",
-                           json.dumps(doc, indent=1)) + "\n"
-
-
 def _write(doc: dict[str, Any], out: Path) -> None:
     """Rewritten after every migration (an interrupted run keeps what it measured), atomically."""
     tmp = out / "results.json.tmp"
@@ -415,7 +404,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
                     _write(doc, out)
     doc["migrations_s"] = round(time.time() - t_mig, 1)
     if cfg.overhead:
-        from constmig.overhead import measure
+        from constmig.bench.overhead import measure
 
         t_ov = time.time()
         console.print(f"tracker overhead outside migration: {len(cfg.workloads)} workloads in process, "
@@ -428,7 +417,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["load_avg_end"] = os.getloadavg()
     doc["duration_s"] = round(time.time() - t0, 1)
-    from constmig.report import write_report
+    from constmig.bench.report import write_report
 
     doc["analysis"] = write_report(doc, out)  # plots, report.md; slopes etc. kept in the JSON too
     doc["duration_s"] = round(time.time() - t0, 1)

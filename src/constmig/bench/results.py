@@ -1,0 +1,68 @@
+"""What every benchmark's results file shares: the machine it ran on, variant names, the
+median/min/max summary with ratios to stop-and-copy, and the JSON layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "aes_ni": " aes " in f" {flags} ", "machine": platform.machine()}
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used)."""
+    strategy, _, tracker = variant.partition("-")
+    return strategy, tracker or "auto"
+
+
+SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",
+                "fault_latency_us_p99", "demand_chunks")
+
+
+def summarize(results: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEYS) -> list[dict[str, Any]]:
+    """Median [min, max] per (variant, heap), and each variant's ratios to stop-and-copy's medians."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r.get("variant", r["strategy"]), r["heap_bytes"]), []).append(r)
+    rows = []
+    for (variant, heap), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        row: dict[str, Any] = {"variant": variant, "strategy": rs[0]["strategy"], "tracker": rs[0].get("tracker"),
+                               "heap_bytes": heap, "n": len(rs), "all_verified": all(r.get("verified") for r in rs)}
+        for k in keys:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        rows.append(row)
+    base = {r["heap_bytes"]: r for r in rows if r["variant"] == "stopcopy"}
+    for r in rows:
+        b = base.get(r["heap_bytes"])
+        if b is not None and r is not b:
+            r["downtime_vs_stopcopy"] = r["downtime_ms"]["median"] / b["downtime_ms"]["median"]
+            r["total_vs_stopcopy"] = r["total_s"]["median"] / b["total_s"]["median"]
+    return rows
+
+
+_INNER_LIST = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")  # raw newlines only occur between JSON tokens
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """Indented JSON with innermost lists on one line (a timeline is one [t, ops/s] pair per line)."""
+    return _INNER_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]",
+                           json.dumps(doc, indent=1)) + "\n"
