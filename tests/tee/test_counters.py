@@ -44,3 +44,35 @@ def test_bad_values_and_garbage(tmp_path):
     (tmp_path / "c.json").write_text("not json")
     with pytest.raises(ConfigError, match="not a counter file"):
         store.read("x")
+
+
+# --- found by mutation testing (tools/mutation.py) -------------------------------------------------------
+
+
+def test_at_most_max_counters_per_platform(tmp_path):
+    from constmig.tee.counters import MAX_COUNTERS
+
+    assert MAX_COUNTERS == 4096
+    store = CounterStore(tmp_path / "c.json", b"k" * 32)
+    store._save({f"{i:032x}": 0 for i in range(MAX_COUNTERS - 1)})  # a platform one short of full
+    last = store.create(7)
+    assert store.read(last) == 7
+    with pytest.raises(EnclaveError, match=f"already holds {MAX_COUNTERS} counters"):
+        store.create()
+    store.destroy(last)
+    store.create()  # room again
+
+
+@pytest.mark.parametrize("counters", [{"a": "1"}, {"a": 1.5}, [1, 2], 3])
+def test_authentic_but_malformed_counters_are_refused(tmp_path, counters):
+    store = CounterStore(tmp_path / "c.json", b"k" * 32)
+    store._save(counters)  # MAC'd with the platform key: only the content is wrong
+    with pytest.raises(ConfigError, match="malformed counters"):
+        store.read("a")
+
+
+def test_counter_file_folder_is_created_and_ids_are_128_bit(tmp_path):
+    store = CounterStore(tmp_path / "platform" / "state" / "c.json", b"k" * 32)
+    cid = store.create()
+    assert len(bytes.fromhex(cid)) == 16
+    assert store.read(cid) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
@@ -229,7 +229,8 @@ def _forged(world: World, name: str = "a", ca: bool = False, usage: bool = True,
     assert isinstance(key, Ed25519PrivateKey)
     now = dt.datetime.now(dt.UTC)
     builder = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name, _validate=len(name) <= 64)]))
         .issuer_name(load_root(world.ca).subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now + dt.timedelta(days=days[0])).not_valid_after(now + dt.timedelta(days=days[1]))
@@ -325,3 +326,166 @@ def test_measure() -> None:
     assert len(m) == 32 and m == measure(b"code", b"cfg")
     assert measure(b"ab", b"c") != measure(b"a", b"bc")
     assert measure(b"code") == measure(b"code", b"") != measure(b"code", b"\x00")
+
+
+# --- found by mutation testing (tools/mutation.py) -------------------------------------------------------
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_certificate_profiles_exactly(world: World) -> None:
+    """Root: 20 years, only key_cert_sign; platform: 10 years, only digital_signature; both backdated 5
+    minutes for clock skew, both extensions critical, both files world-readable (0644)."""
+    for path, years, usage in ((world.ca / "root.pem", 20, "key_cert_sign"),
+                               (world.base / "a" / "platform.pem", 10, "digital_signature")):
+        cert = _cert(path)
+        assert _mode(path) == 0o644
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=365 * years, minutes=5)
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert ku.critical and bc.critical
+        flags = {name: getattr(ku.value, name) for name in (
+            "digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+            "key_cert_sign", "crl_sign")}
+        assert flags == {name: name == usage for name in flags}
+
+
+def test_certificate_is_valid_up_to_and_including_its_last_second(world: World) -> None:
+    cert = _cert(world.base / "a" / "platform.pem")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    root = load_root(world.ca)
+    assert sim._check_platform_cert(der, root, cert.not_valid_after_utc)[0] == "a"
+    assert sim._check_platform_cert(der, root, cert.not_valid_before_utc)[0] == "a"
+    with pytest.raises(AttestationError, match="is not valid at"):
+        sim._check_platform_cert(der, root, cert.not_valid_after_utc + dt.timedelta(seconds=1))
+
+
+@pytest.mark.parametrize("value", [0, 1, 0xFFFF])
+@pytest.mark.parametrize("field", ["product_id", "svn"])
+def test_16_bit_identity_fields_cover_their_whole_range(world: World, field: str, value: int) -> None:
+    ident = replace(IDENT, **{field: value})
+    assert getattr(world.b.verify(world.a.quote(ident, RD)).identity, field) == value
+    with pytest.raises(ValueError, match="product id and svn must be in 0..65535"):
+        world.a.quote(replace(IDENT, **{field: 0x10000}), RD)
+
+
+@pytest.mark.parametrize("change", [{"measurement": bytes(31)}, {"signer": bytes(31)}, {"signature": bytes(65)},
+                                    {"product_id": 0x10000}])
+def test_field_sizes_are_exact(world: World, change: dict) -> None:
+    fields = _fields(world.a.quote(IDENT, RD))
+    fields.update(change)
+    with pytest.raises(AttestationError, match="malformed sim quote"):
+        world.b.verify(_reencode(fields))
+
+
+def test_quote_size_limit_is_inclusive(world: World) -> None:
+    with pytest.raises(AttestationError, match="malformed sim quote"):  # at the limit: parsed (and refused)
+        world.b.verify(bytes(sim.MAX_QUOTE_SIZE))
+    with pytest.raises(AttestationError, match="8193 bytes, more than the 8192 allowed"):
+        world.b.verify(bytes(8193))
+
+
+def test_malformed_quote_message_is_the_first_line_cut_at_200(world: World) -> None:
+    fields = _fields(world.a.quote(IDENT, RD))
+    fields["x" * 400] = 1  # msgspec names the unknown field in its message
+    with pytest.raises(AttestationError) as info:
+        world.b.verify(_reencode(fields))
+    detail = str(info.value).removeprefix("malformed sim quote: ")
+    assert detail != str(info.value) and len(detail) == 200 and "xxxx" in detail
+
+
+def test_platform_certificate_with_two_common_names_is_refused(world: World) -> None:
+    ca_key = serialization.load_pem_private_key((world.ca / "root.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, "b")]))
+        .issuer_name(load_root(world.ca).subject).public_key(Ed25519PrivateKey.generate().public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .sign(ca_key, None)  # type: ignore[arg-type]
+    )
+    with pytest.raises(AttestationError, match="exactly one subject common name"):
+        sim._check_platform_cert(cert.public_bytes(serialization.Encoding.DER), load_root(world.ca), now)
+
+
+def test_host_id_of_64_characters_is_fine(world: World, tmp_path: Path) -> None:
+    assert SimPlatform.provision(tmp_path / "p", world.ca, "h" * 64).platform_id == "h" * 64
+
+
+def test_unreadable_file_message(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^cannot read .*missing\.pem: No such file or directory$"):
+        SimPlatform.open(tmp_path, tmp_path / "missing.pem")
+
+
+def test_counters_are_a_property_and_need_a_directory(world: World) -> None:
+    from constmig.tee.counters import CounterStore
+
+    assert isinstance(world.a.counters, CounterStore)
+    cid = world.a.counters.create(4)
+    assert world.a.counters.read(cid) == 4
+    world.a.counters.destroy(cid)
+    d = world.base / "a"
+    bare = SimPlatform("a", sim._load_key(d / "platform.key"), _cert(d / "platform.pem"),
+                       (d / "platform.secret").read_bytes(), load_root(world.ca))
+    with pytest.raises(ConfigError, match="opened without a directory"):
+        _ = bare.counters
+
+
+@pytest.mark.parametrize(("size", "match"), [(1, "platform certificate is malformed"),
+                                             (4096, "platform certificate is malformed"),
+                                             (4097, "malformed sim quote")])
+def test_certificate_field_is_1_to_4096_bytes(world: World, size: int, match: str) -> None:
+    fields = _fields(world.a.quote(IDENT, RD))
+    fields["cert"] = b"\x30" * size
+    with pytest.raises(AttestationError, match=match):
+        world.b.verify(_reencode(fields))
+
+
+def test_root_allows_no_intermediate_ca(world: World) -> None:
+    assert load_root(world.ca).extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
+
+
+def _self_signed(tmp_path: Path, key: object, ca: bool) -> Path:
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake root")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())  # type: ignore[attr-defined]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(key, None if isinstance(key, Ed25519PrivateKey) else hashes.SHA256()))  # type: ignore[arg-type]
+    path = tmp_path / f"root-{ca}-{type(key).__name__}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_load_root_needs_both_an_ed25519_key_and_the_ca_flag(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    for key, ca in ((Ed25519PrivateKey.generate(), False), (ec.generate_private_key(ec.SECP256R1()), True)):
+        with pytest.raises(ConfigError, match="not a self-signed Ed25519 CA certificate"):
+            load_root(_self_signed(tmp_path, key, ca))
+    assert load_root(_self_signed(tmp_path, Ed25519PrivateKey.generate(), True))
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")  # a forged, over-long common name
+def test_messages_name_at_most_64_characters_of_a_host(world: World) -> None:
+    long = "n" * 100
+    with pytest.raises(AttestationError, match=f"certificate of host '{'n' * 64}' is not valid at"):
+        world.b.verify(_forged(world, name=long, days=(-10, -1)))
+    fields = _fields(_forged(world, name=long))
+    fields["report_data"] = bytes(64)  # the signature no longer covers the fields
+    with pytest.raises(AttestationError, match=f"does not verify with the key of host '{'n' * 64}'$"):
+        world.b.verify(_reencode(fields))
+
+
+def test_provision_creates_nested_and_existing_folders(world: World, tmp_path: Path) -> None:
+    create_root_ca(tmp_path / "deep" / "ca")
+    assert (tmp_path / "deep" / "ca" / "root.pem").exists()
+    assert SimPlatform.provision(tmp_path / "x" / "y" / "p", world.ca, "nested").platform_id == "nested"
+    (tmp_path / "empty").mkdir()
+    assert SimPlatform.provision(tmp_path / "empty", world.ca, "empty").platform_id == "empty"

@@ -13,10 +13,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constmig.errors import AttestationError, ConfigError, ProtocolError
+from constmig.errors import AttestationError, ConfigError, HandshakeAborted, ProtocolError
 from constmig.tee.backend import Identity, VerifiedQuote
 from constmig.tee.measure import measure
 from constmig.tee.sim import SimPlatform, create_root_ca
@@ -24,7 +26,6 @@ from constmig.wire.channel import ControlRecord, SecureChannel
 from constmig.wire.handshake import (
     DIR_D2S,
     DIR_S2D,
-    HandshakeAborted,
     Initiator,
     Policy,
     Responder,
@@ -146,6 +147,37 @@ def test_policy_refusals(world: World, src: Identity, dst: Identity, src_policy:
         _ = res.keys
 
 
+OTHER_SIGNER = bytes(32)
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize(("src", "dst", "src_policy", "dst_policy", "who_refuses"), [
+    # our own signer is on the list, the peer's is not: refused (whether ours is listed does not matter)
+    (APP, replace(APP, signer=OTHER_SIGNER), Policy(allowed_signers=frozenset({APP.signer})),
+     Policy(allowed_signers=frozenset({APP.signer, OTHER_SIGNER})), "source"),
+    (replace(APP, signer=OTHER_SIGNER), APP, Policy(allowed_signers=frozenset({APP.signer, OTHER_SIGNER})),
+     Policy(allowed_signers=frozenset({APP.signer})), "destination"),
+    # the peer's signer is on the list, ours is not: accepted on both sides
+    (APP, replace(APP, signer=OTHER_SIGNER), Policy(allowed_signers=frozenset({OTHER_SIGNER})),
+     Policy(allowed_signers=frozenset({APP.signer})), None),
+])
+def test_signer_allow_list_judges_the_peers_signer(world: World, src: Identity, dst: Identity, src_policy: Policy,
+                                                    dst_policy: Policy, who_refuses: str | None) -> None:
+    ini, res = machines(world, src, dst, src_policy, dst_policy)
+    m2 = res.receive_hello(ini.start())
+    if who_refuses == "source":
+        with pytest.raises(AttestationError, match=r"^destination enclave signer [0-9a-f]{12}… is not an allowed signer"):
+            ini.receive_reply(m2)
+        return
+    m3 = ini.receive_reply(m2)
+    if who_refuses == "destination":
+        with pytest.raises(AttestationError, match=r"^source enclave signer [0-9a-f]{12}… is not an allowed signer"):
+            res.receive_finish(m3)
+        return
+    keys = ini.receive_confirm(res.receive_finish(m3))
+    assert keys.peer.identity.signer == OTHER_SIGNER and res.keys.peer.identity.signer == APP.signer
+
+
 @pytest.mark.parametrize(("src", "dst", "policy"), [
     (APP, OTHER_CODE, Policy(same_measurement=False)),
     (APP, replace(APP, signer=bytes(32)), Policy(allowed_signers=frozenset({bytes(32), APP.signer}))),
@@ -249,6 +281,21 @@ def test_key_substitution_by_a_host_in_the_middle(world: World) -> None:
     with pytest.raises(AttestationError, match="report data mismatch"):
         ini.start()
         ini.receive_reply(m2)  # the real source sees a quote bound to someone else's hello
+
+
+@pytest.mark.adversarial
+def test_host_swapping_the_destination_key_in_m2_is_refused_by_the_source(world: World) -> None:
+    """M2's quote must cover the destination's X25519 key. If it did not, a host could put its own key
+    into M2: the source would then share its session keys with the host, which computes M4 itself and
+    never needs the destination to accept M3. So the source must refuse the edited M2 at once, before M3."""
+    ini, res = machines(world)
+    m2 = res.receive_hello(ini.start())
+    host_pub = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    forged = reencode(lambda d: d.update(eph_pub=host_pub))(m2)
+    with pytest.raises(AttestationError, match="report data mismatch"):
+        ini.receive_reply(forged)
+    with pytest.raises(ProtocolError, match="has not completed"):
+        _ = ini.keys
 
 
 # --- replay --------------------------------------------------------------------------------------------------
@@ -465,3 +512,151 @@ def test_unexpected_error_in_check_params_still_aborts_the_source(world: World) 
     assert isinstance(dst, KeyError)
     assert isinstance(src, HandshakeAborted)
     assert str(src) == "destination aborted the handshake: internal error in the destination"
+
+
+# --- found by mutation testing (tools/mutation.py) -------------------------------------------------------
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("field", ["eph_pub", "nonce"])
+@pytest.mark.parametrize("size", [31, 33])
+def test_hello_fields_are_exactly_32_bytes(world: World, field: str, size: int) -> None:
+    ini, _ = machines(world)
+    m1 = reencode(lambda d: d.update({field: bytes(range(1, size + 1))}))(ini.start())
+    with pytest.raises(ProtocolError, match="malformed Hello message from the source"):
+        Responder(world.b, APP, Policy()).receive_hello(m1)
+
+
+def test_policy_is_immutable() -> None:
+    import dataclasses
+
+    policy = Policy(min_svn=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.min_svn = 0  # type: ignore[misc]
+    assert policy.min_svn == 3
+
+
+def test_options_are_keyword_only(world: World) -> None:
+    """migration_id, check_params and timeout are easy to pass in the wrong place: keywords only."""
+    with pytest.raises(TypeError):
+        Initiator(world.a, APP, Policy(), PARAMS, MID)  # type: ignore[misc]
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(TypeError):
+            run_responder(SecureChannel(b), world.b, APP, Policy(), None)  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            run_initiator(SecureChannel(a, MID), world.a, APP, Policy(), PARAMS, MID)  # type: ignore[misc]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_session_keys_are_immutable(world: World) -> None:
+    import dataclasses
+
+    t = handshake(*machines(world))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.src.send_key = bytes(32)  # type: ignore[misc]
+
+
+def test_default_policy_has_no_svn_floor(world: World) -> None:
+    assert Policy().min_svn == 0
+    zero = replace(APP, svn=0)
+    t = handshake(*machines(world, zero, zero))
+    assert t.src.peer.identity.svn == t.dst.peer.identity.svn == 0
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize(("size", "exc", "match"), [
+    (64 * 1024, AttestationError, "more than the 8192 allowed"),  # parsed, then refused by the TEE backend
+    (64 * 1024 + 1, ProtocolError, "malformed HelloReply message from the destination"),
+])
+def test_quote_field_is_bounded_at_64_kib(world: World, size: int, exc: type, match: str) -> None:
+    ini, res = machines(world)
+    m2 = reencode(lambda d: d.update(quote=bytes(size)))(res.receive_hello(ini.start()))
+    with pytest.raises(exc, match=match):
+        ini.receive_reply(m2)
+
+
+@pytest.mark.parametrize(("reason", "sent"), [
+    ("x" * 300, "x" * 300),
+    ("x" * 301, "x" * 299 + "…"),
+    ("", "refused"),
+])
+def test_abort_reason_is_cut_at_300_characters(reason: str, sent: str) -> None:
+    assert msgspec.msgpack.decode(abort_message(reason))["reason"] == sent
+
+
+def test_done_is_a_property_and_keys_stay_out_of_repr(world: World) -> None:
+    ini, res = machines(world)
+    assert ini.done is False and res.done is False
+    t = handshake(ini, res)
+    assert ini.done is True and res.done is True
+    for keys in (t.src, t.dst):
+        text = repr(keys)
+        assert keys.send_key.hex() not in text and keys.recv_key.hex() not in text
+        assert "send_key" not in text and "recv_key" not in text
+
+
+def test_handshake_messages_are_immutable() -> None:
+    from constmig.wire.handshake import Confirm
+
+    msg = Confirm(bytes(32))
+    with pytest.raises(AttributeError):
+        msg.mac = b"x" * 32  # type: ignore[misc]
+
+
+@pytest.mark.adversarial
+def test_empty_quote_is_malformed(world: World) -> None:
+    ini, res = machines(world)
+    m2 = reencode(lambda d: d.update(quote=b""))(res.receive_hello(ini.start()))
+    with pytest.raises(ProtocolError, match="malformed HelloReply message from the destination"):
+        ini.receive_reply(m2)
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize(("size", "outcome"), [(1200, "aborted"), (1201, "malformed")])
+def test_abort_reason_received_is_bounded(world: World, size: int, outcome: str) -> None:
+    """A peer's Abort reason is read only up to 1200 characters, and shown cut to one line of 300."""
+    ini, _ = machines(world)
+    ini.start()
+    m2 = msgspec.msgpack.encode({"t": "abort", "reason": "y" * size})
+    if outcome == "malformed":
+        with pytest.raises(ProtocolError, match="malformed HelloReply message from the destination"):
+            ini.receive_reply(m2)
+        return
+    with pytest.raises(HandshakeAborted) as info:
+        ini.receive_reply(m2)
+    assert str(info.value) == "destination aborted the handshake: " + "y" * 299 + "…"
+
+
+def test_malformed_message_detail_is_cut_at_200_characters(world: World) -> None:
+    ini, _ = machines(world)
+    m1 = reencode(lambda d: d.update({"z" * 400: 1}))(ini.start())  # msgspec names the unknown field
+    with pytest.raises(ProtocolError) as info:
+        Responder(world.b, APP, Policy()).receive_hello(m1)
+    prefix = "malformed Hello message from the source: "
+    assert str(info.value).startswith(prefix) and len(str(info.value)) == len(prefix) + 200
+
+
+@pytest.mark.parametrize("length", [64, 100])
+def test_platform_refusal_names_at_most_64_characters_of_the_platform(length: int) -> None:
+    vq = VerifiedQuote(APP, bytes(64), "p" * length, "sim")
+    with pytest.raises(AttestationError) as info:
+        Policy(allowed_platforms=frozenset({"host-a"})).check(APP, vq, "destination")
+    assert f"destination platform '{'p' * 64}' is not an allowed platform" in str(info.value)
+
+
+def test_wire_constants_of_handshake_v1(world: World) -> None:
+    """A peer of the same version must understand M1; changing these is a deliberate protocol break."""
+    from constmig.wire import handshake as hs
+
+    assert (hs.VERSION, hs.DIR_S2D, hs.DIR_D2S, hs.MIGRATION_ID_SIZE) == (1, 1, 2, 16)
+    ini, _ = machines(world)
+    assert msgspec.msgpack.decode(ini.start())["version"] == 1
+
+
+@pytest.mark.parametrize("src_mid", [None, MID])
+def test_initiator_migration_id_may_be_given_when_it_agrees(world: World, src_mid: bytes | None) -> None:
+    src, dst, _, dst_ch = over_channels(world, src_kwargs={"migration_id": MID}, src_mid=src_mid)
+    assert isinstance(src, SessionKeys) and isinstance(dst, SessionKeys), (src, dst)
+    assert src.migration_id == dst.migration_id == dst_ch.migration_id == MID

@@ -129,3 +129,67 @@ def test_valid_fields_round_trip(kind: Kind, seq: int, arg: int, length: int, de
             parse_header(raw(kind=kind, length=length, seq=seq, arg=arg, flags=FLAG_DEMAND if demand else 0))
         return
     assert parse_header(packed) == Header(kind, FLAG_DEMAND if demand else 0, length, seq, arg)
+
+
+# --- found by mutation testing (tools/mutation.py) -------------------------------------------------------
+
+
+def test_length_bounds_are_the_documented_ones() -> None:
+    """The bounds are part of the wire format (both ends must agree) and what keeps a forged header from
+    making a receiver allocate or wait for more: the largest heap chunk plus tag and a 256-byte margin,
+    1 MiB of handshake, 1 MiB of control plaintext plus tag."""
+    from constmig.enclave.heap import MAX_CHUNK as HEAP_MAX_CHUNK
+
+    assert MAX_CHUNK == HEAP_MAX_CHUNK == 4 << 20
+    bounds = {Kind.CHUNK: HEAP_MAX_CHUNK + TAG_SIZE + 256, Kind.HANDSHAKE: 1 << 20, Kind.CONTROL: (1 << 20) + TAG_SIZE}
+    assert (MAX_HANDSHAKE_PAYLOAD, MAX_CONTROL_PAYLOAD) == (1 << 20, 1 << 20)
+    for kind, top in bounds.items():
+        assert max_length(kind) == top
+        arg = 1 if kind == Kind.CHUNK else 0
+        assert parse_header(pack_header(kind, top, 0, arg)).length == top
+        with pytest.raises(ValueError, match="outside"):
+            pack_header(kind, top + 1, 0, arg)
+        with pytest.raises(ProtocolError, match="outside"):
+            parse_header(raw(kind=int(kind), length=top + 1, arg=arg))
+
+
+@pytest.mark.parametrize("field", ["seq", "arg"])
+def test_64_bit_fields_reach_exactly_u64_max(field: str) -> None:
+    assert U64_MAX == 2**64 - 1
+    top = {"seq": 0, "arg": 0, field: 2**64 - 1}
+    h = parse_header(pack_header(Kind.CHUNK, 100, top["seq"], top["arg"]))
+    assert (h.seq, h.arg) == (top["seq"], top["arg"])
+    with pytest.raises(ValueError, match="64 bits"):
+        pack_header(Kind.CHUNK, 100, **{**top, field: 2**64})
+
+
+def test_header_is_immutable_and_slotted() -> None:
+    import dataclasses
+
+    h = parse_header(raw())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.seq = 5  # type: ignore[misc]
+    assert not hasattr(h, "__dict__")
+
+
+def test_pack_header_into_defaults_to_arg_zero_and_no_flags() -> None:
+    from constmig.wire.records import pack_header_into
+
+    buf = bytearray(HEADER_SIZE + 4)
+    pack_header_into(buf, Kind.CONTROL, 100, 7)
+    assert bytes(buf[:HEADER_SIZE]) == pack_header(Kind.CONTROL, 100, 7) == raw(kind=2, length=100, seq=7)
+    assert bytes(buf[HEADER_SIZE:]) == bytes(4)
+
+
+def test_negative_lengths_are_refused_as_value_errors() -> None:
+    for kind in Kind:
+        with pytest.raises(ValueError, match="outside"):
+            pack_header(kind, -1, 0, 1 if kind == Kind.CHUNK else 0)
+
+
+def test_zero_chunk_length_message_names_the_only_valid_length() -> None:
+    from constmig.wire.records import FLAG_ZERO, ZERO_PAYLOAD
+
+    assert ZERO_PAYLOAD + TAG_SIZE == 20
+    with pytest.raises(ProtocolError, match="zero CHUNK record length 100 is not 20$"):
+        parse_header(raw(kind=3, flags=FLAG_ZERO, length=100, arg=1))
