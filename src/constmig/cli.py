@@ -13,13 +13,14 @@ from typing import Any
 import click
 
 from constmig.errors import ConfigError, ConstmigError
+from constmig.migration import strategies
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import parse_size
 
-STRATEGY_CHOICES = click.Choice(["stopcopy", "constmig"])
-TRACKER_CHOICES = click.Choice(["auto", "fault", "access"])
-# bench variants: a strategy, with the tracker after a dash for post-copy
-VARIANT_CHOICES = click.Choice(["stopcopy", "constmig-fault", "constmig-access", "constmig"])
+STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
+TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
+# bench variants: a strategy, with the tracker after a dash where it needs one
+VARIANT_CHOICES = click.Choice(strategies.variants())
 _TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig only): "
                  "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
                  "where userfaultfd works.")

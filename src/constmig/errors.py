@@ -1,8 +1,17 @@
 """One exception family, so the CLI can turn any expected failure into a one-line message.
 
 Every error raised on purpose by constmig derives from ConstmigError; anything else is a bug and
-is allowed to show a traceback.
+is allowed to show a traceback. Callers branch on these types (and their typed fields), never on
+message text.
+
+Two axes for what goes wrong between two parties, as h11 separates local from remote protocol errors:
+a **ProtocolError** says the peer (or someone posing as it) broke the rules: a malformed, illegal or
+forged message; a **TransportError** says the connection failed (closed, reset, silent too long) and
+says nothing about the peer's honesty. Recovery differs: a cut link is waited out or reconnected, a
+broken rule never is.
 """
+
+from __future__ import annotations
 
 
 class ConstmigError(Exception):
@@ -17,6 +26,8 @@ class AttestationError(ConstmigError):
     """A quote, certificate or measurement did not verify, or a policy refused it."""
 
 
+# --- the peer broke the rules ------------------------------------------------------------------------
+
 class ProtocolError(ConstmigError):
     """A peer sent a message that is malformed or not allowed in the current state."""
 
@@ -25,20 +36,54 @@ class IntegrityError(ProtocolError):
     """An authenticated record failed its tag check, or arrived out of sequence."""
 
 
-class PeerAborted(ProtocolError):
+class HandshakeAborted(ProtocolError):
+    """The peer sent Abort instead of its next handshake message; the reason is its (unauthenticated) word."""
+
+
+class PeerAborted(ConstmigError):
     """The peer enclave said, over the authenticated channel, that it gave the migration up."""
 
 
-class ChannelClosed(ProtocolError):
+# --- the connection failed ---------------------------------------------------------------------------
+
+class TransportError(ConstmigError):
+    """The connection failed: closed, reset, or silent past a timeout. Nothing about the peer's honesty."""
+
+
+class ChannelClosed(TransportError):
     """The stream ended (EOF or reset) before the protocol said it could."""
 
+
+class RecvTimeout(TransportError):
+    """A receive ran out of time. A channel stays usable after it: a partial record is kept and the next
+    receive continues it, so a slow link never desynchronizes the stream."""
+
+
+# --- the parts -----------------------------------------------------------------------------------------
 
 class HeapError(ConstmigError):
     """A heap could not be created, or an allocation does not fit."""
 
 
+class UffdError(ConstmigError):
+    """A userfaultfd syscall failed; `errno` is the kernel's error number (0 if none)."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
 class EnclaveError(ConstmigError):
-    """An ECALL failed inside the enclave, or the enclave is in the wrong lifecycle state."""
+    """An ECALL failed inside the enclave, or the enclave is in the wrong lifecycle state.
+
+    Seen from the agent, `state` is the enclave's lifecycle state when it answered (None when the
+    enclave could not say, e.g. its process is gone) and `tombstone` says that the instance gave an
+    incoming migration up after READY and stays to answer the source's reconnect with ABORT."""
+
+    def __init__(self, message: str, state: str | None = None, tombstone: bool = False) -> None:
+        super().__init__(message)
+        self.state = state
+        self.tombstone = tombstone
 
 
 class HeapIncomplete(EnclaveError):
@@ -51,3 +96,16 @@ class MigrationError(ConstmigError):
 
 class AgentError(ConstmigError):
     """An agent could not be reached or refused a request."""
+
+
+class AgentUnreachable(AgentError):
+    """The agent could not be reached, or the exchange with it broke (closed, or no answer in time):
+    a reply may still be on its way, so the connection must not be reused."""
+
+
+class Redirect(AgentError):
+    """The enclave lives elsewhere now."""
+
+    def __init__(self, message: str, location: str) -> None:
+        super().__init__(message)
+        self.location = location

@@ -12,7 +12,7 @@ import pytest
 from constmig.enclave.heap import Heap
 from constmig.enclave.tracker import AccessTracker
 from constmig.errors import IntegrityError
-from constmig.migration.destination import AccessInstaller
+from constmig.migration.strategies.postcopy import AccessInstaller
 from constmig.migration.uffd import buffer_address
 from constmig.wire.channel import SealedChunk, SecureChannel
 
@@ -64,7 +64,7 @@ def test_access_installer_verifies_outside_the_heap(setup):
     send(src, 1, b"d" * MiB)
     rec = dst.recv(timeout=5)
     assert isinstance(rec, SealedChunk)
-    AccessInstaller(tracker, MiB).install(1, rec, dst)
+    AccessInstaller(tracker, MiB).install(1, rec, dst, demand=False)
     assert targets and not any(in_heap(heap, t) for t in targets)
     assert bytes(heap.chunk_view(1)) == b"d" * MiB and not tracker.missing[1]
 
@@ -75,7 +75,7 @@ def test_access_installer_pieces_and_zero_chunks(setup):
     np.frombuffer(heap.chunk_view(2), dtype=np.uint8)[:] = 7  # stale bytes a zero chunk must overwrite
     send(src, 2, bytes(MiB))
     rec = dst.recv(timeout=5)
-    inst.install(2, rec, dst)
+    inst.install(2, rec, dst, demand=True)
     assert not any(heap.chunk_view(2)) and not tracker.missing[2]
     for p in range(16):
         send(src, 3 * 16 + p, bytes([p + 1]) * (64 << 10), demand=True)
@@ -96,7 +96,7 @@ def test_access_installer_leaves_a_tampered_chunk_missing(setup):
     send(tx, 0, b"e" * MiB)
     rec = rx.recv(timeout=5)
     with pytest.raises(IntegrityError):
-        AccessInstaller(tracker, MiB).install(0, rec, rx)
+        AccessInstaller(tracker, MiB).install(0, rec, rx, demand=False)
     assert tracker.missing[0] and not any(heap.chunk_view(0))
     tx.close()
     rx.close()

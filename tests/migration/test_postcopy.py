@@ -32,8 +32,8 @@ from constmig.errors import ChannelClosed, IntegrityError, MigrationError
 from constmig.migration import destination, source
 from constmig.migration import ledger as ledger_mod
 from constmig.migration import messages as m
+from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
-from constmig.migration.source import DEMAND_LABEL
 from constmig.migration.streamer import MAX_DEMAND
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.wire.channel import ControlRecord, SealedChunk, SecureChannel

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from constmig.errors import ProtocolError
 from constmig.migration import messages as m
-from constmig.migration.protocol import CHUNK, TABLE, Machine, St, diagram
+from constmig.migration.protocol import CHUNK, RECONNECT, TABLE, Machine, St, diagram, event_name
 
 STATE = m.StateMsg("stopcopy", b"", 1 << 20, 1 << 20, b"", 0.0)
 
@@ -97,6 +97,31 @@ def test_diagram_lists_every_edge():
     assert text.count("-->") == n_edges
 
 
+def test_protocol_doc_carries_the_generated_diagram():
+    """docs/protocol.md shows the tables as they are (docs that drift are bugs)."""
+    from pathlib import Path
+
+    from constmig.migration.protocol import BEGIN_DIAGRAM, END_DIAGRAM
+    from constmig.migration.strategies import STRATEGIES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    block = doc[doc.index(BEGIN_DIAGRAM) + len(BEGIN_DIAGRAM):doc.index(END_DIAGRAM)]
+    assert block.strip() == diagram(STRATEGIES.values()).strip()
+    assert "post-copy sends no chunk before the handoff" in block
+
+
+def test_a_strategy_removes_edges_with_its_reason():
+    from constmig.migration.strategies import get
+
+    mach = Machine("destination", St.RECEIVING, strategy=get("constmig"))
+    with pytest.raises(ProtocolError, match="cannot receive 'chunk' in state receiving: post-copy sends no chunk"):
+        mach.received(CHUNK)
+    assert mach.state is St.ABORTED
+    assert mach.sent(m.Abort("told")) is St.ABORTED  # a side that failed still tells its peer
+    plain = Machine("destination", St.RECEIVING, strategy=get("stopcopy"))
+    assert plain.received(CHUNK) is St.RECEIVING
+
+
 EVENTS = [STATE, CHUNK, m.HeapEnd(0), m.Ready(b""), m.Commit(), m.Resumed(0.0), m.Demand(0), m.Done(0, b"")]
 
 
@@ -150,3 +175,68 @@ def test_demand_may_overtake_resumed():
     s.received(m.Resumed(1.0))
     s.received(m.Done(1, b"d"))
     assert s.state is St.COMPLETE
+
+
+DEST_BEFORE_READY = {  # every destination state before READY_SENT, and how to get there
+    St.CONNECTED: (),
+    St.RECEIVING: (STATE, CHUNK),
+    St.HEAP_RECEIVED: (STATE, CHUNK, m.HeapEnd(1)),
+}
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("event", [m.Commit(), RECONNECT], ids=["commit", "reconnect"])
+@pytest.mark.parametrize("where", list(DEST_BEFORE_READY), ids=lambda s: s.value)
+def test_destination_refuses_commit_in_every_state_before_ready(where, event):
+    """COMMIT, or the keyed reconnect that stands for a lost one, only after READY went out."""
+    d = Machine("destination")
+    for ev in DEST_BEFORE_READY[where]:
+        d.received(ev)
+    assert d.state is where
+    name = event_name(event)
+    with pytest.raises(ProtocolError, match=f"destination cannot receive '{name}' in state {where.value}"):
+        d.received(event)
+    assert d.state is St.ABORTED and not d.committed
+    assert St.COMMITTED not in d.history
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("where", [St.CONNECTED, St.STATE_SENT, St.AWAIT_READY], ids=lambda s: s.value)
+def test_source_cannot_commit_in_any_state_before_ready(where):
+    s = Machine("source")
+    for ev in {St.CONNECTED: (), St.STATE_SENT: (STATE,), St.AWAIT_READY: (STATE, m.HeapEnd(0))}[where]:
+        s.sent(ev)
+    assert s.state is where
+    with pytest.raises(ProtocolError, match=f"source cannot send 'commit' in state {where.value}"):
+        s.sent(m.Commit())
+    assert s.state is St.ABORTED and St.HANDED_OFF not in s.history
+
+
+def destination_committed():
+    d = Machine("destination")
+    for ev in (STATE, m.HeapEnd(0)):
+        d.received(ev)
+    d.sent(m.Ready(b""))
+    d.received(m.Commit())
+    assert d.state is St.COMMITTED
+    return d
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("event", ["recv abort", "send abort", "fail", "bad event"])
+def test_destination_past_commit_pauses_never_aborts(event):
+    """From COMMIT on the source has handed off: an ABORT either way, a broken link or a bad record
+    must pause the destination (it keeps the migrated state), never abort (which would wipe it)."""
+    d = destination_committed()
+    assert d.committed
+    if event == "recv abort":
+        d.received(m.Abort("late"))
+    elif event == "send abort":
+        d.sent(m.Abort("giving up"))
+    elif event == "fail":
+        d.fail()
+    else:
+        with pytest.raises(ProtocolError):
+            d.received(m.Done(0, b""))
+    assert d.state is St.PAUSED and d.committed
+    assert St.ABORTED not in d.history

@@ -20,9 +20,9 @@ import threading
 import numpy as np
 import pytest
 
-from constmig.errors import ConstmigError
+from constmig.errors import ConstmigError, UffdError
 from constmig.migration import uffd as U
-from constmig.migration.uffd import PAGE_SIZE, UffdError, Userfaultfd, buffer_address, preflight
+from constmig.migration.uffd import PAGE_SIZE, Userfaultfd, buffer_address, preflight
 
 REASON = preflight()
 needs_uffd = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd is not usable here: {REASON}")

@@ -57,6 +57,8 @@ from constmig.errors import (
     ConstmigError,
     IntegrityError,
     ProtocolError,
+    RecvTimeout,
+    TransportError,
 )
 from constmig.host.launcher import LaunchSpec
 from constmig.migration import messages
@@ -70,7 +72,6 @@ from constmig.wire.channel import (
     ChannelTicket,
     ControlRecord,
     HandshakeRecord,
-    RecvTimeout,
     SealedChunk,
     SecureChannel,
 )
@@ -433,6 +434,7 @@ MID = bytes(range(16))
 OTHER_MID = bytes(range(1, 17))
 POLICY = Policy()
 HS_ERRORS = (ProtocolError, AttestationError)
+STREAM_ERRORS = (ProtocolError, TransportError)  # a stream may also just end, or stall: a transport error
 
 
 @dataclass(frozen=True)
@@ -694,7 +696,7 @@ def prop_framed_socket(data: bytes) -> None:
     with fed_socket(data) as sock:
         fs = FramedSocket(sock)
         for _ in range(len(data) // 4 + 2):  # every frame takes >= 4 bytes; the EOF ends it all
-            got, err = attempt("FramedSocket.recv", fs.recv, (ProtocolError,))
+            got, err = attempt("FramedSocket.recv", fs.recv, STREAM_ERRORS)
             if err is not None:
                 break
             assert got is not None
@@ -712,7 +714,7 @@ def prop_read_frame(data: bytes) -> None:
         for _ in range(len(data) // 4 + 2):
             try:
                 body = await read_frame(reader)
-            except ProtocolError:
+            except STREAM_ERRORS:
                 return
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -753,7 +755,7 @@ def prop_framed_socket_lying_length(case: tuple[int, bytes]) -> None:
     body = body[:max(0, announced - 1)]
     with fed_socket(struct.pack("!I", announced) + body, eof=False) as sock, allocation_limit(1 << 20):
         sock.settimeout(0.02)
-        _, err = attempt("FramedSocket.recv", lambda: FramedSocket(sock).recv(), (ProtocolError,))
+        _, err = attempt("FramedSocket.recv", lambda: FramedSocket(sock).recv(), STREAM_ERRORS)
         assert err is not None
         assert isinstance(err, ChannelClosed) == (announced <= MAX_FRAME)
 
@@ -854,7 +856,7 @@ def _drain(target: str, chan: SecureChannel, check: Check, limit: int, timeout: 
     """recv until the channel refuses and return that error; `check(record, i)` sees every record and may
     return an error of its own (a chunk that failed to open), which ends the loop too."""
     for i in range(limit):
-        rec, err = attempt(target, lambda: chan.recv(timeout), (ProtocolError,))
+        rec, err = attempt(target, lambda: chan.recv(timeout), STREAM_ERRORS)
         if err is None:
             err = check(rec, i)
         if err is not None:
@@ -871,7 +873,7 @@ def _broken_for_good(chan: SecureChannel, err: BaseException) -> None:
         assert chan.state is ChannelState.OK
         return
     assert chan.state is ChannelState.BROKEN
-    _, again = attempt("SecureChannel.recv (after failure)", lambda: chan.recv(0.01), (ProtocolError,))
+    _, again = attempt("SecureChannel.recv (after failure)", lambda: chan.recv(0.01), STREAM_ERRORS)
     assert again is not None and not isinstance(again, RecvTimeout)
 
 

@@ -61,10 +61,10 @@ class UffdInstaller:
     def __init__(self, uffd: Userfaultfd, base: int, chunk_size: int, status: Path | None) -> None:
         self.uffd, self.base, self.chunk_size, self.status = uffd, base, chunk_size, status
         # Scratch for verified plaintext, touched now: a first touch costs ~3 ms/MiB on these VMs, and the
-        # first fault after the resume must not pay it. Only the background thread calls install(),
-        # only the demand thread install_piece(), so each has its own buffer.
-        self._chunk_buf = np.ones(chunk_size, dtype=np.uint8)
-        self._piece_buf = np.ones(PIECE, dtype=np.uint8)
+        # first fault after the resume must not pay it. The two receive threads install at once (whole
+        # chunks come on the demand channel too), so each has its own buffers.
+        self._chunk_bufs = {lane: np.ones(chunk_size, dtype=np.uint8) for lane in (False, True)}
+        self._piece_buf = np.ones(PIECE, dtype=np.uint8)  # only the demand thread installs pieces
         self.fault_at: dict[int, int] = {}  # chunk -> first faulting address: installed first
         self._pieces_in: dict[int, set[int]] = {}  # chunk -> pieces in place (the rest still missing)
 
@@ -94,7 +94,7 @@ class UffdInstaller:
     def chunk_failed(self, index: int) -> None:
         pass  # pieces already in place were verified on their own (and remembered); the rest stays missing
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
         if sealed.length != self.chunk_size:
             raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not the heap's {self.chunk_size}")
         dst = self.base + index * self.chunk_size
@@ -104,8 +104,9 @@ class UffdInstaller:
             self.fault_at.pop(index, None)
             self.uffd.zeropage(dst, self.chunk_size)
             return
-        chan.open_chunk(sealed, memoryview(self._chunk_buf))
-        addr = buffer_address(self._chunk_buf)
+        buf = self._chunk_bufs[demand]
+        chan.open_chunk(sealed, memoryview(buf))
+        addr = buffer_address(buf)
         partial = self._pieces_in.pop(index, None)
         if partial:  # some pieces arrived before a reconnect: copy only the others (a copy may not overwrite)
             for p in range(self.chunk_size // PIECE):

@@ -13,28 +13,30 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveError, ProtocolError
+from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveError, ProtocolError, Redirect
 from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
+from constmig.host.status import Status as S
+from constmig.migration import strategies
+from constmig.migration.constants import DATA_CHANNELS
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
-from constmig.migration.source import CONNECTIONS
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size, wait_seconds
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
-TRACKERS = ("auto", "fault", "access")
+TRACKERS = ("auto", *strategies.TRACKERS)
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
 TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
-DATA_CHANNELS = ("main", "demand")
 
 
 @dataclass
@@ -42,9 +44,7 @@ class Hosted:
     """An enclave as this agent sees it."""
 
     handle: EnclaveHandle
-    # running | preparing-out | migrating-out | handed-off | paused | resuming | incoming | failed | exited
-    # | aborted (gave an incoming migration up after READY: its process answers reconnects with ABORT)
-    status: str
+    cell: StatusCell  # moved only along host/status.py's table
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     since: float = field(default_factory=time.time)
     calls: int = 0  # ECALLs in flight through this agent
@@ -56,6 +56,15 @@ class Hosted:
     strategy: str = ""
     resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
     paused_since: float | None = None
+
+    @property
+    def status(self) -> Status:
+        if self.handle.proc.returncode is not None:
+            self.cell.exited()  # killed, or crashed: say so rather than list it as running
+        return self.cell.value
+
+    def move(self, expected: Status | Iterable[Status], new: Status) -> bool:
+        return self.cell.move(expected, new)
 
 
 class Agent:
@@ -110,7 +119,7 @@ class Agent:
                 try:
                     result = await self._dispatch(req, writer)
                     reply: dict[str, Any] = {"ok": True, "result": result}
-                except client.Redirect as r:
+                except Redirect as r:
                     reply = {"ok": False, "error": str(r), "redirect": r.location}
                 except ConstmigError as e:
                     reply = {"ok": False, "error": str(e)}
@@ -147,8 +156,8 @@ class Agent:
         hosted = self.enclaves.get(name)
         # An enclave coming back here is ours to wait for, even while we still remember it left: else
         # callers bounce between the agent it is leaving and this one until the handoff.
-        if name in self.moved and (hosted is None or hosted.status != "incoming"):
-            raise client.Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
+        if name in self.moved and (hosted is None or hosted.status is not S.INCOMING):
+            raise Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
         if hosted is None:
             known = ", ".join(sorted(self.enclaves)) or "none"
             raise AgentError(f"no enclave named {name!r} on agent {self.host_id} (known: {known})")
@@ -158,11 +167,9 @@ class Agent:
     async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
         out = {}
         for name, hosted in self.enclaves.items():
-            if hosted.handle.proc.returncode is not None and hosted.status != "exited":
-                hosted.status = "exited"  # killed, or crashed: say so rather than list it as running
-            info: dict[str, Any] = {"status": hosted.status, "app": hosted.handle.spec.app,
+            info: dict[str, Any] = {"status": hosted.status.value, "app": hosted.handle.spec.app,
                                     "heap_bytes": hosted.handle.spec.heap}
-            if hosted.status == "running":
+            if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
                     info.update(await hosted.handle.call({"op": "status"}))
             out[name] = info
@@ -172,7 +179,7 @@ class Agent:
     async def _clear_tombstone(self, name: str) -> None:
         """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
         hosted = self.enclaves.get(name)
-        if hosted is not None and hosted.status == "aborted":
+        if hosted is not None and hosted.status is S.ABORTED:
             del self.enclaves[name]
             await hosted.handle.stop()
 
@@ -197,14 +204,14 @@ class Agent:
         self._check_new(spec)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "fresh")
-        self.enclaves[spec.name] = Hosted(handle, "running")
+        self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
         return await handle.call({"op": "status"})
 
     async def op_checkpoint(self, req: dict[str, Any], writer: Any) -> Any:
         """Have the enclave seal its state into this agent's checkpoint folder (see enclave/persist.py)."""
         hosted = self._get(req.get("name"))
-        if hosted.status != "running":
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot checkpoint it now")
+        if hosted.status is not S.RUNNING:
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; cannot checkpoint it now")
         spec = hosted.handle.spec
         return await hosted.handle.call({"op": "checkpoint", "folder": str(self.state_dir / "checkpoints"),
                                          "name": spec.name})
@@ -221,22 +228,22 @@ class Agent:
         self._check_new(spec)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "restore", restore=path.resolve())
-        self.enclaves[spec.name] = Hosted(handle, "running")
+        self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
         return await handle.call({"op": "status"})
 
     async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
         while True:
             hosted = self._get(req.get("name"))
-            if hosted.status == "paused":
+            status = hosted.status
+            if status is S.PAUSED:
                 raise AgentError(self._paused_error(hosted))
-            if hosted.handle.proc.returncode is not None:
-                hosted.status = "exited"
+            if status is S.EXITED:
                 raise AgentError(f"enclave {hosted.handle.spec.name!r} on agent {self.host_id} has exited "
                                  f"(code {hosted.handle.proc.returncode}); its state here is gone")
-            if hosted.status in ("running", "preparing-out"):
+            if status in CALLABLE:
                 break
             if hosted.settled.is_set():  # settled, yet not callable: never spin the event loop on it
-                raise AgentError(f"enclave {hosted.handle.spec.name!r} is {hosted.status}; it takes no calls")
+                raise AgentError(f"enclave {hosted.handle.spec.name!r} is {status.value}; it takes no calls")
             await hosted.settled.wait()  # a migration is deciding where this enclave lives
         hosted.calls += 1
         hosted.idle.clear()
@@ -254,7 +261,7 @@ class Agent:
                     now = time.monotonic()
                     hosted.paused_since = hosted.paused_since or now
                     if now - hosted.paused_since > hosted.resume_deadline:
-                        hosted.status = "paused"
+                        hosted.move(S.RUNNING, S.PAUSED)
                         raise AgentError(self._paused_error(hosted))
                 else:
                     hosted.paused_since = None
@@ -273,13 +280,12 @@ class Agent:
         name = str(req.get("name"))
         hosted = self.enclaves.get(name) if req.get("force") else None
         hosted = hosted or self._get(name)
-        if hosted.handle.proc.returncode is not None:
-            hosted.status = "exited"
-        if hosted.status in ("failed", "paused") and not req.get("force"):
-            raise AgentError(f"enclave {name!r} is {hosted.status}: it holds heap data its migration has not "
+        status = hosted.status
+        if status in HOLDS_UNDELIVERED and not req.get("force"):
+            raise AgentError(f"enclave {name!r} is {status.value}: it holds heap data its migration has not "
                              "delivered; stopping it loses that data (use --force if that is what you want)")
-        if hosted.status not in ("running", "exited", "failed", "paused", "aborted"):
-            raise AgentError(f"enclave {name!r} is {hosted.status}; cannot stop it now")
+        if status not in STOPPABLE:
+            raise AgentError(f"enclave {name!r} is {status.value}; cannot stop it now")
         del self.enclaves[hosted.handle.spec.name]
         await hosted.handle.stop()
         return "stopped"
@@ -291,16 +297,14 @@ class Agent:
     async def op_prepare_in(self, req: dict[str, Any], writer: Any) -> Any:
         """Another agent wants to migrate an enclave here: start an empty instance of it."""
         spec = LaunchSpec.from_wire(req.get("spec") or {})
-        strategy = str(req.get("strategy", "stopcopy"))
-        if strategy not in CONNECTIONS:
-            raise AgentError(f"unknown strategy {strategy!r}; known: {', '.join(CONNECTIONS)}")
-        tracker, reason = ("none", "stop-and-copy needs no tracker") if strategy == "stopcopy" else \
-            choose_tracker(str(req.get("tracker", "auto")))
+        strategy = _strategy(req.get("strategy", "stopcopy"))
+        tracker, reason = choose_tracker(str(req.get("tracker", "auto"))) if strategy.needs_tracker else \
+            ("none", f"{strategy.name} needs no tracker")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
-        self.enclaves[spec.name] = Hosted(handle, "incoming", connections=CONNECTIONS[strategy],
+        self.enclaves[spec.name] = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections,
                                           resume_deadline=deadline)
         return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
 
@@ -312,7 +316,7 @@ class Agent:
         if req.get("resume"):
             await self._on_resume_data(req, writer)
             return
-        if hosted is None or hosted.status != "incoming":
+        if hosted is None or hosted.status is not S.INCOMING:
             await write_frame(writer, {"ok": False, "error": f"no incoming enclave named {name!r} here"})
             return
         wanted = DATA_CHANNELS[:hosted.connections]
@@ -327,20 +331,19 @@ class Agent:
         if len(hosted.data_fds) == len(wanted):
             fds = [hosted.data_fds[c] for c in wanted]
             hosted.data_fds = {}
-            asyncio.create_task(self._run_incoming(hosted, fds, float(req.get("timeout", 120.0))))
+            asyncio.create_task(self._run_incoming(hosted, fds, req.get("timeout", 120.0)))
 
     async def _on_resume_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         """A reconnect of a paused migration into an enclave here: pass the connections to its resume socket."""
         name, channel = str(req.get("name")), str(req.get("channel", "main"))
         hosted = self.enclaves.get(name)
         n = req.get("resume")
-        if hosted is not None and hosted.handle.proc.returncode is not None:
-            hosted.status = "exited"
+        if hosted is not None and hosted.status is S.EXITED:
             await write_frame(writer, {"ok": False, "error": f"enclave {name!r} here has exited (its process is "
                                        f"gone, code {hosted.handle.proc.returncode}); it takes no reconnect"})
             return
         # incoming: past READY a reconnect stands for a lost COMMIT; aborted: it is answered with ABORT
-        if hosted is None or hosted.status not in ("running", "paused", "incoming", "aborted") or n not in (1, 2):
+        if hosted is None or hosted.status not in TAKES_RECONNECT or n not in (1, 2):
             await write_frame(writer, {"ok": False, "error": f"no enclave named {name!r} here takes a reconnect"})
             return
         wanted = DATA_CHANNELS[:n]
@@ -354,34 +357,34 @@ class Agent:
         await write_frame(writer, {"ok": True})
         if len(hosted.resume_fds) == n:
             fds = [hosted.resume_fds.pop(c) for c in wanted]
-            asyncio.create_task(self._run_resume(hosted, fds, float(req.get("timeout", 120.0))))
+            asyncio.create_task(self._run_resume(hosted, fds, req.get("timeout", 120.0)))
 
-    async def _run_resume(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
+    async def _run_resume(self, hosted: Hosted, fds: list[int], timeout: Any) -> None:
         path = hosted.handle.sock_path.with_suffix(".resume.sock")
         try:
-            await asyncio.to_thread(_resume_request, path, fds, timeout)
-            if hosted.status == "paused":  # an incoming migration's own task settles its status
-                hosted.status, hosted.paused_since = "running", None
+            await asyncio.to_thread(_resume_request, path, fds, timeout)  # the enclave checks the timeout
+            if hosted.move(S.PAUSED, S.RUNNING):  # an incoming migration's own task settles its status
+                hosted.paused_since = None
         except ConstmigError as e:
             log.warning("reconnect of %s failed: %s", hosted.handle.spec.name, e)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
+    async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: Any) -> None:
         name = hosted.handle.spec.name
-        try:
+        try:  # the enclave checks the timeout the source's agent asked for
             result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout,
                                                "commit_wait": hosted.resume_deadline}, fds=fds)
-            hosted.status = "running"
+            hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})
         except ConstmigError as e:
             log.warning("incoming migration of %s failed: %s", name, e)
-            if getattr(e, "tombstone", False):
+            if isinstance(e, EnclaveError) and e.tombstone:
                 # It gave up after READY: the source may be committed and reconnecting; the process
                 # (its heap wiped) answers that with an authenticated ABORT, so the source runs again.
-                hosted.status = "aborted"
+                hosted.move(S.INCOMING, S.ABORTED)
                 asyncio.get_running_loop().call_later(TOMBSTONE_S, lambda: asyncio.ensure_future(
                     self._clear_tombstone_if(hosted)))
             else:
@@ -394,39 +397,37 @@ class Agent:
 
     async def _clear_tombstone_if(self, hosted: Hosted) -> None:
         name = hosted.handle.spec.name
-        if self.enclaves.get(name) is hosted and hosted.status == "aborted":
+        if self.enclaves.get(name) is hosted and hosted.status is S.ABORTED:
             await self._clear_tombstone(name)
 
     async def op_migrate(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         hosted = self._get(req.get("name"))
-        if hosted.status != "running":
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; cannot migrate it now")
+        if hosted.status is not S.RUNNING:
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; cannot migrate it now")
         to = str(req.get("to"))
         parse_addr(to)
-        strategy = str(req.get("strategy", "stopcopy"))
-        if strategy not in CONNECTIONS:
-            raise AgentError(f"unknown strategy {strategy!r}; known: {', '.join(CONNECTIONS)}")
+        strategy = _strategy(req.get("strategy", "stopcopy")).name
         tracker = str(req.get("tracker", "auto"))
         if tracker not in TRACKERS:
             raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
         timeout = _seconds(req.get("timeout", 120.0), "timeout")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         spec = hosted.handle.spec
-        hosted.status = "preparing-out"  # still serving calls while the destination gets ready
+        hosted.move(S.RUNNING, S.PREPARING_OUT)  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
         try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
             await hosted.handle.call({"op": "check_export", "what": "migrate"})
         except ConstmigError as e:
-            hosted.status = "running" if hosted.handle.proc.returncode is None else "exited"
+            hosted.move(S.PREPARING_OUT, S.RUNNING)
             hosted.settled.set()
             raise AgentError(str(e)) from None
         loop = asyncio.get_running_loop()
 
         def handed_off() -> None:
             # Past the commit point the destination runs the app: send callers there right away.
-            hosted.status = "handed-off"
-            self.moved[spec.name] = to
-            hosted.settled.set()
+            if hosted.move(S.MIGRATING_OUT, S.HANDED_OFF):
+                self.moved[spec.name] = to
+                hosted.settled.set()
 
         def on_progress(info: dict) -> None:
             if info.get("phase") == "handed_off":
@@ -441,29 +442,30 @@ class Agent:
                                                                 "strategy": strategy, "tracker": tracker,
                                                                 "resume_deadline": deadline},
                                            None, timeout)
-            for channel in DATA_CHANNELS[:CONNECTIONS[strategy]]:
+            for channel in DATA_CHANNELS[:strategies.get(strategy).connections]:
                 data_socks.append(await asyncio.to_thread(_open_data, to, spec.name, timeout, channel))
             t_prepared = time.time()
-            hosted.status = "migrating-out"  # from here the enclave is busy migrating: new calls wait
+            hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)  # from here the enclave is busy migrating: new calls wait
             if hosted.calls:
                 await hosted.idle.wait()  # calls already admitted finish here first
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
                                                "max_bandwidth": float(req.get("max_bandwidth") or 0)},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
-            state = getattr(e, "state", None)
-            if state == "running" or (state is None and hosted.handle.proc.returncode is None
-                                      and hosted.status != "handed-off"):
-                hosted.status = "running"
+            state = e.state if isinstance(e, EnclaveError) else None
+            if state == "running" or (state is None and hosted.status in (S.PREPARING_OUT, S.MIGRATING_OUT)):
+                hosted.move((S.PREPARING_OUT, S.MIGRATING_OUT, S.HANDED_OFF), S.RUNNING)
                 self.moved.pop(spec.name, None)
                 hosted.settled.set()
                 raise AgentError(str(e)) from None
             if state != "handed-off" or deadline <= 0:
-                hosted.status = "failed"  # handed off: it never runs here again, and keeps its state
+                # handed off: it never runs here again, and keeps its state
+                hosted.move((S.MIGRATING_OUT, S.HANDED_OFF), S.FAILED)
                 hosted.settled.set()
                 raise AgentError(str(e)) from None
             # Past the commit point: the source keeps every chunk; reconnect until the deadline.
-            hosted.status, hosted.moving_to, hosted.strategy = "paused", to, strategy
+            hosted.move((S.MIGRATING_OUT, S.HANDED_OFF), S.PAUSED)
+            hosted.moving_to, hosted.strategy = to, strategy
             hosted.settled.set()
             for s in data_socks:
                 s.close()
@@ -493,13 +495,13 @@ class Agent:
                           on_progress: Callable[[dict], None] | None) -> dict[str, Any]:
         """Reconnect a paused migration with backoff until it finishes or `deadline` seconds pass."""
         name, to = hosted.handle.spec.name, hosted.moving_to
-        n = CONNECTIONS[hosted.strategy]
+        n = strategies.get(hosted.strategy).connections
         t_end = time.monotonic() + deadline
         delay, last, attempts = 0.1, str(first), 0
         while True:
             left = t_end - time.monotonic()
             if left <= 0:
-                hosted.status = "failed"
+                hosted.move((S.PAUSED, S.RESUMING), S.FAILED)
                 raise AgentError(
                     f"migration of {name!r} to {to} paused after the handoff and could not be resumed within "
                     f"{deadline:g} s ({attempts} attempts; last: {last}); this source keeps every chunk the "
@@ -512,23 +514,24 @@ class Agent:
                 for channel in DATA_CHANNELS[:n]:
                     socks.append(await asyncio.to_thread(_open_data, to, name, min(HANDSHAKE_TIMEOUT, left),
                                                          channel, n))
-                hosted.status = "resuming"
+                hosted.move(S.PAUSED, S.RESUMING)
                 result = await hosted.handle.call({"op": "resume_out", "timeout": timeout},
                                                   fds=[s.fileno() for s in socks], on_progress=on_progress)
                 result.update({"from": self.listen, "to": to, "name": name})
                 return result
             except ConstmigError as e:
                 last = str(e)
-                hosted.status = "paused"
-                state = getattr(e, "state", "handed-off")
+                state = e.state if isinstance(e, EnclaveError) else "handed-off"  # a reconnect that failed
                 if state == "running":  # the destination proved it never ran it (authenticated ABORT)
-                    hosted.status, hosted.moving_to = "running", ""
+                    hosted.move((S.PAUSED, S.RESUMING), S.RUNNING)
+                    hosted.moving_to = ""
                     self.moved.pop(name, None)
                     hosted.settled.set()
                     raise AgentError(str(e)) from None
                 if state != "handed-off":
-                    hosted.status = "failed"
+                    hosted.move((S.PAUSED, S.RESUMING), S.FAILED)
                     raise AgentError(f"migration of {name!r} cannot be resumed: {e}") from None
+                hosted.move(S.RESUMING, S.PAUSED)
             finally:
                 for s in socks:
                     s.close()
@@ -538,19 +541,27 @@ class Agent:
         hosted = self.enclaves.get(str(req.get("name")))
         if hosted is None:
             raise AgentError(f"no enclave named {req.get('name')!r} on agent {self.host_id}")
-        if hosted.status not in ("failed", "paused") or not hosted.moving_to:
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status}; it has no paused migration to resume")
-        if hosted.status == "paused":
+        if hosted.status not in (S.FAILED, S.PAUSED, S.RESUMING) or not hosted.moving_to:
+            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; it has no paused migration to "
+                             "resume")
+        if hosted.status is not S.FAILED:
             raise AgentError(f"enclave {req.get('name')!r} is reconnecting already")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         timeout = _seconds(req.get("timeout", 120.0), "timeout")
-        hosted.status = "paused"
+        hosted.move(S.FAILED, S.PAUSED)
         t0 = time.time()
         result = await self._resume_out(hosted, max(deadline, 0.1), timeout,
                                         AgentError("resumed by request"),
                                         lambda info: writer.write(_progress_frame(info)))
         result["total_s"] = time.time() - t0
         return await self._moved_out(hosted, result)
+
+
+def _strategy(name: Any) -> strategies.Strategy:
+    try:
+        return strategies.get(name)
+    except ConstmigError as e:
+        raise AgentError(str(e)) from None
 
 
 def _seconds(value: Any, what: str, zero: bool = False) -> float:

@@ -10,19 +10,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed
+from constmig.errors import AgentError, AgentUnreachable, ChannelClosed, Redirect
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
 MAX_REDIRECTS = 4
-
-
-class Redirect(AgentError):
-    """The enclave lives elsewhere now."""
-
-    def __init__(self, message: str, location: str) -> None:
-        super().__init__(message)
-        self.location = location
 
 
 def connect(addr: str, timeout: float = 10.0) -> socket.socket:
@@ -30,11 +22,11 @@ def connect(addr: str, timeout: float = 10.0) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
-        raise AgentError(f"cannot reach agent at {addr}: connection refused (is it running?)") from None
+        raise AgentUnreachable(f"cannot reach agent at {addr}: connection refused (is it running?)") from None
     except TimeoutError:
-        raise AgentError(f"cannot reach agent at {addr}: timed out after {timeout:g}s") from None
+        raise AgentUnreachable(f"cannot reach agent at {addr}: timed out after {timeout:g}s") from None
     except OSError as e:
-        raise AgentError(f"cannot reach agent at {addr}: {e.strerror or e}") from None
+        raise AgentUnreachable(f"cannot reach agent at {addr}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -52,9 +44,9 @@ class AgentClient:
         try:
             reply = self.fs.exchange(req, on_progress=on_progress)
         except TimeoutError:
-            raise AgentError(f"agent at {self.addr} did not answer in time") from None
+            raise AgentUnreachable(f"agent at {self.addr} did not answer in time") from None
         except ChannelClosed as e:
-            raise AgentError(f"agent at {self.addr} closed the connection: {e}") from None
+            raise AgentUnreachable(f"agent at {self.addr} closed the connection: {e}") from None
         if reply.get("ok"):
             return reply.get("result")
         if reply.get("redirect"):
@@ -98,9 +90,9 @@ class EnclaveClient:
                 self._client.close()
                 self._client = None
                 self.addr = r.location
-            except AgentError as e:
-                if "did not answer" in str(e) or "closed the connection" in str(e):
-                    # a late reply would otherwise answer the next call: never reuse a broken exchange
+            except AgentUnreachable:
+                # a late reply would otherwise answer the next call: never reuse a broken exchange
+                if self._client is not None:
                     self._client.close()
                     self._client = None
                 raise

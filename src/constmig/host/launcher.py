@@ -91,10 +91,9 @@ class EnclaveHandle:
             except ChannelClosed:
                 raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
         if not reply.get("ok"):
-            err = EnclaveError(str(reply.get("error", "ECALL failed")))
-            err.state = reply.get("state")  # type: ignore[attr-defined]
-            err.tombstone = bool(reply.get("tombstone"))  # type: ignore[attr-defined]
-            raise err
+            state = reply.get("state")
+            raise EnclaveError(str(reply.get("error", "ECALL failed")), state if isinstance(state, str) else None,
+                               bool(reply.get("tombstone")))
         return reply.get("result")
 
     def pager_status(self) -> dict[str, Any]:

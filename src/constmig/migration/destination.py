@@ -1,7 +1,8 @@
 """The destination enclave's side of a migration (runs inside the empty, incoming enclave process).
 
-Attest the source, check that the migration's parameters match this instance, take the small state,
-verify every chunk before it counts, answer READY with a digest of what arrived, and resume only on
+Attest the source, check that the migration's parameters match this instance, take the small state and
+what the strategy moves before the handoff (strategies/), verify every chunk before it counts, answer
+READY with a digest of what arrived, and resume only on
 COMMIT, or on a keyed reconnect from the source, which stands for a COMMIT lost with the link
 (resume_server.CommitWaiter). Any failure before that wipes this instance, whatever raised it: the
 source still runs (after READY, the source learns it from an authenticated ABORT, sent on the link or
@@ -16,23 +17,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.persist import Lineage
 from constmig.enclave.state import import_app_state
-from constmig.errors import ChannelClosed, ConstmigError, MigrationError, PeerAborted, ProtocolError
+from constmig.errors import (
+    ChannelClosed,
+    ConstmigError,
+    MigrationError,
+    PeerAborted,
+    ProtocolError,
+    RecvTimeout,
+)
 from constmig.migration import messages as m
-from constmig.migration.ledger import PIECE, ChunkLedger
+from constmig.migration import strategies
+from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
-from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import HAVE, RECONNECT, Machine, St
-from constmig.migration.receiver import Receiver
 from constmig.migration.resume import ResumeSecret, send_have
-from constmig.migration.resume_server import CommitWaiter, ResumeServer
-from constmig.migration.source import CONNECTIONS, DEMAND_LABEL, STRATEGIES
+from constmig.migration.resume_server import CommitWaiter
+from constmig.migration.strategies.base import Strategy
 from constmig.units import wait_seconds
-from constmig.wire.channel import RecvTimeout, SealedChunk, SecureChannel
+from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
 
 if TYPE_CHECKING:
@@ -48,14 +53,7 @@ def check_params(enclave: Enclave, params: dict[str, Any]) -> None:
     for key, value in want.items():
         if params.get(key) != value:
             raise ProtocolError(f"source wants {key}={params.get(key)!r} but this instance has {value!r}")
-    strategy = params.get("strategy")
-    if strategy not in STRATEGIES:
-        raise ProtocolError(f"unknown strategy {strategy!r}")
-    if strategy == "constmig" and enclave.tracker not in ("fault", "access"):
-        raise ProtocolError("this instance was prepared without a tracker, so it cannot take a post-copy migration")
-    if strategy == "stopcopy" and enclave.tracker != "none":
-        raise ProtocolError(f"this instance was prepared for post-copy (its heap is guarded by the {enclave.tracker} "
-                            "tracker), so it cannot take a stop-and-copy migration")
+    strategies.get(params.get("strategy")).check_instance(enclave.tracker)
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Arrived:
 
     link: Link
     socks: list[socket.socket]
-    strategy: str
+    strategy: Strategy
     state: m.StateMsg
     ledger: ChunkLedger
     app: EnclaveApp
@@ -91,8 +89,9 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         chan = SecureChannel(socks[0], None)
         hs = run_responder(chan, enclave.backend, enclave.identity, enclave.policy,
                            check_params=lambda params: check_params(enclave, params), timeout=timeout)
-        link = Link(chan, Machine("destination"), timeout)
-        arrived = _receive(enclave, link, socks, hs.params["strategy"], hs.migration_id, timeout, progress)
+        strategy = strategies.get(hs.params["strategy"])
+        link = Link(chan, Machine("destination", strategy=strategy), timeout)
+        arrived = _receive(enclave, link, socks, strategy, hs.migration_id, timeout, progress)
         waiter = arrived.waiter
         link.send(m.Ready(arrived.ledger.digest()))
         _await_commit(arrived, max(timeout, commit_wait))
@@ -104,22 +103,20 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     return _resume(enclave, arrived, req, timeout)
 
 
-def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy: str, migration_id: bytes,
+def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy: Strategy, migration_id: bytes,
              timeout: float, progress: Callable[[dict], None]) -> Arrived:
-    """From the small state to just before READY: the heap (stop-and-copy) or its list (post-copy)."""
+    """From the small state to just before READY: what the strategy moves before the handoff, if anything
+    (chunks arrive here only where its protocol table allows them)."""
     heap = enclave.heap
-    if len(socks) != CONNECTIONS[strategy]:
-        raise ProtocolError(f"{strategy} needs {CONNECTIONS[strategy]} connections, got {len(socks)}")
+    if len(socks) != strategy.connections:
+        raise ProtocolError(f"{strategy.name} needs {strategy.connections} connections, got {len(socks)}")
     state = link.expect(m.StateMsg)
     if state.heap_size != heap.size or state.chunk_size != heap.chunk_size:
         raise ProtocolError("small state describes a different heap layout")
-    if state.strategy != strategy:
-        raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy!r}")
+    if state.strategy != strategy.name:
+        raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy.name!r}")
     ledger = ChunkLedger.from_wire(migration_id, heap.n_chunks, state.chunks)
-
-    wrap = None
-    if strategy == "constmig" and enclave.tracker == "access":
-        wrap = enclave.start_access_tracking(ledger.expected, timeout)
+    wrap = strategy.import_wrapper(enclave, ledger, timeout)
     app = import_app_state(enclave.app_cls, heap, state.app_state, wrap=wrap)
     total = int(ledger.expected.size) * heap.chunk_size
     last = 0.0
@@ -127,8 +124,6 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
         msg = link.recv()
         if not isinstance(msg, SealedChunk):
             break
-        if strategy != "stopcopy":
-            raise ProtocolError("post-copy sends no chunk before the handoff")
         ledger.check_acceptable(msg.index)
         # The app is not running and this instance is wiped on any failure, so decrypting straight into
         # place is safe here; the tag is checked before the chunk counts. The heap is fresh (zeros), so a
@@ -144,11 +139,10 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
             progress({"phase": "copy", "done": ledger.count * heap.chunk_size, "total": total})
     if not isinstance(msg, m.HeapEnd):
         raise ProtocolError(f"unexpected {type(msg).__name__} while receiving the heap")
-    if msg.count != ledger.count or (strategy == "stopcopy" and not ledger.complete):
-        raise ProtocolError(f"heap stream ended after {ledger.count} of {ledger.expected.size} chunks (truncated)")
+    strategy.check_heap_end(ledger, msg.count)
     secret = ResumeSecret.from_ticket(link.chan.ticket())
     # Listening before READY goes out: from then on the source may be committed and reconnect.
-    waiter = CommitWaiter(enclave.resume_path, secret, CONNECTIONS[strategy]) if enclave.resume_path else None
+    waiter = CommitWaiter(enclave.resume_path, secret, strategy.connections) if enclave.resume_path else None
     return Arrived(link, socks, strategy, state, ledger, app, secret, waiter)
 
 
@@ -241,118 +235,16 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
     enclave.app = arrived.app
     enclave.life.move(Life.INCOMING, Life.RUNNING)
     t_resume = time.time()
-    if arrived.strategy == "stopcopy" and enclave.resume_path is not None:
-        ResumeServer(enclave.resume_path, arrived.secret, ledger, t_resume, None, enclave.heap.chunk_size,
-                     epoch=arrived.epoch)
     try:
         if arrived.reconnected:  # its first record says what arrived, and that we run (for RESUMED)
             link.machine.sent(HAVE)
             send_have(link.chan, ledger, t_resume)
         else:
             link.send(m.Resumed(t_resume))
-        if arrived.strategy == "stopcopy":
-            link.send(m.Done(ledger.count, ledger.digest(), {"tracker": "none"}))
     except (ConstmigError, OSError):
         pass  # the app runs here now; the source reconnects to learn of completion
-    out = {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
-           "populate_s": enclave.figures.get("populate_s"), "strategy": arrived.strategy,
-           "tracker": enclave.tracker, "chunks": int(ledger.expected.size),
-           **({"committed_by": "reconnect"} if arrived.reconnected else {})}
-    if arrived.strategy == "constmig":
-        enclave.incoming_chunks = int(ledger.expected.size)
-        shallow_queue(arrived.socks[0], socket.SO_RCVBUF, enclave.heap.chunk_size)
-        _start_stream(enclave, arrived, t_resume, timeout)
-    return out
-
-
-def _start_stream(enclave: Enclave, arrived: Arrived, t_resume: float, timeout: float) -> None:
-    """Hand the stream to the tracker: the pager process (fault) or receiver threads here (access)."""
-    link, socks, ledger = arrived.link, arrived.socks, arrived.ledger
-    try:
-        if enclave.tracker == "fault":
-            assert enclave.pager is not None
-            main = link.chan.detach()
-            try:
-                enclave.pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in socks],
-                                     ledger.to_wire(), t_resume, timeout, arrived.secret, enclave.resume_path,
-                                     arrived.epoch)
-            finally:
-                if arrived.reconnected:  # the pager holds its own copies; a reconnect's are ours to close
-                    for s in socks:
-                        s.close()
-            return
-        assert enclave.access is not None
-        demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
-                      timeout)
-        enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access, enclave.heap.chunk_size),
-                                    chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
-        enclave.receiver.start()
-        enclave.receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
-        if enclave.resume_path is not None:
-            ResumeServer(enclave.resume_path, arrived.secret, ledger, t_resume, enclave.receiver,
-                         enclave.heap.chunk_size, epoch=arrived.epoch)
-    except (ConstmigError, OSError) as e:
-        # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.
-        link.machine.fail()
-        if enclave.access is not None:
-            enclave.access.fail(f"could not start streaming: {e}")
-
-
-class AccessInstaller:
-    """Access Tracker installs: verify into scratch, copy into the heap chunk (PROT_NONE until
-    begin_install), and let the app see it when finish_install flips its bit. Not decrypted in place:
-    GCM writes plaintext before it knows the tag, and the chunk is writable heap memory meanwhile."""
-
-    pieces_visible = False  # the tracker's bitmap is per chunk: a demanded chunk counts when whole
-
-    def __init__(self, tracker: Any, chunk_size: int) -> None:
-        self.tracker = tracker
-        self._open: dict[int, memoryview] = {}  # chunks arriving piece by piece
-        # One scratch per receive thread: only the background thread calls install(), only the demand
-        # thread install_piece(). Touched now, so the first install does not pay for first touches.
-        self._chunk_buf = np.ones(chunk_size, dtype=np.uint8)
-        self._piece_buf = np.ones(min(PIECE, chunk_size), dtype=np.uint8)
-
-    @staticmethod
-    def _verify_then_place(sealed: SealedChunk, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
-        target = np.frombuffer(dst, dtype=np.uint8)
-        if sealed.zero:
-            chan.open_zero(sealed)
-            target[:] = 0
-            return
-        if sealed.length != target.size:
-            raise ProtocolError(f"chunk record carries {sealed.length} bytes where {target.size} were expected")
-        chan.open_chunk(sealed, memoryview(scratch[:sealed.length]))
-        np.copyto(target, scratch[:sealed.length])
-
-    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
-        view = self._open.get(index)
-        if view is None:
-            view = self._open[index] = self.tracker.begin_install(index)
-        self._verify_then_place(sealed, chan, self._piece_buf, view[piece * PIECE:(piece + 1) * PIECE])
-
-    def chunk_done(self, index: int) -> None:
-        del self._open[index]
-        self.tracker.finish_install(index)
-
-    def chunk_failed(self, index: int) -> None:
-        if self._open.pop(index, None) is not None:
-            self.tracker.abort_install(index)
-
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
-        view = self.tracker.begin_install(index)
-        if sealed.length != len(view):
-            self.tracker.abort_install(index)
-            raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not {len(view)}")
-        try:
-            self._verify_then_place(sealed, chan, self._chunk_buf, view)
-        except BaseException:
-            self.tracker.abort_install(index)
-            raise
-        self.tracker.finish_install(index)
-
-    def fail(self, reason: str) -> None:
-        self.tracker.pause(reason)
-
-    def resumed(self) -> None:
-        self.tracker.unpause()
+    arrived.strategy.receive_after_commit(enclave, arrived, t_resume, timeout)
+    return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
+            "populate_s": enclave.figures.get("populate_s"), "strategy": arrived.strategy.name,
+            "tracker": enclave.tracker, "chunks": int(ledger.expected.size),
+            **({"committed_by": "reconnect"} if arrived.reconnected else {})}

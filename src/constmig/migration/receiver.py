@@ -18,20 +18,21 @@ from typing import Protocol
 import numpy as np
 import numpy.ma  # noqa: F401  np.unique imports it on first use (10-20 ms): not at the first fault
 
-from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
+from constmig.errors import ChannelClosed, ConstmigError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
 from constmig.migration.priority import background_thread, boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
-from constmig.wire.channel import RecvTimeout, SealedChunk, SecureChannel
+from constmig.wire.channel import SealedChunk, SecureChannel
 
 
 class Installer(Protocol):
     pieces_visible: bool  # does a piece become visible to the app before its whole chunk is in?
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel) -> None:
-        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app."""
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
+        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app. `demand` says
+        which receive thread calls: the two run at once, so each needs scratch memory of its own."""
 
     def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         """Verify one PIECE of chunk `index` and put it in place (visible at once for the Fault
@@ -178,7 +179,7 @@ class Receiver:
                 if link is self.demand and msg.length != self.chunk_size:
                     self._take_piece(msg, link.chan)
                 else:
-                    self._take(msg, link.chan)
+                    self._take(msg, link.chan, demand=link is self.demand)
                 self.recv_s += t1 - t0
                 self.install_s += time.perf_counter() - t1
         except ChannelClosed as e:
@@ -189,7 +190,7 @@ class Receiver:
         except Exception as e:  # a bug must pause the migration, not leave an access waiting forever
             self.fail(f"internal error while receiving: {type(e).__name__}: {e}")
 
-    def _take(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def _take(self, sealed: SealedChunk, chan: SecureChannel, demand: bool) -> None:
         idx = sealed.index
         with self._lock:
             self.ledger.check_acceptable(idx)
@@ -197,7 +198,7 @@ class Receiver:
                 raise ProtocolError(f"chunk {idx} arrived twice")
             self._inflight[idx] = True
         tag = sealed.tag
-        self.installer.install(idx, sealed, chan)  # raises on a bad tag: never visible
+        self.installer.install(idx, sealed, chan, demand=demand)  # raises on a bad tag: never visible
         self._accept(idx, tag, demand=sealed.demand)
 
     def _take_piece(self, sealed: SealedChunk, chan: SecureChannel) -> None:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from constmig.errors import ConstmigError, EnclaveError, MigrationError, ProtocolError
 from constmig.migration import messages as m
+from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine, St
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, send_have
-from constmig.migration.source import DEMAND_LABEL
 from constmig.units import wait_seconds
 from constmig.wire.channel import SecureChannel
 from constmig.wire.framing import FramedSocket

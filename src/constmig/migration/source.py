@@ -1,8 +1,9 @@
 """The source enclave's side of a migration (runs inside the enclave process).
 
-Attest the destination while still running, stop at an ECALL boundary, send the small state (and for
-stop-and-copy the whole used heap), wait for READY, record HANDED_OFF, send COMMIT, then serve
-whatever the strategy still has to move and wait for a DONE whose digest matches what was sent.
+Attest the destination while still running, stop at an ECALL boundary, send the small state and
+whatever the strategy moves before the handoff (strategies/), wait for READY, record HANDED_OFF, send
+COMMIT, then serve whatever the strategy still has to move and wait for a DONE whose digest matches
+what was sent.
 """
 
 from __future__ import annotations
@@ -18,34 +19,47 @@ import numpy as np
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.state import export_app_state
-from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerAborted
+from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerAborted, RecvTimeout
 from constmig.migration import messages as m
+from constmig.migration import strategies
+from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
-from constmig.migration.streamer import Streamer
+from constmig.migration.strategies.base import Strategy
 from constmig.units import wait_seconds
-from constmig.wire.channel import RecvTimeout, SecureChannel
+from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
 
 if TYPE_CHECKING:
     from constmig.enclave.runtime import Enclave
+    from constmig.migration.streamer import Streamer
 
-STRATEGIES = ("stopcopy", "constmig")
-# How many connections each strategy uses: post-copy adds one for demanded chunks (see streamer.py).
-CONNECTIONS = {"stopcopy": 1, "constmig": 2}
-DEMAND_LABEL = b"demand"
+
+def _strategy(name: object, socks: list[socket.socket]) -> Strategy:
+    try:
+        strategy = strategies.get(name)
+    except ConstmigError as e:
+        raise MigrationError(str(e)) from None
+    if len(socks) != strategy.connections:
+        raise MigrationError(f"{strategy.name} needs {strategy.connections} connections, got {len(socks)}")
+    return strategy
+
+
+def _demand_link(strategy: Strategy, socks: list[socket.socket], chan: SecureChannel, machine: Machine,
+                 timeout: float, chunk_size: int) -> Link | None:
+    """The demand connection, keyed from the main channel, if the strategy has one."""
+    if strategy.connections < 2:
+        return None
+    shallow_queue(socks[0], socket.SO_SNDBUF, chunk_size)
+    return Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), machine, timeout)
 
 
 def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
-    strategy = str(req.get("strategy", "stopcopy"))
-    if strategy not in STRATEGIES:
-        raise MigrationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    if len(socks) != CONNECTIONS[strategy]:
-        raise MigrationError(f"{strategy} needs {CONNECTIONS[strategy]} connections, got {len(socks)}")
+    strategy = _strategy(req.get("strategy", "stopcopy"), socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
     heap, app = enclave.heap, enclave.app
@@ -54,7 +68,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     for sock in socks:
         sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
     chan = SecureChannel(socks[0], migration_id)
-    params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": strategy}
+    params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size,
+              "strategy": strategy.name}
     t_start = time.time()
     try:
         run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
@@ -62,11 +77,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         raise MigrationError(f"attestation with the destination failed: {e}; the enclave keeps running here") from None
     except OSError as e:
         raise MigrationError(f"destination unreachable during attestation: {e}; the enclave keeps running here") from None
-    link = Link(chan, Machine("source"), timeout)
-    demand = None
-    if strategy == "constmig":
-        demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine, timeout)
-        shallow_queue(socks[0], socket.SO_SNDBUF, heap.chunk_size)
+    link = Link(chan, Machine("source", strategy=strategy), timeout)
+    demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
 
     # --- stop: downtime starts ---
     chunks = enclave.whole_heap("migrate")  # nothing ran since the check above; the list is the allocator's
@@ -77,11 +89,9 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
         blob = export_app_state(app)
         lineage = enclave.persist.export() if enclave.persist is not None else None
-        link.send(m.StateMsg(strategy, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
+        link.send(m.StateMsg(strategy.name, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
                              *((lineage.lineage, lineage.key, lineage.version) if lineage else ())))
-        total = int(chunks.size) * heap.chunk_size
-        if strategy == "stopcopy":
-            _send_chunks(link, ledger, heap, chunks, progress, total)
+        strategy.send_before_handoff(link, ledger, heap, progress)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)
         if ready.digest != ledger.digest():
@@ -111,7 +121,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
 class Outgoing:
     """A migration past its commit point, kept by the source until DONE: what a reconnect needs."""
 
-    strategy: str
+    strategy: Strategy
     ledger: ChunkLedger
     secret: ResumeSecret
     t_start: float
@@ -131,25 +141,22 @@ def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     out = enclave.outgoing
     if out is None or enclave.life.state is not Life.HANDED_OFF:
         raise MigrationError(f"enclave is {enclave.life.state.value} and has no paused migration to resume")
-    if len(socks) != CONNECTIONS[out.strategy]:
-        raise MigrationError(f"{out.strategy} needs {CONNECTIONS[out.strategy]} connections, got {len(socks)}")
+    _strategy(out.strategy.name, socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     for sock in socks:
         sock.settimeout(timeout)
     out.epoch += 1
     chan = SecureChannel(socks[0], out.ledger.migration_id)
     # Until the destination said it runs, an authenticated ABORT may still give the enclave back to us.
-    link = Link(chan, Machine("source", St.HANDED_OFF if out.resume_time is None else St.PEER_RUNNING), timeout)
+    link = Link(chan, Machine("source", St.HANDED_OFF if out.resume_time is None else St.PEER_RUNNING,
+                              strategy=out.strategy), timeout)
     demand = None
     try:
         quick = min(timeout, HANDSHAKE_TIMEOUT)
         out.secret.initiate(chan, out.epoch, quick)
         have, resume_time = recv_have(chan, out.ledger, quick)
         link.machine.received(HAVE)
-        if out.strategy == "constmig":
-            demand = Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), link.machine,
-                          timeout)
-            shallow_queue(socks[0], socket.SO_SNDBUF, enclave.heap.chunk_size)
+        demand = _demand_link(out.strategy, socks, chan, link.machine, timeout, enclave.heap.chunk_size)
     except PeerAborted as e:  # the destination never received COMMIT and gave up (it is wiped)
         link.machine.received(m.Abort(str(e)))
         _pause(enclave, out, link, e, None)
@@ -168,11 +175,10 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
             timeout: float) -> dict:
     """After COMMIT (or a reconnect): stream what is left, wait for a DONE that matches, then wipe."""
     heap, ledger = enclave.heap, out.ledger
-    streamer = None
+    streamer: Streamer | None = None
     try:
-        if demand is not None:
-            streamer = Streamer(link, demand, ledger, heap, progress, out.max_bandwidth, done=out.done)
-            streamer.start()
+        streamer = out.strategy.serve_after_commit(link, demand, ledger, heap, progress, out.max_bandwidth,
+                                                   out.done)
         if out.resume_time is None:
             out.resume_time = link.expect(m.Resumed).resume_time
         while True:  # the stream may take longer than one receive timeout; a stall may not
@@ -203,19 +209,19 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
     enclave.outgoing = None
     enclave.life.move(Life.HANDED_OFF, Life.DESTROYED)
     return {
-        "strategy": out.strategy,
+        "strategy": out.strategy.name,
         "workload": enclave.app_name,
         "heap_bytes": heap.size,
         "state_bytes": int(ledger.expected.size) * heap.chunk_size,
         "chunks": int(ledger.expected.size),
         "small_state_bytes": out.small_state_bytes,
         "downtime_ms": (out.resume_time - out.t_stop) * 1e3,
-        "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake and pre-stop scan (the app waits meanwhile)
+        "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake (the app waits meanwhile)
         "total_s": t_end - out.t_start,
         "wire_bytes": out.wire_bytes,
         "migration_id": ledger.migration_id.hex(),
         "resumes": out.resumes,
-        **({"tracker": "none"} if out.strategy == "stopcopy" else {}),
+        **out.strategy.source_figures,
         **done.stats,
     }
 
@@ -238,19 +244,3 @@ def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, stream
         f"enclave handed off but the destination did not confirm ({cause}); this source will not run it "
         "again and keeps its state for recovery"
     ) from None
-
-
-def _send_chunks(link: Link, ledger: ChunkLedger, heap: Any, chunks: Any, progress: Callable, total: int) -> None:
-    """Send the given chunks in order, reporting progress at most ~10 times a second."""
-    sent_bytes = 0
-    last = 0.0
-    for index in chunks.tolist():
-        tag = link.send_chunk(index, heap.chunk_view(index))
-        ledger.record_sent(index, tag)
-        sent_bytes += heap.chunk_size
-        now = time.monotonic()
-        if now - last > 0.1:
-            last = now
-            progress({"phase": "copy", "done": sent_bytes, "total": total})
-    progress({"phase": "copy", "done": sent_bytes, "total": total})
-

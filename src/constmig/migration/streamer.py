@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from constmig.errors import ChannelClosed, ConstmigError, ProtocolError
+from constmig.errors import ChannelClosed, ConstmigError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
 from constmig.migration.priority import background_thread, boost_this_thread, quick_gil_handoff
-from constmig.wire.channel import RecvTimeout
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap

@@ -27,17 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from constmig.errors import ConstmigError
+from constmig.errors import UffdError
 
 PAGE_SIZE = mmap.PAGESIZE
-
-
-class UffdError(ConstmigError):
-    """A userfaultfd syscall failed; `errno` is the kernel's error number (0 if none)."""
-
-    def __init__(self, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.errno = err
 
 
 # -- ABI: structures (<linux/userfaultfd.h>) ---------------------------------------------------------

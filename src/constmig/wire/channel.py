@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from constmig.errors import ChannelClosed, IntegrityError, ProtocolError
+from constmig.errors import ChannelClosed, IntegrityError, ProtocolError, RecvTimeout
 from constmig.wire.aead import RecordOpener, RecordSealer
 from constmig.wire.records import (
     FLAG_DEMAND,
@@ -125,11 +125,6 @@ class ChannelState(Enum):
     OK = "ok"
     BROKEN = "broken"  # an error left the stream position untrustworthy; every call raises
     CLOSED = "closed"  # close() was called here
-
-
-class RecvTimeout(ProtocolError):
-    """recv(timeout=...) ran out of time. The channel stays usable: a partial record is kept and the
-    next recv continues it, so a slow link never desynchronizes the stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,11 +394,13 @@ class SecureChannel:
             if len(self._sbuf) < total:
                 self._sbuf = bytearray(total)
                 self._sview = memoryview(self._sbuf)
+            if sealer.next_seq > U64_MAX:  # 2**64 records under one key: never reuse a nonce, stop instead
+                raise self._break(ProtocolError("sequence numbers exhausted on this channel"))
             header = pack_header(kind, n + TAG_SIZE, sealer.next_seq, arg, flags)
             self._sview[:HEADER_SIZE] = header
             try:
                 sealer.seal(header + self._mid, data, self._sview[HEADER_SIZE:total])
-            except ProtocolError as e:  # sequence numbers exhausted
+            except ProtocolError as e:  # the sealer's own guard (the same limit)
                 raise self._break(e) from None
             self._sendall(self._sview[:total])
             return bytes(self._sview[total - TAG_SIZE : total])

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from constmig.errors import AttestationError, ChannelClosed, ConstmigError, ProtocolError
+from constmig.errors import AttestationError, ChannelClosed, ConstmigError, HandshakeAborted, ProtocolError
 from constmig.tee.backend import Identity, TeeBackend, VerifiedQuote
 from constmig.wire.channel import HandshakeRecord, SecureChannel
 
@@ -94,10 +94,6 @@ class Abort(_Msg, tag="abort"):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(t | Abort) for t in (Hello, HelloReply, Finish, Confirm)}
-
-
-class HandshakeAborted(ProtocolError):
-    """The peer sent Abort instead of its next handshake message; the reason is its (unauthenticated) word."""
 
 
 def _one_line(text: str) -> str:

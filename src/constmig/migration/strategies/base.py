@@ -1,0 +1,69 @@
+"""What makes one way of migrating different from another. The drivers (source.py, destination.py) do
+everything the strategies share: attest, stop, send the small state, READY/COMMIT, reconnects, DONE.
+
+A strategy declares its name, how many data connections it uses, whether the destination needs a
+tracker (a heap that arrives after the app resumed), the edges it removes from the protocol table,
+its ledger policy at the handoff, and what each side does before the handoff and after COMMIT.
+Adding one (pre-copy rounds, hybrid) is a new module here and a line in the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from constmig.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from constmig.enclave.heap import Heap
+    from constmig.enclave.runtime import Enclave
+    from constmig.migration.destination import Arrived
+    from constmig.migration.ledger import ChunkLedger
+    from constmig.migration.link import Link
+    from constmig.migration.protocol import St
+    from constmig.migration.streamer import Streamer
+
+Progress = Callable[[dict], None]
+
+
+class Strategy:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for help texts
+    connections: ClassVar[int]  # data connections: main, and (post-copy) demand
+    needs_tracker: ClassVar[bool]  # the destination runs before its heap is complete
+    # Protocol table edges this strategy does not allow, with why: {role: {state: {(direction, event): why}}}.
+    removed_edges: ClassVar[dict[str, dict[St, dict[tuple[str, str], str]]]] = {}
+    source_figures: ClassVar[dict[str, Any]] = {}  # added to the source's figures
+
+    # --- destination, before anything arrives ----------------------------------------------------------
+
+    def check_instance(self, tracker: str) -> None:
+        """Refuse an incoming instance prepared for another strategy (raise ProtocolError)."""
+
+    def import_wrapper(self, enclave: Enclave, ledger: ChunkLedger, timeout: float) -> Any:
+        """What wraps the app's heap arrays on import (the Access Tracker's), or None."""
+        return None
+
+    # --- before the handoff ------------------------------------------------------------------------
+
+    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress) -> None:
+        """Source, stopped: send what must arrive before the destination may run (chunks), if anything."""
+
+    def check_heap_end(self, ledger: ChunkLedger, count: int) -> None:
+        """Destination, at HEAP_END: the ledger policy. The count must match what arrived."""
+        if count != ledger.count:
+            raise ProtocolError(f"heap stream ended after {ledger.count} of {ledger.expected.size} chunks "
+                                f"(the source says {count})")
+
+    # --- after COMMIT --------------------------------------------------------------------------------
+
+    def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
+                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer | None:
+        """Source, handed off: start whatever still moves chunks (the post-copy stream), or None."""
+        return None
+
+    def receive_after_commit(self, enclave: Enclave, arrived: Arrived, t_resume: float, timeout: float) -> None:
+        """Destination, running: finish the move (send DONE, or start receiving the stream)."""
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name}>"
