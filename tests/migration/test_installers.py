@@ -100,3 +100,44 @@ def test_access_installer_leaves_a_tampered_chunk_missing(setup):
     assert tracker.missing[0] and not any(heap.chunk_view(0))
     tx.close()
     rx.close()
+
+
+def test_two_receive_threads_install_at_once_without_mixing_chunks() -> None:
+    """Whole chunks arrive on both channels (background and demand), and the two receive threads install
+    them at the same time: each needs scratch of its own. A shared buffer let one thread copy in the
+    other's plaintext (a chunk verified, then replaced: `bench load` saw lost and stale writes)."""
+    chunk = 64 << 10
+    heap = Heap(16 * MiB, chunk)
+    n = heap.n_chunks
+    tracker = AccessTracker(heap, np.arange(n, dtype=np.int64), lambda chunks: None, timeout=30)
+    inst = AccessInstaller(tracker, chunk)
+    errors: list[BaseException] = []
+
+    def lane(demand: bool) -> None:
+        a, b = socket.socketpair()
+        tx, rx = SecureChannel(a, MID), SecureChannel(b, MID)
+        tx.install_keys(b"s" * 32, b"d" * 32, 1, 2)
+        rx.install_keys(b"d" * 32, b"s" * 32, 2, 1)
+        mine = range(int(demand), n, 2)
+        sender = threading.Thread(target=lambda: [tx.send_chunk(i, bytes([i % 251 + 1]) * chunk) for i in mine])
+        sender.start()
+        try:
+            for i in mine:
+                inst.install(i, rx.recv(timeout=10), rx, demand=demand)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        sender.join(10)
+        tx.close()
+        rx.close()
+
+    threads = [threading.Thread(target=lane, args=(d,)) for d in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    firsts = np.frombuffer(heap.buf, dtype=np.uint8)[::chunk]
+    lasts = np.frombuffer(heap.buf, dtype=np.uint8)[chunk - 1::chunk]
+    want = (np.arange(n) % 251 + 1).astype(np.uint8)
+    assert np.array_equal(firsts, want) and np.array_equal(lasts, want) and tracker.complete
+    heap.close()
