@@ -26,11 +26,19 @@ from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.pager import PagerHandle
-from constmig.enclave.persist import Persistence
+from constmig.enclave.persist import Lineage, Persistence
 from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
-from constmig.errors import ChannelClosed, ConstmigError, EnclaveError, HeapIncomplete, ProtocolError
+from constmig.errors import (
+    ChannelClosed,
+    ConstmigError,
+    EnclaveError,
+    HeapIncomplete,
+    MigrationError,
+    ProtocolError,
+)
 from constmig.migration import destination, source
+from constmig.migration.port import Snapshot
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume_server import CommitWaiter
 from constmig.tee.backend import Identity, TeeBackend
@@ -118,6 +126,82 @@ class Enclave:
             raise HeapIncomplete(f"cannot {what}: heap still arriving: {arrived} of {self.incoming_chunks} "
                                  "chunks; retry after DONE")
         return self.heap.export_chunks()
+
+    # --- the port the migration code uses (migration/port.py) -------------------------------------------
+
+    def stop(self) -> Snapshot:
+        chunks = self.whole_heap("migrate")  # nothing ran since the migration's first check: same answer
+        assert self.app is not None
+        self.life.move(Life.RUNNING, Life.STOPPING)
+        try:
+            state = export_app_state(self.app)
+            lineage = self.persist.export() if self.persist is not None else None
+        except BaseException:
+            self.life.move(Life.STOPPING, Life.RUNNING)
+            raise
+        return Snapshot(chunks, state, lineage)
+
+    def unstop(self) -> None:
+        if self.life.state is Life.STOPPING:
+            self.life.move(Life.STOPPING, Life.RUNNING)
+
+    def hand_off(self) -> None:
+        self.life.move(Life.STOPPING, Life.HANDED_OFF)
+
+    def leave_lineage(self) -> None:
+        if self.persist is not None:
+            self.persist.leave()
+
+    def park(self, out: source.Outgoing) -> None:
+        self.outgoing = out
+
+    def parked(self) -> source.Outgoing:
+        if self.outgoing is None or self.life.state is not Life.HANDED_OFF:
+            raise MigrationError(f"enclave is {self.life.state.value} and has no paused migration to resume")
+        return self.outgoing
+
+    def reclaim(self) -> None:
+        self.life.reclaim()
+        self.outgoing = None
+        if self.persist is not None:
+            self.persist.reinstate()
+
+    def retire(self) -> None:
+        self.heap.wipe()
+        self.outgoing = None
+        self.life.move(Life.HANDED_OFF, Life.DESTROYED)
+
+    def expect_incoming(self) -> None:
+        self.life.require(Life.INCOMING)
+
+    def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
+        return import_app_state(self.app_cls, self.heap, blob, wrap=wrap)
+
+    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None) -> None:
+        if lineage is not None and self.persist is not None:
+            # Sealed checkpoints and their counter continue here; bound only now, so a destination killed
+            # before COMMIT leaves no lineage behind that could restore while the source runs on.
+            try:
+                self.persist.adopt(lineage)
+            except (ConstmigError, OSError) as e:  # the app must run now; only its checkpoints are affected
+                self.figures["lineage_error"] = str(e)
+        self.app = app
+        self.life.move(Life.INCOMING, Life.RUNNING)
+
+    def stream_incoming(self, chunks: int, receiver: Receiver | None) -> None:
+        self.incoming_chunks = chunks
+        self.receiver = receiver
+
+    def give_up_incoming(self, tombstone: CommitWaiter | None) -> None:
+        self.tombstone = tombstone
+        self.abandon_incoming()
+        if self.persist is not None:
+            self.persist.forget()
+        self.heap.wipe()
+        self.app = None
+        self.life.move(Life.INCOMING, Life.DESTROYED)
+
+    # --- ECALLs and the agent's requests ---------------------------------------------------------------
 
     def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if self.life.state is not Life.RUNNING or self.app is None:
@@ -242,6 +326,7 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
                 result = source.resume(enclave, socks, req, progress)
             else:
                 result = destination.run(enclave, socks, req, progress)
+                result["populate_s"] = enclave.figures.get("populate_s")
         finally:
             if enclave.receiver is None:  # otherwise the Access Tracker's receiver streams on them
                 for sock in socks:

@@ -166,7 +166,7 @@ class Agent:
     # ---- operations ----
     async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
         out = {}
-        for name, hosted in self.enclaves.items():
+        for name, hosted in list(self.enclaves.items()):  # a call below may let an entry go meanwhile
             info: dict[str, Any] = {"status": hosted.status.value, "app": hosted.handle.spec.app,
                                     "heap_bytes": hosted.handle.spec.heap}
             if hosted.status is S.RUNNING:

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from constmig.enclave.lifecycle import Life
 from constmig.enclave.persist import Lineage
-from constmig.enclave.state import import_app_state
 from constmig.errors import (
     ChannelClosed,
     ConstmigError,
@@ -42,7 +40,7 @@ from constmig.wire.handshake import run_responder
 
 if TYPE_CHECKING:
     from constmig.enclave.app import EnclaveApp
-    from constmig.enclave.runtime import Enclave
+    from constmig.migration.port import MigratingEnclave as Enclave
 
 POLL_S = 0.25  # how often the wait for COMMIT looks for a reconnect while the link is quiet
 
@@ -78,7 +76,7 @@ class Arrived:
 
 def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
-    enclave.life.require(Life.INCOMING)
+    enclave.expect_incoming()
     link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     waiter: CommitWaiter | None = None
     try:
@@ -117,7 +115,7 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
         raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy.name!r}")
     ledger = ChunkLedger.from_wire(migration_id, heap.n_chunks, state.chunks)
     wrap = strategy.import_wrapper(enclave, ledger, timeout)
-    app = import_app_state(enclave.app_cls, heap, state.app_state, wrap=wrap)
+    app = enclave.import_state(state.app_state, wrap)
     total = int(ledger.expected.size) * heap.chunk_size
     last = 0.0
     while True:
@@ -211,13 +209,7 @@ def _give_up(enclave: Enclave, link: Link | None, waiter: CommitWaiter | None, r
         link.abort(reason)
     if waiter is not None:
         waiter.decide("abort", reason)
-        enclave.tombstone = waiter
-    enclave.abandon_incoming()
-    if enclave.persist is not None:
-        enclave.persist.forget()
-    enclave.heap.wipe()
-    enclave.app = None
-    enclave.life.move(Life.INCOMING, Life.DESTROYED)
+    enclave.give_up_incoming(waiter)
 
 
 def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: float) -> dict:
@@ -225,15 +217,8 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
     state, ledger, link = arrived.state, arrived.ledger, arrived.link
     if arrived.waiter is not None:
         arrived.waiter.close()  # the running instance's ResumeServer takes this socket over
-    if state.lineage and enclave.persist is not None:
-        # Sealed checkpoints and their counter continue here; bound only now, so a destination killed
-        # before COMMIT leaves no lineage behind that could restore while the source runs on.
-        try:
-            enclave.persist.adopt(Lineage(state.lineage, state.lineage_key, state.lineage_version))
-        except (ConstmigError, OSError) as e:  # the app must run now; only its checkpoints are affected
-            enclave.figures["lineage_error"] = str(e)
-    enclave.app = arrived.app
-    enclave.life.move(Life.INCOMING, Life.RUNNING)
+    enclave.run_incoming(arrived.app, Lineage(state.lineage, state.lineage_key, state.lineage_version)
+                         if state.lineage else None)
     t_resume = time.time()
     try:
         if arrived.reconnected:  # its first record says what arrived, and that we run (for RESUMED)
@@ -245,6 +230,6 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
         pass  # the app runs here now; the source reconnects to learn of completion
     arrived.strategy.receive_after_commit(enclave, arrived, t_resume, timeout)
     return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
-            "populate_s": enclave.figures.get("populate_s"), "strategy": arrived.strategy.name,
+            "strategy": arrived.strategy.name,
             "tracker": enclave.tracker, "chunks": int(ledger.expected.size),
             **({"committed_by": "reconnect"} if arrived.reconnected else {})}

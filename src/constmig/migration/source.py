@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from constmig.enclave.lifecycle import Life
-from constmig.enclave.state import export_app_state
 from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerAborted, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration import strategies
@@ -34,7 +32,7 @@ from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
 
 if TYPE_CHECKING:
-    from constmig.enclave.runtime import Enclave
+    from constmig.migration.port import MigratingEnclave as Enclave
     from constmig.migration.streamer import Streamer
 
 
@@ -62,8 +60,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     strategy = _strategy(req.get("strategy", "stopcopy"), socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
-    heap, app = enclave.heap, enclave.app
-    assert app is not None
+    heap = enclave.heap
     migration_id = os.urandom(16)
     for sock in socks:
         sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
@@ -81,15 +78,13 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
 
     # --- stop: downtime starts ---
-    chunks = enclave.whole_heap("migrate")  # nothing ran since the check above; the list is the allocator's
-    enclave.life.move(Life.RUNNING, Life.STOPPING)
     t_stop = time.time()
     ledger: ChunkLedger | None = None
     try:
-        ledger = ChunkLedger(migration_id, heap.n_chunks, chunks)
-        blob = export_app_state(app)
-        lineage = enclave.persist.export() if enclave.persist is not None else None
-        link.send(m.StateMsg(strategy.name, blob, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
+        snap = enclave.stop()  # the chunk list is the allocator's (the same gate as above)
+        ledger = ChunkLedger(migration_id, heap.n_chunks, snap.chunks)
+        lineage = snap.lineage
+        link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
                              *((lineage.lineage, lineage.key, lineage.version) if lineage else ())))
         strategy.send_before_handoff(link, ledger, heap, progress)
         link.send(m.HeapEnd(ledger.count))
@@ -98,18 +93,17 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
             raise IntegrityError("destination's READY digest does not match the chunks sent")
     except (ConstmigError, OSError) as e:
         link.abort(str(e))
-        enclave.life.move(Life.STOPPING, Life.RUNNING)
+        enclave.unstop()
         raise MigrationError(
             f"migration aborted before handoff ({e}); the enclave keeps running here with all its data"
         ) from None
     # --- commit point: from here on this enclave never runs the app again ---
-    enclave.life.move(Life.STOPPING, Life.HANDED_OFF)
-    out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, t_stop, len(blob),
+    enclave.hand_off()
+    out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, t_stop, len(snap.state),
                    float(req.get("max_bandwidth") or 0))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
-        if enclave.persist is not None:
-            enclave.persist.leave()  # no checkpoint may restore here once the destination runs it
+        enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it
         link.send(m.Commit())
     except (ConstmigError, OSError) as e:
         link.machine.fail()
@@ -138,9 +132,7 @@ class Outgoing:
 def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
            progress: Callable[[dict], None]) -> dict:
     """Reconnect a paused migration (see resume.py): re-key, learn what arrived, send the rest, await DONE."""
-    out = enclave.outgoing
-    if out is None or enclave.life.state is not Life.HANDED_OFF:
-        raise MigrationError(f"enclave is {enclave.life.state.value} and has no paused migration to resume")
+    out = enclave.parked()
     _strategy(out.strategy.name, socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     for sock in socks:
@@ -205,9 +197,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
             demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
     t_end = time.time()
-    heap.wipe()
-    enclave.outgoing = None
-    enclave.life.move(Life.HANDED_OFF, Life.DESTROYED)
+    enclave.retire()
     return {
         "strategy": out.strategy.name,
         "workload": enclave.app_name,
@@ -230,14 +220,11 @@ def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, stream
     """Past the commit point a failure pauses; only the destination's authenticated ABORT before it
     resumed gives the enclave back to this source (see protocol.py)."""
     if link.machine.state is St.ABORTED:
-        enclave.life.reclaim()
-        enclave.outgoing = None
-        if enclave.persist is not None:
-            enclave.persist.reinstate()
+        enclave.reclaim()
         raise MigrationError(
             f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "
             "enclave runs here again with all its data") from None
-    enclave.outgoing = out
+    enclave.park(out)
     # the streamer's error is the real cause when it closed the main channel to wake us
     cause = streamer.error if streamer is not None and streamer.error else str(e)
     raise MigrationError(

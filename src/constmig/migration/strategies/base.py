@@ -16,10 +16,10 @@ from constmig.errors import ProtocolError
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
-    from constmig.enclave.runtime import Enclave
     from constmig.migration.destination import Arrived
     from constmig.migration.ledger import ChunkLedger
     from constmig.migration.link import Link
+    from constmig.migration.port import MigratingEnclave as Enclave
     from constmig.migration.protocol import St
     from constmig.migration.streamer import Streamer
 

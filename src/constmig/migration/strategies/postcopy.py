@@ -22,9 +22,9 @@ from constmig.wire.channel import SealedChunk, SecureChannel
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
-    from constmig.enclave.runtime import Enclave
     from constmig.migration.destination import Arrived
     from constmig.migration.ledger import ChunkLedger
+    from constmig.migration.port import MigratingEnclave as Enclave
 
 
 NO_CHUNK = "post-copy sends no chunk before the handoff"
@@ -58,11 +58,11 @@ class PostCopy(Strategy):
     def receive_after_commit(self, enclave: Enclave, arrived: Arrived, t_resume: float, timeout: float) -> None:
         """Hand the stream to the tracker: the pager process (fault) or receiver threads here (access)."""
         link, socks, ledger = arrived.link, arrived.socks, arrived.ledger
-        enclave.incoming_chunks = int(ledger.expected.size)
         try:
             shallow_queue(socks[0], socket.SO_RCVBUF, enclave.heap.chunk_size)
             if enclave.tracker == "fault":
                 assert enclave.pager is not None
+                enclave.stream_incoming(int(ledger.expected.size), None)  # the pager receives it
                 main = link.chan.detach()
                 try:
                     enclave.pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in socks],
@@ -76,12 +76,13 @@ class PostCopy(Strategy):
             assert enclave.access is not None
             demand = Link(SecureChannel.resume(socks[1], link.chan.ticket().derive(DEMAND_LABEL)), link.machine,
                           timeout)
-            enclave.receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access, enclave.heap.chunk_size),
-                                        chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
-            enclave.receiver.start()
-            enclave.receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
+            receiver = Receiver(link, demand, ledger, AccessInstaller(enclave.access, enclave.heap.chunk_size),
+                                chunk_size=enclave.heap.chunk_size, tracker="access", t_resume=t_resume)
+            enclave.stream_incoming(int(ledger.expected.size), receiver)
+            receiver.start()
+            receiver.request(enclave.access.outstanding())  # asked for before the receiver existed
             if enclave.resume_path is not None:
-                ResumeServer(enclave.resume_path, arrived.secret, ledger, t_resume, enclave.receiver,
+                ResumeServer(enclave.resume_path, arrived.secret, ledger, t_resume, receiver,
                              enclave.heap.chunk_size, epoch=arrived.epoch)
         except (ConstmigError, OSError) as e:
             # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.

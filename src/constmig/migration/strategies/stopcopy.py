@@ -13,10 +13,10 @@ from constmig.migration.strategies.base import Progress, Strategy
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
-    from constmig.enclave.runtime import Enclave
     from constmig.migration.destination import Arrived
     from constmig.migration.ledger import ChunkLedger
     from constmig.migration.link import Link
+    from constmig.migration.port import MigratingEnclave as Enclave
 
 
 class StopAndCopy(Strategy):

@@ -1,0 +1,99 @@
+"""The narrow port between the migration code and the enclave runtime it runs in.
+
+The drivers (source.py, destination.py) and the strategies see an enclave only through this Protocol:
+what it is and holds (read), and the lifecycle steps it takes itself (stop, hand off, reclaim, retire;
+take an incoming state, run it, give it up). They never write the runtime's fields, so the runtime
+keeps its own invariants (enclave/lifecycle.py, the whole-heap gate) in one place. enclave/runtime.py's
+Enclave implements it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
+
+    from constmig.enclave.app import EnclaveApp
+    from constmig.enclave.heap import Heap
+    from constmig.enclave.pager import PagerHandle
+    from constmig.enclave.persist import Lineage
+    from constmig.enclave.tracker import AccessTracker
+    from constmig.migration.receiver import Receiver
+    from constmig.migration.resume_server import CommitWaiter
+    from constmig.migration.source import Outgoing
+    from constmig.tee.backend import Identity, TeeBackend
+    from constmig.wire.handshake import Policy
+
+
+class Snapshot(NamedTuple):
+    """What a stopped source exports: the chunks that move, the small state, the sealed-state lineage."""
+
+    chunks: np.ndarray
+    state: bytes
+    lineage: Lineage | None
+
+
+class MigratingEnclave(Protocol):
+    app_name: str
+    heap: Heap
+    backend: TeeBackend
+    identity: Identity
+    policy: Policy
+    tracker: str  # how this instance tracks a heap that arrives after it runs: none | fault | access
+    resume_path: Path | None  # where an incoming migration listens for reconnects
+    pager: PagerHandle | None  # Fault Tracker
+    access: AccessTracker | None  # Access Tracker
+
+    # --- as the source ---------------------------------------------------------------------------------
+
+    def whole_heap(self, what: str) -> np.ndarray:
+        """The chunk list of a whole-heap export; refuses a heap still arriving (HeapIncomplete)."""
+
+    def stop(self) -> Snapshot:
+        """RUNNING -> STOPPING at an ECALL boundary, and export; back to RUNNING if the export fails."""
+
+    def unstop(self) -> None:
+        """STOPPING -> RUNNING: the migration aborted before its commit point (no-op if not stopped)."""
+
+    def hand_off(self) -> None:
+        """STOPPING -> HANDED_OFF: the commit point; this enclave never runs the app again."""
+
+    def leave_lineage(self) -> None:
+        """Before COMMIT: no checkpoint may restore here once the destination runs the enclave."""
+
+    def park(self, out: Outgoing) -> None:
+        """Keep a migration that paused after its commit point, for a reconnect."""
+
+    def parked(self) -> Outgoing:
+        """The paused migration a reconnect continues (MigrationError if there is none)."""
+
+    def reclaim(self) -> None:
+        """HANDED_OFF -> RUNNING: the destination proved it never ran the enclave (authenticated ABORT)."""
+
+    def retire(self) -> None:
+        """DONE matched: wipe the heap, DESTROYED."""
+
+    # --- as the destination ----------------------------------------------------------------------------
+
+    def expect_incoming(self) -> None:
+        """Refuse unless this is an empty instance waiting for a migration."""
+
+    def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
+        """Rebuild the app from the small state, its heap arrays wrapped by `wrap` (the Access Tracker's)."""
+
+    def start_access_tracking(self, expected: np.ndarray, timeout: float) -> Any:
+        """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
+
+    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None) -> None:
+        """COMMIT (or its stand-in): continue the lineage, INCOMING -> RUNNING."""
+
+    def stream_incoming(self, chunks: int, receiver: Receiver | None) -> None:
+        """After COMMIT: `chunks` more arrive behind the running app (received here by `receiver`, or by
+        the pager when it is None); whole-heap exports wait for them."""
+
+    def give_up_incoming(self, tombstone: CommitWaiter | None) -> None:
+        """Before COMMIT: drop trackers, pager and any lineage, wipe, DESTROYED; `tombstone` stays to answer
+        the source's reconnects with ABORT."""
