@@ -1,0 +1,305 @@
+"""The Access Tracker's state: which chunks of an incoming heap are restored, the wait for missing ones,
+the installer's side, and the PROT_NONE tripwire over the chunks still missing."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from constmig.enclave.heap import Heap
+from constmig.errors import MigrationError
+
+PROT_NONE = 0
+PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mprotect = _libc.mprotect
+_mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mprotect.restype = ctypes.c_int
+
+
+class TrackerState:
+    """Restored-chunk bitmap of one incoming post-copy migration, and the wait for missing chunks.
+
+    App threads call `ensure_*` (through TrackedArray); receiver threads call the `*_install` methods.
+    `missing` and `complete` are read without the lock on the fast path: they only ever go from
+    missing to restored, and a chunk is marked restored only after its bytes are in place.
+    """
+
+    def __init__(
+        self,
+        heap: Heap,
+        expected: np.ndarray,
+        request: Callable[[np.ndarray], None],
+        timeout: float = 60.0,
+    ) -> None:
+        n = heap.n_chunks
+        exp = np.asarray(expected, dtype=np.int64).ravel()
+        if exp.size and (int(exp.min()) < 0 or int(exp.max()) >= n):
+            raise MigrationError(f"expected chunk list names chunks outside the heap's {n} chunks")
+        if not timeout > 0:
+            raise MigrationError(f"access tracker timeout must be positive, not {timeout!r}")
+        self.heap = heap
+        self.timeout = float(timeout)
+        self._request = request
+        self.missing = np.zeros(n, dtype=bool)  # read-only for callers
+        self.missing[exp] = True
+        self._missing_b = memoryview(self.missing).cast("B")  # scalar lookups without numpy overhead
+        self.expected_count = int(np.count_nonzero(self.missing))
+        self._n_missing = self.expected_count
+        self.complete: bool = self._n_missing == 0  # plain attribute: the one check on the fast path
+        self._requested = np.zeros(n, dtype=bool)
+        self._installing = np.zeros(n, dtype=bool)
+        self._requested_at = np.full(n, np.nan)
+        self._restored_at = np.full(n, np.nan)
+        self._cond = threading.Condition()
+        self._failure: str | None = None
+        self._paused: str | None = None  # the stream stopped; waiters wait on (a reconnect may come)
+        self._guarded = False
+        # geometry, copied out of the heap so the hot path does plain attribute reads
+        self._base = heap.address
+        self._size = heap.size
+        self._chunk = heap.chunk_size
+        self._shift = heap.chunk_size.bit_length() - 1
+        self._n = n
+        # figures
+        self.demanded = 0  # chunks passed to request()
+        self.latencies: list[float] = []  # seconds from first request to restored, per waited chunk
+        self.stalls = 0  # ensure calls that had to block
+        self.stall_seconds = 0.0
+
+    # -- app side ----------------------------------------------------------------------------------
+
+    def ensure_chunks(self, chunks: np.ndarray) -> None:
+        """Return once every chunk in `chunks` is restored, demanding the missing ones."""
+        if self.complete:
+            return
+        c = np.asarray(chunks, dtype=np.int64).ravel()
+        if c.size and (int(c.min()) < 0 or int(c.max()) >= self._n):
+            raise MigrationError(f"chunk indices outside the heap's {self._n} chunks")
+        self._ensure_chunks(c)
+
+    def ensure_range(self, lo: int, hi: int) -> None:
+        """Return once the chunks under heap bytes [lo, hi) are restored."""
+        if self.complete:
+            return
+        self._ensure_offsets(int(lo), int(hi))
+
+    def outstanding(self) -> np.ndarray:
+        """Chunks demanded but not restored yet: what a receiver that starts late must still ask for."""
+        with self._cond:
+            return np.flatnonzero(self._requested & self.missing).astype(np.int64)
+
+    @property
+    def failed(self) -> str | None:
+        """The reason given to `fail`, if the migration failed."""
+        return self._failure
+
+    @property
+    def remaining(self) -> int:
+        """Expected chunks not restored yet."""
+        return self._n_missing
+
+    def _ensure_chunks(self, c: np.ndarray) -> None:
+        if self._failure is not None:
+            raise self._failed_error()
+        if c.size and np.count_nonzero(self.missing[c]):
+            self._wait(np.unique(c))
+
+    def _ensure_offsets(self, lo: int, hi: int) -> None:
+        if self._failure is not None:
+            raise self._failed_error()
+        lo = max(lo, 0)
+        hi = min(hi, self._size)
+        if hi <= lo:
+            return
+        a = lo >> self._shift
+        b = ((hi - 1) >> self._shift) + 1
+        if b - a == 1:
+            if not self._missing_b[a]:
+                return
+        elif not np.count_nonzero(self.missing[a:b]):
+            return
+        self._wait(np.arange(a, b, dtype=np.int64))
+
+    def _wait(self, cands: np.ndarray) -> None:
+        """Demand the not-yet-requested ones among `cands` (sorted, unique) and block until all arrive."""
+        t0 = time.perf_counter()
+        with self._cond:
+            if self._failure is not None:
+                raise self._failed_error()
+            waited = cands[self.missing[cands]]
+            if not waited.size:
+                return
+            new = waited[~self._requested[waited]]
+            if new.size:
+                self._requested[new] = True
+                self._requested_at[new] = t0
+                self.demanded += int(new.size)
+        if new.size:
+            try:
+                self._request(new)  # outside the lock: it may send on the network, installers go on
+            except Exception as e:
+                reason = f"cannot demand heap chunks from the source: {e}"
+                self.fail(reason)
+                raise MigrationError(reason) from e
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self.stalls += 1
+            try:
+                pending = waited
+                while True:
+                    if self._failure is not None:
+                        raise self._failed_error(pending.size)
+                    pending = pending[self.missing[pending]]
+                    if not pending.size:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        paused = f"; the migration is paused ({self._paused})" if self._paused else ""
+                        raise MigrationError(
+                            f"heap access timed out after {self.timeout:g} s waiting for {pending.size} "
+                            f"chunk(s) from chunk {int(pending[0])}; {self.expected_count - self._n_missing} "
+                            f"of {self.expected_count} chunks restored{paused}"
+                        )
+                    self._cond.wait(left)
+                self.latencies.extend((self._restored_at[waited] - self._requested_at[waited]).tolist())
+            finally:
+                self.stall_seconds += time.perf_counter() - t0
+
+    def _failed_error(self, waiting: int = 0) -> MigrationError:
+        what = f" while the app waited for {waiting} heap chunk(s)" if waiting else ""
+        return MigrationError(f"heap access refused: the incoming migration failed{what} ({self._failure})")
+
+    # -- installer side ----------------------------------------------------------------------------
+
+    def begin_install(self, index: int) -> memoryview:
+        """Claim missing chunk `index` for writing; returns its heap memory (writable even if guarded)."""
+        i = self._index(index)
+        with self._cond:
+            if not self.missing[i]:
+                raise MigrationError(f"chunk {i} is not awaited (not expected, or restored already)")
+            if self._installing[i]:
+                raise MigrationError(f"chunk {i} is being installed already")
+            if self._guarded:
+                self._protect(i, i + 1, PROT_RW)
+            self._installing[i] = True
+        return self.heap.chunk_view(i)
+
+    def finish_install(self, index: int) -> None:
+        """The chunk's bytes are in place and verified: let the app see it and wake waiters."""
+        i = self._index(index)
+        with self._cond:
+            if not self._installing[i]:
+                raise MigrationError(f"chunk {i} was not being installed (call begin_install first)")
+            self._installing[i] = False
+            self._restored_at[i] = time.perf_counter()
+            self.missing[i] = False
+            self._n_missing -= 1
+            if self._n_missing == 0:
+                self.complete = True
+            self._cond.notify_all()
+
+    def abort_install(self, index: int) -> None:
+        """The chunk could not be installed (bad tag, short data): it stays missing and guarded."""
+        i = self._index(index)
+        with self._cond:
+            if not self._installing[i]:
+                return  # called from error paths: never mask the original error
+            self._installing[i] = False
+            if self._guarded:
+                self._protect(i, i + 1, PROT_NONE)
+
+    def pause(self, reason: str) -> None:
+        """The stream stopped: accesses to missing chunks keep waiting (up to their timeout) for a reconnect."""
+        with self._cond:
+            self._paused = str(reason)
+
+    def unpause(self) -> None:
+        with self._cond:
+            self._paused = None
+
+    @property
+    def paused(self) -> str | None:
+        return self._paused
+
+    def fail(self, reason: str) -> None:
+        """The migration cannot finish: waiting and every later access to an unfinished heap raise."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = str(reason)
+            self._cond.notify_all()
+
+    # -- tripwire ----------------------------------------------------------------------------------
+
+    def guard(self) -> int:
+        """Make every missing chunk PROT_NONE, so an access that escapes tracking faults, not reads zeros.
+
+        Returns the number of mprotect calls (one per run of consecutive chunks).
+        """
+        with self._cond:
+            self._guarded = True
+            return self._protect_mask(self.missing & ~self._installing, PROT_NONE)
+
+    def adopt_guard(self) -> int:
+        """Take over a guard `guard_heap` put on the whole heap while preparing, and open the chunks that
+        will never arrive. Why: mprotect of a populated heap costs tens of ms per GiB, which would be
+        downtime at the stop; opening the few unmigrated chunks is cheap."""
+        with self._cond:
+            self._guarded = True
+            return self._protect_mask(~self.missing & ~self._installing, PROT_RW)
+
+    def unguard(self) -> int:
+        """Make the missing chunks accessible again (before handing the heap to other code)."""
+        with self._cond:
+            if not self._guarded:
+                return 0
+            self._guarded = False
+            return self._protect_mask(self.missing & ~self._installing, PROT_RW)
+
+    def _protect_mask(self, mask: np.ndarray, prot: int) -> int:
+        idx = np.flatnonzero(mask)
+        if not idx.size:
+            return 0
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = idx[np.concatenate(([0], breaks))]
+        stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):  # one call per run
+            self._protect(a, b, prot)
+        return len(starts)
+
+    def _protect(self, a: int, b: int, prot: int) -> None:
+        if self.heap.closed:
+            raise MigrationError("cannot change the protection of a closed heap")
+        rc = _mprotect(self._base + a * self._chunk, (b - a) * self._chunk, prot)
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise MigrationError(f"mprotect of heap chunks {a}..{b - 1} failed: {os.strerror(err)}")
+
+    def _index(self, index: int) -> int:
+        i = int(index)
+        if not 0 <= i < self._n:
+            raise MigrationError(f"chunk index {i} out of range 0..{self._n - 1}")
+        return i
+
+
+class _Untracked:
+    """Tracker of arrays that need no checks (not heap memory, or made by the TrackedArray constructor)."""
+
+    complete = True
+    _failure = None
+
+
+_UNTRACKED = _Untracked()
+
+
+def guard_heap(heap: Heap) -> None:
+    """PROT_NONE over the whole heap of an incoming enclave, before any migration starts (see adopt_guard)."""
+    if _mprotect(heap.address, heap.size, PROT_NONE) != 0:
+        raise MigrationError(f"mprotect of the heap failed: {os.strerror(ctypes.get_errno())}")
