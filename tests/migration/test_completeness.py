@@ -16,7 +16,6 @@ a count check is dropped:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
@@ -24,82 +23,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, Runner, World, recv_msg, send_msg
 
 from constmig.enclave.lifecycle import Life
-from constmig.enclave.runtime import Enclave, build_enclave
+from constmig.enclave.runtime import Enclave
 from constmig.enclave.state import export_app_state
 from constmig.errors import ChannelClosed, MigrationError
 from constmig.migration import destination, source
 from constmig.migration import messages as m
+from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
-from constmig.migration.source import DEMAND_LABEL
-from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.wire.channel import ControlRecord, SecureChannel
+from constmig.wire.channel import SecureChannel
 from constmig.wire.framing import FramedSocket
 from constmig.wire.handshake import run_initiator, run_responder
-
-MiB = 1 << 20
-HEAP = 8 * MiB
-CHUNK = 1 * MiB
-TIMEOUT = 20.0
-
-
-@dataclass
-class World:
-    base: Path
-    root_pem: Path
-    platforms: dict[str, Path]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    base = tmp_path_factory.mktemp("complete")
-    create_root_ca(base / "ca")
-    platforms = {}
-    for host in ("host-a", "host-b"):
-        SimPlatform.provision(base / host, base / "ca", host)
-        platforms[host] = base / host
-    return World(base, base / "ca" / "root.pem", platforms)
-
-
-@dataclass
-class Enclaves:
-    """In-process enclaves built as the enclave process builds them; closed after the test."""
-
-    world: World
-    made: list[Enclave] = field(default_factory=list)
-
-    def build(self, host: str, *, incoming: bool = False) -> Enclave:
-        args = argparse.Namespace(
-            app="kvstore", heap=HEAP, chunk_size=CHUNK, mode="incoming" if incoming else "fresh", tracker="none",
-            config="", socket=str(self.world.base / f"{host}-{len(self.made)}.sock"),
-            platform_dir=str(self.world.platforms[host]), root_pem=str(self.world.root_pem))
-        enclave = build_enclave(args)
-        self.made.append(enclave)
-        return enclave
-
-    def filled(self) -> Enclave:
-        enclave = self.build("host-a")
-        assert enclave.app is not None
-        enclave.app.fill(0.9, 7)
-        return enclave
-
-
-@pytest.fixture
-def enclaves(world: World) -> Iterator[Enclaves]:
-    e = Enclaves(world)
-    try:
-        yield e
-    finally:
-        for enclave in e.made:
-            enclave.heap.close()
 
 
 @pytest.fixture
@@ -116,35 +57,6 @@ def socks() -> Iterator[list[socket.socket]]:
             s.close()
 
 
-class Runner:
-    """The real side in a thread: what it returned or raised."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self.result = fn(*args)
-        except BaseException as e:  # handed to the test thread
-            self.error = e
-
-    def outcome(self, timeout: float = 30.0) -> Any:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the real side did not finish"
-        return self.error if self.error is not None else self.result
-
-
-def recv_msg(chan: SecureChannel) -> m.Message:
-    rec = chan.recv(timeout=TIMEOUT)
-    assert isinstance(rec, ControlRecord), f"expected a control message, got {rec!r}"
-    return m.decode(rec.payload)
-
-
-def send_msg(chan: SecureChannel, msg: m.Message) -> None:
-    chan.send_control(m.encode(msg))
 
 
 def source_params(enclave: Enclave, strategy: str) -> dict[str, Any]:

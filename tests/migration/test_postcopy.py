@@ -9,24 +9,21 @@ would. The real side runs in a thread; every socket is closed in `finally`, so n
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import select
 import socket
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, MiB, Runner, recv_msg, send_msg
 
 from constmig.enclave.lifecycle import Life
-from constmig.enclave.runtime import Enclave, build_enclave
+from constmig.enclave.runtime import Enclave
 from constmig.enclave.state import export_app_state
 from constmig.errors import ChannelClosed, IntegrityError, MigrationError
 from constmig.migration import destination, source
@@ -35,16 +32,10 @@ from constmig.migration import messages as m
 from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.streamer import MAX_DEMAND
-from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.wire.channel import ControlRecord, SealedChunk, SecureChannel
+from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
 from constmig.wire.records import HEADER_SIZE
 
-MiB = 1 << 20
-HEAP = 8 * MiB
-CHUNK = 1 * MiB
-SEED = 7
-TIMEOUT = 20.0  # every receive on either side; far below the test timeout
 # A demanded chunk may travel as several PIECE-sized records (arg = chunk * PIECES + piece, the awaited
 # piece first, ledger tag = pieces_tag of the piece tags in piece order), or as one whole-chunk record.
 PIECE: int = getattr(ledger_mod, "PIECE", CHUNK)
@@ -53,77 +44,6 @@ PIECES = CHUNK // PIECE if PIECE < CHUNK else 1
 
 def pieces_tag(tags: list[bytes]) -> bytes:
     return ledger_mod.pieces_tag(tags) if PIECES > 1 else tags[0]
-
-
-# --- world: a root CA and two provisioned platforms ---------------------------------------------------
-
-
-@dataclass
-class World:
-    base: Path
-    root_pem: Path
-    platforms: dict[str, Path]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    base = tmp_path_factory.mktemp("postcopy")
-    create_root_ca(base / "ca")
-    platforms = {}
-    for host in ("host-a", "host-b"):
-        SimPlatform.provision(base / host, base / "ca", host)
-        platforms[host] = base / host
-    return World(base, base / "ca" / "root.pem", platforms)
-
-
-@dataclass
-class Enclaves:
-    """Builds enclaves the way the enclave process does, and tears them down after the test."""
-
-    world: World
-    made: list[Enclave] = field(default_factory=list)
-
-    def build(self, host: str, *, incoming: bool = False, tracker: str = "none") -> Enclave:
-        args = argparse.Namespace(
-            app="kvstore", heap=HEAP, chunk_size=CHUNK, mode="incoming" if incoming else "fresh",
-            tracker=tracker, config="", socket=str(self.world.base / f"{host}-{len(self.made)}.sock"),
-            platform_dir=str(self.world.platforms[host]), root_pem=str(self.world.root_pem),
-        )
-        enclave = build_enclave(args)
-        self.made.append(enclave)
-        return enclave
-
-    def filled(self, host: str = "host-a") -> Enclave:
-        enclave = self.build(host)
-        assert enclave.app is not None
-        enclave.app.fill(0.9, SEED)
-        return enclave
-
-    def close(self) -> None:
-        for enclave in self.made:
-            receiver = enclave.receiver
-            if receiver is not None:
-                receiver.main.chan.close()
-                receiver.demand.chan.close()
-                receiver.join()
-            if enclave.access is not None:
-                with contextlib.suppress(Exception):
-                    enclave.access.fail("test over")
-                    enclave.access.unguard()
-            with contextlib.suppress(Exception):
-                from constmig.enclave.tracker import restore
-
-                restore(sys.modules[enclave.app_cls.__module__])
-            enclave.heap.close()
-
-
-@pytest.fixture
-def enclaves(world: World) -> Iterator[Enclaves]:
-    e = Enclaves(world)
-    try:
-        yield e
-    finally:
-        e.close()
 
 
 @dataclass
@@ -148,43 +68,6 @@ def pairs() -> Iterator[Pairs]:
         yield p
     finally:
         p.close()
-
-
-class Runner:
-    """Runs the real side in a thread and keeps what it returned or raised."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self.result = fn(*args)
-        except BaseException as e:  # handed to the test thread
-            self.error = e
-
-    def join(self, timeout: float = 30.0) -> Runner:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the real side did not finish"
-        return self
-
-    def value(self, timeout: float = 30.0) -> Any:
-        self.join(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def recv_msg(chan: SecureChannel) -> m.Message:
-    rec = chan.recv(timeout=TIMEOUT)
-    assert isinstance(rec, ControlRecord), f"expected a control message, got {rec!r}"
-    return m.decode(rec.payload)
-
-
-def send_msg(chan: SecureChannel, msg: m.Message) -> None:
-    chan.send_control(m.encode(msg))
 
 
 # --- the fake destination (plays against the real source) ---------------------------------------------

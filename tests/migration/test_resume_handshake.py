@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 
 import msgspec
 import numpy as np
 import pytest
+from scripted import run_pair
 
 from constmig.errors import IntegrityError, ProtocolError
 from constmig.migration.ledger import ChunkLedger
@@ -25,33 +25,14 @@ def secrets_pair() -> tuple[ResumeSecret, ResumeSecret]:
     return src, dst
 
 
-def run_pair(src_fn, dst_fn):
-    a, b = socket.socketpair()
-    ca, cb = SecureChannel(a, MID), SecureChannel(b, MID)
-    out: dict[str, object] = {}
-
-    def side(name, fn, chan):
-        try:
-            out[name] = fn(chan)
-        except Exception as e:  # reported to the test
-            out[name] = e
-            chan.close()
-
-    t = threading.Thread(target=side, args=("dst", dst_fn, cb))
-    t.start()
-    side("src", src_fn, ca)
-    t.join(10)
-    return out, ca, cb
-
-
 def test_both_ends_derive_one_secret_and_reconnect_with_fresh_keys():
     src, dst = secrets_pair()
-    out, ca, cb = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5))
+    out, ca, cb = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5), MID)
     assert out == {"src": None, "dst": 1}
     ca.send_control(b"after the reconnect")
     assert cb.recv(timeout=5).payload == b"after the reconnect"
     keys1 = ca.ticket().send_key
-    out, ca2, _ = run_pair(lambda c: src.initiate(c, 2, 5), lambda c: dst.accept(c, 1, 5))
+    out, ca2, _ = run_pair(lambda c: src.initiate(c, 2, 5), lambda c: dst.accept(c, 1, 5), MID)
     assert out == {"src": None, "dst": 2}
     assert ca2.ticket().send_key != keys1  # every reconnect has keys of its own
 
@@ -61,7 +42,7 @@ def test_both_ends_derive_one_secret_and_reconnect_with_fresh_keys():
 def test_stale_epoch_is_refused(last):
     """A recorded RESUME_HELLO replayed later carries an epoch the destination has used already."""
     src, dst = secrets_pair()
-    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, last, 5))
+    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, last, 5), MID)
     assert isinstance(out["dst"], IntegrityError) and "stale RESUME_HELLO" in str(out["dst"])
 
 
@@ -70,7 +51,7 @@ def test_hello_from_another_migration_is_refused():
     """A host that knows no session key (or has another migration's) cannot start a reconnect."""
     _, dst = secrets_pair()
     other = ResumeSecret.from_ticket(ChannelTicket(MID, os.urandom(32), os.urandom(32), 1, 2))
-    out, _, _ = run_pair(lambda c: other.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5))
+    out, _, _ = run_pair(lambda c: other.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5), MID)
     assert isinstance(out["dst"], IntegrityError) and "does not prove the source" in str(out["dst"])
 
 
@@ -78,7 +59,7 @@ def test_hello_from_another_migration_is_refused():
 def test_reply_from_a_fake_destination_is_refused():
     src, _ = secrets_pair()
     other = ResumeSecret.from_ticket(ChannelTicket(MID, os.urandom(32), os.urandom(32), 2, 1))
-    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: other.accept(c, 0, 5))
+    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: other.accept(c, 0, 5), MID)
     assert isinstance(out["dst"], IntegrityError)  # the fake cannot even check the hello
     assert isinstance(out["src"], Exception)
 
@@ -95,7 +76,7 @@ def test_replayed_reply_does_not_fit_a_new_hello(monkeypatch):
         return real(self, payload)
 
     monkeypatch.setattr(SecureChannel, "send_handshake", recording)
-    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5))
+    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: dst.accept(c, 0, 5), MID)
     assert out == {"src": None, "dst": 1} and len(sent) == 2  # hello, reply
     old_reply = sent[1]
 
@@ -103,7 +84,7 @@ def test_replayed_reply_does_not_fit_a_new_hello(monkeypatch):
         c.recv(timeout=5)  # the source's new hello
         c.send_handshake(old_reply)
 
-    out, _, _ = run_pair(lambda c: src.initiate(c, 2, 5), replay)
+    out, _, _ = run_pair(lambda c: src.initiate(c, 2, 5), replay, MID)
     assert isinstance(out["src"], IntegrityError) and "does not prove the destination" in str(out["src"])
 
 
@@ -115,7 +96,7 @@ def test_garbage_hello_is_a_clean_protocol_error(payload):
     def send(c):
         c.send_handshake(payload)
 
-    out, _, _ = run_pair(send, lambda c: dst.accept(c, 0, 5))
+    out, _, _ = run_pair(send, lambda c: dst.accept(c, 0, 5), MID)
     assert isinstance(out["dst"], ProtocolError)
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
+from scripted import run_pair
 
 from constmig.errors import IntegrityError, ProtocolError
 from constmig.migration.ledger import ChunkLedger
@@ -37,25 +37,6 @@ def secrets_pair() -> tuple[ResumeSecret, ResumeSecret]:
             ResumeSecret.from_ticket(ChannelTicket(MID, K2, K1, 2, 1)))
 
 
-def run_pair(src_fn: Any, dst_fn: Any) -> tuple[dict[str, Any], SecureChannel, SecureChannel]:
-    a, b = socket.socketpair()
-    ca, cb = SecureChannel(a, MID), SecureChannel(b, MID)
-    out: dict[str, Any] = {}
-
-    def side(name: str, fn: Any, chan: SecureChannel) -> None:
-        try:
-            out[name] = fn(chan)
-        except Exception as e:  # reported to the test
-            out[name] = e
-            chan.close()
-
-    t = threading.Thread(target=side, args=("dst", dst_fn, cb))
-    t.start()
-    side("src", src_fn, ca)
-    t.join(10)
-    return out, ca, cb
-
-
 # --- the secret ----------------------------------------------------------------------------------------
 
 
@@ -64,7 +45,7 @@ def test_secret_survives_the_trip_to_the_pager() -> None:
     src, dst = secrets_pair()
     again = ResumeSecret.from_wire(dst.to_wire())
     assert isinstance(again, ResumeSecret) and again.migration_id == MID
-    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: again.accept(c, 0, 5))
+    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), lambda c: again.accept(c, 0, 5), MID)
     assert out == {"src": None, "dst": 1}
 
 
@@ -84,7 +65,7 @@ def test_malformed_secret_is_refused(change: dict[str, Any]) -> None:
 
 def test_reconnected_channel_works_both_ways() -> None:
     src, dst = secrets_pair()
-    out, ca, cb = run_pair(lambda c: src.initiate(c, 3, 5), lambda c: dst.accept(c, 2, 5))
+    out, ca, cb = run_pair(lambda c: src.initiate(c, 3, 5), lambda c: dst.accept(c, 2, 5), MID)
     assert out == {"src": None, "dst": 3}
     ca.send_control(b"to the destination")
     assert cb.recv(timeout=5).payload == b"to the destination"
@@ -115,7 +96,7 @@ def test_hello_epoch_and_nonce_bounds(epoch: int, nonce: int, last: int, ok: boo
     def send(c: SecureChannel) -> None:
         c.send_handshake(hello)
 
-    out, _, _ = run_pair(send, lambda c: dst.accept(c, last, 5))
+    out, _, _ = run_pair(send, lambda c: dst.accept(c, last, 5), MID)
     if ok:
         assert out["dst"] == epoch
     else:
@@ -134,7 +115,7 @@ def test_messages_with_unknown_fields_are_malformed(kind: str) -> None:
         def send(c: SecureChannel) -> None:
             c.send_handshake(msgspec.msgpack.encode(extra))
 
-        out, _, _ = run_pair(send, lambda c: dst.accept(c, 0, 5))
+        out, _, _ = run_pair(send, lambda c: dst.accept(c, 0, 5), MID)
         assert isinstance(out["dst"], ProtocolError) and "malformed resume message" in str(out["dst"]), out
         return
 
@@ -143,7 +124,7 @@ def test_messages_with_unknown_fields_are_malformed(kind: str) -> None:
         c.send_handshake(msgspec.msgpack.encode({"type": "resume_reply", "nonce": bytes(NONCE), "mac": bytes(32),
                                                  "extra": 1}))
 
-    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), reply)
+    out, _, _ = run_pair(lambda c: src.initiate(c, 1, 5), reply, MID)
     assert isinstance(out["src"], ProtocolError) and "malformed resume message" in str(out["src"]), out
 
 
@@ -195,6 +176,6 @@ def test_have_with_an_unknown_field_is_malformed() -> None:
 
 def test_stale_epoch_message() -> None:
     src, dst = secrets_pair()
-    out, _, _ = run_pair(lambda c: src.initiate(c, 4, 5), lambda c: dst.accept(c, 4, 5))
+    out, _, _ = run_pair(lambda c: src.initiate(c, 4, 5), lambda c: dst.accept(c, 4, 5), MID)
     assert isinstance(out["dst"], IntegrityError)
     assert str(out["dst"]) == ("stale RESUME_HELLO: epoch 4, but epoch 4 was used already (a replayed reconnect)")

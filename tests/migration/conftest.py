@@ -1,0 +1,22 @@
+"""Fixtures the migration tests share (the helpers behind them are in scripted.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from scripted import Enclaves, World, make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture
+def enclaves(world: World) -> Iterator[Enclaves]:
+    e = Enclaves(world)
+    try:
+        yield e
+    finally:
+        e.close()
