@@ -86,6 +86,11 @@ class EnclaveError(ConstmigError):
         self.tombstone = tombstone
 
 
+class EnclaveNotRunning(EnclaveError):
+    """The enclave refused an ECALL because it does not run the app now (stopped for a migration, handed
+    off, incoming): the ECALL did not run, so it may be sent again where the enclave runs."""
+
+
 class HeapIncomplete(EnclaveError):
     """The heap is still arriving from a migration: nothing may export it whole (migrate out, checkpoint)."""
 

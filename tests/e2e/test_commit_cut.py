@@ -19,7 +19,7 @@ import time
 import pytest
 from conftest import checksum, launch
 from mitm import MitmProxy, RecordTamper
-from test_live_postcopy import TRACKERS
+from test_live_postcopy import VARIANTS
 
 from constmig.errors import AgentError
 from constmig.host.client import EnclaveClient, request
@@ -29,9 +29,6 @@ from constmig.wire.records import Kind
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]
 
 COMMIT = 3  # the third CONTROL record from the source on the main channel: STATE, HEAP_END, COMMIT
-VARIANTS = [pytest.param(("stopcopy", "auto"), id="stopcopy"),
-            *(pytest.param(("constmig", t.values[0]), marks=t.marks, id=f"constmig-{t.values[0]}")
-              for t in (p if hasattr(p, "values") else pytest.param(p) for p in TRACKERS))]
 
 
 class CommitCutter:

@@ -29,6 +29,10 @@ TRACKERS = [
                                                    reason=f"userfaultfd unusable: {_UFFD_PROBLEM}")),
     "access",
 ]
+# (strategy, tracker) for every strategy and tracker, with the same skip marks
+VARIANTS = [pytest.param(("stopcopy", "auto"), id="stopcopy"),
+            *(pytest.param(("constmig", t.values[0]), marks=t.marks, id=f"constmig-{t.values[0]}")
+              for t in (p if hasattr(p, "values") else pytest.param(p) for p in TRACKERS))]
 
 
 class Migration(threading.Thread):

@@ -65,7 +65,7 @@ def test_the_source_never_goes_back_to_running_once_failed() -> None:
 
 
 def test_predicates() -> None:
-    assert {S.RUNNING, S.PREPARING_OUT} == CALLABLE
+    assert {S.RUNNING, S.PREPARING_OUT, S.MIGRATING_OUT} == CALLABLE  # the enclave refuses once it stops
     assert S.INCOMING in TAKES_RECONNECT and S.ABORTED in TAKES_RECONNECT and S.HANDED_OFF not in TAKES_RECONNECT
     assert HOLDS_UNDELIVERED <= STOPPABLE
     assert S.MIGRATING_OUT not in STOPPABLE and S.INCOMING not in STOPPABLE

@@ -229,8 +229,10 @@ class Heap:
 
     @property
     def used_bytes(self) -> int:
-        """Heap bytes reserved by allocations (each rounded up to whole pages)."""
-        return sum(_align_up(self.extent(n)[1], PAGE_SIZE) for n in self._allocs)
+        """Heap bytes reserved by allocations (each rounded up to whole pages). Safe beside an ECALL that
+        allocates (status requests run in their own thread): it reads one snapshot of the table."""
+        allocs = tuple(self._allocs.values())  # one C-level copy under the GIL
+        return sum(_align_up(int(np.prod(shape, dtype=np.int64)) * dt.itemsize, PAGE_SIZE) for _, shape, dt in allocs)
 
     @property
     def free_bytes(self) -> int:

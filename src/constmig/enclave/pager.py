@@ -305,6 +305,7 @@ class PagerHandle:
         self.expected: int | None = None  # chunks of the stream once it was handed over
         self._received = 0  # as last reported
         self._complete = False
+        self._ask = threading.Lock()  # status requests from several connections ask over one socket
 
     @classmethod
     def start(cls, heap: Any, status: Path | None) -> PagerHandle:
@@ -360,13 +361,14 @@ class PagerHandle:
                epoch: int = 0) -> None:
         """Hand the stream over; `epoch` is the last reconnect epoch used (one that committed the migration)."""
         self.wait_ready()
-        self.expected = len(expected) // 8
-        self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
-                      "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
-                      "resume_path": str(resume_path) if resume_path else "", "epoch": epoch}, fds=fds)
-        reply, _ = self.fs.recv()
-        if not reply.get("ok"):
-            raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
+        with self._ask:
+            self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
+                          "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
+                          "resume_path": str(resume_path) if resume_path else "", "epoch": epoch}, fds=fds)
+            reply, _ = self.fs.recv()
+            if not reply.get("ok"):
+                raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
+            self.expected = len(expected) // 8
 
     def progress(self) -> int | None:
         """Chunks in so far while the heap is still arriving; None once every chunk is in.
@@ -379,7 +381,8 @@ class PagerHandle:
         if self.expected is None:
             return 0
         try:
-            reply = self.fs.exchange({"op": "progress"})
+            with self._ask:
+                reply = self.fs.exchange({"op": "progress"})
         except (ConstmigError, OSError):
             return self._received
         if reply.get("ok"):

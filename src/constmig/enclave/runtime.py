@@ -1,9 +1,11 @@
 """The enclave process: one app, its heap, its lifecycle, and the ECALL loop the agent talks to.
 
 Started by the agent as `python -m constmig.enclave.runtime ...`. It binds a Unix socket, prints one
-line (`ready` or `error: ...`) on stdout, then serves requests one at a time: ECALLs, status, and the
-migration entry points, which receive the migration's TCP connection as a file descriptor. Being one
-thread, every request boundary is an ECALL boundary: a migration stops the app there.
+line (`ready` or `error: ...`) on stdout, then serves each connection the agent opens in a thread of its
+own: ECALLs, status, checkpoints, and the migration entry points, which receive the migration's TCP
+connections as file descriptors. So a migration's handshake runs while ECALLs go on, as an SGX enclave
+runs several threads through its TCSs. ECALLs stay serialized among themselves (the app lock), and a
+migration stops the app by taking that lock: the stop lands between two ECALLs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from constmig.errors import (
     ChannelClosed,
     ConstmigError,
     EnclaveError,
+    EnclaveNotRunning,
     HeapIncomplete,
     MigrationError,
     ProtocolError,
@@ -47,6 +51,7 @@ from constmig.wire.framing import FramedSocket, encode
 from constmig.wire.handshake import Policy
 
 DEV_SIGNER = b"constmig development signer"
+ACCEPT_POLL_S = 0.2  # how often the accept loop looks whether the enclave is done
 
 
 @dataclass
@@ -72,6 +77,10 @@ class Enclave:
     resume_path: Path | None = None  # where an incoming migration listens for reconnects (resume.py)
     incoming_chunks: int = 0  # chunks the last incoming post-copy migration streams after COMMIT
     tombstone: CommitWaiter | None = None  # gave an incoming migration up after READY: answers ABORT
+    # ECALLs, checkpoints and a migration's stop take turns: the stop waits for the running ECALL (an
+    # ECALL boundary), and an ECALL after it finds the enclave stopped. Status and the migration's
+    # handshake do not take it.
+    app_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start_access_tracking(self, expected: Any, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
@@ -109,9 +118,8 @@ class Enclave:
         """
         if self.pager is not None:
             return self.pager.progress()
-        if self.access is not None:
-            self._settle_access()
-        if self.access is None:
+        access = self.access  # settled (set to None) by an ECALL, under the app lock
+        if access is None or access.complete:
             return None
         return self.receiver.ledger.count if self.receiver is not None else 0
 
@@ -130,15 +138,16 @@ class Enclave:
     # --- the port the migration code uses (migration/port.py) -------------------------------------------
 
     def stop(self) -> Snapshot:
-        chunks = self.whole_heap("migrate")  # nothing ran since the migration's first check: same answer
-        assert self.app is not None
-        self.life.move(Life.RUNNING, Life.STOPPING)
-        try:
-            state = export_app_state(self.app)
-            lineage = self.persist.export() if self.persist is not None else None
-        except BaseException:
-            self.life.move(Life.STOPPING, Life.RUNNING)
-            raise
+        with self.app_lock:  # at an ECALL boundary: the ECALL in progress finishes first
+            chunks = self.whole_heap("migrate")
+            assert self.app is not None
+            self.life.move(Life.RUNNING, Life.STOPPING)
+            try:
+                state = export_app_state(self.app)
+                lineage = self.persist.export() if self.persist is not None else None
+            except BaseException:
+                self.life.move(Life.STOPPING, Life.RUNNING)
+                raise
         return Snapshot(chunks, state, lineage)
 
     def unstop(self) -> None:
@@ -204,25 +213,28 @@ class Enclave:
     # --- ECALLs and the agent's requests ---------------------------------------------------------------
 
     def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if self.life.state is not Life.RUNNING or self.app is None:
-            raise EnclaveError(f"enclave is {self.life.state.value}; it does not run ECALLs now")
-        if self.access is not None:
-            self._settle_access()
         if name not in self.app_cls.ecalls():
             known = ", ".join(sorted(self.app_cls.ecalls()))
             raise EnclaveError(f"{self.app_name} has no ECALL {name!r}; known: {known}")
-        try:
-            return getattr(self.app, name)(*args, **kwargs)
-        except TypeError as e:
-            raise EnclaveError(f"bad arguments for {name}: {e}") from None
+        with self.app_lock:
+            if self.life.state is not Life.RUNNING or self.app is None:  # not run: the caller may retry
+                raise EnclaveNotRunning(f"enclave is {self.life.state.value}; it does not run ECALLs now")
+            if self.access is not None:
+                self._settle_access()
+            try:
+                return getattr(self.app, name)(*args, **kwargs)
+            except TypeError as e:
+                raise EnclaveError(f"bad arguments for {name}: {e}") from None
 
     def checkpoint(self, folder: str, name: str) -> dict[str, Any]:
         """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value."""
-        chunks = self.whole_heap("checkpoint")
-        assert self.persist is not None and self.app is not None
-        spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
-                "config": self.config, "svn": self.identity.svn}
-        return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app), chunks)
+        with self.app_lock:  # between ECALLs: a consistent state
+            chunks = self.whole_heap("checkpoint")
+            assert self.persist is not None and self.app is not None
+            spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
+                    "config": self.config, "svn": self.identity.svn}
+            return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app),
+                                           chunks)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -338,35 +350,50 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
 
 
 def serve(enclave: Enclave, listener: socket.socket) -> None:
-    while True:
-        conn, _ = listener.accept()
-        fs = FramedSocket(conn)
+    """Serve each connection the agent opens in a thread of its own, until shutdown or the enclave is
+    gone: a migration's handshake runs while calls go on, and a status request never waits behind a
+    migration (the enclave's app lock keeps ECALLs, checkpoints and the stop serialized)."""
+    done = threading.Event()
+    listener.settimeout(ACCEPT_POLL_S)
+    while not done.is_set():
         try:
-            while True:
-                req, fds = fs.recv()
-                try:
-                    reply = handle(enclave, fs, req, fds)
-                except ConstmigError as e:
-                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value,
-                             **({"tombstone": True} if enclave.tombstone is not None else {})}
-                except Exception as e:  # an app bug must not kill the enclave and its data
-                    traceback.print_exc(file=sys.stderr)
-                    reply = {"ok": False, "error": f"internal error in enclave: {type(e).__name__}: {e}",
-                             "kind": "InternalError", "state": enclave.life.state.value}
-                if reply is None:
-                    fs.send({"ok": True, "result": "bye"})
-                    return
-                try:
-                    encode(reply)
-                except ProtocolError as e:  # a result the wire cannot carry must not end the enclave
-                    reply = {"ok": False, "error": f"the ECALL's result cannot be sent back: {e}",
-                             "kind": "EnclaveError", "state": enclave.life.state.value}
-                fs.send(reply)
-                if enclave.life.state is Life.DESTROYED and enclave.tombstone is None:
-                    return  # a tombstone stays, answering the source's reconnects, until the agent stops it
-        except ChannelClosed:
-            fs.close()
+            conn, _ = listener.accept()
+        except TimeoutError:
             continue
+        threading.Thread(target=_serve_connection, args=(enclave, conn, done), name="conn", daemon=True).start()
+
+
+def _serve_connection(enclave: Enclave, conn: socket.socket, done: threading.Event) -> None:
+    fs = FramedSocket(conn)
+    try:
+        while not done.is_set():
+            req, fds = fs.recv()
+            try:
+                reply = handle(enclave, fs, req, fds)
+            except ConstmigError as e:
+                reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value,
+                         **({"tombstone": True} if enclave.tombstone is not None else {})}
+            except Exception as e:  # an app bug must not kill the enclave and its data
+                traceback.print_exc(file=sys.stderr)
+                reply = {"ok": False, "error": f"internal error in enclave: {type(e).__name__}: {e}",
+                         "kind": "InternalError", "state": enclave.life.state.value}
+            if reply is None:
+                fs.send({"ok": True, "result": "bye"})
+                done.set()
+                return
+            try:
+                encode(reply)
+            except ProtocolError as e:  # a result the wire cannot carry must not end the enclave
+                reply = {"ok": False, "error": f"the ECALL's result cannot be sent back: {e}",
+                         "kind": "EnclaveError", "state": enclave.life.state.value}
+            fs.send(reply)
+            if enclave.life.state is Life.DESTROYED and enclave.tombstone is None:
+                done.set()  # a tombstone stays, answering the source's reconnects, until the agent stops it
+                return
+    except ChannelClosed:
+        pass
+    finally:
+        fs.close()
 
 
 def main(argv: list[str] | None = None) -> int:

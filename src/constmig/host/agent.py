@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, ConstmigError, EnclaveError, ProtocolError, Redirect
+from constmig.errors import (
+    AgentError,
+    ChannelClosed,
+    ConstmigError,
+    EnclaveError,
+    EnclaveNotRunning,
+    ProtocolError,
+    Redirect,
+)
 from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
@@ -35,6 +43,7 @@ from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 log = logging.getLogger("constmig.agent")
 TRACKERS = ("auto", *strategies.TRACKERS)
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
+RETRIES = 4  # a call refused by an enclave that just stopped for a migration is tried again this often
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
 TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
 
@@ -47,8 +56,6 @@ class Hosted:
     cell: StatusCell  # moved only along host/status.py's table
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     since: float = field(default_factory=time.time)
-    calls: int = 0  # ECALLs in flight through this agent
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while calls == 0
     connections: int = 1  # data connections an incoming migration (or a reconnect of it) uses
     data_fds: dict[str, int] = field(default_factory=dict)
     resume_fds: dict[str, int] = field(default_factory=dict)
@@ -232,7 +239,7 @@ class Agent:
         return await handle.call({"op": "status"})
 
     async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
-        while True:
+        for _ in range(RETRIES):
             hosted = self._get(req.get("name"))
             status = hosted.status
             if status is S.PAUSED:
@@ -240,35 +247,37 @@ class Agent:
             if status is S.EXITED:
                 raise AgentError(f"enclave {hosted.handle.spec.name!r} on agent {self.host_id} has exited "
                                  f"(code {hosted.handle.proc.returncode}); its state here is gone")
-            if status in CALLABLE:
-                break
-            if hosted.settled.is_set():  # settled, yet not callable: never spin the event loop on it
-                raise AgentError(f"enclave {hosted.handle.spec.name!r} is {status.value}; it takes no calls")
-            await hosted.settled.wait()  # a migration is deciding where this enclave lives
-        hosted.calls += 1
-        hosted.idle.clear()
-        try:
-            call = asyncio.ensure_future(hosted.handle.call(
-                {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
-                 "kwargs": req.get("kwargs") or {}}))
-            while True:
-                done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
-                if done:
-                    return call.result()
-                # A call into a post-copy destination may wait for heap data; if its stream is paused, it
-                # waits for the source to reconnect, but not past the migration's resume deadline.
-                if hosted.handle.pager_status().get("state") == "paused":
-                    now = time.monotonic()
-                    hosted.paused_since = hosted.paused_since or now
-                    if now - hosted.paused_since > hosted.resume_deadline:
-                        hosted.move(S.RUNNING, S.PAUSED)
-                        raise AgentError(self._paused_error(hosted))
-                else:
-                    hosted.paused_since = None
-        finally:
-            hosted.calls -= 1
-            if hosted.calls == 0:
-                hosted.idle.set()
+            if status not in CALLABLE:
+                if hosted.settled.is_set():  # settled, yet not callable: never spin the event loop on it
+                    raise AgentError(f"enclave {hosted.handle.spec.name!r} is {status.value}; it takes no calls")
+                await hosted.settled.wait()  # a migration is deciding where this enclave lives
+                continue
+            try:
+                return await self._ecall(hosted, req)
+            except EnclaveNotRunning:
+                # It stopped for a migration after the call was admitted; the call did not run. Once the
+                # migration settles, the call goes wherever the enclave runs (here again, or a redirect).
+                await hosted.settled.wait()
+        raise AgentError(f"enclave {req.get('name')!r} kept moving; the call did not run (try again)")
+
+    async def _ecall(self, hosted: Hosted, req: dict[str, Any]) -> Any:
+        call = asyncio.ensure_future(hosted.handle.call(
+            {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
+             "kwargs": req.get("kwargs") or {}}))
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
+            if done:
+                return call.result()
+            # A call into a post-copy destination may wait for heap data; if its stream is paused, it
+            # waits for the source to reconnect, but not past the migration's resume deadline.
+            if hosted.handle.pager_status().get("state") == "paused":
+                now = time.monotonic()
+                hosted.paused_since = hosted.paused_since or now
+                if now - hosted.paused_since > hosted.resume_deadline:
+                    hosted.move(S.RUNNING, S.PAUSED)
+                    raise AgentError(self._paused_error(hosted))
+            else:
+                hosted.paused_since = None
 
     def _paused_error(self, hosted: Hosted) -> str:
         reason = hosted.handle.pager_status().get("reason", "the stream stopped")
@@ -445,9 +454,8 @@ class Agent:
             for channel in DATA_CHANNELS[:strategies.get(strategy).connections]:
                 data_socks.append(await asyncio.to_thread(_open_data, to, spec.name, timeout, channel))
             t_prepared = time.time()
-            hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)  # from here the enclave is busy migrating: new calls wait
-            if hosted.calls:
-                await hosted.idle.wait()  # calls already admitted finish here first
+            # Calls go on until the enclave stops (after its handshake); then they wait for the outcome.
+            hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
                                                "max_bandwidth": float(req.get("max_bandwidth") or 0)},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)

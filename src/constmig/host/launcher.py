@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, EnclaveError
+from constmig.errors import AgentError, ChannelClosed, EnclaveError, EnclaveNotRunning
 from constmig.wire.framing import FramedSocket
 
 START_TIMEOUT = 60.0
+POOL = 4  # idle connections kept per enclave
 RUN_FILE_SUFFIXES = (".pager.json", ".resume.sock")  # beside <name>.sock: the pager's status, reconnects
 
 
@@ -44,16 +45,28 @@ class LaunchSpec:
 
 
 class EnclaveHandle:
-    """One running enclave process and the Unix socket to it. Requests are serialized by a lock."""
+    """One running enclave process and the Unix sockets to it.
+
+    Each request gets a connection of its own (kept in a small pool afterwards), so a long request — a
+    migration, a call waiting for heap data — never holds up a status request or another call: the
+    enclave serves each connection in a thread (its ECALLs stay serialized among themselves there).
+    """
 
     def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process, sock_path: Path) -> None:
         self.spec = spec
         self.proc = proc
         self.sock_path = sock_path
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(sock_path))
-        self.fs = FramedSocket(s)
+        self._pool: list[FramedSocket] = [self._connect()]
         self._lock = threading.Lock()
+
+    def _connect(self) -> FramedSocket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.sock_path))
+        except OSError:
+            s.close()
+            raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
+        return FramedSocket(s)
 
     @classmethod
     async def launch(cls, spec: LaunchSpec, mode: str, run_dir: Path, platform_dir: Path,
@@ -86,14 +99,27 @@ class EnclaveHandle:
                 on_progress: Callable[[dict], None] | None = None) -> Any:
         """Send one request and wait for its reply, passing progress frames to `on_progress`."""
         with self._lock:
-            try:
-                reply = self.fs.exchange(req, fds, on_progress)
-            except ChannelClosed:
-                raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
+            fs = self._pool.pop() if self._pool else None
+        fs = fs or self._connect()
+        try:
+            reply = fs.exchange(req, fds, on_progress)
+        except ChannelClosed:
+            fs.close()
+            raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
+        except BaseException:
+            fs.close()  # a broken exchange: its late reply must not answer the next request
+            raise
+        with self._lock:
+            if len(self._pool) < POOL:
+                self._pool.append(fs)
+                fs = None
+        if fs is not None:
+            fs.close()
         if not reply.get("ok"):
             state = reply.get("state")
-            raise EnclaveError(str(reply.get("error", "ECALL failed")), state if isinstance(state, str) else None,
-                               bool(reply.get("tombstone")))
+            kind = EnclaveNotRunning if reply.get("kind") == EnclaveNotRunning.__name__ else EnclaveError
+            raise kind(str(reply.get("error", "ECALL failed")), state if isinstance(state, str) else None,
+                       bool(reply.get("tombstone")))
         return reply.get("result")
 
     def pager_status(self) -> dict[str, Any]:
@@ -118,7 +144,10 @@ class EnclaveHandle:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        self.fs.close()
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for fs in pool:
+            fs.close()
         self.remove_files()
 
     def remove_files(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 class Status(enum.Enum):
     RUNNING = "running"
     PREPARING_OUT = "preparing-out"  # a destination is being prepared; calls still served
-    MIGRATING_OUT = "migrating-out"  # stopped for the migration: new calls wait for the outcome
+    MIGRATING_OUT = "migrating-out"  # migrating: calls go in until the enclave stops, then wait for the outcome
     HANDED_OFF = "handed-off"  # past the commit point: calls go to the destination
     PAUSED = "paused"  # a migration broke after its commit point and reconnects (source), or its stream
     #                    stopped (destination, its calls waited past the resume deadline)
@@ -44,7 +44,7 @@ TABLE: dict[Status, frozenset[Status]] = {
 }
 
 # Grouped predicates (QEMU's migration_is_setup_or_active and friends).
-CALLABLE = frozenset({S.RUNNING, S.PREPARING_OUT})  # ECALLs go in now
+CALLABLE = frozenset({S.RUNNING, S.PREPARING_OUT, S.MIGRATING_OUT})  # ECALLs go in now
 TAKES_RECONNECT = frozenset({S.RUNNING, S.PAUSED, S.INCOMING, S.ABORTED})  # as the destination of a migration
 STOPPABLE = frozenset({S.RUNNING, S.EXITED, S.FAILED, S.PAUSED, S.ABORTED})
 HOLDS_UNDELIVERED = frozenset({S.FAILED, S.PAUSED})  # stopping loses heap data a migration has not delivered
