@@ -15,13 +15,13 @@ import click
 from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
 from constmig.testbed.cli import testbed as testbed_group
-from constmig.units import parse_size
+from constmig.units import parse_duration, parse_size
 
 STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
 TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
 # bench variants: a strategy, with the tracker after a dash where it needs one
 VARIANT_CHOICES = click.Choice(strategies.variants())
-_TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig only): "
+_TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig, hybrid): "
                  "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
                  "where userfaultfd works.")
 
@@ -36,6 +36,18 @@ class Size(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         try:
             return parse_size(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
         except ConfigError as e:
             self.fail(str(e), param, ctx)
 
@@ -199,8 +211,14 @@ def stop(name: str, addr: str, force: bool) -> None:
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
 @click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
-              help="Cap for constmig's background stream, bytes per second (e.g. 100M); 0 = no cap. "
-              "Chunks the app waits for are never held back.")
+              help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "
+              "bytes per second (e.g. 100M); 0 = no cap. Chunks the app waits for are never held back.")
+@click.option("--max-downtime", type=Duration(), default=None,
+              help="precopy, hybrid: end the rounds once what is left would take at most this long to send "
+              "(e.g. 50ms; default 50ms).")
+@click.option("--rounds", "max_rounds", type=click.IntRange(1, 100), default=None,
+              help="precopy, hybrid: at most this many rounds while the app runs (default: precopy 8, "
+              "hybrid 1).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
@@ -211,8 +229,9 @@ def stop(name: str, addr: str, force: bool) -> None:
 @click.option("--resume", "resume_paused", is_flag=True,
               help="Resume this enclave's migration out of --from that paused after its handoff.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int, timeout: float,
-            verify: bool, resume_deadline: float, resume_paused: bool, json_path: str | None) -> None:
+def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
+            max_downtime: float | None, max_rounds: int | None, timeout: float, verify: bool, resume_deadline: float,
+            resume_paused: bool, json_path: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration)."""
     from constmig.host.address import parse_addr
     from constmig.host.orchestrate import migrate_with_progress, resume
@@ -229,9 +248,13 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
         if dst is None:
             raise ConfigError("missing --to (the destination agent HOST:PORT)")
         parse_addr(dst)
+        if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None):
+            raise ConfigError("--max-downtime and --rounds steer the rounds before the stop; use them with "
+                              f"--strategy {' or '.join(strategies.ROUNDS)}")
+        rounds = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds)) if v is not None}
         figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-",
                                         tracker=tracker, max_bandwidth=max_bandwidth,
-                                        resume_deadline=resume_deadline)
+                                        resume_deadline=resume_deadline, **rounds)
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures
@@ -268,7 +291,7 @@ def bench() -> None:
 
 @bench.command("sizes")
 @click.option("--strategy", "strategies", type=VARIANT_CHOICES, multiple=True,
-              default=["stopcopy", "constmig-fault", "constmig-access"], show_default=True)
+              default=strategies.variants(auto=False), show_default=True)
 @click.option("--sizes", default="256M,1G,4G", show_default=True, help="Comma-separated heap sizes.")
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
 @click.option("--app", default="kvstore", show_default=True)

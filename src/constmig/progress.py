@@ -44,7 +44,9 @@ class MigrationProgress:
             self._progress.update(self._task, description=f"{self.label} [resumed at destination]")
             return
         detail = phase
-        if phase == "stream":
+        if phase == "round":
+            detail = f"round {info.get('round')} while running"
+        elif phase == "stream":
             detail = f"stream: {info.get('background', 0)} background, {info.get('demand', 0)} on demand"
         self._progress.update(self._task, completed=info.get("done", 0), total=info.get("total") or None,
                               description=f"{self.label} [{detail}]")
@@ -64,6 +66,9 @@ FIGURE_LABELS = [
     ("downtime_ms", "downtime", "{:.1f} ms"),
     ("total_s", "total time", "{:.3f} s"),
     ("stream_s", "streaming after resume", "{:.3f} s"),
+    ("rounds", "pre-copy rounds", "{}"),
+    ("precopy_s", "pre-copy while running", "{:.3f} s"),
+    ("final_chunks", "chunks sent at the stop", "{:,}"),
     ("background_chunks", "chunks by background", "{:,}"),
     ("demand_chunks", "chunks on demand", "{:,}"),
     ("fault_latency_us_p50", "fault latency p50", "{:.0f} us"),

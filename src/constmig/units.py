@@ -55,3 +55,15 @@ def wait_seconds(value: object, what: str, *, zero: bool = False) -> float:
         raise ConfigError(f"{what} must be a number of seconds in {'[' if zero else '('}0, {MAX_WAIT_S:g}], "
                           f"not {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+_DURATION_RE = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|us)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """'50ms', '0.2s', '500us' (or a bare number of milliseconds) into seconds; ConfigError otherwise."""
+    m = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ConfigError(f"malformed duration {text!r}: use a number with ms, s or us (e.g. 50ms)")
+    unit = (m.group(2) or "ms").lower()
+    return float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]

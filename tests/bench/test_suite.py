@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from constmig.bench.report import fit_line, hist_quantile, merge_hists, parse_hist, slopes, write_report
-from constmig.bench.suite import derive_phases, make_config, summarize_all, window_rate
+from constmig.bench.suite import VARIANTS, derive_phases, make_config, summarize_all, window_rate
 from constmig.errors import ConfigError
 from constmig.migration.receiver import latency_histogram
 from constmig.migration.uffd import preflight
@@ -260,15 +260,18 @@ def test_quick_suite_end_to_end(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     results = doc["results"]
     variants = {r["variant"] for r in results}
-    want = {"stopcopy", "constmig-access"} | ({"constmig-fault"} if preflight() is None else set())
+    want = {v for v in VARIANTS if preflight() is None or not v.endswith("-fault")}
     assert variants == want
     assert len({r["workload"] for r in results}) >= 2
     for r in results:
         assert "error" not in r, r.get("error")
         assert set(r) >= RECORD_KEYS, RECORD_KEYS - set(r)
-        if r["strategy"] == "constmig":
+        if r["strategy"] in ("constmig", "hybrid"):
             assert set(r) >= POSTCOPY_KEYS, POSTCOPY_KEYS - set(r)
             assert r["tracker"] == r["variant"].split("-")[1]
+        if r["strategy"] in ("precopy", "hybrid"):
+            assert r["rounds"] >= 1 and 0 < r["phases"]["rounds"] < r["phases"]["stop"], r["phases"]
+            assert r["ops_s_migration"] > 0
         assert r["verified"] is True, r["verify_detail"]
         assert r["client_errors"] == 0 and r["client_calls"] > 0 and r["timeline"]
         ph = r["phases"]

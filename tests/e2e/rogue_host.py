@@ -43,10 +43,15 @@ class Enclave:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         assert line.startswith("ready"), line
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(str(sock))
-        self.fs = FramedSocket(s)
+        self.sock_path = sock
+        self.fs = self.connect()
         self.lock = threading.Lock()
+
+    def connect(self) -> FramedSocket:
+        """Another connection to the enclave (it serves each in a thread, as for an agent's pool)."""
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(self.sock_path))
+        return FramedSocket(s)
 
     def request(self, req: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:
         """The raw reply ({"ok": ..., "result"|"error": ...}); never raises on a refusal."""
@@ -102,17 +107,23 @@ class Relay:
 
 
 def migrate(src: Enclave, dst: Enclave, relay: Relay, strategy: str = "stopcopy",
-            timeout: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one migration the way the agents do, over `relay`; returns (source reply, destination reply)."""
+            timeout: float = 10.0, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one migration the way the agents do, over `relay`; returns (source reply, destination reply).
+    `extra` goes into both requests (pre-copy's max_rounds, max_downtime, max_bandwidth)."""
+    from constmig.migration.strategies import get
+
     replies: dict[str, dict[str, Any]] = {}
-    req = {"strategy": strategy, "timeout": timeout}
+    req = {"strategy": strategy, "timeout": timeout, **extra}
+    # post-copy's demand channel (and any other data connection past the first) goes through untouched
+    relays = [relay, *(Relay() for _ in range(get(strategy).connections - 1))]
 
-    def side(name: str, enclave: Enclave, op: str, sock: socket.socket) -> None:
-        replies[name] = enclave.request({"op": op, **req}, [sock.fileno()])
-        sock.close()
+    def side(name: str, enclave: Enclave, op: str, socks: list[socket.socket]) -> None:
+        replies[name] = enclave.request({"op": op, **req}, [s.fileno() for s in socks])
+        for s in socks:
+            s.close()
 
-    threads = [threading.Thread(target=side, args=("dst", dst, "migrate_in", relay.dst_end)),
-               threading.Thread(target=side, args=("src", src, "migrate_out", relay.src_end))]
+    threads = [threading.Thread(target=side, args=("dst", dst, "migrate_in", [r.dst_end for r in relays])),
+               threading.Thread(target=side, args=("src", src, "migrate_out", [r.src_end for r in relays]))]
     for t in threads:
         t.start()
     for t in threads:

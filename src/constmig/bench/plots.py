@@ -74,7 +74,8 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
 # -- bench suite (report.py aggregates; these only draw) ----------------------------------------------
 
 VARIANT_COLORS = {"stopcopy": "#de2d26", "constmig-fault": "#3182bd", "constmig-access": "#31a354",
-                  "constmig": "#756bb1"}
+                  "constmig": "#756bb1", "precopy": "#fd8d3c", "hybrid-fault": "#08519c", "hybrid-access": "#006d2c",
+                  "hybrid": "#54278f"}
 Band = tuple[float, float, float]  # median, min, max
 
 
@@ -181,13 +182,14 @@ def plot_suite_total(series: dict[str, list[tuple[int, Band]]], by_workload: dic
     _save(fig, path)
 
 
-PHASE_STYLE = {"prepared": ("#969696", "destination ready"), "stop": ("#de2d26", "stop"),
+PHASE_STYLE = {"prepared": ("#969696", "destination ready"), "rounds": ("#fd8d3c", "pre-copy rounds"),
+               "stop": ("#de2d26", "stop"),
                "resumed": ("#31a354", "resumed at destination"), "done": ("#3182bd", "last chunk (DONE)")}
 
 
 def plot_timelines(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """The client driver's ops/s over time, one panel per variant, with the migration's phases marked:
-    downtime shaded red, streaming after the resume shaded green."""
+    pre-copy rounds shaded orange, downtime red, streaming after the resume green."""
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.1 * len(runs) + 0.6), sharex=True, squeeze=False)
     for ax, run in zip(axes[:, 0], runs, strict=True):
         tl = run.get("timeline") or []
@@ -197,9 +199,11 @@ def plot_timelines(runs: list[dict[str, Any]], path: Path, title: str) -> None:
             rs = np.array([r for _, r in tl])
             ax.step(ts, rs, where="post", color="#252525", lw=1)
             ax.fill_between(ts, rs, step="post", color="#bdbdbd", alpha=0.5)
+        if "rounds" in ph and "stop" in ph:
+            ax.axvspan(ph["rounds"], ph["stop"], color="#fd8d3c", alpha=0.15, lw=0)
         if "stop" in ph and "resumed" in ph:
             ax.axvspan(ph["stop"], max(ph["resumed"], ph["stop"] + 0.004), color="#de2d26", alpha=0.35, lw=0)
-            if ph.get("done", ph["resumed"]) > ph["resumed"] + 0.01 and run.get("strategy") == "constmig":
+            if ph.get("done", ph["resumed"]) > ph["resumed"] + 0.01 and run.get("strategy") in ("constmig", "hybrid"):
                 ax.axvspan(ph["resumed"], ph["done"], color="#31a354", alpha=0.12, lw=0)
         for key, (color, label) in PHASE_STYLE.items():
             if key in ph:

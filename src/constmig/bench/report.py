@@ -303,7 +303,7 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
         for r in sorted(rows_for(doc, w, heap), key=lambda r: _variant_order(doc, r["variant"])):
             red = f"{(1 - r['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in r else ""
             ratio = f"{r['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in r else ""
-            before, during = _med(r, "ops_s_before"), _med(r, "ops_s_during")
+            before, during = _med(r, "ops_s_before"), _med(r, "ops_s_migration")
             tput = f"{_n(before, 0)} → {_n(during, 0)}" if before else "-"
             if before and during is not None:
                 tput += f" ({during / before:.0%})"
@@ -311,7 +311,7 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
                          cell(r, "client_gap_ms"), tput, _faults(r), _verified(doc, w, heap, r["variant"])])
             first = False
     return table(["workload", "variant", "downtime ms", "reduction", "total s", "vs stop-and-copy",
-                  "client gap ms", "client ops/s before → stop..DONE", "fault p50 / p99 µs", "verified"], rows)
+                  "client gap ms", "client ops/s before → start..DONE", "fault p50 / p99 µs", "verified"], rows)
 
 
 def slope_table(fits: list[dict[str, Any]]) -> str:
@@ -606,10 +606,11 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
         gaps = [r["client_gap_ms"]["median"] for r in mine if r.get("client_gap_ms")]
         if gaps:
             text += f", longest client gap {rng(gaps, '{:.0f}')} ms"
-        dips = [r["ops_s_during"]["median"] / r["ops_s_before"]["median"] for r in mine
-                if r.get("ops_s_during") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
-        if dips and v != "stopcopy":
-            text += f"; client throughput while the heap streams {rng([d * 100 for d in dips], '{:.0f}')}% of before"
+        dips = [r["ops_s_migration"]["median"] / r["ops_s_before"]["median"] for r in mine
+                if r.get("ops_s_migration") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
+        if dips:
+            text += (f"; client throughput from the migration's start until DONE {rng([d * 100 for d in dips], '{:.0f}')}%"
+                     " of before")
         out.append(text + ".")
     hw = headline_workload(doc)
     dt = [f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f]

@@ -40,13 +40,14 @@ from constmig.errors import AgentError, ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
+from constmig.migration import strategies
 from constmig.progress import console
 from constmig.units import available_memory, format_size, parse_size
 
-VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")
+VARIANTS = tuple(strategies.variants(auto=False))  # stopcopy, constmig-*, precopy, hybrid-*
 MIN_HEAP = 16 << 20
 CHUNK = 1 << 20  # launch_filled's chunk size; the twin uses the same geometry
-SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "fault_latency_us_max")
+SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "ops_s_migration", "fault_latency_us_max")
 
 FULL = {"sizes": "256M,1G,4G", "workloads": ",".join(APPS), "sweep": "kvstore", "workload_size": "1G",
         "variants": ",".join(VARIANTS), "repeat": "3"}
@@ -218,6 +219,8 @@ def derive_phases(figures: dict[str, Any], events: list[list[Any]], returned: fl
               "resumed": resumed, "done": stop - attest + migrate_s, "returned": returned}
     if figures.get("stream_s") is not None:
         phases["stream_end"] = resumed + figures["stream_s"]
+    if figures.get("precopy_s") is not None:  # pre-copy rounds end at the stop
+        phases["rounds"] = stop - figures["precopy_s"]
     return {**{k: round(v, 4) for k, v in phases.items()}, "anchor": anchor}
 
 
@@ -290,6 +293,7 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
         rec["phases"] = phases
         rec["ops_s_before"] = window_rate(timeline, -cfg.settle_s, 0.0)
         rec["ops_s_during"] = window_rate(timeline, phases["stop"], phases["done"])
+        rec["ops_s_migration"] = window_rate(timeline, phases["attest"], phases["done"])  # start to DONE
         after = app_checksum(b, name)
         client_ok = not report.errors and report.wrong == 0
         if isinstance(driver, KVHammer):
@@ -357,15 +361,22 @@ def machine() -> dict[str, Any]:
 
 def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     """Run every migration and the overhead measurement; write results.json, the plots and report.md."""
+    from constmig.enclave.dirty import preflight as wp_preflight
     from constmig.migration.uffd import preflight
 
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     problem = preflight()
-    if problem is not None and "constmig-fault" in cfg.variants:
-        cfg.variants = [v for v in cfg.variants if v != "constmig-fault"]
-        cfg.skipped["constmig-fault"] = f"userfaultfd unusable here: {problem}"
-        console.print(f"[yellow]skipping constmig-fault: {problem}[/]")
+    wp_problem = wp_preflight()
+    for v in list(cfg.variants):
+        strategy, tracker = split_variant(v)
+        why = (f"userfaultfd unusable here: {problem}" if problem is not None and tracker == "fault" else
+               f"write tracking unusable here: {wp_problem}" if wp_problem is not None and
+               strategy in strategies.ROUNDS else None)
+        if why:
+            cfg.variants.remove(v)
+            cfg.skipped[v] = why
+            console.print(f"[yellow]skipping {v}: {why}[/]")
     if not cfg.variants:
         raise ConfigError("no variant left to run")
     results: list[dict[str, Any]] = []

@@ -315,13 +315,26 @@ class Heap:
         return self._mv[off : off + n]
 
     def allocated_chunks(self) -> np.ndarray:
-        """Bool mask (n_chunks,) of chunks that overlap an allocation."""
+        """Bool mask (n_chunks,) of chunks that overlap an allocation. Safe beside an ECALL that allocates
+        (pre-copy rounds read it while the app runs): it reads one snapshot of the table."""
         mask = np.zeros(self.n_chunks, dtype=bool)
-        for name in self._allocs:
-            off, nbytes = self.extent(name)
+        for off, shape, dt in tuple(self._allocs.values()):  # one C-level copy under the GIL
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
             if nbytes:
                 mask[off // self.chunk_size : (off + nbytes - 1) // self.chunk_size + 1] = True
         return mask
+
+    def zero_chunks(self, chunks: np.ndarray) -> None:
+        """Make these chunks zero again (one madvise per run of consecutive chunks)."""
+        self._check_open()
+        assert self._mm is not None
+        idx = np.unique(np.asarray(chunks, dtype=np.int64))
+        if not idx.size:
+            return
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, breaks):
+            off, _ = self.chunk_range(int(run[0]))
+            self._mm.madvise(mmap.MADV_DONTNEED, off, int(run.size) * self.chunk_size)
 
     def export_chunks(self) -> np.ndarray:
         """Sorted int64 indices of the chunks a whole-heap export (migration, checkpoint) carries.

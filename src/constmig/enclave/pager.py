@@ -37,7 +37,7 @@ import numpy as np
 
 from constmig.enclave.lifeline import die_with_parent
 from constmig.errors import ConstmigError, EnclaveError, ProtocolError
-from constmig.migration.ledger import PIECE, ChunkLedger
+from constmig.migration.ledger import PIECE, ChunkLedger, chunks_from_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
 from constmig.migration.protocol import Machine, St
@@ -208,6 +208,7 @@ class Pager:
         main_t = ChannelTicket.from_wire(req["main"])
         demand_t = ChannelTicket.from_wire(req["demand"])
         ledger = ChunkLedger.from_wire(main_t.migration_id, self.n_chunks, req["expected"])
+        ledger.hold(chunks_from_wire(req.get("held", b""), self.n_chunks), req.get("held_tags", b""))
         timeout = float(req.get("timeout", 120.0))
         machine = Machine("destination", St.RUNNING)
         socks = [socket.socket(fileno=fd) for fd in fds]
@@ -358,11 +359,13 @@ class PagerHandle:
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
                t_resume: float, timeout: float, secret: ResumeSecret, resume_path: Path | None,
-               epoch: int = 0) -> None:
-        """Hand the stream over; `epoch` is the last reconnect epoch used (one that committed the migration)."""
+               epoch: int = 0, held: tuple[bytes, bytes] = (b"", b"")) -> None:
+        """Hand the stream over; `epoch` is the last reconnect epoch used (one that committed the migration);
+        `held` the chunks in place from pre-copy rounds and their tags (`ChunkLedger.held_wire`)."""
         self.wait_ready()
         with self._ask:
             self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
+                          "held": held[0], "held_tags": held[1],
                           "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
                           "resume_path": str(resume_path) if resume_path else "", "epoch": epoch}, fds=fds)
             reply, _ = self.fs.recv()

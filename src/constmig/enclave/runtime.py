@@ -142,13 +142,14 @@ class Enclave:
             chunks = self.whole_heap("migrate")
             assert self.app is not None
             self.life.move(Life.RUNNING, Life.STOPPING)
+            stopped_at = time.time()
             try:
                 state = export_app_state(self.app)
                 lineage = self.persist.export() if self.persist is not None else None
             except BaseException:
                 self.life.move(Life.STOPPING, Life.RUNNING)
                 raise
-        return Snapshot(chunks, state, lineage)
+        return Snapshot(chunks, state, lineage, stopped_at)
 
     def unstop(self) -> None:
         if self.life.state is Life.STOPPING:

@@ -457,7 +457,9 @@ class Agent:
             # Calls go on until the enclave stops (after its handshake); then they wait for the outcome.
             hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
-                                               "max_bandwidth": float(req.get("max_bandwidth") or 0)},
+                                               "max_bandwidth": float(req.get("max_bandwidth") or 0),
+                                               # precopy's rounds (the enclave checks them)
+                                               **{k: req[k] for k in ("max_downtime", "max_rounds") if k in req}},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
             state = e.state if isinstance(e, EnclaveError) else None

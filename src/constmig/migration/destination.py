@@ -28,12 +28,13 @@ from constmig.errors import (
 )
 from constmig.migration import messages as m
 from constmig.migration import strategies
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import ChunkLedger, chunks_from_wire
 from constmig.migration.link import Link
 from constmig.migration.protocol import HAVE, RECONNECT, Machine, St
 from constmig.migration.resume import ResumeSecret, send_have
 from constmig.migration.resume_server import CommitWaiter
 from constmig.migration.strategies.base import Strategy
+from constmig.migration.strategies.rounds import keep_held
 from constmig.units import wait_seconds
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
@@ -108,12 +109,20 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
     heap = enclave.heap
     if len(socks) != strategy.connections:
         raise ProtocolError(f"{strategy.name} needs {strategy.connections} connections, got {len(socks)}")
-    state = link.expect(m.StateMsg)
+    early, state = strategy.receive_before_state(link, enclave, migration_id)
+    if not isinstance(state, m.StateMsg):
+        link.machine.fail()
+        raise ProtocolError(f"expected the small state, got {type(state).__name__}")
     if state.heap_size != heap.size or state.chunk_size != heap.chunk_size:
         raise ProtocolError("small state describes a different heap layout")
     if state.strategy != strategy.name:
         raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy.name!r}")
     ledger = ChunkLedger.from_wire(migration_id, heap.n_chunks, state.chunks)
+    held = chunks_from_wire(state.held, heap.n_chunks)
+    if early is not None:  # what pre-copy rounds brought: the current versions stay, the rest is missing again
+        keep_held(enclave, ledger, early, held)
+    elif held.size:
+        raise ProtocolError("the small state keeps chunks from pre-copy rounds, but no round was sent")
     wrap = strategy.import_wrapper(enclave, ledger, timeout)
     app = enclave.import_state(state.app_state, wrap)
     total = int(ledger.expected.size) * heap.chunk_size
@@ -124,8 +133,8 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
             break
         ledger.check_acceptable(msg.index)
         # The app is not running and this instance is wiped on any failure, so decrypting straight into
-        # place is safe here; the tag is checked before the chunk counts. The heap is fresh (zeros), so a
-        # zero chunk needs no write.
+        # place is safe here; the tag is checked before the chunk counts. A chunk not in the ledger yet is
+        # zeros (fresh, or made zero again by keep_held), so a zero chunk needs no write.
         if msg.zero and msg.length == heap.chunk_size:
             link.chan.open_zero(msg)
         else:

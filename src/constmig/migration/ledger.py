@@ -24,6 +24,18 @@ def pieces_tag(tags: list[bytes]) -> bytes:
     return h.digest()[:TAG_SIZE]
 
 
+def chunks_from_wire(packed: object, n_chunks: int) -> np.ndarray:
+    """A packed chunk list (int64 little-endian, strictly ascending, inside the heap), checked."""
+    if not isinstance(packed, bytes | bytearray | memoryview) or len(packed) % 8:
+        raise ProtocolError("chunk list length is not a multiple of 8 bytes")
+    chunks = np.frombuffer(packed, dtype="<i8").astype(np.int64)
+    if chunks.size and (chunks.min() < 0 or chunks.max() >= n_chunks):
+        raise ProtocolError(f"chunk list names chunks outside the heap's {n_chunks} chunks")
+    if chunks.size and np.any(np.diff(chunks) <= 0):
+        raise ProtocolError("chunk list is not strictly ascending")
+    return chunks
+
+
 class ChunkLedger:
     """Expected set, at-most-once acceptance, and per-chunk GCM tags for the DONE digest."""
 
@@ -43,27 +55,52 @@ class ChunkLedger:
         self.count = 0
 
     @classmethod
+    def everything(cls, migration_id: bytes, n_chunks: int) -> ChunkLedger:
+        """A ledger over every chunk of the heap: what pre-copy rounds record before the stop, when the
+        final list (the chunks allocated at the stop) is not known yet (see `hold`)."""
+        return cls(migration_id, n_chunks, np.arange(n_chunks, dtype=np.int64))
+
+    @classmethod
     def from_wire(cls, migration_id: bytes, n_chunks: int, packed: bytes) -> ChunkLedger:
-        if not isinstance(packed, bytes | bytearray | memoryview) or len(packed) % 8:
-            raise ProtocolError("chunk list length is not a multiple of 8 bytes")
-        return cls(migration_id, n_chunks, np.frombuffer(packed, dtype="<i8").astype(np.int64))
+        return cls(migration_id, n_chunks, chunks_from_wire(packed, n_chunks))
 
     def to_wire(self) -> bytes:
         return self.expected.astype("<i8").tobytes()
 
-    def check_acceptable(self, index: int) -> None:
-        """Raise unless `index` is an expected chunk that has not arrived yet (call before writing it)."""
+    def check_acceptable(self, index: int, *, again: bool = False) -> None:
+        """Raise unless `index` is an expected chunk that has not arrived yet, or with `again` (a newer
+        version in pre-copy, before the handoff) arrived or not (call before writing it)."""
         if not 0 <= index < self.n_chunks or not self.expected_mask[index]:
             raise ProtocolError(f"chunk {index} is not part of this migration")
-        if self.received[index]:
+        if self.received[index] and not again:
             raise ProtocolError(f"chunk {index} arrived twice")
 
-    def accept(self, index: int, tag: bytes) -> None:
-        """Record a verified chunk; at most once."""
-        self.check_acceptable(index)
-        self.received[index] = True
+    def accept(self, index: int, tag: bytes, *, again: bool = False) -> None:
+        """Record a verified chunk: at most once, or with `again` as the newest version of it."""
+        self.check_acceptable(index, again=again)
+        if not self.received[index]:
+            self.received[index] = True
+            self.count += 1
         self.tags[index] = np.frombuffer(tag, dtype=np.uint8)
-        self.count += 1
+
+    def hold(self, indices: np.ndarray, tags: np.ndarray | bytes) -> None:
+        """Count expected chunks as in place already, with the tags of their versions (pre-copy rounds
+        that stayed current; a post-copy stream of such a migration sends only the rest)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        tag_rows = np.frombuffer(tags, dtype=np.uint8) if isinstance(tags, bytes | bytearray) else np.asarray(tags)
+        tag_rows = tag_rows.reshape(-1, TAG_SIZE)
+        if tag_rows.shape[0] != idx.size:
+            raise ProtocolError(f"{idx.size} chunks held but {tag_rows.shape[0]} tags")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.n_chunks or not self.expected_mask[idx].all()):
+            raise ProtocolError("a held chunk is not part of this migration")
+        self.received[idx] = True
+        self.tags[idx] = tag_rows
+        self.count = int(np.count_nonzero(self.received))
+
+    def held_wire(self) -> tuple[bytes, bytes]:
+        """The chunks in place and their tags, packed (what a pager continuing this ledger needs)."""
+        idx = np.flatnonzero(self.received)
+        return idx.astype("<i8").tobytes(), self.tags[idx].tobytes()
 
     def record_sent(self, index: int, tag: bytes) -> None:
         """Source side: remember the tag of the last copy of a chunk that went out."""

@@ -24,6 +24,24 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
     lineage: bytes = b""
     lineage_key: bytes = b""
     lineage_version: int = 0
+    # chunks whose last pre-copy-round version is current (int64 little-endian, ascending): the
+    # destination keeps those and makes every other chunk a round brought missing again
+    held: bytes = b""
+
+
+class RoundEnd(msgspec.Struct, tag="round_end", frozen=True):
+    """A pre-copy round is out: `count` chunk records since the last one (rounds count from 1)."""
+
+    round: int
+    count: int
+
+
+class RoundAck(msgspec.Struct, tag="round_ack", frozen=True):
+    """The destination holds the round: what the source measures its rate by, and waits for before the
+    stop (so no backlog of unread chunks becomes downtime)."""
+
+    round: int
+    count: int
 
 
 class HeapEnd(msgspec.Struct, tag="heap_end", frozen=True):
@@ -72,7 +90,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     reason: str
 
 
-Message = StateMsg | HeapEnd | Ready | Commit | Resumed | Demand | Done | Abort
+Message = StateMsg | RoundEnd | RoundAck | HeapEnd | Ready | Commit | Resumed | Demand | Done | Abort
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Message)

@@ -34,6 +34,7 @@ class Snapshot(NamedTuple):
     chunks: np.ndarray
     state: bytes
     lineage: Lineage | None
+    stopped_at: float  # wall clock when the app stopped (downtime starts)
 
 
 class MigratingEnclave(Protocol):

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 class St(enum.Enum):
     CONNECTED = "connected"
+    ROUND_SENT = "round-sent"  # source: a pre-copy round is out, waiting for the destination to hold it
+    ROUND_RECEIVED = "round-received"  # destination: a pre-copy round is in, acknowledging it
     STATE_SENT = "state-sent"  # source: small state out, pre-handoff chunks may follow
     RECEIVING = "receiving"  # destination: small state in, pre-handoff chunks may follow
     AWAIT_READY = "await-ready"
@@ -54,7 +56,9 @@ HAVE = "have"  # a reconnect's first record: what the destination holds (it runs
 # {role: {state: {(direction, event): next_state}}}
 TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
     "source": {
-        St.CONNECTED: {("send", "state"): St.STATE_SENT},
+        St.CONNECTED: {("send", CHUNK): St.CONNECTED, ("send", "round_end"): St.ROUND_SENT,  # pre-copy rounds
+                       ("send", "state"): St.STATE_SENT},
+        St.ROUND_SENT: {("recv", "round_ack"): St.CONNECTED},
         St.STATE_SENT: {("send", CHUNK): St.STATE_SENT, ("send", "heap_end"): St.AWAIT_READY},
         St.AWAIT_READY: {("recv", "ready"): St.READY_RECEIVED},
         St.READY_RECEIVED: {("send", "commit"): St.HANDED_OFF},
@@ -75,7 +79,9 @@ TABLE: dict[str, dict[St, dict[tuple[str, str], St]]] = {
         St.PAUSED: {},
     },
     "destination": {
-        St.CONNECTED: {("recv", "state"): St.RECEIVING},
+        St.CONNECTED: {("recv", CHUNK): St.CONNECTED, ("recv", "round_end"): St.ROUND_RECEIVED,
+                       ("recv", "state"): St.RECEIVING},
+        St.ROUND_RECEIVED: {("send", "round_ack"): St.CONNECTED},
         St.RECEIVING: {("recv", CHUNK): St.RECEIVING, ("recv", "heap_end"): St.HEAP_RECEIVED},
         St.HEAP_RECEIVED: {("send", "ready"): St.READY_SENT},
         # A keyed reconnect after READY stands for a COMMIT lost with the link (resume_server.py).

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -76,31 +76,41 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         raise MigrationError(f"destination unreachable during attestation: {e}; the enclave keeps running here") from None
     link = Link(chan, Machine("source", strategy=strategy), timeout)
     demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
-
-    # --- stop: downtime starts ---
-    t_stop = time.time()
+    try:
+        before = strategy.before_stop(link, enclave, progress, req)  # pre-copy rounds, while the app runs
+    except (ConstmigError, OSError) as e:
+        link.abort(str(e))
+        raise MigrationError(f"migration aborted before the stop ({e}); the enclave keeps running here with all "
+                             "its data") from None
     ledger: ChunkLedger | None = None
     try:
+        # --- stop: downtime starts ---
         snap = enclave.stop()  # the chunk list is the allocator's (the same gate as above)
         ledger = ChunkLedger(migration_id, heap.n_chunks, snap.chunks)
+        held = before.settle(ledger)  # the rounds' versions still current (the app writes no more)
         lineage = snap.lineage
-        link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(), t_stop,
-                             *((lineage.lineage, lineage.key, lineage.version) if lineage else ())))
-        strategy.send_before_handoff(link, ledger, heap, progress)
+        link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(),
+                             snap.stopped_at, *((lineage.lineage, lineage.key, lineage.version) if lineage else
+                                                (b"", b"", 0)), held.astype("<i8").tobytes()))
+        strategy.send_before_handoff(link, ledger, heap, progress, before)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)
         if ready.digest != ledger.digest():
             raise IntegrityError("destination's READY digest does not match the chunks sent")
     except (ConstmigError, OSError) as e:
+        before.close()
         link.abort(str(e))
         enclave.unstop()
         raise MigrationError(
             f"migration aborted before handoff ({e}); the enclave keeps running here with all its data"
         ) from None
+    except BaseException:
+        before.close()
+        raise
     # --- commit point: from here on this enclave never runs the app again ---
     enclave.hand_off()
-    out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, t_stop, len(snap.state),
-                   float(req.get("max_bandwidth") or 0))
+    out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
+                   len(snap.state), float(req.get("max_bandwidth") or 0), figures=dict(before.figures))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
         enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it
@@ -108,6 +118,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     except (ConstmigError, OSError) as e:
         link.machine.fail()
         _pause(enclave, out, link, e, None)
+    finally:
+        before.close()  # only now: ending write tracking costs ~20 ms/GiB, which must not be downtime
     return _finish(enclave, out, link, demand, progress, timeout)
 
 
@@ -127,6 +139,7 @@ class Outgoing:
     resumes: int = 0
     wire_bytes: int = 0
     done: np.ndarray | None = None  # after a reconnect: chunks the destination already holds
+    figures: dict[str, Any] = field(default_factory=dict)  # the strategy's, from before the stop
 
 
 def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
@@ -206,12 +219,13 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         "chunks": int(ledger.expected.size),
         "small_state_bytes": out.small_state_bytes,
         "downtime_ms": (out.resume_time - out.t_stop) * 1e3,
-        "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake (the app waits meanwhile)
+        "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake (and pre-copy rounds) to the stop
         "total_s": t_end - out.t_start,
         "wire_bytes": out.wire_bytes,
         "migration_id": ledger.migration_id.hex(),
         "resumes": out.resumes,
         **out.strategy.source_figures,
+        **out.figures,
         **done.stats,
     }
 

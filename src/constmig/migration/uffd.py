@@ -58,6 +58,23 @@ class uffdio_zeropage(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", _u64), ("zeropage", _s64)]
 
 
+class uffdio_writeprotect(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", _u64)]
+
+
+class page_region(ctypes.Structure):
+    """One run of pages PAGEMAP_SCAN reports (<linux/fs.h>)."""
+
+    _fields_ = [("start", _u64), ("end", _u64), ("categories", _u64)]
+
+
+class pm_scan_arg(ctypes.Structure):
+    """The PAGEMAP_SCAN ioctl's argument (<linux/fs.h>), on /proc/self/pagemap."""
+
+    _fields_ = [(name, _u64) for name in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+                                          "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
 class uffd_pagefault(ctypes.Structure):
     _fields_ = [("flags", _u64), ("address", _u64), ("ptid", _u32)]
 
@@ -92,12 +109,19 @@ UFFDIO_REGISTER_MODE_WP = 1 << 1
 UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
 UFFDIO_COPY_MODE_WP = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13  # never-touched pages are write-protected too
+UFFD_FEATURE_WP_ASYNC = 1 << 15  # the kernel resolves a write fault itself and marks the page written
+PAGE_IS_WRITTEN = 1 << 1  # PAGEMAP_SCAN category
+PM_SCAN_WP_MATCHING = 1 << 0  # write-protect the pages it reports, in the same walk
+PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail unless the range is registered with WP_ASYNC
 
 _UFFDIO_REGISTER = 0x00
 _UFFDIO_UNREGISTER = 0x01
 _UFFDIO_WAKE = 0x02
 _UFFDIO_COPY = 0x03
 _UFFDIO_ZEROPAGE = 0x04
+_UFFDIO_WRITEPROTECT = 0x06
 _UFFDIO_API = 0x3F
 UFFDIO = 0xAA
 USERFAULTFD_IOC = 0xAA
@@ -127,6 +151,8 @@ UFFDIO_UNREGISTER = _IOR(UFFDIO, _UFFDIO_UNREGISTER, uffdio_range)
 UFFDIO_WAKE = _IOR(UFFDIO, _UFFDIO_WAKE, uffdio_range)
 UFFDIO_COPY = _IOWR(UFFDIO, _UFFDIO_COPY, uffdio_copy)
 UFFDIO_ZEROPAGE = _IOWR(UFFDIO, _UFFDIO_ZEROPAGE, uffdio_zeropage)
+UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, uffdio_writeprotect)
+PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)
 USERFAULTFD_IOC_NEW = _IO(USERFAULTFD_IOC, 0x00)
 
 # The values measured on these machines (FACTS.md) and read from the kernel headers: a wrong structure
@@ -138,6 +164,8 @@ assert ctypes.sizeof(uffdio_register) == 32 and UFFDIO_REGISTER == 0xC020AA00
 assert ctypes.sizeof(uffdio_range) == 16 and UFFDIO_WAKE == 0x8010AA02 and UFFDIO_UNREGISTER == 0x8010AA01
 assert ctypes.sizeof(uffdio_zeropage) == 32 and UFFDIO_ZEROPAGE == 0xC020AA04
 assert USERFAULTFD_IOC_NEW == 0xAA00
+assert ctypes.sizeof(uffdio_writeprotect) == 24 and UFFDIO_WRITEPROTECT == 0xC018AA06
+assert ctypes.sizeof(pm_scan_arg) == 96 and PAGEMAP_SCAN == 0xC0606610 and ctypes.sizeof(page_region) == 24
 
 # userfaultfd(2) by architecture; elsewhere only /dev/userfaultfd is tried.
 _SYSCALL_NR = {"x86_64": 323, "aarch64": 282, "arm64": 282, "riscv64": 282}
@@ -324,6 +352,13 @@ class Userfaultfd:
         if _ioctl(self.fileno(), UFFDIO_REGISTER, ctypes.byref(arg)) < 0:
             raise _error(f"UFFDIO_REGISTER of {length} bytes at {addr:#x}", ctypes.get_errno())
         return int(arg.ioctls)
+
+    def writeprotect(self, addr: int, length: int, protect: bool = True) -> None:
+        """UFFDIO_WRITEPROTECT over [addr, addr+length) of a range registered in WP mode."""
+        addr, length = _check_range("UFFDIO_WRITEPROTECT", addr, length)
+        arg = uffdio_writeprotect(uffdio_range(addr, length), UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
+        if _ioctl(self.fileno(), UFFDIO_WRITEPROTECT, ctypes.byref(arg)) < 0:
+            raise _error(f"UFFDIO_WRITEPROTECT of {length} bytes at {addr:#x}", ctypes.get_errno())
 
     def register_missing(self, addr: int, length: int) -> int:
         """Register a range for MISSING faults and check that UFFDIO_COPY/ZEROPAGE/WAKE work on it."""

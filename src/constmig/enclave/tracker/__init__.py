@@ -27,11 +27,11 @@ import numpy as np
 from constmig.enclave.tracker.array import TrackedArray, track
 from constmig.enclave.tracker.interpose import interpose, restore, untrack_app
 from constmig.enclave.tracker.plans import key_chunks
-from constmig.enclave.tracker.state import PROT_NONE, PROT_RW, TrackerState, guard_heap
+from constmig.enclave.tracker.state import PROT_NONE, PROT_RW, TrackerState, guard_heap, protect_chunks
 from constmig.errors import MigrationError
 
 __all__ = ["PROT_NONE", "PROT_RW", "AccessTracker", "TrackedArray", "guard_heap", "interpose", "key_chunks",
-           "restore", "untrack_app"]
+           "protect_chunks", "restore", "untrack_app"]
 
 
 class AccessTracker(TrackerState):

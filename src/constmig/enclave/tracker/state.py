@@ -264,23 +264,14 @@ class TrackerState:
             return self._protect_mask(self.missing & ~self._installing, PROT_RW)
 
     def _protect_mask(self, mask: np.ndarray, prot: int) -> int:
-        idx = np.flatnonzero(mask)
-        if not idx.size:
-            return 0
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        starts = idx[np.concatenate(([0], breaks))]
-        stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):  # one call per run
-            self._protect(a, b, prot)
-        return len(starts)
+        if self.heap.closed:
+            raise MigrationError("cannot change the protection of a closed heap")
+        return protect_chunks(self.heap, np.flatnonzero(mask), prot)
 
     def _protect(self, a: int, b: int, prot: int) -> None:
         if self.heap.closed:
             raise MigrationError("cannot change the protection of a closed heap")
-        rc = _mprotect(self._base + a * self._chunk, (b - a) * self._chunk, prot)
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise MigrationError(f"mprotect of heap chunks {a}..{b - 1} failed: {os.strerror(err)}")
+        protect_chunks(self.heap, np.arange(a, b), prot)
 
     def _index(self, index: int) -> int:
         i = int(index)
@@ -303,3 +294,19 @@ def guard_heap(heap: Heap) -> None:
     """PROT_NONE over the whole heap of an incoming enclave, before any migration starts (see adopt_guard)."""
     if _mprotect(heap.address, heap.size, PROT_NONE) != 0:
         raise MigrationError(f"mprotect of the heap failed: {os.strerror(ctypes.get_errno())}")
+
+
+def protect_chunks(heap: Heap, chunks: np.ndarray, prot: int) -> int:
+    """Set the protection of heap chunks (sorted, unique), one mprotect per run of consecutive ones;
+    returns the number of calls."""
+    idx = np.asarray(chunks, dtype=np.int64)
+    if not idx.size:
+        return 0
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], breaks))]
+    stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        if _mprotect(heap.address + a * heap.chunk_size, (b - a) * heap.chunk_size, prot) != 0:
+            err = ctypes.get_errno()
+            raise MigrationError(f"mprotect of heap chunks {a}..{b - 1} failed: {os.strerror(err)}")
+    return len(starts)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from constmig.errors import ConfigError
 from constmig.migration.strategies.base import Strategy
+from constmig.migration.strategies.hybrid import Hybrid
 from constmig.migration.strategies.postcopy import PostCopy
+from constmig.migration.strategies.precopy import PreCopy
+from constmig.migration.strategies.rounds import RoundsMixin
 from constmig.migration.strategies.stopcopy import StopAndCopy
 
-__all__ = ["STRATEGIES", "TRACKERS", "Strategy", "get", "variants"]
+__all__ = ["ROUNDS", "STRATEGIES", "TRACKERS", "Strategy", "get", "variants"]
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy(), PreCopy(), Hybrid())}
+ROUNDS = tuple(s.name for s in STRATEGIES.values() if isinstance(s, RoundsMixin))  # send rounds before the stop
 TRACKERS = ("fault", "access")  # how a destination that runs before its heap is complete finds missing chunks
 
 
@@ -21,11 +25,13 @@ def get(name: object) -> Strategy:
     return strategy
 
 
-def variants() -> list[str]:
-    """Bench variants: each strategy, and for those that need a tracker, the strategy with each tracker."""
+def variants(auto: bool = True) -> list[str]:
+    """Bench variants: each strategy, and for those that need a tracker, the strategy with each tracker
+    (and, with `auto`, the strategy alone: the tracker the destination picks)."""
     out = []
     for s in STRATEGIES.values():
-        out.append(s.name)
+        if auto or not s.needs_tracker:
+            out.append(s.name)
         if s.needs_tracker:
             out += [f"{s.name}-{t}" for t in TRACKERS]
     return out

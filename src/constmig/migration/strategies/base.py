@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from constmig.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -24,6 +26,19 @@ if TYPE_CHECKING:
     from constmig.migration.streamer import Streamer
 
 Progress = Callable[[dict], None]
+
+
+class Before:
+    """What a source's `before_stop` leaves for the stop: nothing, unless the strategy moved chunks."""
+
+    figures: dict[str, Any] = {}
+
+    def settle(self, ledger: ChunkLedger) -> np.ndarray:
+        """Stopped: which chunks the destination holds current already (taken into `ledger`); none."""
+        return np.zeros(0, dtype=np.int64)
+
+    def close(self) -> None:
+        """Release what the rounds held (the write tracker); idempotent."""
 
 
 class Strategy:
@@ -44,9 +59,22 @@ class Strategy:
         """What wraps the app's heap arrays on import (the Access Tracker's), or None."""
         return None
 
+    # --- before the stop (the app still runs) ----------------------------------------------------------
+
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any]) -> Before:
+        """Source, running: move what can move while the app runs (pre-copy rounds). What it returns goes
+        to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up."""
+        return Before()
+
+    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[ChunkLedger | None, Any]:
+        """Destination: what arrives before the small state (pre-copy rounds, recorded in an `everything`
+        ledger), and the first message that is not a chunk."""
+        return None, link.recv()
+
     # --- before the handoff ------------------------------------------------------------------------
 
-    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress) -> None:
+    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress,
+                            before: Before) -> None:
         """Source, stopped: send what must arrive before the destination may run (chunks), if anything."""
 
     def check_heap_end(self, ledger: ChunkLedger, count: int) -> None:

@@ -35,8 +35,10 @@ class PostCopy(Strategy):
     summary = "stop, move the small state, resume at once, stream the heap behind the running app"
     connections = 2  # the second carries demanded chunks, so they never queue behind the stream
     needs_tracker = True
-    removed_edges = {"source": {St.STATE_SENT: {("send", CHUNK): NO_CHUNK}},
-                     "destination": {St.RECEIVING: {("recv", CHUNK): NO_CHUNK}}}
+    removed_edges = {"source": {St.CONNECTED: {("send", CHUNK): NO_CHUNK, ("send", "round_end"): NO_CHUNK},
+                                St.STATE_SENT: {("send", CHUNK): NO_CHUNK}},
+                     "destination": {St.CONNECTED: {("recv", CHUNK): NO_CHUNK, ("recv", "round_end"): NO_CHUNK},
+                                     St.RECEIVING: {("recv", CHUNK): NO_CHUNK}}}
 
     def check_instance(self, tracker: str) -> None:
         if tracker not in ("fault", "access"):
@@ -45,7 +47,7 @@ class PostCopy(Strategy):
 
     def import_wrapper(self, enclave: Enclave, ledger: ChunkLedger, timeout: float) -> Any:
         if enclave.tracker == "access":
-            return enclave.start_access_tracking(ledger.expected, timeout)
+            return enclave.start_access_tracking(ledger.missing(), timeout)  # all, unless rounds came first
         return None
 
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
@@ -67,7 +69,7 @@ class PostCopy(Strategy):
                 try:
                     enclave.pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in socks],
                                          ledger.to_wire(), t_resume, timeout, arrived.secret, enclave.resume_path,
-                                         arrived.epoch)
+                                         arrived.epoch, held=ledger.held_wire())
                 finally:
                     if arrived.reconnected:  # the pager holds its own copies; a reconnect's are ours to close
                         for s in socks:

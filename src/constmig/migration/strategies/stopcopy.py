@@ -6,10 +6,13 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from constmig.errors import ConstmigError, ProtocolError
 from constmig.migration import messages as m
+from constmig.migration.protocol import CHUNK, St
 from constmig.migration.resume_server import ResumeServer
-from constmig.migration.strategies.base import Progress, Strategy
+from constmig.migration.strategies.base import Before, Progress, Strategy
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
@@ -19,32 +22,27 @@ if TYPE_CHECKING:
     from constmig.migration.port import MigratingEnclave as Enclave
 
 
+NO_ROUNDS = "stop-and-copy sends no chunk before the stop"
+
+
 class StopAndCopy(Strategy):
     name = "stopcopy"
     summary = "stop, copy every allocated chunk, resume (the MigSGX baseline)"
     connections = 1
     needs_tracker = False
     source_figures: dict[str, Any] = {"tracker": "none"}
+    removed_edges = {"source": {St.CONNECTED: {("send", CHUNK): NO_ROUNDS, ("send", "round_end"): NO_ROUNDS}},
+                     "destination": {St.CONNECTED: {("recv", CHUNK): NO_ROUNDS, ("recv", "round_end"): NO_ROUNDS}}}
 
     def check_instance(self, tracker: str) -> None:
         if tracker != "none":
             raise ProtocolError(f"this instance was prepared for post-copy (its heap is guarded by the {tracker} "
                                 "tracker), so it cannot take a stop-and-copy migration")
 
-    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress) -> None:
-        """Every chunk of the ledger, in order, reporting progress at most ~10 times a second."""
-        total = int(ledger.expected.size) * heap.chunk_size
-        sent_bytes = 0
-        last = 0.0
-        for index in ledger.expected.tolist():
-            tag = link.send_chunk(index, heap.chunk_view(index))
-            ledger.record_sent(index, tag)
-            sent_bytes += heap.chunk_size
-            now = time.monotonic()
-            if now - last > 0.1:
-                last = now
-                progress({"phase": "copy", "done": sent_bytes, "total": total})
-        progress({"phase": "copy", "done": sent_bytes, "total": total})
+    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress,
+                            before: Before) -> None:
+        """Every chunk of the ledger the destination does not hold yet (all of them without rounds), in order."""
+        send_chunks(link, ledger, heap, ledger.missing(), progress, "copy")
 
     def check_heap_end(self, ledger: ChunkLedger, count: int) -> None:
         super().check_heap_end(ledger, count)
@@ -59,3 +57,27 @@ class StopAndCopy(Strategy):
                          enclave.heap.chunk_size, epoch=arrived.epoch)
         with contextlib.suppress(ConstmigError, OSError):  # the app runs here; a reconnect learns of completion
             arrived.link.send(m.Done(arrived.ledger.count, arrived.ledger.digest(), {"tracker": "none"}))
+
+
+def send_chunks(link: Link, ledger: ChunkLedger, heap: Heap, chunks: Any, progress: Progress, phase: str,
+                pace: float = 0.0, **info: Any) -> int:
+    """Send `chunks` in order, recording each one's tag (the newest version counts), reporting progress
+    at most ~10 times a second; `pace` (bytes/s, 0 = unlimited) caps the rate. Returns bytes sent."""
+    indices = np.asarray(chunks, dtype=np.int64).tolist()
+    total = len(indices) * heap.chunk_size
+    sent = 0
+    last = 0.0
+    t0 = time.monotonic()
+    for index in indices:
+        if pace > 0:
+            ahead = t0 + (sent + heap.chunk_size) / pace - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        ledger.record_sent(index, link.send_chunk(index, heap.chunk_view(index)))
+        sent += heap.chunk_size
+        now = time.monotonic()
+        if now - last > 0.1:
+            last = now
+            progress({"phase": phase, "done": sent, "total": total, **info})
+    progress({"phase": phase, "done": sent, "total": total, **info})
+    return sent

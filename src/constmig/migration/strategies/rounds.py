@@ -1,0 +1,200 @@
+"""Pre-copy rounds, shared by `precopy` and `hybrid`: the heap streams while the app keeps running; each
+round sends only the chunks written since they were last sent (write tracking inside the enclave,
+enclave/dirty.py). The rounds end when what is left fits `max_downtime` at the measured rate, when they
+stop shrinking, or after `max_rounds`.
+
+Freshness across rounds. A chunk sent in round k and again in round k+1 travels as two records of the
+same channel, whose strict sequence numbers refuse a replayed, dropped or reordered one; the destination
+writes each version over the last (the app does not run there yet). At the stop the source scans once
+more and names, in the authenticated small state (`StateMsg.held`), exactly the chunks whose last sent
+version is current. The destination keeps those (their tags enter its ledger, so READY's digest covers
+exactly the versions it keeps) and makes every other chunk a round brought missing again: zero pages
+for a plain heap, missing pages under the Fault Tracker, guarded under the Access Tracker. What is
+missing then arrives once: before the handoff (precopy) or by demand and background stream (hybrid).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from constmig.enclave.dirty import WriteTracker
+from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
+from constmig.errors import MigrationError, ProtocolError
+from constmig.migration import messages as m
+from constmig.migration.ledger import ChunkLedger
+from constmig.migration.strategies.base import Before, Progress
+from constmig.migration.strategies.stopcopy import send_chunks
+from constmig.units import wait_seconds
+from constmig.wire.channel import SealedChunk
+
+if TYPE_CHECKING:
+    from constmig.enclave.heap import Heap
+    from constmig.migration.link import Link
+    from constmig.migration.port import MigratingEnclave as Enclave
+
+MAX_ROUNDS = 8  # default bound for precopy: a workload that writes faster than the link still stops
+DEFAULT_MAX_DOWNTIME_S = 0.05
+SHRINK = 0.8  # a round must leave at most this share of the previous one's chunks, or the rounds stop
+
+
+@dataclass
+class Rounds(Before):
+    """What the rounds leave for the stop: the tracker (still armed), the newest version sent of each
+    chunk, what the last scan found written since, and the figures."""
+
+    tracker: WriteTracker
+    sent: ChunkLedger
+    figures: dict[str, Any] = field(default_factory=dict)
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    left_figure: str = "final_chunks"  # the figure that counts what is left at the stop
+
+    def settle(self, ledger: ChunkLedger) -> np.ndarray:
+        """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
+        `ledger` with their tags; the rest of the ledger is missing."""
+        stale = np.union1d(self.pending, self.tracker.scan())  # tracking ends after COMMIT (see source.run)
+        keep = self.sent.received & ledger.expected_mask
+        keep[stale] = False
+        held = np.flatnonzero(keep).astype(np.int64)
+        ledger.hold(held, self.sent.tags[held])
+        self.figures[self.left_figure] = int(ledger.expected.size - held.size)
+        return held
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class RoundsMixin:
+    """`before_stop` and `receive_before_state` for a strategy that sends rounds before the stop."""
+
+    default_rounds: ClassVar[int] = MAX_ROUNDS
+    left_figure: ClassVar[str] = "final_chunks"
+
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any]) -> Rounds:
+        heap = enclave.heap
+        max_downtime = wait_seconds(req.get("max_downtime", DEFAULT_MAX_DOWNTIME_S), "max_downtime", zero=True)
+        max_rounds = req.get("max_rounds")
+        max_rounds = self.default_rounds if max_rounds is None else max_rounds
+        if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 1 <= max_rounds <= 100:
+            raise MigrationError(f"max_rounds must be an integer from 1 to 100, not {max_rounds!r}")
+        pace = float(req.get("max_bandwidth") or 0)
+        tracker = WriteTracker(heap)
+        t0 = time.monotonic()
+        tracker.arm()  # before the first read: a write after this is seen by the next scan
+        assert link.chan.migration_id is not None
+        rounds = Rounds(tracker, ChunkLedger.everything(link.chan.migration_id, heap.n_chunks),
+                        left_figure=self.left_figure)
+        try:
+            todo = enclave.whole_heap("migrate")  # what is allocated now (the app may allocate more)
+            chunks_per_round: list[int] = []
+            rate = 0.0
+            while True:
+                t_round = time.monotonic()
+                number = len(chunks_per_round) + 1
+                sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", pace, round=number)
+                _round_trip(link, number, len(todo))
+                elapsed = max(time.monotonic() - t_round, 1e-6)  # to the destination's ack: its real rate
+                chunks_per_round.append(int(len(todo)))
+                if sent:
+                    rate = sent / elapsed
+                dirty = _left(tracker, rounds.sent, heap)
+                left_s = dirty.size * heap.chunk_size / rate if rate else float("inf")
+                shrinking = dirty.size <= SHRINK * len(todo)
+                if left_s <= max_downtime or len(chunks_per_round) >= max_rounds or not shrinking:
+                    break
+                todo = dirty
+            rounds.figures = {"rounds": len(chunks_per_round), "round_chunks": chunks_per_round,
+                              "precopy_s": round(time.monotonic() - t0, 4),
+                              "dirty_rate": round(dirty.size / elapsed, 1), "precopy_rate_gbps": round(rate / 1e9, 3)}
+            rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
+            return rounds
+        except BaseException:
+            rounds.close()
+            raise
+
+    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[ChunkLedger | None, Any]:
+        """The rounds: each version over the last, in the heap the app does not run on yet."""
+        heap = enclave.heap
+        early = ChunkLedger.everything(migration_id, heap.n_chunks)
+        first = _first_write(enclave)
+        number, count = 1, 0
+        while True:
+            msg = link.recv()
+            if isinstance(msg, m.RoundEnd):
+                if msg.round != number or msg.count != count:
+                    raise ProtocolError(f"round {msg.round} claims {msg.count} chunks; round {number} brought {count}")
+                link.send(m.RoundAck(number, count))
+                number, count = number + 1, 0
+                continue
+            if not isinstance(msg, SealedChunk):
+                if count:
+                    raise ProtocolError(f"round {number} ended without its count ({count} chunks unaccounted for)")
+                return early, msg
+            count += 1
+            early.check_acceptable(msg.index, again=True)
+            if msg.length != heap.chunk_size:
+                raise ProtocolError(f"chunk {msg.index} is {msg.length} bytes, not the heap's {heap.chunk_size}")
+            if early.received[msg.index]:  # in place already (plain memory now): verified before it counts
+                link.chan.open_chunk(msg, heap.chunk_view(msg.index))
+            else:
+                first(msg, link)
+            early.accept(msg.index, msg.tag, again=True)
+
+
+def _round_trip(link: Link, number: int, count: int) -> None:
+    """End a round and wait until the destination holds it (and says how many chunks it took)."""
+    link.send(m.RoundEnd(number, count))
+    ack = link.expect(m.RoundAck)
+    if ack.round != number or ack.count != count:
+        raise ProtocolError(f"destination acknowledged round {ack.round} with {ack.count} chunks; round {number} "
+                            f"sent {count}")
+
+
+def _left(tracker: WriteTracker, sent: ChunkLedger, heap: Heap) -> np.ndarray:
+    """Chunks to send again: written since sent, or allocated since and never sent."""
+    allocated = heap.allocated_chunks()
+    dirty = tracker.scan()
+    dirty = dirty[allocated[dirty]]
+    never = np.flatnonzero(allocated & ~sent.received)
+    return np.union1d(dirty, never).astype(np.int64)
+
+
+def _first_write(enclave: Enclave) -> Any:
+    """How a chunk's first version gets into the destination heap, per tracker: through the pager's
+    userfaultfd (the heap's pages are missing and must stay so until installed), opened from the guard
+    (Access Tracker), or straight in (plain heap)."""
+    heap = enclave.heap
+    if enclave.tracker == "fault":
+        from constmig.enclave.pager import UffdInstaller
+
+        assert enclave.pager is not None
+        installer = UffdInstaller(enclave.pager.uffd, heap.address, heap.chunk_size, None)
+        return lambda msg, link: installer.install(msg.index, msg, link.chan, demand=False)
+
+    def straight(msg: SealedChunk, link: Link) -> None:
+        if enclave.tracker == "access":
+            protect_chunks(heap, np.array([msg.index]), PROT_RW)
+        link.chan.open_chunk(msg, heap.chunk_view(msg.index))
+
+    return straight
+
+
+def keep_held(enclave: Enclave, ledger: ChunkLedger, early: ChunkLedger, held: np.ndarray) -> None:
+    """Destination, at the small state: keep the round versions of `held` (in the ledger, with their
+    tags) and make every other chunk the rounds brought missing again (its version is stale, or the
+    chunk was freed since)."""
+    mask = np.zeros(ledger.n_chunks, dtype=bool)
+    mask[held] = True
+    if np.any(mask & ~(early.received & ledger.expected_mask)):
+        bad = int(np.flatnonzero(mask & ~(early.received & ledger.expected_mask))[0])
+        raise ProtocolError(f"the small state keeps chunk {bad}, which no round brought or the migration does "
+                            "not expect")
+    ledger.hold(held, early.tags[held])
+    drop = np.flatnonzero(early.received & ~mask)
+    enclave.heap.zero_chunks(drop)  # plain heap: zeros; Fault Tracker: missing pages (its next touch faults)
+    if enclave.tracker == "access":
+        protect_chunks(enclave.heap, drop[ledger.expected_mask[drop]], PROT_NONE)  # awaited again: the tripwire
+

@@ -1,0 +1,202 @@
+"""Pre-copy rounds' own rules, against the real `destination.run` and `source.run` with a scripted peer
+that holds the channel keys (so it can lie in sealed messages, which the host cannot forge):
+
+* a round's end must name the round and the chunk records it carried;
+* the small state may keep only chunks a round brought, and none without rounds;
+* what the state does not keep is made missing again (zeros at the destination), and the version kept
+  is the last one sent;
+* a source refuses an acknowledgement of another round or another count;
+* the ledger's `hold` and the packed chunk lists refuse what is not part of the migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from scripted import TIMEOUT, Enclaves, Runner, recv_msg, send_msg
+
+from constmig.enclave.lifecycle import Life
+from constmig.enclave.state import export_app_state
+from constmig.errors import MigrationError, ProtocolError
+from constmig.migration import destination, source
+from constmig.migration import messages as m
+from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
+from constmig.wire.channel import SecureChannel
+from constmig.wire.handshake import run_initiator, run_responder
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    try:
+        yield a, b
+    finally:
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def _connect(enclaves: Enclaves, pair, strategy: str = "precopy"):
+    """A filled source enclave (scripted by the test) and a real destination being driven."""
+    src, dst = enclaves.filled(), enclaves.build("host-b", incoming=True)
+    runner = Runner(destination.run, dst, [pair[0]], {"timeout": TIMEOUT}, lambda info: None)
+    mid = os.urandom(16)
+    chan = SecureChannel(pair[1], mid)
+    heap = src.heap
+    run_initiator(chan, src.backend, src.identity, src.policy,
+                  {"app": src.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": strategy},
+                  timeout=TIMEOUT)
+    return src, dst, runner, chan, mid
+
+
+def _state(src, ledger: ChunkLedger, held: np.ndarray, strategy: str = "precopy") -> m.StateMsg:
+    return m.StateMsg(strategy, export_app_state(src.app), src.heap.size, src.heap.chunk_size, ledger.to_wire(),
+                      time.time(), held=np.asarray(held, dtype="<i8").tobytes())
+
+
+def _refused(runner: Runner, dst, match: str) -> None:
+    err = runner.outcome()
+    assert isinstance(err, MigrationError) and match in str(err), err
+    assert "wiped" in str(err) and dst.life.state is Life.DESTROYED
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("number", "delta"), [(1, 1), (1, -1), (2, 0), (0, 0)])
+def test_round_end_that_lies_about_its_round_or_count_is_refused(enclaves: Enclaves, pair, number, delta) -> None:
+    src, dst, runner, chan, _ = _connect(enclaves, pair)
+    chunks = src.heap.export_chunks()[:3].tolist()
+    for index in chunks:
+        chan.send_chunk(index, src.heap.chunk_view(index))
+    send_msg(chan, m.RoundEnd(number, len(chunks) + delta))
+    reply = recv_msg(chan)
+    assert isinstance(reply, m.Abort) and "claims" in reply.reason, reply
+    _refused(runner, dst, "claims")
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+def test_state_cannot_keep_a_chunk_no_round_brought(enclaves: Enclaves, pair) -> None:
+    src, dst, runner, chan, mid = _connect(enclaves, pair)
+    expected = src.heap.export_chunks()
+    for index in expected[:2].tolist():
+        chan.send_chunk(index, src.heap.chunk_view(index))
+    send_msg(chan, m.RoundEnd(1, 2))
+    assert recv_msg(chan) == m.RoundAck(1, 2)
+    send_msg(chan, _state(src, ChunkLedger(mid, src.heap.n_chunks, expected), expected[:3]))  # keeps a third
+    _refused(runner, dst, f"keeps chunk {int(expected[2])}")
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("strategy", "match"), [("stopcopy", "no round was sent"), ("precopy", "no round brought")])
+def test_state_cannot_keep_chunks_without_rounds(enclaves: Enclaves, pair, strategy, match) -> None:
+    src, dst, runner, chan, mid = _connect(enclaves, pair, strategy)
+    expected = src.heap.export_chunks()
+    send_msg(chan, _state(src, ChunkLedger(mid, src.heap.n_chunks, expected), expected[:1], strategy))
+    _refused(runner, dst, match)
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+def test_chunks_of_a_round_with_no_end_are_refused(enclaves: Enclaves, pair) -> None:
+    """Round chunks followed straight by the state: the count was never said."""
+    src, dst, runner, chan, mid = _connect(enclaves, pair)
+    expected = src.heap.export_chunks()
+    chan.send_chunk(int(expected[0]), src.heap.chunk_view(int(expected[0])))
+    send_msg(chan, _state(src, ChunkLedger(mid, src.heap.n_chunks, expected), expected[:1]))
+    _refused(runner, dst, "without its count")
+
+
+@pytest.mark.timeout(60)
+def test_versions_the_state_does_not_keep_are_missing_again_and_the_last_version_counts(enclaves: Enclaves,
+                                                                                       pair) -> None:
+    """Round 1 sends chunks A and B; round 2 sends A again with other bytes; the state keeps A (its
+    round-2 version) and not B. The destination must run with A's round-2 bytes and B as sent at the
+    stop, and its READY digest must cover exactly those versions."""
+    src, dst, runner, chan, mid = _connect(enclaves, pair)
+    heap = src.heap
+    expected = heap.export_chunks()
+    a_idx, b_idx = int(expected[0]), int(expected[1])
+    # B's current bytes are zeros, so it travels at the stop as a zero record the destination does not
+    # write: only making B missing again (zeros) at the state keeps its stale round-1 bytes out.
+    np.frombuffer(heap.chunk_view(b_idx), dtype=np.uint8)[:] = 0
+    rounds = ChunkLedger.everything(mid, heap.n_chunks)
+    stale = np.full(heap.chunk_size, 0xAB, dtype=np.uint8)
+    rounds.record_sent(a_idx, chan.send_chunk(a_idx, memoryview(stale)))  # round 1: a version of A that goes stale
+    rounds.record_sent(b_idx, chan.send_chunk(b_idx, memoryview(stale)))  # ... and of B
+    send_msg(chan, m.RoundEnd(1, 2))
+    assert recv_msg(chan) == m.RoundAck(1, 2)
+    rounds.record_sent(a_idx, chan.send_chunk(a_idx, heap.chunk_view(a_idx)))  # round 2: A's current bytes
+    send_msg(chan, m.RoundEnd(2, 1))
+    assert recv_msg(chan) == m.RoundAck(2, 1)
+    ledger = ChunkLedger(mid, heap.n_chunks, expected)
+    held = np.array([a_idx])
+    ledger.hold(held, rounds.tags[held])
+    send_msg(chan, _state(src, ledger, held))
+    for index in ledger.missing().tolist():  # B (now current) and everything no round sent
+        ledger.record_sent(index, chan.send_chunk(index, heap.chunk_view(index)))
+    send_msg(chan, m.HeapEnd(ledger.count))
+    ready = recv_msg(chan)
+    assert isinstance(ready, m.Ready) and ready.digest == ledger.digest()
+    send_msg(chan, m.Commit())
+    assert isinstance(recv_msg(chan), m.Resumed)
+    runner.value()
+    assert dst.app is not None and dst.app.checksum() == src.app.checksum()
+    for index in (a_idx, b_idx):
+        assert bytes(dst.heap.chunk_view(index)) == bytes(heap.chunk_view(index))
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ack", [m.RoundAck(2, 0), m.RoundAck(1, 0)])
+def test_source_refuses_an_ack_of_another_round_or_count(enclaves: Enclaves, pair, ack) -> None:
+    """A destination (or its keys in other hands) that acknowledges what was not sent: the source aborts
+    before the stop and runs on."""
+    src = enclaves.filled()
+    peer = enclaves.build("host-b", incoming=True)
+    checksum = src.app.checksum()
+    runner = Runner(source.run, src, [pair[0]], {"strategy": "precopy", "timeout": 5.0}, lambda info: None)
+    chan = SecureChannel(pair[1], None)
+    run_responder(chan, peer.backend, peer.identity, peer.policy, timeout=TIMEOUT)
+    while True:
+        rec = chan.recv(timeout=TIMEOUT)
+        if not hasattr(rec, "index"):
+            break
+    assert isinstance(m.decode(rec.payload), m.RoundEnd)
+    send_msg(chan, ack)
+    err = runner.outcome()
+    assert isinstance(err, MigrationError) and "acknowledged round" in str(err), err
+    assert "keeps running here" in str(err)
+    assert src.life.state is Life.RUNNING and src.app.checksum() == checksum
+
+
+def test_hold_refuses_what_is_not_part_of_the_migration() -> None:
+    ledger = ChunkLedger(b"m" * 16, 8, np.array([1, 3, 5]))
+    tags = np.ones((1, TAG_SIZE), dtype=np.uint8)
+    with pytest.raises(ProtocolError, match="not part"):
+        ledger.hold(np.array([2]), tags)
+    with pytest.raises(ProtocolError, match="tags"):
+        ledger.hold(np.array([1, 3]), tags)
+    ledger.hold(np.array([3]), tags)
+    assert ledger.count == 1 and ledger.missing().tolist() == [1, 5]
+    idx, packed = ledger.held_wire()
+    again = ChunkLedger(b"m" * 16, 8, np.array([1, 3, 5]))
+    again.hold(chunks_from_wire(idx, 8), packed)
+    assert again.digest() == ledger.digest()
+
+
+@pytest.mark.parametrize(("packed", "match"), [(b"\x00" * 7, "multiple of 8"),
+                                               (np.array([3, 1], dtype="<i8").tobytes(), "ascending"),
+                                               (np.array([9], dtype="<i8").tobytes(), "outside"),
+                                               (np.array([-1], dtype="<i8").tobytes(), "outside")])
+def test_packed_chunk_lists_are_checked(packed, match) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        chunks_from_wire(packed, 8)
