@@ -83,6 +83,16 @@ def test_round_end_that_lies_about_its_round_or_count_is_refused(enclaves: Encla
 
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
+def test_a_round_cannot_call_stale_a_chunk_no_round_brought(enclaves: Enclaves, pair) -> None:
+    src, dst, runner, chan, _ = _connect(enclaves, pair)
+    expected = src.heap.export_chunks()
+    chan.send_chunk(int(expected[0]), src.heap.chunk_view(int(expected[0])))
+    send_msg(chan, m.RoundEnd(1, 1, np.array([int(expected[1])], dtype="<i8").tobytes()))
+    _refused(runner, dst, f"calls chunk {int(expected[1])} stale")
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
 def test_state_cannot_keep_a_chunk_no_round_brought(enclaves: Enclaves, pair) -> None:
     src, dst, runner, chan, mid = _connect(enclaves, pair)
     expected = src.heap.export_chunks()
@@ -116,11 +126,13 @@ def test_chunks_of_a_round_with_no_end_are_refused(enclaves: Enclaves, pair) -> 
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("let_go", ["at the state", "at a round's end"])
 def test_versions_the_state_does_not_keep_are_missing_again_and_the_last_version_counts(enclaves: Enclaves,
-                                                                                       pair) -> None:
-    """Round 1 sends chunks A and B; round 2 sends A again with other bytes; the state keeps A (its
-    round-2 version) and not B. The destination must run with A's round-2 bytes and B as sent at the
-    stop, and its READY digest must cover exactly those versions."""
+                                                                                       pair, let_go) -> None:
+    """Round 1 sends chunks A and B; round 2 sends A again with other bytes; B is called stale (in an
+    empty round's end, or just left out of the state's `held`); the state keeps A (its round-2 version).
+    The destination must run with A's round-2 bytes and B as sent at the stop, and its READY digest
+    must cover exactly those versions."""
     src, dst, runner, chan, mid = _connect(enclaves, pair)
     heap = src.heap
     expected = heap.export_chunks()
@@ -137,6 +149,9 @@ def test_versions_the_state_does_not_keep_are_missing_again_and_the_last_version
     rounds.record_sent(a_idx, chan.send_chunk(a_idx, heap.chunk_view(a_idx)))  # round 2: A's current bytes
     send_msg(chan, m.RoundEnd(2, 1))
     assert recv_msg(chan) == m.RoundAck(2, 1)
+    if let_go == "at a round's end":
+        send_msg(chan, m.RoundEnd(3, 0, np.array([b_idx], dtype="<i8").tobytes()))
+        assert recv_msg(chan) == m.RoundAck(3, 0)
     ledger = ChunkLedger(mid, heap.n_chunks, expected)
     held = np.array([a_idx])
     ledger.hold(held, rounds.tags[held])

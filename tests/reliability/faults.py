@@ -29,6 +29,7 @@ PHASES = {
     "attest": "before the stop (attestation)",
     "stop": "the stop (stop-and-copy: copying; post-copy: small state)",
     "commit": "between READY and COMMIT",
+    "rounds": "pre-copy rounds (the app still runs at the source)",
     "stream": "streaming (post-copy)",
     "done": "just before DONE",
     "whole": "whole migration",
@@ -49,6 +50,9 @@ STRATEGIES = {
     ("stopcopy", "none"): "stop-and-copy",
     ("constmig", "access"): "ConstMig, access",
     ("constmig", "fault"): "ConstMig, fault",
+    ("precopy", "none"): "pre-copy",
+    ("hybrid", "access"): "hybrid, access",
+    ("hybrid", "fault"): "hybrid, fault",
 }
 
 # Outcomes: which host runs the enclave afterwards, and what the migration came to.
@@ -97,7 +101,7 @@ class Scenario:
     id: str
     phase: str  # key of PHASES
     fault: str  # key of FAULTS
-    strategy: str  # stopcopy | constmig
+    strategy: str  # stopcopy | constmig | precopy | hybrid
     tracker: str  # none | access | fault
     today: Expect
     note: str = ""
@@ -113,7 +117,7 @@ class Scenario:
 
 def _sc(*, id: str, phase: str, fault: str, strategy: str, tracker: str = "", runs: str, result: str,
         writes: str, says: str = "", honest_status: bool = True, **kw: object) -> Scenario:
-    tracker = tracker or ("none" if strategy == "stopcopy" else "access")
+    tracker = tracker or ("none" if strategy in ("stopcopy", "precopy") else "access")
     return Scenario(id=id, phase=phase, fault=fault, strategy=strategy, tracker=tracker,  # type: ignore[arg-type]
                     today=Expect(runs, result, writes, says, honest_status), **kw)
 
@@ -217,6 +221,21 @@ SCENARIOS: list[Scenario] = [
         tracker="fault", runs="none", result="stranded", writes="since-handoff",
         says=PAUSED_FAILED + r".*(exited|gone|takes no reconnect)", resume_deadline=4.0,
         note="as above"),
+    # --- pre-copy rounds: the source still runs the app, so a fault there rolls back ----------------
+    _sc(id="link-rounds-precopy", phase="rounds", fault="link", strategy="precopy",
+        runs="source", result="rolled-back", writes="all", says="aborted before the stop"),
+    _sc(id="link-rounds-hybrid", phase="rounds", fault="link", strategy="hybrid",
+        runs="source", result="rolled-back", writes="all", says="aborted before the stop"),
+    _sc(id="kill-dst-rounds-precopy", phase="rounds", fault="kill-dst", strategy="precopy",
+        runs="source", result="rolled-back", writes="all", says="aborted before the stop"),
+    _sc(id="kill-dst-rounds-hybrid", phase="rounds", fault="kill-dst", strategy="hybrid", tracker="fault",
+        runs="source", result="rolled-back", writes="all", says="aborted before the stop"),
+    _sc(id="kill-src-rounds-precopy", phase="rounds", fault="kill-src", strategy="precopy",
+        runs="none", result="lost", writes="lost", says=SOURCE_GONE,
+        note="the only copy died (as at any point before the commit point); the destination wipes itself"),
+    *[_sc(id=f"loss1-{s}-{t}", phase="whole", fault="loss1", strategy=s, tracker=t,
+          runs="destination", result="finished", writes="all")
+      for s, t in (("precopy", "none"), ("hybrid", "access"), ("hybrid", "fault"))],
     # --- the mitigation: a sealed checkpoint taken before the migration -----------------------------
     _sc(id="ckpt-kill-src-stop-stopcopy", phase="stop", fault="kill-src", strategy="stopcopy",
         runs="source", result="lost", writes="checkpoint", says=SOURCE_GONE, mitigation="checkpoint",

@@ -50,6 +50,8 @@ def plan(s: F.Scenario) -> tuple[H.At | None, H.Fault, H.Params]:
         at = H.chunk(5) if s.strategy == "stopcopy" else H.STATE
     elif s.phase == "commit":  # a cut loses COMMIT in flight; a killed agent dies once READY is out
         at = H.COMMIT if s.fault.startswith("link") else H.READY
+    elif s.phase == "rounds":  # round 1 sends every allocated chunk: the 5th is in it
+        at = H.chunk(5)
     elif s.phase == "stream":
         at = H.chunk(3, "any")
     elif s.phase == "done":

@@ -262,6 +262,13 @@ def _verified(doc: dict[str, Any], workload: str, heap: int, variant: str) -> st
     return f"{sum(1 for r in rs if r.get('verified'))}/{len(rs)}"
 
 
+def _gap_phase(doc: dict[str, Any], workload: str, heap: int, variant: str) -> str:
+    """Where the longest client gap fell, most often over the repeats (suite.gap_phase)."""
+    phases = [r["client_gap_phase"] for r in doc["results"] if r["workload"] == workload and r["heap_bytes"] == heap
+              and r["variant"] == variant and r.get("client_gap_phase")]
+    return max(set(phases), key=phases.count) if phases else "-"
+
+
 def _faults(row: dict[str, Any]) -> str:
     p50, p99 = _med(row, "fault_latency_us_p50"), _med(row, "fault_latency_us_p99")
     if p50 is None:
@@ -308,10 +315,12 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
             if before and during is not None:
                 tput += f" ({during / before:.0%})"
             rows.append([w if first else "", r["variant"], cell(r, "downtime_ms"), red, cell(r, "total_s", 2), ratio,
-                         cell(r, "client_gap_ms"), tput, _faults(r), _verified(doc, w, heap, r["variant"])])
+                         cell(r, "client_gap_ms"), _gap_phase(doc, w, heap, r["variant"]), tput, _faults(r),
+                         _verified(doc, w, heap, r["variant"])])
             first = False
     return table(["workload", "variant", "downtime ms", "reduction", "total s", "vs stop-and-copy",
-                  "client gap ms", "client ops/s before → start..DONE", "fault p50 / p99 µs", "verified"], rows)
+                  "client gap ms", "longest gap during", "client ops/s before → start..DONE", "fault p50 / p99 µs",
+                  "verified"], rows)
 
 
 def slope_table(fits: list[dict[str, Any]]) -> str:

@@ -224,6 +224,18 @@ def derive_phases(figures: dict[str, Any], events: list[list[Any]], returned: fl
     return {**{k: round(v, 4) for k, v in phases.items()}, "anchor": anchor}
 
 
+def gap_phase(phases: dict[str, Any], start: float, length: float) -> str:
+    """Which phase the longest client gap overlapped most: where a reader should look for its cause."""
+    marks = [("before the migration", float("-inf"), 0.0), ("preparing the destination", 0.0, phases["prepared"]),
+             ("attestation", phases["prepared"], phases.get("rounds", phases["stop"])),
+             ("pre-copy rounds", phases.get("rounds", phases["stop"]), phases["stop"]),
+             ("downtime", phases["stop"], phases["resumed"]), ("heap streaming", phases["resumed"], phases["done"]),
+             ("after DONE", phases["done"], float("inf"))]
+    end = start + length
+    overlap = [(min(end, b) - max(start, a), name) for name, a, b in marks]
+    return max(overlap)[1]
+
+
 def _twin_check(workload: str, heap: int, fill: float, seed: int, before: str, after: str,
                 log: list[tuple[int, Any]]) -> tuple[bool, str]:
     """Replay the acknowledged steps on an in-process twin; (ok, why not)."""
@@ -294,6 +306,9 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
         rec["ops_s_before"] = window_rate(timeline, -cfg.settle_s, 0.0)
         rec["ops_s_during"] = window_rate(timeline, phases["stop"], phases["done"])
         rec["ops_s_migration"] = window_rate(timeline, phases["attest"], phases["done"])  # start to DONE
+        if report.max_gap_ms:
+            rec["client_gap_at_s"] = round(report.gap_at - t_req, 4)
+            rec["client_gap_phase"] = gap_phase(phases, rec["client_gap_at_s"], report.max_gap_ms / 1e3)
         after = app_checksum(b, name)
         client_ok = not report.errors and report.wrong == 0
         if isinstance(driver, KVHammer):

@@ -119,8 +119,9 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
         raise ProtocolError(f"small state says {state.strategy!r} but the handshake agreed on {strategy.name!r}")
     ledger = ChunkLedger.from_wire(migration_id, heap.n_chunks, state.chunks)
     held = chunks_from_wire(state.held, heap.n_chunks)
-    if early is not None:  # what pre-copy rounds brought: the current versions stay, the rest is missing again
-        keep_held(enclave, ledger, early, held)
+    stale = None  # chunks whose heap bytes are an old version (pre-copy rounds): a zero record must write
+    if early is not None:  # what pre-copy rounds brought: the current versions stay, the rest is let go
+        stale = keep_held(enclave, ledger, early, held)
     elif held.size:
         raise ProtocolError("the small state keeps chunks from pre-copy rounds, but no round was sent")
     wrap = strategy.import_wrapper(enclave, ledger, timeout)
@@ -134,8 +135,8 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
         ledger.check_acceptable(msg.index)
         # The app is not running and this instance is wiped on any failure, so decrypting straight into
         # place is safe here; the tag is checked before the chunk counts. A chunk not in the ledger yet is
-        # zeros (fresh, or made zero again by keep_held), so a zero chunk needs no write.
-        if msg.zero and msg.length == heap.chunk_size:
+        # zeros (fresh) unless a round left an old version there, so a zero chunk needs no write.
+        if msg.zero and msg.length == heap.chunk_size and not (stale is not None and stale[msg.index]):
             link.chan.open_zero(msg)
         else:
             link.chan.open_chunk(msg, heap.chunk_view(msg.index))

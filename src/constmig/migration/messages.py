@@ -30,10 +30,13 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
 
 
 class RoundEnd(msgspec.Struct, tag="round_end", frozen=True):
-    """A pre-copy round is out: `count` chunk records since the last one (rounds count from 1)."""
+    """A pre-copy round is out: `count` chunk records since the last one (rounds count from 1). `stale`
+    (int64 little-endian, ascending) names chunks an earlier round sent that were written since and
+    will not come again before the stop: the destination lets go of them now, not in the downtime."""
 
     round: int
     count: int
+    stale: bytes = b""
 
 
 class RoundAck(msgspec.Struct, tag="round_ack", frozen=True):

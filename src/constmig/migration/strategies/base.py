@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from constmig.migration.link import Link
     from constmig.migration.port import MigratingEnclave as Enclave
     from constmig.migration.protocol import St
+    from constmig.migration.strategies.rounds import Early
     from constmig.migration.streamer import Streamer
 
 Progress = Callable[[dict], None]
@@ -66,9 +67,9 @@ class Strategy:
         to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up."""
         return Before()
 
-    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[ChunkLedger | None, Any]:
-        """Destination: what arrives before the small state (pre-copy rounds, recorded in an `everything`
-        ledger), and the first message that is not a chunk."""
+    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
+        """Destination: what arrives before the small state (pre-copy rounds: rounds.Early), and the first
+        message that is not a chunk."""
         return None, link.recv()
 
     # --- before the handoff ------------------------------------------------------------------------

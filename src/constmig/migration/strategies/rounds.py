@@ -25,7 +25,7 @@ from constmig.enclave.dirty import WriteTracker
 from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import messages as m
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import ChunkLedger, chunks_from_wire
 from constmig.migration.strategies.base import Before, Progress
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.units import wait_seconds
@@ -106,6 +106,9 @@ class RoundsMixin:
                 if left_s <= max_downtime or len(chunks_per_round) >= max_rounds or not shrinking:
                     break
                 todo = dirty
+            stale = dirty[rounds.sent.received[dirty]]
+            if stale.size:  # the destination lets go of them now, while the app runs, not at the stop
+                _round_trip(link, len(chunks_per_round) + 1, 0, stale)
             rounds.figures = {"rounds": len(chunks_per_round), "round_chunks": chunks_per_round,
                               "precopy_s": round(time.monotonic() - t0, 4),
                               "dirty_rate": round(dirty.size / elapsed, 1), "precopy_rate_gbps": round(rate / 1e9, 3)}
@@ -115,10 +118,10 @@ class RoundsMixin:
             rounds.close()
             raise
 
-    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[ChunkLedger | None, Any]:
+    def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
         """The rounds: each version over the last, in the heap the app does not run on yet."""
         heap = enclave.heap
-        early = ChunkLedger.everything(migration_id, heap.n_chunks)
+        early = Early(ChunkLedger.everything(migration_id, heap.n_chunks), np.zeros(heap.n_chunks, dtype=bool))
         first = _first_write(enclave)
         number, count = 1, 0
         while True:
@@ -126,6 +129,7 @@ class RoundsMixin:
             if isinstance(msg, m.RoundEnd):
                 if msg.round != number or msg.count != count:
                     raise ProtocolError(f"round {msg.round} claims {msg.count} chunks; round {number} brought {count}")
+                early.let_go(enclave, chunks_from_wire(msg.stale, heap.n_chunks))
                 link.send(m.RoundAck(number, count))
                 number, count = number + 1, 0
                 continue
@@ -134,19 +138,23 @@ class RoundsMixin:
                     raise ProtocolError(f"round {number} ended without its count ({count} chunks unaccounted for)")
                 return early, msg
             count += 1
-            early.check_acceptable(msg.index, again=True)
+            got = early.ledger
+            got.check_acceptable(msg.index, again=True)
             if msg.length != heap.chunk_size:
                 raise ProtocolError(f"chunk {msg.index} is {msg.length} bytes, not the heap's {heap.chunk_size}")
-            if early.received[msg.index]:  # in place already (plain memory now): verified before it counts
+            # In place already (plain memory now): verified before it counts. A stale chunk under a tracker
+            # was made missing again, so it takes the first-write path.
+            if got.received[msg.index] or (early.stale[msg.index] and enclave.tracker == "none"):
                 link.chan.open_chunk(msg, heap.chunk_view(msg.index))
+                early.stale[msg.index] = False
             else:
                 first(msg, link)
-            early.accept(msg.index, msg.tag, again=True)
+            got.accept(msg.index, msg.tag, again=True)
 
 
-def _round_trip(link: Link, number: int, count: int) -> None:
+def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = None) -> None:
     """End a round and wait until the destination holds it (and says how many chunks it took)."""
-    link.send(m.RoundEnd(number, count))
+    link.send(m.RoundEnd(number, count, b"" if stale is None else stale.astype("<i8").tobytes()))
     ack = link.expect(m.RoundAck)
     if ack.round != number or ack.count != count:
         raise ProtocolError(f"destination acknowledged round {ack.round} with {ack.count} chunks; round {number} "
@@ -182,19 +190,54 @@ def _first_write(enclave: Enclave) -> Any:
     return straight
 
 
-def keep_held(enclave: Enclave, ledger: ChunkLedger, early: ChunkLedger, held: np.ndarray) -> None:
+@dataclass
+class Early:
+    """Destination, before the small state: the newest version each round brought (`ledger`), and the
+    chunks the source called stale since (`stale`: in a plain heap their old bytes are still there;
+    under a tracker they were made missing again)."""
+
+    ledger: ChunkLedger
+    stale: np.ndarray
+
+    def let_go(self, enclave: Enclave, chunks: np.ndarray) -> None:
+        """The source says these versions are stale (written since): they count no more."""
+        got = self.ledger
+        if chunks.size and not got.received[chunks].all():
+            bad = int(chunks[~got.received[chunks]][0])
+            raise ProtocolError(f"the source calls chunk {bad} stale, but no round brought it")
+        _make_missing(enclave, chunks)
+        self.stale[chunks] = True
+        got.received[chunks] = False
+        got.count = int(np.count_nonzero(got.received))
+
+
+def keep_held(enclave: Enclave, ledger: ChunkLedger, early: Early, held: np.ndarray) -> np.ndarray:
     """Destination, at the small state: keep the round versions of `held` (in the ledger, with their
-    tags) and make every other chunk the rounds brought missing again (its version is stale, or the
-    chunk was freed since)."""
+    tags) and let go of every other chunk the rounds brought (its version is stale, or the chunk was
+    freed since). Returns the chunks whose heap bytes are stale (a plain heap's: the chunks sent at
+    the stop must overwrite them, zero records included; under a tracker they are missing)."""
+    got = early.ledger
     mask = np.zeros(ledger.n_chunks, dtype=bool)
     mask[held] = True
-    if np.any(mask & ~(early.received & ledger.expected_mask)):
-        bad = int(np.flatnonzero(mask & ~(early.received & ledger.expected_mask))[0])
+    if np.any(mask & ~(got.received & ledger.expected_mask)):
+        bad = int(np.flatnonzero(mask & ~(got.received & ledger.expected_mask))[0])
         raise ProtocolError(f"the small state keeps chunk {bad}, which no round brought or the migration does "
                             "not expect")
-    ledger.hold(held, early.tags[held])
-    drop = np.flatnonzero(early.received & ~mask)
-    enclave.heap.zero_chunks(drop)  # plain heap: zeros; Fault Tracker: missing pages (its next touch faults)
+    ledger.hold(held, got.tags[held])
+    drop = got.received & ~mask
+    early.let_go(enclave, np.flatnonzero(drop & ledger.expected_mask))
+    freed = np.flatnonzero((drop | early.stale) & ~ledger.expected_mask)
+    enclave.heap.zero_chunks(freed)  # not part of the migration any more: zeros, as in a fresh heap
+    early.stale[freed] = False
     if enclave.tracker == "access":
-        protect_chunks(enclave.heap, drop[ledger.expected_mask[drop]], PROT_NONE)  # awaited again: the tripwire
+        protect_chunks(enclave.heap, freed, PROT_RW)
+    return early.stale
 
+
+def _make_missing(enclave: Enclave, chunks: np.ndarray) -> None:
+    """Per tracker: a missing page again (Fault Tracker: its next touch faults), guarded again (Access
+    Tracker: the install overwrites every byte), or nothing (plain heap: the stop sends it again)."""
+    if enclave.tracker == "fault":
+        enclave.heap.zero_chunks(chunks)
+    elif enclave.tracker == "access":
+        protect_chunks(enclave.heap, chunks, PROT_NONE)
