@@ -18,6 +18,7 @@ from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import parse_duration, parse_size
 
 STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
+DEFAULT_STRATEGY = "hybrid"  # flat downtime and the shortest waits on most workloads: see README.md
 TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
 # bench variants: a strategy, with the tracker after a dash where it needs one
 VARIANT_CHOICES = click.Choice(strategies.variants())
@@ -155,11 +156,45 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str) -> None:
 
     c = EnclaveClient(addr, name)
     try:
-        click.echo(_show(c.call(method, *args)))
+        click.echo(_show(c.call(method, *_typed_args(addr, name, method, args))))
     finally:
         c.close()
     if c.addr != addr:
         click.echo(f"(enclave {name!r} now lives at {c.addr})", err=True)
+
+
+def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...]) -> list[Any]:
+    """Command-line arguments as the ECALL's annotations ask (`fill 0.9 1`: a float and an int); strings
+    where the app or its annotations are unknown here (the ECALL then checks them itself)."""
+    import inspect
+    import typing
+
+    from constmig.apps import load_app
+    from constmig.host.client import request
+
+    try:
+        st = request(addr, {"op": "status"})
+        if name in st.get("moved", {}):
+            st = request(st["moved"][name], {"op": "status"})
+        fn = getattr(load_app(st["enclaves"][name]["app"]), method)
+        hints = typing.get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters.values())[1:]  # past self
+    except (ConstmigError, OSError, KeyError, AttributeError, NameError, TypeError, ValueError):
+        return list(args)  # a convenience only: the ECALL validates what it gets anyway
+    out: list[Any] = list(args)
+    for i, (param, text) in enumerate(zip(params, args, strict=False)):
+        kind = hints.get(param.name)
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[i] = text.lower() in ("true", "1")
+            elif kind in (int, float):
+                out[i] = kind(text)
+        except ValueError:
+            what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise ConfigError(f"{method}: {param.name} must be {what}, not {text!r}") from None
+    return out
 
 
 @main.command()
@@ -208,7 +243,8 @@ def stop(name: str, addr: str, force: bool) -> None:
 @click.argument("name")
 @click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
 @click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
-@click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
+@click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True,
+              help="Why hybrid by default: README.md, \"Which strategy migrate uses by default\".")
 @click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "

@@ -37,6 +37,12 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--resume"], "drop --to"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--resume-deadline", "-1"],
      "resume-deadline"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "stopcopy",
+      "--max-downtime", "50ms"], "use them with --strategy precopy or hybrid"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy", "--rounds", "0"],
+     "--rounds"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy",
+      "--max-downtime", "soon"], "--max-downtime"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
     assert_clean_error(cm(*args), fragment)
@@ -90,3 +96,47 @@ def test_checkpoint_and_restore_from_the_command_line(tmp_path):
         junk.write_bytes(b"not a checkpoint at all")
         assert_clean_error(cm("restore", str(junk), "--agent", a, "--name", "kv2"), "not a constmig checkpoint")
         assert_clean_error(cm("checkpoint", "nope", "--agent", a), "no enclave named 'nope'")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args", [[],  # the default (README: hybrid, and why)
+                                  ["--strategy", "precopy", "--max-downtime", "50ms"],
+                                  ["--strategy", "hybrid", "--tracker", "access"],
+                                  ["--strategy", "hybrid", "--tracker", "fault", "--rounds", "2"]])
+def test_migrate_with_rounds_from_the_command_line(args):
+    """The issue's commands as a user types them: figures with the rounds, the state intact."""
+    from constmig.enclave.dirty import preflight
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import launch_filled
+
+    if (why := preflight()) is not None:
+        pytest.skip(f"write tracking unavailable: {why}")
+    with LocalCluster(2) as c:
+        a, b = c.addrs
+        launch_filled(a, "kv1", "kvstore", 32 << 20, 0.9, seed=1)
+        assert cm("call", "kv1", "--agent", a, "put", "k1", "v1").returncode == 0
+        p = cm("migrate", "kv1", "--from", a, "--to", b, *args, "--verify", "--json", "-")
+        assert p.returncode == 0, p.stderr
+        fig = json.loads(p.stdout)
+        strategy = args[1] if args else "hybrid"
+        assert fig["verified"] is True and fig["rounds"] >= 1 and fig["strategy"] == strategy, fig
+        assert ("missing_at_switch" if strategy == "hybrid" else "final_chunks") in fig
+        got = cm("call", "kv1", "--agent", a, "get", "k1")  # the old agent redirects
+        assert got.returncode == 0 and "v1" in got.stdout, got.stderr
+
+
+@pytest.mark.e2e
+def test_call_passes_arguments_as_the_ecall_annotates_them():
+    """`call kv fill 0.9 1` (README): a float and an int, not two strings; a bad number is one line."""
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import launch_filled
+
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        launch_filled(a, "kv", "kvstore", 16 << 20, 0.1, seed=1)
+        p = cm("call", "kv", "--agent", a, "fill", "0.5", "2")
+        assert p.returncode == 0, p.stderr
+        assert_clean_error(cm("call", "kv", "--agent", a, "fill", "lots"), "fill: fraction must be a number")
+        p = cm("call", "kv", "--agent", a, "put", "k1", "123")  # an unannotated value stays a string
+        assert p.returncode == 0, p.stderr
+        assert "123" in cm("call", "kv", "--agent", a, "get", "k1").stdout

@@ -214,7 +214,11 @@ def plot_timelines(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("ops/s")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="lower left", ncol=4)
+    seen: dict[str, Any] = {}  # every phase any panel marks, once (the first panel may lack the rounds)
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    axes[0, 0].legend(list(seen.values()), list(seen), fontsize=7, loc="lower left", ncol=5)
     axes[-1, 0].set_xlabel("seconds since the migrate request")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)

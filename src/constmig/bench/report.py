@@ -200,7 +200,7 @@ def anomalies(doc: dict[str, Any]) -> list[str]:
                        f"({min(totals):.2f}-{max(totals):.2f} s; {', '.join(parts)})")
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in _ok(results):
-        if r.get("strategy") == "constmig":
+        if r.get("strategy") in ("constmig", "hybrid"):  # the switch moves only the small state
             by_variant[r["variant"]].append(r)
     for v, rs in by_variant.items():  # a post-copy stop far slower than the variant's usual one
         med = statistics.median(r["downtime_ms"] for r in rs)
@@ -620,6 +620,10 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
         if dips:
             text += (f"; client throughput from the migration's start until DONE {rng([d * 100 for d in dips], '{:.0f}')}%"
                      " of before")
+        during = [r["ops_s_rounds"]["median"] / r["ops_s_before"]["median"] for r in mine
+                  if r.get("ops_s_rounds") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
+        if during:
+            text += f", during the pre-copy rounds {rng([d * 100 for d in during], '{:.0f}')}%"
         out.append(text + ".")
     hw = headline_workload(doc)
     dt = [f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f]

@@ -47,7 +47,8 @@ from constmig.units import available_memory, format_size, parse_size
 VARIANTS = tuple(strategies.variants(auto=False))  # stopcopy, constmig-*, precopy, hybrid-*
 MIN_HEAP = 16 << 20
 CHUNK = 1 << 20  # launch_filled's chunk size; the twin uses the same geometry
-SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "ops_s_migration", "fault_latency_us_max")
+SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "ops_s_migration", "ops_s_rounds",
+              "fault_latency_us_max")
 
 FULL = {"sizes": "256M,1G,4G", "workloads": ",".join(APPS), "sweep": "kvstore", "workload_size": "1G",
         "variants": ",".join(VARIANTS), "repeat": "3"}
@@ -306,6 +307,8 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
         rec["ops_s_before"] = window_rate(timeline, -cfg.settle_s, 0.0)
         rec["ops_s_during"] = window_rate(timeline, phases["stop"], phases["done"])
         rec["ops_s_migration"] = window_rate(timeline, phases["attest"], phases["done"])  # start to DONE
+        if "rounds" in phases:  # what the app keeps while its heap streams beside it
+            rec["ops_s_rounds"] = window_rate(timeline, phases["rounds"], phases["stop"])
         if report.max_gap_ms:
             rec["client_gap_at_s"] = round(report.gap_at - t_req, 4)
             rec["client_gap_phase"] = gap_phase(phases, rec["client_gap_at_s"], report.max_gap_ms / 1e3)

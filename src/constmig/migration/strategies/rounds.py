@@ -146,9 +146,9 @@ class RoundsMixin:
             # was made missing again, so it takes the first-write path.
             if got.received[msg.index] or (early.stale[msg.index] and enclave.tracker == "none"):
                 link.chan.open_chunk(msg, heap.chunk_view(msg.index))
-                early.stale[msg.index] = False
             else:
                 first(msg, link)
+            early.stale[msg.index] = False
             got.accept(msg.index, msg.tag, again=True)
 
 
