@@ -458,7 +458,7 @@ class Agent:
             hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
                                                "max_bandwidth": float(req.get("max_bandwidth") or 0),
-                                               # precopy's rounds (the enclave checks them)
+                                               # the pre-copy rounds of precopy and hybrid (the enclave checks them)
                                                **{k: req[k] for k in ("max_downtime", "max_rounds") if k in req}},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:

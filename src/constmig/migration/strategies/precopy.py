@@ -5,10 +5,10 @@ source, as with stop-and-copy."""
 from __future__ import annotations
 
 from constmig.migration.strategies.rounds import RoundsMixin
-from constmig.migration.strategies.stopcopy import StopAndCopy
+from constmig.migration.strategies.stopcopy import NO_CHUNK_AFTER_COMMIT, StopAndCopy
 
 
 class PreCopy(RoundsMixin, StopAndCopy):
     name = "precopy"
     summary = "send the heap in rounds while the app runs, each round what was written since; stop for the rest"
-    removed_edges: dict = {}  # chunks go before the stop, with the small state, and not after COMMIT
+    removed_edges = NO_CHUNK_AFTER_COMMIT  # chunks go before the stop and with the small state, never after

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 
 NO_ROUNDS = "stop-and-copy sends no chunk before the stop"
+NOTHING_AFTER = "every chunk arrives before the handoff"
+# After COMMIT the destination depends on nothing from the source (stop-and-copy, pre-copy).
+NO_CHUNK_AFTER_COMMIT = {
+    "source": {St.HANDED_OFF: {("send", CHUNK): NOTHING_AFTER}, St.PEER_RUNNING: {("send", CHUNK): NOTHING_AFTER}},
+    "destination": {St.RUNNING: {("recv", CHUNK): NOTHING_AFTER}},
+}
 
 
 class StopAndCopy(Strategy):
@@ -31,8 +37,12 @@ class StopAndCopy(Strategy):
     connections = 1
     needs_tracker = False
     source_figures: dict[str, Any] = {"tracker": "none"}
-    removed_edges = {"source": {St.CONNECTED: {("send", CHUNK): NO_ROUNDS, ("send", "round_end"): NO_ROUNDS}},
-                     "destination": {St.CONNECTED: {("recv", CHUNK): NO_ROUNDS, ("recv", "round_end"): NO_ROUNDS}}}
+    removed_edges = {
+        "source": {St.CONNECTED: {("send", CHUNK): NO_ROUNDS, ("send", "round_end"): NO_ROUNDS},
+                   **NO_CHUNK_AFTER_COMMIT["source"]},
+        "destination": {St.CONNECTED: {("recv", CHUNK): NO_ROUNDS, ("recv", "round_end"): NO_ROUNDS},
+                        **NO_CHUNK_AFTER_COMMIT["destination"]},
+    }
 
     def check_instance(self, tracker: str) -> None:
         if tracker != "none":
