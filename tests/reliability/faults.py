@@ -233,6 +233,12 @@ SCENARIOS: list[Scenario] = [
     _sc(id="kill-src-rounds-precopy", phase="rounds", fault="kill-src", strategy="precopy",
         runs="none", result="lost", writes="lost", says=SOURCE_GONE,
         note="the only copy died (as at any point before the commit point); the destination wipes itself"),
+    _sc(id="link-commit-precopy", phase="commit", fault="link", strategy="precopy",
+        runs="destination", result="resumed", writes="all",
+        note="as for stop-and-copy: the source's reconnect stands for the lost COMMIT"),
+    _sc(id="kill-src-done-precopy", phase="done", fault="kill-src", strategy="precopy",
+        runs="destination", result="finished", writes="all", says=SOURCE_GONE,
+        note="after COMMIT a pre-copy destination needs nothing more from the source"),
     *[_sc(id=f"loss1-{s}-{t}", phase="whole", fault="loss1", strategy=s, tracker=t,
           runs="destination", result="finished", writes="all")
       for s, t in (("precopy", "none"), ("hybrid", "access"), ("hybrid", "fault"))],

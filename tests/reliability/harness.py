@@ -52,6 +52,10 @@ class At:
     kind: Kind
     n: int
     channel: str = "main"  # or "any": chunks count on the demand channel too (post-copy)
+    # Only records whose wire length (ciphertext and tag) is in this range count: how the host tells
+    # control messages apart when their number varies (pre-copy's round ends); lengths are visible to it.
+    min_len: int = 0
+    max_len: int = 1 << 62
 
     def describe(self) -> str:
         return f"{self.direction} {self.kind.name} #{self.n}"
@@ -62,6 +66,13 @@ STATE = At("c2s", Kind.CONTROL, 1)  # the stop: the small state is on its way
 READY = At("s2c", Kind.CONTROL, 1)  # the destination is ready; the source has not committed yet
 COMMIT = At("c2s", Kind.CONTROL, 3)  # the source is past its commit point; the destination waits for this
 DONE = At("s2c", Kind.CONTROL, 3)  # just before DONE (READY, RESUMED, DONE)
+# With pre-copy rounds in front (ROUND_END c2s and ROUND_ACK s2c, a number that depends on the writes),
+# by length: READY (53-byte message) and DONE (81+) are the only s2c controls of 50 bytes or more, and
+# COMMIT (13) is the only c2s control under 20.
+TAG = 16
+READY_BY_LEN = At("s2c", Kind.CONTROL, 1, min_len=50 + TAG)
+DONE_BY_LEN = At("s2c", Kind.CONTROL, 2, min_len=50 + TAG)
+COMMIT_BY_LEN = At("c2s", Kind.CONTROL, 1, max_len=20 + TAG)
 
 
 def chunk(n: int, channel: str = "main") -> At:
@@ -196,6 +207,8 @@ class Trigger:
             if self.at is None or self.injector is None or channel not in ("main", "demand"):
                 return [record]
             if channel != "main" and self.at.channel != "any":
+                return [record]
+            if not self.at.min_len <= header.length <= self.at.max_len:
                 return [record]
             with self._lock:
                 key = (direction, header.kind)

@@ -22,6 +22,7 @@ from tb_helpers import NETNS_REASON, needs_nft, unique_name
 
 from constmig.errors import ConstmigError
 from constmig.host import client
+from constmig.migration.strategies import ROUNDS
 from constmig.migration.uffd import preflight
 from constmig.testbed import LinkSpec, Testbed
 
@@ -48,6 +49,8 @@ def plan(s: F.Scenario) -> tuple[H.At | None, H.Fault, H.Params]:
         at = H.HANDSHAKE_M1
     elif s.phase == "stop":
         at = H.chunk(5) if s.strategy == "stopcopy" else H.STATE
+    elif s.phase == "commit" and s.strategy in ROUNDS:  # round ends in front: find them by length
+        at = H.COMMIT_BY_LEN if s.fault.startswith("link") else H.READY_BY_LEN
     elif s.phase == "commit":  # a cut loses COMMIT in flight; a killed agent dies once READY is out
         at = H.COMMIT if s.fault.startswith("link") else H.READY
     elif s.phase == "rounds":  # round 1 sends every allocated chunk: the 5th is in it
@@ -55,7 +58,7 @@ def plan(s: F.Scenario) -> tuple[H.At | None, H.Fault, H.Params]:
     elif s.phase == "stream":
         at = H.chunk(3, "any")
     elif s.phase == "done":
-        at = H.DONE
+        at = H.DONE_BY_LEN if s.strategy in ROUNDS else H.DONE
     else:
         at = None
     fault = {
