@@ -233,6 +233,10 @@ SCENARIOS: list[Scenario] = [
     _sc(id="kill-src-rounds-precopy", phase="rounds", fault="kill-src", strategy="precopy",
         runs="none", result="lost", writes="lost", says=SOURCE_GONE,
         note="the only copy died (as at any point before the commit point); the destination wipes itself"),
+    _sc(id="kill-src-stream-hybrid", phase="stream", fault="kill-src", strategy="hybrid", tracker="access",
+        runs="destination", result="paused", writes="streamed", says=SOURCE_GONE,
+        note="fired at the first demanded chunk: the chunks written during the round were still missing; "
+             "reads of those fail after T, the rest (kept from the round, or streamed) serve"),
     _sc(id="link-commit-precopy", phase="commit", fault="link", strategy="precopy",
         runs="destination", result="resumed", writes="all",
         note="as for stop-and-copy: the source's reconnect stands for the lost COMMIT"),

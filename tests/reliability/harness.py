@@ -51,7 +51,7 @@ class At:
     direction: str
     kind: Kind
     n: int
-    channel: str = "main"  # or "any": chunks count on the demand channel too (post-copy)
+    channel: str = "main"  # "any": chunks count on the demand channel too (post-copy); "demand": only there
     # Only records whose wire length (ciphertext and tag) is in this range count: how the host tells
     # control messages apart when their number varies (pre-copy's round ends); lengths are visible to it.
     min_len: int = 0
@@ -206,7 +206,7 @@ class Trigger:
             # Counts run across reconnects, but only faults make reconnects, and each run fires once.
             if self.at is None or self.injector is None or channel not in ("main", "demand"):
                 return [record]
-            if channel != "main" and self.at.channel != "any":
+            if self.at.channel not in ("any", channel):  # "main", "demand" or "any"
                 return [record]
             if not self.at.min_len <= header.length <= self.at.max_len:
                 return [record]

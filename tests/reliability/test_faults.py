@@ -55,6 +55,8 @@ def plan(s: F.Scenario) -> tuple[H.At | None, H.Fault, H.Params]:
         at = H.COMMIT if s.fault.startswith("link") else H.READY
     elif s.phase == "rounds":  # round 1 sends every allocated chunk: the 5th is in it
         at = H.chunk(5)
+    elif s.phase == "stream" and s.strategy in ROUNDS:  # the round's chunks come first: count demands
+        at = H.chunk(1, "demand")
     elif s.phase == "stream":
         at = H.chunk(3, "any")
     elif s.phase == "done":
