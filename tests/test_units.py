@@ -2,7 +2,7 @@ import pytest
 
 from constmig.errors import ConfigError
 from constmig.host.address import parse_addr
-from constmig.units import format_size, parse_size
+from constmig.units import format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize("text,n", [("512M", 512 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29), ("64k", 65536),
@@ -27,3 +27,15 @@ def test_parse_addr():
     for bad in ("localhost", ":80", "h:x", "h:70000"):
         with pytest.raises(ConfigError):
             parse_addr(bad)
+
+
+@pytest.mark.parametrize("text,seconds", [("50ms", 0.05), ("0.2s", 0.2), ("500us", 0.0005), ("7", 0.007),
+                                          (" 1 S ", 1.0)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5ms", "5 min", "1e3ms", "ms"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="malformed duration"):
+        parse_duration(text)
