@@ -248,3 +248,11 @@ def test_close_is_idempotent_even_with_live_views():
     h2 = Heap(MiB)
     h2.alloc("a", 10)
     h2.close()
+
+
+def test_chunk_runs_are_the_consecutive_stretches():
+    from constmig.enclave.heap import chunk_runs
+
+    assert chunk_runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 4), (7, 8), (9, 11)]
+    assert chunk_runs(np.array([5])) == [(5, 6)]
+    assert chunk_runs(np.zeros(0, dtype=np.int64)) == []

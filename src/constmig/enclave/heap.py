@@ -38,6 +38,18 @@ _HUGE_ZERO_PAGES = 512  # a PMD-sized huge zero page covers 512 base pages on x8
 META_VERSION = 1
 
 
+def chunk_runs(chunks: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted, unique chunk indices as runs of consecutive ones, [start, stop): one syscall or message
+    per run instead of one per chunk."""
+    idx = np.asarray(chunks, dtype=np.int64)
+    if not idx.size:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], breaks))]
+    stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
 def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -328,13 +340,8 @@ class Heap:
         """Make these chunks zero again (one madvise per run of consecutive chunks)."""
         self._check_open()
         assert self._mm is not None
-        idx = np.unique(np.asarray(chunks, dtype=np.int64))
-        if not idx.size:
-            return
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        for run in np.split(idx, breaks):
-            off, _ = self.chunk_range(int(run[0]))
-            self._mm.madvise(mmap.MADV_DONTNEED, off, int(run.size) * self.chunk_size)
+        for start, stop in chunk_runs(np.unique(np.asarray(chunks, dtype=np.int64))):
+            self._mm.madvise(mmap.MADV_DONTNEED, start * self.chunk_size, (stop - start) * self.chunk_size)
 
     def export_chunks(self) -> np.ndarray:
         """Sorted int64 indices of the chunks a whole-heap export (migration, checkpoint) carries.

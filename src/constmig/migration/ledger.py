@@ -36,6 +36,11 @@ def chunks_from_wire(packed: object, n_chunks: int) -> np.ndarray:
     return chunks
 
 
+def chunks_to_wire(chunks: np.ndarray) -> bytes:
+    """The packed form `chunks_from_wire` reads."""
+    return np.asarray(chunks, dtype=np.int64).astype("<i8").tobytes()
+
+
 class ChunkLedger:
     """Expected set, at-most-once acceptance, and per-chunk GCM tags for the DONE digest."""
 
@@ -65,7 +70,7 @@ class ChunkLedger:
         return cls(migration_id, n_chunks, chunks_from_wire(packed, n_chunks))
 
     def to_wire(self) -> bytes:
-        return self.expected.astype("<i8").tobytes()
+        return chunks_to_wire(self.expected)
 
     def check_acceptable(self, index: int, *, again: bool = False) -> None:
         """Raise unless `index` is an expected chunk that has not arrived yet, or with `again` (a newer
@@ -100,7 +105,7 @@ class ChunkLedger:
     def held_wire(self) -> tuple[bytes, bytes]:
         """The chunks in place and their tags, packed (what a pager continuing this ledger needs)."""
         idx = np.flatnonzero(self.received)
-        return idx.astype("<i8").tobytes(), self.tags[idx].tobytes()
+        return chunks_to_wire(idx), self.tags[idx].tobytes()
 
     def record_sent(self, index: int, tag: bytes) -> None:
         """Source side: remember the tag of the last copy of a chunk that went out."""

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import numpy.ma  # noqa: F401  np.unique imports it on first use (10-20 ms): not at the first fault
 
+from constmig.enclave.heap import chunk_runs
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
@@ -151,11 +152,9 @@ class Receiver:
                 return
             whole = not self.installer.pieces_visible  # pieces would only add records
             # contiguous runs, at most MAX_DEMAND each: one small message per run
-            breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
-            for run in np.split(chunks, breaks):
-                for start in range(0, run.size, MAX_DEMAND):
-                    part = run[start:start + MAX_DEMAND]
-                    self.demand.send(m.Demand(int(part[0]), int(part.size), whole=whole))
+            for first, stop in chunk_runs(chunks):
+                for start in range(first, stop, MAX_DEMAND):
+                    self.demand.send(m.Demand(start, min(MAX_DEMAND, stop - start), whole=whole))
         except (ConstmigError, OSError) as e:
             self.fail(f"cannot send a demand request: {e}")
 

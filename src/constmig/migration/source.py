@@ -21,7 +21,7 @@ from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerA
 from constmig.migration import messages as m
 from constmig.migration import strategies
 from constmig.migration.constants import DEMAND_LABEL
-from constmig.migration.ledger import ChunkLedger
+from constmig.migration.ledger import ChunkLedger, chunks_to_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import HAVE, Machine, St
@@ -91,7 +91,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         lineage = snap.lineage
         link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(),
                              snap.stopped_at, *((lineage.lineage, lineage.key, lineage.version) if lineage else
-                                                (b"", b"", 0)), held.astype("<i8").tobytes()))
+                                                (b"", b"", 0)), chunks_to_wire(held)))
         strategy.send_before_handoff(link, ledger, heap, progress, before)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from constmig.enclave.heap import Heap
+from constmig.enclave.heap import Heap, chunk_runs
 from constmig.errors import MigrationError
 
 PROT_NONE = 0
@@ -299,14 +299,9 @@ def guard_heap(heap: Heap) -> None:
 def protect_chunks(heap: Heap, chunks: np.ndarray, prot: int) -> int:
     """Set the protection of heap chunks (sorted, unique), one mprotect per run of consecutive ones;
     returns the number of calls."""
-    idx = np.asarray(chunks, dtype=np.int64)
-    if not idx.size:
-        return 0
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], breaks))]
-    stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
-    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+    runs = chunk_runs(chunks)
+    for a, b in runs:
         if _mprotect(heap.address + a * heap.chunk_size, (b - a) * heap.chunk_size, prot) != 0:
             err = ctypes.get_errno()
             raise MigrationError(f"mprotect of heap chunks {a}..{b - 1} failed: {os.strerror(err)}")
-    return len(starts)
+    return len(runs)

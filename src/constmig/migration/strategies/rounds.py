@@ -25,7 +25,7 @@ from constmig.enclave.dirty import WriteTracker
 from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import messages as m
-from constmig.migration.ledger import ChunkLedger, chunks_from_wire
+from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
 from constmig.migration.strategies.base import Before, Progress
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.units import wait_seconds
@@ -154,7 +154,7 @@ class RoundsMixin:
 
 def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = None) -> None:
     """End a round and wait until the destination holds it (and says how many chunks it took)."""
-    link.send(m.RoundEnd(number, count, b"" if stale is None else stale.astype("<i8").tobytes()))
+    link.send(m.RoundEnd(number, count, b"" if stale is None else chunks_to_wire(stale)))
     ack = link.expect(m.RoundAck)
     if ack.round != number or ack.count != count:
         raise ProtocolError(f"destination acknowledged round {ack.round} with {ack.count} chunks; round {number} "
@@ -219,8 +219,9 @@ def keep_held(enclave: Enclave, ledger: ChunkLedger, early: Early, held: np.ndar
     got = early.ledger
     mask = np.zeros(ledger.n_chunks, dtype=bool)
     mask[held] = True
-    if np.any(mask & ~(got.received & ledger.expected_mask)):
-        bad = int(np.flatnonzero(mask & ~(got.received & ledger.expected_mask))[0])
+    unbrought = np.flatnonzero(mask & ~(got.received & ledger.expected_mask))
+    if unbrought.size:
+        bad = int(unbrought[0])
         raise ProtocolError(f"the small state keeps chunk {bad}, which no round brought or the migration does "
                             "not expect")
     ledger.hold(held, got.tags[held])
