@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
 from constmig.testbed.cli import testbed as testbed_group
@@ -25,10 +25,6 @@ VARIANT_CHOICES = click.Choice(strategies.variants())
 _TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig, hybrid): "
                  "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
                  "where userfaultfd works.")
-
-
-def default_ca_dir() -> Path:
-    return Path(os.environ.get("CONSTMIG_CA_DIR", Path.home() / ".constmig" / "ca"))
 
 
 class Size(click.ParamType):
@@ -134,14 +130,17 @@ def _parse_config(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--name", default=None, help="Enclave name [default: the app name].")
 @click.option("--chunk-size", type=Size(), default="1M", show_default=True)
 @click.option("--set", "settings", multiple=True, help="App config KEY=VALUE (repeatable).")
-def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, settings: tuple[str, ...]) -> None:
+@click.option("--plain-calls", is_flag=True, help="Also take unsealed calls through the agent (`call --plain`); "
+              "part of the measured launch config, so clients pinned to the sealed-only enclave refuse it.")
+def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, settings: tuple[str, ...],
+        plain_calls: bool) -> None:
     """Launch an enclave app on an agent."""
     from constmig.apps import load_app
     from constmig.host.client import request
 
     load_app(app)
     spec = {"op": "run", "name": name or app, "app": app, "heap": heap, "chunk_size": chunk_size,
-            "config": _parse_config(settings)}
+            "config": _parse_config(settings), "plain_calls": plain_calls}
     click.echo(_show(request(addr, spec)))
 
 
@@ -150,28 +149,98 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
 @click.argument("method")
 @click.argument("args", nargs=-1)
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
-def call(name: str, method: str, args: tuple[str, ...], addr: str) -> None:
-    """Call an ECALL of an enclave (follows redirects after a migration)."""
-    from constmig.host.client import EnclaveClient
+@click.option("--expect-measurement", default=None, metavar="HEX",
+              help="Talk only to an enclave running this code (64 hex digits) [default: what `trust` pinned, "
+                   "or pin on first use].")
+@click.option("--min-svn", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Refuse an enclave whose security version is lower.")
+@click.option("--known", "known_path", type=click.Path(path_type=Path), default=None,
+              help="Pinned enclaves file [default: $CONSTMIG_KNOWN_ENCLAVES or ~/.constmig/known_enclaves.json].")
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
+              help="Root CA the enclave's quote must chain to [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
+@click.option("--plain", is_flag=True, help="Unsealed, through the agent (only enclaves run with --plain-calls).")
+@click.option("--raw", is_flag=True, help="Pass every argument as a string (no JSON parsing).")
+def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measurement: str | None, min_svn: int,
+         known_path: Path | None, ca_dir: Path | None, plain: bool, raw: bool) -> None:
+    """Call an ECALL of an enclave over an attested, sealed session (follows redirects after a migration).
 
-    c = EnclaveClient(addr, name)
+    Arguments: numbers, true/false/null and JSON lists and objects are parsed (the ECALL's annotations
+    decide where they exist: `put k 123` stores the string "123"); anything else is a string."""
+    from constmig.client import EnclaveClient
+    from constmig.host.client import PlainEnclaveClient
+
+    typed = _typed_args(addr, name, method, args, raw)
+    if plain:
+        pc = PlainEnclaveClient(addr, name)
+        try:
+            click.echo(_show(pc.call(method, *typed)))
+        finally:
+            pc.close()
+        moved_to = pc.addr
+    else:
+        c = EnclaveClient(addr, name, trust=_trust(expect_measurement, min_svn, known_path, ca_dir))
+        try:
+            result = c.call(method, *typed)
+        finally:
+            c.close()
+        if c.trust.first_use:
+            _tell_pinned(name, c.identity, c.trust)
+        click.echo(_show(result))
+        moved_to = c.addr
+    if moved_to != addr:
+        click.echo(f"(enclave {name!r} now lives at {moved_to})", err=True)
+
+
+def _trust(expect_measurement: str | None, min_svn: int, known_path: Path | None, ca_dir: Path | None) -> Any:
+    from constmig.client import Expect, KnownEnclaves, Trust
+
+    expect = Expect.parse(expect_measurement, min_svn=min_svn, source="--expect-measurement") \
+        if expect_measurement or min_svn else None
+    return Trust.default(ca_dir, expect, None if expect is not None else KnownEnclaves(known_path))
+
+
+def _tell_pinned(name: str, identity: Any, trust: Any) -> None:
+    click.echo(f"(trusting enclave {name!r} on first use: measurement {identity.measurement.hex()[:16]}…, "
+               f"svn {identity.svn}; pinned in {trust.known.path})", err=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
+@click.option("--known", "known_path", type=click.Path(path_type=Path), default=None,
+              help="Pinned enclaves file [default: $CONSTMIG_KNOWN_ENCLAVES or ~/.constmig/known_enclaves.json].")
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
+              help="Root CA the enclave's quote must chain to [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
+def trust(name: str, addr: str, known_path: Path | None, ca_dir: Path | None) -> None:
+    """Attest an enclave and pin the code it runs now (later calls refuse anything else)."""
+    from constmig.client import EnclaveClient, KnownEnclaves, Trust
+
+    known = KnownEnclaves(known_path)
+    c = EnclaveClient(addr, name, trust=Trust.default(ca_dir))  # any code the root attests: we pin what it is
     try:
-        click.echo(_show(c.call(method, *_typed_args(addr, name, method, args))))
+        c.open()
     finally:
         c.close()
-    if c.addr != addr:
-        click.echo(f"(enclave {name!r} now lives at {c.addr})", err=True)
+    assert c.attested is not None and c.identity is not None
+    known.pin(name, c.attested)
+    click.echo(f"pinned enclave {name!r}: measurement {c.identity.measurement.hex()}, signer "
+               f"{c.identity.signer.hex()[:16]}…, svn {c.identity.svn}, on {c.platform} ({known.path})")
 
 
-def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...]) -> list[Any]:
-    """Command-line arguments as the ECALL's annotations ask (`fill 0.9 1`: a float and an int); strings
-    where the app or its annotations are unknown here (the ECALL then checks them itself)."""
+def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...], raw: bool = False) -> list[Any]:
+    """Command-line arguments as values: numbers, true/false/null and JSON lists and objects are parsed,
+    anything else stays a string; where the ECALL's annotations say (`fill 0.9 1`: a float and an int;
+    `put k 123`: a string), they decide. `raw`: every argument a string."""
     import inspect
     import typing
 
     from constmig.apps import load_app
     from constmig.host.client import request
 
+    if raw:
+        return list(args)
+    hints: dict[str, Any] = {}
+    params: list[inspect.Parameter] = []
     try:
         st = request(addr, {"op": "status"})
         if name in st.get("moved", {}):
@@ -180,21 +249,79 @@ def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...]) -> lis
         hints = typing.get_type_hints(fn)
         params = list(inspect.signature(fn).parameters.values())[1:]  # past self
     except (ConstmigError, OSError, KeyError, AttributeError, NameError, TypeError, ValueError):
-        return list(args)  # a convenience only: the ECALL validates what it gets anyway
-    out: list[Any] = list(args)
-    for i, (param, text) in enumerate(zip(params, args, strict=False)):
-        kind = hints.get(param.name)
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[i] = text.lower() in ("true", "1")
-            elif kind in (int, float):
-                out[i] = kind(text)
-        except ValueError:
-            what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-            raise ConfigError(f"{method}: {param.name} must be {what}, not {text!r}") from None
+        pass  # a convenience only: the ECALL validates what it gets anyway
+    out: list[Any] = []
+    for i, text in enumerate(args):
+        param = params[i] if i < len(params) and params[i].kind is params[i].POSITIONAL_OR_KEYWORD else None
+        kind = hints.get(param.name) if param is not None else None
+        if kind in (bool, int, float):
+            out.append(_scalar(kind, text, method, param.name if param else str(i)))
+            continue
+        value = _json_value(text)
+        out.append(value if kind is None or _accepts(kind, value) or not _accepts(kind, text) else text)
     return out
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    """Does annotation `kind` admit `value`? Unions, list[...] and dict[...] by their outer types."""
+    import types
+    import typing
+
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    if kind is Any:
+        return True
+    if kind is None or kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    target = origin or kind
+    return isinstance(target, type) and isinstance(value, target) and not (target is int and isinstance(value, bool))
+
+
+def _scalar(kind: type, text: str, method: str, pname: str) -> Any:
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{method}: {pname} must be {what}, not {text!r}") from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def apps(as_json: bool) -> None:
+    """List the installed enclave apps: name, package, version, and a hash of the code they run."""
+    import hashlib
+
+    from constmig.apps import app_source, installed
+
+    rows = []
+    for entry in sorted(installed().values(), key=lambda e: e.name):
+        try:
+            code, problem = hashlib.sha256(app_source(entry.name)).hexdigest(), ""
+        except ConstmigError as e:
+            code, problem = "", str(e)
+        rows.append({"name": entry.name, "package": entry.package, "version": entry.version,
+                     "target": entry.target, "code_sha256": code, **({"error": problem} if problem else {})})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        tail = f"code {r['code_sha256'][:16]}…" if r["code_sha256"] else f"cannot load: {r['error']}"
+        click.echo(f"{r['name']:<{width}}  {r['package']} {r['version']}  {r['target']}  {tail}")
 
 
 @main.command()
@@ -340,6 +467,27 @@ def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, 
     if not size_list:
         raise ConfigError("--sizes needs at least one size")
     run_sizes(list(strategies), size_list, repeat, app, out)
+
+
+@bench.command("calls")
+@click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True,
+              help="Rounds per path; the paths alternate round by round.")
+@click.option("--calls", type=click.IntRange(10, 1_000_000), default=2000, show_default=True,
+              help="Sequential kvstore gets per round.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for calls.json and the plot.")
+@click.option("--json", "json_path", default=None, help="Also write the figures as JSON (FILE, or - for stdout).")
+def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> None:
+    """What a sealed client session costs: calls/s and p99 of kvstore get, sealed vs plain, same run."""
+    from constmig.bench.calls import run_calls
+
+    doc = run_calls(rounds, calls, out, quiet=json_path == "-")
+    write_json(doc, json_path)
+    if json_path != "-":
+        r = doc["sealed_over_plain_calls_per_s"]
+        click.echo(f"sealed {doc['sealed']['calls_per_s_median']:.0f} calls/s, plain "
+                   f"{doc['plain']['calls_per_s_median']:.0f} calls/s: sealed/plain {r['median']:.2f} "
+                   f"[{r['min']:.2f}, {r['max']:.2f}]; p99 {doc['sealed']['latency_us_p99']:.0f} vs "
+                   f"{doc['plain']['latency_us_p99']:.0f} µs ({out / 'calls.json'})")
 
 
 @bench.command("suite")

@@ -91,6 +91,11 @@ class EnclaveNotRunning(EnclaveError):
     off, incoming): the ECALL did not run, so it may be sent again where the enclave runs."""
 
 
+class SessionUnknown(EnclaveError):
+    """The enclave holds no such client session (expired, or the enclave restarted or was restored): the
+    request did not run; a client with no request outstanding opens a new session."""
+
+
 class HeapIncomplete(EnclaveError):
     """The heap is still arriving from a migration: nothing may export it whole (migrate out, checkpoint)."""
 
@@ -106,6 +111,12 @@ class AgentError(ConstmigError):
 class AgentUnreachable(AgentError):
     """The agent could not be reached, or the exchange with it broke (closed, or no answer in time):
     a reply may still be on its way, so the connection must not be reused."""
+
+
+class CallFailed(AgentError):
+    """The enclave answered a call with an error, inside the sealed session (the app refused it, or data it
+    needs cannot arrive): authenticated, unlike an agent's own errors. An AgentError, so a caller handles
+    every failed call in one place."""
 
 
 class Redirect(AgentError):

@@ -238,3 +238,17 @@ def test_latency_counts_from_the_schedule_so_a_stall_charges_the_calls_behind_it
     # the second call was due 5 ms in but could only go after the first: it waited ~145 ms
     assert second.sent - second.scheduled >= 0.1
     assert second.latency >= 0.1
+
+
+@pytest.mark.e2e
+def test_bench_calls_compares_sealed_and_plain_on_one_enclave(tmp_path):
+    """`constmig bench calls`: both paths measured in one run, answers checked, the plot beside the JSON."""
+    from constmig.bench.calls import run_calls
+
+    doc = run_calls(rounds=2, calls=50, out=tmp_path, quiet=True)
+    for path in ("sealed", "plain"):
+        assert len(doc[path]["calls_per_s"]) == 2 and doc[path]["calls_per_s_median"] > 0
+        assert 0 < doc[path]["latency_us_p50"] <= doc[path]["latency_us_p99"]
+    assert len(doc["sealed_over_plain_calls_per_s"]["per_round"]) == 2
+    assert doc["session_open_ms"] > 0
+    assert (tmp_path / "calls.json").exists() and (tmp_path / "calls.png").stat().st_size > 1000

@@ -140,3 +140,50 @@ def test_call_passes_arguments_as_the_ecall_annotates_them():
         p = cm("call", "kv", "--agent", a, "put", "k1", "123")  # an unannotated value stays a string
         assert p.returncode == 0, p.stderr
         assert "123" in cm("call", "kv", "--agent", a, "get", "k1").stdout
+
+
+@pytest.mark.e2e
+def test_call_pins_on_first_use_and_refuses_other_code_after(tmp_path):
+    """known_hosts for enclaves: the first `call` pins and says so; `trust` re-pins on purpose; a later
+    enclave of the same name running other code is refused in one line that names what differs."""
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+
+    known = tmp_path / "known.json"
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        assert cm("run", "kvstore", "--agent", a, "--heap", "16M", "--name", "kv").returncode == 0
+        p = cm("call", "kv", "--agent", a, "--known", str(known), "put", "k", "v")
+        assert p.returncode == 0 and "trusting enclave 'kv' on first use" in p.stderr, p.stderr
+        pinned = json.loads(known.read_text())["enclaves"]["kv"]
+        status = request(a, {"op": "status"})["enclaves"]["kv"]
+        assert pinned["measurement"] == status["measurement"]
+        p = cm("call", "kv", "--agent", a, "--known", str(known), "get", "k")
+        assert p.returncode == 0 and "first use" not in p.stderr and "v" in p.stdout
+
+        request(a, {"op": "stop", "name": "kv"})  # same name, other launch config: other measurement
+        assert cm("run", "kvstore", "--agent", a, "--heap", "32M", "--name", "kv").returncode == 0
+        p = cm("call", "kv", "--agent", a, "--known", str(known), "get", "k")
+        assert_clean_error(p, f"enclave 'kv' runs measurement {request(a, {'op': 'status'})['enclaves']['kv']['measurement'][:16]}")
+        assert "not the expected " + pinned["measurement"][:16] in p.stderr and "constmig trust kv" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+
+        p = cm("trust", "kv", "--agent", a, "--known", str(known))
+        assert p.returncode == 0 and "pinned enclave 'kv'" in p.stdout, p.stderr
+        assert cm("call", "kv", "--agent", a, "--known", str(known), "get", "k").returncode == 0
+
+        wrong = "0" * 64
+        assert_clean_error(cm("call", "kv", "--agent", a, "--expect-measurement", wrong, "get", "k"),
+                           "not the expected 0000000000000000… (--expect-measurement)")
+        assert_clean_error(cm("call", "kv", "--agent", a, "--expect-measurement", "abc", "get", "k"),
+                           "measurement must be 64 hex digits")
+        assert_clean_error(cm("call", "kv", "--agent", a, "--plain", "get", "k"),
+                           "takes calls only over an attested session")
+        assert_clean_error(cm("call", "kv", "--agent", a, "--ca-dir", str(tmp_path / "nope"), "get", "k"),
+                           "no root CA certificate to check the enclave's quote against")
+
+        assert cm("run", "kvstore", "--agent", a, "--heap", "16M", "--name", "open", "--plain-calls").returncode == 0
+        p = cm("call", "open", "--agent", a, "--plain", "put", "k", "v")
+        assert p.returncode == 0, p.stderr
+        open_m = request(a, {"op": "status"})["enclaves"]["open"]["measurement"]
+        assert open_m != pinned["measurement"]  # taking plain calls is part of what is measured

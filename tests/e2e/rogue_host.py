@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from constmig.client.trust import SimVerifier
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.wire.framing import FramedSocket
+from constmig.wire.session import ClientOpen, ClientSession
 
 
 class Enclave:
@@ -46,6 +48,8 @@ class Enclave:
         self.sock_path = sock
         self.fs = self.connect()
         self.lock = threading.Lock()
+        self.verify = SimVerifier(ca)
+        self.session: ClientSession | None = None
 
     def connect(self) -> FramedSocket:
         """Another connection to the enclave (it serves each in a thread, as for an agent's pool)."""
@@ -58,8 +62,30 @@ class Enclave:
         with self.lock:
             return self.fs.exchange(req, fds)
 
-    def ecall(self, name: str, *args: Any) -> dict[str, Any]:
-        return self.request({"op": "ecall", "name": name, "args": list(args)})
+    def ecall(self, name: str, *args: Any, conn: FramedSocket | None = None) -> dict[str, Any]:
+        """A client's call over an attested session (this test is the client as well as the host), as
+        {"ok", "result"|"error"}; a refusal by the enclave's door (not running) ends that session.
+        With `conn`, a one-call session on that connection (beside a request that holds the main one)."""
+        if conn is not None:
+            return self._sealed_call(conn, None, name, list(args))[0]
+        with self.lock:
+            reply, self.session = self._sealed_call(self.fs, self.session, name, list(args))
+            return reply
+
+    def _sealed_call(self, fs: FramedSocket, session: ClientSession | None, name: str,
+                     args: list[Any]) -> tuple[dict[str, Any], ClientSession | None]:
+        if session is None:
+            hs = ClientOpen()
+            reply = fs.exchange({"op": "session_open", "hello": hs.hello})
+            if not reply["ok"]:
+                return reply, None
+            session = hs.finish(reply["result"], self.verify, lambda vq: None)
+        reply = fs.exchange({"op": "session_call", "record": session.seal_call(name, args, {})})
+        if not reply["ok"]:
+            return reply, None
+        answer = session.open_answer(reply["result"])
+        return ({"ok": answer.ok, "result": answer.result} if answer.ok else {"ok": False, "error": answer.error},
+                session)
 
     def state(self) -> str:
         return self.request({"op": "status"})["result"]["state"]

@@ -25,9 +25,10 @@ import numpy as np
 from mitm import MitmProxy, RecordTamper
 
 from constmig.apps.kvstore import KVStore
+from constmig.client import EnclaveClient
 from constmig.enclave.heap import Heap
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.wire.records import Header, Kind
 
 HEAP = 16 << 20

@@ -23,10 +23,10 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from conftest import checksum, launch, running_at, wait_gone
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import TRACKERS
 
+from conftest import checksum, launch, running_at, wait_gone
 from constmig.errors import AgentError
 from constmig.host.client import request
 from constmig.host.orchestrate import app_checksum, migrate
@@ -113,7 +113,7 @@ def destination_runs_source_holds(a: str, b: str) -> None:
     with pytest.raises(AgentError, match="migration|heap data"):
         app_checksum(b, "kv")  # a call that needs the bad chunk fails clearly, never reads it
     with pytest.raises(AgentError, match="moved to"):
-        request(a, {"op": "call", "name": "kv", "method": "checksum", "args": []})  # no way back to the source
+        request(a, {"op": "session_call", "name": "kv", "record": b""})  # no way back to the source
 
 
 def record_migration(a: str, b: str, variant: tuple[str, str]) -> dict[tuple[Kind, int], bytes]:

@@ -17,12 +17,13 @@ import threading
 import time
 
 import pytest
-from conftest import checksum, launch
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import VARIANTS
 
+from conftest import checksum, launch
+from constmig.client import EnclaveClient
 from constmig.errors import AgentError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.orchestrate import migrate, resume
 from constmig.wire.records import Kind
 

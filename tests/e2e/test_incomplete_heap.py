@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from constmig.client import EnclaveClient
 from constmig.errors import AgentError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration.uffd import preflight

@@ -11,12 +11,13 @@ import threading
 import time
 
 import pytest
-from conftest import launch
 from mitm import MitmProxy, RecordTamper
 
+from conftest import launch
 from constmig.bench.loadgen import KVHammer
+from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration.uffd import preflight
 from constmig.wire.records import Kind

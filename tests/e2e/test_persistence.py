@@ -12,10 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import checksum, launch, running_at
 
+from conftest import checksum, launch, running_at
+from constmig.client import EnclaveClient
 from constmig.errors import AgentError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.orchestrate import migrate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]

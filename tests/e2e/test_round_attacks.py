@@ -50,7 +50,7 @@ class RoundTap:
                 self.wrote = True
                 conn = self.source.connect()
                 try:
-                    reply = conn.exchange({"op": "ecall", "name": "put", "args": ["during", "round one"]})
+                    reply = self.source.ecall("put", "during", "round one", conn=conn)
                 finally:
                     conn.close()
                 assert reply["ok"], reply

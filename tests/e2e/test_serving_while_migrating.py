@@ -17,7 +17,8 @@ from conftest import checksum, launch
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import VARIANTS
 
-from constmig.host.client import EnclaveClient, request
+from constmig.client import EnclaveClient
+from constmig.host.client import request
 from constmig.host.orchestrate import migrate
 from constmig.wire.records import Kind
 

@@ -3,11 +3,12 @@
 import threading
 
 import pytest
-from conftest import checksum, launch, running_at, wait_gone
 from mitm import MitmProxy, cut_after, flip_bit_at
 
+from conftest import checksum, launch, running_at, wait_gone
+from constmig.client import EnclaveClient
 from constmig.errors import AgentError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster, free_port
 from constmig.host.orchestrate import migrate
 
@@ -120,7 +121,7 @@ def test_destination_agent_killed_mid_transfer(cluster):
 
 @pytest.mark.adversarial
 def test_destination_with_other_root_ca_is_refused(tmp_path):
-    with LocalCluster(1) as one, LocalCluster(1) as other:
+    with LocalCluster(1) as one, LocalCluster(1, ca_dir=tmp_path / "other-ca") as other:
         a, b = one.addrs[0], other.addrs[0]
         before = launch(a)
         with pytest.raises(AgentError, match="not signed by the trusted root|root"):

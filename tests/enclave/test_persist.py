@@ -231,7 +231,8 @@ def test_tampered_checkpoint_is_refused(hosts: tuple[Host, Host], tmp_path: Path
         "state-bit": lambda: edit(path, state_rec + REC + 1),
         "chunk-bit": lambda: edit(path, chunk1 + REC + 100),
         "last-chunk-bit": lambda: edit(path, size - 1),
-        "header-bit": lambda: edit(path, h - 3),  # inside `created`: still decodes, but is every record's AAD
+        "header-bit": lambda: edit(path, h - 16),  # inside `created` (then 13 bytes of plain_calls): still
+        # decodes, but is every record's AAD
         "chunk-index": lambda: edit(path, chunk1, (1).to_bytes(8, "little")),
         "chunk-index-past-heap": lambda: edit(path, chunk1, (HEAP // CHUNK).to_bytes(8, "little")),
         "state-index": lambda: edit(path, state_rec, (0).to_bytes(8, "little")),

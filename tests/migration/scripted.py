@@ -53,8 +53,10 @@ class Enclaves:
             app="kvstore", heap=HEAP, chunk_size=CHUNK, mode="incoming" if incoming else "fresh",
             tracker=tracker, config="", socket=str(self.world.base / f"{host}-{len(self.made)}.sock"),
             platform_dir=str(self.world.platforms[host]), root_pem=str(self.world.root_pem),
+            plain_calls=False,  # measured like an enclave process the agent starts
         )
         enclave = build_enclave(args)
+        enclave.plain_calls = True  # in-process tests call the app directly (the runtime's own entry point)
         self.made.append(enclave)
         return enclave
 

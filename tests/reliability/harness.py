@@ -27,9 +27,9 @@ for _sub in ("e2e", "testbed"):
 from mitm import MitmProxy, RecordTamper  # noqa: E402
 
 from constmig.bench.loadgen import KVHammer  # noqa: E402
+from constmig.client import EnclaveClient  # noqa: E402
 from constmig.errors import ConstmigError  # noqa: E402
 from constmig.host import client  # noqa: E402
-from constmig.host.client import EnclaveClient  # noqa: E402
 from constmig.host.orchestrate import launch_filled, migrate  # noqa: E402
 from constmig.testbed import Testbed  # noqa: E402
 from constmig.testbed.bed import _alive  # noqa: E402

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]

@@ -20,6 +20,7 @@ import harness as H
 import pytest
 from tb_helpers import NETNS_REASON, needs_nft, unique_name
 
+from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
 from constmig.host import client
 from constmig.migration.strategies import ROUNDS
@@ -98,8 +99,8 @@ class Observed:
 
 def _stats(addr: str) -> str:
     try:
-        client.request(addr, {"op": "call", "name": H.NAME, "method": "stats", "args": [], "kwargs": {}},
-                       timeout=30)
+        with EnclaveClient(addr, H.NAME, timeout=30) as c:
+            c.call("stats")
         return "ok"
     except ConstmigError as e:
         return str(e) or type(e).__name__

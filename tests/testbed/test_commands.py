@@ -2,6 +2,7 @@
 
 import pytest
 
+from constmig.client.trust import default_ca_dir
 from constmig.testbed import cmd, netns, shaping
 from constmig.testbed.bed import Testbed
 from constmig.testbed.spec import LinkSpec, TestbedError, make_layout
@@ -73,7 +74,7 @@ def test_agent_and_relay_commands(tmp_path):
                          "--target", "127.0.0.1:7001", "--delay", "0.005"]
     agent = bed.agent_argv(h)
     assert agent[1:5] == ["-m", "constmig", "agent", "--listen"] and agent[5] == "127.0.0.1:7001"
-    assert agent[agent.index("--ca-dir") + 1] == str(tmp_path / "tb" / "ca")
+    assert agent[agent.index("--ca-dir") + 1] == str(default_ca_dir())  # the one clients read too
     env = bed.env()
     assert env["CONSTMIG_TESTBED_HOSTS"] == "10.77.0.10:7000,10.77.0.11:7000"
     assert env["CONSTMIG_HOST_B"] == "10.77.0.11:7000"

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from constmig.bench.loadgen import migrate_under_load
+from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled
 from constmig.progress import console, print_figures

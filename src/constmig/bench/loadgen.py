@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
-from constmig.host.client import EnclaveClient
 from constmig.host.orchestrate import app_checksum, migrate_with_progress
 
 

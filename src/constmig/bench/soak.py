@@ -35,8 +35,9 @@ from rich.table import Table
 from constmig.bench.load import wide_console
 from constmig.bench.loadgen import KVHammer
 from constmig.bench.results import machine_info, split_variant
+from constmig.client import EnclaveClient
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host.client import EnclaveClient, request
+from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console

@@ -55,6 +55,7 @@ class Header(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     svn: int
     chunks: int
     created: float
+    plain_calls: bool = False  # launch flag (measured), so a restore launches the same identity
 
 
 class Lineage(msgspec.Struct, frozen=True):
@@ -161,7 +162,7 @@ class Persistence:
         self.lineage = Lineage(self.lineage.lineage, self.lineage.key, version)
         header = msgspec.msgpack.encode(Header(self.lineage.lineage, version, spec["app"], spec["heap"],
                                                spec["chunk_size"], spec.get("config") or {}, spec.get("svn", 1),
-                                               len(data), time.time()))
+                                               len(data), time.time(), bool(spec.get("plain_calls"))))
         sealer = RecordSealer(_kdf(self.lineage.key, b"checkpoint" + struct.pack("<Q", version)), 1)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.v{version}.ckpt"

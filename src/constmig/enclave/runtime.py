@@ -30,6 +30,7 @@ from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.pager import PagerHandle
 from constmig.enclave.persist import Lineage, Persistence
+from constmig.enclave.sessions import SessionTable
 from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
 from constmig.errors import (
@@ -67,6 +68,8 @@ class Enclave:
     policy: Policy
     config: dict[str, Any]
     app: EnclaveApp | None = None
+    sessions: SessionTable | None = None  # clients' attested sessions (set by build_enclave)
+    plain_calls: bool = False  # launched to also take unsealed ECALLs from the host (measured)
     figures: dict[str, Any] = field(default_factory=dict)
     tracker: str = "none"  # how an incoming post-copy migration tracks missing chunks: none | fault | access
     pager: PagerHandle | None = None  # Fault Tracker
@@ -146,10 +149,11 @@ class Enclave:
             try:
                 state = export_app_state(self.app)
                 lineage = self.persist.export() if self.persist is not None else None
+                sessions = self.sessions.export() if self.sessions is not None else b""
             except BaseException:
                 self.life.move(Life.STOPPING, Life.RUNNING)
                 raise
-        return Snapshot(chunks, state, lineage, stopped_at)
+        return Snapshot(chunks, state, lineage, stopped_at, sessions)
 
     def unstop(self) -> None:
         if self.life.state is Life.STOPPING:
@@ -157,6 +161,8 @@ class Enclave:
 
     def hand_off(self) -> None:
         self.life.move(Life.STOPPING, Life.HANDED_OFF)
+        if self.sessions is not None:
+            self.sessions.close()
 
     def leave_lineage(self) -> None:
         if self.persist is not None:
@@ -173,11 +179,15 @@ class Enclave:
     def reclaim(self) -> None:
         self.life.reclaim()
         self.outgoing = None
+        if self.sessions is not None:
+            self.sessions.reopen()
         if self.persist is not None:
             self.persist.reinstate()
 
     def retire(self) -> None:
         self.heap.wipe()
+        if self.sessions is not None:
+            self.sessions.wipe()
         self.outgoing = None
         self.life.move(Life.HANDED_OFF, Life.DESTROYED)
 
@@ -187,7 +197,7 @@ class Enclave:
     def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
         return import_app_state(self.app_cls, self.heap, blob, wrap=wrap)
 
-    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None) -> None:
+    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None, sessions: bytes = b"") -> None:
         if lineage is not None and self.persist is not None:
             # Sealed checkpoints and their counter continue here; bound only now, so a destination killed
             # before COMMIT leaves no lineage behind that could restore while the source runs on.
@@ -195,6 +205,8 @@ class Enclave:
                 self.persist.adopt(lineage)
             except (ConstmigError, OSError) as e:  # the app must run now; only its checkpoints are affected
                 self.figures["lineage_error"] = str(e)
+        if self.sessions is not None:
+            self.sessions.adopt(sessions)  # the clients' sessions continue here, same keys and positions
         self.app = app
         self.life.move(Life.INCOMING, Life.RUNNING)
 
@@ -214,18 +226,35 @@ class Enclave:
     # --- ECALLs and the agent's requests ---------------------------------------------------------------
 
     def ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """An unsealed ECALL from the host: only when the enclave was launched to take them (measured)."""
+        if not self.plain_calls:
+            raise EnclaveError(f"{self.app_name} takes calls only over an attested session (it was not "
+                               "launched with --plain-calls)")
+        with self.app_lock:
+            self._runnable()
+            return self._run_ecall(name, args, kwargs)
+
+    def session_call(self, record: bytes) -> bytes:
+        """One sealed request of a client's session: received, run and answered between two ECALLs."""
+        assert self.sessions is not None
+        with self.app_lock:
+            self._runnable()
+            return self.sessions.call(record, self._run_ecall)
+
+    def _runnable(self) -> None:
+        if self.life.state is not Life.RUNNING or self.app is None:  # not run: the caller may retry
+            raise EnclaveNotRunning(f"enclave is {self.life.state.value}; it does not run ECALLs now")
+        if self.access is not None:
+            self._settle_access()
+
+    def _run_ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if name not in self.app_cls.ecalls():
             known = ", ".join(sorted(self.app_cls.ecalls()))
             raise EnclaveError(f"{self.app_name} has no ECALL {name!r}; known: {known}")
-        with self.app_lock:
-            if self.life.state is not Life.RUNNING or self.app is None:  # not run: the caller may retry
-                raise EnclaveNotRunning(f"enclave is {self.life.state.value}; it does not run ECALLs now")
-            if self.access is not None:
-                self._settle_access()
-            try:
-                return getattr(self.app, name)(*args, **kwargs)
-            except TypeError as e:
-                raise EnclaveError(f"bad arguments for {name}: {e}") from None
+        try:
+            return getattr(self.app, name)(*args, **kwargs)
+        except TypeError as e:
+            raise EnclaveError(f"bad arguments for {name}: {e}") from None
 
     def checkpoint(self, folder: str, name: str) -> dict[str, Any]:
         """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value."""
@@ -233,7 +262,7 @@ class Enclave:
             chunks = self.whole_heap("checkpoint")
             assert self.persist is not None and self.app is not None
             spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
-                    "config": self.config, "svn": self.identity.svn}
+                    "config": self.config, "svn": self.identity.svn, "plain_calls": self.plain_calls}
             return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app),
                                            chunks)
 
@@ -249,6 +278,8 @@ class Enclave:
             "platform": self.backend.platform_id,
             "pid": os.getpid(),
             "tracker": self.tracker,
+            "sessions": len(self.sessions) if self.sessions is not None else 0,
+            "plain_calls": self.plain_calls,
             **({"streaming": self.receiver.stats or {"complete": False, "error": self.receiver.error}}
                if self.receiver is not None else {}),
             **({"heap_arriving": [arrived, self.incoming_chunks]}
@@ -269,7 +300,8 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     app_cls = load_app(args.app)
     backend = SimPlatform.open(Path(args.platform_dir), Path(args.root_pem))
     identity = Identity(
-        measurement=measure_app(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config}),
+        measurement=measure_app(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config,
+                                           **({"plain_calls": True} if args.plain_calls else {})}),
         signer=hashlib.sha256(DEV_SIGNER).digest(),
         product_id=1,
         svn=app_cls.svn,
@@ -289,6 +321,8 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         tracker=args.tracker if incoming else "none",
         persist=persist,
         resume_path=Path(args.socket).with_suffix(".resume.sock") if incoming else None,
+        sessions=SessionTable(backend, identity),
+        plain_calls=args.plain_calls,
     )
     if incoming and enclave.tracker == "fault":
         # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
@@ -308,12 +342,23 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     return enclave
 
 
+def _bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"session {what} must be bytes, not {type(value).__name__}")
+    return value
+
+
 def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
     """One request; returns the reply, or None when the process should exit after replying."""
     op = req.get("op")
     if op == "ecall":
         result = enclave.ecall(str(req.get("name")), list(req.get("args") or []), dict(req.get("kwargs") or {}))
         return {"ok": True, "result": result}
+    if op == "session_open":
+        assert enclave.sessions is not None
+        return {"ok": True, "result": enclave.sessions.open(_bytes(req.get("hello"), "hello"))}
+    if op == "session_call":
+        return {"ok": True, "result": enclave.session_call(_bytes(req.get("record"), "record"))}
     if op == "status":
         return {"ok": True, "result": enclave.status()}
     if op == "checkpoint":
@@ -408,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restore", default="", help="checkpoint file (with --mode restore)")
     p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
     p.add_argument("--config", default="")
+    p.add_argument("--plain-calls", action="store_true", help="also take unsealed ECALLs from the host")
     p.add_argument("--socket", required=True)
     p.add_argument("--platform-dir", required=True)
     p.add_argument("--root-pem", required=True)

@@ -26,6 +26,7 @@ from constmig.errors import (
     EnclaveNotRunning,
     ProtocolError,
     Redirect,
+    SessionUnknown,
 )
 from constmig.host import client
 from constmig.host.address import parse_addr
@@ -129,7 +130,8 @@ class Agent:
                 except Redirect as r:
                     reply = {"ok": False, "error": str(r), "redirect": r.location}
                 except ConstmigError as e:
-                    reply = {"ok": False, "error": str(e)}
+                    reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
+                                                               if isinstance(e, SessionUnknown) else {})}
                 await write_frame(writer, reply)
         except ProtocolError as e:
             log.warning("dropping connection: %s", e)
@@ -148,6 +150,8 @@ class Agent:
             "checkpoint": self.op_checkpoint,
             "restore": self.op_restore,
             "call": self.op_call,
+            "session_open": self.op_session_open,
+            "session_call": self.op_session_call,
             "stop": self.op_stop,
             "migrate": self.op_migrate,
             "resume": self.op_resume,
@@ -230,7 +234,7 @@ class Agent:
         path = Path(str(req.get("path")))
         header = read_header(path)
         spec = LaunchSpec(str(req.get("name") or path.name.split(".")[0]), header.app, header.heap,
-                          header.chunk_size, dict(header.config))
+                          header.chunk_size, dict(header.config), header.plain_calls)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         self.moved.pop(spec.name, None)
@@ -239,6 +243,21 @@ class Agent:
         return await handle.call({"op": "status"})
 
     async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
+        """An unsealed ECALL (only enclaves launched with --plain-calls take it)."""
+        return await self._admit(req, {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
+                                       "kwargs": req.get("kwargs") or {}})
+
+    async def op_session_open(self, req: dict[str, Any], writer: Any) -> Any:
+        """A client opens an attested session with an enclave: its Hello in, the enclave's Accept out.
+        The agent forwards bytes it can neither read nor forge (wire/session.py)."""
+        return await self._admit(req, {"op": "session_open", "hello": req.get("hello")})
+
+    async def op_session_call(self, req: dict[str, Any], writer: Any) -> Any:
+        """One sealed request of a client's session, forwarded like a call (and redirected like one)."""
+        return await self._admit(req, {"op": "session_call", "record": req.get("record")})
+
+    async def _admit(self, req: dict[str, Any], inner: dict[str, Any]) -> Any:
+        """Send `inner` to the named enclave once it runs here; redirect when it has moved."""
         for _ in range(RETRIES):
             hosted = self._get(req.get("name"))
             status = hosted.status
@@ -253,17 +272,15 @@ class Agent:
                 await hosted.settled.wait()  # a migration is deciding where this enclave lives
                 continue
             try:
-                return await self._ecall(hosted, req)
+                return await self._ecall(hosted, inner)
             except EnclaveNotRunning:
                 # It stopped for a migration after the call was admitted; the call did not run. Once the
                 # migration settles, the call goes wherever the enclave runs (here again, or a redirect).
                 await hosted.settled.wait()
         raise AgentError(f"enclave {req.get('name')!r} kept moving; the call did not run (try again)")
 
-    async def _ecall(self, hosted: Hosted, req: dict[str, Any]) -> Any:
-        call = asyncio.ensure_future(hosted.handle.call(
-            {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
-             "kwargs": req.get("kwargs") or {}}))
+    async def _ecall(self, hosted: Hosted, inner: dict[str, Any]) -> Any:
+        call = asyncio.ensure_future(hosted.handle.call(inner))
         while True:
             done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
             if done:

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import AgentError, AgentUnreachable, ChannelClosed, Redirect
+from constmig.errors import AgentError, AgentUnreachable, ChannelClosed, Redirect, SessionUnknown
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
@@ -51,6 +51,8 @@ class AgentClient:
             return reply.get("result")
         if reply.get("redirect"):
             raise Redirect(str(reply.get("error", "moved")), str(reply["redirect"]))
+        if reply.get("kind") == SessionUnknown.__name__:
+            raise SessionUnknown(str(reply.get("error", "no such session")))
         raise AgentError(str(reply.get("error", "request failed")))
 
     def close(self) -> None:
@@ -69,8 +71,9 @@ def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] 
         return c.request(req, on_progress)
 
 
-class EnclaveClient:
-    """Calls one enclave by name, following redirects when it has moved (and remembering where)."""
+class PlainEnclaveClient:
+    """Unsealed ECALLs through the agent, which reads and could change them: only enclaves launched with
+    --plain-calls take these (the bench's baseline). Clients use constmig.client.EnclaveClient."""
 
     def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
         self.addr = addr

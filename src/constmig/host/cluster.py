@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError
 from constmig.host import client
 
@@ -30,7 +31,7 @@ class LocalCluster:
         self._own_dir = base_dir is None
         self.base = Path(tempfile.mkdtemp(prefix="constmig-")) if base_dir is None else base_dir
         self.base.mkdir(parents=True, exist_ok=True)
-        self.ca_dir = ca_dir or self.base / "ca"
+        self.ca_dir = ca_dir or default_ca_dir()  # as `constmig agent`; clients find the root there too
         self.procs: list[subprocess.Popen] = []
         self.addrs: list[str] = []
         self.host = host

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, EnclaveError, EnclaveNotRunning
+from constmig.errors import AgentError, ChannelClosed, EnclaveError, EnclaveNotRunning, SessionUnknown
 from constmig.wire.framing import FramedSocket
 
 START_TIMEOUT = 60.0
 POOL = 4  # idle connections kept per enclave
 RUN_FILE_SUFFIXES = (".pager.json", ".resume.sock")  # beside <name>.sock: the pager's status, reconnects
+
+
+_KINDS = {k.__name__: k for k in (EnclaveNotRunning, SessionUnknown)}  # what the agent acts on
 
 
 @dataclass
@@ -30,16 +33,17 @@ class LaunchSpec:
     heap: int
     chunk_size: int = 1 << 20
     config: dict[str, Any] = field(default_factory=dict)
+    plain_calls: bool = False  # the enclave also takes unsealed ECALLs from the host (part of what is measured)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "app": self.app, "heap": self.heap, "chunk_size": self.chunk_size,
-                "config": self.config}
+                "config": self.config, "plain_calls": self.plain_calls}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> LaunchSpec:
         try:
             return cls(str(d["name"]), str(d["app"]), int(d["heap"]), int(d.get("chunk_size", 1 << 20)),
-                       dict(d.get("config") or {}))
+                       dict(d.get("config") or {}), d.get("plain_calls") is True)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise AgentError(f"bad enclave spec: {e}") from None
 
@@ -79,6 +83,7 @@ class EnclaveHandle:
                "--chunk-size", str(spec.chunk_size), "--mode", mode, "--config", json.dumps(spec.config),
                "--socket", str(sock_path), "--platform-dir", str(platform_dir),
                "--root-pem", str(root_pem), "--tracker", tracker,
+               *(["--plain-calls"] if spec.plain_calls else []),
                *(["--restore", str(restore)] if restore is not None else [])]
         # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
@@ -117,7 +122,7 @@ class EnclaveHandle:
             fs.close()
         if not reply.get("ok"):
             state = reply.get("state")
-            kind = EnclaveNotRunning if reply.get("kind") == EnclaveNotRunning.__name__ else EnclaveError
+            kind = _KINDS.get(str(reply.get("kind")), EnclaveError)
             raise kind(str(reply.get("error", "ECALL failed")), state if isinstance(state, str) else None,
                        bool(reply.get("tombstone")))
         return reply.get("result")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from constmig.host.client import EnclaveClient, request
+from constmig.client import EnclaveClient
+from constmig.host.client import request
 from constmig.progress import MigrationProgress
 
 

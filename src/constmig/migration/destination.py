@@ -228,7 +228,7 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
     if arrived.waiter is not None:
         arrived.waiter.close()  # the running instance's ResumeServer takes this socket over
     enclave.run_incoming(arrived.app, Lineage(state.lineage, state.lineage_key, state.lineage_version)
-                         if state.lineage else None)
+                         if state.lineage else None, state.sessions)
     t_resume = time.time()
     try:
         if arrived.reconnected:  # its first record says what arrived, and that we run (for RESUMED)

@@ -27,6 +27,8 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
     # chunks whose last pre-copy-round version is current (int64 little-endian, ascending): the
     # destination keeps those and makes every other chunk a round brought missing again
     held: bytes = b""
+    # the clients' sessions (wire/session.py): keys and positions, so each continues at the destination
+    sessions: bytes = b""
 
 
 class RoundEnd(msgspec.Struct, tag="round_end", frozen=True):

@@ -35,6 +35,7 @@ class Snapshot(NamedTuple):
     state: bytes
     lineage: Lineage | None
     stopped_at: float  # wall clock when the app stopped (downtime starts)
+    sessions: bytes = b""  # the clients' sessions (keys and positions): they continue at the destination
 
 
 class MigratingEnclave(Protocol):
@@ -88,7 +89,7 @@ class MigratingEnclave(Protocol):
     def start_access_tracking(self, expected: np.ndarray, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
 
-    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None) -> None:
+    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None, sessions: bytes = b"") -> None:
         """COMMIT (or its stand-in): continue the lineage, INCOMING -> RUNNING."""
 
     def stream_incoming(self, chunks: int, receiver: Receiver | None) -> None:

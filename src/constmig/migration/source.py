@@ -91,7 +91,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         lineage = snap.lineage
         link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(),
                              snap.stopped_at, *((lineage.lineage, lineage.key, lineage.version) if lineage else
-                                                (b"", b"", 0)), chunks_to_wire(held)))
+                                                (b"", b"", 0)), chunks_to_wire(held), snap.sessions))
         strategy.send_before_handoff(link, ledger, heap, progress, before)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError, ConstmigError
 from constmig.host import client
 from constmig.testbed import cmd, netns, shaping, state
@@ -94,7 +95,7 @@ class Testbed:
         self.link = link or LinkSpec()
         self.root = state.state_root(state_dir)
         self.dir = state.work_dir(self.name, self.root)
-        self.ca_dir = Path(ca_dir) if ca_dir else self.dir / "ca"
+        self.ca_dir = Path(ca_dir) if ca_dir else default_ca_dir()  # where clients find the root too
         self.layout: Layout | None = None
         self.record: dict[str, Any] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # processes this object started, to reap them

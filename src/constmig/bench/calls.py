@@ -1,0 +1,104 @@
+"""What an attested, sealed session costs a client: kvstore `get` over a session against the same call
+unsealed through the agent (today's plain path), on one enclave, in one run.
+
+The enclave is launched with --plain-calls so both paths reach the same app; rounds alternate the two
+paths (sealed, plain, sealed, ...) so the machine's noise falls on both alike. Each round is one client
+making `calls` sequential gets of existing keys; per path the figures are calls/s and per-call latency
+(median and p99 over every call), per round and overall, and the ratio sealed/plain.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constmig.bench.results import dumps, machine_info
+from constmig.client import EnclaveClient
+from constmig.host.client import PlainEnclaveClient, request
+from constmig.host.cluster import LocalCluster
+
+NAME = "kvcost"
+KEYS = 1000
+
+
+def _round(client: Any, calls: int) -> tuple[float, np.ndarray]:
+    lat = np.empty(calls)
+    t0 = time.perf_counter()
+    for i in range(calls):
+        t = time.perf_counter()
+        value = client.call("get", f"k{i % KEYS}")
+        lat[i] = time.perf_counter() - t
+        if value != f"v{i % KEYS}".encode():
+            raise AssertionError(f"wrong answer for k{i % KEYS}: {value!r}")
+    return calls / (time.perf_counter() - t0), lat
+
+
+def run_calls(rounds: int, calls: int, out: Path, quiet: bool = False) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    out.mkdir(parents=True, exist_ok=True)
+    with LocalCluster(1) as cluster:
+        a = cluster.addrs[0]
+        request(a, {"op": "run", "name": NAME, "app": "kvstore", "heap": 64 << 20, "config": {}, "plain_calls": True})
+        sealed, plain = EnclaveClient(a, NAME, timeout=60), PlainEnclaveClient(a, NAME, timeout=60)
+        try:
+            t_open = time.perf_counter()
+            sealed.open()
+            open_ms = (time.perf_counter() - t_open) * 1e3
+            sealed.call("put_many", [[f"k{i}", f"v{i}"] for i in range(KEYS)])
+            _round(sealed, 200)  # warm both paths (connections, caches) before anything counts
+            _round(plain, 200)
+            per: dict[str, list[float]] = {"sealed": [], "plain": []}
+            lats: dict[str, list[np.ndarray]] = {"sealed": [], "plain": []}
+            with Progress(disable=quiet, transient=True) as bar:
+                task = bar.add_task("sealed vs plain calls", total=rounds * 2)
+                for _ in range(rounds):
+                    for path, client in (("sealed", sealed), ("plain", plain)):
+                        rate, lat = _round(client, calls)
+                        per[path].append(rate)
+                        lats[path].append(lat)
+                        bar.advance(task)
+        finally:
+            sealed.close()
+            plain.close()
+    summary: dict[str, Any] = {}
+    for path in ("sealed", "plain"):
+        all_lat = np.concatenate(lats[path]) * 1e6
+        summary[path] = {"calls_per_s_median": statistics.median(per[path]), "calls_per_s_min": min(per[path]),
+                         "calls_per_s_max": max(per[path]), "calls_per_s": per[path],
+                         "latency_us_p50": float(np.percentile(all_lat, 50)),
+                         "latency_us_p99": float(np.percentile(all_lat, 99))}
+    ratios = [s / p for s, p in zip(per["sealed"], per["plain"], strict=True)]
+    doc = {"bench": "calls", "machine": machine_info(), "rounds": rounds, "calls_per_round": calls,
+           "session_open_ms": open_ms, **summary,
+           "sealed_over_plain_calls_per_s": {"median": statistics.median(ratios), "min": min(ratios),
+                                             "max": max(ratios), "per_round": ratios},
+           "sealed_over_plain_p99": summary["sealed"]["latency_us_p99"] / summary["plain"]["latency_us_p99"]}
+    (out / "calls.json").write_text(dumps(doc))
+    _plot(lats, out / "calls.png")
+    return doc
+
+
+def _plot(lats: dict[str, list[np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, color in (("plain", "#888888"), ("sealed", "#1f77b4")):
+        lat = np.sort(np.concatenate(lats[name])) * 1e6
+        ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=name, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("kvstore get latency (µs)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("client call latency: sealed session vs plain through the agent")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

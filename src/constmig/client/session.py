@@ -1,0 +1,146 @@
+"""A client's attested session with one enclave, through whichever agent hosts it now.
+
+The agent forwards the session's bytes and cannot read or forge them (wire/session.py). The session
+follows the enclave: a redirect after a migration sends the next record to the new agent, where the
+enclave continues the session with the same keys. A request whose answer was lost (a cut connection,
+a move in between) is sent again as the same record, so it runs exactly once wherever the enclave is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from constmig.client.trust import Trust
+from constmig.errors import (
+    AgentError,
+    AgentUnreachable,
+    CallFailed,
+    ProtocolError,
+    Redirect,
+    SessionUnknown,
+)
+from constmig.host.client import MAX_REDIRECTS, AgentClient
+from constmig.tee.backend import Identity, VerifiedQuote
+from constmig.wire.session import Answer, ClientOpen, ClientSession
+
+
+class EnclaveClient:
+    """Calls one enclave by name over an attested, sealed session that moves with the enclave.
+
+    `trust` says which root quotes chain to and which code is acceptable (default: the root in
+    $CONSTMIG_CA_DIR, any code it attests; the CLI adds pinning). Not thread-safe: one per thread.
+    """
+
+    def __init__(self, addr: str, name: str, timeout: float | None = 600.0, trust: Trust | None = None) -> None:
+        self.addr = addr
+        self.name = name
+        self.timeout = timeout
+        self.trust = trust if trust is not None else Trust.default()
+        self._client: AgentClient | None = None
+        self._session: ClientSession | None = None
+
+    # --- what the session knows, authenticated ----------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity | None:
+        return self._session.identity if self._session is not None else None
+
+    @property
+    def platform(self) -> str | None:
+        """The platform the enclave's last answer was produced on."""
+        return self._session.platform if self._session is not None else None
+
+    @property
+    def moves(self) -> list[str]:
+        """Platforms the enclave moved to during this session, in order (from its sealed answers)."""
+        return list(self._session.moves) if self._session is not None else []
+
+    @property
+    def attested(self) -> VerifiedQuote | None:
+        """The quote the session was opened on (verified, bound to this session)."""
+        return self._session.peer if self._session is not None else None
+
+    @property
+    def session_id(self) -> bytes | None:
+        return self._session.session_id if self._session is not None else None
+
+    # --- calls ------------------------------------------------------------------------------------------
+
+    def open(self) -> ClientSession:
+        """Attest the enclave and agree on keys (done by the first call anyway)."""
+        if self._session is None:
+            hs = ClientOpen()
+            accept = self._forward({"op": "session_open", "name": self.name, "hello": hs.hello})
+            if not isinstance(accept, bytes):
+                raise ProtocolError("the agent answered a session open with something else than bytes")
+            self._session = hs.finish(accept, self.trust.verify, lambda vq: self.trust.check(self.name, vq))
+        return self._session
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one ECALL; its arguments, result and errors cross the host sealed."""
+        self._finish_pending()
+        session = self.open()
+        session.seal_call(method, list(args), kwargs)
+        answer = self._exchange()
+        if not answer.ok:
+            raise CallFailed(answer.error)
+        return answer.result
+
+    def platform_quote(self) -> VerifiedQuote:
+        """A fresh quote from the platform the enclave runs on now, bound to this session."""
+        self._finish_pending()
+        session = self.open()
+        session.seal_quote_request()
+        answer = self._exchange()
+        if not answer.ok or not isinstance(answer.result, bytes):
+            raise CallFailed(answer.error or "the enclave did not return a quote")
+        return session.check_platform_quote(answer.result, self.trust.verify)
+
+    def _finish_pending(self) -> None:
+        """A request whose answer was lost is completed first (exactly once), its answer dropped."""
+        if self._session is not None and self._session.pending is not None:
+            self._exchange()
+
+    def _exchange(self) -> Answer:
+        session = self._session
+        assert session is not None and session.pending is not None
+        try:
+            record = self._forward({"op": "session_call", "name": self.name, "record": session.pending})
+        except SessionUnknown:
+            # Never sealed again in a new session: the host may have run it before saying so.
+            self._session = None
+            raise CallFailed(f"enclave {self.name!r} does not know this session (it was restarted or "
+                               "restored, or the host interfered): the call may or may not have run; the "
+                               "next call opens a new session") from None
+        if not isinstance(record, bytes):
+            raise ProtocolError("the agent answered a sealed request with something else than bytes")
+        return session.open_answer(record)  # IntegrityError: forged, replayed or stale answer
+
+    def _forward(self, req: dict[str, Any], session_call: bool = False) -> Any:
+        """One request to the enclave's agent, following redirects (and remembering where it lives)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if self._client is None:
+                self._client = AgentClient(self.addr, self.timeout)
+            try:
+                return self._client.request(req)
+            except Redirect as r:
+                self._client.close()
+                self._client = None
+                self.addr = r.location
+            except AgentUnreachable:
+                if self._client is not None:  # a late reply must never answer the next request
+                    self._client.close()
+                    self._client = None
+                raise
+        raise AgentError(f"too many redirects looking for enclave {self.name!r}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> EnclaveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,28 @@
+"""Every test run gets its own root CA folder and known-enclaves file, never the user's (~/.constmig).
+
+Agents started without --ca-dir (LocalCluster, Testbed, `constmig agent`) and clients without a Trust
+both read $CONSTMIG_CA_DIR, so setting it here before anything starts makes them agree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_CA_DIR = tempfile.mkdtemp(prefix="constmig-test-ca-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["CONSTMIG_CA_DIR"] = _CA_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CA_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _known_enclaves(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins made by one test (CLI `call`, `trust`) never decide another's."""
+    monkeypatch.setenv("CONSTMIG_KNOWN_ENCLAVES", str(tmp_path_factory.mktemp("known") / "known_enclaves.json"))
