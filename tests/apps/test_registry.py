@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from constmig.apps import APPS, app_source, load_app
+from constmig.apps import APPS, app_source, installed, load_app
 from constmig.apps.kvstore import KVStore
 from constmig.apps.matrix import MatrixApp
 from constmig.bench.loadgen import KVHammer, LoadReport, StepDriver, driver_for
@@ -21,7 +21,8 @@ def test_load_app():
 def test_unknown_app():
     with pytest.raises(ConfigError) as e:
         load_app("x")
-    assert str(e.value) == f"unknown app 'x'; known apps: {', '.join(sorted(APPS))} (or module:Class)"
+    assert str(e.value).startswith("unknown app 'x'; installed apps: " + ", ".join(sorted(installed())))
+    assert "constmig.apps" in str(e.value) and "module:Class" in str(e.value)
     with pytest.raises(ConfigError):
         app_source("x")
 
@@ -117,3 +118,50 @@ def test_measured_source_covers_the_shared_helpers():
     with open(common.__file__, "rb") as f:
         assert f.read() in src
     assert app_source("btree") != app_source("graph")
+
+
+# --- app packages: the constmig.apps entry points ---------------------------------------------------------
+
+def test_shipped_apps_register_as_entry_points_like_any_package():
+    from importlib.metadata import entry_points
+
+    registered = {ep.name: ep.value for ep in entry_points(group="constmig.apps") if ep.dist.name == "constmig"}
+    assert registered == APPS
+
+
+def _fake_package(root, name: str, target: str, module: str = "", source: str = "") -> None:
+    """A distribution on sys.path registering `name = target` under constmig.apps (what pip install makes)."""
+    info = root / f"fake_{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fake-{name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[constmig.apps]\n{name} = {target}\n")
+    if module:
+        (root / f"{module}.py").write_text(source)
+
+
+@pytest.mark.parametrize(("target", "source", "message"), [
+    ("fakebroken_mod:App", "raise RuntimeError('boom at import')\n", "importing fakebroken_mod failed: RuntimeError: boom"),
+    ("fakenotapp_mod:App", "class App:\n    pass\n", "is not an EnclaveApp"),
+    ("fakemissing_mod:App", "", "cannot import fakemissing_mod"),
+    ("not a target", "", "its entry point 'not a target' is not module:Class"),
+])
+def test_a_package_whose_app_does_not_load_is_one_clear_error(tmp_path, monkeypatch, target, source, message):
+    module = target.partition(":")[0] if source else ""
+    _fake_package(tmp_path, "fake", target, module, source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed()["fake"].package == "fake-fake"
+    with pytest.raises(ConfigError, match=message):
+        load_app("fake")
+
+
+def test_measurement_covers_the_modules_an_app_declares(tmp_path, monkeypatch):
+    from constmig.enclave.runtime import measure_app
+
+    (tmp_path / "fakeledger_helper.py").write_text("RATE = 1\n")
+    _fake_package(tmp_path, "fakeapp", "fakeapp_mod:App", "fakeapp_mod",
+                  "from constmig.enclave.app import EnclaveApp\n\nclass App(EnclaveApp):\n"
+                  "    name = 'fakeapp'\n    measured_modules = ('fakeledger_helper',)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = measure_app("fakeapp", {"heap": 1 << 20})
+    (tmp_path / "fakeledger_helper.py").write_text("RATE = 2\n")  # a changed copy of a helper module
+    assert measure_app("fakeapp", {"heap": 1 << 20}) != before

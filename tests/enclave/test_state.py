@@ -141,3 +141,16 @@ def test_heap_arrays_are_not_copied_into_the_blob():
     app.fill(0.9)
     blob = export_app_state(app)
     assert len(blob) < 4096
+
+
+def test_state_that_cannot_travel_names_the_attribute():
+    """An app keeping a lock (or a file, a socket) in small state: one line saying which attribute."""
+    import threading
+
+    with Heap(1 << 20) as heap:
+        app = Toy(heap)
+        app.setup()
+        app.guard = threading.Lock()
+        with pytest.raises(EnclaveError, match=r"cannot export state of app 'toy': attribute 'guard' \(lock\) "
+                                               r"cannot travel: cannot pickle '_thread.lock' object"):
+            export_app_state(app)

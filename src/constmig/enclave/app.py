@@ -31,6 +31,9 @@ class EnclaveApp:
     # code's claim (as ISVSVN is the signer's in SGX), never a number the host picks at launch. Raise it
     # with a release that fixes a security bug: the default policy refuses a migration to a lower one.
     svn: ClassVar[int] = 1
+    # Further modules of the app's own code (beyond the class's module) that the measurement covers: a
+    # destination whose copy of any of them differs is refused. List every module the app's ECALLs run.
+    measured_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, heap: Heap) -> None:
         self.heap = heap

@@ -121,8 +121,18 @@ def export_app_state(app: EnclaveApp) -> bytes:
         pickler.dump(doc)  # header first: the importer restores the heap layout before any array reference
         pickler.dump(attrs)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
-        raise EnclaveError(f"cannot export state of app {type(app).name!r}: {e}") from None
+        raise EnclaveError(f"cannot export state of app {type(app).name!r}: {_culprit(attrs, heap)}{e}") from None
     return buf.getvalue()
+
+
+def _culprit(attrs: dict[str, Any], heap: Heap) -> str:
+    """Which attribute cannot travel (tried one by one, only once the whole export failed)."""
+    for name, value in attrs.items():
+        try:
+            _StatePickler(io.BytesIO(), heap).dump(value)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return f"attribute {name!r} ({type(value).__name__}) cannot travel: "
+    return ""
 
 
 def import_app_state(

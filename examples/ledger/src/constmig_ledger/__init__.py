@@ -1,0 +1,1 @@
+"""constmig-ledger: an enclave app that lives outside constmig, installed as a package of its own."""
