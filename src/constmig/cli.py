@@ -14,6 +14,7 @@ import click
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
+from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import parse_duration, parse_size
 
@@ -571,6 +572,7 @@ def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ..
 
 
 main.add_command(testbed_group)
+main.add_command(attest_group)
 
 
 if __name__ == "__main__":
