@@ -97,13 +97,22 @@ def main() -> None:
 @click.option("--host-id", required=True, help="This host's name (its platform certificate's subject).")
 @click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
               help="Root CA folder shared by all hosts [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
+@click.option("--tee", type=click.Choice(["sim", "auto", "sgx", "tdx"]), default="sim", show_default=True,
+              help="The platform enclaves run on: the software TEE, or SGX (Gramine) / TDX hardware; auto "
+                   "finds hardware or fails, never falling back to sim.")
 @click.option("-v", "--verbose", is_flag=True)
-def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, verbose: bool) -> None:
+def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, verbose: bool) -> None:
     """Run a host agent (foreground)."""
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
+    from constmig.tee.producers import resolve_tee
 
     parse_addr(listen)
+    found = resolve_tee(tee)  # no hardware: one line saying what was looked for
+    if found != "sim":
+        raise ConfigError(f"found {found.reason}: this machine can produce quotes (`constmig attest`), but the "
+                          "hardware enclave backend (sealing keys, monotonic counters) is not built yet; "
+                          "run with --tee sim (see docs/hardware.md)")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
         asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir()))

@@ -187,3 +187,12 @@ def test_call_pins_on_first_use_and_refuses_other_code_after(tmp_path):
         assert p.returncode == 0, p.stderr
         open_m = request(a, {"op": "status"})["enclaves"]["open"]["measurement"]
         assert open_m != pinned["measurement"]  # taking plain calls is part of what is measured
+
+
+def test_agent_tee_auto_never_falls_back_to_the_sim(tmp_path):
+    """No SGX or TDX here: --tee auto (or sgx, tdx) is one line naming what was looked for."""
+    for tee in ("auto", "sgx", "tdx"):
+        p = cm("agent", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / tee), "--host-id", "a",
+               "--tee", tee, timeout=30)
+        assert_clean_error(p, "Gramine" if tee != "tdx" else "configfs-tsm")
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
