@@ -12,14 +12,11 @@ from typing import Any
 
 from constmig.client.trust import Trust
 from constmig.errors import (
-    AgentError,
-    AgentUnreachable,
     CallFailed,
     ProtocolError,
-    Redirect,
     SessionUnknown,
 )
-from constmig.host.client import MAX_REDIRECTS, AgentClient
+from constmig.host.client import EnclaveRoute
 from constmig.tee.backend import Identity, VerifiedQuote
 from constmig.wire.session import Answer, ClientOpen, ClientSession
 
@@ -32,12 +29,30 @@ class EnclaveClient:
     """
 
     def __init__(self, addr: str, name: str, timeout: float | None = 600.0, trust: Trust | None = None) -> None:
-        self.addr = addr
         self.name = name
-        self.timeout = timeout
         self.trust = trust if trust is not None else Trust.default()
-        self._client: AgentClient | None = None
+        self.route = EnclaveRoute(addr, name, timeout)
         self._session: ClientSession | None = None
+
+    @property
+    def addr(self) -> str:
+        """The agent that hosts the enclave, as far as this client knows (redirects update it)."""
+        return self.route.addr
+
+    @addr.setter
+    def addr(self, addr: str) -> None:
+        self.route.close()
+        self.route.addr = addr
+
+    @property
+    def timeout(self) -> float | None:
+        """How long one request waits for its answer (a new value applies from the next connection)."""
+        return self.route.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self.route.close()
+        self.route.timeout = seconds
 
     # --- what the session knows, authenticated ----------------------------------------------------------
 
@@ -70,7 +85,7 @@ class EnclaveClient:
         """Attest the enclave and agree on keys (done by the first call anyway)."""
         if self._session is None:
             hs = ClientOpen()
-            accept = self._forward({"op": "session_open", "name": self.name, "hello": hs.hello})
+            accept = self.route.request({"op": "session_open", "hello": hs.hello})
             if not isinstance(accept, bytes):
                 raise ProtocolError("the agent answered a session open with something else than bytes")
             self._session = hs.finish(accept, self.trust.verify, lambda vq: self.trust.check(self.name, vq))
@@ -105,7 +120,7 @@ class EnclaveClient:
         session = self._session
         assert session is not None and session.pending is not None
         try:
-            record = self._forward({"op": "session_call", "name": self.name, "record": session.pending})
+            record = self.route.request({"op": "session_call", "record": session.pending})
         except SessionUnknown:
             # Never sealed again in a new session: the host may have run it before saying so.
             self._session = None
@@ -116,28 +131,8 @@ class EnclaveClient:
             raise ProtocolError("the agent answered a sealed request with something else than bytes")
         return session.open_answer(record)  # IntegrityError: forged, replayed or stale answer
 
-    def _forward(self, req: dict[str, Any], session_call: bool = False) -> Any:
-        """One request to the enclave's agent, following redirects (and remembering where it lives)."""
-        for _ in range(MAX_REDIRECTS + 1):
-            if self._client is None:
-                self._client = AgentClient(self.addr, self.timeout)
-            try:
-                return self._client.request(req)
-            except Redirect as r:
-                self._client.close()
-                self._client = None
-                self.addr = r.location
-            except AgentUnreachable:
-                if self._client is not None:  # a late reply must never answer the next request
-                    self._client.close()
-                    self._client = None
-                raise
-        raise AgentError(f"too many redirects looking for enclave {self.name!r}")
-
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.route.close()
 
     def __enter__(self) -> EnclaveClient:
         return self

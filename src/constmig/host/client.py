@@ -71,9 +71,9 @@ def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] 
         return c.request(req, on_progress)
 
 
-class PlainEnclaveClient:
-    """Unsealed ECALLs through the agent, which reads and could change them: only enclaves launched with
-    --plain-calls take these (the bench's baseline). Clients use constmig.client.EnclaveClient."""
+class EnclaveRoute:
+    """The way to one enclave by name: a kept connection to the agent that hosts it, redirects followed
+    and remembered (after a migration, `addr` is the new agent)."""
 
     def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
         self.addr = addr
@@ -81,23 +81,17 @@ class PlainEnclaveClient:
         self.timeout = timeout
         self._client: AgentClient | None = None
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def request(self, req: dict[str, Any]) -> Any:
         for _ in range(MAX_REDIRECTS + 1):
             if self._client is None:
                 self._client = AgentClient(self.addr, self.timeout)
             try:
-                return self._client.request(
-                    {"op": "call", "name": self.name, "method": method, "args": list(args), "kwargs": kwargs}
-                )
+                return self._client.request({**req, "name": self.name})
             except Redirect as r:
-                self._client.close()
-                self._client = None
+                self.close()
                 self.addr = r.location
             except AgentUnreachable:
-                # a late reply would otherwise answer the next call: never reuse a broken exchange
-                if self._client is not None:
-                    self._client.close()
-                    self._client = None
+                self.close()  # a late reply must never answer the next request
                 raise
         raise AgentError(f"too many redirects looking for enclave {self.name!r}")
 
@@ -105,3 +99,21 @@ class PlainEnclaveClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+class PlainEnclaveClient:
+    """Unsealed ECALLs through the agent, which reads and could change them: only enclaves launched with
+    --plain-calls take these (the bench's baseline). Clients use constmig.client.EnclaveClient."""
+
+    def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
+        self.route = EnclaveRoute(addr, name, timeout)
+
+    @property
+    def addr(self) -> str:
+        return self.route.addr
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.route.request({"op": "call", "method": method, "args": list(args), "kwargs": kwargs})
+
+    def close(self) -> None:
+        self.route.close()

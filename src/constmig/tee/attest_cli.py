@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from constmig.errors import ConfigError, ConstmigError
+from constmig.errors import ConfigError
 from constmig.tee.dcap import TCB_STATUSES, CollateralStore, DcapPolicy, DcapResult, iso_utc, verify_dcap
 from constmig.tee.producers import TEE_CHOICES, resolve_tee
-
-
-class AttestGroup(click.Group):
-    """One `error:` line and exit 1 for any expected failure, whether nested under `constmig` or not."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ConstmigError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
 
 
 def parse_time(text: str) -> int:
@@ -75,7 +62,7 @@ def _show(result: DcapResult) -> None:
         click.echo(f"  {k:<16} {v}")
 
 
-@click.group(name="attest", cls=AttestGroup)
+@click.group(name="attest")  # errors: one line via constmig.cli.Main
 def attest() -> None:
     """Hardware attestation: verify DCAP quotes, detect the machine's TEE."""
 

@@ -24,24 +24,20 @@ Nothing here does I/O; `run_initiator` / `run_responder` drive it over a SecureC
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, Any
 
 import msgspec
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from constmig.errors import AttestationError, ChannelClosed, ConstmigError, HandshakeAborted, ProtocolError
 from constmig.tee.backend import Identity, TeeBackend, VerifiedQuote
 from constmig.wire.channel import HandshakeRecord, SecureChannel
+from constmig.wire.kdf import hkdf32, transcript_hash, x25519_pub, x25519_shared
 
 VERSION = 1
 DIR_S2D = 1  # nonce direction of records from source to destination
@@ -112,19 +108,6 @@ def _decode(kind: type[_Msg], data: bytes, peer: str) -> Any:
     if isinstance(msg, Abort):
         raise HandshakeAborted(f"{peer} aborted the handshake: {_one_line(msg.reason) or 'no reason given'}")
     return msg
-
-
-def _lp(*parts: bytes) -> bytes:
-    """Length-prefixed concatenation: unambiguous, so fields cannot be shifted between parts."""
-    return b"".join(struct.pack("!I", len(p)) + bytes(p) for p in parts)
-
-
-def _h(label: bytes, *parts: bytes) -> bytes:
-    return hashlib.sha512(label + _lp(*parts)).digest()
-
-
-def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(secret)
 
 
 def _short(b: bytes) -> str:
@@ -221,17 +204,6 @@ def _verify_peer(backend: TeeBackend, quote: bytes, expected: bytes, own: Identi
     return vq
 
 
-def _shared(private: X25519PrivateKey, peer_pub: bytes, peer: str) -> bytes:
-    try:
-        return private.exchange(X25519PublicKey.from_public_bytes(peer_pub))
-    except ValueError:  # low-order point: the shared secret would be all zeros
-        raise ProtocolError(f"{peer} sent an invalid X25519 public key") from None
-
-
-def _pub(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 class _Phase(Enum):
     START = "start"
     SENT_HELLO = "sent M1"
@@ -291,7 +263,7 @@ class Initiator(_Machine):
         self.migration_id = migration_id
         self.params = params
         self._eph: X25519PrivateKey | None = X25519PrivateKey.generate()
-        self._m1 = _encoder.encode(Hello(VERSION, migration_id, _pub(self._eph), os.urandom(32), params))
+        self._m1 = _encoder.encode(Hello(VERSION, migration_id, x25519_pub(self._eph), os.urandom(32), params))
         self._pending: SessionKeys | None = None
         self._confirm_key = b""
         self.peer: VerifiedQuote | None = None
@@ -308,18 +280,18 @@ class Initiator(_Machine):
         try:
             reply: HelloReply = _decode(HelloReply, m2, "destination")
             m2 = bytes(m2)
-            vq = _verify_peer(self._backend, reply.quote, _h(_L_M2, self._m1, reply.eph_pub, reply.nonce),
+            vq = _verify_peer(self._backend, reply.quote, transcript_hash(_L_M2, self._m1, reply.eph_pub, reply.nonce),
                               self._identity, self._policy, "destination")
             assert self._eph is not None
-            secret = _shared(self._eph, reply.eph_pub, "destination")
+            secret = x25519_shared(self._eph, reply.eph_pub, "destination")
             self._eph = None  # forward secrecy: the ephemeral key is not needed any more
-            m3 = _encoder.encode(Finish(self._backend.quote(self._identity, _h(_L_M3, self._m1, m2))))
-            th = _h(_L_TRANSCRIPT, self._m1, m2, m3)
+            m3 = _encoder.encode(Finish(self._backend.quote(self._identity, transcript_hash(_L_M3, self._m1, m2))))
+            th = transcript_hash(_L_TRANSCRIPT, self._m1, m2, m3)
             self._pending = SessionKeys(
-                send_key=_hkdf(secret, th, _L_KEY_S2D), recv_key=_hkdf(secret, th, _L_KEY_D2S),
+                send_key=hkdf32(secret, th, _L_KEY_S2D), recv_key=hkdf32(secret, th, _L_KEY_D2S),
                 send_dir=DIR_S2D, recv_dir=DIR_D2S, peer=vq, transcript_hash=th,
                 migration_id=self.migration_id, params=self.params)
-            self._confirm_key = _hkdf(secret, th, _L_CONFIRM)
+            self._confirm_key = hkdf32(secret, th, _L_CONFIRM)
             self.peer = vq
         except BaseException:
             self._phase = _Phase.FAILED
@@ -368,10 +340,10 @@ class Responder(_Machine):
             if hello.version != VERSION:
                 raise ProtocolError(f"source speaks handshake version {hello.version}, this enclave {VERSION}")
             eph = X25519PrivateKey.generate()
-            self._secret = _shared(eph, hello.eph_pub, "source")
+            self._secret = x25519_shared(eph, hello.eph_pub, "source")
             self._m1 = bytes(m1)
-            eph_pub, nonce = _pub(eph), os.urandom(32)
-            quote = self._backend.quote(self._identity, _h(_L_M2, self._m1, eph_pub, nonce))
+            eph_pub, nonce = x25519_pub(eph), os.urandom(32)
+            quote = self._backend.quote(self._identity, transcript_hash(_L_M2, self._m1, eph_pub, nonce))
             self._m2 = _encoder.encode(HelloReply(eph_pub, nonce, quote))
             self.params, self.migration_id = hello.params, hello.migration_id
         except BaseException:
@@ -385,16 +357,16 @@ class Responder(_Machine):
         self._enter(_Phase.SENT_REPLY, "receive M3")
         try:
             finish: Finish = _decode(Finish, m3, "source")
-            vq = _verify_peer(self._backend, finish.quote, _h(_L_M3, self._m1, self._m2),
+            vq = _verify_peer(self._backend, finish.quote, transcript_hash(_L_M3, self._m1, self._m2),
                               self._identity, self._policy, "source")
-            th = _h(_L_TRANSCRIPT, self._m1, self._m2, bytes(m3))
+            th = transcript_hash(_L_TRANSCRIPT, self._m1, self._m2, bytes(m3))
             secret, self._secret = self._secret, b""
             assert self.migration_id is not None and self.params is not None
             self._keys = SessionKeys(
-                send_key=_hkdf(secret, th, _L_KEY_D2S), recv_key=_hkdf(secret, th, _L_KEY_S2D),
+                send_key=hkdf32(secret, th, _L_KEY_D2S), recv_key=hkdf32(secret, th, _L_KEY_S2D),
                 send_dir=DIR_D2S, recv_dir=DIR_S2D, peer=vq, transcript_hash=th,
                 migration_id=self.migration_id, params=self.params)
-            mac = hmac.new(_hkdf(secret, th, _L_CONFIRM), th, "sha256").digest()
+            mac = hmac.new(hkdf32(secret, th, _L_CONFIRM), th, "sha256").digest()
             self.peer = vq
         except BaseException:
             self._phase = _Phase.FAILED

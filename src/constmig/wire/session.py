@@ -36,15 +36,13 @@ from typing import Annotated, Any
 
 import msgspec
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from constmig.errors import AttestationError, IntegrityError, ProtocolError
 from constmig.tee.backend import Identity, VerifiedQuote
 from constmig.wire.aead import NONCE, RecordOpener, RecordSealer
+from constmig.wire.kdf import hkdf32, transcript_hash, x25519_pub, x25519_shared
 from constmig.wire.records import TAG_SIZE, U64_MAX
 
 VERSION = 1
@@ -110,29 +108,6 @@ _dec_request = msgspec.msgpack.Decoder(Request)
 _dec_answer = msgspec.msgpack.Decoder(Answer)
 
 
-def _lp(*parts: bytes) -> bytes:
-    return b"".join(struct.pack("!I", len(p)) + bytes(p) for p in parts)
-
-
-def _h(label: bytes, *parts: bytes) -> bytes:
-    return hashlib.sha512(label + _lp(*parts)).digest()
-
-
-def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(secret)
-
-
-def _pub(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _exchange(key: X25519PrivateKey, peer: bytes, who: str) -> bytes:
-    try:
-        return key.exchange(X25519PublicKey.from_public_bytes(peer))
-    except ValueError:
-        raise ProtocolError(f"the {who} sent an invalid X25519 public key") from None
-
-
 def _decode(decoder: msgspec.msgpack.Decoder, data: bytes, what: str) -> Any:
     try:
         return decoder.decode(data)
@@ -163,20 +138,20 @@ class ClientOpen:
 
     def __init__(self) -> None:
         self._eph = X25519PrivateKey.generate()
-        self.hello = _enc.encode(Hello(VERSION, _pub(self._eph), os.urandom(32)))
+        self.hello = _enc.encode(Hello(VERSION, x25519_pub(self._eph), os.urandom(32)))
 
     def finish(self, accept: bytes, verify: QuoteVerifier, check: IdentityCheck) -> ClientSession:
         """Check the enclave's quote (root, binding to this Hello, the client's policy); derive the keys."""
         acc: Accept = _decode(_dec_accept, accept, "session accept from the enclave")
         vq = verify(acc.quote)  # AttestationError propagates
-        bound = _h(_L_ACCEPT, self.hello, acc.session_id, acc.eph_pub, acc.nonce)
+        bound = transcript_hash(_L_ACCEPT, self.hello, acc.session_id, acc.eph_pub, acc.nonce)
         if not hmac.compare_digest(vq.report_data, bound):
             raise AttestationError("the enclave's quote is not bound to this session (replayed, or not "
                                    "from the enclave that answered)")
         check(vq)
-        secret = _exchange(self._eph, acc.eph_pub, "enclave")
-        th = _h(_L_TRANSCRIPT, self.hello, bytes(accept))
-        return ClientSession(acc.session_id, _hkdf(secret, th, _L_C2E), _hkdf(secret, th, _L_E2C), th, vq)
+        secret = x25519_shared(self._eph, acc.eph_pub, "the enclave")
+        th = transcript_hash(_L_TRANSCRIPT, self.hello, bytes(accept))
+        return ClientSession(acc.session_id, hkdf32(secret, th, _L_C2E), hkdf32(secret, th, _L_E2C), th, vq)
 
 
 class ClientSession:
@@ -238,7 +213,7 @@ class ClientSession:
             raise ProtocolError("no platform quote was asked for")
         vq = verify(quote)
         nonce, self._quote_nonce = self._quote_nonce, None
-        if not hmac.compare_digest(vq.report_data, _h(_L_QUOTE, self.transcript, nonce)):
+        if not hmac.compare_digest(vq.report_data, transcript_hash(_L_QUOTE, self.transcript, nonce)):
             raise AttestationError("the platform quote is not bound to this session and request")
         if vq.identity != self.identity:
             raise AttestationError("the platform quote is from other code than this session's enclave")
@@ -289,7 +264,7 @@ class EnclaveEnd(msgspec.Struct, forbid_unknown_fields=True):
         return self.last_answer
 
     def quote_report_data(self, req: QuoteRequest) -> bytes:
-        return _h(_L_QUOTE, self.transcript, req.nonce)
+        return transcript_hash(_L_QUOTE, self.transcript, req.nonce)
 
 
 def accept(hello: bytes, quote: Callable[[bytes], bytes]) -> tuple[EnclaveEnd, bytes]:
@@ -298,11 +273,11 @@ def accept(hello: bytes, quote: Callable[[bytes], bytes]) -> tuple[EnclaveEnd, b
     if h.version != VERSION:
         raise ProtocolError(f"client speaks session version {h.version}, this enclave {VERSION}")
     eph = X25519PrivateKey.generate()
-    secret = _exchange(eph, h.eph_pub, "client")
-    sid, eph_pub, nonce = os.urandom(SESSION_ID_SIZE), _pub(eph), os.urandom(32)
-    acc = _enc.encode(Accept(sid, eph_pub, nonce, quote(_h(_L_ACCEPT, bytes(hello), sid, eph_pub, nonce))))
-    th = _h(_L_TRANSCRIPT, bytes(hello), acc)
-    return EnclaveEnd(sid, _hkdf(secret, th, _L_C2E), _hkdf(secret, th, _L_E2C), th), acc
+    secret = x25519_shared(eph, h.eph_pub, "the client")
+    sid, eph_pub, nonce = os.urandom(SESSION_ID_SIZE), x25519_pub(eph), os.urandom(32)
+    acc = _enc.encode(Accept(sid, eph_pub, nonce, quote(transcript_hash(_L_ACCEPT, bytes(hello), sid, eph_pub, nonce))))
+    th = transcript_hash(_L_TRANSCRIPT, bytes(hello), acc)
+    return EnclaveEnd(sid, hkdf32(secret, th, _L_C2E), hkdf32(secret, th, _L_E2C), th), acc
 
 
 def encode_ends(ends: list[EnclaveEnd]) -> bytes:
