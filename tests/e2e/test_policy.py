@@ -5,9 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import checksum, launch
 
 import constmig
+from conftest import checksum, launch
 from constmig.errors import AgentError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import launch
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import TRACKERS, Migration
 
+from conftest import launch
 from constmig.bench.loadgen import KVHammer
 from constmig.errors import AgentError
 from constmig.host.client import request

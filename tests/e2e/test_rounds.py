@@ -7,8 +7,8 @@ destination, wherever in the rounds it landed.
 from __future__ import annotations
 
 import pytest
-from conftest import checksum, launch
 
+from conftest import checksum, launch
 from constmig.bench.loadgen import KVHammer
 from constmig.enclave.dirty import preflight
 from constmig.host.client import request

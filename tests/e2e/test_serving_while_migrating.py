@@ -13,10 +13,10 @@ import threading
 import time
 
 import pytest
-from conftest import checksum, launch
 from mitm import MitmProxy, RecordTamper
 from test_live_postcopy import VARIANTS
 
+from conftest import checksum, launch
 from constmig.client import EnclaveClient
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
