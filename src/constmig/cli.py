@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,22 @@ def write_json(obj: Any, path: str | None) -> None:
     if path == "-":
         click.echo(text)
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(path, "--json")
         Path(path).write_text(text + "\n")
+
+
+def check_output_path(path: str | Path | None, flag: str, folder: bool = False) -> None:
+    """Fail at once, in one line, if an output cannot be written: before a migration, not after it."""
+    if path is None or str(path) == "-":
+        return
+    target = Path(path)
+    where = target if folder else target.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not os.access(where, os.W_OK) or (target.exists() and not folder and target.is_dir()):
+            raise PermissionError(13, "not writable" if not target.is_dir() else "is a folder")
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 @click.group(cls=Main)
@@ -149,6 +164,8 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
     from constmig.host.client import request
 
     load_app(app)
+    if name is not None and not name.strip():
+        raise ConfigError("--name must not be empty (leave it out to name the enclave after the app)")
     spec = {"op": "run", "name": name or app, "app": app, "heap": heap, "chunk_size": chunk_size,
             "config": _parse_config(settings), "plain_calls": plain_calls}
     click.echo(_show(request(addr, spec)))
@@ -410,6 +427,7 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
     from constmig.host.orchestrate import migrate_with_progress, resume
 
     parse_addr(src)
+    check_output_path(json_path, "--json")
     if resume_paused:
         if dst is not None or verify:
             raise ConfigError("--resume continues the paused migration to where it was going; drop --to and --verify")
@@ -420,7 +438,8 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
     else:
         if dst is None:
             raise ConfigError("missing --to (the destination agent HOST:PORT)")
-        parse_addr(dst)
+        if parse_addr(dst) == parse_addr(src):
+            raise ConfigError(f"--from and --to are the same agent ({src}); migrate to another one")
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None):
             raise ConfigError("--max-downtime and --rounds steer the rounds before the stop; use them with "
                               f"--strategy {' or '.join(strategies.ROUNDS)}")
@@ -450,6 +469,8 @@ def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_pat
     """Two agents on this machine, one enclave, one migration, checked end to end."""
     from constmig.bench.demo import run_demo
 
+    check_output_path(json_path, "--json")
+    check_output_path(out, "--out", folder=True)
     figures = run_demo(strategy=strategy, tracker=tracker, heap=heap, app=app, fill=fill, quiet=json_path == "-",
                        out=out)
     write_json(figures, json_path)
@@ -476,6 +497,7 @@ def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, 
     size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
     if not size_list:
         raise ConfigError("--sizes needs at least one size")
+    check_output_path(out, "--out", folder=True)
     run_sizes(list(strategies), size_list, repeat, app, out)
 
 
@@ -490,6 +512,8 @@ def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> No
     """What a sealed client session costs: calls/s and p99 of kvstore get, sealed vs plain, same run."""
     from constmig.bench.calls import run_calls
 
+    check_output_path(out, "--out", folder=True)
+    check_output_path(json_path, "--json")
     doc = run_calls(rounds, calls, out, quiet=json_path == "-")
     write_json(doc, json_path)
     if json_path != "-":
@@ -520,6 +544,7 @@ def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, wor
 
     from constmig.bench.suite import make_config, run_suite
 
+    check_output_path(out, "--out", folder=True)
     cfg = make_config(out, sizes=sizes, workloads=workloads, sweep=sweep, workload_size=workload_size,
                       variants=variants, repeat=repeat, quick=quick, overhead=not no_overhead)
     ctx = click.get_current_context()
@@ -551,6 +576,7 @@ def bench_load(clients: int, rate: float, duration: float, heap: int, variants: 
     """A client fleet at a fixed rate through a migration: lost, failed, retried calls and p99 per phase."""
     from constmig.bench.load import run_load
 
+    check_output_path(out, "--out", folder=True)
     doc = run_load(out, list(variants) or None, clients=clients, rate=rate, duration=duration, heap=heap,
                    write_ratio=write_ratio, testbed=testbed)
     bad = [r["variant"] for r in doc["runs"] if not r["ok"]]
@@ -572,6 +598,7 @@ def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ..
     """Many migrations back and forth under load: state checked every time, agents checked for leaks."""
     from constmig.bench.soak import run_soak
 
+    check_output_path(out, "--out", folder=True)
     doc = run_soak(out, migrations or (6 if quick else 50), heap or ((64 if quick else 1024) << 20),
                    variants=list(variants) or None)
     if not doc["ok"]:

@@ -43,6 +43,14 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
      "--rounds"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy",
       "--max-downtime", "soon"], "--max-downtime"),
+    # outputs are checked before any work starts (issue 17), not after a migration finished
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--json", "/proc/nope/x.json"],
+     "--json /proc/nope/x.json: cannot write there"),
+    (["demo", "--out", "/proc/nope"], "--out /proc/nope: cannot write there"),
+    (["demo", "--json", "/proc/nope/f.json"], "--json /proc/nope/f.json: cannot write there"),
+    (["bench", "calls", "--out", "/proc/nope"], "--out /proc/nope: cannot write there"),
+    (["migrate", "kv", "--from", "127.0.0.1:7001", "--to", "127.0.0.1:7001"], "--from and --to are the same agent"),
+    (["run", "kvstore", "--name", ""], "--name must not be empty"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
     assert_clean_error(cm(*args), fragment)
@@ -196,3 +204,71 @@ def test_agent_tee_auto_never_falls_back_to_the_sim(tmp_path):
                "--tee", tee, timeout=30)
         assert_clean_error(p, "Gramine" if tee != "tdx" else "configfs-tsm")
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.e2e
+def test_one_agent_per_state_folder_and_clear_folder_errors(tmp_path):
+    """A second agent on a state folder in use is refused naming the first; a folder that is a file or
+    cannot be created is named at start, not blamed on the port (issue 17)."""
+    import os
+    import signal
+    import time
+
+    from constmig.host.client import request
+
+    port = free_port()
+    first = subprocess.Popen([sys.executable, "-m", "constmig", "agent", "--listen", f"127.0.0.1:{port}",
+                              "--state-dir", "host-a", "--host-id", "a"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request(f"127.0.0.1:{port}", {"op": "status"}, timeout=2)
+                break
+            except Exception:  # noqa: BLE001 (not up yet)
+                assert time.monotonic() < deadline and first.poll() is None
+                time.sleep(0.1)
+        p = cm("agent", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "host-a"),
+               "--host-id", "a2", timeout=30)
+        assert_clean_error(p, f"state folder {tmp_path / 'host-a'} is in use by another agent (pid {first.pid})")
+        # the checkpoint path it prints is absolute although the agent got a relative --state-dir
+        a = f"127.0.0.1:{port}"
+        assert cm("run", "kvstore", "--agent", a, "--heap", "8M", "--name", "kv").returncode == 0
+        path = json.loads(cm("checkpoint", "kv", "--agent", a).stdout)["path"]
+        assert os.path.isabs(path) and os.path.exists(path), path
+        long = cm("run", "kvstore", "--agent", a, "--heap", "8M", "--name", "k" * 65)
+        assert_clean_error(long, "enclave name of 65 characters is too long (at most 64)")
+        same = request(a, {"op": "status"})
+        assert set(same["enclaves"]) == {"kv"}
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(20)
+    (tmp_path / "afile").write_text("x")
+    assert_clean_error(cm("agent", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "afile"),
+                          "--host-id", "a", timeout=30), "is not a folder")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:  # root writes anyway; as anyone else the folder cannot be created, and that is the one line
+        if os.geteuid() != 0:
+            p = cm("agent", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(ro / "sub"), "--host-id",
+                   "a", timeout=30)
+            assert_clean_error(p, f"cannot use state folder {ro / 'sub'}: Permission denied")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.e2e
+def test_migrating_to_the_agent_it_runs_on_is_one_clear_line():
+    """Asked of the agent directly (an address spelled differently slips past the CLI's own check)."""
+    from constmig.errors import AgentError
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        request(a, {"op": "run", "name": "kv", "app": "kvstore", "heap": 8 << 20, "config": {}})
+        with pytest.raises(AgentError, match="already runs on this agent"):
+            request(a, {"op": "migrate", "name": "kv", "to": a, "strategy": "stopcopy"})
+        assert request(a, {"op": "status"})["enclaves"]["kv"]["state"] == "running"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 from constmig.errors import (
     AgentError,
     ChannelClosed,
+    ConfigError,
     ConstmigError,
     EnclaveError,
     EnclaveNotRunning,
@@ -75,16 +77,49 @@ class Hosted:
         return self.cell.move(expected, new)
 
 
+MAX_NAME = 64  # enclave names become file names (sockets, checkpoints) and log fields
+
+
+def claim_state_dir(state_dir: Path) -> int:
+    """Make sure `state_dir` is a folder this agent can write and no other agent uses: an exclusive lock
+    held for the process's life (returned fd). One clear line otherwise, naming the path or the process."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"state folder {state_dir} is not a folder")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot use state folder {state_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"state folder {state_dir} is in use by another agent (pid {other}); give each agent "
+                          "its own --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Agent:
     def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
         self.listen = listen
         self.host_id = host_id
+        state_dir = Path(state_dir).absolute()  # paths it reports (checkpoints) work from any folder
+        self._lock_fd = claim_state_dir(state_dir)
         self.state_dir = state_dir
         self.run_dir = state_dir / "run"
         self.platform_dir = state_dir / "platform"
         self.root_pem = ca_dir / "root.pem"
-        create_root_ca(ca_dir)
-        SimPlatform.provision(self.platform_dir, ca_dir, host_id)
+        try:
+            create_root_ca(ca_dir)
+        except OSError as e:
+            raise ConfigError(f"cannot use CA folder {ca_dir}: {e.strerror or e}") from None
+        try:
+            SimPlatform.provision(self.platform_dir, ca_dir, host_id)
+        except OSError as e:
+            raise ConfigError(f"cannot set up this host's platform in {self.platform_dir}: {e.strerror or e}") from None
         self.enclaves: dict[str, Hosted] = {}
         self.moved: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
@@ -199,6 +234,8 @@ class Agent:
             raise AgentError(f"an enclave named {spec.name!r} already exists on agent {self.host_id}")
         if not spec.name or not spec.name.replace("-", "").replace("_", "").isalnum():
             raise AgentError(f"bad enclave name {spec.name!r}: use letters, digits, '-' and '_'")
+        if len(spec.name) > MAX_NAME:
+            raise AgentError(f"enclave name of {len(spec.name)} characters is too long (at most {MAX_NAME})")
         avail = available_memory()
         if spec.heap > avail:
             raise AgentError(f"heap {format_size(spec.heap)} exceeds this host's available memory "
@@ -431,7 +468,9 @@ class Agent:
         if hosted.status is not S.RUNNING:
             raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; cannot migrate it now")
         to = str(req.get("to"))
-        parse_addr(to)
+        if parse_addr(to) == parse_addr(self.listen):
+            raise AgentError(f"enclave {req.get('name')!r} already runs on this agent ({self.listen}); migrate it "
+                             "--to another agent")
         strategy = _strategy(req.get("strategy", "stopcopy")).name
         tracker = str(req.get("tracker", "auto"))
         if tracker not in TRACKERS:
