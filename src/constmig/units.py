@@ -42,6 +42,18 @@ def available_memory() -> int:
     raise ConfigError("cannot read MemAvailable from /proc/meminfo")
 
 
+def resident_bytes(pid: int) -> int:
+    """VmRSS of a process, in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 MAX_WAIT_S = 86400.0  # no wait a peer or agent asks for may exceed a day
 
 

@@ -272,3 +272,19 @@ def test_migrating_to_the_agent_it_runs_on_is_one_clear_line():
         with pytest.raises(AgentError, match="already runs on this agent"):
             request(a, {"op": "migrate", "name": "kv", "to": a, "strategy": "stopcopy"})
         assert request(a, {"op": "status"})["enclaves"]["kv"]["state"] == "running"
+
+
+@pytest.mark.e2e
+def test_heaps_already_promised_count_against_available_memory():
+    """Two heaps of 60% of free memory: each fits alone, not both (issue 17: admission control)."""
+    from constmig.host.cluster import LocalCluster
+    from constmig.units import available_memory
+
+    heap = f"{int(available_memory() * 0.6) >> 20}M"
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        assert cm("run", "kvstore", "--agent", a, "--heap", heap, "--name", "big1").returncode == 0
+        p = cm("run", "kvstore", "--agent", a, "--heap", heap, "--name", "big2")
+        assert_clean_error(p, "promised to enclaves already here")
+        assert cm("stop", "big1", "--agent", a).returncode == 0
+        assert cm("run", "kvstore", "--agent", a, "--heap", heap, "--name", "big2").returncode == 0

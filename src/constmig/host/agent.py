@@ -40,7 +40,7 @@ from constmig.migration.constants import DATA_CHANNELS
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.units import available_memory, format_size, wait_seconds
+from constmig.units import available_memory, format_size, resident_bytes, wait_seconds
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
@@ -236,10 +236,20 @@ class Agent:
             raise AgentError(f"bad enclave name {spec.name!r}: use letters, digits, '-' and '_'")
         if len(spec.name) > MAX_NAME:
             raise AgentError(f"enclave name of {len(spec.name)} characters is too long (at most {MAX_NAME})")
-        avail = available_memory()
-        if spec.heap > avail:
+        avail, promised = available_memory(), self._promised()
+        if spec.heap > avail - promised:
+            held = f", {format_size(promised)} of it promised to enclaves already here" if promised else ""
             raise AgentError(f"heap {format_size(spec.heap)} exceeds this host's available memory "
-                             f"({format_size(avail)})")
+                             f"({format_size(avail)}{held})")
+
+    def _promised(self) -> int:
+        """Heap the enclaves here may still claim: each heap less what its process already holds (an
+        untouched heap costs nothing until written, so free memory alone overcommits)."""
+        total = 0
+        for hosted in self.enclaves.values():
+            if hosted.handle.proc.returncode is None:
+                total += max(hosted.handle.spec.heap - resident_bytes(hosted.handle.proc.pid), 0)
+        return total
 
     async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none",
                       restore: Path | None = None) -> EnclaveHandle:
