@@ -115,8 +115,12 @@ def main() -> None:
 @click.option("--tee", type=click.Choice(["sim", "auto", "sgx", "tdx"]), default="sim", show_default=True,
               help="The platform enclaves run on: the software TEE, or SGX (Gramine) / TDX hardware; auto "
                    "finds hardware or fails, never falling back to sim.")
-@click.option("-v", "--verbose", is_flag=True)
-def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, verbose: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="One line per event (listening, CA, enclave started/stopped, migration started/done/failed); "
+                   "json: one JSON object per line, for log collectors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
+def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, log_format: str,
+          verbose: bool) -> None:
     """Run a host agent (foreground)."""
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
@@ -128,11 +132,24 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
         raise ConfigError(f"found {found.reason}: this machine can produce quotes (`constmig attest`), but the "
                           "hardware enclave backend (sealing keys, monotonic counters) is not built yet; "
                           "run with --tee sim (see docs/hardware.md)")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLog() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
         asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir()))
     except OSError as e:
         raise ConfigError(f"cannot serve on {listen}: {e.strerror or e}") from None
+
+
+ADMIN_TIMEOUT_S = 120.0  # run, stop, checkpoint, restore: an agent that takes longer is reported, not waited on
+
+
+class _JsonLog(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": record.created, "level": record.levelname.lower(), "logger": record.name,
+                           "message": record.getMessage()})
 
 
 def _parse_config(items: tuple[str, ...]) -> dict[str, Any]:
@@ -168,7 +185,7 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
         raise ConfigError("--name must not be empty (leave it out to name the enclave after the app)")
     spec = {"op": "run", "name": name or app, "app": app, "heap": heap, "chunk_size": chunk_size,
             "config": _parse_config(settings), "plain_calls": plain_calls}
-    click.echo(_show(request(addr, spec)))
+    click.echo(_show(request(addr, spec, timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -187,8 +204,10 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
               help="Root CA the enclave's quote must chain to [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
 @click.option("--plain", is_flag=True, help="Unsealed, through the agent (only enclaves run with --plain-calls).")
 @click.option("--raw", is_flag=True, help="Pass every argument as a string (no JSON parsing).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds to wait for the answer (the call's outcome is unknown after that).")
 def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measurement: str | None, min_svn: int,
-         known_path: Path | None, ca_dir: Path | None, plain: bool, raw: bool) -> None:
+         known_path: Path | None, ca_dir: Path | None, plain: bool, raw: bool, timeout: float) -> None:
     """Call an ECALL of an enclave over an attested, sealed session (follows redirects after a migration).
 
     Arguments: numbers, true/false/null and JSON lists and objects are parsed (the ECALL's annotations
@@ -198,14 +217,14 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
 
     typed = _typed_args(addr, name, method, args, raw)
     if plain:
-        pc = PlainEnclaveClient(addr, name)
+        pc = PlainEnclaveClient(addr, name, timeout=timeout)
         try:
             click.echo(_show(pc.call(method, *typed)))
         finally:
             pc.close()
         moved_to = pc.addr
     else:
-        c = EnclaveClient(addr, name, trust=_trust(expect_measurement, min_svn, known_path, ca_dir))
+        c = EnclaveClient(addr, name, timeout=timeout, trust=_trust(expect_measurement, min_svn, known_path, ca_dir))
         try:
             result = c.call(method, *typed)
         finally:
@@ -262,6 +281,7 @@ def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...], raw: b
     import typing
 
     from constmig.apps import load_app
+    from constmig.errors import AgentUnreachable
     from constmig.host.client import request
 
     if raw:
@@ -269,12 +289,14 @@ def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...], raw: b
     hints: dict[str, Any] = {}
     params: list[inspect.Parameter] = []
     try:
-        st = request(addr, {"op": "status"})
+        st = request(addr, {"op": "status"}, timeout=10)
         if name in st.get("moved", {}):
-            st = request(st["moved"][name], {"op": "status"})
+            st = request(st["moved"][name], {"op": "status"}, timeout=10)
         fn = getattr(load_app(st["enclaves"][name]["app"]), method)
         hints = typing.get_type_hints(fn)
         params = list(inspect.signature(fn).parameters.values())[1:]  # past self
+    except AgentUnreachable:
+        raise  # the call would not get through either: say so now, not after its own wait
     except (ConstmigError, OSError, KeyError, AttributeError, NameError, TypeError, ValueError):
         pass  # a convenience only: the ECALL validates what it gets anyway
     out: list[Any] = []
@@ -353,11 +375,20 @@ def apps(as_json: bool) -> None:
 
 @main.command()
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
-def status(addr: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Everything the agent says, as JSON.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the agent's answer.")
+def status(addr: str, as_json: bool, timeout: float) -> None:
     """Show an agent's enclaves and recent migrations."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "status"})))
+    st = request(addr, {"op": "status"}, timeout=timeout)
+    if as_json:
+        click.echo(_show(st))
+        return
+    from constmig.progress import print_status
+
+    print_status(st)
 
 
 @main.command()
@@ -367,7 +398,7 @@ def checkpoint(name: str, addr: str) -> None:
     """Seal an enclave's state to a file on its host, bound to a monotonic counter (no rollback)."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "checkpoint", "name": name})))
+    click.echo(_show(request(addr, {"op": "checkpoint", "name": name}, timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -378,7 +409,8 @@ def restore(path: str, addr: str, name: str | None) -> None:
     """Start an enclave from its newest checkpoint (an older one, or one from a host it left, is refused)."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name})))
+    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name},
+                             timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -390,7 +422,7 @@ def stop(name: str, addr: str, force: bool) -> None:
     """Stop (destroy) an enclave."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "stop", "name": name, "force": force})))
+    click.echo(_show(request(addr, {"op": "stop", "name": name, "force": force}, timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -440,6 +472,8 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
             raise ConfigError("missing --to (the destination agent HOST:PORT)")
         if parse_addr(dst) == parse_addr(src):
             raise ConfigError(f"--from and --to are the same agent ({src}); migrate to another one")
+        if tracker != "auto" and not strategies.get(strategy).needs_tracker:
+            click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None):
             raise ConfigError("--max-downtime and --rounds steer the rounds before the stop; use them with "
                               f"--strategy {' or '.join(strategies.ROUNDS)}")

@@ -87,3 +87,38 @@ def print_figures(figures: dict[str, Any]) -> None:
         if key in figures:
             table.add_row(label, fmt.format(figures[key]))
     console.print(table)
+
+
+def print_status(st: dict[str, Any]) -> None:
+    """An agent's status for people: its enclaves, where the moved ones went, its last migrations."""
+    import time
+
+    from constmig.units import format_size
+
+    out = Console()  # the answer to `status` goes to stdout
+    table = Table(title=f"agent {st.get('host_id')} at {st.get('listen')}")
+    for col in ("enclave", "state", "app", "heap", "used", "tracker", "sessions", "platform"):
+        table.add_column(col)
+    for name, e in sorted(st.get("enclaves", {}).items()):
+        state = e.get("state") or e.get("status", "?")
+        if e.get("heap_arriving"):
+            got, of = e["heap_arriving"]
+            state += f" (heap arriving {got}/{of})"
+        table.add_row(name, state, str(e.get("app", "")), format_size(int(e.get("heap_bytes") or 0)),
+                      format_size(int(e["used_bytes"])) if e.get("used_bytes") is not None else "",
+                      str(e.get("tracker", "")), str(e.get("sessions", "")), str(e.get("platform", "")))
+    for name, where in sorted(st.get("moved", {}).items()):
+        table.add_row(name, f"moved to {where}", "", "", "", "", "", "")
+    out.print(table)
+    migrations = st.get("migrations") or []
+    if migrations:
+        hist = Table(title="recent migrations")
+        for col in ("when", "enclave", "direction", "strategy", "downtime", "total"):
+            hist.add_column(col)
+        for m in migrations[-10:]:
+            when = m.get("resume_time") or m.get("stop_time")
+            hist.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "",
+                         str(m.get("name", "")), str(m.get("direction", "")), str(m.get("strategy", "")),
+                         f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
+                         f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "")
+        out.print(hist)

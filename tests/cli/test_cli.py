@@ -288,3 +288,26 @@ def test_heaps_already_promised_count_against_available_memory():
         assert_clean_error(p, "promised to enclaves already here")
         assert cm("stop", "big1", "--agent", a).returncode == 0
         assert cm("run", "kvstore", "--agent", a, "--heap", heap, "--name", "big2").returncode == 0
+
+
+@pytest.mark.parametrize("args", [["status", "--timeout", "1"], ["call", "kv", "--timeout", "1", "get", "k"]])
+def test_an_agent_that_never_answers_is_one_line_after_the_timeout(args):
+    """An address that accepts TCP and says nothing: bounded, one line (issue 17), not a hang."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.listen(8)
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        p = cm(*args, "--agent", addr, timeout=60)
+        took = time.monotonic() - t0
+    assert_clean_error(p, f"agent at {addr} did not answer in time")
+    assert len(p.stderr.strip().splitlines()) == 1 and took < 30, (took, p.stderr)
+
+
+def test_a_flag_the_strategy_ignores_says_so():
+    p = cm("migrate", "kv", "--from", f"127.0.0.1:{free_port()}", "--to", f"127.0.0.1:{free_port()}",
+           "--strategy", "stopcopy", "--tracker", "fault")
+    assert "(--tracker fault is ignored: stopcopy needs no tracker)" in p.stderr
+    assert_clean_error(p, "cannot reach agent")

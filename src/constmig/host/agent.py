@@ -113,7 +113,9 @@ class Agent:
         self.platform_dir = state_dir / "platform"
         self.root_pem = ca_dir / "root.pem"
         try:
+            had_ca = (ca_dir / "root.pem").exists()
             create_root_ca(ca_dir)
+            log.info("root CA %s %s", "loaded from" if had_ca else "created in", ca_dir)
         except OSError as e:
             raise ConfigError(f"cannot use CA folder {ca_dir}: {e.strerror or e}") from None
         try:
@@ -165,6 +167,8 @@ class Agent:
                 except Redirect as r:
                     reply = {"ok": False, "error": str(r), "redirect": r.location}
                 except ConstmigError as e:
+                    if req.get("op") == "migrate":
+                        log.warning("migration of %s failed: %s", req.get("name"), e)
                     reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
                                                                if isinstance(e, SessionUnknown) else {})}
                 await write_frame(writer, reply)
@@ -263,6 +267,8 @@ class Agent:
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "fresh")
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
+        log.info("enclave %s started: app %s, heap %s, pid %d", spec.name, spec.app, format_size(spec.heap),
+                 handle.proc.pid)
         return await handle.call({"op": "status"})
 
     async def op_checkpoint(self, req: dict[str, Any], writer: Any) -> Any:
@@ -361,6 +367,7 @@ class Agent:
             raise AgentError(f"enclave {name!r} is {status.value}; cannot stop it now")
         del self.enclaves[hosted.handle.spec.name]
         await hosted.handle.stop()
+        log.info("enclave %s stopped", name)
         return "stopped"
 
     async def op_shutdown(self, req: dict[str, Any], writer: Any) -> Any:
@@ -452,6 +459,8 @@ class Agent:
             hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})
+            log.info("migration of %s in done: %s, downtime %.1f ms", name, result.get("strategy"),
+                     result.get("downtime_ms") or 0.0)
         except ConstmigError as e:
             log.warning("incoming migration of %s failed: %s", name, e)
             if isinstance(e, EnclaveError) and e.tombstone:
@@ -488,6 +497,7 @@ class Agent:
         timeout = _seconds(req.get("timeout", 120.0), "timeout")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         spec = hosted.handle.spec
+        log.info("migration of %s to %s started: %s", spec.name, to, strategy)
         hosted.move(S.RUNNING, S.PREPARING_OUT)  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
         try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
@@ -560,6 +570,8 @@ class Agent:
 
     async def _moved_out(self, hosted: Hosted, result: dict[str, Any]) -> dict[str, Any]:
         name = hosted.handle.spec.name
+        log.info("migration of %s to %s done: %s, downtime %.1f ms, total %.2f s", name, result.get("to"),
+                 result.get("strategy"), result.get("downtime_ms") or 0.0, result.get("total_s") or 0.0)
         self.history.append({"direction": "out", **result})
         self.enclaves.pop(name, None)
         self.moved[name] = result["to"]

@@ -46,6 +46,8 @@ class AgentClient:
         except TimeoutError:
             raise AgentUnreachable(f"agent at {self.addr} did not answer in time") from None
         except ChannelClosed as e:
+            if isinstance(e.__cause__, TimeoutError):  # the socket's timeout, seen while reading a frame
+                raise AgentUnreachable(f"agent at {self.addr} did not answer in time") from None
             raise AgentUnreachable(f"agent at {self.addr} closed the connection: {e}") from None
         if reply.get("ok"):
             return reply.get("result")
