@@ -109,7 +109,14 @@ def print_status(st: dict[str, Any]) -> None:
                       str(e.get("tracker", "")), str(e.get("sessions", "")), str(e.get("platform", "")))
     for name, where in sorted(st.get("moved", {}).items()):
         table.add_row(name, f"moved to {where}", "", "", "", "", "", "")
+    died = st.get("died") or {}
+    for name, d in sorted(died.items()):
+        table.add_row(name, "died", str(d.get("app", "")),
+                      format_size(int(d.get("heap_bytes") or 0)), "", "", "", "")
     out.print(table)
+    for name, d in sorted(died.items()):
+        out.print(f"{name}: restore with `{d['restore']}`" if d.get("restore") else
+                  f"{name}: no checkpoint of it here; its state is gone", soft_wrap=True)
     migrations = st.get("migrations") or []
     if migrations:
         hist = Table(title="recent migrations")

@@ -1,6 +1,7 @@
 """The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -311,3 +312,33 @@ def test_a_flag_the_strategy_ignores_says_so():
            "--strategy", "stopcopy", "--tracker", "fault")
     assert "(--tracker fault is ignored: stopcopy needs no tracker)" in p.stderr
     assert_clean_error(p, "cannot reach agent")
+
+
+@pytest.mark.e2e
+def test_an_agent_restarted_on_its_state_folder_names_what_died_and_how_to_restore_it():
+    """Issue 17: a restart no longer forgets its enclaves silently; the restore command it prints works."""
+    import shlex
+
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        for name in ("kept", "lost"):
+            assert cm("run", "kvstore", "--agent", a, "--heap", "8M", "--name", name).returncode == 0
+        assert cm("call", "kept", "--agent", a, "put", "k", "v").returncode == 0
+        assert cm("checkpoint", "kept", "--agent", a).returncode == 0
+        c.kill_agent(0)
+        c.start_agent(0, a)
+        st = request(a, {"op": "status"})
+        assert st["enclaves"] == {} and set(st["died"]) == {"kept", "lost"}
+        assert st["died"]["lost"]["restore"] is None
+        restore = st["died"]["kept"]["restore"]
+        assert restore.startswith("constmig restore ") and restore.endswith(f"--agent {a} --name kept")
+        table = cm("status", "--agent", a)
+        assert re.search(r"kept\s+.\s*died", table.stdout) and f"restore with `{restore}`" in table.stdout
+        assert "lost: no checkpoint of it here" in table.stdout
+        p = cm(*shlex.split(restore)[1:])
+        assert p.returncode == 0, p.stderr
+        assert cm("call", "kept", "--agent", a, "get", "k").stdout.strip() == "v"
+        assert set(request(a, {"op": "status"})["died"]) == {"lost"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -102,6 +103,12 @@ def claim_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def _ckpt_version(path: Path) -> int:
+    """The version in NAME.vN.ckpt (-1 if the name has none)."""
+    tail = path.name.rsplit(".v", 1)[-1].split(".")[0]
+    return int(tail) if tail.isdigit() else -1
+
+
 class Agent:
     def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
         self.listen = listen
@@ -123,10 +130,50 @@ class Agent:
         except OSError as e:
             raise ConfigError(f"cannot set up this host's platform in {self.platform_dir}: {e.strerror or e}") from None
         self.enclaves: dict[str, Hosted] = {}
+        self.roster_path = state_dir / "enclaves.json"  # what runs here, so a restart can say what died
+        self._roster: dict[str, Any] = {}
+        self.died = self._load_died()
         self.moved: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
+
+    # ---- what runs here, across restarts ----
+    def _load_died(self) -> dict[str, dict[str, Any]]:
+        """Enclaves the previous agent on this state folder ran: they died with it (PDEATHSIG). Each
+        with its newest checkpoint here, if any, and the command that restores it."""
+        try:
+            roster = json.loads(self.roster_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): enclaves of an earlier run are not listed", self.roster_path, e)
+            return {}
+        died = {}
+        for name, entry in roster.items() if isinstance(roster, dict) else ():
+            ckpts = sorted((self.state_dir / "checkpoints").glob(f"{name}.v*.ckpt"), key=_ckpt_version)
+            info = {**entry, "checkpoint": str(ckpts[-1]) if ckpts else None}
+            info["restore"] = (f"constmig restore {ckpts[-1]} --agent {self.listen} --name {name}" if ckpts else None)
+            died[name] = info
+            log.warning("enclave %s died with the previous agent on %s; %s", name, self.state_dir,
+                        f"restore it with: {info['restore']}" if ckpts else "it has no checkpoint here")
+        self.roster_path.unlink(missing_ok=True)
+        return died
+
+    def _save_roster(self) -> None:
+        """Write what runs here when it changed (each request may start, stop or move one)."""
+        roster = {name: {"app": h.handle.spec.app, "heap_bytes": h.handle.spec.heap, "status": h.status.value}
+                  for name, h in self.enclaves.items() if h.status not in (S.EXITED, S.ABORTED)}
+        if roster != self._roster:
+            try:
+                tmp = self.roster_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(roster))
+                os.replace(tmp, self.roster_path)
+                self._roster = roster
+            except OSError as e:
+                log.warning("cannot record the enclaves here in %s: %s", self.roster_path, e)
+        for name in roster:
+            self.died.pop(name, None)  # a new enclave of that name runs here now
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -171,6 +218,7 @@ class Agent:
                         log.warning("migration of %s failed: %s", req.get("name"), e)
                     reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
                                                                if isinstance(e, SessionUnknown) else {})}
+                self._save_roster()
                 await write_frame(writer, reply)
         except ProtocolError as e:
             log.warning("dropping connection: %s", e)
@@ -224,7 +272,7 @@ class Agent:
                     info.update(await hosted.handle.call({"op": "status"}))
             out[name] = info
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
-                "migrations": self.history[-20:]}
+                "migrations": self.history[-20:], "died": dict(self.died)}
 
     async def _clear_tombstone(self, name: str) -> None:
         """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
@@ -353,7 +401,8 @@ class Agent:
         reason = hosted.handle.pager_status().get("reason", "the stream stopped")
         return (f"enclave {hosted.handle.spec.name!r} is waiting for heap data its incoming migration could not "
                 f"deliver ({reason}); the call is held inside the enclave until the migration recovers, so its outcome "
-                "is unknown; the source still holds the missing data")
+                "is unknown; the source agent holds the missing data while it runs (if it died, that data is lost: "
+                "docs/reliability.md)")
 
     async def op_stop(self, req: dict[str, Any], writer: Any) -> Any:
         name = str(req.get("name"))
