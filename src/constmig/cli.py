@@ -578,7 +578,6 @@ def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, wor
 
     from constmig.bench.suite import make_config, run_suite
 
-    check_output_path(out, "--out", folder=True)
     cfg = make_config(out, sizes=sizes, workloads=workloads, sweep=sweep, workload_size=workload_size,
                       variants=variants, repeat=repeat, quick=quick, overhead=not no_overhead)
     ctx = click.get_current_context()

@@ -337,3 +337,25 @@ def test_client_pinned_to_other_code_refuses(tmp_path) -> None:
             c.call("get", "client-1")
         c.close()
 
+
+
+def test_a_restored_enclave_does_not_know_old_sessions(cluster) -> None:
+    """A checkpoint holds no session keys: after a restore the client hears, in one line, that its call's
+    outcome is unknown, and its next call opens a new session (never re-sealing the old request)."""
+    from constmig.errors import CallFailed
+
+    a, _ = cluster.addrs
+    launch(a, heap=16 << 20)
+    c = EnclaveClient(a, "kv", timeout=30)
+    try:
+        c.call("put", "k", "v1")
+        old = c.session_id
+        path = request(a, {"op": "checkpoint", "name": "kv"})["path"]
+        request(a, {"op": "stop", "name": "kv"})
+        request(a, {"op": "restore", "path": path, "name": "kv"})
+        with pytest.raises(CallFailed, match="does not know this session .*may or may not have run"):
+            c.call("put", "k", "v2")
+        assert c.call("get", "k") == b"v1"  # a new session; the refused put never ran
+        assert c.session_id not in (None, old)
+    finally:
+        c.close()
