@@ -63,7 +63,7 @@ def test_up_status_run_down(tmp_path):
         # The command runs in the root namespace and reaches the agents with the constmig CLI itself.
         script = ("import os, subprocess, sys; "
                   "a = os.environ['CONSTMIG_HOST_A']; assert os.environ['CONSTMIG_TESTBED_HOSTS'].startswith(a); "
-                  "sys.exit(subprocess.run([sys.executable, '-m', 'constmig', 'status', '--agent', a]).returncode)")
+                  "sys.exit(subprocess.run([sys.executable, '-m', 'constmig', 'status', '--json', '--agent', a]).returncode)")
         p = cm("testbed", "run", "--name", name, "--state-dir", sd, "--", sys.executable, "-c", script)
         assert p.returncode == 0, p.stderr
         assert '"host_id": "a"' in p.stdout
