@@ -261,3 +261,24 @@ def test_malformed_messages_are_protocol_errors(world: World, blob: bytes) -> No
     _, end = open_session(world)
     with pytest.raises(ProtocolError):
         end.receive(blob)
+
+
+def test_an_app_bug_is_answered_sealed_and_never_run_again(world: World) -> None:
+    """The enclave's table: a call that raised (an app bug, after changing state, perhaps) is answered as
+    an internal error and counts as run; the same record again gets that answer, not a second run."""
+    from constmig.enclave.sessions import SessionTable
+
+    table = SessionTable(world.a, APP)
+    hs = ClientOpen()
+    client = hs.finish(table.open(hs.hello), world.verify, lambda vq: None)
+    runs = []
+
+    def buggy(method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        runs.append(method)
+        raise ZeroDivisionError("division by zero")
+
+    record = client.seal_call("oops", [], {})
+    first = table.call(record, buggy)
+    assert table.call(record, buggy) == first and runs == ["oops"]
+    answer = client.open_answer(first)
+    assert not answer.ok and answer.kind == "InternalError" and "ZeroDivisionError" in answer.error

@@ -11,12 +11,14 @@ there for good and continues on the destination.
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import ConstmigError, EnclaveError, SessionUnknown
+from constmig.errors import ConstmigError, SessionUnknown
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.wire.session import (
     Answer,
@@ -74,10 +76,12 @@ class SessionTable:
             assert isinstance(req, Call)
             try:
                 answer = Answer(True, platform, run(req.method, req.args, req.kwargs))
-            except EnclaveError as e:  # the app's own refusal: the client's business, so sealed
+            except ConstmigError as e:  # the app's own refusal: the client's business, so sealed
                 answer = Answer(False, platform, error=str(e), kind=type(e).__name__)
-            except ConstmigError as e:
-                answer = Answer(False, platform, error=str(e), kind=type(e).__name__)
+            except Exception as e:  # an app bug: it ran (partly, perhaps), so it is answered, never run again
+                traceback.print_exc(file=sys.stderr)
+                answer = Answer(False, platform, error=f"internal error in enclave: {type(e).__name__}: {e}",
+                                kind="InternalError")
         return end.answer(record, answer)
 
     # --- migration -----------------------------------------------------------------------------------
