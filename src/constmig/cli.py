@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
-from constmig.units import parse_duration, parse_size
+from constmig.units import check_writable, parse_duration, parse_size
 
 STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
 DEFAULT_STRATEGY = "hybrid"  # flat downtime and the shortest waits on most workloads: see README.md
@@ -82,22 +81,8 @@ def write_json(obj: Any, path: str | None) -> None:
     if path == "-":
         click.echo(text)
     else:
-        check_output_path(path, "--json")
+        check_writable(path, "--json")
         Path(path).write_text(text + "\n")
-
-
-def check_output_path(path: str | Path | None, flag: str, folder: bool = False) -> None:
-    """Fail at once, in one line, if an output cannot be written: before a migration, not after it."""
-    if path is None or str(path) == "-":
-        return
-    target = Path(path)
-    where = target if folder else target.parent
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        if not os.access(where, os.W_OK) or (target.exists() and not folder and target.is_dir()):
-            raise PermissionError(13, "not writable" if not target.is_dir() else "is a folder")
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 @click.group(cls=Main)
@@ -459,7 +444,7 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
     from constmig.host.orchestrate import migrate_with_progress, resume
 
     parse_addr(src)
-    check_output_path(json_path, "--json")
+    check_writable(json_path, "--json")
     if resume_paused:
         if dst is not None or verify:
             raise ConfigError("--resume continues the paused migration to where it was going; drop --to and --verify")
@@ -503,8 +488,8 @@ def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_pat
     """Two agents on this machine, one enclave, one migration, checked end to end."""
     from constmig.bench.demo import run_demo
 
-    check_output_path(json_path, "--json")
-    check_output_path(out, "--out", folder=True)
+    check_writable(json_path, "--json")
+    check_writable(out, "--out", folder=True)
     figures = run_demo(strategy=strategy, tracker=tracker, heap=heap, app=app, fill=fill, quiet=json_path == "-",
                        out=out)
     write_json(figures, json_path)
@@ -531,7 +516,7 @@ def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, 
     size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
     if not size_list:
         raise ConfigError("--sizes needs at least one size")
-    check_output_path(out, "--out", folder=True)
+    check_writable(out, "--out", folder=True)
     run_sizes(list(strategies), size_list, repeat, app, out)
 
 
@@ -546,8 +531,8 @@ def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> No
     """What a sealed client session costs: calls/s and p99 of kvstore get, sealed vs plain, same run."""
     from constmig.bench.calls import run_calls
 
-    check_output_path(out, "--out", folder=True)
-    check_output_path(json_path, "--json")
+    check_writable(out, "--out", folder=True)
+    check_writable(json_path, "--json")
     doc = run_calls(rounds, calls, out, quiet=json_path == "-")
     write_json(doc, json_path)
     if json_path != "-":
@@ -609,7 +594,7 @@ def bench_load(clients: int, rate: float, duration: float, heap: int, variants: 
     """A client fleet at a fixed rate through a migration: lost, failed, retried calls and p99 per phase."""
     from constmig.bench.load import run_load
 
-    check_output_path(out, "--out", folder=True)
+    check_writable(out, "--out", folder=True)
     doc = run_load(out, list(variants) or None, clients=clients, rate=rate, duration=duration, heap=heap,
                    write_ratio=write_ratio, testbed=testbed)
     bad = [r["variant"] for r in doc["runs"] if not r["ok"]]
@@ -631,7 +616,7 @@ def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ..
     """Many migrations back and forth under load: state checked every time, agents checked for leaks."""
     from constmig.bench.soak import run_soak
 
-    check_output_path(out, "--out", folder=True)
+    check_writable(out, "--out", folder=True)
     doc = run_soak(out, migrations or (6 if quick else 50), heap or ((64 if quick else 1024) << 20),
                    variants=list(variants) or None)
     if not doc["ok"]:

@@ -1,7 +1,10 @@
 """Human sizes (512M, 1G, 64K) to bytes and back, and bounded waits."""
 
+import errno
 import math
+import os
 import re
+from pathlib import Path
 
 from constmig.errors import ConfigError
 
@@ -40,6 +43,24 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise ConfigError("cannot read MemAvailable from /proc/meminfo")
+
+
+def check_writable(path: str | Path | None, flag: str, folder: bool = False) -> None:
+    """Fail at once, in one line, if an output (`folder`, or a file's folder) cannot be written: before
+    the work that makes it, not after. `-` (stdout) and None pass."""
+    if path is None or str(path) == "-":
+        return
+    target = Path(path)
+    where = target if folder else target.parent
+    try:
+        if not folder and target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder")
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {flag} {path}: {e.strerror or e}") from None
 
 
 def resident_bytes(pid: int) -> int:

@@ -46,10 +46,10 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
       "--max-downtime", "soon"], "--max-downtime"),
     # outputs are checked before any work starts (issue 17), not after a migration finished
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--json", "/proc/nope/x.json"],
-     "--json /proc/nope/x.json: cannot write there"),
-    (["demo", "--out", "/proc/nope"], "--out /proc/nope: cannot write there"),
-    (["demo", "--json", "/proc/nope/f.json"], "--json /proc/nope/f.json: cannot write there"),
-    (["bench", "calls", "--out", "/proc/nope"], "--out /proc/nope: cannot write there"),
+     "cannot write to --json /proc/nope/x.json: No such file"),
+    (["demo", "--out", "/proc/nope"], "cannot write to --out /proc/nope: No such file"),
+    (["demo", "--json", "/proc/nope/f.json"], "cannot write to --json /proc/nope/f.json: No such file"),
+    (["bench", "calls", "--out", "/proc/nope"], "cannot write to --out /proc/nope: No such file"),
     (["migrate", "kv", "--from", "127.0.0.1:7001", "--to", "127.0.0.1:7001"], "--from and --to are the same agent"),
     (["run", "kvstore", "--name", ""], "--name must not be empty"),
 ])

@@ -42,7 +42,7 @@ from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration import strategies
 from constmig.progress import console
-from constmig.units import available_memory, format_size, parse_size
+from constmig.units import available_memory, check_writable, format_size, parse_size
 
 VARIANTS = tuple(strategies.variants(auto=False))  # stopcopy, constmig-*, precopy, hybrid-*
 MIN_HEAP = 16 << 20
@@ -161,18 +161,8 @@ def make_config(out: str | None, *, sizes: str | None = None, workloads: str | N
     if need > avail:
         raise ConfigError(f"a {format_size(biggest)} heap needs about {format_size(need)} of memory here "
                           f"(source, destination and a checking twin); {format_size(avail)} is available")
-    _check_writable(cfg.out)
+    check_writable(cfg.out, "--out", folder=True)
     return cfg
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
 # -- one migration ------------------------------------------------------------------------------------
