@@ -41,7 +41,7 @@ from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
-from constmig.units import format_size
+from constmig.units import format_size, resident_bytes
 
 NAME = "soak"
 VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")
@@ -107,14 +107,6 @@ def _count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 @dataclass
 class AgentProbe:
     """One agent to watch: its pid (for /proc) and its state folder."""
@@ -129,7 +121,7 @@ class AgentProbe:
         ckpt = self.state_dir / "checkpoints"
         direct = [p for p in live if table[p][0] == self.pid]
         return {"procs": len(live), "children": len(direct), "zombies": len(zombies), "fds": len(os.listdir(f"/proc/{self.pid}/fd")),
-                "maps": _count_lines(f"/proc/{self.pid}/maps"), "rss_kb": _rss_kb(self.pid),
+                "maps": _count_lines(f"/proc/{self.pid}/maps"), "rss_kb": resident_bytes(self.pid) // 1024,
                 "run_files": sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else [],
                 "checkpoints": sum(1 for p in ckpt.rglob("*") if p.is_file()) if ckpt.exists() else 0}
 
