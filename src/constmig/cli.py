@@ -426,6 +426,11 @@ def stop(name: str, addr: str, force: bool) -> None:
 @click.option("--rounds", "max_rounds", type=click.IntRange(1, 100), default=None,
               help="precopy, hybrid: at most this many rounds while the app runs (default: precopy 8, "
               "hybrid 1).")
+@click.option("--write-tracking", type=click.Choice(["auto", "kernel", "enclave"]), default="auto",
+              show_default=True,
+              help="precopy, hybrid: who reports the app's writes during the rounds: the kernel (userfaultfd "
+              "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the kernel with the "
+              "Fault Tracker, the enclave with the Access Tracker (docs/architecture.md).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
@@ -437,8 +442,8 @@ def stop(name: str, addr: str, force: bool) -> None:
               help="Resume this enclave's migration out of --from that paused after its handoff.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
-            max_downtime: float | None, max_rounds: int | None, timeout: float, verify: bool, resume_deadline: float,
-            resume_paused: bool, json_path: str | None) -> None:
+            max_downtime: float | None, max_rounds: int | None, write_tracking: str, timeout: float, verify: bool,
+            resume_deadline: float, resume_paused: bool, json_path: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration)."""
     from constmig.host.address import parse_addr
     from constmig.host.orchestrate import migrate_with_progress, resume
@@ -459,10 +464,13 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
             raise ConfigError(f"--from and --to are the same agent ({src}); migrate to another one")
         if tracker != "auto" and not strategies.get(strategy).needs_tracker:
             click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
-        if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None):
-            raise ConfigError("--max-downtime and --rounds steer the rounds before the stop; use them with "
-                              f"--strategy {' or '.join(strategies.ROUNDS)}")
-        rounds = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds)) if v is not None}
+        if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None or
+                                                   write_tracking != "auto"):
+            raise ConfigError("--max-downtime, --rounds and --write-tracking steer the rounds before the stop; use "
+                              f"them with --strategy {' or '.join(strategies.ROUNDS)}")
+        rounds = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds),
+                                    ("write_tracking", None if write_tracking == "auto" else write_tracking))
+                  if v is not None}
         figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-",
                                         tracker=tracker, max_bandwidth=max_bandwidth,
                                         resume_deadline=resume_deadline, **rounds)
@@ -541,6 +549,30 @@ def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> No
                    f"{doc['plain']['calls_per_s_median']:.0f} calls/s: sealed/plain {r['median']:.2f} "
                    f"[{r['min']:.2f}, {r['max']:.2f}]; p99 {doc['sealed']['latency_us_p99']:.0f} vs "
                    f"{doc['plain']['latency_us_p99']:.0f} µs ({out / 'calls.json'})")
+
+
+@bench.command("writes")
+@click.option("--heap", type=Size(), default="1G", show_default=True, help="Heap size (whole MiB).")
+@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Repeats per mechanism.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def bench_writes(heap: int, repeat: int, json_path: str | None) -> None:
+    """What write tracking for pre-copy costs: the kernel's and the enclave's own, same run."""
+    from constmig.bench.writes import CHUNK, run_writes
+
+    if heap < CHUNK or heap % CHUNK:
+        raise ConfigError(f"--heap must be a whole number of MiB, not {heap} bytes")
+    check_writable(json_path, "--json")
+    doc = run_writes(heap, repeat, quiet=json_path == "-")
+    write_json(doc, json_path)
+    if json_path != "-":
+        for mech in ("kernel", "enclave"):
+            if mech in doc:
+                f = doc[mech]
+                click.echo(f"{mech:8} arm {f['arm_ms']['median']:.1f} ms, first write {f['first_write_per_chunk_us']['median']:.1f}"
+                           f" µs/chunk, every page {f['every_page_once_ms']['median']:.1f} ms, scan "
+                           f"{f['scan_all_written_ms']['median']:.1f} ms, close {f['close_ms']['median']:.1f} ms")
+            else:
+                click.echo(f"{mech:8} skipped: {doc['skipped'][mech]}")
 
 
 @bench.command("suite")

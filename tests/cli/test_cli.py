@@ -42,6 +42,10 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
       "--max-downtime", "50ms"], "use them with --strategy precopy or hybrid"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy", "--rounds", "0"],
      "--rounds"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "constmig",
+      "--write-tracking", "enclave"], "use them with --strategy precopy or hybrid"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--write-tracking", "magic"],
+     "--write-tracking"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy",
       "--max-downtime", "soon"], "--max-downtime"),
     # outputs are checked before any work starts (issue 17), not after a migration finished

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import checksum, launch
 from constmig.bench.loadgen import KVHammer
-from constmig.enclave.dirty import preflight
+from constmig.enclave.dirty import enclave_problem, kernel_problem, preflight
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
 
@@ -18,7 +18,11 @@ _WP = preflight()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_WP is not None, reason=f"write tracking unavailable: {_WP}")]
 
 
-def test_precopy_keeps_every_write_made_during_the_rounds(cluster) -> None:
+@pytest.mark.parametrize("write_tracking", [
+    pytest.param("kernel", marks=pytest.mark.skipif(kernel_problem() is not None, reason=f"{kernel_problem()}")),
+    pytest.param("enclave", marks=pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}"))])
+def test_precopy_keeps_every_write_made_during_the_rounds(cluster, write_tracking) -> None:
+    """Either mechanism (the kernel's write-protect, the enclave's own write-fault handler)."""
     a, b = cluster.addrs
     launch(a, heap=256 << 20)
     # A few hot keys: the writes dirty a few chunks again and again, so the rounds shrink.
@@ -27,10 +31,12 @@ def test_precopy_keeps_every_write_made_during_the_rounds(cluster) -> None:
     hammer.start()
     try:
         # Paced so the rounds take a while and the hammer's writes land in chunks already sent.
-        figures = migrate("kv", a, b, "precopy", timeout=60, max_bandwidth=32 << 20, max_downtime=0.005)
+        figures = migrate("kv", a, b, "precopy", timeout=60, max_bandwidth=32 << 20, max_downtime=0.005,
+                          write_tracking=write_tracking)
     finally:
         report = hammer.stop()
     assert figures["strategy"] == "precopy" and figures["rounds"] >= 2, figures
+    assert figures["write_tracking"] == write_tracking
     assert figures["round_chunks"][0] == figures["chunks"]  # round 1 sends every allocated chunk
     assert figures["round_chunks"][-1] < figures["round_chunks"][0]  # later rounds only what was written
     assert report.calls > 0 and report.wrong == 0, report.errors[:3]
@@ -90,6 +96,9 @@ def test_hybrid_keeps_every_write_and_misses_only_what_was_written(cluster, trac
     finally:
         report = hammer.stop()
     assert figures["strategy"] == "hybrid" and figures["rounds"] == 1 and figures["tracker"] == tracker, figures
+    # one write tracker per post-copy tracker: the kernel's beside the Fault Tracker, the enclave's own beside
+    # the Access Tracker (which needs nothing from the kernel)
+    assert figures["write_tracking"] == {"fault": "kernel", "access": "enclave"}[tracker]
     assert 0 < figures["missing_at_switch"] < figures["chunks"] // 2, figures  # the round's writes, not the heap
     assert report.calls > 0 and report.wrong == 0, report.errors[:3]
     assert hammer.verify() == 0

@@ -1,6 +1,16 @@
 """Write tracking inside the enclave, for pre-copy: which heap chunks the app wrote since they were sent.
 
-The kernel mechanism (FACTS.md): the heap is registered with a userfaultfd in write-protect mode with
+Two mechanisms with one interface (`arm`, `scan`, `close`), one per tracker (`write_tracker` picks):
+
+The enclave's own (`EnclaveWriteTracker`, the Access Tracker's, and anywhere the kernel lacks the
+other): the enclave makes its heap read-only, and its own SIGSEGV handler (_wtrack.c) records the first
+write to a chunk and opens the chunk again; a scan takes the marks and makes those chunks read-only
+again before they are read. This is what an SGX2 enclave does with EMODPR + EACCEPT and its own #PF
+handler. It needs nothing from the kernel but mprotect, and it sees every write, whatever code makes
+it: numpy, `np.asarray(a)[i] = x`, ctypes, a memoryview. A write by the kernel itself into a read-only
+chunk (a `recv_into` the heap) fails with EFAULT instead: loud, never lost.
+
+The kernel's (`KernelWriteTracker`, FACTS.md): the heap is registered with a userfaultfd in write-protect mode with
 WP_ASYNC, so the first write to a protected page costs about a microsecond inside the kernel (no fault
 reaches anyone) and marks the page written; one PAGEMAP_SCAN ioctl on /proc/self/pagemap lists the
 written pages and, with PM_SCAN_WP_MATCHING, protects them again in the same walk. So a round is: scan
@@ -22,7 +32,7 @@ import os
 
 import numpy as np
 
-from constmig.enclave.heap import Heap
+from constmig.enclave.heap import Heap, chunk_runs
 from constmig.errors import UffdError
 from constmig.migration.uffd import (
     PAGE_IS_WRITTEN,
@@ -38,11 +48,24 @@ from constmig.migration.uffd import (
     pm_scan_arg,
 )
 
+try:
+    from constmig.enclave import _wtrack
+except ImportError as e:  # built by `pip install` (setup.py); absent where no C compiler was at hand
+    _wtrack = None
+    _NOT_BUILT = f"the enclave's write-fault handler was not built at install ({e})"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mprotect = _libc.mprotect
+_mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mprotect.restype = ctypes.c_int
+
 REGIONS = 4096  # page runs one scan call can report; a longer list continues from where it stopped
 
 
-class WriteTracker:
+class KernelWriteTracker:
     """Tracks the writes to one heap from `arm()` on; `scan()` names the chunks written since the last scan."""
+
+    mechanism = "kernel"
 
     def __init__(self, heap: Heap) -> None:
         self.heap = heap
@@ -63,16 +86,18 @@ class WriteTracker:
             self.close()
             raise UffdError(f"write tracking is unavailable: {e}") from None
 
-    def scan(self) -> np.ndarray:
-        """Sorted unique chunk indices with a page written since the last scan (or arm); re-arms them."""
+    def scan(self, rearm: bool = True) -> np.ndarray:
+        """Sorted unique chunk indices with a page written since the last scan (or arm); re-arms them
+        (unless `rearm` is false: the last scan, at the stop, when the app writes no more)."""
         if self._pagemap is None:
             raise UffdError("write tracker is not armed")
+        flags = PM_SCAN_CHECK_WPASYNC | (PM_SCAN_WP_MATCHING if rearm else 0)
         base, end = self.heap.address, self.heap.address + self.heap.size
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
         at = base
         while at < end:
-            arg = pm_scan_arg(ctypes.sizeof(pm_scan_arg), PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, at, end, 0,
+            arg = pm_scan_arg(ctypes.sizeof(pm_scan_arg), flags, at, end, 0,
                               ctypes.addressof(self._vec), REGIONS, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN)
             n = _ioctl(self._pagemap, PAGEMAP_SCAN, ctypes.byref(arg))
             if n < 0:
@@ -107,11 +132,96 @@ class WriteTracker:
             self._pagemap = None
 
 
+class EnclaveWriteTracker:
+    """The enclave's own write-fault handler over one heap (see the module's docstring)."""
+
+    mechanism = "enclave"
+
+    def __init__(self, heap: Heap) -> None:
+        self.heap = heap
+        self._marks = np.zeros(heap.size // heap.chunk_size, dtype=np.uint8)  # the handler's, while armed
+        self._taken = np.zeros_like(self._marks)
+        self._armed = False
+
+    def arm(self) -> None:
+        """Register the heap with the handler, then make all of it read-only (tens of ms per GiB)."""
+        if _wtrack is None:
+            raise UffdError(f"write tracking is unavailable: {_NOT_BUILT}")
+        heap = self.heap
+        self._marks[:] = 0
+        _wtrack.arm(heap.address, heap.size, heap.chunk_size, self._marks.ctypes.data, self._marks.size)
+        self._armed = True
+        try:
+            _protect(heap.address, heap.size, mmap.PROT_READ)
+        except UffdError:
+            self.close()
+            raise
+
+    def scan(self, rearm: bool = True) -> np.ndarray:
+        """Sorted chunk indices written since the last scan (or arm), made read-only again before the caller
+        reads them: a write after this is marked for the next scan, a write before it is in what is read.
+        The last scan, at the stop, need not re-arm (`rearm=False`): mprotect there would be downtime."""
+        if not self._armed:
+            raise UffdError("write tracker is not armed")
+        _wtrack.take(self.heap.address, self._taken.ctypes.data)
+        chunks = np.flatnonzero(self._taken).astype(np.int64)
+        for a, b in chunk_runs(chunks) if rearm else ():
+            _protect(self.heap.address + a * self.heap.chunk_size, (b - a) * self.heap.chunk_size, mmap.PROT_READ)
+        return chunks
+
+    @property
+    def faults(self) -> int:
+        """First writes the handler caught since `arm` (one per chunk and round)."""
+        return 0 if _wtrack is None else int(_wtrack.faults(self.heap.address))
+
+    def close(self) -> None:
+        """Stop tracking: the heap is writable again; a write already faulting is let through."""
+        if not self._armed:
+            return
+        self._armed = False
+        _wtrack.opening(self.heap.address)
+        if not self.heap.closed:
+            _protect(self.heap.address, self.heap.size, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+WriteTracker = KernelWriteTracker | EnclaveWriteTracker
+MECHANISMS = ("auto", "kernel", "enclave")
+
+
+def write_tracker(heap: Heap, mechanism: str = "auto", tracker: str = "none") -> WriteTracker:
+    """The write tracker a migration uses: one mechanism per post-copy tracker (the Fault Tracker's
+    kernel, the Access Tracker's own handler); with no tracker, the kernel's where it works here."""
+    if mechanism not in MECHANISMS:
+        raise UffdError(f"unknown write tracking {mechanism!r}; known: {', '.join(MECHANISMS)}")
+    if mechanism == "auto":
+        mechanism = {"fault": "kernel", "access": "enclave"}.get(tracker) or \
+            ("kernel" if kernel_problem() is None else "enclave")
+    return KernelWriteTracker(heap) if mechanism == "kernel" else EnclaveWriteTracker(heap)
+
+
+def enclave_problem() -> str | None:
+    """None if the enclave's own write-fault handler works in this process, else one line why."""
+    return _probe(EnclaveWriteTracker)
+
+
+def kernel_problem() -> str | None:
+    """None if this process can track writes with the kernel (uffd WP_ASYNC and PAGEMAP_SCAN), else why."""
+    return _probe(KernelWriteTracker)
+
+
 def preflight() -> str | None:
-    """None if this process can track writes (uffd WP_ASYNC and PAGEMAP_SCAN), else one line why."""
+    """None if pre-copy can track writes here by some mechanism, else one line naming why neither works."""
+    kernel = kernel_problem()
+    if kernel is None:
+        return None
+    enclave = enclave_problem()
+    return None if enclave is None else f"{kernel}; and {enclave}"
+
+
+def _probe(kind: type[KernelWriteTracker] | type[EnclaveWriteTracker]) -> str | None:
     mm = mmap.mmap(-1, 4 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     heap = _ProbeHeap(mm)
-    tracker = WriteTracker(heap)  # type: ignore[arg-type]
+    tracker = kind(heap)  # type: ignore[arg-type]
     try:
         tracker.arm()
         mm[mmap.PAGESIZE * 2] = 1
@@ -124,11 +234,15 @@ def preflight() -> str | None:
         return str(e)
     finally:
         tracker.close()
+        if _wtrack is not None:
+            _wtrack.forget(heap.address)  # as Heap.close does before unmapping
         mm.close()
 
 
 class _ProbeHeap:
     """Just enough of a Heap for the preflight: one chunk over a small mapping."""
+
+    closed = False
 
     def __init__(self, mm: mmap.mmap) -> None:
         anchor = ctypes.c_char.from_buffer(mm)
@@ -136,3 +250,8 @@ class _ProbeHeap:
         del anchor  # release the buffer export so the mapping can close
         self.size = len(mm)
         self.chunk_size = len(mm)
+
+
+def _protect(address: int, size: int, prot: int) -> None:
+    if _mprotect(address, size, prot) != 0:
+        raise UffdError(f"mprotect of the heap failed: {os.strerror(ctypes.get_errno())}")

@@ -22,6 +22,11 @@ import numpy as np
 from constmig.errors import HeapError
 from constmig.units import available_memory, format_size
 
+try:  # the enclave's write-fault handler (enclave/dirty.py), told when a heap it may track goes away
+    from constmig.enclave import _wtrack
+except ImportError:
+    _wtrack = None
+
 PAGE_SIZE = mmap.PAGESIZE
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 4 << 20
@@ -391,6 +396,8 @@ class Heap:
         if self.closed or self._mm is None:
             return
         self.closed = True
+        if _wtrack is not None:
+            _wtrack.forget(self.address)
         mm, self._mm = self._mm, None
         with contextlib.suppress(BufferError):  # something still uses the view; the mapping outlives us
             self._mv.release()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from constmig.enclave.dirty import MECHANISMS
 from constmig.errors import (
     AgentError,
     ChannelClosed,
@@ -543,6 +544,8 @@ class Agent:
         tracker = str(req.get("tracker", "auto"))
         if tracker not in TRACKERS:
             raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
+        if req.get("write_tracking", "auto") not in MECHANISMS:
+            raise AgentError(f"unknown write tracking {req.get('write_tracking')!r}; known: {', '.join(MECHANISMS)}")
         timeout = _seconds(req.get("timeout", 120.0), "timeout")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         spec = hosted.handle.spec
@@ -583,8 +586,11 @@ class Agent:
             hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
                                                "max_bandwidth": float(req.get("max_bandwidth") or 0),
-                                               # the pre-copy rounds of precopy and hybrid (the enclave checks them)
-                                               **{k: req[k] for k in ("max_downtime", "max_rounds") if k in req}},
+                                               # the pre-copy rounds of precopy and hybrid (the enclave checks them),
+                                               # and their write tracking: by default the destination tracker's
+                                               "tracker": prep.get("tracker", "none"),
+                                               **{k: req[k] for k in ("max_downtime", "max_rounds", "write_tracking")
+                                                  if k in req}},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
             state = e.state if isinstance(e, EnclaveError) else None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from constmig.enclave.dirty import WriteTracker
+from constmig.enclave.dirty import WriteTracker, write_tracker
 from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import messages as m
@@ -55,7 +55,8 @@ class Rounds(Before):
     def settle(self, ledger: ChunkLedger) -> np.ndarray:
         """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
         `ledger` with their tags; the rest of the ledger is missing."""
-        stale = np.union1d(self.pending, self.tracker.scan())  # tracking ends after COMMIT (see source.run)
+        # the app writes no more: nothing to re-arm; tracking ends after COMMIT (see source.run)
+        stale = np.union1d(self.pending, self.tracker.scan(rearm=False))
         keep = self.sent.received & ledger.expected_mask
         keep[stale] = False
         held = np.flatnonzero(keep).astype(np.int64)
@@ -81,7 +82,8 @@ class RoundsMixin:
         if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 1 <= max_rounds <= 100:
             raise MigrationError(f"max_rounds must be an integer from 1 to 100, not {max_rounds!r}")
         pace = float(req.get("max_bandwidth") or 0)
-        tracker = WriteTracker(heap)
+        # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one
+        tracker = write_tracker(heap, str(req.get("write_tracking") or "auto"), str(req.get("tracker") or "none"))
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
         assert link.chan.migration_id is not None
@@ -110,6 +112,7 @@ class RoundsMixin:
             if stale.size:  # the destination lets go of them now, while the app runs, not at the stop
                 _round_trip(link, len(chunks_per_round) + 1, 0, stale)
             rounds.figures = {"rounds": len(chunks_per_round), "round_chunks": chunks_per_round,
+                              "write_tracking": tracker.mechanism,
                               "precopy_s": round(time.monotonic() - t0, 4),
                               "dirty_rate": round(dirty.size / elapsed, 1), "precopy_rate_gbps": round(rate / 1e9, 3)}
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
