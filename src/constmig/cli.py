@@ -410,6 +410,57 @@ def stop(name: str, addr: str, force: bool) -> None:
     click.echo(_show(request(addr, {"op": "stop", "name": name, "force": force}, timeout=ADMIN_TIMEOUT_S)))
 
 
+def _cancel_migration(name: str, src: str) -> None:
+    from constmig.host.client import request
+
+    done = request(src, {"op": "cancel", "name": name}, timeout=ADMIN_TIMEOUT_S)
+    click.echo(f"cancelled the migration of {name} before its commit point: it keeps running on {done['on']}")
+
+
+def _interruptible(name: str, src: str, work: Any) -> Any:
+    """Run the migration request in a thread, so Ctrl-C can ask whether to cancel it (a migration the
+    CLI simply walked away from would go on unseen)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the main thread below)
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True, name="migrate")
+    th.start()
+    while th.is_alive():
+        try:
+            th.join(0.2)
+        except KeyboardInterrupt:
+            _ask_cancel(name, src)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _ask_cancel(name: str, src: str) -> None:
+    if sys.stdin.isatty():
+        try:
+            yes = click.confirm(f"\ncancel the migration of {name}? Before its commit point it stays on {src}",
+                                default=False, err=True)
+        except (KeyboardInterrupt, click.Abort):
+            yes = True  # Ctrl-C again: yes
+    else:
+        yes = True  # nobody to ask
+        click.echo("interrupted: cancelling the migration", err=True)
+    if not yes:
+        click.echo("the migration goes on", err=True)
+        return
+    try:
+        _cancel_migration(name, src)
+    except ConstmigError as e:
+        click.echo(f"not cancelled: {e}", err=True)
+
+
 @main.command()
 @click.argument("name")
 @click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
@@ -440,16 +491,25 @@ def stop(name: str, addr: str, force: bool) -> None:
               "once; the source keeps its state either way).")
 @click.option("--resume", "resume_paused", is_flag=True,
               help="Resume this enclave's migration out of --from that paused after its handoff.")
+@click.option("--cancel", "cancel", is_flag=True,
+              help="Cancel this enclave's migration out of --from if it has not reached its commit point (it "
+              "keeps running there); past that point it cannot be undone. Ctrl-C during a migration asks.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
             max_downtime: float | None, max_rounds: int | None, write_tracking: str, timeout: float, verify: bool,
-            resume_deadline: float, resume_paused: bool, json_path: str | None) -> None:
-    """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration)."""
+            resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None) -> None:
+    """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration; with
+    --cancel, stop one before its commit point)."""
     from constmig.host.address import parse_addr
     from constmig.host.orchestrate import migrate_with_progress, resume
 
     parse_addr(src)
     check_writable(json_path, "--json")
+    if cancel:
+        if dst is not None or resume_paused:
+            raise ConfigError("--cancel stops the migration of NAME out of --from; drop --to and --resume")
+        _cancel_migration(name, src)
+        return
     if resume_paused:
         if dst is not None or verify:
             raise ConfigError("--resume continues the paused migration to where it was going; drop --to and --verify")
@@ -471,9 +531,9 @@ def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, m
         rounds = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds),
                                     ("write_tracking", None if write_tracking == "auto" else write_tracking))
                   if v is not None}
-        figures = migrate_with_progress(name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-",
-                                        tracker=tracker, max_bandwidth=max_bandwidth,
-                                        resume_deadline=resume_deadline, **rounds)
+        figures = _interruptible(name, src, lambda: migrate_with_progress(
+            name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-", tracker=tracker,
+            max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **rounds))
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures

@@ -104,6 +104,11 @@ class MigrationError(ConstmigError):
     """A migration failed; the message says which side still runs the enclave."""
 
 
+class MigrationCancelled(MigrationError):
+    """The operator cancelled a migration before its commit point (or the command that started it went
+    away): the source runs on with all its data."""
+
+
 class AgentError(ConstmigError):
     """An agent could not be reached or refused a request."""
 

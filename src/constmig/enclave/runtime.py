@@ -11,6 +11,7 @@ migration stops the app by taking that lock: the stop lands between two ECALLs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from constmig.errors import (
     EnclaveError,
     EnclaveNotRunning,
     HeapIncomplete,
+    MigrationCancelled,
     MigrationError,
     ProtocolError,
 )
@@ -84,6 +86,13 @@ class Enclave:
     # ECALL boundary), and an ECALL after it finds the enclave stopped. Status and the migration's
     # handshake do not take it.
     app_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A migration out may be cancelled until its commit point, and not after: the two are decided under
+    # one lock (cancel_out, hand_off), so a cancel either wins or is told it came too late.
+    cancel_lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: str | None = None
+    migration_socks: list[socket.socket] = field(default_factory=list)
+    migration_token: str = ""  # the agent's name for the migration out in progress
+    pending_cancel: tuple[str, str] | None = None  # (token, reason): a cancel that came before its migration
 
     def start_access_tracking(self, expected: Any, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
@@ -159,8 +168,51 @@ class Enclave:
         if self.life.state is Life.STOPPING:
             self.life.move(Life.STOPPING, Life.RUNNING)
 
+    def begin_out(self, socks: list[socket.socket], token: str = "") -> None:
+        with self.cancel_lock:
+            self.cancelled = None
+            if self.pending_cancel is not None and token and self.pending_cancel[0] == token:
+                self.cancelled = self.pending_cancel[1]  # cancelled while its request was on its way here
+            self.pending_cancel = None
+            self.migration_token = token
+            self.migration_socks = list(socks)
+
+    def end_out(self) -> None:
+        with self.cancel_lock:
+            self.migration_socks = []
+
+    def cancel_out(self, reason: str, token: str = "") -> dict[str, Any]:
+        """Stop a migration out before its commit point. The migration sees the flag at its next progress
+        report (every 0.1 s while it sends) and at the commit point; what it waits to receive ends at once
+        (the connections are shut for reading, so its ABORT still reaches the destination, which wipes);
+        a send stuck on a silent destination is cut after CANCEL_GRACE_S. Its own error path rolls back."""
+        with self.cancel_lock:
+            if self.life.state is Life.HANDED_OFF:
+                raise MigrationError("the migration passed its commit point (the destination runs the enclave); "
+                                     "it cannot be undone and goes on")
+            if not self.migration_socks or (token and token != self.migration_token):
+                if not token:
+                    raise MigrationError("no migration out is in progress")
+                self.pending_cancel = (token, reason)  # its migrate_out has not begun here yet
+                return {"cancelled": True, "state": self.life.state.value}
+            self.cancelled = reason
+            socks = list(self.migration_socks)
+            _shut(socks, socket.SHUT_RD)
+        timer = threading.Timer(CANCEL_GRACE_S, self._cut, (socks,))
+        timer.daemon = True
+        timer.start()
+        return {"cancelled": True, "state": self.life.state.value}
+
+    def _cut(self, socks: list[socket.socket]) -> None:
+        with self.cancel_lock:
+            if self.migration_socks == socks and self.life.state is not Life.HANDED_OFF:
+                _shut(socks, socket.SHUT_RDWR)
+
     def hand_off(self) -> None:
-        self.life.move(Life.STOPPING, Life.HANDED_OFF)
+        with self.cancel_lock:
+            if self.cancelled is not None:
+                raise MigrationCancelled(f"migration cancelled before the commit point ({self.cancelled})")
+            self.life.move(Life.STOPPING, Life.HANDED_OFF)
         if self.sessions is not None:
             self.sessions.close()
 
@@ -342,6 +394,15 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     return enclave
 
 
+CANCEL_GRACE_S = 2.0  # a cancelled migration's sends get this long to finish its ABORT before they are cut
+
+
+def _shut(socks: list[socket.socket], how: int) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(how)
+
+
 def _bytes(value: Any, what: str) -> bytes:
     if not isinstance(value, bytes):
         raise ProtocolError(f"session {what} must be bytes, not {type(value).__name__}")
@@ -363,6 +424,9 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
         return {"ok": True, "result": enclave.status()}
     if op == "checkpoint":
         return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")))}
+    if op == "cancel_out":
+        return {"ok": True, "result": enclave.cancel_out(str(req.get("reason") or "cancelled by the operator"),
+                                                         str(req.get("token") or ""))}
     if op == "check_export":  # the agent asks before it prepares a destination: same gate as the export
         return {"ok": True, "result": {"chunks": int(enclave.whole_heap(str(req.get("what") or "migrate")).size)}}
     if op in ("migrate_out", "migrate_in", "resume_out"):

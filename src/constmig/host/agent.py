@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from constmig.errors import (
     ConstmigError,
     EnclaveError,
     EnclaveNotRunning,
+    MigrationCancelled,
     ProtocolError,
     Redirect,
     SessionUnknown,
@@ -50,6 +51,8 @@ TRACKERS = ("auto", *strategies.TRACKERS)
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
 RETRIES = 4  # a call refused by an enclave that just stopped for a migration is tried again this often
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
+STATUS_WAIT_S = 10.0  # a small request to another agent (drop a prepared instance)
+CANCEL_WAIT_S = 10.0  # a cancelled migration rolls back within this (its waits end when its connections shut)
 TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
 
 
@@ -68,6 +71,11 @@ class Hosted:
     strategy: str = ""
     resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
     paused_since: float | None = None
+    receiving: bool = False  # an incoming migration's data connections began to arrive
+    # a migration out, until its commit point: its token (the enclave's name for it) and a cancel
+    token: str = ""
+    cancel: str | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def status(self) -> Status:
@@ -209,6 +217,8 @@ class Agent:
                 if req.get("op") == "data":
                     await self._on_data(req, writer)
                     return
+                watcher = asyncio.create_task(self._cancel_when_gone(reader, str(req.get("name")))) \
+                    if req.get("op") == "migrate" else None
                 try:
                     result = await self._dispatch(req, writer)
                     reply: dict[str, Any] = {"ok": True, "result": result}
@@ -219,6 +229,9 @@ class Agent:
                         log.warning("migration of %s failed: %s", req.get("name"), e)
                     reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
                                                                if isinstance(e, SessionUnknown) else {})}
+                finally:
+                    if watcher is not None:
+                        watcher.cancel()
                 self._save_roster()
                 await write_frame(writer, reply)
         except ProtocolError as e:
@@ -229,6 +242,45 @@ class Agent:
             pass  # the agent is shutting down; ending quietly keeps asyncio from logging it as an error
         finally:
             writer.close()
+
+    @staticmethod
+    async def _unless_cancelled(hosted: Hosted, work: Awaitable[Any], undo: Callable[[Any], None]) -> Any:
+        """`work`'s result, unless the migration is cancelled first: then `work` (a thread) runs on to its
+        own timeout and `undo` gets what it made, if it made anything."""
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(hosted.cancelled.wait())
+        try:
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task in done:
+            return task.result()
+
+        def later(t: asyncio.Future) -> None:
+            if not t.cancelled() and t.exception() is None:
+                undo(t.result())
+
+        task.add_done_callback(later)
+        raise MigrationCancelled(f"cancelled: {hosted.cancel}")
+
+    async def _drop_remote(self, to: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(client.request, to, {"op": "drop_in", "name": name}, None, STATUS_WAIT_S)
+        except ConstmigError as e:
+            log.info("the destination %s keeps its prepared instance of %s until it times out: %s", to, name, e)
+
+    async def _cancel_when_gone(self, reader: asyncio.StreamReader, name: str) -> None:
+        """The command that asked for a migration went away (killed, disconnected): a migration nobody
+        watches is cancelled if it has not reached its commit point (past it, it goes on)."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while await reader.read(4096):
+                pass  # nothing more is expected on this connection until the answer
+        hosted = self.enclaves.get(name)
+        if hosted is not None and hosted.status in (S.PREPARING_OUT, S.MIGRATING_OUT):
+            try:
+                await self._cancel(hosted, "the command that started it went away")
+            except ConstmigError as e:
+                log.info("migration of %s goes on without the command that started it: %s", name, e)
 
     async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         op = req.get("op")
@@ -242,6 +294,8 @@ class Agent:
             "session_call": self.op_session_call,
             "stop": self.op_stop,
             "migrate": self.op_migrate,
+            "cancel": self.op_cancel,
+            "drop_in": self.op_drop_in,
             "resume": self.op_resume,
             "prepare_in": self.op_prepare_in,
             "shutdown": self.op_shutdown,
@@ -420,6 +474,67 @@ class Agent:
         log.info("enclave %s stopped", name)
         return "stopped"
 
+    async def op_cancel(self, req: dict[str, Any], writer: Any) -> Any:
+        """Cancel a migration out of here that has not reached its commit point; the enclave runs on here."""
+        name = str(req.get("name"))
+        hosted = self.enclaves.get(name)
+        if hosted is None:
+            if name in self.moved:
+                raise AgentError(f"the migration of {name!r} is over: it runs on {self.moved[name]}; a finished "
+                                 "migration cannot be undone (migrate it back)")
+            raise AgentError(f"no enclave named {name!r} on this agent")
+        return await self._cancel(hosted, str(req.get("reason") or "cancelled by the operator"))
+
+    async def _cancel(self, hosted: Hosted, reason: str) -> dict[str, Any]:
+        name = hosted.handle.spec.name
+        status = hosted.status
+        if status in (S.HANDED_OFF, S.PAUSED):
+            raise AgentError(f"the migration of {name!r} passed its commit point (the destination runs it); it "
+                             "cannot be undone and goes on")
+        if status not in (S.PREPARING_OUT, S.MIGRATING_OUT):
+            raise AgentError(f"no migration of {name!r} is in progress on this agent (it is {status.value})")
+        log.info("migration of %s cancelled: %s", name, reason)
+        hosted.cancel = reason
+        hosted.cancelled.set()
+        if status is S.MIGRATING_OUT:
+            try:
+                await asyncio.wait_for(hosted.handle.call({"op": "cancel_out", "reason": reason,
+                                                           "token": hosted.token}), CANCEL_WAIT_S)
+            except TimeoutError:
+                raise AgentError(f"the enclave {name!r} did not answer the cancel in time") from None
+            except ConstmigError as e:
+                raise AgentError(f"cannot cancel the migration of {name!r}: {e}") from None
+        try:  # the migration's own error path rolls it back; wait for that, boundedly
+            await asyncio.wait_for(hosted.settled.wait(), CANCEL_WAIT_S)
+        except TimeoutError:
+            raise AgentError(f"the migration of {name!r} was told to stop but has not yet; it rolls back when "
+                             "what it waits for ends (see status)") from None
+        if hosted.status is not S.RUNNING:
+            raise AgentError(f"the migration of {name!r} reached its commit point before the cancel; it goes on "
+                             f"(it is {hosted.status.value})")
+        return {"cancelled": True, "name": name, "state": "running", "on": self.listen}
+
+    async def op_drop_in(self, req: dict[str, Any], writer: Any) -> Any:
+        """The source gave up before sending any data (cancelled, failed): drop the empty instance prepared
+        here, which holds nothing of the enclave."""
+        name = str(req.get("name"))
+        hosted = self.enclaves.get(name)
+        if hosted is None or hosted.status is not S.INCOMING or hosted.receiving:
+            raise AgentError(f"no prepared, unconnected incoming enclave named {name!r} here")
+        await self._drop_unconnected(hosted, "its source gave up")
+        return "dropped"
+
+    async def _drop_unconnected(self, hosted: Hosted, why: str) -> None:
+        name = hosted.handle.spec.name
+        if self.enclaves.get(name) is not hosted or hosted.status is not S.INCOMING or hosted.receiving:
+            return
+        del self.enclaves[name]
+        for fd in hosted.data_fds.values():
+            os.close(fd)
+        hosted.data_fds = {}
+        await hosted.handle.stop()
+        log.info("incoming enclave %s dropped before any data came: %s", name, why)
+
     async def op_shutdown(self, req: dict[str, Any], writer: Any) -> Any:
         self._stopping.set()
         return "shutting down"
@@ -434,8 +549,11 @@ class Agent:
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
-        self.enclaves[spec.name] = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections,
-                                          resume_deadline=deadline)
+        hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections, resume_deadline=deadline)
+        self.enclaves[spec.name] = hosted
+        wait = _seconds(req.get("timeout", 120.0), "timeout")  # a source that never connects frees the name
+        asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(self._drop_unconnected(
+            hosted, f"no data connection came within {wait:g} s")))
         return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
 
     async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
@@ -459,6 +577,7 @@ class Agent:
         hosted.data_fds[channel] = os.dup(sock.fileno())
         await write_frame(writer, {"ok": True})
         if len(hosted.data_fds) == len(wanted):
+            hosted.receiving = True
             fds = [hosted.data_fds[c] for c in wanted]
             hosted.data_fds = {}
             asyncio.create_task(self._run_incoming(hosted, fds, req.get("timeout", 120.0)))
@@ -552,6 +671,7 @@ class Agent:
         log.info("migration of %s to %s started: %s", spec.name, to, strategy)
         hosted.move(S.RUNNING, S.PREPARING_OUT)  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
+        hosted.cancel, hosted.cancelled, hosted.token = None, asyncio.Event(), os.urandom(8).hex()
         try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
             await hosted.handle.call({"op": "check_export", "what": "migrate"})
         except ConstmigError as e:
@@ -574,17 +694,28 @@ class Agent:
         data_socks: list[socket.socket] = []
         t0 = time.time()
         t_prepared = t0
+        prepared = False
+
+        def drop_prepared(_: Any = None) -> None:  # the destination holds an empty instance nobody will use
+            asyncio.ensure_future(self._drop_remote(to, spec.name))
+
         try:
-            prep = await asyncio.to_thread(client.request, to, {"op": "prepare_in", "spec": spec.to_wire(),
-                                                                "strategy": strategy, "tracker": tracker,
-                                                                "resume_deadline": deadline},
-                                           None, timeout)
+            prep = await self._unless_cancelled(hosted, asyncio.to_thread(
+                client.request, to, {"op": "prepare_in", "spec": spec.to_wire(), "strategy": strategy,
+                                     "tracker": tracker, "resume_deadline": deadline, "timeout": timeout},
+                None, timeout), undo=drop_prepared)
+            prepared = True
             for channel in DATA_CHANNELS[:strategies.get(strategy).connections]:
-                data_socks.append(await asyncio.to_thread(_open_data, to, spec.name, timeout, channel))
+                data_socks.append(await self._unless_cancelled(hosted, asyncio.to_thread(
+                    _open_data, to, spec.name, timeout, channel), undo=lambda sock: sock.close()))
             t_prepared = time.time()
+            if hosted.cancelled.is_set():
+                raise MigrationCancelled(f"cancelled: {hosted.cancel}")
             # Calls go on until the enclave stops (after its handshake); then they wait for the outcome.
             hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
+            prepared = False  # from here the enclaves' own protocol ends the destination's instance
             result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
+                                               "token": hosted.token,
                                                "max_bandwidth": float(req.get("max_bandwidth") or 0),
                                                # the pre-copy rounds of precopy and hybrid (the enclave checks them),
                                                # and their write tracking: by default the destination tracker's
@@ -598,6 +729,12 @@ class Agent:
                 hosted.move((S.PREPARING_OUT, S.MIGRATING_OUT, S.HANDED_OFF), S.RUNNING)
                 self.moved.pop(spec.name, None)
                 hosted.settled.set()
+                if prepared:
+                    drop_prepared()
+                if hosted.cancel is not None:
+                    log.info("migration of %s cancelled before its commit point: it runs on here", spec.name)
+                    raise AgentError(f"migration of {spec.name!r} cancelled before its commit point ({hosted.cancel});"
+                                     f" it keeps running on {self.listen} with all its data") from None
                 raise AgentError(str(e)) from None
             if state != "handed-off" or deadline <= 0:
                 # handed off: it never runs here again, and keeps its state

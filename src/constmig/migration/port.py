@@ -9,6 +9,7 @@ Enclave implements it.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -59,6 +60,16 @@ class MigratingEnclave(Protocol):
 
     def unstop(self) -> None:
         """STOPPING -> RUNNING: the migration aborted before its commit point (no-op if not stopped)."""
+
+    def begin_out(self, socks: list[socket.socket], token: str = "") -> None:
+        """A migration out starts on these connections: a cancel before the commit point shuts them."""
+
+    def end_out(self) -> None:
+        """The migration out no longer needs cancelling (ended, or past its commit point)."""
+
+    @property
+    def cancelled(self) -> str | None:
+        """Why the operator cancelled the migration out, if they did."""
 
     def hand_off(self) -> None:
         """STOPPING -> HANDED_OFF: the commit point; this enclave never runs the app again."""

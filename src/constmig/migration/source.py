@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from constmig.errors import ConstmigError, IntegrityError, MigrationError, PeerAborted, RecvTimeout
+from constmig.errors import (
+    ConstmigError,
+    IntegrityError,
+    MigrationCancelled,
+    MigrationError,
+    PeerAborted,
+    RecvTimeout,
+)
 from constmig.migration import messages as m
 from constmig.migration import strategies
 from constmig.migration.constants import DEMAND_LABEL
@@ -60,6 +67,31 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     strategy = _strategy(req.get("strategy", "stopcopy"), socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
+    enclave.begin_out(socks, str(req.get("token") or ""))
+    if enclave.cancelled is not None:
+        enclave.end_out()
+        raise MigrationCancelled(f"migration cancelled before it began ({enclave.cancelled}); the enclave keeps "
+                                 "running here with all its data")
+
+    def reporting(info: dict) -> None:  # a cancel before the commit point lands at the next report
+        if enclave.cancelled is not None:
+            raise MigrationCancelled(f"cancelled: {enclave.cancelled}")
+        progress(info)
+
+    try:
+        return _run(enclave, socks, req, reporting, strategy, timeout)
+    finally:
+        enclave.end_out()
+
+
+def _why(enclave: Enclave, e: BaseException) -> str:
+    """The reason a migration ended before its commit point: the operator's cancel, if there was one (its
+    shut connections are what the error itself is about)."""
+    return f"cancelled: {enclave.cancelled}" if enclave.cancelled is not None else str(e)
+
+
+def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], progress: Callable[[dict], None],
+         strategy: Strategy, timeout: float) -> dict:
     heap = enclave.heap
     migration_id = os.urandom(16)
     for sock in socks:
@@ -71,17 +103,19 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
     try:
         run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
     except ConstmigError as e:
-        raise MigrationError(f"attestation with the destination failed: {e}; the enclave keeps running here") from None
+        raise MigrationError(f"attestation with the destination failed: {_why(enclave, e)}; the enclave keeps "
+                             "running here") from None
     except OSError as e:
-        raise MigrationError(f"destination unreachable during attestation: {e}; the enclave keeps running here") from None
+        raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave keeps "
+                             "running here") from None
     link = Link(chan, Machine("source", strategy=strategy), timeout)
     demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
     try:
         before = strategy.before_stop(link, enclave, progress, req)  # pre-copy rounds, while the app runs
     except (ConstmigError, OSError) as e:
         link.abort(str(e))
-        raise MigrationError(f"migration aborted before the stop ({e}); the enclave keeps running here with all "
-                             "its data") from None
+        raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps running "
+                             "here with all its data") from None
     ledger: ChunkLedger | None = None
     try:
         # --- stop: downtime starts ---
@@ -97,18 +131,19 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         ready = link.expect(m.Ready)
         if ready.digest != ledger.digest():
             raise IntegrityError("destination's READY digest does not match the chunks sent")
+        # --- commit point: from here on this enclave never runs the app again (unless cancelled first) ---
+        enclave.hand_off()
     except (ConstmigError, OSError) as e:
         before.close()
         link.abort(str(e))
         enclave.unstop()
         raise MigrationError(
-            f"migration aborted before handoff ({e}); the enclave keeps running here with all its data"
+            f"migration aborted before handoff ({_why(enclave, e)}); the enclave keeps running here with all its data"
         ) from None
     except BaseException:
         before.close()
         raise
-    # --- commit point: from here on this enclave never runs the app again ---
-    enclave.hand_off()
+    enclave.end_out()
     out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
                    len(snap.state), float(req.get("max_bandwidth") or 0), figures=dict(before.figures))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
