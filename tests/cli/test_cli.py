@@ -346,3 +346,39 @@ def test_an_agent_restarted_on_its_state_folder_names_what_died_and_how_to_resto
         assert p.returncode == 0, p.stderr
         assert cm("call", "kept", "--agent", a, "get", "k").stdout.strip() == "v"
         assert set(request(a, {"op": "status"})["died"]) == {"lost"}
+
+
+@pytest.mark.e2e
+def test_sigterm_checkpoints_running_enclaves_and_a_restart_restores_them():
+    """Issue 17: SIGTERM no longer kills running enclaves silently. The agent takes no new work,
+    seals a final checkpoint of each and says how to restore it; the restarted agent lists the command,
+    which brings back every acknowledged write."""
+    import os
+    import shlex
+    import signal
+    import time
+
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+
+    with LocalCluster(1) as c:
+        a = c.addrs[0]
+        for name in ("one", "two"):
+            assert cm("run", "kvstore", "--agent", a, "--heap", "8M", "--name", name).returncode == 0
+            assert cm("call", name, "--agent", a, "put", "k", name).returncode == 0
+        t0 = time.monotonic()
+        os.kill(c.procs[0].pid, signal.SIGTERM)  # the agent only, as a service manager sends it
+        assert c.procs[0].wait(timeout=60) == 0
+        assert time.monotonic() - t0 < 30
+        log = (c.base / "agent-a.log").read_text()
+        assert "SIGTERM: the agent stops; it checkpoints its running enclaves first" in log
+        for name in ("one", "two"):
+            assert re.search(rf"enclave {name} checkpointed to \S+; after a restart: constmig restore \S+ "
+                             rf"--agent {re.escape(a)} --name {name}", log), log
+        c.start_agent(0, a)
+        died = request(a, {"op": "status"})["died"]
+        assert set(died) == {"one", "two"}
+        for name in ("one", "two"):
+            p = cm(*shlex.split(died[name]["restore"])[1:])
+            assert p.returncode == 0, p.stderr
+            assert cm("call", name, "--agent", a, "get", "k").stdout.strip() == name

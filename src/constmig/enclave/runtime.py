@@ -308,15 +308,18 @@ class Enclave:
         except TypeError as e:
             raise EnclaveError(f"bad arguments for {name}: {e}") from None
 
-    def checkpoint(self, folder: str, name: str) -> dict[str, Any]:
-        """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value."""
+    def checkpoint(self, folder: str, name: str, final: bool = False) -> dict[str, Any]:
+        """Seal the app's state to folder/name.v<version>.ckpt, bound to the next counter value. A `final`
+        checkpoint (the agent is stopping) also ends the app: no ECALL after it could be restored."""
         with self.app_lock:  # between ECALLs: a consistent state
             chunks = self.whole_heap("checkpoint")
             assert self.persist is not None and self.app is not None
             spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
                     "config": self.config, "svn": self.identity.svn, "plain_calls": self.plain_calls}
-            return self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app),
-                                           chunks)
+            done = self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app), chunks)
+            if final:
+                self.life.move(Life.RUNNING, Life.STOPPING)  # for good: the process ends next
+            return done
 
     def status(self) -> dict[str, Any]:
         return {
@@ -423,7 +426,8 @@ def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[in
     if op == "status":
         return {"ok": True, "result": enclave.status()}
     if op == "checkpoint":
-        return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")))}
+        return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")),
+                                                         req.get("final") is True)}
     if op == "cancel_out":
         return {"ok": True, "result": enclave.cancel_out(str(req.get("reason") or "cancelled by the operator"),
                                                          str(req.get("token") or ""))}

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -52,7 +53,8 @@ PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream
 RETRIES = 4  # a call refused by an enclave that just stopped for a migration is tried again this often
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
 STATUS_WAIT_S = 10.0  # a small request to another agent (drop a prepared instance)
-CANCEL_WAIT_S = 10.0  # a cancelled migration rolls back within this (its waits end when its connections shut)
+CANCEL_WAIT_S = 10.0
+TERM_WAIT_S = 60.0  # a stopping agent waits this long for migrations past their commit point, and per checkpoint  # a cancelled migration rolls back within this (its waits end when its connections shut)
 TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
 
 
@@ -146,6 +148,7 @@ class Agent:
         self.history: list[dict[str, Any]] = []
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
+        self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
 
     # ---- what runs here, across restarts ----
     def _load_died(self) -> dict[str, dict[str, Any]]:
@@ -194,6 +197,44 @@ class Agent:
         log.info("agent %s listening on %s", self.host_id, self.listen)
         await self._stopping.wait()
         await self.close()
+
+    async def terminate(self, why: str) -> None:
+        """Stop the agent without losing what its enclaves acknowledged: no new work; migrations before
+        their commit point are cancelled, those past it may finish (bounded); every running enclave seals
+        a final checkpoint, which the next agent on this state folder lists with its restore command.
+        A second signal stops at once."""
+        if self._terminating is not None:
+            log.warning("%s again: stopping now; enclaves not checkpointed yet die with the agent", why)
+            self._stopping.set()
+            return
+        self._terminating = why
+        log.warning("%s: the agent stops; it checkpoints its running enclaves first (send it again to stop now)",
+                    why)
+        for hosted in list(self.enclaves.values()):
+            if hosted.status in (S.PREPARING_OUT, S.MIGRATING_OUT):
+                with contextlib.suppress(ConstmigError):
+                    await self._cancel(hosted, f"the source agent is stopping ({why})")
+        moving = [h.settled.wait() for h in self.enclaves.values()
+                  if h.status in (S.MIGRATING_OUT, S.HANDED_OFF, S.PAUSED, S.INCOMING)]
+        if moving:
+            log.warning("waiting up to %g s for %d migration(s) past their commit point", TERM_WAIT_S, len(moving))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*moving), TERM_WAIT_S)
+        for name, hosted in list(self.enclaves.items()):
+            if self._stopping.is_set():
+                return
+            if hosted.status is not S.RUNNING:
+                log.warning("enclave %s is %s: it dies with the agent", name, hosted.status.value)
+                continue
+            try:
+                done = await asyncio.wait_for(hosted.handle.call({
+                    "op": "checkpoint", "folder": str(self.state_dir / "checkpoints"), "name": name,
+                    "final": True}), TERM_WAIT_S)
+                log.warning("enclave %s checkpointed to %s; after a restart: constmig restore %s --agent %s "
+                            "--name %s", name, done["path"], done["path"], self.listen, name)
+            except (ConstmigError, TimeoutError) as e:
+                log.error("enclave %s could not be checkpointed (%s): it dies with the agent", name, e or "timed out")
+        self._stopping.set()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -284,6 +325,8 @@ class Agent:
 
     async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         op = req.get("op")
+        if self._terminating is not None and op != "status":
+            raise AgentError(f"agent {self.host_id} is stopping ({self._terminating}); it takes no new requests")
         handler = {
             "status": self.op_status,
             "run": self.op_run,
@@ -904,4 +947,7 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
 
 async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
     agent = Agent(listen, state_dir, host_id, ca_dir)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(agent.terminate(s.name)))
     await agent.serve_forever()
