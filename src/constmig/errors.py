@@ -118,6 +118,11 @@ class AgentUnreachable(AgentError):
     a reply may still be on its way, so the connection must not be reused."""
 
 
+class NoReconnect(AgentError):
+    """The destination agent answers that no enclave of that name there takes a reconnect: its copy is
+    gone (or its host hides it; the source cannot tell, so it still may not run)."""
+
+
 class CallFailed(AgentError):
     """The enclave answered a call with an error, inside the sealed session (the app refused it, or data it
     needs cannot arrive): authenticated, unlike an agent's own errors. An AgentError, so a caller handles

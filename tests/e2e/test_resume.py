@@ -8,7 +8,11 @@ deadline, with a clear error and a source that still holds everything.
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from mitm import MitmProxy, RecordTamper
@@ -145,3 +149,47 @@ def test_calls_that_need_a_missing_chunk_wait_through_the_pause(cluster, tracker
     finally:
         proxy.close()
     assert figures["resumes"] >= 1
+
+
+def test_a_destination_that_lost_its_copy_strands_the_enclave_at_once_and_says_how_to_restore(cluster):
+    """Issue 17: the destination agent dies mid-stream and comes back without the enclave. The source
+    stops reconnecting once the destination says so (not after its whole deadline), says the enclave is
+    stranded and names the checkpoint that restores it there; `--resume` later says the same at once."""
+    a, b = cluster.addrs
+    before = launch(a, heap=32 << 20)
+    ckpt = request(a, {"op": "checkpoint", "name": "kv"})["path"]
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            migrate("kv", a, b, "constmig", tracker="access", max_bandwidth=4 << 20, timeout=10,
+                    resume_deadline=30)
+        except AgentError as e:
+            box["error"] = str(e)
+
+    th = threading.Thread(target=run)
+    th.start()
+    deadline = time.monotonic() + 30
+    while request(a, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "handed-off":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cluster.kill_agent(1)
+    t0 = time.monotonic()
+    cluster.start_agent(1, b)
+    th.join(60)
+    took = time.monotonic() - t0
+    error = box.get("error", "")
+    assert took < 15, took  # well inside the 30 s resume deadline
+    assert "cannot be resumed: the destination answers \"no enclave named 'kv' here takes a reconnect\"" in error
+    assert "The enclave is stranded: this source keeps every chunk but may not run it" in error
+    restore = f"constmig restore {ckpt} --agent {b} --name kv"
+    assert restore in error, error
+    assert request(a, {"op": "status"})["enclaves"]["kv"]["status"] == "failed"
+    t0 = time.monotonic()
+    with pytest.raises(AgentError, match="The enclave is stranded"):
+        resume("kv", a, timeout=10, resume_deadline=30)
+    assert time.monotonic() - t0 < 10
+    p = subprocess.run([sys.executable, "-m", "constmig", *shlex.split(restore)[1:]], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr  # the command it printed works, on the destination host
+    assert app_checksum(b, "kv") == before

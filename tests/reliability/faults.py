@@ -122,7 +122,8 @@ def _sc(*, id: str, phase: str, fault: str, strategy: str, tracker: str = "", ru
                     today=Expect(runs, result, writes, says, honest_status), **kw)
 
 
-PAUSED_FAILED = "could not be resumed within"
+# the destination unreachable until the resume deadline, or answering (3 times) that it has no copy
+PAUSED_FAILED = "(could not be resumed within|cannot be resumed: the destination answers)"
 SOURCE_GONE = "closed the connection"
 SCENARIOS: list[Scenario] = [
     # --- link outages (longer than the I/O timeout T unless said otherwise) ------------------------

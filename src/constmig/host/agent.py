@@ -30,6 +30,7 @@ from constmig.errors import (
     EnclaveError,
     EnclaveNotRunning,
     MigrationCancelled,
+    NoReconnect,
     ProtocolError,
     Redirect,
     SessionUnknown,
@@ -54,6 +55,7 @@ RETRIES = 4  # a call refused by an enclave that just stopped for a migration is
 RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
 STATUS_WAIT_S = 10.0  # a small request to another agent (drop a prepared instance)
 CANCEL_WAIT_S = 10.0
+GONE_ANSWERS = 3  # a paused migration stops reconnecting after the destination says this often it has no copy
 TERM_WAIT_S = 60.0  # a stopping agent waits this long for migrations past their commit point, and per checkpoint  # a cancelled migration rolls back within this (its waits end when its connections shut)
 TOMBSTONE_S = 3600.0  # how long a destination that gave up after READY keeps answering reconnects with ABORT
 
@@ -631,12 +633,14 @@ class Agent:
         hosted = self.enclaves.get(name)
         n = req.get("resume")
         if hosted is not None and hosted.status is S.EXITED:
-            await write_frame(writer, {"ok": False, "error": f"enclave {name!r} here has exited (its process is "
-                                       f"gone, code {hosted.handle.proc.returncode}); it takes no reconnect"})
+            await write_frame(writer, {"ok": False, "gone": True,
+                                       "error": f"enclave {name!r} here has exited (its process is gone, code "
+                                                f"{hosted.handle.proc.returncode}); it takes no reconnect"})
             return
         # incoming: past READY a reconnect stands for a lost COMMIT; aborted: it is answered with ABORT
         if hosted is None or hosted.status not in TAKES_RECONNECT or n not in (1, 2):
-            await write_frame(writer, {"ok": False, "error": f"no enclave named {name!r} here takes a reconnect"})
+            await write_frame(writer, {"ok": False, "gone": True,
+                                       "error": f"no enclave named {name!r} here takes a reconnect"})
             return
         wanted = DATA_CHANNELS[:n]
         if channel not in wanted:
@@ -820,7 +824,7 @@ class Agent:
         name, to = hosted.handle.spec.name, hosted.moving_to
         n = strategies.get(hosted.strategy).connections
         t_end = time.monotonic() + deadline
-        delay, last, attempts = 0.1, str(first), 0
+        delay, last, attempts, gone = 0.1, str(first), 0, 0
         while True:
             left = t_end - time.monotonic()
             if left <= 0:
@@ -842,7 +846,14 @@ class Agent:
                                                   fds=[s.fileno() for s in socks], on_progress=on_progress)
                 result.update({"from": self.listen, "to": to, "name": name})
                 return result
+            except NoReconnect as e:
+                gone += 1
+                if gone >= GONE_ANSWERS:  # a live destination agent says so again and again: stop retrying
+                    hosted.move((S.PAUSED, S.RESUMING), S.FAILED)
+                    raise AgentError(self._stranded(name, to, str(e))) from None
+                last = str(e)
             except ConstmigError as e:
+                gone = 0
                 last = str(e)
                 state = e.state if isinstance(e, EnclaveError) else "handed-off"  # a reconnect that failed
                 if state == "running":  # the destination proved it never ran it (authenticated ABORT)
@@ -858,6 +869,18 @@ class Agent:
             finally:
                 for s in socks:
                     s.close()
+
+    def _stranded(self, name: str, to: str, answer: str) -> str:
+        """What to say when the destination has no copy to reconnect to: the enclave is stranded (the
+        source may not run it: a dead copy and one its host hides look the same), and what restores it."""
+        ckpts = sorted((self.state_dir / "checkpoints").glob(f"{name}.v*.ckpt"), key=_ckpt_version)
+        how = (f"its newest checkpoint here, {ckpts[-1]}, restores on the destination host (the lineage moved "
+               f"there at the commit point): constmig restore {ckpts[-1]} --agent {to} --name {name} (copy the "
+               "file there first if the hosts share no folder); writes since it are lost" if ckpts else
+               "there is no checkpoint of it here, so its data is lost")
+        return (f"migration of {name!r} to {to} cannot be resumed: the destination answers \"{answer}\" (its copy "
+                f"died, or its host hides it). The enclave is stranded: this source keeps every chunk but may not "
+                f"run it, since it cannot tell a dead copy from a hidden one. To recover, {how}")
 
     async def op_resume(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         """Resume a migration out that paused after its handoff (after its automatic retries gave up)."""
@@ -940,7 +963,8 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
     reply, _ = fs.recv()
     if not reply.get("ok"):
         sock.close()
-        raise AgentError(str(reply.get("error", "destination refused the data connection")))
+        error = str(reply.get("error", "destination refused the data connection"))
+        raise NoReconnect(error) if resume and reply.get("gone") is True else AgentError(error)
     sock.settimeout(None)
     return sock
 
