@@ -127,3 +127,18 @@ def test_destination_with_other_root_ca_is_refused(tmp_path):
         with pytest.raises(AgentError, match="not signed by the trusted root|root"):
             migrate("kv", a, b, "stopcopy")
         assert running_at(a) and checksum(a) == before
+
+
+@pytest.mark.parametrize("back", ["stopcopy", "precopy", "constmig", "hybrid"])
+def test_an_unwritten_heap_stays_off_the_wire_after_a_round_trip(cluster, back):
+    """Issue 17: an enclave whose heap was never filled, migrated in (the destination pre-faults its heap)
+    and back: its untouched chunks go as zero records (a length, no page data), in every strategy."""
+    a, b = cluster.addrs
+    request(a, {"op": "run", "name": "kv", "app": "kvstore", "heap": 64 << 20, "config": {}})
+    before = checksum(a)
+    there = migrate("kv", a, b, "constmig", tracker="fault")
+    fig = migrate("kv", b, a, back, tracker="fault")
+    for f in (there, fig):
+        assert f["zero_chunks"] >= f["chunks"] - 4, f  # the app's few written chunks carry data
+        assert f["wire_bytes"] < 8 << 20, f  # not the 64 MiB heap
+    assert checksum(a) == before

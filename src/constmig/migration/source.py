@@ -173,6 +173,7 @@ class Outgoing:
     epoch: int = 0
     resumes: int = 0
     wire_bytes: int = 0
+    zero_chunks: int = 0  # chunks that went as FLAG_ZERO records: a length, no page data
     done: np.ndarray | None = None  # after a reconnect: chunks the destination already holds
     figures: dict[str, Any] = field(default_factory=dict)  # the strategy's, from before the stop
 
@@ -244,6 +245,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
             streamer.stop()
         out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
             demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
+        out.zero_chunks += link.chan.zero_chunks_sent + (demand.chan.zero_chunks_sent if demand is not None else 0)
     t_end = time.time()
     enclave.retire()
     return {
@@ -257,6 +259,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         "attest_ms": (out.t_stop - out.t_start) * 1e3,  # handshake (and pre-copy rounds) to the stop
         "total_s": t_end - out.t_start,
         "wire_bytes": out.wire_bytes,
+        "zero_chunks": out.zero_chunks,
         "migration_id": ledger.migration_id.hex(),
         "resumes": out.resumes,
         **out.strategy.source_figures,
