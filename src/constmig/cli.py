@@ -611,6 +611,28 @@ def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> No
                    f"{doc['plain']['latency_us_p99']:.0f} µs ({out / 'calls.json'})")
 
 
+@bench.command("raw")
+@click.option("--heap", type=Size(), default="1G", show_default=True, help="Bytes to stream (whole MiB).")
+@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Streams per mode.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
+    """This machine's bound for a heap stream: sealed 1 MiB chunks between two processes into a fresh heap."""
+    from constmig.bench.raw import CHUNK, run_raw
+
+    if heap < CHUNK or heap % CHUNK:
+        raise ConfigError(f"--heap must be a whole number of MiB, not {heap} bytes")
+    check_writable(json_path, "--json")
+    doc = run_raw(heap, repeat, quiet=json_path == "-")
+    write_json(doc, json_path)
+    if json_path != "-":
+        for mode in ("plain", "uffd"):
+            if mode in doc:
+                f = doc[mode]
+                click.echo(f"{mode:6} {f['raw_gbps']:.2f} GB/s [{f['min']:.2f}, {f['max']:.2f}]")
+            else:
+                click.echo(f"{mode:6} skipped: {doc['skipped'][mode]}")
+
+
 @bench.command("writes")
 @click.option("--heap", type=Size(), default="1G", show_default=True, help="Heap size (whole MiB).")
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Repeats per mechanism.")

@@ -93,6 +93,9 @@ def test_hammered_migration_keeps_every_acknowledged_write(cluster, tracker):
     assert figures["demand_chunks"] > 0
     assert figures["downtime_ms"] < 1000
     assert figures["fault_latency_us_p50"] > 0
+    # the stream's rate over its time from the resume to the last chunk (bench raw gives its bound)
+    expect = figures["chunks"] * (1 << 20) / figures["stream_s"] / 1e9
+    assert figures["stream_gbps"] == pytest.approx(expect, rel=0.01)
 
 
 @pytest.mark.parametrize("tracker", TRACKERS)

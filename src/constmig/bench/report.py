@@ -527,6 +527,7 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
     if cfg.get("skipped"):
         for v, why in cfg["skipped"].items():
             L.append(f"* **{v} was not run**: {why}\n")
+    L.append(stream_section(doc))
     L.append(f"\n## Headline: {hw} across heap sizes\n\n")
     L.append(headline_table(doc, hw) + "\n")
     dt_fits = {f["variant"]: f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f}
@@ -657,6 +658,31 @@ def fault_summary(doc: dict[str, Any]) -> str:
     if not rows:
         return "No demand fault in this run."
     return table(["tracker", "runs", "faults", "p50 ms (bin upper edge)", "p90 ms", "p99 ms"], rows)
+
+
+def stream_section(doc: dict[str, Any]) -> str:
+    """The post-copy streams against this machine's bound (bench raw, same run): median per variant."""
+    raw = doc.get("raw")
+    if not raw:
+        return ""
+    bounds = ", ".join(f"{mode} {raw[mode]['raw_gbps']:.2f} GB/s" for mode in ("plain", "uffd") if mode in raw)
+    rows = []
+    for variant in doc.get("config", {}).get("variants", []):
+        got = [r["stream_vs_raw"] for r in doc.get("results", [])
+               if r.get("variant") == variant and r.get("stream_vs_raw") is not None]
+        rates = [r["stream_gbps"] for r in doc.get("results", [])
+                 if r.get("variant") == variant and r.get("stream_gbps") is not None]
+        if got:
+            rows.append([variant, f"{statistics.median(rates):.2f}", f"{statistics.median(got):.0%}",
+                         f"{min(got):.0%}-{max(got):.0%}"])
+    text = (f"\n## The stream against the machine's bound\n\nBound (`constmig bench raw`, same run, "
+            f"{format_size(raw['heap_bytes'])}): {bounds}. `stream_gbps` is what a post-copy stream moved "
+            "(demanded and background chunks) over its time from the resume to its last chunk, beside an app "
+            "that runs and a client that calls; `stream_vs_raw` divides it by the bound of the same way into "
+            "the heap (uffd for the Fault Tracker, plain otherwise).\n\n")
+    if rows:
+        text += table(["variant", "stream GB/s (median)", "stream_vs_raw (median)", "range"], rows) + "\n"
+    return text
 
 
 def write_report(doc: dict[str, Any], out: Path) -> dict[str, Any]:

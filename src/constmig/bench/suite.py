@@ -422,6 +422,12 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
                     console.print(_line(label, rec))
                     _write(doc, out)
     doc["migrations_s"] = round(time.time() - t_mig, 1)
+    from constmig.bench.raw import run_raw, stream_vs_raw
+
+    console.print("the machine's stream bound (bench raw), to judge each stream by")
+    doc["raw"] = run_raw(min(cfg.workload_size, 1 << 30), 1 if cfg.quick else 3, quiet=True)
+    for rec in results:
+        rec["stream_vs_raw"] = stream_vs_raw(rec, doc["raw"])
     if cfg.overhead:
         from constmig.bench.overhead import measure
 

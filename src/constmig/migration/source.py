@@ -248,7 +248,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         out.zero_chunks += link.chan.zero_chunks_sent + (demand.chan.zero_chunks_sent if demand is not None else 0)
     t_end = time.time()
     enclave.retire()
-    return {
+    return _with_stream_rate({
         "strategy": out.strategy.name,
         "workload": enclave.app_name,
         "heap_bytes": heap.size,
@@ -265,7 +265,16 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         **out.strategy.source_figures,
         **out.figures,
         **done.stats,
-    }
+    }, heap.chunk_size)
+
+
+def _with_stream_rate(figures: dict[str, Any], chunk_size: int) -> dict[str, Any]:
+    """`stream_gbps`: what the post-copy stream moved (demanded and background chunks) over its time
+    from the resume to the last chunk (bench raw gives the machine's bound to compare it with)."""
+    streamed = int(figures.get("demand_chunks") or 0) + int(figures.get("background_chunks") or 0)
+    if streamed and figures.get("stream_s"):
+        figures["stream_gbps"] = round(streamed * chunk_size / figures["stream_s"] / 1e9, 3)
+    return figures
 
 
 def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, streamer: Streamer | None) -> NoReturn:

@@ -1,0 +1,145 @@
+"""This machine's end-to-end bound for a heap stream: sealed 1 MiB chunks from one process to another over
+TCP loopback, opened into a fresh heap, with nothing of the migration protocol around them. A
+migration's stream (`stream_gbps`) is judged against it (`stream_vs_raw`), measured in the same run.
+
+Two ways into the heap, as the two trackers receive:
+* `plain`: open each chunk straight into a fresh heap (the Access Tracker's and stop-and-copy's way);
+* `uffd`: open into scratch, then one UFFDIO_COPY into a fresh heap registered with userfaultfd (the
+  Fault Tracker's pager's way; skipped, with the reason, where userfaultfd does not work).
+
+The record layer is the migration's own (wire/channel.py, AES-256-GCM), keyed with random keys; the
+sender's heap is random bytes (no zero records). Repeats alternate the modes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from constmig.bench.results import machine_info
+from constmig.enclave.heap import Heap
+from constmig.wire.channel import SecureChannel
+
+CHUNK = 1 << 20
+MODES = ("plain", "uffd")
+_MID = b"constmig-bench-raw-mid!!"[:16]
+_K1, _K2 = b"\x01" * 32, b"\x02" * 32
+
+
+def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
+    """Child: one connection's chunks into a fresh heap; sends back (seconds from first byte to the last
+    chunk in place, chunks) or an error line."""
+    try:
+        heap = Heap(heap_bytes, chunk_size=CHUNK)
+        uffd = installer = None
+        if mode == "uffd":
+            from constmig.enclave.pager import UffdInstaller
+            from constmig.migration.uffd import Userfaultfd
+
+            uffd = Userfaultfd.open()
+            uffd.register_missing(heap.address, heap.size)
+            installer = UffdInstaller(uffd, heap.address, CHUNK, None)
+        sock = socket.create_connection(("127.0.0.1", port))
+        chan = SecureChannel(sock, _MID)
+        chan.install_keys(_K2, _K1, 2, 1)
+        n = heap_bytes // CHUNK
+        conn.send("ready")
+        t0 = None
+        for _ in range(n):
+            sealed = chan.recv()
+            if t0 is None:
+                t0 = time.perf_counter()
+            if installer is not None:
+                installer.install(sealed.index, sealed, chan, demand=False)
+            else:
+                chan.open_chunk(sealed, heap.chunk_view(sealed.index))
+        conn.send((time.perf_counter() - (t0 or time.perf_counter()), n))
+        chan.close()
+        if uffd is not None:
+            uffd.close()
+        heap.close()
+    except Exception as e:  # noqa: BLE001 (reported to the parent as one line)
+        conn.send(f"{type(e).__name__}: {e}")
+
+
+def _one(src: Heap, mode: str) -> float:
+    """One stream of the whole heap; bytes per second from the first send to the last chunk in place."""
+    ctx = mp.get_context("spawn")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_receive, args=(server.getsockname()[1], src.size, mode, child), daemon=True)
+        proc.start()
+        try:
+            server.settimeout(60)
+            sock, _ = server.accept()
+            first = parent.recv() if parent.poll(60) else "no answer within 60 s"
+            if first != "ready":
+                raise RuntimeError(f"receiver did not start: {first}")
+            chan = SecureChannel(sock, _MID)
+            chan.install_keys(_K1, _K2, 1, 2)
+            t0 = time.perf_counter()
+            for i in range(src.n_chunks):
+                chan.send_chunk(i, src.chunk_view(i))
+            if not parent.poll(120):
+                raise RuntimeError("receiver did not finish within 120 s")
+            answer = parent.recv()
+            wall = time.perf_counter() - t0
+            chan.close()
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        if isinstance(answer, str):
+            raise RuntimeError(f"receiver failed: {answer}")
+        return src.size / wall
+
+
+def uffd_problem() -> str | None:
+    from constmig.migration.uffd import preflight
+
+    return preflight()
+
+
+def run_raw(heap_bytes: int, repeat: int, quiet: bool = False) -> dict[str, Any]:
+    """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s."""
+    from rich.progress import Progress
+
+    problem = uffd_problem()
+    modes = [m for m in MODES if m == "plain" or problem is None]
+    src = Heap(heap_bytes, chunk_size=CHUNK)
+    try:
+        rng = np.random.default_rng(0)
+        words = np.frombuffer(src.buf, dtype=np.uint64)
+        step = 1 << 20
+        for at in range(0, words.size, step):  # random, so no chunk goes as a zero record
+            words[at:at + step] = rng.integers(1, 2**63, min(step, words.size - at), dtype=np.uint64)
+        runs: dict[str, list[float]] = {m: [] for m in modes}
+        with Progress(disable=quiet, transient=True) as bar:
+            task = bar.add_task("raw stream", total=repeat * len(modes))
+            for _ in range(repeat):
+                for mode in modes:
+                    runs[mode].append(_one(src, mode) / 1e9)
+                    bar.advance(task)
+    finally:
+        src.close()
+    out: dict[str, Any] = {"bench": "raw", "machine": machine_info(), "heap_bytes": heap_bytes, "chunk_bytes": CHUNK,
+                           "repeat": repeat, "cpus": os.cpu_count(),
+                           "skipped": {} if problem is None else {"uffd": f"userfaultfd unusable here: {problem}"}}
+    for mode, gbps in runs.items():
+        out[mode] = {"raw_gbps": statistics.median(gbps), "min": min(gbps), "max": max(gbps), "runs": gbps}
+    out["raw_gbps"] = out["plain"]["raw_gbps"]
+    return out
+
+
+def stream_vs_raw(figures: dict[str, Any], raw: dict[str, Any]) -> float | None:
+    """A migration's stream rate as a share of the raw bound of the same way into the heap."""
+    mode = "uffd" if figures.get("tracker") == "fault" else "plain"
+    bound = (raw.get(mode) or raw.get("plain") or {}).get("raw_gbps")
+    got = figures.get("stream_gbps")
+    return round(got / bound, 3) if got and bound else None

@@ -1,0 +1,40 @@
+"""`constmig bench raw`: the machine's bound for a heap stream, measured between two real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from constmig.bench.raw import stream_vs_raw, uffd_problem
+
+
+def _cm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_bench_raw_measures_both_ways_into_the_heap():
+    p = _cm("bench", "raw", "--heap", "32M", "--repeat", "2", "--json", "-")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    modes = ["plain"] + (["uffd"] if uffd_problem() is None else [])
+    for mode in modes:
+        f = doc[mode]
+        assert len(f["runs"]) == 2 and 0 < f["min"] <= f["raw_gbps"] <= f["max"], f
+    assert doc["raw_gbps"] == doc["plain"]["raw_gbps"]
+    if uffd_problem() is not None:
+        assert "userfaultfd unusable here" in doc["skipped"]["uffd"]
+
+
+def test_bench_raw_refuses_a_size_that_is_not_whole_mib():
+    p = _cm("bench", "raw", "--heap", "3000K")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--heap must be a whole number of MiB" in p.stderr
+
+
+def test_stream_vs_raw_divides_by_the_bound_of_the_same_way_in():
+    raw = {"plain": {"raw_gbps": 2.0}, "uffd": {"raw_gbps": 1.0}}
+    assert stream_vs_raw({"tracker": "fault", "stream_gbps": 0.5}, raw) == 0.5
+    assert stream_vs_raw({"tracker": "access", "stream_gbps": 0.5}, raw) == 0.25
+    assert stream_vs_raw({"tracker": "none"}, raw) is None  # stop-and-copy streams nothing after the stop
+    assert stream_vs_raw({"tracker": "fault", "stream_gbps": 0.5}, {"plain": {"raw_gbps": 2.0}}) == 0.25
