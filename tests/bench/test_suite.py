@@ -161,7 +161,11 @@ def _record(workload: str, heap: int, variant: str, rep: int, downtime: float, v
          "ops_s_before": 1000.0, "ops_s_during": 400.0}
     if post:
         r.update({"faults": 20, "fault_latency_us_p50": 1200.0, "fault_latency_us_p99": 5000.0,
-                  "fault_latency_hist": latency_histogram([0.0012] * 15 + [0.005] * 5), "stream_s": 0.4})
+                  "fault_latency_hist": latency_histogram([0.0012] * 15 + [0.005] * 5), "stream_s": 0.4,
+                  "demand_queued_hist": latency_histogram([0.0002] * 20),
+                  "demand_round_trip_hist": latency_histogram([0.0008] * 20),
+                  "source_service_hist": latency_histogram([0.0004] * 20),
+                  "demand_install_hist": latency_histogram([0.0002] * 20)})
     return r
 
 
@@ -210,6 +214,8 @@ def test_report_from_synthetic_results(tmp_path):
     assert "350 ± " in md  # the stop-and-copy downtime slope
     assert "FAILED: btree 1.0 GiB constmig-access #3: synthetic failure" in md
     assert "NOT VERIFIED: btree 1.0 GiB constmig-fault #2" in md
+    # where a demand fault's time goes: each segment's p50 from the merged histograms (bin upper edges)
+    assert "| fault | out and back | 160 | 1.000 |" in md and "| access | queued | 160 | 0.251 |" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) >= 7
     for name in images:
@@ -288,6 +294,8 @@ def test_quick_suite_end_to_end(tmp_path):
     assert streamed and all(r["stream_vs_raw"] > 0 for r in streamed)
     md = (out / "report.md").read_text()
     assert "## The stream against the machine's bound" in md
+    assert any(r.get("demand_round_trip_hist") for r in results if r["strategy"] == "constmig")
+    assert "### Where a demand fault's time goes" in md
     assert "## Headline" in md and "| heap | variant | downtime ms, median [min-max]" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) >= 7

@@ -224,7 +224,8 @@ def plot_timelines(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_fault_cdf(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path, title: str) -> None:
+def plot_fault_cdf(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path, title: str,
+                   xlabel: str = "fault latency (ms): access waits until its bytes are in place") -> None:
     """Demand-fault latency CDF per tracker (one panel each), one line per workload plus all merged.
 
     Each line is a histogram's cumulative count at its bins' upper edges (log-binned, 10 per decade)."""
@@ -240,15 +241,15 @@ def plot_fault_cdf(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
             lower = upper[i0] ** 2 / upper[i0 + 1] if i0 + 1 < len(upper) else upper[i0] / 10 ** 0.1
             xs = np.concatenate(([lower], upper[i0:]))
             ys = np.concatenate(([0.0], cdf))
-            bold = label.startswith("all")
+            bold = label.startswith(("all", "whole"))
             ax.step(xs / 1e3, ys, where="post", lw=2.2 if bold else 1, color="black" if bold else cmap(i % 10),
                     label=f"{label} (n={int(counts.sum())})")
         ax.set_xscale("log")
-        ax.set_xlabel("fault latency (ms): access waits until its bytes are in place")
+        ax.set_xlabel(xlabel)
         ax.set_title(f"{tracker} tracker", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    axes[0, 0].set_ylabel("fraction of faults")
+    axes[0, 0].set_ylabel("fraction of samples")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 

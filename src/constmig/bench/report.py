@@ -26,6 +26,7 @@ PLOTS = {
     "total": "total_time.png",
     "timeline": "timeline.png",
     "faults": "fault_latency_cdf.png",
+    "segments": "demand_segments_cdf.png",
     "overhead": "tracker_overhead.png",
     "growth": "growth_vs_heap.png",
 }
@@ -419,6 +420,11 @@ def make_plots(doc: dict[str, Any], out: Path, fits: list[dict[str, Any]]) -> di
     if panels:
         plots.plot_fault_cdf(panels, out / PLOTS["faults"], "demand-fault latency distribution (all repeats)")
         made["faults"] = PLOTS["faults"]
+    seg = segment_panels(doc)
+    if seg:
+        plots.plot_fault_cdf(seg, out / PLOTS["segments"], "where a demand fault's time goes, per segment (all "
+                             "post-copy runs)", xlabel="milliseconds")
+        made["segments"] = PLOTS["segments"]
     ov = doc.get("overhead")
     if ov and ov.get("workloads"):
         data = {w["workload"]: {m: (x["relative"], x["relative_min"], x["relative_max"]) for m, x in w["modes"].items()}
@@ -561,6 +567,16 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
              "every fault, not only p50/p99.\n\n")
     L.append(fault_summary(doc) + "\n\n")
     L.append(_img(made, "faults", "fault latency CDF"))
+    L.append("\n### Where a demand fault's time goes\n\n")
+    L.append("Each waited-for chunk's time cut into segments, timed where they happen: *queued* at the destination "
+             "from the access's first wait until its demand went out; *out and back* from then until the chunk's "
+             "first record came back on the demand channel (the wire both ways plus the source's service); the "
+             "source's *service* from a demand's arrival to its first record sent (timed at the source, so the "
+             "wire is roughly out-and-back minus service); *installed* from the first record's arrival until "
+             "the access could go on (verify, copy into place, wake). Every post-copy run (ConstMig and hybrid), "
+             "all repeats; p50/p99 are histogram bin upper edges.\n\n")
+    L.append(segment_summary(doc) + "\n\n")
+    L.append(_img(made, "segments", "demand segments CDF"))
     L.append("\n## Growth with heap size\n\n")
     L.append(slope_table(fits) + "\n\n" if fits else "No size sweep in this run.\n\n")
     L.append(_img(made, "growth", "growth with heap size"))
@@ -658,6 +674,34 @@ def fault_summary(doc: dict[str, Any]) -> str:
     if not rows:
         return "No demand fault in this run."
     return table(["tracker", "runs", "faults", "p50 ms (bin upper edge)", "p90 ms", "p99 ms"], rows)
+
+
+SEGMENTS = (("fault_latency_hist", "whole fault"), ("demand_queued_hist", "queued"),
+            ("demand_round_trip_hist", "out and back"), ("source_service_hist", "source service"),
+            ("demand_install_hist", "installed"))
+
+
+def segment_panels(doc: dict[str, Any]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """tracker -> {segment -> merged histogram over every post-copy run with that tracker}."""
+    ok = [r for r in _ok(doc["results"]) if r.get("strategy") in ("constmig", "hybrid")]
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for tracker in dict.fromkeys(r.get("tracker") for r in ok):
+        mine = [r for r in ok if r.get("tracker") == tracker]
+        lines = {label: h for key, label in SEGMENTS if (h := merge_hists([r.get(key) for r in mine])) is not None}
+        if len(lines) > 1:
+            panels[str(tracker)] = lines
+    return panels
+
+
+def segment_summary(doc: dict[str, Any]) -> str:
+    rows = []
+    for tracker, lines in segment_panels(doc).items():
+        for label, (upper, counts) in lines.items():
+            q = [hist_quantile(upper, counts, x) for x in (0.5, 0.99)]
+            rows.append([tracker, label, str(int(counts.sum())), *[_n(v / 1e3, 3) if v else "-" for v in q]])
+    if not rows:
+        return "No demand fault with its segments in this run."
+    return table(["tracker", "segment", "samples", "p50 ms", "p99 ms"], rows)
 
 
 def stream_section(doc: dict[str, Any]) -> str:

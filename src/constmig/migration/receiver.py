@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.ma  # noqa: F401  np.unique imports it on first use (10-20 ms): not at the first fault
@@ -60,6 +60,17 @@ HIST_BINS_PER_DECADE = 10  # fault latency histogram: bin k covers [10**(k/10), 
 HIST_MAX_BIN = 70  # 10 s; slower faults land in the last bin, sub-microsecond ones in bin 0
 
 
+def segment_figures(prefix: str, segments: dict[str, list[float]]) -> dict[str, Any]:
+    """p50, p99 and the histogram of each segment, as `{prefix}_{segment}_us_p50` etc."""
+    out: dict[str, Any] = {}
+    for name, samples in segments.items():
+        if samples:
+            out[f"{prefix}_{name}_us_p50"] = percentile_us(samples, 50)
+            out[f"{prefix}_{name}_us_p99"] = percentile_us(samples, 99)
+            out[f"{prefix}_{name}_hist"] = latency_histogram(samples)
+    return out
+
+
 def latency_histogram(samples: list[float]) -> str | None:
     """Fault latencies (seconds) as a compact log-binned histogram, "10:FIRST:c,c,...", or None if empty.
 
@@ -94,7 +105,13 @@ class Receiver:
         self._inflight = np.zeros(n, dtype=bool)
         self._requested = np.zeros(n, dtype=bool)
         self._t_wait: dict[int, float] = {}  # chunk -> when an access first waited for it
+        self._t_asked: dict[int, float] = {}  # chunk -> when its demand went out (waited-for chunks only)
+        self._t_back: dict[int, float] = {}  # chunk -> when its first record came back on the demand channel
         self.latencies: list[float] = []
+        # where a waited-for chunk's time goes, per segment (seconds): queued before its demand went out;
+        # out and back (the wire both ways and the source's service, which the source measures itself);
+        # its first record verified and installed until the access goes on
+        self.segments: dict[str, list[float]] = {"queued": [], "round_trip": [], "install": []}
         self.demand_chunks = 0
         self.background_chunks = 0
         self.requested_chunks = 0
@@ -149,14 +166,36 @@ class Receiver:
             if where:  # a fault knows its address: one message per chunk, with the piece to send first
                 for c in chunks.tolist():
                     self.demand.send(m.Demand(c, 1, where.get(c, 0)))
+                    self._asked([c])
                 return
             whole = not self.installer.pieces_visible  # pieces would only add records
             # contiguous runs, at most MAX_DEMAND each: one small message per run
             for first, stop in chunk_runs(chunks):
                 for start in range(first, stop, MAX_DEMAND):
                     self.demand.send(m.Demand(start, min(MAX_DEMAND, stop - start), whole=whole))
+                    self._asked(range(start, min(start + MAX_DEMAND, stop)))
         except (ConstmigError, OSError) as e:
             self.fail(f"cannot send a demand request: {e}")
+
+    def _asked(self, chunks: Any) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            for c in chunks:
+                if c in self._t_wait:
+                    self._t_asked.setdefault(c, now)
+
+    def _woken(self, idx: int, now: float) -> None:
+        """The access waiting for `idx` goes on now: its latency, and the segments it is made of (under
+        the lock)."""
+        t0 = self._t_wait.pop(idx, None)
+        if t0 is None:
+            return
+        self.latencies.append(now - t0)
+        asked, back = self._t_asked.pop(idx, None), self._t_back.pop(idx, None)
+        if asked is not None and back is not None and t0 <= asked <= back <= now:
+            self.segments["queued"].append(asked - t0)
+            self.segments["round_trip"].append(back - asked)
+            self.segments["install"].append(now - back)
 
     def _loop(self, link: Link) -> None:
         if link is self.demand:
@@ -175,6 +214,9 @@ class Receiver:
                 t1 = time.perf_counter()
                 if not isinstance(msg, SealedChunk):
                     raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")
+                if link is self.demand:
+                    first = msg.index if msg.length == self.chunk_size else msg.index // self.pieces
+                    self._t_back.setdefault(first, t1)
                 if link is self.demand and msg.length != self.chunk_size:
                     self._take_piece(msg, link.chan)
                 else:
@@ -224,9 +266,7 @@ class Receiver:
         if len(tags) - tags.count(None) == 1 and self.installer.pieces_visible:
             # the awaited piece (sent first) is in place: the access goes on now
             with self._lock:
-                t0 = self._t_wait.pop(idx, None)
-                if t0 is not None:
-                    self.latencies.append(time.perf_counter() - t0)
+                self._woken(idx, time.perf_counter())
         if None in tags:
             return
         del self._partial[idx]
@@ -242,9 +282,8 @@ class Receiver:
                 self.demand_chunks += 1
             else:
                 self.background_chunks += 1
-            t0 = self._t_wait.pop(idx, None)
-            if t0 is not None:
-                self.latencies.append(now - t0)
+            self._woken(idx, now)
+            self._t_back.pop(idx, None)
             complete = self.ledger.complete
         if complete:
             self._finish()
@@ -264,6 +303,7 @@ class Receiver:
             "fault_latency_us_p99": percentile_us(self.latencies, 99),
             "fault_latency_us_max": percentile_us(self.latencies, 100),
             "fault_latency_hist": latency_histogram(self.latencies),
+            **segment_figures("demand", self.segments),
             "stream_s": round(time.time() - self.t_resume, 4),
             "recv_wait_s": round(self.recv_s, 3),
             "install_s": round(self.install_s, 3),

@@ -32,6 +32,7 @@ from constmig.migration.ledger import ChunkLedger, chunks_to_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import HAVE, Machine, St
+from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.strategies.base import Strategy
 from constmig.units import wait_seconds
@@ -243,6 +244,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
     finally:
         if streamer is not None:
             streamer.stop()
+            out.figures.update(segment_figures("source", {"service": streamer.service}))
         out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
             demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
         out.zero_chunks += link.chan.zero_chunks_sent + (demand.chan.zero_chunks_sent if demand is not None else 0)

@@ -53,6 +53,7 @@ class Streamer:
         self._left = int(np.count_nonzero(~self._claimed))
         self.demand_chunks = 0
         self.background_chunks = 0
+        self.service: list[float] = []  # per demand: from its arrival to its first record sent (seconds)
         self.error: str | None = None
         self._stopping = False
         self._threads = [threading.Thread(target=self._guard, args=(self._background,), name="stream-bg",
@@ -148,6 +149,7 @@ class Streamer:
                 if self._stopping or self._left == 0:
                     return  # the destination closes its demand channel once it holds every chunk
                 raise
+            t_in = time.perf_counter()
             if not isinstance(msg, m.Demand):
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the demand channel")
             if not (0 < msg.count <= MAX_DEMAND and msg.index >= 0 and msg.index + msg.count <= n_chunks
@@ -160,28 +162,37 @@ class Streamer:
                     self._claim(idx)
                 if run:
                     self._pos = self._where[run[-1]] + 1  # background continues right after it
-            for idx in run:
+            for k, idx in enumerate(run):
                 if msg.whole:
                     tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
                 else:
-                    tag = self._send_pieces(idx, msg.offset if idx == msg.index else 0)
+                    tag = self._send_pieces(idx, msg.offset if idx == msg.index else 0,
+                                            t_in if k == 0 else None)
+                if k == 0 and msg.whole:
+                    self.service.append(time.perf_counter() - t_in)
                 with self._lock:
                     self.ledger.record_sent(idx, tag)
                     self.demand_chunks += 1
                     self._recorded.notify_all()
 
-    def _send_pieces(self, idx: int, offset: int) -> bytes:
+    def _send_pieces(self, idx: int, offset: int, t_in: float | None = None) -> bytes:
         """Send chunk `idx` as PIECE-sized records (arg = chunk * pieces + piece), the piece holding
-        `offset` first and then on in address order: the waiting access can go on after one piece."""
+        `offset` first and then on in address order: the waiting access can go on after one piece.
+        `t_in`: when its demand arrived (the service time to the first piece is recorded)."""
         view = self.heap.chunk_view(idx)
         n = self.heap.chunk_size // PIECE
         if n == 1:  # a chunk no bigger than a piece goes whole (the receiver tells them apart by size)
-            return self.demand.send_chunk(idx, view, demand=True)
+            tag = self.demand.send_chunk(idx, view, demand=True)
+            if t_in is not None:
+                self.service.append(time.perf_counter() - t_in)
+            return tag
         hot = min(max(offset, 0) // PIECE, n - 1)
         tags: list[bytes] = [b""] * n
         for k in range(n):
             p = (hot + k) % n
             tags[p] = self.demand.send_chunk(idx * n + p, view[p * PIECE:(p + 1) * PIECE], demand=True)
+            if k == 0 and t_in is not None:
+                self.service.append(time.perf_counter() - t_in)
         return pieces_tag(tags)
 
     def wait_recorded(self, timeout: float) -> None:
