@@ -103,15 +103,20 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="One line per event (listening, CA, enclave started/stopped, migration started/done/failed); "
                    "json: one JSON object per line, for log collectors.")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free one; status shows "
+              "the URL as metrics_url).")
 @click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
 def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, log_format: str,
-          verbose: bool) -> None:
+          metrics_listen: str | None, verbose: bool) -> None:
     """Run a host agent (foreground)."""
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
     from constmig.tee.producers import resolve_tee
 
     parse_addr(listen)
+    if metrics_listen is not None:
+        parse_addr(metrics_listen)
     found = resolve_tee(tee)  # no hardware: one line saying what was looked for
     if found != "sim":
         raise ConfigError(f"found {found.reason}: this machine can produce quotes (`constmig attest`), but the "
@@ -123,7 +128,7 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir()))
+        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir(), metrics_listen))
     except OSError as e:
         raise ConfigError(f"cannot serve on {listen}: {e.strerror or e}") from None
 

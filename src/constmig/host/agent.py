@@ -38,6 +38,7 @@ from constmig.errors import (
 from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.host.metrics import AgentMetrics
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.migration import strategies
@@ -123,7 +124,8 @@ def _ckpt_version(path: Path) -> int:
 
 
 class Agent:
-    def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
+    def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path,
+                 metrics_listen: str | None = None) -> None:
         self.listen = listen
         self.host_id = host_id
         state_dir = Path(state_dir).absolute()  # paths it reports (checkpoints) work from any folder
@@ -151,6 +153,16 @@ class Agent:
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
+        self.metrics = AgentMetrics(self._metric_rows)
+        if metrics_listen is not None:
+            try:
+                log.info("metrics at %s", self.metrics.serve(metrics_listen))
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {metrics_listen}: {e.strerror or e}") from None
+
+    def _metric_rows(self) -> list[tuple[str, str, int]]:
+        """(name, status, heap bytes) per enclave, for a scrape (another thread: read, never change)."""
+        return [(name, h.cell.value.value, h.handle.spec.heap) for name, h in list(self.enclaves.items())]
 
     # ---- what runs here, across restarts ----
     def _load_died(self) -> dict[str, dict[str, Any]]:
@@ -239,6 +251,7 @@ class Agent:
         self._stopping.set()
 
     async def close(self) -> None:
+        self.metrics.close()
         if self._server is not None:
             self._server.close()
         for hosted in list(self.enclaves.values()):
@@ -372,7 +385,7 @@ class Agent:
                     info.update(await hosted.handle.call({"op": "status"}))
             out[name] = info
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
-                "migrations": self.history[-20:], "died": dict(self.died)}
+                "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url}
 
     async def _clear_tombstone(self, name: str) -> None:
         """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
@@ -675,6 +688,7 @@ class Agent:
             hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
             self.history.append({"name": name, "direction": "in", **result})
+            self.metrics.finished("in", result)
             log.info("migration of %s in done: %s, downtime %.1f ms", name, result.get("strategy"),
                      result.get("downtime_ms") or 0.0)
         except ConstmigError as e:
@@ -778,6 +792,7 @@ class Agent:
                 hosted.settled.set()
                 if prepared:
                     drop_prepared()
+                self.metrics.ended("out", strategy, "cancelled" if hosted.cancel is not None else "rolled-back")
                 if hosted.cancel is not None:
                     log.info("migration of %s cancelled before its commit point: it runs on here", spec.name)
                     raise AgentError(f"migration of {spec.name!r} cancelled before its commit point ({hosted.cancel});"
@@ -785,6 +800,7 @@ class Agent:
                 raise AgentError(str(e)) from None
             if state != "handed-off" or deadline <= 0:
                 # handed off: it never runs here again, and keeps its state
+                self.metrics.ended("out", strategy, "failed")
                 hosted.move((S.MIGRATING_OUT, S.HANDED_OFF), S.FAILED)
                 hosted.settled.set()
                 raise AgentError(str(e)) from None
@@ -812,6 +828,7 @@ class Agent:
         log.info("migration of %s to %s done: %s, downtime %.1f ms, total %.2f s", name, result.get("to"),
                  result.get("strategy"), result.get("downtime_ms") or 0.0, result.get("total_s") or 0.0)
         self.history.append({"direction": "out", **result})
+        self.metrics.finished("out", result)
         self.enclaves.pop(name, None)
         self.moved[name] = result["to"]
         hosted.settled.set()
@@ -969,8 +986,9 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
     return sock
 
 
-async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path) -> None:
-    agent = Agent(listen, state_dir, host_id, ca_dir)
+async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path,
+                    metrics_listen: str | None = None) -> None:
+    agent = Agent(listen, state_dir, host_id, ca_dir, metrics_listen)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(agent.terminate(s.name)))

@@ -27,7 +27,7 @@ class LocalCluster:
     """N agents (separate processes, state dirs and ports) sharing one root CA in a temp folder."""
 
     def __init__(self, n: int = 2, base_dir: Path | None = None, host: str = "127.0.0.1",
-                 ca_dir: Path | None = None) -> None:
+                 ca_dir: Path | None = None, metrics: bool = False) -> None:
         self._own_dir = base_dir is None
         self.base = Path(tempfile.mkdtemp(prefix="constmig-")) if base_dir is None else base_dir
         self.base.mkdir(parents=True, exist_ok=True)
@@ -36,6 +36,7 @@ class LocalCluster:
         self.addrs: list[str] = []
         self.host = host
         self.n = n
+        self.metrics = metrics  # each agent serves /metrics on a free port (its status says where)
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -53,7 +54,8 @@ class LocalCluster:
         log = open(self.base / f"agent-{host_id}.log", "ab")  # noqa: SIM115 (owned by the child)
         proc = subprocess.Popen(
             [sys.executable, "-m", "constmig", "agent", "--listen", addr, "--state-dir",
-             str(self.base / f"host-{host_id}"), "--host-id", host_id, "--ca-dir", str(self.ca_dir)],
+             str(self.base / f"host-{host_id}"), "--host-id", host_id, "--ca-dir", str(self.ca_dir),
+             *(["--metrics-listen", f"{self.host}:0"] if self.metrics else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         if i < len(self.procs):

@@ -1,0 +1,108 @@
+"""An agent's metrics for Prometheus (`constmig agent --metrics-listen HOST:PORT`, served at /metrics).
+
+What a fleet operator watches per host: enclaves by state and their heap bytes (read at scrape time
+from the agent's table), migrations by direction, strategy and outcome, their downtime, the demand-
+fault latency an incoming post-copy migration's app waited, and the bytes migrations moved. The
+Prometheus client library writes the format; a registry of its own keeps agents in one process apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from constmig.host.address import parse_addr
+
+DOWNTIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+FAULT_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+
+class _Enclaves(Collector):
+    """Gauges read from the agent's table when scraped (never stale, nothing to keep in step)."""
+
+    def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._table = table  # -> (name, status, heap bytes) per enclave
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        rows = list(self._table())
+        by_state = GaugeMetricFamily("constmig_enclaves", "Enclaves on this agent, by state", labels=["state"])
+        counts: dict[str, int] = {}
+        for _, status, _ in rows:
+            counts[status] = counts.get(status, 0) + 1
+        for status, n in sorted(counts.items()):
+            by_state.add_metric([status], n)
+        heap = GaugeMetricFamily("constmig_enclave_heap_bytes", "Heap size of each enclave on this agent",
+                                 labels=["enclave", "state"])
+        for name, status, size in rows:
+            heap.add_metric([name, status], size)
+        yield by_state
+        yield heap
+
+
+class AgentMetrics:
+    """The agent's registry, its instruments, and the HTTP endpoint once served."""
+
+    def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_Enclaves(table))
+        self.migrations = Counter("constmig_migrations", "Migrations this agent took part in",
+                                  ["direction", "strategy", "outcome"], registry=self.registry)
+        self.downtime = Histogram("constmig_downtime_seconds", "Downtime of finished migrations (timed inside "
+                                  "the enclaves)", ["strategy"], buckets=DOWNTIME_BUCKETS, registry=self.registry)
+        self.fault_latency = Histogram("constmig_demand_fault_seconds", "How long the app of a post-copy "
+                                       "migration out of here waited for a missing chunk at its destination "
+                                       "(reported at DONE; bin upper edges)", ["tracker"],
+                                       buckets=FAULT_BUCKETS, registry=self.registry)
+        self.moved_bytes = Counter("constmig_migrated_bytes", "Heap bytes moved by finished migrations out of "
+                                   "here", ["direction"], registry=self.registry)
+        self.url: str | None = None
+        self._server: Any = None
+
+    def serve(self, listen: str) -> str:
+        """Serve /metrics on HOST:PORT (port 0: a free one); returns the URL."""
+        host, port = parse_addr(listen)
+        self._server, _ = start_http_server(port, host, registry=self.registry)
+        self.url = f"http://{host}:{self._server.server_port}/metrics"
+        return self.url
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def finished(self, direction: str, figures: dict[str, Any]) -> None:
+        """A migration in or out finished (DONE): its outcome, downtime, bytes and waits."""
+        strategy = str(figures.get("strategy") or "unknown")
+        self.migrations.labels(direction, strategy, "done").inc()
+        if figures.get("downtime_ms") is not None:
+            self.downtime.labels(strategy).observe(float(figures["downtime_ms"]) / 1e3)
+        if figures.get("state_bytes"):
+            self.moved_bytes.labels(direction).inc(int(figures["state_bytes"]))
+        if direction == "out":  # the destination reports its app's waits to the source at DONE
+            self._faults(str(figures.get("tracker") or "none"), figures.get("fault_latency_hist"))
+
+    def ended(self, direction: str, strategy: str, outcome: str) -> None:
+        """A migration that did not finish: rolled back, cancelled, paused for good, failed."""
+        self.migrations.labels(direction, strategy, outcome).inc()
+
+    def _faults(self, tracker: str, hist: Any) -> None:
+        """The destination's log-binned histogram (receiver.latency_histogram), each fault at its bin's
+        upper edge."""
+        if not isinstance(hist, str) or hist.count(":") != 2:
+            return
+        try:
+            per_decade, first, counts = hist.split(":")
+            b, f = int(per_decade), int(first)
+            values = [int(c) for c in counts.split(",")]
+        except ValueError:
+            return
+        child = self.fault_latency.labels(tracker)
+        for i, n in enumerate(values):
+            edge = 10 ** ((f + i + 1) / b) / 1e6  # seconds
+            for _ in range(min(n, 100_000)):
+                child.observe(edge)
