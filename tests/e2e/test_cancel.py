@@ -108,6 +108,22 @@ def test_cancel_while_the_destination_never_answers(cluster) -> None:
         mute.close()
 
 
+def test_a_cli_killed_while_the_destination_never_answers_leaves_no_enclave_blocked(cluster) -> None:
+    """The first row of issue 17's table: before, the source kept the enclave preparing-out ~120 s."""
+    a, _ = cluster.addrs
+    before = launch(a)
+    mute = socket.create_server(("127.0.0.1", 0))
+    try:
+        p = start_migrate("kv", "--from", a, "--to", f"127.0.0.1:{mute.getsockname()[1]}", "--json", "-")
+        wait_status(a, "preparing-out")
+        p.kill()
+        p.wait()
+        wait_status(a, "running", timeout=5)
+        assert checksum(a) == before
+    finally:
+        mute.close()
+
+
 def test_cancel_past_the_commit_point_is_refused_and_the_migration_finishes(cluster) -> None:
     a, b = cluster.addrs
     before = launch(a)
