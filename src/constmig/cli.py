@@ -381,6 +381,101 @@ def status(addr: str, as_json: bool, timeout: float) -> None:
     print_status(st)
 
 
+@main.command("ls")
+@click.option("--hosts", required=True, help="The fleet's agents, HOST:PORT,HOST:PORT,...")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def ls_cmd(hosts: str, as_json: bool) -> None:
+    """Every enclave of the fleet: where it runs, its state and size; hosts that do not answer, too."""
+    from constmig.host.fleet import hosts_arg, look
+
+    views = look(hosts_arg(hosts))
+    if as_json:
+        click.echo(_show({v.addr: {"host_id": v.host_id, "free_bytes": v.free, "enclaves": v.enclaves,
+                                   **({"error": v.error} if v.error else {})} for v in views}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from constmig.units import format_size
+
+    table = Table(title=f"{sum(len(v.enclaves) for v in views)} enclaves on {len(views)} hosts")
+    for col in ("enclave", "host", "state", "app", "heap"):
+        table.add_column(col)
+    for v in views:
+        for name, e in sorted(v.enclaves.items()):
+            table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
+                          format_size(int(e.get("heap_bytes") or 0)))
+    out = Console()
+    out.print(table)
+    for v in views:
+        if v.error:
+            out.print(f"{v.addr}: {v.error}", soft_wrap=True)
+        else:
+            out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps", soft_wrap=True)
+    if any(v.error for v in views):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--hosts", required=True, help="Where its enclaves may go: HOST:PORT,HOST:PORT,...")
+@click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Migrations at once.")
+@click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
+              help="Cap shared by the drain's migrations, bytes per second (e.g. 500M); 0 = no cap.")
+@click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
+@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Per-step timeout of each migration, seconds.")
+@click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
+def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: str, tracker: str, timeout: float,
+          json_path: str | None) -> None:
+    """Move every running enclave off SOURCE to the --hosts with the most room (maintenance)."""
+    import time
+
+    from constmig.host.address import parse_addr
+    from constmig.host.fleet import drain as run_drain
+    from constmig.host.fleet import hosts_arg, look, plan_drain
+
+    check_writable(json_path, "--json")
+    src_key = parse_addr(source)
+    targets = [h for h in hosts_arg(hosts) if parse_addr(h) != src_key]
+    views = look([source, *targets])
+    if views[0].error:
+        raise ConfigError(f"cannot drain {source}: {views[0].error}")
+    for v in views[1:]:
+        if v.error:
+            click.echo(f"(leaving out {v.addr}: {v.error})", err=True)
+    moves, skipped = plan_drain(views[0], views[1:])
+    for what in skipped:
+        click.echo(f"(not moved: {what}: only running enclaves move)", err=True)
+    quiet = json_path == "-"
+    t0 = time.time()
+    if not moves:
+        outcomes = []
+        if not quiet:
+            click.echo(f"nothing to drain: no running enclave on {source}")
+    else:
+        from constmig.progress import DrainProgress
+
+        with DrainProgress(moves, quiet=quiet) as bar:
+            outcomes = run_drain(source, moves, parallel=parallel, max_bandwidth=float(max_bandwidth),
+                                 strategy=strategy, tracker=tracker, timeout=timeout, on_event=bar.event)
+    doc = {"source": source, "wall_s": round(time.time() - t0, 3), "skipped": skipped,
+           "moved": [{"name": o.name, "to": o.to, "ok": o.ok, "error": o.error or None,
+                      **{k: o.figures.get(k) for k in ("strategy", "downtime_ms", "total_s", "state_bytes")}}
+                     for o in outcomes]}
+    write_json(doc, json_path)
+    if not quiet and outcomes:
+        from constmig.progress import print_drain
+
+        print_drain(doc)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise ConstmigError(f"{len(failed)} of {len(outcomes)} enclaves did not move off {source} (see above); "
+                            "run the same drain again to move what is left")
+
+
 @main.command()
 @click.argument("name")
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)

@@ -129,3 +129,58 @@ def print_status(st: dict[str, Any]) -> None:
                          f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
                          f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "")
         out.print(hist)
+
+
+class DrainProgress:
+    """A bar for the whole drain (bytes of all its enclaves) and one per enclave while it moves."""
+
+    def __init__(self, moves: list[Any], quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                  DownloadColumn(binary_units=True), TimeElapsedColumn(), console=console)
+        self._heap = {mv.name: mv.heap for mv in moves}
+        self._total = sum(self._heap.values())
+        self._done: dict[str, int] = {}
+        self._tasks: dict[str, Any] = {}
+        self._all: Any = None
+
+    def __enter__(self) -> DrainProgress:
+        if not self.quiet:
+            self._progress.start()
+            self._all = self._progress.add_task(f"drain: {len(self._heap)} enclaves", total=self._total)
+        return self
+
+    def event(self, name: str, kind: str, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if kind == "start":
+            self._tasks[name] = self._progress.add_task(f"  {name} -> {info['to']}", total=None)
+        elif kind == "progress" and info.get("total"):
+            share = int(self._heap[name] * min(info.get("done", 0) / info["total"], 1.0))
+            self._done[name] = max(self._done.get(name, 0), share)
+            self._progress.update(self._tasks[name], completed=info.get("done", 0), total=info["total"])
+        elif kind == "end":
+            self._done[name] = self._heap[name]
+            label = "done" if info.get("ok") else "FAILED"
+            self._progress.update(self._tasks[name], description=f"  {name}: {label}", visible=True)
+        self._progress.update(self._all, completed=sum(self._done.values()))
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self._progress.stop()
+
+
+def print_drain(doc: dict[str, Any]) -> None:
+    """The drain's final table: where each enclave went, its downtime and time, or why it did not move."""
+    from constmig.units import format_size
+
+    out = Console()
+    table = Table(title=f"drain of {doc['source']}: {doc['wall_s']:.1f} s")
+    for col in ("enclave", "to", "outcome", "downtime", "total", "moved"):
+        table.add_column(col)
+    for m in doc["moved"]:
+        table.add_row(m["name"], m["to"], "moved" if m["ok"] else f"stayed: {m['error']}",
+                      f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
+                      f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "",
+                      format_size(int(m["state_bytes"])) if m.get("state_bytes") else "")
+    out.print(table)

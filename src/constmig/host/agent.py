@@ -385,7 +385,8 @@ class Agent:
                     info.update(await hosted.handle.call({"op": "status"}))
             out[name] = info
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
-                "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url}
+                "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url,
+                "memory": {"available": available_memory(), "promised": self._promised()}}
 
     async def _clear_tombstone(self, name: str) -> None:
         """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""

@@ -1,0 +1,161 @@
+"""Operations over many agents: what runs where (`constmig ls`) and emptying a host (`constmig drain`).
+
+The fleet here is a list of agent addresses (`--hosts`). Each migration of a drain is the ordinary one,
+with its commit point: interrupted anywhere (Ctrl-C, an agent killed, a link cut), every enclave is in
+exactly one place (a migration whose requester vanishes before its commit point is cancelled by the
+source agent), and the same drain run again moves what is left.
+
+Placement: the largest heap first, each to the host with the most room left (its available memory
+less what its enclaves may still claim, less what this drain already sent there); a drain that the
+rest of the fleet cannot hold is refused before anything moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from constmig.errors import ConfigError, ConstmigError
+from constmig.host.address import parse_addr
+from constmig.host.client import request
+from constmig.host.orchestrate import migrate
+from constmig.units import format_size
+
+STATUS_TIMEOUT_S = 10.0
+HEADROOM = 64 << 20  # left free on a destination beyond the heaps it takes
+
+
+@dataclass
+class HostView:
+    """One agent as `status` showed it (or why it could not)."""
+
+    addr: str
+    host_id: str = ""
+    enclaves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    free: int = 0  # bytes a new heap may still claim there
+    error: str | None = None
+
+
+def look(hosts: list[str], timeout: float = STATUS_TIMEOUT_S) -> list[HostView]:
+    """Every host's status, asked at once; an unreachable one is listed with its error."""
+    views = [HostView(h) for h in hosts]
+
+    def one(v: HostView) -> None:
+        try:
+            st = request(v.addr, {"op": "status"}, timeout=timeout)
+        except ConstmigError as e:
+            v.error = str(e)
+            return
+        v.host_id = str(st.get("host_id", ""))
+        v.enclaves = dict(st.get("enclaves") or {})
+        mem = st.get("memory") or {}
+        v.free = max(int(mem.get("available", 0)) - int(mem.get("promised", 0)), 0)
+
+    threads = [threading.Thread(target=one, args=(v,)) for v in views]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return views
+
+
+def hosts_arg(text: str) -> list[str]:
+    """`--hosts A,B,...`: addresses, each checked, no repeats."""
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise ConfigError("--hosts needs at least one HOST:PORT")
+    seen: set[tuple[str, int]] = set()
+    for h in hosts:
+        key = parse_addr(h)
+        if key in seen:
+            raise ConfigError(f"--hosts names {h} twice")
+        seen.add(key)
+    return hosts
+
+
+@dataclass
+class Move:
+    name: str
+    heap: int
+    to: str
+
+
+def plan_drain(source: HostView, others: list[HostView]) -> tuple[list[Move], list[str]]:
+    """Where each running enclave of `source` goes; and the enclaves left alone (not running), with why.
+    Refuses (ConfigError) when the others cannot hold them all."""
+    room = {v.addr: v.free - HEADROOM for v in others if v.error is None}
+    if not room:
+        raise ConfigError("no other reachable host to drain to")
+    moves: list[Move] = []
+    skipped: list[str] = []
+    running = sorted(((n, int(e.get("heap_bytes") or 0)) for n, e in source.enclaves.items()
+                      if e.get("status") == "running"), key=lambda x: (-x[1], x[0]))
+    for name, e in sorted(source.enclaves.items()):
+        if e.get("status") != "running":
+            skipped.append(f"{name} ({e.get('status')})")
+    for name, heap in running:
+        best = max(room, key=lambda a: room[a])
+        if room[best] < heap:
+            need = sum(h for _, h in running)
+            raise ConfigError(f"the rest of the fleet cannot hold what must leave {source.addr}: {name} needs "
+                              f"{format_size(heap)}, the most room left is {format_size(max(room[best], 0))} on "
+                              f"{best} (all of it: {format_size(need)} in {len(running)} enclaves)")
+        room[best] -= heap
+        moves.append(Move(name, heap, best))
+    return moves, skipped
+
+
+@dataclass
+class Outcome:
+    name: str
+    to: str
+    ok: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def drain(source: str, moves: list[Move], *, parallel: int, max_bandwidth: float, strategy: str, tracker: str,
+          timeout: float, on_event: Callable[[str, str, dict[str, Any]], None] | None = None) -> list[Outcome]:
+    """Run the moves, at most `parallel` at once, sharing `max_bandwidth` (bytes/s, 0 = no cap) among them.
+    One failure does not stop the others; each outcome says what happened."""
+    share = max_bandwidth / parallel if max_bandwidth else 0.0
+
+    def one(mv: Move) -> Outcome:
+        def progress(info: dict[str, Any]) -> None:
+            if on_event is not None:
+                on_event(mv.name, "progress", info)
+
+        if on_event is not None:
+            on_event(mv.name, "start", {"to": mv.to, "heap": mv.heap})
+        try:
+            fig = migrate(mv.name, source, mv.to, strategy, timeout, on_progress=progress, tracker=tracker,
+                          max_bandwidth=share)
+            out = Outcome(mv.name, mv.to, True, fig)
+        except ConstmigError as e:
+            out = Outcome(mv.name, mv.to, False, error=str(e))
+        if on_event is not None:
+            on_event(mv.name, "end", {"ok": out.ok, "error": out.error})
+        return out
+
+    results: list[Outcome] = []
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="drain")
+    futures = {pool.submit(one, mv): mv for mv in moves}
+    try:
+        for fut in as_completed(futures):
+            results.append(fut.result())
+    except KeyboardInterrupt:
+        # Stop what has not started; cancel what has not reached its commit point (the rest finishes):
+        # every enclave ends up in exactly one place, and the same drain run again moves what is left.
+        for fut, mv in futures.items():
+            if not fut.cancel() and not fut.done():
+                with contextlib.suppress(ConstmigError):  # past its commit point, or over already: it goes on
+                    request(source, {"op": "cancel", "name": mv.name, "reason": "the drain was interrupted"},
+                            timeout=STATUS_TIMEOUT_S)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return sorted(results, key=lambda o: o.name)

@@ -1,0 +1,100 @@
+"""Fleet operations over a list of agents (issue 16, without etcd): `constmig ls` and `constmig drain`.
+Placement is a pure function, tested on views; the drain runs on three real agents with clients calling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from constmig.errors import ConfigError
+from constmig.host.fleet import HEADROOM, HostView, hosts_arg, plan_drain
+
+MiB = 1 << 20
+
+
+def view(addr: str, free: int, **enclaves: tuple[str, int]) -> HostView:
+    return HostView(addr, addr[-1], {n: {"status": st, "heap_bytes": heap} for n, (st, heap) in enclaves.items()},
+                    free + HEADROOM)
+
+
+def test_the_largest_heap_goes_first_to_the_host_with_the_most_room():
+    src = view("h:1", 0, small=("running", 100 * MiB), big=("running", 600 * MiB), mid=("running", 300 * MiB),
+               moving=("migrating-out", 50 * MiB))
+    moves, skipped = plan_drain(src, [view("h:2", 700 * MiB), view("h:3", 500 * MiB)])
+    assert [(m.name, m.to) for m in moves] == [("big", "h:2"), ("mid", "h:3"), ("small", "h:3")]
+    assert skipped == ["moving (migrating-out)"]
+
+
+def test_a_drain_the_fleet_cannot_hold_is_refused_before_anything_moves():
+    src = view("h:1", 0, a=("running", 600 * MiB), b=("running", 600 * MiB))
+    with pytest.raises(ConfigError, match=r"the rest of the fleet cannot hold what must leave h:1: .* needs 600"):
+        plan_drain(src, [view("h:2", 1000 * MiB)])
+    down = HostView("h:9", error="cannot reach agent")
+    with pytest.raises(ConfigError, match="no other reachable host to drain to"):
+        plan_drain(src, [down])
+
+
+@pytest.mark.parametrize(("text", "fragment"), [("", "--hosts needs at least one"), ("a:1,a:1", "names a:1 twice"),
+                                                ("nope", "bad address 'nope'")])
+def test_hosts_lists_are_checked(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        hosts_arg(text)
+
+
+def cm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.e2e
+def test_drain_a_host_of_four_enclaves_under_client_load():
+    from constmig.bench.loadgen import KVHammer
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import app_checksum, launch_filled
+
+    with LocalCluster(3) as c:
+        a, b, d = c.addrs
+        names = ["kv1", "kv2", "kv3", "kv4"]
+        for i, n in enumerate(names):
+            launch_filled(a, n, "kvstore", (16 + 16 * i) << 20, 0.5, seed=i)
+        sums = {n: app_checksum(a, n) for n in names[2:]}
+        hammers = [KVHammer(a, n, keys=200, write_ratio=0.3, seed=7 + i) for i, n in enumerate(names[:2])]
+        for h in hammers:
+            h.preload()
+            h.start()
+        try:
+            p = cm("drain", a, "--hosts", f"{a},{b},{d}", "--parallel", "2", "--max-bandwidth", "200M", "--json", "-")
+        finally:
+            reports = [h.stop() for h in hammers]
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert sorted(m["name"] for m in doc["moved"]) == names and all(m["ok"] for m in doc["moved"])
+        assert {m["to"] for m in doc["moved"]} == {b, d}  # spread by room
+        for h, r in zip(hammers, reports, strict=True):
+            assert r.calls > 0 and r.errors == [] and r.wrong == 0
+            assert h.verify() == 0  # every acknowledged write is where the enclave runs now
+            h.close()
+        assert request(a, {"op": "status"})["enclaves"] == {}
+        for n in names[2:]:
+            assert app_checksum(a, n) == sums[n]  # found through the old host's redirect
+        ls = cm("ls", "--hosts", f"{a},{b},{d}", "--json")
+        assert ls.returncode == 0, ls.stderr
+        where = {n: addr for addr, v in json.loads(ls.stdout).items() for n in v["enclaves"]}
+        assert where == {m["name"]: m["to"] for m in doc["moved"]}
+        again = cm("drain", a, "--hosts", f"{b},{d}")
+        assert again.returncode == 0 and "nothing to drain: no running enclave on" in again.stdout
+
+
+@pytest.mark.e2e
+def test_ls_names_a_host_that_does_not_answer():
+    from constmig.host.cluster import LocalCluster, free_port
+
+    with LocalCluster(1) as c:
+        dead = f"127.0.0.1:{free_port()}"
+        p = cm("ls", "--hosts", f"{c.addrs[0]},{dead}")
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert f"{dead}: cannot reach agent" in p.stdout, p.stdout
