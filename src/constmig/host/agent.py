@@ -562,6 +562,7 @@ class Agent:
             except TimeoutError:
                 raise AgentError(f"the enclave {name!r} did not answer the cancel in time") from None
             except ConstmigError as e:
+                hosted.cancel = None  # refused (past its commit point): a later failure is not a cancel
                 raise AgentError(f"cannot cancel the migration of {name!r}: {e}") from None
         try:  # the migration's own error path rolls it back; wait for that, boundedly
             await asyncio.wait_for(hosted.settled.wait(), CANCEL_WAIT_S)
