@@ -3,9 +3,11 @@ TCP loopback, opened into a fresh heap, with nothing of the migration protocol a
 migration's stream (`stream_gbps`) is judged against it (`stream_vs_raw`), measured in the same run.
 
 Two ways into the heap, as the two trackers receive:
-* `plain`: open each chunk straight into a fresh heap (the Access Tracker's and stop-and-copy's way);
-* `uffd`: open into scratch, then one UFFDIO_COPY into a fresh heap registered with userfaultfd (the
-  Fault Tracker's pager's way; skipped, with the reason, where userfaultfd does not work).
+* `plain`: open each chunk straight into a fresh heap populated beforehand, as an incoming heap is at
+  launch (the Access Tracker's and stop-and-copy's way);
+* `uffd`: open into scratch, then one UFFDIO_COPY into a fresh heap registered with userfaultfd, whose
+  pages stay missing until installed (the Fault Tracker's pager's way; skipped, with the reason, where
+  userfaultfd does not work).
 
 The record layer is the migration's own (wire/channel.py, AES-256-GCM), keyed with random keys; the
 sender's heap is random bytes (no zero records). Repeats alternate the modes.
@@ -37,6 +39,8 @@ def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
     chunk in place, chunks) or an error line."""
     try:
         heap = Heap(heap_bytes, chunk_size=CHUNK)
+        if mode == "plain":
+            heap.populate()  # as an incoming heap is at launch, before any migration starts
         uffd = installer = None
         if mode == "uffd":
             from constmig.enclave.pager import UffdInstaller
