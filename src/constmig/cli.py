@@ -431,10 +431,7 @@ def ls_cmd(hosts: str, as_json: bool) -> None:
 def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: str, tracker: str, timeout: float,
           json_path: str | None) -> None:
     """Move every running enclave off SOURCE to the --hosts with the most room (maintenance)."""
-    import time
-
     from constmig.host.address import parse_addr
-    from constmig.host.fleet import drain as run_drain
     from constmig.host.fleet import hosts_arg, look, plan_drain
 
     check_writable(json_path, "--json")
@@ -449,20 +446,62 @@ def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: 
     moves, skipped = plan_drain(views[0], views[1:])
     for what in skipped:
         click.echo(f"(not moved: {what}: only running enclaves move)", err=True)
+    _run_moves(f"drain of {source}", moves, f"nothing to drain: no running enclave on {source}", parallel,
+               max_bandwidth, strategy, tracker, timeout, json_path, {"source": source, "skipped": skipped},
+               f"run the same drain again to move what is left off {source}")
+
+
+@main.command()
+@click.option("--hosts", required=True, help="The fleet's agents, HOST:PORT,HOST:PORT,...")
+@click.option("--max-moves", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="At most this many migrations.")
+@click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Migrations at once.")
+@click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
+              help="Cap shared by the migrations, bytes per second (e.g. 500M); 0 = no cap.")
+@click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
+@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Per-step timeout of each migration, seconds.")
+@click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
+def rebalance(hosts: str, max_moves: int, parallel: int, max_bandwidth: int, strategy: str, tracker: str,
+              timeout: float, json_path: str | None) -> None:
+    """Even out the heap bytes running on each host: each move takes, from the fullest host to the
+    emptiest, the enclave closest to half their difference."""
+    from constmig.host.fleet import hosts_arg, look, plan_rebalance
+
+    check_writable(json_path, "--json")
+    views = look(hosts_arg(hosts))
+    for v in views:
+        if v.error:
+            click.echo(f"(leaving out {v.addr}: {v.error})", err=True)
+    moves = plan_rebalance(views, max_moves)
+    _run_moves("rebalance", moves, "nothing to rebalance: no move would even out the hosts", parallel,
+               max_bandwidth, strategy, tracker, timeout, json_path, {}, "run rebalance again")
+
+
+def _run_moves(title: str, moves: list[Any], nothing: str, parallel: int, max_bandwidth: int, strategy: str,
+               tracker: str, timeout: float, json_path: str | None, doc: dict[str, Any], again: str) -> None:
+    """Run a drain's or a rebalance's moves with progress; print the table, write the JSON."""
+    import time
+
+    from constmig.host.fleet import run_moves
+
     quiet = json_path == "-"
     t0 = time.time()
+    outcomes = []
     if not moves:
-        outcomes = []
         if not quiet:
-            click.echo(f"nothing to drain: no running enclave on {source}")
+            click.echo(nothing)
     else:
         from constmig.progress import DrainProgress
 
-        with DrainProgress(moves, quiet=quiet) as bar:
-            outcomes = run_drain(source, moves, parallel=parallel, max_bandwidth=float(max_bandwidth),
-                                 strategy=strategy, tracker=tracker, timeout=timeout, on_event=bar.event)
-    doc = {"source": source, "wall_s": round(time.time() - t0, 3), "skipped": skipped,
-           "moved": [{"name": o.name, "to": o.to, "ok": o.ok, "error": o.error or None,
+        with DrainProgress(title, moves, quiet=quiet) as bar:
+            outcomes = run_moves(moves, parallel=parallel, max_bandwidth=float(max_bandwidth), strategy=strategy,
+                                 tracker=tracker, timeout=timeout, on_event=bar.event)
+    frm = {mv.name: mv.src for mv in moves}
+    doc = {**doc, "title": title, "wall_s": round(time.time() - t0, 3),
+           "moved": [{"name": o.name, "from": frm.get(o.name), "to": o.to, "ok": o.ok, "error": o.error or None,
                       **{k: o.figures.get(k) for k in ("strategy", "downtime_ms", "total_s", "state_bytes")}}
                      for o in outcomes]}
     write_json(doc, json_path)
@@ -472,8 +511,7 @@ def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: 
         print_drain(doc)
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        raise ConstmigError(f"{len(failed)} of {len(outcomes)} enclaves did not move off {source} (see above); "
-                            "run the same drain again to move what is left")
+        raise ConstmigError(f"{len(failed)} of {len(outcomes)} enclaves did not move (see above); {again}")
 
 
 @main.command()

@@ -134,8 +134,9 @@ def print_status(st: dict[str, Any]) -> None:
 class DrainProgress:
     """A bar for the whole drain (bytes of all its enclaves) and one per enclave while it moves."""
 
-    def __init__(self, moves: list[Any], quiet: bool = False) -> None:
+    def __init__(self, title: str, moves: list[Any], quiet: bool = False) -> None:
         self.quiet = quiet
+        self.title = title
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                   DownloadColumn(binary_units=True), TimeElapsedColumn(), console=console)
         self._heap = {mv.name: mv.heap for mv in moves}
@@ -147,7 +148,7 @@ class DrainProgress:
     def __enter__(self) -> DrainProgress:
         if not self.quiet:
             self._progress.start()
-            self._all = self._progress.add_task(f"drain: {len(self._heap)} enclaves", total=self._total)
+            self._all = self._progress.add_task(f"{self.title}: {len(self._heap)} enclaves", total=self._total)
         return self
 
     def event(self, name: str, kind: str, info: dict[str, Any]) -> None:
@@ -171,15 +172,16 @@ class DrainProgress:
 
 
 def print_drain(doc: dict[str, Any]) -> None:
-    """The drain's final table: where each enclave went, its downtime and time, or why it did not move."""
+    """A drain's or rebalance's final table: where each enclave went, its downtime and time, or why it
+    did not move."""
     from constmig.units import format_size
 
     out = Console()
-    table = Table(title=f"drain of {doc['source']}: {doc['wall_s']:.1f} s")
-    for col in ("enclave", "to", "outcome", "downtime", "total", "moved"):
+    table = Table(title=f"{doc['title']}: {doc['wall_s']:.1f} s")
+    for col in ("enclave", "from", "to", "outcome", "downtime", "total", "moved"):
         table.add_column(col)
     for m in doc["moved"]:
-        table.add_row(m["name"], m["to"], "moved" if m["ok"] else f"stayed: {m['error']}",
+        table.add_row(m["name"], str(m.get("from") or ""), m["to"], "moved" if m["ok"] else f"stayed: {m['error']}",
                       f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
                       f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "",
                       format_size(int(m["state_bytes"])) if m.get("state_bytes") else "")

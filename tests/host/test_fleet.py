@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from constmig.errors import ConfigError
-from constmig.host.fleet import HEADROOM, HostView, hosts_arg, plan_drain
+from constmig.host.fleet import HEADROOM, HostView, hosts_arg, plan_drain, plan_rebalance
 
 MiB = 1 << 20
 
@@ -35,6 +35,22 @@ def test_a_drain_the_fleet_cannot_hold_is_refused_before_anything_moves():
     down = HostView("h:9", error="cannot reach agent")
     with pytest.raises(ConfigError, match="no other reachable host to drain to"):
         plan_drain(src, [down])
+
+
+def test_rebalance_evens_out_the_hosts_and_stops_when_no_move_helps():
+    a = view("h:1", 10_000 * MiB, e1=("running", 400 * MiB), e2=("running", 300 * MiB), e3=("running", 100 * MiB),
+             e4=("migrating-out", 500 * MiB))
+    b = view("h:2", 10_000 * MiB, f1=("running", 100 * MiB))
+    c = view("h:3", 10_000 * MiB)
+    moves = plan_rebalance([a, b, c], max_moves=10)
+    # 800/100/0: e1 (closest to half of 800) to h:3. Then 400/100/400: h:3's only enclave (400) would not
+    # narrow its gap to h:2, h:1's e2 (300) would not either; e3 (100) does. Then 300/200/400: nothing helps.
+    assert [(m.name, m.src, m.to) for m in moves] == [("e1", "h:1", "h:3"), ("e3", "h:1", "h:2")]
+    assert plan_rebalance([a, b, c], max_moves=1) == moves[:1]
+    even = [view("h:1", 10_000 * MiB, x=("running", 100 * MiB)), view("h:2", 10_000 * MiB, y=("running", 100 * MiB))]
+    assert plan_rebalance(even, max_moves=4) == []
+    full = [view("h:1", 10_000 * MiB, x=("running", 800 * MiB)), view("h:2", 10 * MiB)]
+    assert plan_rebalance(full, max_moves=4) == []  # no room on the emptier host
 
 
 @pytest.mark.parametrize(("text", "fragment"), [("", "--hosts needs at least one"), ("a:1,a:1", "names a:1 twice"),
@@ -87,6 +103,27 @@ def test_drain_a_host_of_four_enclaves_under_client_load():
         assert where == {m["name"]: m["to"] for m in doc["moved"]}
         again = cm("drain", a, "--hosts", f"{b},{d}")
         assert again.returncode == 0 and "nothing to drain: no running enclave on" in again.stdout
+
+
+@pytest.mark.e2e
+def test_rebalance_moves_one_of_three_enclaves_to_the_empty_host():
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import app_checksum, launch_filled
+
+    with LocalCluster(2) as c:
+        a, b = c.addrs
+        for i in range(3):
+            launch_filled(a, f"kv{i}", "kvstore", 32 << 20, 0.5, seed=i)
+        sums = {f"kv{i}": app_checksum(a, f"kv{i}") for i in range(3)}
+        p = cm("rebalance", "--hosts", f"{a},{b}", "--json", "-")
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert len(doc["moved"]) == 1 and doc["moved"][0]["ok"] and doc["moved"][0]["to"] == b
+        assert doc["moved"][0]["from"] == a
+        for name, before in sums.items():
+            assert app_checksum(a, name) == before  # wherever it runs now (the old host redirects)
+        again = cm("rebalance", "--hosts", f"{a},{b}")
+        assert again.returncode == 0 and "nothing to rebalance" in again.stdout
 
 
 @pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""Operations over many agents: what runs where (`constmig ls`) and emptying a host (`constmig drain`).
+"""Operations over many agents: what runs where (`constmig ls`), emptying a host (`constmig drain`) and
+evening out memory use (`constmig rebalance`).
 
 The fleet here is a list of agent addresses (`--hosts`). Each migration of a drain is the ordinary one,
 with its commit point: interrupted anywhere (Ctrl-C, an agent killed, a link cut), every enclave is in
@@ -82,6 +83,7 @@ class Move:
     name: str
     heap: int
     to: str
+    src: str = ""
 
 
 def plan_drain(source: HostView, others: list[HostView]) -> tuple[list[Move], list[str]]:
@@ -105,8 +107,44 @@ def plan_drain(source: HostView, others: list[HostView]) -> tuple[list[Move], li
                               f"{format_size(heap)}, the most room left is {format_size(max(room[best], 0))} on "
                               f"{best} (all of it: {format_size(need)} in {len(running)} enclaves)")
         room[best] -= heap
-        moves.append(Move(name, heap, best))
+        moves.append(Move(name, heap, best, source.addr))
     return moves, skipped
+
+
+def plan_rebalance(views: list[HostView], max_moves: int) -> list[Move]:
+    """Moves that even out the running heap bytes across the hosts: each takes, from the fullest host that
+    can give one to the emptiest, the enclave whose heap comes closest to half their difference, and only
+    if that narrows the gap between them and the emptiest host has room. At most `max_moves`."""
+    live = [v for v in views if v.error is None]
+    used = {v.addr: 0 for v in live}
+    room = {v.addr: v.free - HEADROOM for v in live}
+    where: dict[str, tuple[str, int]] = {}
+    for v in live:
+        for name, e in v.enclaves.items():
+            if e.get("status") == "running":
+                heap = int(e.get("heap_bytes") or 0)
+                used[v.addr] += heap
+                where[name] = (v.addr, heap)
+    moves: list[Move] = []
+    while len(moves) < max_moves and len(used) > 1:
+        low = min(used, key=lambda a: (used[a], a))
+        best = None
+        for high in sorted(used, key=lambda a: (-used[a], a)):  # the fullest host that has a move that helps
+            gap = used[high] - used[low]
+            fits = [(abs(heap - gap / 2), name, heap) for name, (at, heap) in where.items()
+                    if at == high and 0 < heap < gap and heap <= room[low]]
+            if fits:
+                best = (high, *min(fits)[1:])
+                break
+        if best is None:
+            break
+        high, name, heap = best
+        moves.append(Move(name, heap, low, high))
+        used[high] -= heap
+        used[low] += heap
+        room[low] -= heap
+        where[name] = (low, heap)
+    return moves
 
 
 @dataclass
@@ -118,10 +156,11 @@ class Outcome:
     error: str = ""
 
 
-def drain(source: str, moves: list[Move], *, parallel: int, max_bandwidth: float, strategy: str, tracker: str,
-          timeout: float, on_event: Callable[[str, str, dict[str, Any]], None] | None = None) -> list[Outcome]:
-    """Run the moves, at most `parallel` at once, sharing `max_bandwidth` (bytes/s, 0 = no cap) among them.
-    One failure does not stop the others; each outcome says what happened."""
+def run_moves(moves: list[Move], *, parallel: int, max_bandwidth: float, strategy: str, tracker: str,
+              timeout: float, on_event: Callable[[str, str, dict[str, Any]], None] | None = None) -> list[Outcome]:
+    """Run the moves (a drain's or a rebalance's), at most `parallel` at once, sharing `max_bandwidth`
+    (bytes/s, 0 = no cap) among them. One failure does not stop the others; each outcome says what
+    happened."""
     share = max_bandwidth / parallel if max_bandwidth else 0.0
 
     def one(mv: Move) -> Outcome:
@@ -132,7 +171,7 @@ def drain(source: str, moves: list[Move], *, parallel: int, max_bandwidth: float
         if on_event is not None:
             on_event(mv.name, "start", {"to": mv.to, "heap": mv.heap})
         try:
-            fig = migrate(mv.name, source, mv.to, strategy, timeout, on_progress=progress, tracker=tracker,
+            fig = migrate(mv.name, mv.src, mv.to, strategy, timeout, on_progress=progress, tracker=tracker,
                           max_bandwidth=share)
             out = Outcome(mv.name, mv.to, True, fig)
         except ConstmigError as e:
@@ -153,7 +192,7 @@ def drain(source: str, moves: list[Move], *, parallel: int, max_bandwidth: float
         for fut, mv in futures.items():
             if not fut.cancel() and not fut.done():
                 with contextlib.suppress(ConstmigError):  # past its commit point, or over already: it goes on
-                    request(source, {"op": "cancel", "name": mv.name, "reason": "the drain was interrupted"},
+                    request(mv.src, {"op": "cancel", "name": mv.name, "reason": "interrupted"},
                             timeout=STATUS_TIMEOUT_S)
         raise
     finally:
