@@ -135,3 +135,44 @@ def test_ls_names_a_host_that_does_not_answer():
         p = cm("ls", "--hosts", f"{c.addrs[0]},{dead}")
         assert p.returncode == 1 and "Traceback" not in p.stderr
         assert f"{dead}: cannot reach agent" in p.stdout, p.stdout
+
+
+@pytest.mark.e2e
+def test_an_interrupted_drain_leaves_each_enclave_in_one_place_and_runs_again():
+    """Ctrl-C (SIGINT, no terminal) during a drain's first move: it is cancelled before its commit point,
+    the others never start; every enclave still runs on the source, and the same drain finishes the job."""
+    import signal
+    import time
+
+    from constmig.host.client import request
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import app_checksum, launch_filled
+
+    with LocalCluster(2) as c:
+        a, b = c.addrs
+        names = ["kv0", "kv1", "kv2"]
+        for i, n in enumerate(names):
+            launch_filled(a, n, "kvstore", 64 << 20, 0.9, seed=i)
+        sums = {n: app_checksum(a, n) for n in names}
+        args = ["drain", a, "--hosts", b, "--parallel", "1", "--strategy", "precopy", "--max-bandwidth", "4M"]
+        p = subprocess.Popen([sys.executable, "-m", "constmig", *args], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not any(e["status"] == "migrating-out" for e in request(a, {"op": "status"})["enclaves"].values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=60)
+        assert p.returncode != 0
+        deadline = time.monotonic() + 15
+        while {e["status"] for e in request(a, {"op": "status"})["enclaves"].values()} != {"running"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert sorted(request(a, {"op": "status"})["enclaves"]) == names
+        assert not {n for n, e in request(b, {"op": "status"})["enclaves"].items() if e["status"] == "running"}
+        again = cm("drain", a, "--hosts", b, "--json", "-")
+        assert again.returncode == 0, again.stderr
+        assert sorted(m["name"] for m in json.loads(again.stdout)["moved"]) == names
+        for n in names:
+            assert app_checksum(b, n) == sums[n]
