@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from constmig.tee.counters import CounterStore
 
 REPORT_DATA_SIZE = 64
+# The largest quote any backend produces and any message carries (a DCAP quote with its PCK chain is ~5 KB)
+MAX_QUOTE_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True)

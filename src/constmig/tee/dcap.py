@@ -30,9 +30,8 @@ from typing import Any, Literal
 import dcap_qvl
 
 from constmig.errors import AttestationError, ConfigError
-from constmig.tee.backend import Identity, VerifiedQuote
+from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, VerifiedQuote
 
-MAX_QUOTE_SIZE = 64 * 1024  # a DCAP quote with its PEM chain is ~5 KB
 MAX_COLLATERAL_SIZE = 1 << 20
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
                 "OutOfDate", "OutOfDateConfigurationNeeded", "Revoked")

@@ -23,11 +23,10 @@ from typing import Literal, Protocol
 import dcap_qvl
 
 from constmig.errors import AttestationError, ConfigError
-from constmig.tee.backend import REPORT_DATA_SIZE
+from constmig.tee.backend import MAX_QUOTE_SIZE, REPORT_DATA_SIZE
 
 TEE_CHOICES = ("auto", "sim", "sgx", "tdx")
 NO_HARDWARE = "no SGX (Gramine /dev/attestation) or TDX (configfs-tsm) found; use --tee sim for the software TEE"
-MAX_QUOTE = 64 * 1024
 
 
 class QuoteProducer(Protocol):
@@ -44,7 +43,7 @@ def _check_report_data(report_data: bytes) -> bytes:
 
 def _check_quote(quote: bytes, tee: Literal["sgx", "tdx"], report_data: bytes, source: str) -> bytes:
     """The platform's answer must be a quote of the right kind carrying exactly our report data."""
-    if not quote or len(quote) > MAX_QUOTE:
+    if not quote or len(quote) > MAX_QUOTE_SIZE:
         raise AttestationError(f"{source} returned {len(quote)} bytes, not a quote")
     try:
         parsed = dcap_qvl.parse_quote(quote)

@@ -35,7 +35,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from constmig.errors import AttestationError, ChannelClosed, ConstmigError, HandshakeAborted, ProtocolError
-from constmig.tee.backend import Identity, TeeBackend, VerifiedQuote
+from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, TeeBackend, VerifiedQuote
 from constmig.wire.channel import HandshakeRecord, SecureChannel
 from constmig.wire.kdf import hkdf32, transcript_hash, x25519_pub, x25519_shared
 
@@ -43,7 +43,6 @@ VERSION = 1
 DIR_S2D = 1  # nonce direction of records from source to destination
 DIR_D2S = 2
 MIGRATION_ID_SIZE = 16
-MAX_QUOTE_SIZE = 64 * 1024
 MAX_REASON = 300
 
 _L_M2 = b"constmig-hs-v1 M2"

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from constmig.errors import AttestationError, IntegrityError, ProtocolError
-from constmig.tee.backend import Identity, VerifiedQuote
+from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, VerifiedQuote
 from constmig.wire.aead import NONCE, RecordOpener, RecordSealer
 from constmig.wire.kdf import hkdf32, transcript_hash, x25519_pub, x25519_shared
 from constmig.wire.records import TAG_SIZE, U64_MAX
@@ -49,7 +49,6 @@ VERSION = 1
 SESSION_ID_SIZE = 16
 DIR_C2E = 11  # nonce directions (the migration channel uses 1 and 2; other keys anyway)
 DIR_E2C = 12
-MAX_QUOTE_SIZE = 64 * 1024
 MAX_RECORD = (8 << 20) - 4096  # a sealed record rides in one agent frame (framing.MAX_FRAME)
 HEADER = struct.Struct("!16sQ")  # session id, seq
 
