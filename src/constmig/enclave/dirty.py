@@ -32,8 +32,9 @@ import os
 
 import numpy as np
 
-from constmig.enclave.heap import Heap, chunk_runs
-from constmig.errors import UffdError
+from constmig.enclave.heap import Heap
+from constmig.enclave.tracker.state import PROT_RW, protect_chunks
+from constmig.errors import ConstmigError, UffdError
 from constmig.migration.uffd import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -53,11 +54,6 @@ try:
 except ImportError as e:  # built by `pip install` (setup.py); absent where no C compiler was at hand
     _wtrack = None
     _NOT_BUILT = f"the enclave's write-fault handler was not built at install ({e})"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mprotect = _libc.mprotect
-_mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_mprotect.restype = ctypes.c_int
 
 REGIONS = 4096  # page runs one scan call can report; a longer list continues from where it stopped
 
@@ -141,6 +137,7 @@ class EnclaveWriteTracker:
         self.heap = heap
         self._marks = np.zeros(heap.size // heap.chunk_size, dtype=np.uint8)  # the handler's, while armed
         self._taken = np.zeros_like(self._marks)
+        self._every = np.arange(self._marks.size)  # the whole heap, as one run of chunks
         self._armed = False
 
     def arm(self) -> None:
@@ -152,8 +149,8 @@ class EnclaveWriteTracker:
         _wtrack.arm(heap.address, heap.size, heap.chunk_size, self._marks.ctypes.data, self._marks.size)
         self._armed = True
         try:
-            _protect(heap.address, heap.size, mmap.PROT_READ)
-        except UffdError:
+            protect_chunks(heap, self._every, mmap.PROT_READ)  # type: ignore[arg-type]
+        except ConstmigError:
             self.close()
             raise
 
@@ -165,8 +162,8 @@ class EnclaveWriteTracker:
             raise UffdError("write tracker is not armed")
         _wtrack.take(self.heap.address, self._taken.ctypes.data)
         chunks = np.flatnonzero(self._taken).astype(np.int64)
-        for a, b in chunk_runs(chunks) if rearm else ():
-            _protect(self.heap.address + a * self.heap.chunk_size, (b - a) * self.heap.chunk_size, mmap.PROT_READ)
+        if rearm:
+            protect_chunks(self.heap, chunks, mmap.PROT_READ)  # type: ignore[arg-type]
         return chunks
 
     @property
@@ -181,7 +178,7 @@ class EnclaveWriteTracker:
         self._armed = False
         _wtrack.opening(self.heap.address)
         if not self.heap.closed:
-            _protect(self.heap.address, self.heap.size, mmap.PROT_READ | mmap.PROT_WRITE)
+            protect_chunks(self.heap, self._every, PROT_RW)  # type: ignore[arg-type]
 
 
 WriteTracker = KernelWriteTracker | EnclaveWriteTracker
@@ -230,7 +227,7 @@ def _probe(kind: type[KernelWriteTracker] | type[EnclaveWriteTracker]) -> str | 
         if found != [0] or again != []:
             return f"write tracking reported {found} then {again} for one written page (expected [0] then [])"
         return None
-    except UffdError as e:
+    except ConstmigError as e:
         return str(e)
     finally:
         tracker.close()
@@ -251,7 +248,3 @@ class _ProbeHeap:
         self.size = len(mm)
         self.chunk_size = len(mm)
 
-
-def _protect(address: int, size: int, prot: int) -> None:
-    if _mprotect(address, size, prot) != 0:
-        raise UffdError(f"mprotect of the heap failed: {os.strerror(ctypes.get_errno())}")
