@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from constmig.bench.raw import stream_vs_raw, uffd_problem
+from constmig.bench.raw import stream_vs_raw
+from constmig.migration.uffd import preflight as uffd_problem
 
 
 def _cm(*args: str) -> subprocess.CompletedProcess:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from constmig.bench.report import fit_line, hist_quantile, merge_hists, parse_hist, slopes, write_report
+from constmig.bench.report import fit_line, hist_quantile, merge_hists, slopes, write_report
 from constmig.bench.suite import VARIANTS, derive_phases, gap_phase, make_config, summarize_all, window_rate
 from constmig.errors import ConfigError
-from constmig.migration.receiver import latency_histogram
+from constmig.migration.receiver import latency_histogram, parse_histogram
 from constmig.migration.uffd import preflight
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -68,7 +68,7 @@ def test_latency_histogram_is_compact_and_round_trips():
     samples = list(np.exp(rng.uniform(np.log(1e-7), np.log(100.0), 100_000)))  # 0.1 µs .. 100 s
     text = latency_histogram(samples)
     assert text is not None and len(text) < 2048
-    per_decade, counts = parse_hist(text)
+    per_decade, counts = parse_histogram(text)
     assert per_decade == 10 and counts.sum() == len(samples)
     assert latency_histogram([]) is None
     ms = [0.001] * 90 + [0.010] * 10  # 1 ms and 10 ms

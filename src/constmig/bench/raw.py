@@ -26,6 +26,7 @@ import numpy as np
 
 from constmig.bench.results import machine_info
 from constmig.enclave.heap import Heap
+from constmig.migration.uffd import preflight
 from constmig.wire.channel import SecureChannel
 
 CHUNK = 1 << 20
@@ -104,17 +105,11 @@ def _one(src: Heap, mode: str) -> float:
         return src.size / wall
 
 
-def uffd_problem() -> str | None:
-    from constmig.migration.uffd import preflight
-
-    return preflight()
-
-
 def run_raw(heap_bytes: int, repeat: int, quiet: bool = False) -> dict[str, Any]:
     """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s."""
     from rich.progress import Progress
 
-    problem = uffd_problem()
+    problem = preflight()
     modes = [m for m in MODES if m == "plain" or problem is None]
     src = Heap(heap_bytes, chunk_size=CHUNK)
     try:

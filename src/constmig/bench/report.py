@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from constmig.bench.results import dumps
+from constmig.migration.receiver import parse_histogram
 from constmig.units import format_size
 
 MEASURES = {"downtime_ms": "downtime (ms)", "total_s": "total migration time (s)",
@@ -59,24 +60,9 @@ def fit_line(xs: list[float], ys: list[float]) -> dict[str, float | None]:
     return {"slope": slope, "intercept": intercept, "r2": r2, "slope_se": se, "n": n}
 
 
-def parse_hist(text: str | None) -> tuple[int, np.ndarray] | None:
-    """"B:FIRST:c,c,..." (receiver.latency_histogram) -> (bins per decade, counts from bin 0)."""
-    if not text:
-        return None
-    try:
-        per_decade, first, counts = text.split(":", 2)
-        b, f = int(per_decade), int(first)
-        cs = [int(c) for c in counts.split(",")]
-    except ValueError:
-        return None
-    if b <= 0 or f < 0 or any(c < 0 for c in cs):
-        return None
-    return b, np.concatenate((np.zeros(f, dtype=np.int64), np.asarray(cs, dtype=np.int64)))
-
-
 def merge_hists(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray] | None:
     """Sum of histograms of one resolution -> (upper bin edges in µs, counts); None if there are none."""
-    parsed = [p for p in (parse_hist(t) for t in texts) if p is not None]
+    parsed = [p for p in (parse_histogram(t) for t in texts) if p is not None]
     if not parsed:
         return None
     b = parsed[0][0]

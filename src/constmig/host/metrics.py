@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from constmig.host.address import parse_addr
+from constmig.migration.receiver import parse_histogram
 
 DOWNTIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FAULT_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
@@ -93,16 +95,12 @@ class AgentMetrics:
     def _faults(self, tracker: str, hist: Any) -> None:
         """The destination's log-binned histogram (receiver.latency_histogram), each fault at its bin's
         upper edge."""
-        if not isinstance(hist, str) or hist.count(":") != 2:
+        parsed = parse_histogram(hist) if isinstance(hist, str) else None
+        if parsed is None:
             return
-        try:
-            per_decade, first, counts = hist.split(":")
-            b, f = int(per_decade), int(first)
-            values = [int(c) for c in counts.split(",")]
-        except ValueError:
-            return
+        per_decade, counts = parsed
         child = self.fault_latency.labels(tracker)
-        for i, n in enumerate(values):
-            edge = 10 ** ((f + i + 1) / b) / 1e6  # seconds
-            for _ in range(min(n, 100_000)):
+        for i in np.flatnonzero(counts).tolist():
+            edge = 10 ** ((i + 1) / per_decade) / 1e6  # seconds
+            for _ in range(min(int(counts[i]), 100_000)):
                 child.observe(edge)

@@ -71,6 +71,21 @@ def segment_figures(prefix: str, segments: dict[str, list[float]]) -> dict[str, 
     return out
 
 
+def parse_histogram(text: str | None) -> tuple[int, np.ndarray] | None:
+    """"B:FIRST:c,c,..." (receiver.latency_histogram) -> (bins per decade, counts from bin 0)."""
+    if not text:
+        return None
+    try:
+        per_decade, first, counts = text.split(":", 2)
+        b, f = int(per_decade), int(first)
+        cs = [int(c) for c in counts.split(",")]
+    except ValueError:
+        return None
+    if b <= 0 or f < 0 or any(c < 0 for c in cs):
+        return None
+    return b, np.concatenate((np.zeros(f, dtype=np.int64), np.asarray(cs, dtype=np.int64)))
+
+
 def latency_histogram(samples: list[float]) -> str | None:
     """Fault latencies (seconds) as a compact log-binned histogram, "10:FIRST:c,c,...", or None if empty.
 
