@@ -26,3 +26,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _known_enclaves(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins made by one test (CLI `call`, `trust`) never decide another's."""
     monkeypatch.setenv("CONSTMIG_KNOWN_ENCLAVES", str(tmp_path_factory.mktemp("known") / "known_enclaves.json"))
+
+
+@pytest.fixture(scope="module")
+def etcd_url():
+    """A real etcd (the distribution's etcd-server package; .ci/run installs it) on loopback, one per module."""
+    from constmig.host.etcd_server import LocalEtcd, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("no etcd binary (apt-get install etcd-server): the fleet directory tests need a real etcd")
+    with LocalEtcd() as server:
+        yield server.url

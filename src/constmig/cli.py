@@ -91,6 +91,13 @@ def main() -> None:
     """Secure live migration of large enclaves."""
 
 
+_ETCD_HELP = "The fleet directory, an etcd endpoint like http://127.0.0.1:2379 [env: CONSTMIG_ETCD]."
+
+
+def etcd_option(help_text: str = _ETCD_HELP) -> Any:
+    return click.option("--etcd", default=None, envvar="CONSTMIG_ETCD", metavar="URL", help=help_text)
+
+
 @main.command()
 @click.option("--listen", default="127.0.0.1:7001", show_default=True, help="HOST:PORT to serve on.")
 @click.option("--state-dir", type=click.Path(path_type=Path), required=True, help="This host's state folder.")
@@ -106,9 +113,13 @@ def main() -> None:
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free one; status shows "
               "the URL as metrics_url).")
+@etcd_option("Join the fleet directory at this etcd endpoint (http://HOST:PORT): register under a lease, "
+             "record where each enclave here runs [env: CONSTMIG_ETCD].")
+@click.option("--etcd-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
+              help="Seconds this agent stays listed in the directory after it stops answering.")
 @click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
 def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, log_format: str,
-          metrics_listen: str | None, verbose: bool) -> None:
+          metrics_listen: str | None, etcd: str | None, etcd_ttl: int, verbose: bool) -> None:
     """Run a host agent (foreground)."""
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
@@ -117,6 +128,10 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
     parse_addr(listen)
     if metrics_listen is not None:
         parse_addr(metrics_listen)
+    if etcd is not None:
+        from constmig.host.directory import parse_etcd_url
+
+        parse_etcd_url(etcd)
     found = resolve_tee(tee)  # no hardware: one line saying what was looked for
     if found != "sim":
         raise ConfigError(f"found {found.reason}: this machine can produce quotes (`constmig attest`), but the "
@@ -128,7 +143,7 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir(), metrics_listen))
+        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir(), metrics_listen, etcd, etcd_ttl))
     except OSError as e:
         raise ConfigError(f"cannot serve on {listen}: {e.strerror or e}") from None
 
@@ -196,8 +211,11 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
 @click.option("--raw", is_flag=True, help="Pass every argument as a string (no JSON parsing).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait for the answer (the call's outcome is unknown after that).")
+@etcd_option("Find the enclave by name in this fleet directory (etcd, http://HOST:PORT) instead of --agent "
+             "[env: CONSTMIG_ETCD].")
 def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measurement: str | None, min_svn: int,
-         known_path: Path | None, ca_dir: Path | None, plain: bool, raw: bool, timeout: float) -> None:
+         known_path: Path | None, ca_dir: Path | None, plain: bool, raw: bool, timeout: float,
+         etcd: str | None) -> None:
     """Call an ECALL of an enclave over an attested, sealed session (follows redirects after a migration).
 
     Arguments: numbers, true/false/null and JSON lists and objects are parsed (the ECALL's annotations
@@ -205,16 +223,22 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
     from constmig.client import EnclaveClient
     from constmig.host.client import PlainEnclaveClient
 
+    if etcd is not None and click.get_current_context().get_parameter_source("addr") is not \
+            click.core.ParameterSource.COMMANDLINE:
+        from constmig.host.directory import locate
+
+        addr = locate(etcd, name)
     typed = _typed_args(addr, name, method, args, raw)
     if plain:
-        pc = PlainEnclaveClient(addr, name, timeout=timeout)
+        pc = PlainEnclaveClient(addr, name, timeout=timeout, etcd=etcd)
         try:
             click.echo(_show(pc.call(method, *typed)))
         finally:
             pc.close()
         moved_to = pc.addr
     else:
-        c = EnclaveClient(addr, name, timeout=timeout, trust=_trust(expect_measurement, min_svn, known_path, ca_dir))
+        c = EnclaveClient(addr, name, timeout=timeout, trust=_trust(expect_measurement, min_svn, known_path, ca_dir),
+                          etcd=etcd)
         try:
             result = c.call(method, *typed)
         finally:
@@ -381,17 +405,25 @@ def status(addr: str, as_json: bool, timeout: float) -> None:
     print_status(st)
 
 
-@main.command("ls")
-@click.option("--hosts", required=True, help="The fleet's agents, HOST:PORT,HOST:PORT,...")
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def ls_cmd(hosts: str, as_json: bool) -> None:
-    """Every enclave of the fleet: where it runs, its state and size; hosts that do not answer, too."""
-    from constmig.host.fleet import hosts_arg, look
+_HOSTS_HELP = "The fleet's agents, HOST:PORT,HOST:PORT,... [default: every agent in --etcd's directory]."
 
-    views = look(hosts_arg(hosts))
+
+@main.command("ls")
+@click.option("--hosts", default=None, help=_HOSTS_HELP)
+@etcd_option()
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
+    """Every enclave of the fleet: where it runs, its state and size; hosts that do not answer, too (and,
+    with a directory, enclaves it lists on agents that are gone)."""
+    from constmig.host.fleet import fleet_hosts, look, lost_enclaves
+
+    addrs, listed = fleet_hosts(hosts, etcd)
+    views = look(addrs)
+    lost = lost_enclaves(listed, views)
     if as_json:
-        click.echo(_show({v.addr: {"host_id": v.host_id, "free_bytes": v.free, "enclaves": v.enclaves,
-                                   **({"error": v.error} if v.error else {})} for v in views}))
+        click.echo(_show({**{v.addr: {"host_id": v.host_id, "free_bytes": v.free, "enclaves": v.enclaves,
+                                      **({"error": v.error} if v.error else {})} for v in views},
+                          **({"lost": lost} if etcd else {})}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -405,6 +437,8 @@ def ls_cmd(hosts: str, as_json: bool) -> None:
         for name, e in sorted(v.enclaves.items()):
             table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
                           format_size(int(e.get("heap_bytes") or 0)))
+    for name, at in sorted(lost.items()):
+        table.add_row(name, at, "lost", "", "")
     out = Console()
     out.print(table)
     for v in views:
@@ -412,13 +446,18 @@ def ls_cmd(hosts: str, as_json: bool) -> None:
             out.print(f"{v.addr}: {v.error}", soft_wrap=True)
         else:
             out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps", soft_wrap=True)
+    if lost:
+        out.print(f"lost: the directory lists {len(lost)} enclave(s) on agents that are gone; restore each from "
+                  "its checkpoint on a live agent", soft_wrap=True)
     if any(v.error for v in views):
         sys.exit(1)
 
 
 @main.command()
 @click.argument("source")
-@click.option("--hosts", required=True, help="Where its enclaves may go: HOST:PORT,HOST:PORT,...")
+@click.option("--hosts", default=None,
+              help="Where its enclaves may go: HOST:PORT,HOST:PORT,... [default: every agent in --etcd's directory].")
+@etcd_option()
 @click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Migrations at once.")
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
@@ -428,15 +467,18 @@ def ls_cmd(hosts: str, as_json: bool) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
-def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: str, tracker: str, timeout: float,
-          json_path: str | None) -> None:
-    """Move every running enclave off SOURCE to the --hosts with the most room (maintenance)."""
+def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_bandwidth: int, strategy: str,
+          tracker: str, timeout: float, json_path: str | None) -> None:
+    """Move every running enclave off SOURCE (an agent's HOST:PORT, or with --etcd its host id) to the
+    other hosts with the most room (maintenance)."""
     from constmig.host.address import parse_addr
-    from constmig.host.fleet import hosts_arg, look, plan_drain
+    from constmig.host.fleet import fleet_hosts, look, plan_drain, source_addr
 
     check_writable(json_path, "--json")
+    addrs, listed = fleet_hosts(hosts, etcd)
+    source = source_addr(source, listed)
     src_key = parse_addr(source)
-    targets = [h for h in hosts_arg(hosts) if parse_addr(h) != src_key]
+    targets = [h for h in addrs if parse_addr(h) != src_key]
     views = look([source, *targets])
     if views[0].error:
         raise ConfigError(f"cannot drain {source}: {views[0].error}")
@@ -452,7 +494,8 @@ def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: 
 
 
 @main.command()
-@click.option("--hosts", required=True, help="The fleet's agents, HOST:PORT,HOST:PORT,...")
+@click.option("--hosts", default=None, help=_HOSTS_HELP)
+@etcd_option()
 @click.option("--max-moves", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="At most this many migrations.")
 @click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True,
@@ -464,14 +507,14 @@ def drain(source: str, hosts: str, parallel: int, max_bandwidth: int, strategy: 
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
-def rebalance(hosts: str, max_moves: int, parallel: int, max_bandwidth: int, strategy: str, tracker: str,
-              timeout: float, json_path: str | None) -> None:
+def rebalance(hosts: str | None, etcd: str | None, max_moves: int, parallel: int, max_bandwidth: int, strategy: str,
+              tracker: str, timeout: float, json_path: str | None) -> None:
     """Even out the heap bytes running on each host: each move takes, from the fullest host to the
     emptiest, the enclave closest to half their difference."""
-    from constmig.host.fleet import hosts_arg, look, plan_rebalance
+    from constmig.host.fleet import fleet_hosts, look, plan_rebalance
 
     check_writable(json_path, "--json")
-    views = look(hosts_arg(hosts))
+    views = look(fleet_hosts(hosts, etcd)[0])
     for v in views:
         if v.error:
             click.echo(f"(leaving out {v.addr}: {v.error})", err=True)
@@ -601,7 +644,7 @@ def _ask_cancel(name: str, src: str) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--from", "src", required=True, help="Source agent HOST:PORT.")
+@click.option("--from", "src", default=None, help="Source agent HOST:PORT [with --etcd: where the directory says].")
 @click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True,
               help="Why hybrid by default: README.md, \"Which strategy migrate uses by default\".")
@@ -633,14 +676,22 @@ def _ask_cancel(name: str, src: str) -> None:
               help="Cancel this enclave's migration out of --from if it has not reached its commit point (it "
               "keeps running there); past that point it cannot be undone. Ctrl-C during a migration asks.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def migrate(name: str, src: str, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
+@etcd_option("Find the source agent (no --from needed) in this fleet directory [env: CONSTMIG_ETCD].")
+def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
             max_downtime: float | None, max_rounds: int | None, write_tracking: str, timeout: float, verify: bool,
-            resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None) -> None:
+            resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
+            etcd: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration; with
     --cancel, stop one before its commit point)."""
     from constmig.host.address import parse_addr
     from constmig.host.orchestrate import migrate_with_progress, resume
 
+    if src is None:
+        if etcd is None:
+            raise ConfigError("missing --from (the source agent HOST:PORT), or --etcd to find it")
+        from constmig.host.directory import locate
+
+        src = locate(etcd, name)
     parse_addr(src)
     check_writable(json_path, "--json")
     if cancel:

@@ -129,6 +129,14 @@ class CallFailed(AgentError):
     every failed call in one place."""
 
 
+class NoSuchEnclave(AgentError):
+    """The agent asked has no enclave of that name (and does not know where it went)."""
+
+
+class DirectoryError(ConstmigError):
+    """The fleet directory (etcd) could not be reached, or has no usable entry for what was asked."""
+
+
 class Redirect(AgentError):
     """The enclave lives elsewhere now."""
 

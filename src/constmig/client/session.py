@@ -25,13 +25,16 @@ class EnclaveClient:
     """Calls one enclave by name over an attested, sealed session that moves with the enclave.
 
     `trust` says which root quotes chain to and which code is acceptable (default: the root in
-    $CONSTMIG_CA_DIR, any code it attests; the CLI adds pinning). Not thread-safe: one per thread.
+    $CONSTMIG_CA_DIR, any code it attests; the CLI adds pinning). With `etcd` (a fleet directory's
+    address), `addr` may be None: the directory says where the enclave runs, and is asked again when
+    that agent is gone. Not thread-safe: one per thread.
     """
 
-    def __init__(self, addr: str, name: str, timeout: float | None = 600.0, trust: Trust | None = None) -> None:
+    def __init__(self, addr: str | None, name: str, timeout: float | None = 600.0, trust: Trust | None = None,
+                 etcd: str | None = None) -> None:
         self.name = name
         self.trust = trust if trust is not None else Trust.default()
-        self.route = EnclaveRoute(addr, name, timeout)
+        self.route = EnclaveRoute(addr, name, timeout, etcd)
         self._session: ClientSession | None = None
 
     @property

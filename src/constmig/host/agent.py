@@ -27,16 +27,19 @@ from constmig.errors import (
     ChannelClosed,
     ConfigError,
     ConstmigError,
+    DirectoryError,
     EnclaveError,
     EnclaveNotRunning,
     MigrationCancelled,
     NoReconnect,
+    NoSuchEnclave,
     ProtocolError,
     Redirect,
     SessionUnknown,
 )
 from constmig.host import client
 from constmig.host.address import parse_addr
+from constmig.host.directory import LEASE_TTL_S, Directory, parse_etcd_url
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.metrics import AgentMetrics
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
@@ -73,6 +76,7 @@ class Hosted:
     data_fds: dict[str, int] = field(default_factory=dict)
     resume_fds: dict[str, int] = field(default_factory=dict)
     moving_to: str = ""  # a migration out past its commit point: where, and how (for a resume)
+    came_from: str = ""  # an incoming migration's source agent (the fleet directory's old entry)
     strategy: str = ""
     resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
     paused_since: float | None = None
@@ -125,8 +129,15 @@ def _ckpt_version(path: Path) -> int:
 
 class Agent:
     def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path,
-                 metrics_listen: str | None = None) -> None:
+                 metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S) -> None:
         self.listen = listen
+        if etcd is not None:
+            parse_etcd_url(etcd)
+        self.etcd, self.etcd_ttl = etcd, etcd_ttl
+        self.directory: Directory | None = None
+        self._lease: int | None = None
+        self._unsynced: set[str] = set()  # enclaves here whose directory entry may be wrong (the store was away)
+        self._directory_task: asyncio.Task[None] | None = None
         self.host_id = host_id
         state_dir = Path(state_dir).absolute()  # paths it reports (checkpoints) work from any folder
         self._lock_fd = claim_state_dir(state_dir)
@@ -205,6 +216,115 @@ class Agent:
     async def start(self) -> None:
         host, port = parse_addr(self.listen)
         self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True)
+        if self.etcd is not None:
+            await self._join_directory()
+
+    # ---- the fleet directory (host/directory.py): routing only; every failure here is logged, never fatal ----
+    async def _join_directory(self) -> None:
+        """Register under a lease (refused start if the store cannot be reached: a mistyped address must
+        not leave an agent silently outside its fleet); then keep the lease and the entries fresh."""
+        assert self.etcd is not None
+        self.directory = Directory(self.etcd)
+        try:
+            self._lease = await self.directory.register(self.listen, self._directory_info(), self.etcd_ttl)
+        except DirectoryError as e:
+            await self.directory.close()
+            self.directory = None
+            raise ConfigError(f"cannot join the fleet directory: {e}") from None
+        log.info("joined the fleet directory at %s (lease %x, %d s)", self.etcd, self._lease, self.etcd_ttl)
+        self._directory_task = asyncio.create_task(self._keep_directory())
+
+    def _directory_info(self) -> dict[str, Any]:
+        return {"host_id": self.host_id, "metrics_url": self.metrics.url}
+
+    async def _keep_directory(self) -> None:
+        assert self.directory is not None
+        away = False
+        while True:
+            await asyncio.sleep(max(self.etcd_ttl / 3, 0.2))
+            try:
+                if self._lease is None or not await self.directory.refresh(self._lease):
+                    self._lease = await self.directory.register(self.listen, self._directory_info(), self.etcd_ttl)
+                    log.warning("registered again in the fleet directory (the old lease had run out)")
+                    self._unsynced.update(n for n, h in self.enclaves.items() if h.status is S.RUNNING)
+                for name in list(self._unsynced):
+                    await self._dir_claim(name)
+                if away:
+                    log.info("the fleet directory at %s answers again", self.etcd)
+                away = False
+            except DirectoryError as e:
+                if not away:
+                    log.warning("%s; retrying every %g s", e, max(self.etcd_ttl / 3, 0.2))
+                away = True
+
+    async def _dir_check_free(self, name: str) -> None:
+        """Names are fleet-wide with a directory: refuse one that a live agent elsewhere holds."""
+        if self.directory is None:
+            return
+        try:
+            at = await self.directory.where(name)
+            if at and parse_addr(at) != parse_addr(self.listen) and await self.directory.alive(at):
+                raise AgentError(f"the fleet directory says an enclave named {name!r} runs at {at}; names are "
+                                 "fleet-wide: pick another name, or stop or move that one first")
+        except (DirectoryError, ConfigError) as e:
+            log.warning("cannot check the name %s in the fleet directory: %s", name, e)
+
+    async def _dir_claim(self, name: str) -> None:
+        """Make the directory say `name` runs here (it does), unless a live agent elsewhere is named."""
+        if self.directory is None:
+            return
+        hosted = self.enclaves.get(name)
+        if hosted is None or hosted.status is not S.RUNNING:
+            self._unsynced.discard(name)
+            return
+        try:
+            other = await self.directory.claim(name, self.listen)
+            self._unsynced.discard(name)
+            if other is not None:
+                log.warning("the fleet directory says %s runs at %s, a live agent; it runs here: entry left as it "
+                            "is (clients that follow it get an error there)", name, other)
+        except DirectoryError as e:
+            self._unsynced.add(name)
+            log.warning("cannot record %s in the fleet directory (retrying): %s", name, e)
+
+    async def _dir_moved(self, name: str, frm: str, to: str) -> None:
+        """The handoff: the entry goes from `frm` to `to`, only if it still says `frm`."""
+        if self.directory is None:
+            return
+        try:
+            await self.directory.move(name, frm, to)
+        except DirectoryError as e:
+            log.warning("cannot record the move of %s to %s in the fleet directory: %s", name, to, e)
+
+    async def _dir_arrived(self, hosted: Hosted) -> None:
+        name = hosted.handle.spec.name
+        if self.directory is None:
+            return
+        try:
+            if hosted.came_from and await self.directory.move(name, hosted.came_from, self.listen):
+                return
+        except DirectoryError:
+            pass
+        await self._dir_claim(name)  # the source's update got there first, or the entry was wrong
+
+    async def _dir_release(self, name: str) -> None:
+        self._unsynced.discard(name)
+        if self.directory is None:
+            return
+        try:
+            await self.directory.release(name, self.listen)
+        except DirectoryError as e:
+            log.warning("cannot drop %s from the fleet directory: %s", name, e)
+
+    async def _leave_directory(self) -> None:
+        if self._directory_task is not None:
+            self._directory_task.cancel()
+        if self.directory is not None:
+            if self._lease is not None:
+                with contextlib.suppress(DirectoryError):
+                    await self.directory.deregister(self._lease)
+            await self.directory.close()
+            self.directory = None
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -252,6 +372,7 @@ class Agent:
 
     async def close(self) -> None:
         self.metrics.close()
+        await self._leave_directory()  # this agent drops out of the fleet at once, not when its lease runs out
         if self._server is not None:
             self._server.close()
         for hosted in list(self.enclaves.values()):
@@ -284,7 +405,8 @@ class Agent:
                     if req.get("op") == "migrate":
                         log.warning("migration of %s failed: %s", req.get("name"), e)
                     reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
-                                                               if isinstance(e, SessionUnknown) else {})}
+                                                               if isinstance(e, SessionUnknown | NoSuchEnclave)
+                                                               else {})}
                 finally:
                     if watcher is not None:
                         watcher.cancel()
@@ -371,7 +493,7 @@ class Agent:
             raise Redirect(f"enclave {name!r} moved to {self.moved[name]}", self.moved[name])
         if hosted is None:
             known = ", ".join(sorted(self.enclaves)) or "none"
-            raise AgentError(f"no enclave named {name!r} on agent {self.host_id} (known: {known})")
+            raise NoSuchEnclave(f"no enclave named {name!r} on agent {self.host_id} (known: {known})")
         return hosted
 
     # ---- operations ----
@@ -386,6 +508,7 @@ class Agent:
             out[name] = info
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
                 "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url,
+                "directory": self.etcd,
                 "memory": {"available": available_memory(), "promised": self._promised()}}
 
     async def _clear_tombstone(self, name: str) -> None:
@@ -426,9 +549,11 @@ class Agent:
         spec = LaunchSpec.from_wire(req)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
+        await self._dir_check_free(spec.name)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "fresh")
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
+        await self._dir_claim(spec.name)
         log.info("enclave %s started: app %s, heap %s, pid %d", spec.name, spec.app, format_size(spec.heap),
                  handle.proc.pid)
         return await handle.call({"op": "status"})
@@ -452,9 +577,11 @@ class Agent:
                           header.chunk_size, dict(header.config), header.plain_calls)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
+        await self._dir_check_free(spec.name)
         self.moved.pop(spec.name, None)
         handle = await self._launch(spec, "restore", restore=path.resolve())
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
+        await self._dir_claim(spec.name)
         return await handle.call({"op": "status"})
 
     async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
@@ -530,6 +657,7 @@ class Agent:
             raise AgentError(f"enclave {name!r} is {status.value}; cannot stop it now")
         del self.enclaves[hosted.handle.spec.name]
         await hosted.handle.stop()
+        await self._dir_release(hosted.handle.spec.name)
         log.info("enclave %s stopped", name)
         return "stopped"
 
@@ -609,7 +737,8 @@ class Agent:
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
-        hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections, resume_deadline=deadline)
+        hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections, resume_deadline=deadline,
+                        came_from=str(req.get("from") or ""))
         self.enclaves[spec.name] = hosted
         wait = _seconds(req.get("timeout", 120.0), "timeout")  # a source that never connects frees the name
         asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(self._drop_unconnected(
@@ -689,6 +818,7 @@ class Agent:
                                                "commit_wait": hosted.resume_deadline}, fds=fds)
             hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
+            await self._dir_arrived(hosted)
             self.history.append({"name": name, "direction": "in", **result})
             self.metrics.finished("in", result)
             log.info("migration of %s in done: %s, downtime %.1f ms", name, result.get("strategy"),
@@ -748,6 +878,7 @@ class Agent:
             if hosted.move(S.MIGRATING_OUT, S.HANDED_OFF):
                 self.moved[spec.name] = to
                 hosted.settled.set()
+                asyncio.ensure_future(self._dir_moved(spec.name, self.listen, to))
 
         def on_progress(info: dict) -> None:
             if info.get("phase") == "handed_off":
@@ -765,6 +896,7 @@ class Agent:
         try:
             prep = await self._unless_cancelled(hosted, asyncio.to_thread(
                 client.request, to, {"op": "prepare_in", "spec": spec.to_wire(), "strategy": strategy,
+                                     "from": self.listen,
                                      "tracker": tracker, "resume_deadline": deadline, "timeout": timeout},
                 None, timeout), undo=drop_prepared)
             prepared = True
@@ -835,6 +967,7 @@ class Agent:
         self.moved[name] = result["to"]
         hosted.settled.set()
         await hosted.handle.stop()
+        await self._dir_moved(name, self.listen, result["to"])  # if the handoff's update was lost
         return result
 
     async def _resume_out(self, hosted: Hosted, deadline: float, timeout: float, first: Exception,
@@ -989,8 +1122,8 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
 
 
 async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path,
-                    metrics_listen: str | None = None) -> None:
-    agent = Agent(listen, state_dir, host_id, ca_dir, metrics_listen)
+                    metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S) -> None:
+    agent = Agent(listen, state_dir, host_id, ca_dir, metrics_listen, etcd, etcd_ttl)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(agent.terminate(s.name)))

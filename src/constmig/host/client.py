@@ -10,7 +10,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import AgentError, AgentUnreachable, ChannelClosed, Redirect, SessionUnknown
+from constmig.errors import (
+    AgentError,
+    AgentUnreachable,
+    ChannelClosed,
+    NoSuchEnclave,
+    Redirect,
+    SessionUnknown,
+)
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
@@ -55,6 +62,8 @@ class AgentClient:
             raise Redirect(str(reply.get("error", "moved")), str(reply["redirect"]))
         if reply.get("kind") == SessionUnknown.__name__:
             raise SessionUnknown(str(reply.get("error", "no such session")))
+        if reply.get("kind") == NoSuchEnclave.__name__:
+            raise NoSuchEnclave(str(reply.get("error", "no such enclave")))
         raise AgentError(str(reply.get("error", "request failed")))
 
     def close(self) -> None:
@@ -75,23 +84,57 @@ def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] 
 
 class EnclaveRoute:
     """The way to one enclave by name: a kept connection to the agent that hosts it, redirects followed
-    and remembered (after a migration, `addr` is the new agent)."""
+    and remembered (after a migration, `addr` is the new agent).
 
-    def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
-        self.addr = addr
+    With a fleet directory (`etcd`), the first agent comes from it when `addr` is None, and it is asked
+    again when the agent known cannot be reached or no longer knows the enclave (its host was retired
+    after the move, so no redirect is left there). Both happen before the request is sent, so asking
+    again never runs a call twice."""
+
+    def __init__(self, addr: str | None, name: str, timeout: float | None = 600.0, etcd: str | None = None) -> None:
+        if addr is None and etcd is None:
+            raise AgentError(f"no way to find enclave {name!r}: give its agent's address or a fleet directory")
+        self.addr = addr or ""
         self.name = name
         self.timeout = timeout
+        self.etcd = etcd
         self._client: AgentClient | None = None
 
+    def _relocate(self, tried: bool) -> bool:
+        """Ask the directory where the enclave runs; False if there is none, or it names the agent known."""
+        if self.etcd is None or tried:
+            return False
+        from constmig.host.directory import locate
+
+        at = locate(self.etcd, self.name)
+        if at == self.addr:
+            return False
+        self.addr = at
+        return True
+
     def request(self, req: dict[str, Any]) -> Any:
-        for _ in range(MAX_REDIRECTS + 1):
+        tried = False
+        if not self.addr:
+            tried = self._relocate(False)
+        for _ in range(MAX_REDIRECTS + 2):
             if self._client is None:
-                self._client = AgentClient(self.addr, self.timeout)
+                try:
+                    self._client = AgentClient(self.addr, self.timeout)
+                except AgentUnreachable:
+                    if not self._relocate(tried):
+                        raise
+                    tried = True
+                    continue
             try:
                 return self._client.request({**req, "name": self.name})
             except Redirect as r:
                 self.close()
                 self.addr = r.location
+            except NoSuchEnclave:
+                self.close()
+                if not self._relocate(tried):
+                    raise
+                tried = True
             except AgentUnreachable:
                 self.close()  # a late reply must never answer the next request
                 raise
@@ -107,8 +150,8 @@ class PlainEnclaveClient:
     """Unsealed ECALLs through the agent, which reads and could change them: only enclaves launched with
     --plain-calls take these (the bench's baseline). Clients use constmig.client.EnclaveClient."""
 
-    def __init__(self, addr: str, name: str, timeout: float | None = 600.0) -> None:
-        self.route = EnclaveRoute(addr, name, timeout)
+    def __init__(self, addr: str | None, name: str, timeout: float | None = 600.0, etcd: str | None = None) -> None:
+        self.route = EnclaveRoute(addr, name, timeout, etcd)
 
     @property
     def addr(self) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from constmig.client.trust import default_ca_dir
@@ -27,7 +28,7 @@ class LocalCluster:
     """N agents (separate processes, state dirs and ports) sharing one root CA in a temp folder."""
 
     def __init__(self, n: int = 2, base_dir: Path | None = None, host: str = "127.0.0.1",
-                 ca_dir: Path | None = None, metrics: bool = False) -> None:
+                 ca_dir: Path | None = None, metrics: bool = False, agent_args: Sequence[str] = ()) -> None:
         self._own_dir = base_dir is None
         self.base = Path(tempfile.mkdtemp(prefix="constmig-")) if base_dir is None else base_dir
         self.base.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,7 @@ class LocalCluster:
         self.host = host
         self.n = n
         self.metrics = metrics  # each agent serves /metrics on a free port (its status says where)
+        self.agent_args = list(agent_args)  # more `constmig agent` options for every agent (e.g. --etcd URL)
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -55,7 +57,7 @@ class LocalCluster:
         proc = subprocess.Popen(
             [sys.executable, "-m", "constmig", "agent", "--listen", addr, "--state-dir",
              str(self.base / f"host-{host_id}"), "--host-id", host_id, "--ca-dir", str(self.ca_dir),
-             *(["--metrics-listen", f"{self.host}:0"] if self.metrics else [])],
+             *(["--metrics-listen", f"{self.host}:0"] if self.metrics else []), *self.agent_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         if i < len(self.procs):

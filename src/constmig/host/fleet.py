@@ -1,7 +1,8 @@
 """Operations over many agents: what runs where (`constmig ls`), emptying a host (`constmig drain`) and
 evening out memory use (`constmig rebalance`).
 
-The fleet here is a list of agent addresses (`--hosts`). Each migration of a drain is the ordinary one,
+The fleet is a list of agent addresses (`--hosts`), or every agent alive in the fleet directory
+(`--etcd`, host/directory.py). Each migration of a drain is the ordinary one,
 with its commit point: interrupted anywhere (Ctrl-C, an agent killed, a link cut), every enclave is in
 exactly one place (a migration whose requester vanishes before its commit point is cancelled by the
 source agent), and the same drain run again moves what is left.
@@ -76,6 +77,61 @@ def hosts_arg(text: str) -> list[str]:
             raise ConfigError(f"--hosts names {h} twice")
         seen.add(key)
     return hosts
+
+
+@dataclass
+class Listing:
+    """What the fleet directory says: live agents (address -> entry) and where each enclave was last."""
+
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    enclaves: dict[str, str] = field(default_factory=dict)
+
+
+def fleet_hosts(hosts: str | None, etcd: str | None) -> tuple[list[str], Listing | None]:
+    """The agents a fleet command works on: `--hosts` if given, else every live agent in the directory;
+    and the directory's listing (None without one)."""
+    if hosts is None and etcd is None:
+        raise ConfigError("name the fleet: --hosts HOST:PORT,... or --etcd URL (or set CONSTMIG_ETCD)")
+    listing = None
+    if etcd is not None:
+        from constmig.host.directory import blocking
+
+        async def read(d: Any) -> Listing:
+            return Listing(await d.hosts(), await d.enclaves())
+
+        listing = blocking(etcd, read)
+    if hosts is not None:
+        return hosts_arg(hosts), listing
+    assert listing is not None
+    if not listing.hosts:
+        raise ConfigError(f"the fleet directory at {etcd} lists no live agent (start agents with --etcd {etcd})")
+    return sorted(listing.hosts), listing
+
+
+def source_addr(source: str, listing: Listing | None) -> str:
+    """A drain's SOURCE: HOST:PORT, or with a directory also a host id it lists."""
+    if listing is not None:
+        named = [addr for addr, e in listing.hosts.items() if e.get("host_id") == source]
+        if len(named) == 1:
+            return named[0]
+    parse_addr(source)
+    return source
+
+
+def lost_enclaves(listing: Listing | None, views: list[HostView]) -> dict[str, str]:
+    """Enclaves the directory lists at an agent that is not alive (name -> where they were last)."""
+    if listing is None:
+        return {}
+    live = {parse_addr(v.addr) for v in views if v.error is None}
+    out = {}
+    for name, at in listing.enclaves.items():
+        try:
+            key = parse_addr(at)
+        except ConfigError:
+            key = None
+        if key not in live:
+            out[name] = at
+    return out
 
 
 @dataclass

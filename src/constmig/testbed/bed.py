@@ -89,13 +89,16 @@ class Testbed:
     __test__ = False  # not a pytest class, despite the name
 
     def __init__(self, name: str = "tb", hosts: int = 2, link: LinkSpec | None = None,
-                 state_dir: Path | str | None = None, ca_dir: Path | str | None = None) -> None:
+                 state_dir: Path | str | None = None, ca_dir: Path | str | None = None,
+                 agent_args: Sequence[str] = (), etcd: bool = False) -> None:
         self.name = check_name(name)
         self.n = parse_hosts(hosts)
         self.link = link or LinkSpec()
         self.root = state.state_root(state_dir)
         self.dir = state.work_dir(self.name, self.root)
         self.ca_dir = Path(ca_dir) if ca_dir else default_ca_dir()  # where clients find the root too
+        self.agent_args = list(agent_args)  # more `constmig agent` options for every agent
+        self.etcd = etcd  # an etcd in the root namespace, and every agent in its fleet directory
         self.layout: Layout | None = None
         self.record: dict[str, Any] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # processes this object started, to reap them
@@ -112,7 +115,7 @@ class Testbed:
             raise TestbedError(f"testbed {name!r} is not up (no record in {root}); start it with `constmig testbed up`")
         layout = Layout.from_json(record["layout"])
         bed = cls(name, len(layout.hosts), layout.hosts[0].link if layout.hosts else None, root,
-                  record.get("ca_dir"))
+                  record.get("ca_dir"), record.get("agent_args") or (), bool(record.get("etcd_url")))
         bed.layout, bed.record = layout, record
         return bed
 
@@ -156,6 +159,7 @@ class Testbed:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.record = {"name": self.name, "status": "starting", "created": time.time(),
                        "layout": layout.to_json(), "dir": str(self.dir), "ca_dir": str(self.ca_dir),
+                       "agent_args": self.agent_args,
                        "switch_ns": layout.switch_ns, "root_iface": layout.root_iface,
                        "root_ip": layout.root_ip, "subnet": str(layout.network), "procs": {}}
         self._save()
@@ -169,6 +173,8 @@ class Testbed:
             for h in layout.hosts:
                 if h.relayed:
                     self._start_relay(h)
+            if self.etcd:
+                self._start_etcd(layout)
             # The first agent creates the root CA; the others start once it exists, together.
             self._start_agent(layout.hosts[0])
             self._wait_ready(layout.hosts[:1], timeout)
@@ -202,8 +208,28 @@ class Testbed:
                 "--delay", repr(h.link.delay_s)]
 
     def agent_argv(self, h: HostPlan) -> list[str]:
+        etcd = ["--etcd", self.record["etcd_url"], "--etcd-ttl", "3"] if self.record.get("etcd_url") else []
         return [sys.executable, "-m", "constmig", "agent", "--listen", h.agent_listen, "--state-dir",
-                str(self.dir / f"host-{h.id}"), "--host-id", h.id, "--ca-dir", str(self.ca_dir)]
+                str(self.dir / f"host-{h.id}"), "--host-id", h.id, "--ca-dir", str(self.ca_dir), *etcd,
+                *self.agent_args]
+
+    @property
+    def etcd_url(self) -> str | None:
+        """The fleet directory's address (reachable from every host and the root namespace), if any."""
+        return self.record.get("etcd_url")
+
+    def _start_etcd(self, layout: Layout) -> None:
+        """etcd in the root namespace on the controller's address: the hosts reach it over the bridge."""
+        from constmig.host.cluster import free_port
+        from constmig.host.etcd_server import LocalEtcd
+
+        server = LocalEtcd(layout.root_ip, free_port(), free_port(), data_dir=self.dir / "etcd")
+        server.data_dir.mkdir(parents=True, exist_ok=True)
+        server.start()
+        assert server.proc is not None
+        self._children[server.proc.pid] = server.proc
+        self.record["etcd_url"], self.record["etcd_pid"] = server.url, server.proc.pid
+        self._save()
 
     def _start_relay(self, h: HostPlan) -> None:
         self._procs(h)["relay_pid"] = self._spawn(h, self.relay_argv(h), f"relay-{h.id}.log")
@@ -250,6 +276,11 @@ class Testbed:
         cmd.require_root()
         cmd.require_tools("ip")
         removed: list[str] = []
+        etcd_pid = (self.record or state.load(self.name, self.root) or {}).get("etcd_pid")
+        if _alive(etcd_pid):
+            os.kill(etcd_pid, signal.SIGKILL)
+            self._await_exit([etcd_pid])
+            removed.append("etcd")
         prefix = f"cmtb-{self.name}-"
         spaces = [ns for ns in cmd.list_netns() if ns.startswith(prefix)]
         pids = [pid for ns in spaces for pid in cmd.netns_pids(ns)]
@@ -291,7 +322,7 @@ class Testbed:
         layout = self._require_layout()
         out = {"CONSTMIG_TESTBED_NAME": self.name, "CONSTMIG_TESTBED_HOSTS": ",".join(self.addrs),
                "CONSTMIG_TESTBED_STATE": str(state.state_file(self.name, self.root)),
-               "CONSTMIG_CA_DIR": str(self.ca_dir)}
+               "CONSTMIG_CA_DIR": str(self.ca_dir), **({"CONSTMIG_ETCD": self.etcd_url} if self.etcd_url else {})}
         for h in layout.hosts:
             out[f"CONSTMIG_HOST_{h.id.upper()}"] = h.addr
         return out
@@ -336,6 +367,7 @@ class Testbed:
                           "delay_ms": h.link.delay_s * 1e3, "loss_pct": h.link.loss_pct})
         return {"name": self.name, "status": self.record.get("status"), "subnet": str(layout.network),
                 "controller": layout.root_ip, "switch_ns": layout.switch_ns, "dir": str(self.dir),
+                "etcd": self.etcd_url, "etcd_alive": _alive(self.record.get("etcd_pid")) if self.etcd_url else None,
                 "hosts": hosts}
 
     def _link_is_up(self, h: HostPlan) -> bool:

@@ -49,12 +49,14 @@ def testbed() -> None:
 @click.option("--loss", default="0", show_default=True, help="Packet loss on each host's link, each way (e.g. 0.1%).")
 @click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
               help="Root CA folder for the agents [default: a fresh one inside the testbed's folder].")
+@click.option("--etcd", is_flag=True, help="Also run etcd in the root namespace and have every agent join its "
+              "fleet directory (needs the etcd-server package).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @_name_opt
-def up(hosts: str, rate: str, delay: str, loss: str, ca_dir: Path | None, as_json: bool, name: str,
+def up(hosts: str, rate: str, delay: str, loss: str, ca_dir: Path | None, etcd: bool, as_json: bool, name: str,
        state_dir: Path | None) -> None:
     """Build the testbed and start an agent per host; prints their addresses."""
-    bed = Testbed(name, hosts, LinkSpec.parse(rate, delay, loss), state_dir, ca_dir).up()
+    bed = Testbed(name, hosts, LinkSpec.parse(rate, delay, loss), state_dir, ca_dir, etcd=etcd).up()
     _print_status(bed.status(), as_json)
 
 
@@ -150,5 +152,7 @@ def _print_status(st: dict[str, Any], as_json: bool) -> None:
         relay = "" if h["relay_alive"] is None else f", relay {'alive' if h['relay_alive'] else 'dead'}"
         click.echo(f"  {h['id']}  {h['addr']:<18} ns {h['ns']:<14} link {'up' if h['link_up'] else 'DOWN'}, "
                    f"{h['rate']}, delay {h['delay_ms']:g}ms, loss {h['loss_pct']:g}%; agent {agent}{relay}")
+    if st.get("etcd"):
+        click.echo(f"  fleet directory: etcd at {st['etcd']} ({'alive' if st['etcd_alive'] else 'DEAD'})")
     hosts = ",".join(h["addr"] for h in st["hosts"])
     click.echo(f"CONSTMIG_TESTBED_HOSTS={hosts}")

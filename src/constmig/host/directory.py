@@ -1,0 +1,219 @@
+"""The fleet directory on etcd: which agents are alive, and where each enclave runs.
+
+Untrusted routing, never security. Whoever controls the store can misroute a client (it then gets a
+clear error, and an attested session refuses an enclave it does not trust) but cannot make two copies
+of an enclave run: only the migration protocol between two enclaves moves one, and nothing in it reads
+the directory.
+
+Keys, under a prefix (default /constmig/):
+  hosts/<listen>     an agent: {"host_id", "listen", "metrics_url", "since"}, under the agent's lease,
+                     so an agent that dies or loses the store drops out when the lease runs out
+  enclaves/<name>    where it runs: {"at": <listen>}, changed only by transactions that compare the
+                     entry's revision, so a late update can never overwrite a newer one
+
+An enclave's entry outlives its agent on purpose: "kv1 was last at B, whose agent is gone" tells a
+client more than silence, and a restore elsewhere takes the name over (its old host is not alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from constmig.errors import ConfigError, DirectoryError
+
+PREFIX = "/constmig/"
+OP_TIMEOUT_S = 5.0  # one request to the store; an unreachable store fails within this
+LEASE_TTL_S = 10  # an agent's registration lives this long without a refresh
+
+T = TypeVar("T")
+
+
+def parse_etcd_url(text: str) -> tuple[str, int]:
+    """'http://10.0.0.1:2379' (or '10.0.0.1:2379') -> ('10.0.0.1', 2379)."""
+    raw = text.strip()
+    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+    if parts.scheme != "http":
+        raise ConfigError(f"bad etcd address {text!r}: only http:// endpoints are supported")
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        raise ConfigError(f"bad port in etcd address {text!r}") from None
+    if not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"bad etcd address {text!r}: expected http://HOST:PORT, e.g. http://127.0.0.1:2379")
+    return parts.hostname, port
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    """Canonical bytes (one layout for every writer here)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+class Directory:
+    """One connection to the store. Async: the agent keeps one in its event loop; synchronous callers
+    (the CLI, clients) use `blocking`."""
+
+    def __init__(self, url: str, prefix: str = PREFIX, timeout: float = OP_TIMEOUT_S) -> None:
+        import aetcd
+
+        self.url = url
+        self.host, self.port = parse_etcd_url(url)
+        self.prefix = prefix.rstrip("/") + "/"
+        self._aetcd = aetcd
+        # A proxy from the environment (http_proxy) would carry gRPC to a store on another host through it.
+        self._c = aetcd.Client(self.host, self.port, timeout=timeout, options={"grpc.enable_http_proxy": 0})
+
+    async def close(self) -> None:
+        await self._c.close()
+
+    async def __aenter__(self) -> Directory:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _do(self, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except self._aetcd.ClientError as e:
+            why = {"ConnectionFailedError": "unreachable", "ConnectionTimeoutError": "did not answer in time"}.get(
+                type(e).__name__, f"{type(e).__name__}: {e}")
+            raise DirectoryError(f"fleet directory at {self.url}: {why}") from None
+
+    def _host_key(self, listen: str) -> bytes:
+        return f"{self.prefix}hosts/{listen}".encode()
+
+    def _enclave_key(self, name: str) -> bytes:
+        return f"{self.prefix}enclaves/{name}".encode()
+
+    # ---- agents ----
+    async def register(self, listen: str, info: dict[str, Any], ttl: int = LEASE_TTL_S) -> int:
+        """Put this agent's entry under a new lease; returns the lease id to refresh."""
+        lease = await self._do(self._c.lease(ttl))
+        await self._do(self._c.put(self._host_key(listen),
+                                   _encode({**info, "listen": listen, "since": time.time()}), lease=lease.id))
+        return int(lease.id)
+
+    async def refresh(self, lease_id: int) -> bool:
+        """Keep the lease alive; False when it has run out already (the entry is gone: register again)."""
+        reply = await self._do(self._c.refresh_lease(lease_id))
+        return reply is not None and int(reply.TTL) > 0
+
+    async def deregister(self, lease_id: int) -> None:
+        await self._do(self._c.revoke_lease(lease_id))
+
+    async def hosts(self) -> dict[str, dict[str, Any]]:
+        """Every live agent: listen address -> its entry."""
+        found = await self._do(self._c.get_prefix(f"{self.prefix}hosts/".encode()))
+        out = {}
+        for kv in found:
+            entry = _decode(kv.value)
+            out[str(entry.get("listen") or kv.key.decode().rsplit("/", 1)[-1])] = entry
+        return out
+
+    async def alive(self, listen: str) -> bool:
+        return await self._do(self._c.get(self._host_key(listen))) is not None
+
+    # ---- enclaves ----
+    async def where(self, name: str) -> str | None:
+        kv = await self._do(self._c.get(self._enclave_key(name)))
+        return None if kv is None else str(_decode(kv.value).get("at") or "") or None
+
+    async def enclaves(self) -> dict[str, str]:
+        """Every enclave the directory knows: name -> the agent it was last seen at."""
+        found = await self._do(self._c.get_prefix(f"{self.prefix}enclaves/".encode()))
+        return {kv.key.decode().rsplit("/", 1)[-1]: str(_decode(kv.value).get("at") or "") for kv in found}
+
+    async def claim(self, name: str, at: str) -> str | None:
+        """Record that `name` runs at `at`, unless the entry names another agent that is alive: then
+        change nothing and return that agent. (A new enclave, a restore, or a correction after the store
+        was unreachable.)"""
+        key, tx = self._enclave_key(name), self._c.transactions
+        for _ in range(5):  # each round loses only to a concurrent change; then look again
+            kv = await self._do(self._c.get(key))
+            if kv is None:
+                compare = [tx.version(key) == 0]
+            else:
+                old = str(_decode(kv.value).get("at") or "")
+                if old == at:
+                    return None
+                if old and await self.alive(old):
+                    return old
+                compare = [tx.value(key) == kv.value, tx.version(self._host_key(old)) == 0] if old \
+                    else [tx.value(key) == kv.value]
+            ok, _ = await self._do(self._c.transaction(
+                compare=compare, success=[tx.put(key, _encode({"at": at}))], failure=[]))
+            if ok:
+                return None
+        raise DirectoryError(f"fleet directory at {self.url}: the entry of {name!r} kept changing; try again")
+
+    async def _swap(self, name: str, frm: str, op: Any) -> bool:
+        """Apply `op` to `name`'s entry if it says `frm`, compared by revision (not by bytes: an entry
+        written by another tool in another JSON layout still counts as saying what it says)."""
+        key, tx = self._enclave_key(name), self._c.transactions
+        kv = await self._do(self._c.get(key))
+        if kv is None or _decode(kv.value).get("at") != frm:
+            return False
+        ok, _ = await self._do(self._c.transaction(compare=[tx.mod(key) == kv.mod_revision], success=[op],
+                                                   failure=[]))
+        return bool(ok)
+
+    async def move(self, name: str, frm: str, to: str) -> bool:
+        """`name` moved from `frm` to `to`: True if the entry said `frm` and now says `to` (a late or
+        repeated update, whose old location is no longer current, changes nothing)."""
+        return await self._swap(name, frm, self._c.transactions.put(self._enclave_key(name), _encode({"at": to})))
+
+    async def release(self, name: str, at: str) -> bool:
+        """`name` stopped at `at`: drop its entry if it still names `at`."""
+        return await self._swap(name, at, self._c.transactions.delete(self._enclave_key(name)))
+
+    async def locate(self, name: str) -> str:
+        """The agent to ask for `name`, or one clear line why there is none."""
+        at = await self.where(name)
+        if at is None:
+            raise DirectoryError(f"no enclave named {name!r} in the fleet directory at {self.url}")
+        if not await self.alive(at):
+            raise DirectoryError(f"enclave {name!r} was last at {at}, whose agent is not in the fleet directory "
+                                 "(stopped, dead or cut off); restore it elsewhere from its checkpoint")
+        return at
+
+
+def blocking(url: str, work: Callable[[Directory], Awaitable[T]], timeout: float = OP_TIMEOUT_S) -> T:
+    """Run `work(directory)` to completion from synchronous code, in a thread with its own event loop
+    (so it works whether or not the caller's thread runs one)."""
+    parse_etcd_url(url)  # a bad address is the caller's mistake: say so before any thread
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Directory(url, timeout=timeout) as d:
+            box["result"] = await work(d)
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="directory", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def locate(url: str, name: str) -> str:
+    return blocking(url, lambda d: d.locate(name))
