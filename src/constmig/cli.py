@@ -846,6 +846,67 @@ def bench_writes(heap: int, repeat: int, json_path: str | None) -> None:
                 click.echo(f"{mech:8} skipped: {doc['skipped'][mech]}")
 
 
+@bench.command("directory")
+@etcd_option("Measure this etcd (under a private key prefix, removed after) [default: start one on loopback; "
+             "env: CONSTMIG_ETCD].")
+@click.option("--ops", type=click.IntRange(20, 100_000), default=500, show_default=True,
+              help="Requests per measurement per round.")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Writers at once for the move rate.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True, help="Rounds.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def bench_directory(etcd: str | None, ops: int, concurrency: int, repeat: int, json_path: str | None) -> None:
+    """What the fleet directory asks of etcd: lookup, move, lease refresh and registration latency, and
+    the moves per second one store takes from many writers."""
+    from constmig.bench.directory import run_directory_bench
+
+    check_writable(json_path, "--json")
+    if etcd is not None:
+        from constmig.host.directory import parse_etcd_url
+
+        parse_etcd_url(etcd)
+    doc = run_directory_bench(etcd, ops, concurrency, repeat)
+    write_json(doc, json_path)
+    if json_path != "-":
+        for key in ("lookup", "move", "refresh", "register"):
+            f = doc[key]
+            click.echo(f"{key:9} p50 {f['p50_ms']['median']:.2f} ms [{f['p50_ms']['min']:.2f}, {f['p50_ms']['max']:.2f}]"
+                       f", p99 {f['p99_ms']['median']:.2f} ms")
+        m = doc["moves_per_s"]
+        click.echo(f"moves/s  {m['median']:.0f} [{m['min']:.0f}, {m['max']:.0f}] with {m['concurrency']} writers")
+
+
+@bench.command("drain")
+@click.option("--enclaves", type=click.IntRange(1, 64), default=6, show_default=True, help="Enclaves on host a.")
+@click.option("--heap", type=Size(), default="128M", show_default=True, help="Heap of each (filled 90%).")
+@click.option("--loaded", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Enclaves with a client reading and writing throughout.")
+@click.option("--link", default="1gbit", show_default=True, help="Each host's link rate.")
+@click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--max-bandwidth", type=Size(), default="0", show_default=True, help="Shared cap; 0 = none.")
+@click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def bench_drain(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_bandwidth: int, strategy: str,
+                repeat: int, json_path: str | None) -> None:
+    """A maintenance drain on a three-host netns testbed with etcd (root): wall time, bytes, downtimes,
+    the worst client gap, lost and wrong calls."""
+    from constmig.bench.drain import run_drain_bench
+
+    if loaded > enclaves:
+        raise ConfigError(f"--loaded {loaded} is more than --enclaves {enclaves}")
+    check_writable(json_path, "--json")
+    doc = run_drain_bench(enclaves, heap, loaded, link, parallel, float(max_bandwidth), strategy, repeat,
+                          quiet=json_path == "-")
+    write_json(doc, json_path)
+    if json_path != "-":
+        click.echo(f"median over {repeat}: {doc['wall_s']['median']:.2f} s wall, {doc['gbps']:.3f} GB/s, worst "
+                   f"downtime {doc['downtime_ms_max']['median']:.1f} ms, worst client gap "
+                   f"{doc['client_gap_ms_max']['median']:.1f} ms; {'all calls right, nothing lost' if doc['all_ok'] else 'PROBLEMS: see runs'}")
+    if not doc["all_ok"]:
+        raise ConstmigError("a drain lost or got wrong a client's call, or left the directory wrong (see the JSON)")
+
+
 @bench.command("suite")
 @click.option("--sizes", default=None, help="Heap sizes of the size sweep [default: 256M,1G,4G; --quick: 32M,64M].")
 @click.option("--workloads", default=None, help="Workloads, comma-separated, or all [default: all; --quick: "

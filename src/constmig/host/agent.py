@@ -77,6 +77,7 @@ class Hosted:
     resume_fds: dict[str, int] = field(default_factory=dict)
     moving_to: str = ""  # a migration out past its commit point: where, and how (for a resume)
     came_from: str = ""  # an incoming migration's source agent (the fleet directory's old entry)
+    listed_at: str = ""  # a migration out: the directory already says it runs there
     strategy: str = ""
     resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
     paused_since: float | None = None
@@ -287,25 +288,33 @@ class Agent:
             self._unsynced.add(name)
             log.warning("cannot record %s in the fleet directory (retrying): %s", name, e)
 
-    async def _dir_moved(self, name: str, frm: str, to: str) -> None:
-        """The handoff: the entry goes from `frm` to `to`, only if it still says `frm`."""
-        if self.directory is None:
+    async def _dir_moved(self, hosted: Hosted, to: str) -> None:
+        """The handoff (source side): the entry goes from here to `to`, only if it still says here."""
+        if self.directory is None or hosted.listed_at:
             return
         try:
-            await self.directory.move(name, frm, to)
+            if await self.directory.move(hosted.handle.spec.name, self.listen, to):
+                hosted.listed_at = to
         except DirectoryError as e:
-            log.warning("cannot record the move of %s to %s in the fleet directory: %s", name, to, e)
+            log.warning("cannot record the move of %s to %s in the fleet directory: %s", hosted.handle.spec.name,
+                        to, e)
 
     async def _dir_arrived(self, hosted: Hosted) -> None:
+        """An incoming migration done (destination side): usually the source's update is there already
+        (one read); if it was lost, move the entry from the source; if it names neither, claim it."""
         name = hosted.handle.spec.name
         if self.directory is None:
             return
         try:
-            if hosted.came_from and await self.directory.move(name, hosted.came_from, self.listen):
-                return
-        except DirectoryError:
-            pass
-        await self._dir_claim(name)  # the source's update got there first, or the entry was wrong
+            other = await self.directory.claim(name, self.listen)
+            if other is not None and other == hosted.came_from:
+                await self.directory.move(name, other, self.listen)
+            elif other is not None:
+                log.warning("the fleet directory says %s runs at %s, a live agent; it runs here: entry left as it "
+                            "is (clients that follow it get an error there)", name, other)
+        except DirectoryError as e:
+            self._unsynced.add(name)
+            log.warning("cannot record %s in the fleet directory (retrying): %s", name, e)
 
     async def _dir_release(self, name: str) -> None:
         self._unsynced.discard(name)
@@ -878,7 +887,7 @@ class Agent:
             if hosted.move(S.MIGRATING_OUT, S.HANDED_OFF):
                 self.moved[spec.name] = to
                 hosted.settled.set()
-                asyncio.ensure_future(self._dir_moved(spec.name, self.listen, to))
+                asyncio.ensure_future(self._dir_moved(hosted, to))
 
         def on_progress(info: dict) -> None:
             if info.get("phase") == "handed_off":
@@ -967,7 +976,7 @@ class Agent:
         self.moved[name] = result["to"]
         hosted.settled.set()
         await hosted.handle.stop()
-        await self._dir_moved(name, self.listen, result["to"])  # if the handoff's update was lost
+        await self._dir_moved(hosted, result["to"])  # if the handoff's update did not happen
         return result
 
     async def _resume_out(self, hosted: Hosted, deadline: float, timeout: float, first: Exception,
