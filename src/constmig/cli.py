@@ -431,14 +431,14 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
     from constmig.units import format_size
 
     table = Table(title=f"{sum(len(v.enclaves) for v in views)} enclaves on {len(views)} hosts")
-    for col in ("enclave", "host", "state", "app", "heap"):
-        table.add_column(col)
+    for col in ("enclave", "host", "state", "app", "heap", "calls/s"):
+        table.add_column(col, justify="right" if col == "calls/s" else "left")
     for v in views:
         for name, e in sorted(v.enclaves.items()):
             table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
-                          format_size(int(e.get("heap_bytes") or 0)))
+                          format_size(int(e.get("heap_bytes") or 0)), f"{float(e.get('calls_per_s') or 0):.1f}")
     for name, at in sorted(lost.items()):
-        table.add_row(name, at, "lost", "", "")
+        table.add_row(name, at, "lost", "", "", "")
     out = Console()
     out.print(table)
     for v in views:

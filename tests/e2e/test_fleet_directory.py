@@ -159,3 +159,33 @@ def test_a_poisoned_entry_misroutes_into_a_clear_error_and_never_makes_two_copie
         p = cm("migrate", "kv3", "--etcd", etcd_url, "--to", b)
         assert p.returncode == 1 and "Traceback" not in p.stderr
         assert running(c.addrs, "kv3") == [d]
+
+
+def test_the_store_going_away_is_logged_not_fatal_and_the_entries_are_mended_after(tmp_path):
+    from constmig.host.cluster import free_port
+    from constmig.host.etcd_server import LocalEtcd
+
+    port, peer = free_port(), free_port()
+    store = LocalEtcd(port=port, peer_port=peer, data_dir=tmp_path / "etcd").start()
+    url = store.url
+    try:
+        with LocalCluster(3, agent_args=["--etcd", url, "--etcd-ttl", "3"]) as c:
+            a, b, d = c.addrs
+            launch_filled(a, "kv4", "kvstore", 32 << 20, 0.5, seed=4, client_keys=8)
+            before = app_checksum(a, "kv4")
+            store.stop()  # the directory is gone: runs, migrations and calls go on
+            p = cm("migrate", "kv4", "--from", a, "--to", b, "--strategy", "constmig")
+            assert p.returncode == 0, p.stderr
+            p = cm("run", "kvstore", "--agent", d, "--heap", "16M", "--name", "kv5")
+            assert p.returncode == 0, p.stderr
+            assert app_checksum(a, "kv4") == before  # through A's redirect
+            p = cm("call", "kv4", "--etcd", url, "checksum")
+            assert p.returncode == 1 and f"fleet directory at {url}: unreachable" in p.stderr
+            store = LocalEtcd(port=port, peer_port=peer, data_dir=tmp_path / "etcd").start()  # same data
+            wait_for(lambda: blocking(url, lambda dd: dd.enclaves()) == {"kv4": b, "kv5": d}, 15)
+            p = cm("call", "kv4", "--etcd", url, "checksum")
+            assert p.returncode == 0 and p.stdout.strip() == before, p.stderr
+            log = (c.base / "agent-b.log").read_text()
+            assert "cannot record kv4 in the fleet directory (retrying)" in log
+    finally:
+        store.stop()

@@ -37,6 +37,37 @@ def test_a_drain_the_fleet_cannot_hold_is_refused_before_anything_moves():
         plan_drain(src, [down])
 
 
+def test_a_busy_enclave_goes_where_the_calls_are_fewest_when_both_have_room():
+    src = view("h:1", 0, hot=("running", 300 * MiB), cold=("running", 200 * MiB))
+    src.enclaves["hot"]["calls_per_s"] = 400.0
+    busy = view("h:2", 2000 * MiB, web=("running", 100 * MiB))
+    busy.enclaves["web"]["calls_per_s"] = 900.0
+    idle = view("h:3", 1500 * MiB)
+    moves, _ = plan_drain(src, [busy, idle])
+    # hot (largest first): h:2 has the most room but most of the fleet's 1,300 calls/s:
+    #   h:2 1 - 900/1300 = 0.31 < h:3 0.75 - 0 = 0.75.
+    # cold: h:3 now has 1200 MiB left and hot's 400 calls/s: h:2 0.31 > h:3 0.6 - 0.31 = 0.29.
+    assert [(m.name, m.to) for m in moves] == [("hot", "h:3"), ("cold", "h:2")]
+    assert busy.calls_per_s == 900.0 and idle.calls_per_s == 0.0
+    # With no calls anywhere, room alone decides (the busy host has the most).
+    busy.enclaves["web"]["calls_per_s"] = 0.0
+    src.enclaves["hot"]["calls_per_s"] = 0.0
+    assert [m.to for m in plan_drain(src, [busy, idle])[0]] == ["h:2", "h:2"]
+
+
+def test_call_rates_count_the_last_ten_whole_seconds():
+    from constmig.host.metrics import CallRate
+
+    r = CallRate()
+    for t in (100.1, 100.5, 101.2, 105.0, 109.9):
+        r.record(t)
+    assert r.per_second(110.0) == 0.5  # 5 calls in seconds 100-109
+    assert r.per_second(109.5) == 0.4  # second 109 still filling
+    assert r.per_second(115.0) == 0.2  # 105 and 109 remain
+    r.record(121.0)  # a bucket reused a full window later starts from zero
+    assert r.per_second(122.0) == 0.1
+
+
 def test_rebalance_evens_out_the_hosts_and_stops_when_no_move_helps():
     a = view("h:1", 10_000 * MiB, e1=("running", 400 * MiB), e2=("running", 300 * MiB), e3=("running", 100 * MiB),
              e4=("migrating-out", 500 * MiB))

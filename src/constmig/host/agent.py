@@ -41,7 +41,7 @@ from constmig.host import client
 from constmig.host.address import parse_addr
 from constmig.host.directory import LEASE_TTL_S, Directory, parse_etcd_url
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
-from constmig.host.metrics import AgentMetrics
+from constmig.host.metrics import AgentMetrics, CallRate
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.migration import strategies
@@ -78,6 +78,7 @@ class Hosted:
     moving_to: str = ""  # a migration out past its commit point: where, and how (for a resume)
     came_from: str = ""  # an incoming migration's source agent (the fleet directory's old entry)
     listed_at: str = ""  # a migration out: the directory already says it runs there
+    calls: CallRate = field(default_factory=CallRate)  # client calls admitted, for load-aware placement
     strategy: str = ""
     resume_deadline: float = RESUME_DEADLINE_S  # how long a paused incoming migration's callers wait
     paused_since: float | None = None
@@ -216,9 +217,10 @@ class Agent:
     # ---- lifecycle ----
     async def start(self) -> None:
         host, port = parse_addr(self.listen)
-        self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True)
-        if self.etcd is not None:
+        self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True, start_serving=False)
+        if self.etcd is not None:  # listed before it answers: whoever sees it answer finds it in the directory
             await self._join_directory()
+        await self._server.start_serving()
 
     # ---- the fleet directory (host/directory.py): routing only; every failure here is logged, never fatal ----
     async def _join_directory(self) -> None:
@@ -271,7 +273,10 @@ class Agent:
             log.warning("cannot check the name %s in the fleet directory: %s", name, e)
 
     async def _dir_claim(self, name: str) -> None:
-        """Make the directory say `name` runs here (it does), unless a live agent elsewhere is named."""
+        """Make the directory say `name` runs here (it does): take the entry over if it names nobody, an
+        agent that is gone, or the agent this enclave migrated from (its update was lost); leave it if it
+        names another live agent. After a migration in, usually the source's update is there already
+        (one read)."""
         if self.directory is None:
             return
         hosted = self.enclaves.get(name)
@@ -280,6 +285,9 @@ class Agent:
             return
         try:
             other = await self.directory.claim(name, self.listen)
+            if other is not None and other == hosted.came_from and \
+                    await self.directory.move(name, other, self.listen):
+                other = None
             self._unsynced.discard(name)
             if other is not None:
                 log.warning("the fleet directory says %s runs at %s, a live agent; it runs here: entry left as it "
@@ -298,23 +306,6 @@ class Agent:
         except DirectoryError as e:
             log.warning("cannot record the move of %s to %s in the fleet directory: %s", hosted.handle.spec.name,
                         to, e)
-
-    async def _dir_arrived(self, hosted: Hosted) -> None:
-        """An incoming migration done (destination side): usually the source's update is there already
-        (one read); if it was lost, move the entry from the source; if it names neither, claim it."""
-        name = hosted.handle.spec.name
-        if self.directory is None:
-            return
-        try:
-            other = await self.directory.claim(name, self.listen)
-            if other is not None and other == hosted.came_from:
-                await self.directory.move(name, other, self.listen)
-            elif other is not None:
-                log.warning("the fleet directory says %s runs at %s, a live agent; it runs here: entry left as it "
-                            "is (clients that follow it get an error there)", name, other)
-        except DirectoryError as e:
-            self._unsynced.add(name)
-            log.warning("cannot record %s in the fleet directory (retrying): %s", name, e)
 
     async def _dir_release(self, name: str) -> None:
         self._unsynced.discard(name)
@@ -510,7 +501,7 @@ class Agent:
         out = {}
         for name, hosted in list(self.enclaves.items()):  # a call below may let an entry go meanwhile
             info: dict[str, Any] = {"status": hosted.status.value, "app": hosted.handle.spec.app,
-                                    "heap_bytes": hosted.handle.spec.heap}
+                                    "heap_bytes": hosted.handle.spec.heap, "calls_per_s": hosted.calls.per_second()}
             if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
                     info.update(await hosted.handle.call({"op": "status"}))
@@ -631,6 +622,7 @@ class Agent:
         raise AgentError(f"enclave {req.get('name')!r} kept moving; the call did not run (try again)")
 
     async def _ecall(self, hosted: Hosted, inner: dict[str, Any]) -> Any:
+        hosted.calls.record()
         call = asyncio.ensure_future(hosted.handle.call(inner))
         while True:
             done, _ = await asyncio.wait({call}, timeout=PAUSE_CHECK_S)
@@ -827,7 +819,7 @@ class Agent:
                                                "commit_wait": hosted.resume_deadline}, fds=fds)
             hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
-            await self._dir_arrived(hosted)
+            await self._dir_claim(name)
             self.history.append({"name": name, "direction": "in", **result})
             self.metrics.finished("in", result)
             log.info("migration of %s in done: %s, downtime %.1f ms", name, result.get("strategy"),

@@ -48,6 +48,7 @@ class LocalEtcd:
 
     def start(self) -> LocalEtcd:
         client, peer = self.url, f"http://{self.host}:{self.peer_port}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(
             [self.binary, "--name", "constmig", "--data-dir", str(self.data_dir / "data"),

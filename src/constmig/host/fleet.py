@@ -7,9 +7,12 @@ with its commit point: interrupted anywhere (Ctrl-C, an agent killed, a link cut
 exactly one place (a migration whose requester vanishes before its commit point is cancelled by the
 source agent), and the same drain run again moves what is left.
 
-Placement: the largest heap first, each to the host with the most room left (its available memory
-less what its enclaves may still claim, less what this drain already sent there); a drain that the
-rest of the fleet cannot hold is refused before anything moves.
+Placement: the largest heap first, each to the host that scores best on room and load: its share of
+the most room any host has left (available memory less what its enclaves may still claim, less what
+this drain already sent there) minus its share of the fleet's client calls per second (what its
+enclaves serve, plus the moved enclaves' own calls). An idle fleet is placed by room alone; a busy
+enclave goes where the calls are fewest. A drain that the rest of the fleet cannot hold is refused
+before anything moves.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class HostView:
     enclaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     free: int = 0  # bytes a new heap may still claim there
     error: str | None = None
+
+    @property
+    def calls_per_s(self) -> float:
+        """Client calls per second into its running enclaves (the agents' 10 s window)."""
+        return sum(float(e.get("calls_per_s") or 0.0) for e in self.enclaves.values() if e.get("status") == "running")
 
 
 def look(hosts: list[str], timeout: float = STATUS_TIMEOUT_S) -> list[HostView]:
@@ -145,24 +153,32 @@ class Move:
 def plan_drain(source: HostView, others: list[HostView]) -> tuple[list[Move], list[str]]:
     """Where each running enclave of `source` goes; and the enclaves left alone (not running), with why.
     Refuses (ConfigError) when the others cannot hold them all."""
-    room = {v.addr: v.free - HEADROOM for v in others if v.error is None}
+    live = [v for v in others if v.error is None]
+    room = {v.addr: v.free - HEADROOM for v in live}
     if not room:
         raise ConfigError("no other reachable host to drain to")
+    load = {v.addr: v.calls_per_s for v in live}
     moves: list[Move] = []
     skipped: list[str] = []
-    running = sorted(((n, int(e.get("heap_bytes") or 0)) for n, e in source.enclaves.items()
-                      if e.get("status") == "running"), key=lambda x: (-x[1], x[0]))
+    running = sorted(((n, int(e.get("heap_bytes") or 0), float(e.get("calls_per_s") or 0.0))
+                      for n, e in source.enclaves.items() if e.get("status") == "running"),
+                     key=lambda x: (-x[1], x[0]))
     for name, e in sorted(source.enclaves.items()):
         if e.get("status") != "running":
             skipped.append(f"{name} ({e.get('status')})")
-    for name, heap in running:
-        best = max(room, key=lambda a: room[a])
-        if room[best] < heap:
-            need = sum(h for _, h in running)
+    total_load = sum(load.values()) + sum(c for _, _, c in running)
+    for name, heap, calls in running:
+        fits = [a for a in room if room[a] >= heap]
+        if not fits:
+            most = max(room, key=lambda a: room[a])
+            need = sum(h for _, h, _ in running)
             raise ConfigError(f"the rest of the fleet cannot hold what must leave {source.addr}: {name} needs "
-                              f"{format_size(heap)}, the most room left is {format_size(max(room[best], 0))} on "
-                              f"{best} (all of it: {format_size(need)} in {len(running)} enclaves)")
+                              f"{format_size(heap)}, the most room left is {format_size(max(room[most], 0))} on "
+                              f"{most} (all of it: {format_size(need)} in {len(running)} enclaves)")
+        top = max(max(room.values()), 1)
+        best = max(fits, key=lambda a: (room[a] / top - (load[a] / total_load if total_load else 0.0), a))
         room[best] -= heap
+        load[best] += calls
         moves.append(Move(name, heap, best, source.addr))
     return moves, skipped
 

@@ -8,6 +8,7 @@ Prometheus client library writes the format; a registry of its own keeps agents 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +22,30 @@ from constmig.migration.receiver import parse_histogram
 
 DOWNTIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FAULT_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+
+class CallRate:
+    """Calls per second into one enclave over the last WINDOW seconds (per-second buckets): the load a
+    drain's placement spreads."""
+
+    WINDOW = 10
+
+    def __init__(self) -> None:
+        self._buckets = [0] * (self.WINDOW + 1)
+        self._second = [0] * (self.WINDOW + 1)
+
+    def record(self, now: float | None = None) -> None:
+        sec = int(time.time() if now is None else now)
+        i = sec % len(self._buckets)
+        if self._second[i] != sec:
+            self._second[i], self._buckets[i] = sec, 0
+        self._buckets[i] += 1
+
+    def per_second(self, now: float | None = None) -> float:
+        """Over the last WINDOW whole seconds (the current one is still filling)."""
+        sec = int(time.time() if now is None else now)
+        return sum(n for n, s in zip(self._buckets, self._second, strict=True) if sec - self.WINDOW <= s < sec) \
+            / self.WINDOW
 
 
 class _Enclaves(Collector):

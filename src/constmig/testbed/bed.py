@@ -223,9 +223,7 @@ class Testbed:
         from constmig.host.cluster import free_port
         from constmig.host.etcd_server import LocalEtcd
 
-        server = LocalEtcd(layout.root_ip, free_port(), free_port(), data_dir=self.dir / "etcd")
-        server.data_dir.mkdir(parents=True, exist_ok=True)
-        server.start()
+        server = LocalEtcd(layout.root_ip, free_port(), free_port(), data_dir=self.dir / "etcd").start()
         assert server.proc is not None
         self._children[server.proc.pid] = server.proc
         self.record["etcd_url"], self.record["etcd_pid"] = server.url, server.proc.pid
