@@ -65,3 +65,55 @@ def test_drain_a_host_of_four_enclaves_under_load_through_the_directory(tmp_path
               f"{sum(m['state_bytes'] or 0 for m in doc['moved']) / 2**20:.0f} MiB, wall {doc['wall_s']:.2f} s, "
               f"worst client gap {max(r.max_gap_ms for r in reports):.1f} ms, "
               f"downtimes {[m['downtime_ms'] for m in doc['moved']]} ms")
+
+
+def test_a_drain_through_a_cut_link_leaves_each_enclave_in_one_place_and_finishes_when_run_again(tmp_path):
+    """Host b's link goes down for 3 s in the middle of a drain: whatever each migration did (paused and
+    resumed, rolled back before its commit point), every enclave runs in exactly one place afterwards,
+    and the same drain run again moves what is left."""
+    import time
+
+    tb = Testbed(unique_name("tc"), 3, LinkSpec.parse("1gbit"), state_dir=tmp_path, etcd=True)
+    with tb:
+        a, b, c = tb.addrs
+        names = ["kv1", "kv2", "kv3", "kv4"]
+        for i, n in enumerate(names):
+            launch_filled(a, n, "kvstore", 64 << 20, 0.9, seed=i)
+        sums = {n: app_checksum(a, n) for n in names}
+        env = {**os.environ, **tb.env()}
+        argv = [sys.executable, "-m", "constmig", "drain", "a", "--parallel", "2", "--max-bandwidth", "60M",
+                "--json", "-"]
+        p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        deadline = time.monotonic() + 60
+        while not any(e["status"] == "migrating-out" for e in client.request(a, {"op": "status"})["enclaves"].values()):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)
+        tb.link_down("b")
+        time.sleep(3)
+        tb.link_up("b")
+        out, err = p.communicate(timeout=300)
+        assert "Traceback" not in err
+
+        def placed() -> dict[str, list[str]]:
+            where: dict[str, list[str]] = {n: [] for n in names}
+            for addr in (a, b, c):
+                for n, e in client.request(addr, {"op": "status"})["enclaves"].items():
+                    if e["status"] == "running":
+                        where[n].append(addr)
+            return where
+
+        deadline = time.monotonic() + 60  # a paused migration settles within its resume deadline
+        while any(len(v) != 1 for v in placed().values()):
+            assert time.monotonic() < deadline, placed()
+            time.sleep(0.5)
+        again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert again.returncode == 0, again.stderr
+        where = placed()
+        assert all(len(v) == 1 and v[0] in (b, c) for v in where.values()), where
+        assert blocking(tb.etcd_url, lambda d: d.enclaves()) == {n: v[0] for n, v in where.items()}
+        for n in names:
+            with EnclaveClient(None, n, timeout=30, etcd=tb.etcd_url) as found:
+                assert found.call("checksum") == sums[n]
+        print(f"\nfirst drain exit {p.returncode}: {err.strip().splitlines()[-1] if err.strip() else 'ok'}")
