@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,3 +84,29 @@ def test_up_status_run_down(tmp_path):
     p = cm("testbed", "down", "--name", name, "--state-dir", sd)
     assert p.returncode == 0 and "nothing to remove" in p.stdout
     assert f"cmtb-{name}-" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.reliability
+@needs_netns
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="no etcd binary (apt-get install etcd-server)")
+def test_up_with_etcd_lists_every_agent_in_the_directory_and_down_stops_it(tmp_path):
+    name, sd = unique_name("td"), str(tmp_path)
+    p = cm("testbed", "up", "--hosts", "2", "--etcd", "--name", name, "--state-dir", sd)
+    try:
+        assert p.returncode == 0, p.stderr
+        assert "fleet directory: etcd at http://10.77." in p.stdout and "(alive)" in p.stdout
+        st = json.loads(cm("testbed", "status", "--json", "--name", name, "--state-dir", sd).stdout)
+        url = st["etcd"]
+        # From the root namespace, with the testbed's environment: ls finds both agents through etcd.
+        p = cm("testbed", "run", "--name", name, "--state-dir", sd, "--", sys.executable, "-m", "constmig", "ls",
+               "--json")
+        assert p.returncode == 0, p.stderr
+        assert set(json.loads(p.stdout)) == {h["addr"] for h in st["hosts"]} | {"lost"}
+    finally:
+        p = cm("testbed", "down", "--name", name, "--state-dir", sd)
+    assert p.returncode == 0 and "etcd" in p.stdout, p.stdout
+    from constmig.errors import DirectoryError
+    from constmig.host.directory import locate
+
+    with pytest.raises(DirectoryError, match="unreachable|did not answer"):
+        locate(url, "x")
