@@ -70,6 +70,30 @@ def check_output(line: str, p: subprocess.CompletedProcess) -> None:
     raise AssertionError(f"README command with no expected output in this test: {line}")
 
 
+def run_lines(lines: list[str], skip: Any, cwd: Path, env: dict[str, str]) -> None:
+    """Each line not skipped, in order, through a shell: exit 0, no traceback, what EXPECT says."""
+    for line in lines:
+        if skip(line):
+            continue
+        p = subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, f"{line}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        assert "Traceback" not in p.stderr, line
+        check_output(line, p)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each background process group in turn (a process may need the ones after it to stop
+    cleanly), SIGKILL what does not stop within 20 s."""
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -100,23 +124,9 @@ def test_readme_by_hand_commands_run_as_written(tmp_path: Path) -> None:
                 assert a.poll() is None, a.stderr.read().decode() if a.stderr else "agent exited"
             assert time.monotonic() < deadline, "the README's agents did not start listening"
             time.sleep(0.2)
-        for line in lines:
-            if line.startswith("constmig agent "):
-                continue
-            p = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=300, stdin=subprocess.DEVNULL)
-            assert p.returncode == 0, f"{line}\n{p.stderr[-2000:]}"
-            assert "Traceback" not in p.stderr, line
-            check_output(line, p)
+        run_lines(lines, lambda line: line.startswith("constmig agent "), tmp_path, env)
     finally:
-        for a in agents:
-            os.killpg(a.pid, signal.SIGTERM)
-        for a in agents:
-            try:
-                a.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(a.pid, signal.SIGKILL)
-                a.wait()
+        stop_all(agents)
 
 
 @pytest.mark.e2e
@@ -169,19 +179,6 @@ def test_readme_fleet_commands_run_as_written(tmp_path: Path) -> None:
                 assert procs[-1].poll() is None, procs[-1].stderr.read().decode() if procs[-1].stderr else line
                 assert time.monotonic() < deadline, f"did not start listening: {line}"
                 time.sleep(0.1)
-        for line in lines:
-            if line in background:
-                continue
-            p = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=300, stdin=subprocess.DEVNULL)
-            assert p.returncode == 0, f"{line}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-            assert "Traceback" not in p.stderr, line
-            check_output(line, p)
+        run_lines(lines, lambda line: line in background, tmp_path, env)
     finally:
-        for proc in reversed(procs):  # the agents first (they leave the directory), etcd last
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_all(procs[::-1])  # the agents first (they leave the directory), etcd last
