@@ -820,6 +820,10 @@ def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
                 click.echo(f"{mode:6} {f['raw_gbps']:.2f} GB/s [{f['min']:.2f}, {f['max']:.2f}]")
             else:
                 click.echo(f"{mode:6} skipped: {doc['skipped'][mode]}")
+        fl = doc["floor"]
+        click.echo(f"floor  TCP round trip p50 {fl['tcp_pingpong_us']['p50']:.0f} µs; " + (
+            f"demand fault with nothing else running p50 {fl['demand_fault_us']['p50']:.0f} µs, p99 "
+            f"{fl['demand_fault_us']['p99']:.0f} µs" if "demand_fault_us" in fl else fl["skipped"]))
 
 
 @bench.command("writes")

@@ -24,8 +24,30 @@ def test_bench_raw_measures_both_ways_into_the_heap():
         f = doc[mode]
         assert len(f["runs"]) == 2 and 0 < f["min"] <= f["raw_gbps"] <= f["max"], f
     assert doc["raw_gbps"] == doc["plain"]["raw_gbps"]
+    floor = doc["floor"]
+    assert 0 < floor["tcp_pingpong_us"]["p50"] <= floor["tcp_pingpong_us"]["p99"]
     if uffd_problem() is not None:
         assert "userfaultfd unusable here" in doc["skipped"]["uffd"]
+        assert "userfaultfd unusable here" in floor["skipped"]
+    else:
+        f = floor["demand_fault_us"]
+        assert f["n"] == 400 and 0 < f["p50"] <= f["p99"]
+        # The fault crosses between processes twice (app -> pager -> source and back), each at least a
+        # TCP round trip's worth of wake-ups: it cannot beat one round trip.
+        assert f["p50"] > floor["tcp_pingpong_us"]["p50"]
+
+
+def test_the_floor_pager_serves_real_bytes():
+    """The floor's fault path installs the source's bytes: a fault that found a zero page (its pager
+    gone) raises instead of counting."""
+    import pytest
+
+    if uffd_problem() is not None:
+        pytest.skip(f"userfaultfd unusable here: {uffd_problem()}")
+    from constmig.bench.floor import demand_faults
+
+    got = demand_faults(30)
+    assert len(got) == 30 and all(0 < x < 5 for x in got)
 
 
 def test_bench_raw_refuses_a_size_that_is_not_whole_mib():

@@ -11,6 +11,9 @@ Two ways into the heap, as the two trackers receive:
 
 The record layer is the migration's own (wire/channel.py, AES-256-GCM), keyed with random keys; the
 sender's heap is random bytes (no zero records). Repeats alternate the modes.
+
+Beside the rate, the latency floor (bench/floor.py): a bare TCP round trip between two processes, and a
+demand fault served by the Fault Tracker's hops with nothing else running (`floor`).
 """
 
 from __future__ import annotations
@@ -105,9 +108,12 @@ def _one(src: Heap, mode: str) -> float:
         return src.size / wall
 
 
-def run_raw(heap_bytes: int, repeat: int, quiet: bool = False) -> dict[str, Any]:
-    """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s."""
+def run_raw(heap_bytes: int, repeat: int, quiet: bool = False, floor_faults: int = 400) -> dict[str, Any]:
+    """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s; then the
+    latency floor over `floor_faults` faults (0: not measured)."""
     from rich.progress import Progress
+
+    from constmig.bench.floor import measure_floor
 
     problem = preflight()
     modes = [m for m in MODES if m == "plain" or problem is None]
@@ -133,6 +139,8 @@ def run_raw(heap_bytes: int, repeat: int, quiet: bool = False) -> dict[str, Any]
     for mode, gbps in runs.items():
         out[mode] = {"raw_gbps": statistics.median(gbps), "min": min(gbps), "max": max(gbps), "runs": gbps}
     out["raw_gbps"] = out["plain"]["raw_gbps"]
+    if floor_faults:
+        out["floor"] = measure_floor(floor_faults)
     return out
 
 

@@ -562,6 +562,14 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
              "the access could go on (verify, copy into place, wake). Every post-copy run (ConstMig and hybrid), "
              "all repeats; p50/p99 are histogram bin upper edges.\n\n")
     L.append(segment_summary(doc) + "\n\n")
+    floor = (doc.get("raw") or {}).get("floor") or {}
+    if "demand_fault_us" in floor:
+        f, t = floor["demand_fault_us"], floor["tcp_pingpong_us"]
+        L.append(f"The floor (`constmig bench raw`, same run): the same hops with nothing else running (an app "
+                 f"faulting, a pager asking a source over TCP for a sealed 64 KiB piece and installing it) took "
+                 f"p50 {f['p50'] / 1e3:.2f} ms, p99 {f['p99'] / 1e3:.2f} ms; one bare TCP round trip between two "
+                 f"processes p50 {t['p50'] / 1e3:.3f} ms. What a migration's faults take beyond the floor is "
+                 "contention: the background stream, the app and the clients on the same cores.\n\n")
     L.append(_img(made, "segments", "demand segments CDF"))
     L.append("\n## Growth with heap size\n\n")
     L.append(slope_table(fits) + "\n\n" if fits else "No size sweep in this run.\n\n")

@@ -425,7 +425,8 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     from constmig.bench.raw import run_raw, stream_vs_raw
 
     console.print("the machine's stream bound (bench raw), to judge each stream by")
-    doc["raw"] = run_raw(min(cfg.workload_size, 1 << 30), 1 if cfg.quick else 3, quiet=True)
+    doc["raw"] = run_raw(min(cfg.workload_size, 1 << 30), 1 if cfg.quick else 3, quiet=True,
+                         floor_faults=100 if cfg.quick else 400)
     for rec in results:
         rec["stream_vs_raw"] = stream_vs_raw(rec, doc["raw"])
     if cfg.overhead:
