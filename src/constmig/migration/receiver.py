@@ -23,7 +23,7 @@ from constmig.errors import ChannelClosed, ConstmigError, ProtocolError, RecvTim
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
-from constmig.migration.priority import background_thread, boost_this_thread
+from constmig.migration.priority import DEMAND_QUIET_S, BackgroundCores, boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
 from constmig.wire.channel import SealedChunk, SecureChannel
 
@@ -120,6 +120,7 @@ class Receiver:
         self._inflight = np.zeros(n, dtype=bool)
         self._requested = np.zeros(n, dtype=bool)
         self._t_wait: dict[int, float] = {}  # chunk -> when an access first waited for it
+        self._last_wait = 0.0  # monotonic time an access last asked for a chunk (the background's cores)
         self._t_asked: dict[int, float] = {}  # chunk -> when its demand went out (waited-for chunks only)
         self._t_back: dict[int, float] = {}  # chunk -> when its first record came back on the demand channel
         self.latencies: list[float] = []
@@ -160,6 +161,7 @@ class Receiver:
         """
         if t_wait is None:
             t_wait = time.perf_counter()
+        self._last_wait = time.monotonic()
         where: dict[int, int] = {}
         if offsets is not None:
             for c, o in zip(np.asarray(chunks).tolist(), np.asarray(offsets).tolist(), strict=True):
@@ -213,12 +215,15 @@ class Receiver:
             self.segments["install"].append(now - back)
 
     def _loop(self, link: Link) -> None:
+        cores = None
         if link is self.demand:
             boost_this_thread()
         else:
-            background_thread()
+            cores = BackgroundCores()
         try:
             while not self.ledger.complete and self.error is None:
+                if cores is not None:  # an access waits, or did just now: keep off the demand path's core
+                    cores.update(bool(self._t_wait) or time.monotonic() - self._last_wait < DEMAND_QUIET_S)
                 t0 = time.perf_counter()
                 try:
                     msg = link.recv()

@@ -22,7 +22,7 @@ import numpy as np
 from constmig.errors import ChannelClosed, ConstmigError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration.ledger import PIECE, pieces_tag
-from constmig.migration.priority import background_thread, boost_this_thread, quick_gil_handoff
+from constmig.migration.priority import DEMAND_QUIET_S, BackgroundCores, boost_this_thread, quick_gil_handoff
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
@@ -61,6 +61,7 @@ class Streamer:
                          threading.Thread(target=self._guard, args=(self._serve_demands,), name="stream-demand",
                                           daemon=True)]
         self.t_start = 0.0
+        self._last_demand = 0.0  # monotonic time the demand path last got or served a demand
         self.last_progress = time.monotonic()  # when a chunk last went out (a long stream is not a stall)
 
     def start(self) -> None:
@@ -108,7 +109,7 @@ class Streamer:
         self._left -= 1
 
     def _background(self) -> None:
-        background_thread()
+        cores = BackgroundCores()
         total = len(self._order) * self.heap.chunk_size  # progress counts the ledger, resent chunks included
         last = 0.0
         paced = 0
@@ -117,6 +118,7 @@ class Streamer:
                 ahead = self.t_start + (paced + self.heap.chunk_size) / self.max_bandwidth - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
+            cores.update(time.monotonic() - self._last_demand < DEMAND_QUIET_S)
             idx = self._claim_next()
             if idx is None:
                 break
@@ -150,6 +152,7 @@ class Streamer:
                     return  # the destination closes its demand channel once it holds every chunk
                 raise
             t_in = time.perf_counter()
+            self._last_demand = time.monotonic()
             if not isinstance(msg, m.Demand):
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the demand channel")
             if not (0 < msg.count <= MAX_DEMAND and msg.index >= 0 and msg.index + msg.count <= n_chunks
@@ -174,6 +177,7 @@ class Streamer:
                     self.ledger.record_sent(idx, tag)
                     self.demand_chunks += 1
                     self._recorded.notify_all()
+            self._last_demand = time.monotonic()
 
     def _send_pieces(self, idx: int, offset: int, t_in: float | None = None) -> bytes:
         """Send chunk `idx` as PIECE-sized records (arg = chunk * pieces + piece), the piece holding

@@ -1,0 +1,34 @@
+"""The background stream's cores: all of them while no access waits, all but the demand path's while
+one does; set per thread, and only when that changes."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from constmig.migration.priority import BackgroundCores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two or more allowed CPUs")
+def test_the_background_leaves_the_demand_core_only_while_an_access_waits():
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: list[set[int]] = []
+
+    def background() -> None:  # affinity is per thread: never touch the test runner's own
+        cores = BackgroundCores()
+        cores.update(False)
+        seen.append(os.sched_getaffinity(0))
+        cores.update(True)
+        seen.append(os.sched_getaffinity(0))
+        cores.update(True)  # no change, no syscall needed; still narrowed
+        seen.append(os.sched_getaffinity(0))
+        cores.update(False)
+        seen.append(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen == [set(cpus), set(cpus[:-1]), set(cpus[:-1]), set(cpus)]
+    assert os.sched_getaffinity(0) == set(cpus)  # the calling thread was never moved
