@@ -303,6 +303,36 @@ def test_demanded_chunk_overtakes_background_stream(source_case: SourceCase, whe
     assert figures["chunks"] == n
 
 
+@pytest.mark.timeout(60)
+def test_a_batch_demand_is_carried_by_both_channels(source_case: SourceCase) -> None:
+    """A whole-chunk batch (the Access Tracker waits for all of it): the demand channel carries its first
+    half, and the background goes on with the second half right away, not with cold chunks."""
+    fake = source_case.fake
+    ledger = fake.to_running()
+    expected = ledger.expected.tolist()
+    n = len(expected)
+    assert n >= 8
+    batch = expected[n - 4:]  # the last four: the background is stuck far before them (nothing read on main)
+    send_msg(fake.demand, m.Demand(batch[0], len(batch), whole=True))
+    on_demand = []
+    for _ in range(2):
+        rec = fake.demand.recv(timeout=TIMEOUT)
+        assert isinstance(rec, SealedChunk) and rec.length == CHUNK and rec.demand
+        fake.demand.open_chunk(rec, bytearray(CHUNK))
+        ledger.accept(rec.index, rec.tag)
+        on_demand.append(rec.index)
+    assert on_demand == batch[:2]
+    while ledger.count < n:
+        fake.chunk("main")
+    main = fake.indices("main")
+    assert not set(main) & set(on_demand)
+    k = main.index(batch[2])
+    assert main[k:k + 2] == batch[2:], "the background takes the batch's second half next"
+    assert all(i < batch[0] for i in main[:k]), "only chunks claimed before the demand came before it"
+    send_msg(fake.main, m.Done(ledger.count, ledger.digest(), {"tracker": "fake"}))
+    assert source_case.runner.value()["chunks"] == n
+
+
 def _bad_demands() -> list[Any]:
     n = HEAP // CHUNK
     return [

@@ -159,11 +159,20 @@ class Streamer:
                     and 0 <= msg.offset < self.heap.chunk_size):
                 raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} (offset {msg.offset}) is outside "
                                     f"the heap's {n_chunks} chunks or over {MAX_DEMAND} at once")
-            with self._lock:  # claim the whole run first, so the background cannot take a part of it
+            with self._lock:  # claim our part first, so the background cannot take it
                 run = [i for i in range(msg.index, msg.index + msg.count) if not self._claimed[i]]
+                if msg.whole and len(run) > 1 and self.max_bandwidth <= 0:
+                    # A batch (the Access Tracker waits for all of it): the demand path sends its first
+                    # half, and the background, unpaced, continues with the second half at once, so both
+                    # channels (and both cores) carry the batch instead of one of them carrying cold chunks.
+                    run, rest = run[:(len(run) + 1) // 2], run[(len(run) + 1) // 2:]
+                else:
+                    rest = []
                 for idx in run:
                     self._claim(idx)
-                if run:
+                if rest:
+                    self._pos = self._where[rest[0]]
+                elif run:
                     self._pos = self._where[run[-1]] + 1  # background continues right after it
             for k, idx in enumerate(run):
                 if msg.whole:
