@@ -80,6 +80,14 @@ def test_demo_prints_verified_json(tmp_path):
 
 
 @pytest.mark.e2e
+def test_demo_of_another_app_checks_the_redirect_too():
+    p = cm("demo", "--app", "matrix", "--strategy", "constmig", "--heap", "32M", "--json", "-", timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads(p.stdout)
+    assert fig["verified"] is True and fig["workload"] == "matrix" and fig["redirected_to"] == fig["to"]
+
+
+@pytest.mark.e2e
 def test_constmig_demo_reports_tracker_and_streaming_figures(tmp_path):
     p = cm("demo", "--strategy", "constmig", "--tracker", "access", "--heap", "64M", "--out", str(tmp_path),
            "--json", "-", timeout=300)
