@@ -43,7 +43,7 @@ def test_metrics_follow_enclaves_and_migrations():
         try:
             fig = migrate("kv", a, b, "constmig", tracker="fault", max_bandwidth=16 << 20)
         finally:
-            hammer.stop()
+            report = hammer.stop()
             hammer.close()
         assert fig["faults"] > 0
         out, into = scrape(a), scrape(b)
@@ -60,6 +60,13 @@ def test_metrics_follow_enclaves_and_migrations():
         assert faults == fig["faults"]
         assert value(out["constmig_enclaves"], "constmig_enclaves", state="running") == 1
         assert value(into["constmig_enclaves"], "constmig_enclaves", state="running") == 1
+        # Every call the client made was answered by one agent or the other and counted there (its preload
+        # too), and the destination counted calls that came while the enclave was still arriving.
+        calls = sum(value(x["constmig_call_seconds"], "constmig_call_seconds_count", moving=mv)
+                    for x in (out, into) for mv in ("yes", "no")
+                    if any(smp.labels.get("moving") == mv for smp in x["constmig_call_seconds"]))
+        assert calls >= report.calls
+        assert value(into["constmig_call_seconds"], "constmig_call_seconds_count", moving="yes") > 0
 
 
 @pytest.mark.e2e

@@ -599,7 +599,9 @@ class Agent:
         return await self._admit(req, {"op": "session_call", "record": req.get("record")})
 
     async def _admit(self, req: dict[str, Any], inner: dict[str, Any]) -> Any:
-        """Send `inner` to the named enclave once it runs here; redirect when it has moved."""
+        """Send `inner` to the named enclave once it runs here; redirect when it has moved. Each answered
+        call's wait goes into the call-latency metric."""
+        t0, moving = time.monotonic(), False
         for _ in range(RETRIES):
             hosted = self._get(req.get("name"))
             status = hosted.status
@@ -611,13 +613,19 @@ class Agent:
             if status not in CALLABLE:
                 if hosted.settled.is_set():  # settled, yet not callable: never spin the event loop on it
                     raise AgentError(f"enclave {hosted.handle.spec.name!r} is {status.value}; it takes no calls")
+                moving = True
                 await hosted.settled.wait()  # a migration is deciding where this enclave lives
                 continue
+            moving = moving or status is not S.RUNNING
             try:
-                return await self._ecall(hosted, inner)
+                result = await self._ecall(hosted, inner)
+                self.metrics.call_wait.labels("yes" if moving or hosted.status is not S.RUNNING else "no").observe(
+                    time.monotonic() - t0)
+                return result
             except EnclaveNotRunning:
                 # It stopped for a migration after the call was admitted; the call did not run. Once the
                 # migration settles, the call goes wherever the enclave runs (here again, or a redirect).
+                moving = True
                 await hosted.settled.wait()
         raise AgentError(f"enclave {req.get('name')!r} kept moving; the call did not run (try again)")
 

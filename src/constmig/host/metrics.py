@@ -84,6 +84,10 @@ class AgentMetrics:
                                        "migration out of here waited for a missing chunk at its destination "
                                        "(reported at DONE; bin upper edges)", ["tracker"],
                                        buckets=FAULT_BUCKETS, registry=self.registry)
+        self.call_wait = Histogram("constmig_call_seconds", "How long each client call through this agent "
+                                   "waited for its answer, by whether its enclave was moving when the call came "
+                                   "(a client's gap across a migration is the longest of these)", ["moving"],
+                                   buckets=DOWNTIME_BUCKETS, registry=self.registry)
         self.moved_bytes = Counter("constmig_migrated_bytes", "Heap bytes moved by finished migrations out of "
                                    "here", ["direction"], registry=self.registry)
         self.url: str | None = None
