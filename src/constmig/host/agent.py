@@ -259,6 +259,9 @@ class Agent:
                 if not away:
                     log.warning("%s; retrying every %g s", e, max(self.etcd_ttl / 3, 0.2))
                 away = True
+            except Exception as e:  # noqa: BLE001 (routing must never stop for good: log it and go on)
+                log.error("fleet directory upkeep failed unexpectedly (%s: %s); retrying", type(e).__name__, e)
+                away = True
 
     async def _dir_check_free(self, name: str) -> None:
         """Names are fleet-wide with a directory: refuse one that a live agent elsewhere holds."""
