@@ -91,6 +91,28 @@ def test_hosts_lists_are_checked(text, fragment):
         hosts_arg(text)
 
 
+def test_lost_enclaves_are_those_the_directory_places_on_agents_that_do_not_answer():
+    from constmig.host.fleet import Listing, lost_enclaves, source_addr
+
+    listing = Listing({"h:1": {"host_id": "a"}, "h:2": {"host_id": "b"}},
+                      {"e1": "h:1", "e2": "h:2", "e3": "h:9", "e4": "not an address"})
+    views = [HostView("h:1", "a"), HostView("h:2", "b", error="cannot reach agent")]
+    assert lost_enclaves(listing, views) == {"e2": "h:2", "e3": "h:9", "e4": "not an address"}
+    assert lost_enclaves(None, views) == {}
+    assert source_addr("b", listing) == "h:2"  # a host id the directory lists
+    assert source_addr("h:7", listing) == "h:7"  # or an address
+    with pytest.raises(ConfigError, match="bad address 'zz'"):
+        source_addr("zz", listing)
+
+
+def test_a_fleet_command_needs_hosts_or_a_directory():
+    from constmig.host.fleet import fleet_hosts
+
+    with pytest.raises(ConfigError, match="--hosts HOST:PORT,... or --etcd URL"):
+        fleet_hosts(None, None)
+    assert fleet_hosts("h:1,h:2", None) == (["h:1", "h:2"], None)
+
+
 def cm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
