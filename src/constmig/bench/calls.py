@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from constmig.bench.results import dumps, machine_info
+from constmig.bench.results import dumps, machine_info, spread
 from constmig.client import EnclaveClient
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.cluster import LocalCluster
@@ -75,8 +75,7 @@ def run_calls(rounds: int, calls: int, out: Path, quiet: bool = False) -> dict[s
     ratios = [s / p for s, p in zip(per["sealed"], per["plain"], strict=True)]
     doc = {"bench": "calls", "machine": machine_info(), "rounds": rounds, "calls_per_round": calls,
            "session_open_ms": open_ms, **summary,
-           "sealed_over_plain_calls_per_s": {"median": statistics.median(ratios), "min": min(ratios),
-                                             "max": max(ratios), "per_round": ratios},
+           "sealed_over_plain_calls_per_s": {**spread(ratios), "per_round": ratios},
            "sealed_over_plain_p99": summary["sealed"]["latency_us_p99"] / summary["plain"]["latency_us_p99"]}
     (out / "calls.json").write_text(dumps(doc))
     _plot(lats, out / "calls.png")

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import time
 from typing import Any
 
-from constmig.bench.results import machine_info
+from constmig.bench.results import machine_info, spread
 from constmig.host.directory import Directory
+from constmig.migration.receiver import percentile_us
 
 
-def _pcts(samples_s: list[float]) -> dict[str, float]:
-    xs = sorted(samples_s)
-    return {"p50_ms": round(xs[len(xs) // 2] * 1e3, 3), "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3, 3),
-            "n": len(xs)}
+def _pcts(samples_s: list[float]) -> dict[str, Any]:
+    return {"p50_ms": round(percentile_us(samples_s, 50) / 1e3, 4),
+            "p99_ms": round(percentile_us(samples_s, 99) / 1e3, 4), "n": len(samples_s)}
 
 
 async def _timed(n: int, one: Any) -> list[float]:
@@ -91,11 +90,6 @@ def run_directory_bench(url: str | None, ops: int, concurrency: int, repeat: int
     doc: dict[str, Any] = {"bench": "directory", "etcd": "local (started for this run)" if url is None else url,
                            "ops": ops, "repeat": repeat, "machine": machine_info()}
     for key in ("register", "refresh", "lookup", "move"):
-        doc[key] = {}
-        for stat in ("p50_ms", "p99_ms"):
-            xs = [r[key][stat] for r in rounds]
-            doc[key][stat] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-    xs = [r["moves_per_s"] for r in rounds]
-    doc["moves_per_s"] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
-                          "concurrency": concurrency}
+        doc[key] = {stat: spread(r[key][stat] for r in rounds) for stat in ("p50_ms", "p99_ms")}
+    doc["moves_per_s"] = {**spread(r["moves_per_s"] for r in rounds), "concurrency": concurrency}
     return doc

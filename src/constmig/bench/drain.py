@@ -12,7 +12,7 @@ import statistics
 import tempfile
 from typing import Any
 
-from constmig.bench.results import machine_info
+from constmig.bench.results import machine_info, spread
 from constmig.errors import ConstmigError
 from constmig.units import format_size
 
@@ -81,8 +81,7 @@ def run_drain_bench(enclaves: int, heap: int, loaded: int, link: str, parallel: 
                            "link": link, "parallel": parallel, "max_bandwidth": max_bandwidth, "strategy": strategy,
                            "repeat": repeat, "machine": machine_info(), "runs": runs}
     for key in ("wall_s", "bytes", "downtime_ms_max", "client_gap_ms_max"):
-        xs = [run[key] for run in runs]
-        doc[key] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        doc[key] = spread(run[key] for run in runs)
     doc["gbps"] = round(doc["bytes"]["median"] / doc["wall_s"]["median"] / 1e9, 3)
     doc["all_ok"] = all(run["lost_writes"] == 0 and run["client_wrong"] == 0 and run["client_errors"] == 0
                         and run["directory_ok"] for run in runs)

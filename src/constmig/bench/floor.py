@@ -25,6 +25,7 @@ import numpy as np
 
 from constmig.enclave.heap import Heap
 from constmig.migration.ledger import PIECE
+from constmig.migration.receiver import percentile_us
 from constmig.wire.channel import SecureChannel
 
 _MID = b"constmig-floor-m"
@@ -32,10 +33,8 @@ _K1, _K2 = b"\x03" * 32, b"\x04" * 32
 _REQ = struct.Struct("<Q")
 
 
-def _pcts(xs_s: list[float]) -> dict[str, float]:
-    us = np.asarray(xs_s) * 1e6
-    return {"p50": round(float(np.percentile(us, 50)), 1), "p99": round(float(np.percentile(us, 99)), 1),
-            "n": len(xs_s)}
+def _pcts(xs_s: list[float]) -> dict[str, Any]:
+    return {"p50": percentile_us(xs_s, 50), "p99": percentile_us(xs_s, 99), "n": len(xs_s)}
 
 
 def tcp_pingpong(n: int) -> list[float]:

@@ -32,6 +32,12 @@ def split_variant(variant: str) -> tuple[str, str]:
     return strategy, tracker or "auto"
 
 
+def spread(values: Any) -> dict[str, float]:
+    """The median of repeated measurements with their range: how every benchmark reports a figure."""
+    xs = list(values)
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
 SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",
                 "fault_latency_us_p99", "demand_chunks")
 
@@ -48,7 +54,7 @@ def summarize(results: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEY
         for k in keys:
             vals = [r[k] for r in rs if r.get(k) is not None]
             if vals:
-                row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+                row[k] = spread(vals)
         rows.append(row)
     base = {r["heap_bytes"]: r for r in rows if r["variant"] == "stopcopy"}
     for r in rows:

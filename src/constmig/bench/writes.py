@@ -7,13 +7,12 @@ the median over the repeats with its spread. No plot: seven numbers per mechanis
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 import numpy as np
 
-from constmig.bench.results import machine_info
+from constmig.bench.results import machine_info, spread
 from constmig.enclave.dirty import EnclaveWriteTracker, KernelWriteTracker, enclave_problem, kernel_problem
 from constmig.enclave.heap import Heap
 
@@ -71,6 +70,5 @@ def run_writes(heap_bytes: int, repeat: int, quiet: bool = False) -> dict[str, A
     out: dict[str, Any] = {"bench": "writes", "machine": machine_info(), "heap_bytes": heap_bytes,
                            "chunk_bytes": CHUNK, "repeat": repeat, "skipped": skipped}
     for mech, rows in runs.items():
-        out[mech] = {key: {"median": statistics.median(r[key] for r in rows), "min": min(r[key] for r in rows),
-                           "max": max(r[key] for r in rows)} for key in rows[0]}
+        out[mech] = {key: spread(r[key] for r in rows) for key in rows[0]}
     return out
