@@ -471,21 +471,14 @@ def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_b
           tracker: str, timeout: float, json_path: str | None) -> None:
     """Move every running enclave off SOURCE (an agent's HOST:PORT, or with --etcd its host id) to the
     other hosts with the most room (maintenance)."""
-    from constmig.host.address import parse_addr
-    from constmig.host.fleet import fleet_hosts, look, plan_drain, source_addr
+    from constmig.host.fleet import look_and_plan_drain
 
     check_writable(json_path, "--json")
-    addrs, listed = fleet_hosts(hosts, etcd)
-    source = source_addr(source, listed)
-    src_key = parse_addr(source)
-    targets = [h for h in addrs if parse_addr(h) != src_key]
-    views = look([source, *targets])
-    if views[0].error:
-        raise ConfigError(f"cannot drain {source}: {views[0].error}")
+    views, moves, skipped = look_and_plan_drain(source, hosts, etcd)
+    source = views[0].addr
     for v in views[1:]:
         if v.error:
             click.echo(f"(leaving out {v.addr}: {v.error})", err=True)
-    moves, skipped = plan_drain(views[0], views[1:])
     for what in skipped:
         click.echo(f"(not moved: {what}: only running enclaves move)", err=True)
     _run_moves(f"drain of {source}", moves, f"nothing to drain: no running enclave on {source}", parallel,

@@ -70,7 +70,7 @@ async def _one_round(url: str, ops: int, concurrency: int) -> dict[str, Any]:
         out["concurrency"] = concurrency
         for lease in leases:
             await d.deregister(lease)
-        await d._do(d._c.delete_prefix(prefix.encode()))
+        await d.clear()
         return out
     finally:
         for x in dirs:

@@ -23,7 +23,7 @@ def _one(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_ba
 
     from constmig.bench.loadgen import KVHammer
     from constmig.host.directory import blocking
-    from constmig.host.fleet import fleet_hosts, look, plan_drain, run_moves, source_addr
+    from constmig.host.fleet import look_and_plan_drain, run_moves
     from constmig.host.orchestrate import launch_filled
     from constmig.testbed import LinkSpec, Testbed
 
@@ -41,10 +41,7 @@ def _one(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_ba
             h.start()
         t0 = time.time()
         try:
-            addrs, listing = fleet_hosts(None, url)
-            src = source_addr("a", listing)
-            views = look([src, *[x for x in addrs if x != src]])
-            moves, _ = plan_drain(views[0], views[1:])
+            _, moves, _ = look_and_plan_drain("a", None, url)
             outcomes = run_moves(moves, parallel=parallel, max_bandwidth=max_bandwidth, strategy=strategy,
                                  tracker="auto", timeout=300.0)
         finally:

@@ -180,6 +180,10 @@ class Directory:
         """`name` stopped at `at`: drop its entry if it still names `at`."""
         return await self._swap(name, at, self._c.transactions.delete(self._enclave_key(name)))
 
+    async def clear(self) -> None:
+        """Delete every key under this directory's prefix (a benchmark's private one, after it)."""
+        await self._do(self._c.delete_prefix(self.prefix.encode()))
+
     async def locate(self, name: str) -> str:
         """The agent to ask for `name`, or one clear line why there is none."""
         at = await self.where(name)

@@ -183,6 +183,21 @@ def plan_drain(source: HostView, others: list[HostView]) -> tuple[list[Move], li
     return moves, skipped
 
 
+def look_and_plan_drain(source: str, hosts: str | None, etcd: str | None
+                        ) -> tuple[list[HostView], list[Move], list[str]]:
+    """What `constmig drain SOURCE` sees and would do: SOURCE (HOST:PORT, or a host id the directory
+    lists) first, then every other host of the fleet; its moves; the enclaves it leaves alone. ConfigError
+    if SOURCE does not answer."""
+    addrs, listing = fleet_hosts(hosts, etcd)
+    source = source_addr(source, listing)
+    key = parse_addr(source)
+    views = look([source, *(h for h in addrs if parse_addr(h) != key)])
+    if views[0].error:
+        raise ConfigError(f"cannot drain {source}: {views[0].error}")
+    moves, skipped = plan_drain(views[0], views[1:])
+    return views, moves, skipped
+
+
 def plan_rebalance(views: list[HostView], max_moves: int) -> list[Move]:
     """Moves that even out the running heap bytes across the hosts: each takes, from the fullest host that
     can give one to the emptiest, the enclave whose heap comes closest to half their difference, and only
