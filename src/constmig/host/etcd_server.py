@@ -58,13 +58,14 @@ class LocalEtcd:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy, as gRPC
         while True:
             if self.proc.poll() is not None:
                 tail = (self.data_dir / "etcd.log").read_text(errors="replace")[-400:].strip()
                 self.stop()
                 raise ConfigError(f"etcd exited at start: {tail.splitlines()[-1] if tail else 'no output'}")
             try:
-                with urllib.request.urlopen(f"{client}/version", timeout=1.0) as r:
+                with direct.open(f"{client}/version", timeout=1.0) as r:
                     r.read()
                 return self
             except OSError:
