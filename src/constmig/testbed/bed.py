@@ -90,14 +90,13 @@ class Testbed:
 
     def __init__(self, name: str = "tb", hosts: int = 2, link: LinkSpec | None = None,
                  state_dir: Path | str | None = None, ca_dir: Path | str | None = None,
-                 agent_args: Sequence[str] = (), etcd: bool = False) -> None:
+                 etcd: bool = False) -> None:
         self.name = check_name(name)
         self.n = parse_hosts(hosts)
         self.link = link or LinkSpec()
         self.root = state.state_root(state_dir)
         self.dir = state.work_dir(self.name, self.root)
         self.ca_dir = Path(ca_dir) if ca_dir else default_ca_dir()  # where clients find the root too
-        self.agent_args = list(agent_args)  # more `constmig agent` options for every agent
         self.etcd = etcd  # an etcd in the root namespace, and every agent in its fleet directory
         self.layout: Layout | None = None
         self.record: dict[str, Any] = {}
@@ -115,7 +114,7 @@ class Testbed:
             raise TestbedError(f"testbed {name!r} is not up (no record in {root}); start it with `constmig testbed up`")
         layout = Layout.from_json(record["layout"])
         bed = cls(name, len(layout.hosts), layout.hosts[0].link if layout.hosts else None, root,
-                  record.get("ca_dir"), record.get("agent_args") or (), bool(record.get("etcd_url")))
+                  record.get("ca_dir"), bool(record.get("etcd_url")))
         bed.layout, bed.record = layout, record
         return bed
 
@@ -159,7 +158,6 @@ class Testbed:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.record = {"name": self.name, "status": "starting", "created": time.time(),
                        "layout": layout.to_json(), "dir": str(self.dir), "ca_dir": str(self.ca_dir),
-                       "agent_args": self.agent_args,
                        "switch_ns": layout.switch_ns, "root_iface": layout.root_iface,
                        "root_ip": layout.root_ip, "subnet": str(layout.network), "procs": {}}
         self._save()
@@ -210,8 +208,7 @@ class Testbed:
     def agent_argv(self, h: HostPlan) -> list[str]:
         etcd = ["--etcd", self.record["etcd_url"], "--etcd-ttl", "3"] if self.record.get("etcd_url") else []
         return [sys.executable, "-m", "constmig", "agent", "--listen", h.agent_listen, "--state-dir",
-                str(self.dir / f"host-{h.id}"), "--host-id", h.id, "--ca-dir", str(self.ca_dir), *etcd,
-                *self.agent_args]
+                str(self.dir / f"host-{h.id}"), "--host-id", h.id, "--ca-dir", str(self.ca_dir), *etcd]
 
     @property
     def etcd_url(self) -> str | None:
