@@ -14,6 +14,7 @@ import click
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
+from constmig.migration.streamer import PREFETCH
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import check_writable, parse_duration, parse_size
@@ -656,6 +657,10 @@ def _ask_cancel(name: str, src: str) -> None:
               help="precopy, hybrid: who reports the app's writes during the rounds: the kernel (userfaultfd "
               "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the kernel with the "
               "Fault Tracker, the enclave with the Access Tracker (docs/architecture.md).")
+@click.option("--prefetch", type=click.Choice(PREFETCH), default="heap", show_default=True,
+              help="constmig, hybrid: what the stream after the switch sends first: heap order, or what the app "
+              "used last here (post-copy watches its reads and writes from the start to the stop; hybrid takes "
+              "the rounds' last writes). Measured in docs/architecture.md.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
@@ -671,8 +676,8 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 @etcd_option("Find the source agent (no --from needed) in this fleet directory [env: CONSTMIG_ETCD].")
 def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
-            max_downtime: float | None, max_rounds: int | None, write_tracking: str, timeout: float, verify: bool,
-            resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
+            max_downtime: float | None, max_rounds: int | None, write_tracking: str, prefetch: str, timeout: float,
+            verify: bool, resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
             etcd: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration; with
     --cancel, stop one before its commit point)."""
@@ -710,12 +715,16 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
                                                    write_tracking != "auto"):
             raise ConfigError("--max-downtime, --rounds and --write-tracking steer the rounds before the stop; use "
                               f"them with --strategy {' or '.join(strategies.ROUNDS)}")
-        rounds = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds),
-                                    ("write_tracking", None if write_tracking == "auto" else write_tracking))
-                  if v is not None}
+        if prefetch != "heap" and not strategies.get(strategy).needs_tracker:
+            raise ConfigError(f"--prefetch orders the stream after the switch; {strategy} has none (use it with "
+                              "--strategy constmig or hybrid)")
+        options = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds),
+                                     ("write_tracking", None if write_tracking == "auto" else write_tracking),
+                                     ("prefetch", None if prefetch == "heap" else prefetch))
+                   if v is not None}
         figures = _interruptible(name, src, lambda: migrate_with_progress(
             name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-", tracker=tracker,
-            max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **rounds))
+            max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **options))
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures

@@ -46,6 +46,9 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
       "--write-tracking", "enclave"], "use them with --strategy precopy or hybrid"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--write-tracking", "magic"],
      "--write-tracking"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "stopcopy",
+      "--prefetch", "used-last"], "stopcopy has none"),
+    (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--prefetch", "magic"], "--prefetch"),
     (["migrate", "kv", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--strategy", "precopy",
       "--max-downtime", "soon"], "--max-downtime"),
     # outputs are checked before any work starts (issue 17), not after a migration finished
@@ -143,6 +146,29 @@ def test_migrate_with_rounds_from_the_command_line(args):
         assert fig["verified"] is True and fig["rounds"] >= 1 and fig["strategy"] == strategy, fig
         assert ("missing_at_switch" if strategy == "hybrid" else "final_chunks") in fig
         got = cm("call", "kv1", "--agent", a, "get", "k1")  # the old agent redirects
+        assert got.returncode == 0 and "v1" in got.stdout, got.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("tracker", ["fault", "access"])
+def test_migrate_with_prefetch_used_last(tracker):
+    """`--prefetch used-last` on post-copy: the source watched the app before the stop, the state is intact."""
+    from constmig.host.cluster import LocalCluster
+    from constmig.host.orchestrate import launch_filled
+    from constmig.migration.uffd import preflight
+
+    if tracker == "fault" and (why := preflight()) is not None:
+        pytest.skip(f"userfaultfd unavailable: {why}")
+    with LocalCluster(2) as c:
+        a, b = c.addrs
+        launch_filled(a, "kv1", "kvstore", 32 << 20, 0.9, seed=1)
+        assert cm("call", "kv1", "--agent", a, "put", "k1", "v1").returncode == 0
+        p = cm("migrate", "kv1", "--from", a, "--to", b, "--strategy", "constmig", "--tracker", tracker,
+               "--prefetch", "used-last", "--verify", "--json", "-")
+        assert p.returncode == 0, p.stderr
+        fig = json.loads(p.stdout)
+        assert fig["verified"] is True and fig["prefetch"] == "used-last" and "touched_chunks" in fig, fig
+        got = cm("call", "kv1", "--agent", b, "get", "k1")
         assert got.returncode == 0 and "v1" in got.stdout, got.stderr
 
 

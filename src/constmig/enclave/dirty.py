@@ -55,6 +55,7 @@ except ImportError as e:  # built by `pip install` (setup.py); absent where no C
     _wtrack = None
     _NOT_BUILT = f"the enclave's write-fault handler was not built at install ({e})"
 
+ARM_STEP = 64  # chunks protected per mprotect while arming (64 MiB of 1 MiB chunks: about 1 ms)
 REGIONS = 4096  # page runs one scan call can report; a longer list continues from where it stopped
 
 
@@ -132,6 +133,7 @@ class EnclaveWriteTracker:
     """The enclave's own write-fault handler over one heap (see the module's docstring)."""
 
     mechanism = "enclave"
+    protection = mmap.PROT_READ  # what an armed chunk allows: reads (a write is what faults and is marked)
 
     def __init__(self, heap: Heap) -> None:
         self.heap = heap
@@ -149,7 +151,10 @@ class EnclaveWriteTracker:
         _wtrack.arm(heap.address, heap.size, heap.chunk_size, self._marks.ctypes.data, self._marks.size)
         self._armed = True
         try:
-            protect_chunks(heap, self._every, mmap.PROT_READ)  # type: ignore[arg-type]
+            # In steps: one mprotect over a GiB holds the address space's lock ~15 ms, and an access of the
+            # app to a chunk closed meanwhile would wait for all of it (here for at most one step).
+            for start in range(0, self._every.size, ARM_STEP):
+                protect_chunks(heap, self._every[start:start + ARM_STEP], self.protection)  # type: ignore[arg-type]
         except ConstmigError:
             self.close()
             raise
@@ -163,7 +168,7 @@ class EnclaveWriteTracker:
         _wtrack.take(self.heap.address, self._taken.ctypes.data)
         chunks = np.flatnonzero(self._taken).astype(np.int64)
         if rearm:
-            protect_chunks(self.heap, chunks, mmap.PROT_READ)  # type: ignore[arg-type]
+            protect_chunks(self.heap, chunks, self.protection)  # type: ignore[arg-type]
         return chunks
 
     @property

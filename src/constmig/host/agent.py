@@ -47,6 +47,7 @@ from constmig.host.status import Status as S
 from constmig.migration import strategies
 from constmig.migration.constants import DATA_CHANNELS
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
+from constmig.migration.streamer import PREFETCH
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size, resident_bytes, wait_seconds
@@ -870,6 +871,8 @@ class Agent:
             raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
         if req.get("write_tracking", "auto") not in MECHANISMS:
             raise AgentError(f"unknown write tracking {req.get('write_tracking')!r}; known: {', '.join(MECHANISMS)}")
+        if req.get("prefetch", "heap") not in PREFETCH:
+            raise AgentError(f"unknown prefetch {req.get('prefetch')!r}; known: {', '.join(PREFETCH)}")
         timeout = _seconds(req.get("timeout", 120.0), "timeout")
         deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         spec = hosted.handle.spec
@@ -927,8 +930,8 @@ class Agent:
                                                # the pre-copy rounds of precopy and hybrid (the enclave checks them),
                                                # and their write tracking: by default the destination tracker's
                                                "tracker": prep.get("tracker", "none"),
-                                               **{k: req[k] for k in ("max_downtime", "max_rounds", "write_tracking")
-                                                  if k in req}},
+                                               **{k: req[k] for k in ("max_downtime", "max_rounds", "write_tracking",
+                                                                      "prefetch") if k in req}},
                                               fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
             state = e.state if isinstance(e, EnclaveError) else None

@@ -11,13 +11,14 @@ from constmig.progress import MigrationProgress
 
 def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
             on_progress: Any = None, tracker: str = "auto", max_bandwidth: float = 0.0,
-            resume_deadline: float | None = None, **rounds: Any) -> dict[str, Any]:
-    """One migration; returns the source's figures plus throughput.
+            resume_deadline: float | None = None, **options: Any) -> dict[str, Any]:
+    """One migration; returns the source's figures plus throughput. `options`: the request's others
+    (max_downtime, max_rounds, write_tracking for the rounds; prefetch for the post-copy stream).
 
     `resume_deadline` (seconds; the agent's default if None, 0 = never) bounds how long a migration
     that broke after its handoff keeps reconnecting before it fails (the source keeps its state)."""
     figures = request(src, {"op": "migrate", "name": name, "to": dst, "strategy": strategy, "tracker": tracker,
-                            "timeout": timeout, "max_bandwidth": max_bandwidth, **rounds,
+                            "timeout": timeout, "max_bandwidth": max_bandwidth, **options,
                             **({"resume_deadline": resume_deadline} if resume_deadline is not None else {})},
                       on_progress=on_progress, timeout=None)
     if figures.get("migrate_s"):  # attestation to DONE: the enclaves' own transfer rate
@@ -28,12 +29,12 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0
 def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
                           verify: bool = False, quiet: bool = False, tracker: str = "auto",
                           max_bandwidth: float = 0.0, resume_deadline: float | None = None,
-                          **rounds: Any) -> dict[str, Any]:
+                          **options: Any) -> dict[str, Any]:
     """migrate(), with a progress bar and an optional checksum comparison before/after."""
     before = app_checksum(src, name) if verify else None
     with MigrationProgress(f"migrating {name} ({strategy})", quiet=quiet) as bar:
         figures = migrate(name, src, dst, strategy, timeout, on_progress=bar.update, tracker=tracker,
-                          max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **rounds)
+                          max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **options)
     if verify:
         figures["verified"] = app_checksum(dst, name) == before
     return figures

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from constmig.enclave.touches import reopen
 from constmig.errors import (
     ConstmigError,
     IntegrityError,
@@ -34,7 +35,8 @@ from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
-from constmig.migration.strategies.base import Strategy
+from constmig.migration.strategies.base import Before, Strategy
+from constmig.migration.streamer import PREFETCH
 from constmig.units import wait_seconds
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -67,6 +69,8 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
     strategy = _strategy(req.get("strategy", "stopcopy"), socks)
     timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
+    if req.get("prefetch", "heap") not in PREFETCH:
+        raise MigrationError(f"unknown prefetch {req.get('prefetch')!r}; known: {', '.join(PREFETCH)}")
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
     enclave.begin_out(socks, str(req.get("token") or ""))
     if enclave.cancelled is not None:
@@ -101,22 +105,31 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
     params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size,
               "strategy": strategy.name}
     t_start = time.time()
+    used_last = req.get("prefetch") == "used-last" and strategy.needs_tracker  # only a stream has an order
+    # post-copy: which chunks the app uses from now to the stop
+    watching = strategy.watch(enclave) if used_last else Before()
     try:
-        run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
-    except ConstmigError as e:
-        raise MigrationError(f"attestation with the destination failed: {_why(enclave, e)}; the enclave keeps "
-                             "running here") from None
-    except OSError as e:
-        raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave keeps "
-                             "running here") from None
-    link = Link(chan, Machine("source", strategy=strategy), timeout)
-    demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
-    try:
-        before = strategy.before_stop(link, enclave, progress, req)  # pre-copy rounds, while the app runs
-    except (ConstmigError, OSError) as e:
-        link.abort(str(e))
-        raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps running "
-                             "here with all its data") from None
+        try:
+            run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
+        except ConstmigError as e:
+            raise MigrationError(f"attestation with the destination failed: {_why(enclave, e)}; the enclave "
+                                 "keeps running here") from None
+        except OSError as e:
+            raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave "
+                                 "keeps running here") from None
+        link = Link(chan, Machine("source", strategy=strategy), timeout)
+        demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
+        try:
+            before = strategy.before_stop(link, enclave, progress, req, watching)  # pre-copy rounds, app runs
+        except (ConstmigError, OSError) as e:
+            link.abort(str(e))
+            raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps "
+                                 "running here with all its data") from None
+    except BaseException:
+        watching.close()
+        raise
+    if before is not watching:
+        watching.close()
     ledger: ChunkLedger | None = None
     try:
         # --- stop: downtime starts ---
@@ -134,6 +147,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
             raise IntegrityError("destination's READY digest does not match the chunks sent")
         # --- commit point: from here on this enclave never runs the app again (unless cancelled first) ---
         enclave.hand_off()
+        before.handed_off()
     except (ConstmigError, OSError) as e:
         before.close()
         link.abort(str(e))
@@ -146,7 +160,10 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
         raise
     enclave.end_out()
     out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
-                   len(snap.state), float(req.get("max_bandwidth") or 0), figures=dict(before.figures))
+                   len(snap.state), float(req.get("max_bandwidth") or 0),
+                   figures={**before.figures, **({"prefetch": "used-last" if used_last else "heap"}
+                                                 if strategy.needs_tracker else {})},
+                   hot=before.hot() if used_last else np.zeros(0, dtype=np.int64))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
         enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it
@@ -177,6 +194,7 @@ class Outgoing:
     zero_chunks: int = 0  # chunks that went as FLAG_ZERO records: a length, no page data
     done: np.ndarray | None = None  # after a reconnect: chunks the destination already holds
     figures: dict[str, Any] = field(default_factory=dict)  # the strategy's, from before the stop
+    hot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # streamed first (Before.hot)
 
 
 def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
@@ -220,7 +238,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
     streamer: Streamer | None = None
     try:
         streamer = out.strategy.serve_after_commit(link, demand, ledger, heap, progress, out.max_bandwidth,
-                                                   out.done)
+                                                   out.done, out.hot)
         if out.resume_time is None:
             out.resume_time = link.expect(m.Resumed).resume_time
         while True:  # the stream may take longer than one receive timeout; a stall may not
@@ -245,6 +263,9 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         if streamer is not None:
             streamer.stop()
             out.figures.update(segment_figures("source", {"service": streamer.service}))
+            if streamer.hot_chunks and "hot_chunks" not in out.figures:  # the first stream's (a reconnect's
+                out.figures.update(hot_chunks=streamer.hot_chunks,  # knows fewer)
+                                   hot_demanded=streamer.hot_demanded)
         out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
             demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
         out.zero_chunks += link.chan.zero_chunks_sent + (demand.chan.zero_chunks_sent if demand is not None else 0)
@@ -283,6 +304,7 @@ def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, stream
     """Past the commit point a failure pauses; only the destination's authenticated ABORT before it
     resumed gives the enclave back to this source (see protocol.py)."""
     if link.machine.state is St.ABORTED:
+        reopen(enclave.heap)  # post-copy's touch watch may have left chunks closed (they open on use)
         enclave.reclaim()
         raise MigrationError(
             f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "

@@ -1,10 +1,14 @@
 """The source's half of post-copy streaming: every remaining chunk goes out exactly once.
 
-Two paths, as in QEMU's postcopy-preempt: a background stream in heap order on the main channel, and
-demanded chunks on a channel of their own, so a chunk the resumed app is waiting for never queues
-behind megabytes of background data in the socket buffers. After a demand the background stream
-jumps to the chunk after it (an app that touched chunk i will likely touch i+1 next) and wraps around
-at the end to pick up whatever it skipped.
+Two paths, as in QEMU's postcopy-preempt: a background stream on the main channel, and demanded chunks
+on a channel of their own, so a chunk the resumed app is waiting for never queues behind megabytes of
+background data in the socket buffers.
+
+The background's order: first what the app used last at the source (`hot`: the chunks it touched while
+the migration was set up, or pre-copy's last write sets), then the rest in heap order. After a demand it
+takes the few chunks after it first (an app that touched chunk i will likely touch i+1 next; for a batch,
+the batch's second half), returns to the hot chunks, and then goes on in heap order from the demand,
+wrapping around at the end to pick up whatever it skipped.
 
 Runs after the commit point: a failure here never resumes the app at the source; the caller pauses
 with every chunk still in the heap.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,16 +35,22 @@ if TYPE_CHECKING:
     from constmig.migration.link import Link
 
 MAX_DEMAND = 256  # chunks one Demand may name; more is a confused or hostile peer
+FOLLOW = 4  # chunks after a demanded one the background sends next, before it returns to the hot chunks
+# What the background sends first: nothing in particular (heap order), or what the app used last at the
+# source (`--prefetch used-last`: the chunks post-copy saw it touch before the stop, hybrid's last writes).
+PREFETCH = ("heap", "used-last")
 
 
 class Streamer:
     """Sends the ledger's chunks over `main` in background order and over `demand` when asked."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, heap: Heap,
-                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None) -> None:
+                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None,
+                 hot: np.ndarray | None = None) -> None:
         """`max_bandwidth` (bytes/s, 0 = unlimited) caps the background stream only, like QEMU's
         max-postcopy-bandwidth: demanded chunks always go at once. `done` (a bool mask) names chunks
-        the destination holds already (after a reconnect): they are not sent again."""
+        the destination holds already (after a reconnect): they are not sent again. `hot`: chunks to
+        send ahead of the rest, in that order (others of the ledger's are ignored)."""
         self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
         self.max_bandwidth = max_bandwidth
         self._lock = threading.Lock()
@@ -50,6 +61,14 @@ class Streamer:
         self._order = ledger.expected.tolist()
         self._pos = 0  # next position in _order for the background stream
         self._where = {c: i for i, c in enumerate(self._order)}
+        hot = np.zeros(0, dtype=np.int64) if hot is None else np.asarray(hot, dtype=np.int64)
+        hot = hot[(hot >= 0) & (hot < ledger.n_chunks)]
+        self._hot = hot[~self._claimed[hot]].tolist()
+        self._hot_set = set(self._hot)
+        self._hot_pos = 0
+        self._next: deque[int] = deque()  # after a demand: what the background sends before anything else
+        self.hot_chunks = len(self._hot_set)
+        self.hot_demanded = 0  # hot chunks a demand asked for before the background had sent them
         self._left = int(np.count_nonzero(~self._claimed))
         self.demand_chunks = 0
         self.background_chunks = 0
@@ -93,6 +112,17 @@ class Streamer:
         with self._lock:
             if self._left == 0:
                 return None
+            while self._next:
+                idx = self._next.popleft()
+                if not self._claimed[idx]:
+                    self._claim(idx)
+                    return idx
+            while self._hot_pos < len(self._hot):
+                idx = self._hot[self._hot_pos]
+                self._hot_pos += 1
+                if not self._claimed[idx]:
+                    self._claim(idx)
+                    return idx
             n = len(self._order)
             for _ in range(2):  # from the cursor to the end, then once more from the start
                 while self._pos < n and self._claimed[self._order[self._pos]]:
@@ -159,21 +189,7 @@ class Streamer:
                     and 0 <= msg.offset < self.heap.chunk_size):
                 raise ProtocolError(f"demand for chunks {msg.index}+{msg.count} (offset {msg.offset}) is outside "
                                     f"the heap's {n_chunks} chunks or over {MAX_DEMAND} at once")
-            with self._lock:  # claim our part first, so the background cannot take it
-                run = [i for i in range(msg.index, msg.index + msg.count) if not self._claimed[i]]
-                if msg.whole and len(run) > 1 and self.max_bandwidth <= 0:
-                    # A batch (the Access Tracker waits for all of it): the demand path sends its first
-                    # half, and the background, unpaced, continues with the second half at once, so both
-                    # channels (and both cores) carry the batch instead of one of them carrying cold chunks.
-                    run, rest = run[:(len(run) + 1) // 2], run[(len(run) + 1) // 2:]
-                else:
-                    rest = []
-                for idx in run:
-                    self._claim(idx)
-                if rest:
-                    self._pos = self._where[rest[0]]
-                elif run:
-                    self._pos = self._where[run[-1]] + 1  # background continues right after it
+            run = self._claim_demand(msg)
             for k, idx in enumerate(run):
                 if msg.whole:
                     tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
@@ -187,6 +203,30 @@ class Streamer:
                     self.demand_chunks += 1
                     self._recorded.notify_all()
             self._last_demand = time.monotonic()
+
+    def _claim_demand(self, msg: m.Demand) -> list[int]:
+        """The chunks of a (checked) demand this path sends, claimed before the background can take them;
+        points the background at what the app will likely want next."""
+        with self._lock:
+            run = [i for i in range(msg.index, msg.index + msg.count) if not self._claimed[i]]
+            if msg.whole and len(run) > 1 and self.max_bandwidth <= 0:
+                # A batch (the Access Tracker waits for all of it): the demand path sends its first half,
+                # and the background, unpaced, continues with the second half at once, so both channels
+                # (and both cores) carry the batch instead of one of them carrying cold chunks.
+                run, rest = run[:(len(run) + 1) // 2], run[(len(run) + 1) // 2:]
+            else:
+                rest = []
+            for idx in run:
+                self._claim(idx)
+            if self._hot_set:
+                self.hot_demanded += sum(1 for i in run + rest if i in self._hot_set)
+            if rest:
+                self._pos = self._where[rest[0]]
+                self._next = deque(rest)
+            elif run:
+                self._pos = self._where[run[-1]] + 1  # in heap order, the background goes on after it
+                self._next = deque(self._order[self._pos:self._pos + FOLLOW])
+            return run
 
     def _send_pieces(self, idx: int, offset: int, t_in: float | None = None) -> bytes:
         """Send chunk `idx` as PIECE-sized records (arg = chunk * pieces + piece), the piece holding

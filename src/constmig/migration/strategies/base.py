@@ -38,6 +38,13 @@ class Before:
         """Stopped: which chunks the destination holds current already (taken into `ledger`); none."""
         return np.zeros(0, dtype=np.int64)
 
+    def hot(self) -> np.ndarray:
+        """After `settle`: chunks the app used last at the source, to stream ahead of cold ones."""
+        return np.zeros(0, dtype=np.int64)
+
+    def handed_off(self) -> None:
+        """Past the commit point: the app never runs here again (the heap need not be left as it was)."""
+
     def close(self) -> None:
         """Release what the rounds held (the write tracker); idempotent."""
 
@@ -62,10 +69,16 @@ class Strategy:
 
     # --- before the stop (the app still runs) ----------------------------------------------------------
 
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any]) -> Before:
-        """Source, running: move what can move while the app runs (pre-copy rounds). What it returns goes
-        to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up."""
+    def watch(self, enclave: Enclave) -> Before:
+        """Source, before the handshake: start learning what the app uses (post-copy), or nothing."""
         return Before()
+
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+                    watching: Before) -> Before:
+        """Source, running: move what can move while the app runs (pre-copy rounds). What it returns goes
+        to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up.
+        `watching` is what `watch` returned; returned as is unless the strategy replaces it."""
+        return watching
 
     def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
         """Destination: what arrives before the small state (pre-copy rounds: rounds.Early), and the first
@@ -87,7 +100,7 @@ class Strategy:
     # --- after COMMIT --------------------------------------------------------------------------------
 
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
-                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer | None:
+                           progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer | None:
         """Source, handed off: start whatever still moves chunks (the post-copy stream), or None."""
         return None
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from constmig.enclave.touches import TouchRecorder
 from constmig.errors import ConstmigError, ProtocolError
 from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import PIECE
@@ -16,7 +17,7 @@ from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import CHUNK, St
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume_server import ResumeServer
-from constmig.migration.strategies.base import Progress, Strategy
+from constmig.migration.strategies.base import Before, Progress, Strategy
 from constmig.migration.streamer import Streamer
 from constmig.wire.channel import SealedChunk, SecureChannel
 
@@ -50,10 +51,13 @@ class PostCopy(Strategy):
             return enclave.start_access_tracking(ledger.missing(), timeout)  # all, unless rounds came first
         return None
 
+    def watch(self, enclave: Enclave) -> Before:
+        return Touches(enclave.heap)
+
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
-                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer:
+                           progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer:
         assert demand is not None
-        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done)
+        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done, hot=hot)
         streamer.start()
         return streamer
 
@@ -91,6 +95,40 @@ class PostCopy(Strategy):
             link.machine.fail()
             if enclave.access is not None:
                 enclave.access.fail(f"could not start streaming: {e}")
+
+
+class Touches(Before):
+    """Source, from before the handshake to the stop: the chunks the app read or wrote meanwhile
+    (enclave/touches.py), streamed first. Where the enclave's fault handler is missing, nothing is watched
+    and the stream goes in heap order, as before."""
+
+    def __init__(self, heap: Heap) -> None:
+        self.figures: dict[str, Any] = {}
+        self._hot = np.zeros(0, dtype=np.int64)
+        self._recorder: TouchRecorder | None = TouchRecorder(heap)
+        try:
+            self._recorder.arm()
+        except ConstmigError as e:
+            self._recorder = None
+            self.figures = {"touches": f"not watched: {e}"}
+
+    def settle(self, ledger: ChunkLedger) -> np.ndarray:
+        if self._recorder is not None:
+            touched = self._recorder.take()
+            self._hot = touched[ledger.expected_mask[touched]]
+            self.figures = {"touched_chunks": int(self._hot.size)}
+        return super().settle(ledger)
+
+    def hot(self) -> np.ndarray:
+        return self._hot
+
+    def handed_off(self) -> None:
+        if self._recorder is not None:
+            self._recorder.let_go()
+
+    def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
 
 
 class AccessInstaller:

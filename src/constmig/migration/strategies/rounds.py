@@ -51,18 +51,26 @@ class Rounds(Before):
     figures: dict[str, Any] = field(default_factory=dict)
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     left_figure: str = "final_chunks"  # the figure that counts what is left at the stop
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # see hot()
 
     def settle(self, ledger: ChunkLedger) -> np.ndarray:
         """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
         `ledger` with their tags; the rest of the ledger is missing."""
         # the app writes no more: nothing to re-arm; tracking ends after COMMIT (see source.run)
-        stale = np.union1d(self.pending, self.tracker.scan(rearm=False))
+        last = self.tracker.scan(rearm=False)
+        stale = np.union1d(self.pending, last)
+        # written in the last moments first, then during the last round: what the app writes now
+        self.recent = np.concatenate([last, np.setdiff1d(self.pending, last)])
         keep = self.sent.received & ledger.expected_mask
         keep[stale] = False
         held = np.flatnonzero(keep).astype(np.int64)
         ledger.hold(held, self.sent.tags[held])
         self.figures[self.left_figure] = int(ledger.expected.size - held.size)
         return held
+
+    def hot(self) -> np.ndarray:
+        """The chunks the app wrote last (the stop's scan, then the last round's), ahead of the rest."""
+        return self.recent
 
     def close(self) -> None:
         self.tracker.close()
@@ -74,7 +82,12 @@ class RoundsMixin:
     default_rounds: ClassVar[int] = MAX_ROUNDS
     left_figure: ClassVar[str] = "final_chunks"
 
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any]) -> Rounds:
+    def watch(self, enclave: Enclave) -> Before:
+        """Nothing to watch: the rounds' write sets say what the app used (and the rounds read every chunk)."""
+        return Before()
+
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+                    watching: Before) -> Rounds:
         heap = enclave.heap
         max_downtime = wait_seconds(req.get("max_downtime", DEFAULT_MAX_DOWNTIME_S), "max_downtime", zero=True)
         max_rounds = req.get("max_rounds")
