@@ -284,7 +284,7 @@ def test_source_rejects_wrong_ready_digest_and_keeps_running(source_case: Source
 @pytest.mark.parametrize("source_req", [{"prefetch": "used-last"}])
 def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: SourceCase) -> None:
     """The destination's authenticated ABORT before it resumed: the app runs at the source again, on a heap
-    the kernel can read too (the touch watch had let chunks stay closed past the commit point)."""
+    the kernel can read too (the touch watch closed every chunk before the handshake)."""
     fake = source_case.fake
     ledger = fake.take_state()
     send_msg(fake.main, m.Ready(ledger.digest()))
@@ -298,6 +298,26 @@ def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: S
     assert source_case.heap_intact()
     key, value = source_case.probe
     assert enclave.ecall("get", [key], {}) == value
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+def test_a_handshake_cut_while_watching_leaves_a_plain_heap(enclaves: Enclaves, pairs: Pairs) -> None:
+    """The host cuts the connection during the handshake, while the source watches the app's touches: the
+    migration fails with one line, the app keeps running, and every chunk is plain memory again."""
+    src = enclaves.filled("host-a")
+    assert src.app is not None
+    checksum = src.app.checksum()
+    runner, _ = start_source(src, pairs, prefetch="used-last")
+    readable, _, _ = select.select([pairs.fake[0]], [], [], TIMEOUT)
+    assert readable, "the source never began its handshake"
+    pairs.close()
+    with pytest.raises(MigrationError, match="keeps running here"):
+        runner.value()
+    assert src.life.state is Life.RUNNING
+    assert_heap_plain(src)
+    assert src.app.checksum() == checksum
+    assert src.ecall("put", ["after-cut", b"here"], {}) is True
 
 
 @pytest.mark.timeout(60)

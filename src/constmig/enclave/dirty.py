@@ -151,10 +151,7 @@ class EnclaveWriteTracker:
         _wtrack.arm(heap.address, heap.size, heap.chunk_size, self._marks.ctypes.data, self._marks.size)
         self._armed = True
         try:
-            # In steps: one mprotect over a GiB holds the address space's lock ~15 ms, and an access of the
-            # app to a chunk closed meanwhile would wait for all of it (here for at most one step).
-            for start in range(0, self._every.size, ARM_STEP):
-                protect_chunks(heap, self._every[start:start + ARM_STEP], self.protection)  # type: ignore[arg-type]
+            self._protect_all(self.protection)
         except ConstmigError:
             self.close()
             raise
@@ -183,7 +180,13 @@ class EnclaveWriteTracker:
         self._armed = False
         _wtrack.opening(self.heap.address)
         if not self.heap.closed:
-            protect_chunks(self.heap, self._every, PROT_RW)  # type: ignore[arg-type]
+            self._protect_all(PROT_RW)
+
+    def _protect_all(self, prot: int) -> None:
+        """The whole heap, in steps: one mprotect over a GiB holds the address space's lock ~15 ms, and an
+        access of the app to a chunk changed meanwhile would wait for all of it (here for one step)."""
+        for start in range(0, self._every.size, ARM_STEP):
+            protect_chunks(self.heap, self._every[start:start + ARM_STEP], prot)  # type: ignore[arg-type]
 
 
 WriteTracker = KernelWriteTracker | EnclaveWriteTracker

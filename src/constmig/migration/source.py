@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from constmig.enclave.touches import reopen
 from constmig.errors import (
     ConstmigError,
     IntegrityError,
@@ -147,7 +146,6 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
             raise IntegrityError("destination's READY digest does not match the chunks sent")
         # --- commit point: from here on this enclave never runs the app again (unless cancelled first) ---
         enclave.hand_off()
-        before.handed_off()
     except (ConstmigError, OSError) as e:
         before.close()
         link.abort(str(e))
@@ -304,7 +302,6 @@ def _pause(enclave: Enclave, out: Outgoing, link: Link, e: BaseException, stream
     """Past the commit point a failure pauses; only the destination's authenticated ABORT before it
     resumed gives the enclave back to this source (see protocol.py)."""
     if link.machine.state is St.ABORTED:
-        reopen(enclave.heap)  # post-copy's touch watch may have left chunks closed (they open on use)
         enclave.reclaim()
         raise MigrationError(
             f"destination gave the migration up before resuming ({e}); it never ran the enclave, so the "

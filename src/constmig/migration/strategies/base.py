@@ -42,9 +42,6 @@ class Before:
         """After `settle`: chunks the app used last at the source, to stream ahead of cold ones."""
         return np.zeros(0, dtype=np.int64)
 
-    def handed_off(self) -> None:
-        """Past the commit point: the app never runs here again (the heap need not be left as it was)."""
-
     def close(self) -> None:
         """Release what the rounds held (the write tracker); idempotent."""
 

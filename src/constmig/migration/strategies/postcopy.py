@@ -54,6 +54,12 @@ class PostCopy(Strategy):
     def watch(self, enclave: Enclave) -> Before:
         return Touches(enclave.heap)
 
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+                    watching: Before) -> Before:
+        if isinstance(watching, Touches):
+            watching.end_watch()  # now, while the app runs: opening the heap at the stop would be downtime
+        return watching
+
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
                            progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer:
         assert demand is not None
@@ -98,13 +104,14 @@ class PostCopy(Strategy):
 
 
 class Touches(Before):
-    """Source, from before the handshake to the stop: the chunks the app read or wrote meanwhile
-    (enclave/touches.py), streamed first. Where the enclave's fault handler is missing, nothing is watched
-    and the stream goes in heap order, as before."""
+    """Source, from before the handshake until just before the stop: the chunks the app read or wrote
+    meanwhile (enclave/touches.py), streamed first. Where the enclave's fault handler is missing, nothing
+    is watched and the stream goes in heap order."""
 
     def __init__(self, heap: Heap) -> None:
         self.figures: dict[str, Any] = {}
-        self._hot = np.zeros(0, dtype=np.int64)
+        self._touched = np.zeros(0, dtype=np.int64)
+        self._hot = self._touched
         self._recorder: TouchRecorder | None = TouchRecorder(heap)
         try:
             self._recorder.arm()
@@ -112,23 +119,26 @@ class Touches(Before):
             self._recorder = None
             self.figures = {"touches": f"not watched: {e}"}
 
-    def settle(self, ledger: ChunkLedger) -> np.ndarray:
+    def end_watch(self) -> None:
+        """Just before the stop (the app still runs): what it touched, and the heap plain again."""
         if self._recorder is not None:
-            touched = self._recorder.take()
-            self._hot = touched[ledger.expected_mask[touched]]
+            self._touched = self._recorder.take()
+            self._recorder = None
+
+    def settle(self, ledger: ChunkLedger) -> np.ndarray:
+        self.end_watch()  # normally ended already
+        self._hot = self._touched[ledger.expected_mask[self._touched]]
+        if "touches" not in self.figures:
             self.figures = {"touched_chunks": int(self._hot.size)}
         return super().settle(ledger)
 
     def hot(self) -> np.ndarray:
         return self._hot
 
-    def handed_off(self) -> None:
-        if self._recorder is not None:
-            self._recorder.let_go()
-
     def close(self) -> None:
         if self._recorder is not None:
             self._recorder.close()
+            self._recorder = None
 
 
 class AccessInstaller:
