@@ -4,11 +4,11 @@ Two paths, as in QEMU's postcopy-preempt: a background stream on the main channe
 on a channel of their own, so a chunk the resumed app is waiting for never queues behind megabytes of
 background data in the socket buffers.
 
-The background's order: first what the app used last at the source (`hot`: the chunks it touched while
-the migration was set up, or pre-copy's last write sets), then the rest in heap order. After a demand it
-takes the few chunks after it first (an app that touched chunk i will likely touch i+1 next; for a batch,
-the batch's second half), returns to the hot chunks, and then goes on in heap order from the demand,
-wrapping around at the end to pick up whatever it skipped.
+The background's order: heap order, after the `hot` chunks if the source named any (`--prefetch
+used-last`: what the app touched while the migration was set up, or hybrid's last write sets). After a
+demand it takes the few chunks after it first (an app that touched chunk i will likely touch i+1 next;
+for a batch, the batch's second half), returns to the hot chunks not sent yet, and then goes on in heap
+order from the demand, wrapping around at the end to pick up whatever it skipped.
 
 Runs after the commit point: a failure here never resumes the app at the source; the caller pauses
 with every chunk still in the heap.
