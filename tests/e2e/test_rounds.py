@@ -82,6 +82,18 @@ def test_precopy_refuses_bad_round_settings(cluster, bad) -> None:
     assert checksum(a) == before
 
 
+@pytest.mark.parametrize(("bad", "says"), [({"prefetch": "magic"}, "unknown prefetch 'magic'"),
+                                           ({"write_tracking": "magic"}, "unknown write tracking 'magic'")])
+def test_the_agent_refuses_unknown_stream_settings(cluster, bad, says) -> None:
+    from constmig.errors import AgentError
+
+    a, b = cluster.addrs
+    before = launch(a, heap=16 << 20)
+    with pytest.raises(AgentError, match=says):
+        migrate("kv", a, b, "hybrid", timeout=30, **bad)
+    assert checksum(a) == before
+
+
 @pytest.mark.parametrize("tracker", ["fault", "access"])
 def test_hybrid_keeps_every_write_and_misses_only_what_was_written(cluster, tracker) -> None:
     """One round while a client writes a few hot keys, then the switch: the chunks written since the

@@ -300,6 +300,15 @@ def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: S
     assert enclave.ecall("get", [key], {}) == value
 
 
+@pytest.mark.timeout(60)
+def test_the_enclave_refuses_an_unknown_prefetch(enclaves: Enclaves, pairs: Pairs) -> None:
+    src = enclaves.filled("host-a")
+    runner, _ = start_source(src, pairs, prefetch="magic")
+    with pytest.raises(MigrationError, match="unknown prefetch 'magic'; known: heap, used-last"):
+        runner.value()
+    assert src.life.state is Life.RUNNING
+
+
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
 def test_a_handshake_cut_while_watching_leaves_a_plain_heap(enclaves: Enclaves, pairs: Pairs) -> None:
