@@ -170,7 +170,11 @@ def test_a_destination_that_lost_its_copy_strands_the_enclave_at_once_and_says_h
     th = threading.Thread(target=run)
     th.start()
     deadline = time.monotonic() + 30
-    while request(a, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "handed-off":
+    # Mid-stream: the destination runs the enclave (it took the checkpoints' lineage when it resumed). The
+    # source says handed-off a moment earlier, at READY; killed in between, the destination never held the
+    # lineage and the checkpoint restores nowhere (docs/reliability.md).
+    while (request(a, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "handed-off"
+           or request(b, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "running"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     cluster.kill_agent(1)
