@@ -598,18 +598,23 @@ def _interruptible(name: str, src: str, work: Any) -> Any:
     import threading
 
     box: dict[str, Any] = {}
+    finished = threading.Event()
 
     def target() -> None:
         try:
             box["result"] = work()
         except BaseException as e:  # noqa: BLE001 (re-raised in the main thread below)
             box["error"] = e
+        finally:
+            finished.set()
 
-    th = threading.Thread(target=target, daemon=True, name="migrate")
-    th.start()
-    while th.is_alive():
+    # An Event, not Thread.join: on Python 3.11 a Ctrl-C that interrupts join() can mark the thread
+    # stopped while it still runs (CPython's bpo-45274 handler releases the thread's own state lock),
+    # and the loop would read a result that is not there yet.
+    threading.Thread(target=target, daemon=True, name="migrate").start()
+    while not finished.is_set():
         try:
-            th.join(0.2)
+            finished.wait(0.2)
         except KeyboardInterrupt:
             _ask_cancel(name, src)
     if "error" in box:
