@@ -4,13 +4,18 @@ Placement is a pure function, tested on views; the drain runs on three real agen
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from constmig.errors import ConfigError
-from constmig.host.fleet import HEADROOM, HostView, hosts_arg, plan_drain, plan_rebalance
+from constmig.errors import AgentError, ConfigError
+from constmig.host import fleet
+from constmig.host.fleet import HEADROOM, HostView, Move, hosts_arg, plan_drain, plan_rebalance
 
 MiB = 1 << 20
 
@@ -18,6 +23,37 @@ MiB = 1 << 20
 def view(addr: str, free: int, **enclaves: tuple[str, int]) -> HostView:
     return HostView(addr, addr[-1], {n: {"status": st, "heap_bytes": heap} for n, (st, heap) in enclaves.items()},
                     free + HEADROOM)
+
+
+def test_an_interrupt_starts_no_further_move(monkeypatch):
+    """Ctrl-C while the first of three moves runs, one at a time. The agent's cancel answers only once
+    the move rolled back (here 0.3 s), and in that time the pool must not start the next move. The next
+    move is the one a cancel could miss: it was not yet known to its agent. The other two never start."""
+    started: list[str] = []
+    released = threading.Event()
+
+    def fake_migrate(name, *args, **kwargs):
+        started.append(name)
+        if name == "kv0":
+            released.wait(10)
+            raise AgentError("migration of 'kv0' cancelled before its commit point (interrupted)")
+        return {}
+
+    def fake_request(addr, req, timeout=None):
+        assert req["op"] == "cancel"
+        if req["name"] != "kv0":
+            raise AgentError(f"no migration of {req['name']!r} is in progress on this agent (it is running)")
+        released.set()
+        time.sleep(0.3)  # the agent answers once the rollback is done
+        return {"cancelled": True}
+
+    monkeypatch.setattr(fleet, "migrate", fake_migrate)
+    monkeypatch.setattr(fleet, "request", fake_request)
+    moves = [Move(f"kv{i}", MiB, "h:2", "h:1") for i in range(3)]
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        fleet.run_moves(moves, parallel=1, max_bandwidth=0, strategy="precopy", tracker="auto", timeout=10)
+    assert started == ["kv0"]
 
 
 def test_the_largest_heap_goes_first_to_the_host_with_the_most_room():

@@ -17,10 +17,10 @@ before anything moves.
 
 from __future__ import annotations
 
-import contextlib
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from constmig.host.orchestrate import migrate
 from constmig.units import format_size
 
 STATUS_TIMEOUT_S = 10.0
+CANCEL_RETRY_S = 10.0  # an interrupted drain asks a just-started move's agent to cancel it for this long
 HEADROOM = 64 << 20  # left free on a destination beyond the heaps it takes
 
 
@@ -234,6 +235,20 @@ def plan_rebalance(views: list[HostView], max_moves: int) -> list[Move]:
     return moves
 
 
+def _cancel_move(fut: Future, mv: Move) -> None:
+    """Cancel a running move at its source agent. A move that has just started may not be known there
+    yet ("no migration ... in progress"): ask again until it is, or its thread ends."""
+    deadline = time.monotonic() + CANCEL_RETRY_S
+    while not fut.done() and time.monotonic() < deadline:
+        try:
+            request(mv.src, {"op": "cancel", "name": mv.name, "reason": "interrupted"}, timeout=STATUS_TIMEOUT_S)
+            return
+        except ConstmigError as e:
+            if "commit point" in str(e) or "is over" in str(e):  # past it: the move goes on, and finishes
+                return
+        time.sleep(0.1)
+
+
 @dataclass
 class Outcome:
     name: str
@@ -249,8 +264,11 @@ def run_moves(moves: list[Move], *, parallel: int, max_bandwidth: float, strateg
     (bytes/s, 0 = no cap) among them. One failure does not stop the others; each outcome says what
     happened."""
     share = max_bandwidth / parallel if max_bandwidth else 0.0
+    stopping = threading.Event()
 
     def one(mv: Move) -> Outcome:
+        if stopping.is_set():  # a worker that took it up as the interrupt came
+            return Outcome(mv.name, mv.to, False, error="not started: interrupted")
         def progress(info: dict[str, Any]) -> None:
             if on_event is not None:
                 on_event(mv.name, "progress", info)
@@ -274,13 +292,14 @@ def run_moves(moves: list[Move], *, parallel: int, max_bandwidth: float, strateg
         for fut in as_completed(futures):
             results.append(fut.result())
     except KeyboardInterrupt:
-        # Stop what has not started; cancel what has not reached its commit point (the rest finishes):
-        # every enclave ends up in exactly one place, and the same drain run again moves what is left.
+        # Stop what has not started (all of it first, so no worker starts another meanwhile); cancel what
+        # has not reached its commit point (the rest finishes): every enclave ends up in exactly one
+        # place, and the same drain run again moves what is left.
+        stopping.set()
+        for fut in futures:
+            fut.cancel()
         for fut, mv in futures.items():
-            if not fut.cancel() and not fut.done():
-                with contextlib.suppress(ConstmigError):  # past its commit point, or over already: it goes on
-                    request(mv.src, {"op": "cancel", "name": mv.name, "reason": "interrupted"},
-                            timeout=STATUS_TIMEOUT_S)
+            _cancel_move(fut, mv)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
