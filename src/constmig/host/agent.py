@@ -412,8 +412,9 @@ class Agent:
                                                                if isinstance(e, SessionUnknown | NoSuchEnclave)
                                                                else {})}
                 finally:
-                    if watcher is not None:
+                    if watcher is not None:  # gone before the next read: one reader at a time
                         watcher.cancel()
+                        await asyncio.gather(watcher, return_exceptions=True)
                 self._save_roster()
                 await write_frame(writer, reply)
         except ProtocolError as e:
