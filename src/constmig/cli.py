@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -565,12 +566,18 @@ def checkpoint(name: str, addr: str) -> None:
 @click.argument("path")
 @click.option("--agent", "addr", default="127.0.0.1:7001", show_default=True)
 @click.option("--name", default=None, help="Enclave name (default: from the file name).")
-def restore(path: str, addr: str, name: str | None) -> None:
+@click.option("--release", default=None, metavar="CODE",
+              help="The code a migration's source printed when its destination died before it handled COMMIT: "
+                   "it completes the lineage held pending on that destination host.")
+def restore(path: str, addr: str, name: str | None, release: str | None) -> None:
     """Start an enclave from its newest checkpoint (an older one, or one from a host it left, is refused)."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name},
-                             timeout=ADMIN_TIMEOUT_S)))
+    if release is not None and not re.fullmatch(r"[0-9a-f]{64}", release):
+        raise ConfigError(f"bad --release {release!r}: a release code is 64 hex digits, as the source's agent "
+                          "printed it")
+    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name,
+                                    **({"release": release} if release else {})}, timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()

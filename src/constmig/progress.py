@@ -118,6 +118,9 @@ def print_status(st: dict[str, Any]) -> None:
     for name, d in sorted(died.items()):
         out.print(f"{name}: restore with `{d['restore']}`" if d.get("restore") else
                   f"{name}: no checkpoint of it here; its state is gone", soft_wrap=True)
+    for name, e in sorted(st.get("enclaves", {}).items()):
+        if e.get("recovery"):  # a migration out stuck past its commit point
+            out.print(f"{name}: if its destination lost its copy, {e['recovery']}", soft_wrap=True)
     migrations = st.get("migrations") or []
     if migrations:
         hist = Table(title="recent migrations")

@@ -59,6 +59,7 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
     (["bench", "calls", "--out", "/proc/nope"], "cannot write to --out /proc/nope: No such file"),
     (["migrate", "kv", "--from", "127.0.0.1:7001", "--to", "127.0.0.1:7001"], "--from and --to are the same agent"),
     (["run", "kvstore", "--name", ""], "--name must not be empty"),
+    (["restore", "/tmp/kv.v1.ckpt", "--release", "zz"], "bad --release 'zz': a release code is 64 hex digits"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
     assert_clean_error(cm(*args), fragment)

@@ -9,12 +9,22 @@ destination keeps waiting, and:
 - if no reconnect comes before the destination's commit deadline, it gives up, wipes, and answers the
   source's later reconnect with an authenticated ABORT: the source runs the enclave again.
 Either way exactly one copy runs, with every acknowledged write.
+
+With a sealed checkpoint, the lineage (counter and key) changes hosts across the same gap: the
+destination holds it pending from READY, and the source's host gets the release code that completes it
+once the source let go. A destination killed before it handled COMMIT restores there with that code; one
+that gave up (and destroyed its pending counter before its ABORT) makes the code worthless.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from mitm import MitmProxy, RecordTamper
@@ -36,10 +46,11 @@ class CommitCutter:
     """Cut the main data connection at the COMMIT record (once); while `blocked`, cut every data
     connection at its first record (the link stays down for reconnects)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_cut: Callable[[], None] | None = None) -> None:
         self.controls = 0
         self.cut = False
         self.blocked = False
+        self.on_cut = on_cut  # what the host does at that moment
         self._lock = threading.Lock()
 
     def __call__(self, channel: str, n: int, header, record: bytes) -> list[bytes] | None:
@@ -49,6 +60,8 @@ class CommitCutter:
             if channel == "main" and header.kind == Kind.CONTROL and not self.cut:
                 self.controls += 1
                 if self.controls == COMMIT:
+                    if self.on_cut is not None:
+                        self.on_cut()
                     self.cut = True
                     return None
         return [record]
@@ -91,11 +104,18 @@ def test_destination_that_gave_up_gives_the_enclave_back(cluster, variant) -> No
     a, b = cluster.addrs
     before = launch(a, heap=32 << 20)
     keys = written_keys(a)
-    cutter = CommitCutter()
+    ckpt = request(a, {"op": "checkpoint", "name": "kv"})["path"]
+    keys_b = cluster.base / "host-b" / "platform" / "enclaves"
+    kept: dict[str, bytes] = {}
+
+    def keep_key_files() -> None:  # the host copies B's pending key file while B waits for COMMIT
+        kept.update({f.name: f.read_bytes() for f in keys_b.glob("*.key")})
+
+    cutter = CommitCutter(keep_key_files)
     cutter.blocked = True  # after the cut at COMMIT, nothing gets through
     proxy = MitmProxy(b, RecordTamper(cutter))
     try:
-        with pytest.raises(AgentError, match="could not be resumed"):
+        with pytest.raises(AgentError, match="could not be resumed") as failed:
             migrate("kv", a, proxy.addr, strategy, tracker=tracker, timeout=4, resume_deadline=2)
         assert cutter.cut
         assert status(a).get("status") == "failed"  # handed off: it may not run, and keeps everything
@@ -111,7 +131,66 @@ def test_destination_that_gave_up_gives_the_enclave_back(cluster, variant) -> No
         assert checksum(a) == before
         assert written_keys(a) == keys
         assert status(b).get("status") == "aborted"
+        # The host read the release code in the error, puts back the pending key file it copied, and tries
+        # the code on it: B destroyed the counter it names before its ABORT. No second copy.
+        code = re.search(r"--release ([0-9a-f]{64})", str(failed.value))
+        assert code is not None, failed.value
+        assert len(kept) == 1, kept
+        for name, blob in kept.items():
+            (keys_b / name).write_bytes(blob)
+        with pytest.raises(AgentError, match="monotonic counter does not exist on this platform"):
+            request(b, {"op": "restore", "path": ckpt, "name": "kv2", "release": code.group(1)})
         request(b, {"op": "stop", "name": "kv"})
         assert "kv" not in request(b, {"op": "status"})["enclaves"]
+    finally:
+        proxy.close()
+
+
+def test_a_destination_killed_before_it_handled_commit_restores_with_the_release_code(cluster) -> None:
+    """The gap of one message: the source sent COMMIT (and let go of the lineage), the destination died
+    holding it pending. The source's error names the checkpoint and the release code; the restore it
+    prints works on the destination host, and without the code it is refused in one line."""
+    a, b = cluster.addrs
+    launch(a, heap=32 << 20)
+    ckpt = request(a, {"op": "checkpoint", "name": "kv"})["path"]
+    at_ckpt = checksum(a)
+    cutter = CommitCutter()
+    cutter.blocked = True
+    proxy = MitmProxy(b, RecordTamper(cutter))
+    box: dict[str, str] = {}
+
+    def run() -> None:
+        try:
+            migrate("kv", a, proxy.addr, "stopcopy", timeout=4, resume_deadline=30)
+        except AgentError as e:
+            box["error"] = str(e)
+
+    th = threading.Thread(target=run)
+    try:
+        th.start()
+        deadline = time.monotonic() + 30
+        while not cutter.cut:  # COMMIT left the source and never reached the destination
+            assert time.monotonic() < deadline and th.is_alive(), box
+            time.sleep(0.02)
+        cluster.kill_agent(1)
+        cluster.start_agent(1, b)
+        cutter.blocked = False
+        th.join(60)
+        error = box.get("error", "")
+        assert "The enclave is stranded" in error, error
+        printed = re.search(r"constmig restore \S+ --agent \S+ --name kv --release [0-9a-f]{64}", error)
+        assert printed is not None, error
+        assert "--release" in status(a).get("recovery", ""), status(a)  # also there for the operator later
+        argv = shlex.split(printed.group(0))[1:]
+        without = subprocess.run([sys.executable, "-m", "constmig", *argv[:-2]], capture_output=True, text=True,
+                                 timeout=120, stdin=subprocess.DEVNULL)
+        assert without.returncode != 0 and "Traceback" not in without.stderr
+        assert "lineage on this platform is pending" in without.stderr and len(without.stderr.splitlines()) == 1
+        done = subprocess.run([sys.executable, "-m", "constmig", *argv], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert argv[1] == ckpt
+        assert checksum(b) == at_ckpt
+        assert status(a).get("status") == "failed"  # the source still may not run it: one copy
     finally:
         proxy.close()

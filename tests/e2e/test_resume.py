@@ -170,9 +170,9 @@ def test_a_destination_that_lost_its_copy_strands_the_enclave_at_once_and_says_h
     th = threading.Thread(target=run)
     th.start()
     deadline = time.monotonic() + 30
-    # Mid-stream: the destination runs the enclave (it took the checkpoints' lineage when it resumed). The
-    # source says handed-off a moment earlier, at READY; killed in between, the destination never held the
-    # lineage and the checkpoint restores nowhere (docs/reliability.md).
+    # Mid-stream: the destination runs the enclave (it confirmed the checkpoints' lineage when it resumed).
+    # Killed earlier, between READY and its handling of COMMIT, the restore also needs the release code
+    # (test_commit_cut.py covers that case).
     while (request(a, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "handed-off"
            or request(b, {"op": "status"})["enclaves"].get("kv", {}).get("status") != "running"):
         assert time.monotonic() < deadline

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from constmig.enclave.heap import Heap
-from constmig.enclave.persist import MAGIC, MAX_HEADER, Lineage, Persistence, read_header
+from constmig.enclave.persist import MAGIC, MAX_HEADER, Lineage, Persistence, read_header, release_hash
 from constmig.errors import ConfigError, EnclaveError, IntegrityError
 from constmig.tee.backend import Identity
 from constmig.tee.measure import measure
@@ -166,6 +166,60 @@ def test_lineage_moves_to_another_platform(hosts: tuple[Host, Host], tmp_path: P
         b.persistence().restore(newer, Heap(HEAP, CHUNK))
     dst.adopt(None)  # nothing arrived: nothing bound
     assert dst.export() is None and dst.counter == ""
+
+
+CODE = bytes(range(32))
+
+
+def test_a_pending_lineage_restores_only_with_its_release_code(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    """B held the lineage before READY and died before it handled COMMIT; A let go past its commit point.
+    B's host restores the newest checkpoint only with the code A's host was given, and then for good."""
+    a, b = hosts
+    src = a.persistence()
+    path = checkpoint(src, tmp_path / "a", filled_heap())
+    b.persistence().adopt(src.export(), release_hash(CODE))
+    src.leave()
+    with pytest.raises(EnclaveError, match="pending: the migration that brought it here never handled its COMMIT"):
+        b.persistence().restore(path, Heap(HEAP, CHUNK))
+    with pytest.raises(IntegrityError, match="release code does not match"):
+        b.persistence().restore(path, Heap(HEAP, CHUNK), release=bytes(32))
+    with pytest.raises(EnclaveError, match="no persistent state on this platform"):
+        a.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE)  # no fork back at the source
+    assert b.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE) == STATE
+    assert b.persistence().restore(path, Heap(HEAP, CHUNK)) == STATE  # confirmed: no code needed any more
+
+
+def test_commit_confirms_the_pending_lineage(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = hosts
+    src = a.persistence()
+    checkpoint(src, tmp_path / "a", filled_heap())
+    dst = b.persistence()
+    dst.adopt(src.export(), release_hash(CODE))
+    src.leave()
+    dst.confirm()
+    assert dst.pending == b""
+    newer = checkpoint(dst, tmp_path / "b", filled_heap(4), b"on b")
+    assert b.persistence().restore(newer, Heap(HEAP, CHUNK)) == b"on b"
+
+
+def test_a_destination_that_gave_up_leaves_its_code_worthless(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    """The host keeps a copy of B's pending key file and learns the code; B gives up (forget, then ABORT)
+    and A runs on. Put back, the key file names a counter that no longer exists: no second copy."""
+    a, b = hosts
+    src = a.persistence()
+    path = checkpoint(src, tmp_path / "a", filled_heap())
+    dst = b.persistence()
+    dst.adopt(src.export(), release_hash(CODE))
+    keyfile = next(b.store.glob("*.key"))
+    kept = keyfile.read_bytes()
+    src.leave()
+    dst.forget()
+    src.reinstate()  # the authenticated ABORT: the lineage is A's again
+    assert not keyfile.exists()
+    keyfile.write_bytes(kept)
+    with pytest.raises(EnclaveError, match="monotonic counter does not exist on this platform"):
+        b.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE)
+    assert a.persistence().restore(path, Heap(HEAP, CHUNK)) == STATE
 
 
 def test_leave_and_forget_without_a_lineage_do_nothing(hosts: tuple[Host, Host]) -> None:

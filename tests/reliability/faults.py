@@ -274,9 +274,14 @@ SCENARIOS: list[Scenario] = [
         tracker="access", runs="destination", result="stranded", writes="checkpoint", says=PAUSED_FAILED,
         resume_deadline=4.0, mitigation="checkpoint",
         note="`constmig restore` on the destination host: the lineage moved there with the small state"),
+    _sc(id="ckpt-kill-dst-commit-stopcopy", phase="commit", fault="kill-dst", strategy="stopcopy",
+        runs="none", result="stranded", writes="checkpoint", says=PAUSED_FAILED, resume_deadline=4.0,
+        mitigation="checkpoint",
+        note="killed before it handled COMMIT, the destination still holds the lineage (pending since READY): "
+             "`constmig restore` there with the release code the source's error prints"),
     _sc(id="ckpt-kill-dst-stop-stopcopy", phase="stop", fault="kill-dst", strategy="stopcopy",
         runs="source", result="rolled-back", writes="all", says="aborted before handoff", mitigation="refused",
-        note="the destination binds the lineage only at COMMIT: the checkpoint is refused there, no fork"),
+        note="the destination holds the lineage only from READY on: the checkpoint is refused there, no fork"),
 ]
 
 

@@ -125,8 +125,10 @@ def observe(tb: Testbed, s: F.Scenario, o: H.Outcome) -> Observed:
     if s.mitigation:
         host = "a" if s.fault == "kill-src" else "b"
         path = o.notes["checkpoint"]["path"]
+        code = re.search(r"--release ([0-9a-f]{64})", o.error or "")  # what the source printed, if it did
         try:
-            client.request(tb.addr(host), {"op": "restore", "path": path, "name": "kvr"}, timeout=60)
+            client.request(tb.addr(host), {"op": "restore", "path": path, "name": "kvr",
+                                           **({"release": code.group(1)} if code else {})}, timeout=60)
             obs.restore = f"ok on {host}"
             try:
                 obs.restored_reads = H.read_back(tb.addr(host), o.notes["acked_at_checkpoint"], name="kvr")

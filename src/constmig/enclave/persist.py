@@ -7,13 +7,25 @@ checkpoint whose version equals the counter now, so an older one (a rollback) is
 
 The lineage key itself is kept on the platform sealed under the platform's sealing key for this
 enclave identity, so only the same code on the same platform can restore. On migration the lineage
-travels in the encrypted small state: the destination platform creates a counter at the same value
-and seals the key there, and the source destroys its counter and key file before COMMIT. From then on
-no checkpoint, old or new, restores on the source host; the newest restores on the destination host.
+travels in the encrypted small state and changes hosts in two steps, so that at every instant exactly
+one host can restore it, and at least one:
+
+1. Before READY the destination creates a counter at the same value and seals the key there as
+   *pending*, bound to the hash of a release code the source drew at the stop (`StateMsg.release_hash`).
+   A pending lineage restores only with that code.
+2. Past its commit point the source destroys its counter and key file, and only then hands the code to
+   its host (the agent keeps it for the operator) and sends COMMIT. The destination confirms its key file
+   when it handles COMMIT (or the keyed reconnect that stands for it).
+
+A destination that dies between the source's COMMIT and its own handling of it still holds the lineage:
+`constmig restore --release CODE` there completes the move. One that gives up before COMMIT destroys its
+pending counter before it tells the source (ABORT), so the code is worthless once the source runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 import time
@@ -69,6 +81,16 @@ class Lineage(msgspec.Struct, frozen=True):
 class _KeyFile(msgspec.Struct, frozen=True):
     key: bytes
     counter: str
+    pending: bytes = b""  # SHA-256 of the release code, until the migration that brought it commits
+
+
+PENDING = ("this enclave's lineage on this platform is pending: the migration that brought it here never "
+           "handled its COMMIT. If the source committed, its agent's error names the release code: "
+           "constmig restore CHECKPOINT --release CODE")
+
+
+def release_hash(code: bytes) -> bytes:
+    return hashlib.sha256(b"constmig-lineage-release" + code).digest()
 
 
 def _kdf(key: bytes, info: bytes) -> bytes:
@@ -84,6 +106,7 @@ class Persistence:
     store: Path  # the platform's folder of sealed lineage keys
     lineage: Lineage | None = None
     counter: str = ""
+    pending: bytes = b""  # the key file's release hash (see the module doc), until confirmed
 
     # --- the lineage key on this platform ----------------------------------------------------------
 
@@ -93,17 +116,24 @@ class Persistence:
     def _platform_aead(self) -> AESGCM:
         return AESGCM(self.backend.sealing_key(self.identity, b"constmig-lineage"))
 
-    def _bind_here(self, lineage: Lineage) -> None:
+    def _bind_here(self, lineage: Lineage, pending: bytes = b"") -> None:
         """Create this platform's counter at the lineage's version and seal the key beside it."""
         counter = self.backend.counters.create(lineage.version)
-        nonce = os.urandom(12)
-        blob = msgspec.msgpack.encode(_KeyFile(lineage.key, counter))
-        self.store.mkdir(parents=True, exist_ok=True)
-        self._keyfile(lineage.lineage).write_bytes(
-            nonce + self._platform_aead().encrypt(nonce, blob, lineage.lineage))
         self.lineage, self.counter = lineage, counter
+        self._seal_key(pending)
 
-    def _load_here(self, lineage_id: bytes) -> None:
+    def _seal_key(self, pending: bytes) -> None:
+        assert self.lineage is not None and self.counter
+        nonce = os.urandom(12)
+        blob = msgspec.msgpack.encode(_KeyFile(self.lineage.key, self.counter, pending))
+        self.store.mkdir(parents=True, exist_ok=True)
+        path = self._keyfile(self.lineage.lineage)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(nonce + self._platform_aead().encrypt(nonce, blob, self.lineage.lineage))
+        os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+        self.pending = pending
+
+    def _load_here(self, lineage_id: bytes, release: bytes | None = None) -> None:
         try:
             raw = self._keyfile(lineage_id).read_bytes()
         except FileNotFoundError:
@@ -115,18 +145,31 @@ class Persistence:
         except (InvalidTag, ValueError, msgspec.DecodeError):
             raise IntegrityError("this enclave's sealed key on this platform does not open (changed, or "
                                  "sealed for other enclave code)") from None
-        version = self.backend.counters.read(kf.counter)
-        self.lineage, self.counter = Lineage(lineage_id, kf.key, version), kf.counter
+        if kf.pending:
+            if release is None:
+                raise EnclaveError(PENDING)
+            if not hmac.compare_digest(release_hash(release), kf.pending):
+                raise IntegrityError("the release code does not match this enclave's pending lineage on this "
+                                     "platform (it belongs to another migration, or was mistyped)")
+        version = self.backend.counters.read(kf.counter)  # a destination that gave up destroyed it
+        self.lineage, self.counter, self.pending = Lineage(lineage_id, kf.key, version), kf.counter, kf.pending
+        self.confirm()  # the source released it: the lineage is this platform's from now on
 
     # --- migration ---------------------------------------------------------------------------------
 
     def export(self) -> Lineage | None:
         return self.lineage
 
-    def adopt(self, lineage: Lineage | None) -> None:
-        """Destination: continue the lineage that arrived in the small state."""
+    def adopt(self, lineage: Lineage | None, pending: bytes = b"") -> None:
+        """Destination, before READY: hold the lineage that arrived in the small state, pending on
+        `pending` (the release code's hash) until `confirm`."""
         if lineage is not None:
-            self._bind_here(lineage)
+            self._bind_here(lineage, pending)
+
+    def confirm(self) -> None:
+        """Destination that handled COMMIT (or a restore given the release code): no longer pending."""
+        if self.pending and self.counter:
+            self._seal_key(b"")
 
     def leave(self) -> None:
         """Source, before COMMIT: no checkpoint may restore here once the enclave runs elsewhere."""
@@ -142,9 +185,10 @@ class Persistence:
             self._bind_here(self.lineage)
 
     def forget(self) -> None:
-        """Destination that aborted before COMMIT: drop the counter and key it created."""
+        """Destination that aborted before COMMIT: drop the counter and key it created. The counter goes
+        first: a copy of the pending key file that the host kept then names a counter that is gone."""
         self.leave()
-        self.lineage = None
+        self.lineage, self.pending = None, b""
 
     # --- checkpoint and restore --------------------------------------------------------------------
 
@@ -182,11 +226,12 @@ class Persistence:
                 "bytes": path.stat().st_size,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
-    def restore(self, path: Path, heap: Heap) -> bytes:
-        """Check `path` is this lineage's newest checkpoint, fill `heap`, return the small state blob."""
+    def restore(self, path: Path, heap: Heap, release: bytes | None = None) -> bytes:
+        """Check `path` is this lineage's newest checkpoint, fill `heap`, return the small state blob.
+        `release`: the code that completes a lineage left pending here (see the module doc)."""
         with open(path, "rb") as f:
             header_bytes, header = _read_header(f, path)
-            self._load_here(header.lineage)
+            self._load_here(header.lineage, release)
             assert self.lineage is not None
             if header.version != self.lineage.version:
                 raise EnclaveError(

@@ -249,14 +249,23 @@ class Enclave:
     def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
         return import_app_state(self.app_cls, self.heap, blob, wrap=wrap)
 
-    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None, sessions: bytes = b"") -> None:
-        if lineage is not None and self.persist is not None:
-            # Sealed checkpoints and their counter continue here; bound only now, so a destination killed
-            # before COMMIT leaves no lineage behind that could restore while the source runs on.
+    def hold_lineage(self, lineage: Lineage, release_hash: bytes) -> None:
+        if self.persist is None:
+            raise EnclaveError("this instance has no persistent-state store for the incoming lineage")
+        self.persist.adopt(lineage, release_hash)
+
+    def forget_lineage(self) -> None:
+        if self.persist is not None:
+            self.persist.forget()
+
+    def confirm_lineage(self) -> None:
+        if self.persist is not None:
             try:
-                self.persist.adopt(lineage)
-            except (ConstmigError, OSError) as e:  # the app must run now; only its checkpoints are affected
+                self.persist.confirm()
+            except (ConstmigError, OSError) as e:  # the app runs on; a restore here still takes the code
                 self.figures["lineage_error"] = str(e)
+
+    def run_incoming(self, app: EnclaveApp, sessions: bytes = b"") -> None:
         if self.sessions is not None:
             self.sessions.adopt(sessions)  # the clients' sessions continue here, same keys and positions
         self.app = app
@@ -269,8 +278,7 @@ class Enclave:
     def give_up_incoming(self, tombstone: CommitWaiter | None) -> None:
         self.tombstone = tombstone
         self.abandon_incoming()
-        if self.persist is not None:
-            self.persist.forget()
+        self.forget_lineage()  # _give_up did already; kept so no path out of INCOMING leaves one
         self.heap.wipe()
         self.app = None
         self.life.move(Life.INCOMING, Life.DESTROYED)
@@ -387,7 +395,7 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         if enclave.tracker == "access":
             guard_heap(heap)  # missing chunks must fault loudly, never read as zeros; costly, so now
     elif args.mode == "restore":
-        blob = persist.restore(Path(args.restore), heap)
+        blob = persist.restore(Path(args.restore), heap, bytes.fromhex(args.release) if args.release else None)
         enclave.app = import_app_state(app_cls, heap, blob)
         enclave.life.move(Life.CREATED, Life.RUNNING)
     else:
@@ -519,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=parse_size, default=1 << 20)
     p.add_argument("--mode", choices=["fresh", "incoming", "restore"], default="fresh")
     p.add_argument("--restore", default="", help="checkpoint file (with --mode restore)")
+    p.add_argument("--release", default="", help="hex release code of a lineage left pending here (enclave/persist.py)")
     p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
     p.add_argument("--config", default="")
     p.add_argument("--plain-calls", action="store_true", help="also take unsealed ECALLs from the host")

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -77,6 +78,7 @@ class Hosted:
     data_fds: dict[str, int] = field(default_factory=dict)
     resume_fds: dict[str, int] = field(default_factory=dict)
     moving_to: str = ""  # a migration out past its commit point: where, and how (for a resume)
+    release: str = ""  # a migration out past its commit point: the code that completes its lineage there
     came_from: str = ""  # an incoming migration's source agent (the fleet directory's old entry)
     listed_at: str = ""  # a migration out: the directory already says it runs there
     calls: CallRate = field(default_factory=CallRate)  # client calls admitted, for load-aware placement
@@ -510,6 +512,8 @@ class Agent:
             if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
                     info.update(await hosted.handle.call({"op": "status"}))
+            if hosted.release and hosted.status in (S.PAUSED, S.RESUMING, S.FAILED):
+                info["recovery"] = self._recovery(name, hosted.moving_to, hosted.release)
             out[name] = info
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
                 "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url,
@@ -546,9 +550,9 @@ class Agent:
         return total
 
     async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none",
-                      restore: Path | None = None) -> EnclaveHandle:
+                      restore: Path | None = None, release: str = "") -> EnclaveHandle:
         return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
-                                          restore)
+                                          restore, release)
 
     async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
         spec = LaunchSpec.from_wire(req)
@@ -577,6 +581,9 @@ class Agent:
         from constmig.enclave.persist import read_header
 
         path = Path(str(req.get("path")))
+        release = str(req.get("release") or "")
+        if release and not re.fullmatch(r"[0-9a-f]{64}", release):
+            raise AgentError("a release code is 64 hex digits, as the source's agent printed it")
         header = read_header(path)
         spec = LaunchSpec(str(req.get("name") or path.name.split(".")[0]), header.app, header.heap,
                           header.chunk_size, dict(header.config), header.plain_calls)
@@ -584,7 +591,7 @@ class Agent:
         self._check_new(spec)
         await self._dir_check_free(spec.name)
         self.moved.pop(spec.name, None)
-        handle = await self._launch(spec, "restore", restore=path.resolve())
+        handle = await self._launch(spec, "restore", restore=path.resolve(), release=release)
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
         await self._dir_claim(spec.name)
         return await handle.call({"op": "status"})
@@ -897,6 +904,9 @@ class Agent:
                 asyncio.ensure_future(self._dir_moved(hosted, to))
 
         def on_progress(info: dict) -> None:
+            if info.get("phase") == "lineage_released":  # for the operator, should the destination die now
+                hosted.release = str(info.get("release", ""))
+                return
             if info.get("phase") == "handed_off":
                 loop.call_soon_threadsafe(handed_off)
             loop.call_soon_threadsafe(lambda: writer.write(_progress_frame(info)))
@@ -1000,7 +1010,8 @@ class Agent:
                 raise AgentError(
                     f"migration of {name!r} to {to} paused after the handoff and could not be resumed within "
                     f"{deadline:g} s ({attempts} attempts; last: {last}); this source keeps every chunk the "
-                    f"destination lacks: retry with `constmig migrate {name} --from {self.listen} --resume`")
+                    f"destination lacks: retry with `constmig migrate {name} --from {self.listen} --resume`; if the "
+                    f"destination lost its copy, {self._recovery(name, to, hosted.release)}")
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 2.0)
             attempts += 1
@@ -1018,7 +1029,7 @@ class Agent:
                 gone += 1
                 if gone >= GONE_ANSWERS:  # a live destination agent says so again and again: stop retrying
                     hosted.move((S.PAUSED, S.RESUMING), S.FAILED)
-                    raise AgentError(self._stranded(name, to, str(e))) from None
+                    raise AgentError(self._stranded(name, to, str(e), hosted.release)) from None
                 last = str(e)
             except ConstmigError as e:
                 gone = 0
@@ -1038,17 +1049,24 @@ class Agent:
                 for s in socks:
                     s.close()
 
-    def _stranded(self, name: str, to: str, answer: str) -> str:
+    def _stranded(self, name: str, to: str, answer: str, release: str) -> str:
         """What to say when the destination has no copy to reconnect to: the enclave is stranded (the
         source may not run it: a dead copy and one its host hides look the same), and what restores it."""
-        ckpts = sorted((self.state_dir / "checkpoints").glob(f"{name}.v*.ckpt"), key=_ckpt_version)
-        how = (f"its newest checkpoint here, {ckpts[-1]}, restores on the destination host (the lineage moved "
-               f"there at the commit point): constmig restore {ckpts[-1]} --agent {to} --name {name} (copy the "
-               "file there first if the hosts share no folder); writes since it are lost" if ckpts else
-               "there is no checkpoint of it here, so its data is lost")
         return (f"migration of {name!r} to {to} cannot be resumed: the destination answers \"{answer}\" (its copy "
                 f"died, or its host hides it). The enclave is stranded: this source keeps every chunk but may not "
-                f"run it, since it cannot tell a dead copy from a hidden one. To recover, {how}")
+                f"run it, since it cannot tell a dead copy from a hidden one. To recover, "
+                f"{self._recovery(name, to, release)}")
+
+    def _recovery(self, name: str, to: str, release: str) -> str:
+        """How the newest checkpoint restores on the destination host, where the lineage went at the commit
+        point (with the release code, should the destination have died before it handled COMMIT)."""
+        ckpts = sorted((self.state_dir / "checkpoints").glob(f"{name}.v*.ckpt"), key=_ckpt_version)
+        if not ckpts:
+            return "there is no checkpoint of it here, so its data is lost"
+        return (f"its newest checkpoint here, {ckpts[-1]}, restores on the destination host (the lineage moved "
+                f"there at the commit point): constmig restore {ckpts[-1]} --agent {to} --name {name}"
+                + (f" --release {release}" if release else "") +
+                " (copy the file there first if the hosts share no folder); writes since it are lost")
 
     async def op_resume(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         """Resume a migration out that paused after its handoff (after its automatic retries gave up)."""

@@ -74,7 +74,8 @@ class EnclaveHandle:
 
     @classmethod
     async def launch(cls, spec: LaunchSpec, mode: str, run_dir: Path, platform_dir: Path,
-                     root_pem: Path, tracker: str = "none", restore: Path | None = None) -> EnclaveHandle:
+                     root_pem: Path, tracker: str = "none", restore: Path | None = None,
+                     release: str = "") -> EnclaveHandle:
         run_dir.mkdir(parents=True, exist_ok=True)
         sock_path = run_dir / f"{spec.name}.sock"
         for suffix in RUN_FILE_SUFFIXES:  # left by an earlier enclave of this name that was killed
@@ -84,7 +85,8 @@ class EnclaveHandle:
                "--socket", str(sock_path), "--platform-dir", str(platform_dir),
                "--root-pem", str(root_pem), "--tracker", tracker,
                *(["--plain-calls"] if spec.plain_calls else []),
-               *(["--restore", str(restore)] if restore is not None else [])]
+               *(["--restore", str(restore)] if restore is not None else []),
+               *(["--release", release] if release else [])]
         # Spawned from the event-loop thread: the child's PDEATHSIG follows this thread's lifetime.
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE)

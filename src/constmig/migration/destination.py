@@ -92,6 +92,11 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         link = Link(chan, Machine("destination", strategy=strategy), timeout)
         arrived = _receive(enclave, link, socks, strategy, hs.migration_id, timeout, progress)
         waiter = arrived.waiter
+        state = arrived.state
+        if state.lineage:  # held before READY: once the source commits, this host must be able to restore it
+            if len(state.release_hash) != 32:
+                raise ProtocolError("the small state carries a lineage without its release hash")
+            enclave.hold_lineage(Lineage(state.lineage, state.lineage_key, state.lineage_version), state.release_hash)
         link.send(m.Ready(arrived.ledger.digest()))
         _await_commit(arrived, max(timeout, commit_wait))
     except Exception as e:  # noqa: BLE001 - whatever failed, before COMMIT this instance must not keep the data
@@ -213,8 +218,15 @@ def _switch_to(arrived: Arrived, chan: SecureChannel, socks: list[socket.socket]
 
 
 def _give_up(enclave: Enclave, link: Link | None, waiter: CommitWaiter | None, reason: str, told: bool) -> None:
-    """Before COMMIT: tell the source (on the link if it still works, and to every later reconnect),
-    then wipe. The waiter stays as the process's tombstone."""
+    """Before COMMIT: drop the pending lineage, tell the source (on the link if it still works, and to
+    every later reconnect), then wipe. The waiter stays as the process's tombstone. The lineage goes
+    first: an ABORT lets the source run again, and its release code must be worthless by then."""
+    try:
+        enclave.forget_lineage()
+    except (ConstmigError, OSError):  # it may still restore here: the source must not run again, so no ABORT
+        if waiter is not None:
+            waiter.close()
+        link, waiter, told = None, None, True
     if link is not None and not told:
         link.abort(reason)
     if waiter is not None:
@@ -227,8 +239,7 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
     state, ledger, link = arrived.state, arrived.ledger, arrived.link
     if arrived.waiter is not None:
         arrived.waiter.close()  # the running instance's ResumeServer takes this socket over
-    enclave.run_incoming(arrived.app, Lineage(state.lineage, state.lineage_key, state.lineage_version)
-                         if state.lineage else None, state.sessions)
+    enclave.run_incoming(arrived.app, state.sessions)
     t_resume = time.time()
     try:
         if arrived.reconnected:  # its first record says what arrived, and that we run (for RESUMED)
@@ -238,6 +249,7 @@ def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: fl
             link.send(m.Resumed(t_resume))
     except (ConstmigError, OSError):
         pass  # the app runs here now; the source reconnects to learn of completion
+    enclave.confirm_lineage()
     arrived.strategy.receive_after_commit(enclave, arrived, t_resume, timeout)
     return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
             "strategy": arrived.strategy.name,

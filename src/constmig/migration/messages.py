@@ -29,6 +29,9 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
     held: bytes = b""
     # the clients' sessions (wire/session.py): keys and positions, so each continues at the destination
     sessions: bytes = b""
+    # with a lineage: the hash of the code that releases it (enclave/persist.py); the destination holds
+    # the lineage pending on it from READY until COMMIT
+    release_hash: bytes = b""
 
 
 class RoundEnd(msgspec.Struct, tag="round_end", frozen=True):

@@ -100,13 +100,22 @@ class MigratingEnclave(Protocol):
     def start_access_tracking(self, expected: np.ndarray, timeout: float) -> Any:
         """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
 
-    def run_incoming(self, app: EnclaveApp, lineage: Lineage | None, sessions: bytes = b"") -> None:
-        """COMMIT (or its stand-in): continue the lineage, INCOMING -> RUNNING."""
+    def hold_lineage(self, lineage: Lineage, release_hash: bytes) -> None:
+        """Before READY: bind the lineage here, pending on the release code's hash (enclave/persist.py)."""
+
+    def forget_lineage(self) -> None:
+        """Before COMMIT, giving up: destroy the pending lineage (before the source may run again)."""
+
+    def run_incoming(self, app: EnclaveApp, sessions: bytes = b"") -> None:
+        """COMMIT (or its stand-in): INCOMING -> RUNNING."""
+
+    def confirm_lineage(self) -> None:
+        """After COMMIT, once the app runs (not downtime): the lineage held since READY is no longer pending."""
 
     def stream_incoming(self, chunks: int, receiver: Receiver | None) -> None:
         """After COMMIT: `chunks` more arrive behind the running app (received here by `receiver`, or by
         the pager when it is None); whole-heap exports wait for them."""
 
     def give_up_incoming(self, tombstone: CommitWaiter | None) -> None:
-        """Before COMMIT: drop trackers, pager and any lineage, wipe, DESTROYED; `tombstone` stays to answer
+        """Before COMMIT: drop trackers and pager, wipe, DESTROYED; `tombstone` stays to answer
         the source's reconnects with ABORT."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from constmig.enclave.persist import release_hash
 from constmig.errors import (
     ConstmigError,
     IntegrityError,
@@ -136,9 +137,11 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
         ledger = ChunkLedger(migration_id, heap.n_chunks, snap.chunks)
         held = before.settle(ledger)  # the rounds' versions still current (the app writes no more)
         lineage = snap.lineage
+        release = os.urandom(32) if lineage else b""  # given to the host only once this side let go
         link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(),
                              snap.stopped_at, *((lineage.lineage, lineage.key, lineage.version) if lineage else
-                                                (b"", b"", 0)), chunks_to_wire(held), snap.sessions))
+                                                (b"", b"", 0)), chunks_to_wire(held), snap.sessions,
+                             release_hash(release) if release else b""))
         strategy.send_before_handoff(link, ledger, heap, progress, before)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)
@@ -165,6 +168,8 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
         enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it
+        if release:  # only now: with it, the destination's pending lineage restores there
+            progress({"phase": "lineage_released", "release": release.hex()})
         link.send(m.Commit())
     except (ConstmigError, OSError) as e:
         link.machine.fail()
