@@ -7,8 +7,8 @@ checkpoint whose version equals the counter now, so an older one (a rollback) is
 
 The lineage key itself is kept on the platform sealed under the platform's sealing key for this
 enclave identity, so only the same code on the same platform can restore. On migration the lineage
-travels in the encrypted small state and changes hosts in two steps, so that at every instant exactly
-one host can restore it, and at least one:
+travels in the encrypted small state and changes hosts in two steps, so that at no instant can two
+hosts restore it, and once the source has committed, one always can:
 
 1. Before READY the destination creates a counter at the same value and seals the key there as
    *pending*, bound to the hash of a release code the source drew at the stop (`StateMsg.release_hash`).
