@@ -1,12 +1,16 @@
 """Every test run gets its own root CA folder and known-enclaves file, never the user's (~/.constmig).
 
 Agents started without --ca-dir (LocalCluster, Testbed, `constmig agent`) and clients without a Trust
-both read $CONSTMIG_CA_DIR, so setting it here before anything starts makes them agree."""
+both read $CONSTMIG_CA_DIR, so setting it here before anything starts makes them agree.
+
+Ctrl-C is tested as a real SIGINT, so a run that started with SIGINT ignored (a shell's background job:
+`nohup bash .ci/run &`) gets Python's default handler back; the CLIs and agents it starts inherit it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -16,6 +20,8 @@ _CA_DIR = tempfile.mkdtemp(prefix="constmig-test-ca-")
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["CONSTMIG_CA_DIR"] = _CA_DIR
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
