@@ -840,6 +840,38 @@ def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
             f"{fl['demand_fault_us']['p99']:.0f} µs" if "demand_fault_us" in fl else fl["skipped"]))
 
 
+@bench.command("prefetch")
+@click.option("--heap", type=Size(), default="1G", show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Migrations per order.")
+@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--keys", type=click.IntRange(10, 1_000_000), default=2000, show_default=True,
+              help="Keys the client calls on.")
+@click.option("--zipf", type=click.FloatRange(min=0.0, min_open=True, max=5.0), default=0.99, show_default=True,
+              help="Exponent of the zipf law the client draws its keys by (larger: fewer hot keys).")
+@click.option("--write-ratio", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True)
+@click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
+              help="Cap for the background stream, bytes per second; 0 = none (as migrate's).")
+@click.option("--testbed", default=None, help="Use the first two hosts of this running testbed "
+              "(`constmig testbed up`) instead of two agents on loopback.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
+def bench_prefetch(heap: int, repeat: int, tracker: str, keys: int, zipf: float, write_ratio: float,
+                   max_bandwidth: int, testbed: str | None, json_path: str | None) -> None:
+    """ConstMig in heap order against --prefetch used-last, alternately, under a zipf-keyed client."""
+    from constmig.bench.prefetch import median_lines, run_prefetch
+
+    check_writable(json_path, "--json")
+    doc = run_prefetch(heap=heap, repeat=repeat, tracker=tracker, keys=keys, zipf=zipf, write_ratio=write_ratio,
+                       testbed=testbed, max_bandwidth=float(max_bandwidth), quiet=json_path == "-")
+    write_json(doc, json_path)
+    if json_path != "-":
+        for line in median_lines(doc):
+            click.echo(line)
+    if not doc["ok"]:
+        bad = next(r for r in doc["runs"] if not r["ok"])
+        raise ConstmigError(f"the client lost, misread or failed a call "
+                            f"({bad['order']}, repeat {bad['repeat'] + 1}; see the JSON)")
+
+
 @bench.command("writes")
 @click.option("--heap", type=Size(), default="1G", show_default=True, help="Heap size (whole MiB).")
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Repeats per mechanism.")

@@ -60,6 +60,9 @@ def assert_clean_error(p: subprocess.CompletedProcess, fragment: str) -> None:
     (["migrate", "kv", "--from", "127.0.0.1:7001", "--to", "127.0.0.1:7001"], "--from and --to are the same agent"),
     (["run", "kvstore", "--name", ""], "--name must not be empty"),
     (["restore", "/tmp/kv.v1.ckpt", "--release", "zz"], "bad --release 'zz': a release code is 64 hex digits"),
+    (["bench", "prefetch", "--heap", "16M"], "--heap must be at least 64M"),
+    (["bench", "prefetch", "--zipf", "0"], "--zipf"),
+    (["bench", "prefetch", "--json", "/proc/nope/p.json"], "cannot write to --json /proc/nope/p.json: No such file"),
 ])
 def test_bad_input_gives_one_clean_error(args, fragment):
     assert_clean_error(cm(*args), fragment)

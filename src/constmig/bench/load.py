@@ -52,7 +52,7 @@ def usable_variants(wanted: list[str] | None) -> tuple[list[str], list[dict[str,
     return list(DEFAULT_VARIANTS), []
 
 
-def _agents(testbed: str | None) -> tuple[AbstractContextManager[Any], list[str] | None]:
+def two_agents(testbed: str | None) -> tuple[AbstractContextManager[Any], list[str] | None]:
     """A LocalCluster to start (addresses known once entered), or a running testbed's addresses."""
     if testbed is None:
         return LocalCluster(2), None
@@ -127,7 +127,7 @@ def run_load(out: Path, variants: list[str] | None = None, clients: int = 8, rat
                    "retries": 5, "testbed": testbed, "app": "kvstore"},
         "skipped": skipped, "runs": runs}
     all_records: dict[str, list[CallRecord]] = {}
-    cm, addrs = _agents(testbed)
+    cm, addrs = two_agents(testbed)
     with cm as cluster:
         addrs = addrs or cluster.addrs
         doc["config"]["agents"] = addrs[:2]
