@@ -1,14 +1,16 @@
 """The background stream's cores: all of them while no access waits, all but the demand path's while
-one does; set per thread, and only when that changes."""
+one does; set per thread, and only when that changes. The demand connection's congestion control."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
+from pathlib import Path
 
 import pytest
 
-from constmig.migration.priority import BackgroundCores
+from constmig.migration.priority import DEMAND_CONGESTION, BackgroundCores, unpaced
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two or more allowed CPUs")
@@ -32,3 +34,15 @@ def test_the_background_leaves_the_demand_core_only_while_an_access_waits():
     t.join()
     assert seen == [set(cpus), set(cpus[:-1]), set(cpus[:-1]), set(cpus)]
     assert os.sched_getaffinity(0) == set(cpus)  # the calling thread was never moved
+
+
+def _available() -> list[str]:
+    p = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+    return p.read_text().split() if p.exists() else []
+
+
+@pytest.mark.skipif(DEMAND_CONGESTION.decode() not in _available(), reason="the kernel offers no cubic here")
+def test_the_demand_connection_is_not_paced_by_bbr():
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as s:
+        unpaced(s)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == DEMAND_CONGESTION

@@ -74,3 +74,16 @@ def shallow_queue(sock: socket.socket, option: int, chunk_size: int) -> None:
     everything queued before it, and post-copy is CPU-bound here, so deep buffers buy no bandwidth."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, option, chunk_size * BACKGROUND_QUEUE_CHUNKS)
+
+
+DEMAND_CONGESTION = b"cubic"
+
+
+def unpaced(sock: socket.socket) -> None:
+    """The source's demand connection: a window-based congestion control (cubic), not BBR where that is the
+    host's default. BBR paces a flow at the bandwidth it measured, and the demand flow idles between bursts,
+    so it measures little: on the 1 Gbit testbed a demanded 1 MiB chunk went out at 300-500 Mbit/s beside
+    the background stream, and a demand fault took 12 ms at the median (7-9 ms with cubic; docs/
+    architecture.md). Left as it is where cubic is not available (the kernel's default then)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, DEMAND_CONGESTION)

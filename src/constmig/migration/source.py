@@ -31,7 +31,7 @@ from constmig.migration import strategies
 from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger, chunks_to_wire
 from constmig.migration.link import Link
-from constmig.migration.priority import shallow_queue
+from constmig.migration.priority import shallow_queue, unpaced
 from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
@@ -62,6 +62,7 @@ def _demand_link(strategy: Strategy, socks: list[socket.socket], chan: SecureCha
     if strategy.connections < 2:
         return None
     shallow_queue(socks[0], socket.SO_SNDBUF, chunk_size)
+    unpaced(socks[1])
     return Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), machine, timeout)
 
 
