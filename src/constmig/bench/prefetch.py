@@ -6,8 +6,9 @@ drift of the machine falls on both. Per migration: the chunks demanded (each one
 fault latency, the client's longest gap and its calls per second while the enclave moved, and for
 used-last how many of the chunks it streamed first a demand still asked for before the background sent
 them. On loopback the stream is short beside the app's working set; on a testbed with a slow link
-(`constmig testbed up --link 1gbit`, then `--testbed NAME`) it is long, which is where the order
-should pay.
+(`constmig testbed up --link 1gbit`, then `--testbed NAME`) it is long. For this client the order paid in
+neither (docs/architecture.md, "What the app used last, first"), and the segments the runs carry showed
+where a demand's time goes on a real link.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def one_run(addrs: list[str], order: str, *, heap: int, tracker: str, keys: int,
         report = hammer.stop()
         lost = hammer.verify()
     finally:
-        if hammer is not None:
+        if hammer is not None:  # stopped already unless the migration failed
+            hammer.stop()
             hammer.close()
         stop_anywhere([b, a], name)
     timeline = [list(p) for p in report.ops_timeline]
