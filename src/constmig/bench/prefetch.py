@@ -66,7 +66,8 @@ def one_run(addrs: list[str], order: str, *, heap: int, tracker: str, keys: int,
            "ops_s_before": window_rate(timeline, t0 - WARM_S + 0.2, t0),
            "ops_s_during": window_rate(timeline, t0, t1)}
     for k, v in figures.items():  # the counts, and where each demand's time went (p50/p99 per segment)
-        if v is not None and (k in FIGURES or k.startswith(("demand_", "source_service_")) and k.endswith(("_p50", "_p99"))):
+        segment = k.startswith(("demand_", "source_service_")) and k.endswith(("_p50", "_p99"))
+        if v is not None and (k in FIGURES or segment):
             run[k] = v
     # The migration itself checked every chunk (DONE's digest) or it would have raised; the client's writes
     # are what a user would lose.

@@ -34,10 +34,10 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from constmig.apps import APPS, load_app
+from constmig.bench.load import stop_anywhere
 from constmig.bench.loadgen import KVHammer, StepDriver, driver_for
 from constmig.bench.results import SUMMARY_KEYS, dumps, machine_info, split_variant, summarize
-from constmig.errors import AgentError, ConfigError, ConstmigError
-from constmig.host.client import request
+from constmig.errors import ConfigError, ConstmigError
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.migration import strategies
@@ -248,12 +248,6 @@ def _twin_check(workload: str, heap: int, fill: float, seed: int, before: str, a
         twin.heap.close()
 
 
-def _stop_everywhere(cluster: LocalCluster, name: str) -> None:
-    for addr in cluster.addrs:
-        with contextlib.suppress(AgentError, ConstmigError):
-            request(addr, {"op": "stop", "name": name}, timeout=30)
-
-
 def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed: int, cfg: SuiteConfig,
             name: str, on_progress: Any = None) -> dict[str, Any]:
     """Launch and fill, start the driver, migrate a->b, stop the driver, check; one record."""
@@ -323,7 +317,7 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
     finally:
         if driver is not None:
             driver.close()
-        _stop_everywhere(cluster, name)
+        stop_anywhere(cluster.addrs, name)
     rec["cycle_s"] = round(time.perf_counter() - t_cycle, 2)
     return rec
 
