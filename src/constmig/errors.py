@@ -96,6 +96,11 @@ class SessionUnknown(EnclaveError):
     request did not run; a client with no request outstanding opens a new session."""
 
 
+class LineageHeld(EnclaveError):
+    """Another live instance holds this enclave's lineage (its platform counter) on this platform: a
+    restore waits until that instance has stopped, and an instance that lost its lineage stops."""
+
+
 class HeapIncomplete(EnclaveError):
     """The heap is still arriving from a migration: nothing may export it whole (migrate out, checkpoint)."""
 

@@ -146,6 +146,53 @@ def test_destination_that_gave_up_gives_the_enclave_back(cluster, variant) -> No
         proxy.close()
 
 
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *argv], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("variant", [("stopcopy", "fault"), ("constmig", "access")])
+def test_the_release_code_cannot_fork_an_enclave_whose_destination_still_waits(cluster, variant) -> None:
+    """Issue 30, item 1, as the host plays it with the stock CLI: it drops COMMIT and every reconnect, reads
+    the release code in the source's status, and restores the checkpoint on the destination host while the
+    incoming instance still waits for COMMIT. The incoming instance holds the pending lineage while it
+    lives, so the restore is refused; when it gives up, its ABORT gives the enclave back to the source, and
+    the code is worthless from then on. Exactly one copy runs, and it has every acknowledged write."""
+    strategy, tracker = variant
+    a, b = cluster.addrs
+    before = launch(a, heap=32 << 20)
+    keys = written_keys(a)
+    ckpt = request(a, {"op": "checkpoint", "name": "kv"})["path"]
+    cutter = CommitCutter()
+    cutter.blocked = True
+    proxy = MitmProxy(b, RecordTamper(cutter))
+    try:
+        with pytest.raises(AgentError, match="could not be resumed"):
+            migrate("kv", a, proxy.addr, strategy, tracker=tracker, timeout=4, resume_deadline=2)
+        recovery = status(a).get("recovery", "")
+        code = re.search(r"--release ([0-9a-f]{64})", recovery)
+        assert code is not None, status(a)
+        assert status(b).get("status") not in (None, "aborted"), status(b)  # the incoming instance still waits
+        forked = _cli("restore", ckpt, "--agent", b, "--name", "kv2", "--release", code.group(1))
+        assert forked.returncode != 0, "the host restored a second copy while the incoming instance waits"
+        assert "Traceback" not in forked.stderr and len(forked.stderr.strip().splitlines()) == 1, forked.stderr
+        assert "still runs on this platform" in forked.stderr, forked.stderr
+        deadline = time.monotonic() + 30
+        while status(b).get("status") != "aborted":  # B's wait for COMMIT ends: it gives up
+            assert time.monotonic() < deadline, status(b)
+            time.sleep(0.1)
+        cutter.blocked = False
+        with pytest.raises(AgentError, match="gave the migration up before resuming"):
+            resume("kv", a, timeout=10, resume_deadline=10)
+        assert status(a).get("state") == "running"
+        assert checksum(a) == before and written_keys(a) == keys
+        late = _cli("restore", ckpt, "--agent", b, "--name", "kv2", "--release", code.group(1))
+        assert late.returncode != 0 and "no persistent state on this platform" in late.stderr, late.stderr
+        assert "kv2" not in request(b, {"op": "status"})["enclaves"]
+    finally:
+        proxy.close()
+
+
 def test_a_destination_killed_before_it_handled_commit_restores_with_the_release_code(cluster) -> None:
     """The gap of one message: the source sent COMMIT (and let go of the lineage), the destination died
     holding it pending. The source's error names the checkpoint and the release code; the restore it

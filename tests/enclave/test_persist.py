@@ -6,6 +6,7 @@ each rule (rollback, tampering, layout, lineage moving between platforms) that m
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from constmig.enclave.heap import Heap
 from constmig.enclave.persist import MAGIC, MAX_HEADER, Lineage, Persistence, read_header, release_hash
-from constmig.errors import ConfigError, EnclaveError, IntegrityError
+from constmig.errors import ConfigError, EnclaveError, IntegrityError, LineageHeld
 from constmig.tee.backend import Identity
 from constmig.tee.measure import measure
 from constmig.tee.sim import SimPlatform, create_root_ca
@@ -181,7 +182,7 @@ def test_a_pending_lineage_restores_only_with_its_release_code(hosts: tuple[Host
     src.leave()
     with pytest.raises(EnclaveError, match="pending: the migration that brought it here never handled its COMMIT"):
         b.persistence().restore(path, Heap(HEAP, CHUNK))
-    with pytest.raises(IntegrityError, match="release code does not match"):
+    with pytest.raises(ConfigError, match="release code does not match"):
         b.persistence().restore(path, Heap(HEAP, CHUNK), release=bytes(32))
     with pytest.raises(EnclaveError, match="no persistent state on this platform"):
         a.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE)  # no fork back at the source
@@ -404,3 +405,101 @@ def test_zero_chunks_are_left_out_and_counted(hosts: tuple[Host, Host], tmp_path
     fresh = Heap(HEAP, CHUNK)
     assert a.persistence().restore(Path(fig["path"]), fresh) == STATE
     assert same_chunks(heap, fresh)
+
+
+# --- one live copy: the instance that holds the lineage (issue 30) ----------------------------------------------
+
+def _forked(body, *, keep: bool = True):
+    """Run `body()` in a forked process (another enclave instance of the same platform); returns the process,
+    a pipe that lets it finish, and what `body` returned. With keep=False it exits right away (died)."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+
+    def run() -> None:
+        child.send(body())
+        if keep:
+            child.recv()
+
+    proc = ctx.Process(target=run, daemon=True)
+    proc.start()
+    out = parent.recv()
+    if not keep:
+        proc.join(10)
+    return proc, parent, out
+
+
+@pytest.mark.adversarial
+def test_a_checkpoint_does_not_restore_beside_the_running_instance(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    """The host restores the newest checkpoint under another name while the enclave runs: refused, until
+    the running instance has stopped (docs/security.md, "One live copy")."""
+    a, _ = hosts
+    proc, pipe, path = _forked(lambda: checkpoint(a.persistence(), tmp_path / "a", filled_heap()))
+    try:
+        with pytest.raises(LineageHeld, match=f"still runs on this platform \\(pid {proc.pid}\\)"):
+            a.persistence().restore(path, Heap(HEAP, CHUNK))
+    finally:
+        pipe.send(None)
+        proc.join(10)
+    assert a.persistence().restore(path, Heap(HEAP, CHUNK)) == STATE
+
+
+@pytest.mark.adversarial
+def test_the_release_code_is_refused_while_the_incoming_instance_lives(hosts: tuple[Host, Host],
+                                                                      tmp_path: Path) -> None:
+    """Issue 30, item 1: A let go; B's incoming instance holds the lineage pending and waits for COMMIT. The
+    host restores with the code: refused. B gives up (its compare-and-set wins), so the code is worthless."""
+    a, b = hosts
+    src = a.persistence()
+    path = checkpoint(src, tmp_path / "a", filled_heap())
+    lineage = src.export()
+    ctx = multiprocessing.get_context("fork")
+    go, back = ctx.Pipe()
+
+    def incoming() -> None:
+        dst = b.persistence()
+        dst.adopt(lineage, release_hash(CODE))
+        back.send("held")
+        back.recv()
+        dst.forget()  # the wait for COMMIT ran out
+        back.send("gave up")
+
+    proc = ctx.Process(target=incoming, daemon=True)
+    proc.start()
+    assert go.recv() == "held"
+    src.leave()
+    with pytest.raises(LineageHeld, match="still runs on this platform"):
+        b.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE)
+    go.send(None)
+    assert go.recv() == "gave up"
+    proc.join(10)
+    with pytest.raises(EnclaveError, match="no persistent state on this platform"):
+        b.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE)
+
+
+@pytest.mark.adversarial
+def test_an_incoming_instance_that_died_holding_the_lineage_restores_with_the_code(hosts: tuple[Host, Host],
+                                                                                  tmp_path: Path) -> None:
+    """B died between the source's COMMIT and its own handling of it: the code restores there, once; and an
+    instance that lost the lineage to that restore cannot give it up (no ABORT) nor confirm it (it stops)."""
+    a, b = hosts
+    src = a.persistence()
+    path = checkpoint(src, tmp_path / "a", filled_heap())
+    lineage = src.export()
+    _forked(lambda: b.persistence().adopt(lineage, release_hash(CODE)), keep=False)
+    src.leave()
+    stale = b.persistence()
+    stale.lineage, stale.counter, stale.pending = lineage, "", release_hash(CODE)
+    proc, pipe, state = _forked(lambda: b.persistence().restore(path, Heap(HEAP, CHUNK), release=CODE))
+    try:
+        assert state == STATE
+        with pytest.raises(LineageHeld, match="still runs"):
+            b.persistence().restore(path, Heap(HEAP, CHUNK))  # the restored copy runs: no third one
+        cid = next(iter(b.platform.counters._load()))
+        stale.counter = cid  # the dead incoming instance's view, as if it still acted
+        with pytest.raises(LineageHeld, match="cannot give the lineage up"):
+            stale.forget()
+        with pytest.raises(LineageHeld, match="cannot confirm"):
+            stale.confirm()
+    finally:
+        pipe.send(None)
+        proc.join(10)

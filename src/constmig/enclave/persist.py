@@ -6,26 +6,28 @@ derived from the lineage key and bound to the counter's next value; a restore ac
 checkpoint whose version equals the counter now, so an older one (a rollback) is refused.
 
 The lineage key itself is kept on the platform sealed under the platform's sealing key for this
-enclave identity, so only the same code on the same platform can restore. On migration the lineage
+enclave identity, so only the same code on the same platform can restore. The counter names the
+instance that holds the lineage (tee/counters.py): a restore takes it over only once that instance has
+stopped, so a checkpoint never starts a second copy beside a running one. On migration the lineage
 travels in the encrypted small state and changes hosts in two steps, so that at no instant can two
-hosts restore it, and once the source has committed, one always can:
+instances hold it, and once the source has committed, one always can:
 
-1. Before READY the destination creates a counter at the same value and seals the key there as
-   *pending*, bound to the hash of a release code the source drew at the stop (`StateMsg.release_hash`).
-   A pending lineage restores only with that code.
+1. Before READY the destination's incoming instance creates a counter at the same value, owned by it
+   and *pending* on the hash of a release code the source drew at the stop (`StateMsg.release_hash`).
 2. Past its commit point the source destroys its counter and key file, and only then hands the code to
-   its host (the agent keeps it for the operator) and sends COMMIT. The destination confirms its key file
-   when it handles COMMIT (or the keyed reconnect that stands for it).
+   its host (the agent keeps it for the operator) and sends COMMIT. The destination confirms its
+   counter when it handles COMMIT (or the keyed reconnect that stands for it).
 
 A destination that dies between the source's COMMIT and its own handling of it still holds the lineage:
-`constmig restore --release CODE` there completes the move. One that gives up before COMMIT destroys its
-pending counter before it tells the source (ABORT), so the code is worthless once the source runs again.
+`constmig restore --release CODE` there completes the move, and only once that instance is gone. One that
+gives up before COMMIT destroys its pending counter (as its owner) before it tells the source (ABORT),
+so the code is worthless once the source runs again; should a restore have taken the counter over, the
+destroy fails and no ABORT goes out. Taking over and giving up are one compare-and-set on the counter.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import struct
 import time
@@ -81,12 +83,7 @@ class Lineage(msgspec.Struct, frozen=True):
 class _KeyFile(msgspec.Struct, frozen=True):
     key: bytes
     counter: str
-    pending: bytes = b""  # SHA-256 of the release code, until the migration that brought it commits
 
-
-PENDING = ("this enclave's lineage on this platform is pending: the migration that brought it here never "
-           "handled its COMMIT. If the source committed, its agent's error names the release code: "
-           "constmig restore CHECKPOINT --release CODE")
 
 
 def release_hash(code: bytes) -> bytes:
@@ -106,7 +103,7 @@ class Persistence:
     store: Path  # the platform's folder of sealed lineage keys
     lineage: Lineage | None = None
     counter: str = ""
-    pending: bytes = b""  # the key file's release hash (see the module doc), until confirmed
+    pending: bytes = b""  # the counter's release hash (see the module doc), until confirmed
 
     # --- the lineage key on this platform ----------------------------------------------------------
 
@@ -117,21 +114,17 @@ class Persistence:
         return AESGCM(self.backend.sealing_key(self.identity, b"constmig-lineage"))
 
     def _bind_here(self, lineage: Lineage, pending: bytes = b"") -> None:
-        """Create this platform's counter at the lineage's version and seal the key beside it."""
-        counter = self.backend.counters.create(lineage.version)
-        self.lineage, self.counter = lineage, counter
-        self._seal_key(pending)
-
-    def _seal_key(self, pending: bytes) -> None:
-        assert self.lineage is not None and self.counter
+        """Create this platform's counter at the lineage's version, owned by this instance (pending on
+        `pending` when given), and seal the key beside it."""
+        counter = self.backend.counters.create(lineage.version, pending)
+        self.lineage, self.counter, self.pending = lineage, counter, pending
         nonce = os.urandom(12)
-        blob = msgspec.msgpack.encode(_KeyFile(self.lineage.key, self.counter, pending))
+        blob = msgspec.msgpack.encode(_KeyFile(lineage.key, counter))
         self.store.mkdir(parents=True, exist_ok=True)
-        path = self._keyfile(self.lineage.lineage)
+        path = self._keyfile(lineage.lineage)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(nonce + self._platform_aead().encrypt(nonce, blob, self.lineage.lineage))
+        tmp.write_bytes(nonce + self._platform_aead().encrypt(nonce, blob, lineage.lineage))
         os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
-        self.pending = pending
 
     def _load_here(self, lineage_id: bytes, release: bytes | None = None) -> None:
         try:
@@ -145,15 +138,10 @@ class Persistence:
         except (InvalidTag, ValueError, msgspec.DecodeError):
             raise IntegrityError("this enclave's sealed key on this platform does not open (changed, or "
                                  "sealed for other enclave code)") from None
-        if kf.pending:
-            if release is None:
-                raise EnclaveError(PENDING)
-            if not hmac.compare_digest(release_hash(release), kf.pending):
-                raise IntegrityError("the release code does not match this enclave's pending lineage on this "
-                                     "platform (it belongs to another migration, or was mistyped)")
-        version = self.backend.counters.read(kf.counter)  # a destination that gave up destroyed it
-        self.lineage, self.counter, self.pending = Lineage(lineage_id, kf.key, version), kf.counter, kf.pending
-        self.confirm()  # the source released it: the lineage is this platform's from now on
+        # One compare-and-set: refused while another instance holding it runs (a frozen one too), and for
+        # a pending lineage without its code; a destination that gave up destroyed the counter.
+        version = self.backend.counters.claim(kf.counter, None if release is None else release_hash(release))
+        self.lineage, self.counter, self.pending = Lineage(lineage_id, kf.key, version), kf.counter, b""
 
     # --- migration ---------------------------------------------------------------------------------
 
@@ -167,9 +155,11 @@ class Persistence:
             self._bind_here(lineage, pending)
 
     def confirm(self) -> None:
-        """Destination that handled COMMIT (or a restore given the release code): no longer pending."""
+        """Destination that handled COMMIT: no longer pending. LineageHeld if another instance took the
+        counter over meanwhile (impossible while this one lives; the caller stops if it happens)."""
         if self.pending and self.counter:
-            self._seal_key(b"")
+            self.backend.counters.confirm(self.counter)
+            self.pending = b""
 
     def leave(self) -> None:
         """Source, before COMMIT: no checkpoint may restore here once the enclave runs elsewhere."""
@@ -186,7 +176,8 @@ class Persistence:
 
     def forget(self) -> None:
         """Destination that aborted before COMMIT: drop the counter and key it created. The counter goes
-        first: a copy of the pending key file that the host kept then names a counter that is gone."""
+        first, as its owner's compare-and-set: a copy of the pending key file that the host kept then names a
+        counter that is gone, and if a restore holds the counter instead, LineageHeld (no ABORT may go out)."""
         self.leave()
         self.lineage, self.pending = None, b""
 

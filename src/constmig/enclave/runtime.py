@@ -40,6 +40,7 @@ from constmig.errors import (
     EnclaveError,
     EnclaveNotRunning,
     HeapIncomplete,
+    LineageHeld,
     MigrationCancelled,
     MigrationError,
     ProtocolError,
@@ -262,7 +263,13 @@ class Enclave:
         if self.persist is not None:
             try:
                 self.persist.confirm()
-            except (ConstmigError, OSError) as e:  # the app runs on; a restore here still takes the code
+            except LineageHeld as e:  # another instance holds the lineage: this copy loses and stops
+                self.figures["lineage_error"] = str(e)
+                self.app = None
+                self.heap.wipe()
+                self.life.move(Life.RUNNING, Life.DESTROYED)
+                raise
+            except (ConstmigError, OSError) as e:  # the app runs on; the counter stays pending, and ours
                 self.figures["lineage_error"] = str(e)
 
     def run_incoming(self, app: EnclaveApp, sessions: bytes = b"") -> None:
