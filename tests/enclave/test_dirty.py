@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from constmig.enclave import dirty
 from constmig.enclave.dirty import EnclaveWriteTracker, KernelWriteTracker, enclave_problem, kernel_problem
 from constmig.enclave.heap import Heap
-from constmig.errors import UffdError
+from constmig.errors import MigrationError, UffdError
 
 _KERNEL = kernel_problem()
 _ENCLAVE = enclave_problem()
@@ -229,3 +230,149 @@ def test_the_last_scan_need_not_rearm(heap, WriteTracker):
         assert t.scan().tolist() == ([] if WriteTracker is EnclaveWriteTracker else [5])
     finally:
         t.close()
+
+
+# --- the map budget (issue 30, item 4): the write tracker fails safe ----------------------------------
+#
+# Every chunk the handler opens inside a read-only run splits the heap's mapping; a scattered write
+# pattern over N chunks needs about N mappings, and past vm.max_map_count mprotect fails with ENOMEM.
+# Arming refuses a heap the budget cannot hold; a handler that still cannot open a chunk gives tracking
+# up (the whole heap counts as written, and is writable again) instead of letting the app die.
+
+
+@pytest.mark.skipif(_ENCLAVE is not None, reason=f"enclave handler: {_ENCLAVE}")
+@pytest.mark.parametrize("spare", [0, -1])
+def test_arming_refuses_a_heap_the_map_budget_cannot_split(heap, spare):
+    """A budget read through the tracker's injectable reader: exactly enough arms, one mapping less is
+    refused in one line, before the handler or any protection is touched."""
+    limit = 100_000
+    in_use = limit - heap.n_chunks - dirty.MAP_HEADROOM - spare
+    t = EnclaveWriteTracker(heap, maps=lambda: (limit, in_use))
+    if spare == 0:
+        t.arm()
+        t.close()
+        return
+    with pytest.raises(UffdError) as e:
+        t.arm()
+    says = str(e.value)
+    assert "\n" not in says and "vm.max_map_count" in says and f"{heap.n_chunks} chunks" in says, says
+    assert f"{limit:,}" in says and f"{in_use:,}" in says, says
+    _write(heap, 3, 0)  # nothing was protected: the write lands, no fault, no mark
+    assert np.frombuffer(heap.chunk_view(3), dtype=np.uint8)[0] == 0xFF
+    assert t.faults == 0
+    with pytest.raises(UffdError, match="not armed"):
+        t.scan()
+    t.close()  # a refused tracker closes like one never armed
+
+
+def test_the_map_budget_is_read_from_the_system():
+    limit, in_use = dirty.map_budget()
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert limit == int(f.read())
+    assert 0 < in_use < limit
+
+
+@pytest.mark.skipif(_ENCLAVE is not None, reason=f"enclave handler: {_ENCLAVE}")
+def test_a_scan_that_cannot_reprotect_gives_tracking_up_and_names_the_whole_heap(heap, monkeypatch):
+    """Re-protecting the written chunks fails (ENOMEM): the chunks it did not reach would go untracked, so
+    the tracker says tracking is lost, every chunk counts as written from then on, and the heap is
+    writable again."""
+    t = EnclaveWriteTracker(heap)
+    t.arm()
+    try:
+        _write(heap, 2, 0)
+        _write(heap, 9, 0)
+        real = dirty.protect_chunks
+
+        def failing(h, chunks, prot):
+            if prot == t.protection and len(chunks):
+                raise MigrationError("mprotect of heap chunks 9..9 failed: Cannot allocate memory")
+            return real(h, chunks, prot)
+
+        monkeypatch.setattr(dirty, "protect_chunks", failing)
+        assert t.lost is None
+        assert t.scan().tolist() == list(range(heap.n_chunks))
+        assert t.lost is not None and "Cannot allocate memory" in t.lost, t.lost
+        faults = t.faults
+        for c in range(heap.n_chunks):  # writable again: no write faults any more
+            _write(heap, c, 17)
+        assert t.faults == faults
+        assert t.scan().tolist() == list(range(heap.n_chunks))  # and it stays lost until re-armed
+        assert t.scan(rearm=False).tolist() == list(range(heap.n_chunks))
+    finally:
+        t.close()
+    monkeypatch.undo()
+    t.arm()  # arming again starts afresh
+    try:
+        assert t.lost is None and t.scan().tolist() == []
+    finally:
+        t.close()
+
+
+_SPEND_THE_BUDGET = r"""
+import ctypes, json, mmap
+import numpy as np
+from constmig.enclave.heap import Heap
+from constmig.enclave.dirty import EnclaveWriteTracker
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+PAGE = mmap.PAGESIZE
+CHUNK, N, SLACK = 64 << 10, 512, 40
+
+
+def in_use():
+    with open("/proc/self/maps", "rb") as f:
+        return f.read().count(b"\n")
+
+
+h = Heap(N * CHUNK, chunk_size=CHUNK)
+data = h.buf.reshape(N, CHUNK)
+data[:, 0] = np.arange(N) % 251  # each chunk says which it is
+data[:, 1] = 7
+t = EnclaveWriteTracker(h)
+t.arm()  # the budget was fine when the migration started
+written = list(range(0, N, 2))  # scattered: every other chunk, each one a new mapping or two
+expect = data.copy()
+expect[written, 100] = 0xEE
+
+# Then the process's other mappings grow (the app, the host's pressure) until SLACK are left.
+with open("/proc/sys/vm/max_map_count") as f:
+    limit = int(f.read())
+pairs = (limit - in_use() - SLACK) // 2  # a read-only page between two writable ones: two mappings more
+size = (2 * pairs + 1) * PAGE
+filler = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+assert filler not in (None, ctypes.c_void_p(-1).value)
+for i in range(pairs):
+    assert libc.mprotect(filler + (2 * i + 1) * PAGE, PAGE, mmap.PROT_READ) == 0, ctypes.get_errno()
+left = limit - in_use()
+
+for c in written:  # the app writes on; somewhere here the handler's mprotect fails (ENOMEM)
+    ctypes.memset(h.address + c * CHUNK + 100, 0xEE, 1)
+libc.munmap(filler, size)  # the budget back, for what Python allocates below
+
+lost = t.lost
+chunks = t.scan()
+intact = bool((data == expect).all())
+t.close()
+ctypes.memset(h.address + 5 * CHUNK, 1, 1)  # plain memory again
+print(json.dumps({"left": left, "lost": lost, "chunks": chunks.tolist(), "intact": intact}))
+"""
+
+
+@pytest.mark.adversarial
+@pytest.mark.skipif(_ENCLAVE is not None, reason=f"enclave handler: {_ENCLAVE}")
+def test_a_write_the_handler_cannot_open_loses_tracking_not_the_app():
+    """For real, in a child process: the mappings budget is spent after arming (as a scattered write
+    pattern over a big heap of small chunks spends it), so the handler's mprotect fails. The process
+    lives on, tracking says it is lost, the scan names every chunk, and every byte written is there."""
+    p = subprocess.run([sys.executable, "-c", _SPEND_THE_BUDGET], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"the app died: {p.returncode} {p.stderr[-2000:]}"
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["left"] <= 60, got["left"]  # the budget was really (almost) spent
+    assert got["lost"] is not None and "Cannot allocate memory" in got["lost"], got["lost"]
+    assert got["chunks"] == list(range(512))  # the whole heap counts as written
+    assert got["intact"]

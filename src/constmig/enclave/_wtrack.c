@@ -5,11 +5,19 @@
  * The handler touches no Python object and takes no lock: it reads a fixed table of regions, calls
  * mprotect and stores one byte. Everything else (arming, taking the marks, re-protecting) is done from
  * Python through the functions below.
+ *
+ * It fails safe. Opening one chunk inside a read-only run splits the heap's mapping, and once the process
+ * holds vm.max_map_count mappings mprotect fails (ENOMEM); a scattered write pattern over many small
+ * chunks gets there. Then the handler gives tracking up rather than the app: it marks every chunk written,
+ * opens the whole heap (one mprotect that only merges mappings), and records why in `lost`, which Python
+ * reads at its next scan (the rounds end; everything goes at the stop). It never passes such a fault on
+ * to the default action, which would kill the only copy of the enclave.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,10 +35,33 @@ typedef struct {
     uint8_t *marks; /* one byte per chunk, owned by the Python caller (kept alive while registered) */
     int state;
     uint64_t faults;
+    int lost;      /* 0 while tracking holds; else the errno of the chunk mprotect that failed (sticky until arm) */
+    int lost_heap; /* the errno of the whole-heap mprotect too, if that failed: writes then wait for it */
 } region_t;
 
 static region_t regions[MAX_REGIONS];
 static struct sigaction previous;
+
+/* A chunk could not be opened (mprotect failed, normally ENOMEM at vm.max_map_count): tracking is lost,
+ * not the app. Every chunk counts as written, then the whole heap is opened in one mprotect: over the
+ * heap's own mappings (MAP_NORESERVE: no ordinary neighbour merges with them) it only merges, so it needs no
+ * mapping more and succeeds where the chunk's split could not. If it fails all the same, no write may land
+ * untracked and none may kill the app: the faulting thread pauses 1 ms (poll is async-signal-safe) and its
+ * write faults again, trying again, until memory can be opened (Python's close() opens it, too). */
+static void lose(region_t *r, int state, int err) {
+    int expected = 0;
+    __atomic_compare_exchange_n(&r->lost, &expected, err != 0 ? err : EIO, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    if (state == ARMED) /* marks belong to a live tracker only while armed */
+        for (size_t i = 0; i < r->n_chunks; i++)
+            __atomic_store_n(&r->marks[i], 1, __ATOMIC_RELEASE);
+    if (mprotect((void *)r->base, r->size, PROT_READ | PROT_WRITE) == 0) {
+        __atomic_store_n(&r->lost_heap, 0, __ATOMIC_RELEASE);
+        return;
+    }
+    int why = errno;
+    __atomic_store_n(&r->lost_heap, why != 0 ? why : EIO, __ATOMIC_RELEASE);
+    poll(NULL, 0, 1);
+}
 
 static void on_segv(int sig, siginfo_t *si, void *uctx) {
     uintptr_t a = (uintptr_t)si->si_addr;
@@ -43,8 +74,13 @@ static void on_segv(int sig, siginfo_t *si, void *uctx) {
         size_t c = (a - r->base) >> r->shift;
         /* Open first, then mark: a take() between the two misses nothing, since whatever it re-protects
          * is read after, and a mark made after it is taken next time. */
-        if (mprotect((void *)(r->base + (c << r->shift)), (size_t)1 << r->shift, PROT_READ | PROT_WRITE) != 0)
-            break;
+        if (mprotect((void *)(r->base + (c << r->shift)), (size_t)1 << r->shift, PROT_READ | PROT_WRITE) != 0) {
+            if (si->si_code != SEGV_ACCERR)
+                break; /* nothing mapped there (the heap went away under us): a bug, not a tracked write */
+            lose(r, state, errno);
+            errno = saved;
+            return; /* the write runs again: on a writable heap, or into this handler after the pause */
+        }
         if (state == ARMED) {
             __atomic_store_n(&r->marks[c], 1, __ATOMIC_RELEASE);
             __atomic_fetch_add(&r->faults, 1, __ATOMIC_RELAXED);
@@ -93,7 +129,7 @@ static region_t *find(uintptr_t base) {
 
 /* arm(base, size, chunk_size, marks_address, n_chunks): register (or re-arm) the region. The caller
  * write-protects it afterwards; until then every write simply lands. */
-static PyObject *py_arm(PyObject *self, PyObject *args) {
+static PyObject *py_arm(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long base, size, chunk, marks, n;
     if (!PyArg_ParseTuple(args, "KKKKK", &base, &size, &chunk, &marks, &n))
         return NULL;
@@ -123,13 +159,15 @@ static PyObject *py_arm(PyObject *self, PyObject *args) {
     r->n_chunks = (size_t)n;
     r->marks = (uint8_t *)(uintptr_t)marks;
     r->faults = 0;
+    r->lost = 0;
+    r->lost_heap = 0;
     __atomic_store_n(&r->state, ARMED, __ATOMIC_RELEASE);
     Py_RETURN_NONE;
 }
 
 /* take(base, out_address): move the marks into out (one byte per chunk), clearing them atomically so a
  * mark set concurrently is either taken now or found next time. Returns how many were set. */
-static PyObject *py_take(PyObject *self, PyObject *args) {
+static PyObject *py_take(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long base, out;
     if (!PyArg_ParseTuple(args, "KK", &base, &out))
         return NULL;
@@ -149,7 +187,7 @@ static PyObject *py_take(PyObject *self, PyObject *args) {
 }
 
 /* opening(base): tracking ends; a write still faulting on a chunk not yet opened is let through. */
-static PyObject *py_opening(PyObject *self, PyObject *args) {
+static PyObject *py_opening(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long base;
     if (!PyArg_ParseTuple(args, "K", &base))
         return NULL;
@@ -160,7 +198,7 @@ static PyObject *py_opening(PyObject *self, PyObject *args) {
 }
 
 /* forget(base): the region is unmapped or handed to other code; a fault there is not ours any more. */
-static PyObject *py_forget(PyObject *self, PyObject *args) {
+static PyObject *py_forget(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long base;
     if (!PyArg_ParseTuple(args, "K", &base))
         return NULL;
@@ -171,12 +209,25 @@ static PyObject *py_forget(PyObject *self, PyObject *args) {
 }
 
 /* faults(base): first writes caught since arm (figures). */
-static PyObject *py_faults(PyObject *self, PyObject *args) {
+static PyObject *py_faults(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long base;
     if (!PyArg_ParseTuple(args, "K", &base))
         return NULL;
     region_t *r = find((uintptr_t)base);
     return PyLong_FromUnsignedLongLong(r == NULL ? 0 : __atomic_load_n(&r->faults, __ATOMIC_RELAXED));
+}
+
+/* lost(base): (errno of the chunk mprotect that failed, errno of the whole-heap one or 0), or (0, 0) while
+ * tracking holds. Once lost, every chunk was marked written and tracking stays lost until the next arm. */
+static PyObject *py_lost(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "K", &base))
+        return NULL;
+    region_t *r = find((uintptr_t)base);
+    if (r == NULL)
+        return Py_BuildValue("(ii)", 0, 0);
+    return Py_BuildValue("(ii)", __atomic_load_n(&r->lost, __ATOMIC_ACQUIRE),
+                         __atomic_load_n(&r->lost_heap, __ATOMIC_ACQUIRE));
 }
 
 static PyMethodDef methods[] = {
@@ -185,10 +236,11 @@ static PyMethodDef methods[] = {
     {"opening", py_opening, METH_VARARGS, "Tracking ends: let faulting writes through."},
     {"forget", py_forget, METH_VARARGS, "Drop a region."},
     {"faults", py_faults, METH_VARARGS, "First writes caught since arm."},
+    {"lost", py_lost, METH_VARARGS, "Whether tracking was lost since arm: (chunk errno, whole-heap errno)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wtrack", "The enclave's own write-fault handler.", -1,
-                                    methods};
+                                    methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__wtrack(void) { return PyModule_Create(&module); }

@@ -10,6 +10,14 @@ handler. It needs nothing from the kernel but mprotect, and it sees every write,
 it: numpy, `np.asarray(a)[i] = x`, ctypes, a memoryview. A write by the kernel itself into a read-only
 chunk (a `recv_into` the heap) fails with EFAULT instead: loud, never lost.
 
+Each chunk opened inside a read-only run splits the heap's mapping, so a scattered write pattern over N
+chunks needs about N mappings, and past vm.max_map_count mprotect fails. So arming refuses a heap whose
+chunks the process's mapping budget cannot hold (`map_budget`, one line, before anything is protected),
+and the tracker fails safe when the budget runs out all the same (the process's other mappings grew): a
+write the handler cannot open a chunk for, or a scan that cannot re-protect what it found, loses
+*tracking*, never the app. The whole heap is writable again and counts as written, `lost` says why,
+every scan from then on names every chunk, and the rounds end (everything goes at the stop).
+
 The kernel's (`KernelWriteTracker`, FACTS.md): the heap is registered with a userfaultfd in write-protect mode with
 WP_ASYNC, so the first write to a protected page costs about a microsecond inside the kernel (no fault
 reaches anyone) and marks the page written; one PAGEMAP_SCAN ioctl on /proc/self/pagemap lists the
@@ -27,14 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 from constmig.enclave.heap import Heap
 from constmig.enclave.tracker.state import PROT_RW, protect_chunks
-from constmig.errors import ConstmigError, UffdError
+from constmig.errors import ConstmigError, MigrationError, UffdError
 from constmig.migration.uffd import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -57,12 +67,24 @@ except ImportError as e:  # built by `pip install` (setup.py); absent where no C
 
 ARM_STEP = 64  # chunks protected per mprotect while arming (64 MiB of 1 MiB chunks: about 1 ms)
 REGIONS = 4096  # page runs one scan call can report; a longer list continues from where it stopped
+MAP_HEADROOM = 1024  # mappings kept free for everything else the process maps meanwhile (threads, buffers)
+
+
+def map_budget() -> tuple[int, int]:
+    """(vm.max_map_count, mappings this process holds now): what the enclave's write tracker may split
+    its heap into is the difference."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+        in_use = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return limit, in_use
 
 
 class KernelWriteTracker:
     """Tracks the writes to one heap from `arm()` on; `scan()` names the chunks written since the last scan."""
 
     mechanism = "kernel"
+    lost: str | None = None  # never: write-protection lives in the page tables and splits no mapping
 
     def __init__(self, heap: Heap) -> None:
         self.heap = heap
@@ -135,18 +157,23 @@ class EnclaveWriteTracker:
     mechanism = "enclave"
     protection = mmap.PROT_READ  # what an armed chunk allows: reads (a write is what faults and is marked)
 
-    def __init__(self, heap: Heap) -> None:
+    def __init__(self, heap: Heap, maps: Callable[[], tuple[int, int]] = map_budget) -> None:
         self.heap = heap
         self._marks = np.zeros(heap.size // heap.chunk_size, dtype=np.uint8)  # the handler's, while armed
         self._taken = np.zeros_like(self._marks)
         self._every = np.arange(self._marks.size)  # the whole heap, as one run of chunks
         self._armed = False
+        self._maps = maps  # (limit, in use): injectable, so a test can fake a small budget
+        self._lost: str | None = None
 
     def arm(self) -> None:
-        """Register the heap with the handler, then make all of it read-only (tens of ms per GiB)."""
+        """Register the heap with the handler, then make all of it read-only (tens of ms per GiB). Refused,
+        before anything is protected, where the mapping budget cannot hold the heap's chunks."""
         if _wtrack is None:
             raise UffdError(f"write tracking is unavailable: {_NOT_BUILT}")
         heap = self.heap
+        self._check_budget()
+        self._lost = None
         self._marks[:] = 0
         _wtrack.arm(heap.address, heap.size, heap.chunk_size, self._marks.ctypes.data, self._marks.size)
         self._armed = True
@@ -164,9 +191,49 @@ class EnclaveWriteTracker:
             raise UffdError("write tracker is not armed")
         _wtrack.take(self.heap.address, self._taken.ctypes.data)
         chunks = np.flatnonzero(self._taken).astype(np.int64)
-        if rearm:
-            protect_chunks(self.heap, chunks, self.protection)  # type: ignore[arg-type]
+        if rearm and self.lost is None:
+            try:
+                protect_chunks(self.heap, chunks, self.protection)  # type: ignore[arg-type]
+            except MigrationError as e:  # the chunks it did not reach would go untracked
+                self._lose(f"re-protecting the written chunks failed ({e})")
+        if self.lost is not None:  # checked after re-protecting: a loss meanwhile counts now
+            return self._every.copy()
         return chunks
+
+    @property
+    def lost(self) -> str | None:
+        """None while tracking holds; else one line why it was lost (a chunk could not be opened or
+        re-protected). From then on every scan names every chunk, until the next `arm`."""
+        if self._lost is None and self._armed:
+            chunk_err, heap_err = _wtrack.lost(self.heap.address)
+            if chunk_err:
+                self._lose(f"a write fault could not open its chunk (mprotect: {os.strerror(chunk_err)}"
+                           + (f"; and the whole heap: {os.strerror(heap_err)}, so writes wait" if heap_err else "")
+                           + ")")
+        return self._lost
+
+    def _lose(self, why: str) -> None:
+        """Tracking is lost: say why, and make the whole heap writable again in one mprotect (over the heap's
+        own mappings it only merges). If that fails too, the handler still opens what a write faults on."""
+        hint = " (vm.max_map_count reached?)" if os.strerror(errno.ENOMEM) in why else ""
+        self._lost = f"write tracking lost: {why}{hint}; every chunk counts as written"
+        with contextlib.suppress(MigrationError):
+            protect_chunks(self.heap, self._every, PROT_RW)  # type: ignore[arg-type]
+
+    def _check_budget(self) -> None:
+        """A heap of N chunks whose protections alternate needs about N mappings: refuse a heap whose
+        chunks do not fit what vm.max_map_count leaves (with headroom for the rest of the process)."""
+        try:
+            limit, in_use = self._maps()
+        except (OSError, ValueError) as e:
+            raise UffdError(f"write tracking is unavailable: cannot read the mapping budget ({e})") from None
+        n = int(self._every.size)
+        if in_use + n + MAP_HEADROOM > limit:
+            raise UffdError(
+                f"write tracking is unavailable: the enclave's write tracker may split this heap of {n:,} chunks "
+                f"into as many mappings, and vm.max_map_count is {limit:,} with {in_use:,} in use (and "
+                f"{MAP_HEADROOM:,} kept free); use larger chunks, --write-tracking kernel, or raise "
+                f"vm.max_map_count (sysctl)")
 
     @property
     def faults(self) -> int:
@@ -180,7 +247,10 @@ class EnclaveWriteTracker:
         self._armed = False
         _wtrack.opening(self.heap.address)
         if not self.heap.closed:
-            self._protect_all(PROT_RW)
+            try:
+                self._protect_all(PROT_RW)
+            except MigrationError:  # a step that had to split a mapping, at vm.max_map_count: all at once
+                protect_chunks(self.heap, self._every, PROT_RW)  # type: ignore[arg-type]
 
     def _protect_all(self, prot: int) -> None:
         """The whole heap, in steps: one mprotect over a GiB holds the address space's lock ~15 ms, and an

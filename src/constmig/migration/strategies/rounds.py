@@ -118,7 +118,9 @@ class RoundsMixin:
                 dirty = _left(tracker, rounds.sent, heap)
                 left_s = dirty.size * heap.chunk_size / rate if rate else float("inf")
                 shrinking = dirty.size <= SHRINK * len(todo)
-                if left_s <= max_downtime or len(chunks_per_round) >= max_rounds or not shrinking:
+                # tracking lost (enclave/dirty.py): every chunk counts as written from now on, so no round
+                # can shrink; the rest goes at the stop
+                if left_s <= max_downtime or len(chunks_per_round) >= max_rounds or not shrinking or tracker.lost:
                     break
                 todo = dirty
             stale = dirty[rounds.sent.received[dirty]]
@@ -128,6 +130,8 @@ class RoundsMixin:
                               "write_tracking": tracker.mechanism,
                               "precopy_s": round(time.monotonic() - t0, 4),
                               "dirty_rate": round(dirty.size / elapsed, 1), "precopy_rate_gbps": round(rate / 1e9, 3)}
+            if tracker.lost:  # why the rounds ended early
+                rounds.figures["tracking_lost"] = tracker.lost
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
             return rounds
         except BaseException:
