@@ -281,3 +281,48 @@ def test_counters_survive_concurrent_enclaves(tmp_path):
     store = CounterStore(path, b"k" * 32)
     assert {cid: e["value"] for cid, e in store._load().items()} == expected
     assert not list(path.parent.glob("*.tmp"))  # every writer's temp file was its own, and renamed
+
+
+def test_stat_lines_are_read_past_the_command_name():
+    from constmig.tee.counters import parse_stat
+
+    tail = " ".join(str(n) for n in range(4, 22)) + " 987654 23 24"  # fields 4..21, starttime, more
+    assert parse_stat(f"42 (a) b) (c) S {tail}\n") == ("S", 987654)
+    assert parse_stat(f"7 (x) Z {tail}") == ("Z", 987654)
+    state, start = parse_stat(Path("/proc/self/stat").read_text())
+    assert state == "R" and start == Owner.me().start > 0
+
+
+def test_a_zombie_or_a_finished_process_owns_nothing():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":  # exited, not yet reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert Owner.of(pid) is None
+    os.waitpid(pid, 0)
+    assert Owner.of(pid) is None
+
+
+def test_an_owner_cannot_be_changed_in_place():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Owner.me().pid = 1  # type: ignore[misc]
+
+
+def test_a_failed_write_leaves_the_file_and_no_temp_file(tmp_path, monkeypatch):
+    store = CounterStore(tmp_path / "c.json", b"k" * 32)
+    cid = store.create(1)
+
+    def broken(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        store.increment(cid)
+    monkeypatch.undo()
+    assert store.read(cid) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]

@@ -27,6 +27,7 @@ knowledge of which enclave instance is loaded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import hmac
@@ -64,13 +65,10 @@ class Owner:
     def of(cls, pid: int) -> Owner | None:
         """The process `pid` as it is now; None if it is gone or a zombie (it can run nothing)."""
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            state, start = parse_stat(Path(f"/proc/{pid}/stat").read_text())
         except OSError:
             return None
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime 22
-        if fields[0] in ("Z", "X"):
-            return None
-        return cls(_BOOT_ID.read_text().strip(), pid, int(fields[19]))
+        return None if state in ("Z", "X") else cls(_BOOT_ID.read_text().strip(), pid, start)
 
     @classmethod
     def me(cls) -> Owner:
@@ -80,6 +78,13 @@ class Owner:
 
     def alive(self) -> bool:
         return Owner.of(self.pid) == self
+
+
+def parse_stat(stat: str) -> tuple[str, int]:
+    """A /proc/PID/stat line's state (field 3) and start time (field 22). The command name (field 2) may
+    hold spaces and parentheses, so the fields are counted from its last ')'."""
+    fields = stat[stat.rindex(")") + 1:].split()
+    return fields[0], int(fields[19])
 
 
 def _entry(value: int, owner: str, pending: str = "") -> dict[str, int | str]:
@@ -102,9 +107,9 @@ class CounterStore:
         with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             counters = self._load()
-            before = json.dumps(counters, sort_keys=True)
+            before = copy.deepcopy(counters)
             yield counters
-            if json.dumps(counters, sort_keys=True) != before:
+            if counters != before:
                 self._save(counters)
 
     def _load(self) -> dict[str, dict]:
@@ -131,7 +136,7 @@ class CounterStore:
     def _save(self, counters: dict[str, dict]) -> None:
         """A unique temp file, synced, renamed over the file, and the folder synced: a crash leaves the old
         file or the new one, and two processes never write the same temp file."""
-        body = json.dumps(counters, sort_keys=True)
+        body = json.dumps(counters)
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
         try:
@@ -141,9 +146,9 @@ class CounterStore:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            os.unlink(tmp)
             raise
-        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        folder = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
         finally:
