@@ -14,6 +14,7 @@ import click
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
+from constmig.host.ca_cli import ca as ca_group
 from constmig.migration import strategies
 from constmig.migration.streamer import PREFETCH
 from constmig.tee.attest_cli import attest as attest_group
@@ -112,24 +113,28 @@ def etcd_option(help_text: str = _ETCD_HELP) -> Any:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="One line per event (listening, CA, enclave started/stopped, migration started/done/failed); "
                    "json: one JSON object per line, for log collectors.")
-@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free one; status shows "
-              "the URL as metrics_url).")
+@click.option("--metrics-listen", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1; port 0 picks a free one; "
+              "status shows the URL as metrics_url).")
+@click.option("--metrics-public", is_flag=True, help="Allow --metrics-listen on an address beyond loopback (the "
+              "metrics name this host's enclaves).")
 @etcd_option("Join the fleet directory at this etcd endpoint (http://HOST:PORT): register under a lease, "
              "record where each enclave here runs [env: CONSTMIG_ETCD].")
 @click.option("--etcd-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Seconds this agent stays listed in the directory after it stops answering.")
 @click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
 def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, log_format: str,
-          metrics_listen: str | None, etcd: str | None, etcd_ttl: int, verbose: bool) -> None:
-    """Run a host agent (foreground)."""
+          metrics_listen: str | None, metrics_public: bool, etcd: str | None, etcd_ttl: int, verbose: bool) -> None:
+    """Run a host agent (foreground). Admin requests: its local socket, or a certificate (`constmig ca`)."""
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
     from constmig.tee.producers import resolve_tee
 
     parse_addr(listen)
     if metrics_listen is not None:
-        parse_addr(metrics_listen)
+        from constmig.host.metrics import metrics_address
+
+        metrics_address(metrics_listen, metrics_public)
     if etcd is not None:
         from constmig.host.directory import parse_etcd_url
 
@@ -145,7 +150,8 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir(), metrics_listen, etcd, etcd_ttl))
+        asyncio.run(run_agent(listen, state_dir, host_id, ca_dir or default_ca_dir(), metrics_listen, etcd, etcd_ttl,
+                              metrics_public))
     except OSError as e:
         raise ConfigError(f"cannot serve on {listen}: {e.strerror or e}") from None
 
@@ -1041,6 +1047,7 @@ def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ..
 
 main.add_command(testbed_group)
 main.add_command(attest_group)
+main.add_command(ca_group)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ def test_destination_agent_killed_mid_transfer(cluster):
 
 @pytest.mark.adversarial
 def test_destination_with_other_root_ca_is_refused(tmp_path):
+    import shutil
+
+    from constmig.client.trust import default_ca_dir
+    from constmig.host.pki import create_admin_ca
+
+    # Its agent holds a host certificate from the fleet's admin CA (or the source would not prepare it:
+    # tests/e2e/test_admin_auth.py); only the attestation root differs.
+    create_admin_ca(default_ca_dir())
+    shutil.copytree(default_ca_dir() / "admin", tmp_path / "other-ca" / "admin")
     with LocalCluster(1) as one, LocalCluster(1, ca_dir=tmp_path / "other-ca") as other:
         a, b = one.addrs[0], other.addrs[0]
         before = launch(a)

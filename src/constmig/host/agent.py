@@ -2,7 +2,8 @@
 
 It never holds a key that opens enclave data: a migration's bytes go over a TCP connection that the
 two agents set up between themselves and then hand, as a file descriptor, to the two enclaves.
-One port serves clients, other agents, and migration data connections (the first frame says which).
+One port serves clients, other agents, and migration data connections (the first frame says which);
+admin requests need the local socket or mutual TLS on that port (host/admin.py says who may ask what).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import re
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from constmig.errors import (
     Redirect,
     SessionUnknown,
 )
-from constmig.host import client
+from constmig.host import admin, client, pki
 from constmig.host.address import parse_addr
 from constmig.host.directory import LEASE_TTL_S, Directory, parse_etcd_url
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
@@ -134,7 +137,8 @@ def _ckpt_version(path: Path) -> int:
 
 class Agent:
     def __init__(self, listen: str, state_dir: Path, host_id: str, ca_dir: Path,
-                 metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S) -> None:
+                 metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S,
+                 metrics_public: bool = False) -> None:
         self.listen = listen
         if etcd is not None:
             parse_etcd_url(etcd)
@@ -160,6 +164,20 @@ class Agent:
             SimPlatform.provision(self.platform_dir, ca_dir, host_id)
         except OSError as e:
             raise ConfigError(f"cannot set up this host's platform in {self.platform_dir}: {e.strerror or e}") from None
+        # Who may administer it (host/admin.py): this host's certificate from the fleet's admin CA, which
+        # it also shows other agents during a migration, and a local socket only its user can reach.
+        if pki.create_admin_ca(ca_dir):
+            log.info("admin CA created in %s", pki.admin_ca_dir(ca_dir))
+        self.tls, issued = pki.ensure_host(ca_dir, pki.host_dir(state_dir), host_id)
+        try:
+            self._tls_server = admin.server_context(self.tls)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot use the host certificate in {self.tls.folder}: {e}") from None
+        log.info("host certificate %s %s (expires %s UTC)", "issued in" if issued else "loaded from", self.tls.folder,
+                 f"{self.tls.not_after:%Y-%m-%d}")
+        self.admin_sock = admin.socket_path(state_dir)
+        self._local_server: asyncio.base_events.Server | None = None
+        self._indexed = False
         self.enclaves: dict[str, Hosted] = {}
         self.roster_path = state_dir / "enclaves.json"  # what runs here, so a restart can say what died
         self._roster: dict[str, Any] = {}
@@ -172,7 +190,7 @@ class Agent:
         self.metrics = AgentMetrics(self._metric_rows)
         if metrics_listen is not None:
             try:
-                log.info("metrics at %s", self.metrics.serve(metrics_listen))
+                log.info("metrics at %s", self.metrics.serve(metrics_listen, metrics_public))
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {metrics_listen}: {e.strerror or e}") from None
 
@@ -220,6 +238,17 @@ class Agent:
     # ---- lifecycle ----
     async def start(self) -> None:
         host, port = parse_addr(self.listen)
+        try:
+            self._local_server = await asyncio.start_unix_server(self._on_local, sock=admin.bind_local(self.admin_sock))
+        except OSError as e:
+            raise ConfigError(f"cannot serve the admin socket {self.admin_sock}: {e.strerror or e}") from None
+        try:  # before the port answers: whoever sees it answer finds the socket too
+            admin.register(self.listen, self.admin_sock)
+            self._indexed = True
+        except OSError as e:
+            log.warning("cannot list the admin socket in %s (%s): the CLI here needs a certificate for this agent",
+                        admin.index_dir(), e.strerror or e)
+        log.info("admin socket %s", self.admin_sock)
         self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True, start_serving=False)
         if self.etcd is not None:  # listed before it answers: whoever sees it answer finds it in the directory
             await self._join_directory()
@@ -381,25 +410,83 @@ class Agent:
         await self._leave_directory()  # this agent drops out of the fleet at once, not when its lease runs out
         if self._server is not None:
             self._server.close()
+        if self._local_server is not None:
+            self._local_server.close()
+            if self._indexed:
+                admin.unregister(self.listen, self.admin_sock)
+            self.admin_sock.unlink(missing_ok=True)
         for hosted in list(self.enclaves.values()):
             await hosted.handle.stop()
         self.enclaves.clear()
 
     # ---- connections ----
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TCP connection: anyone's, until a `tls` request proves whose it is."""
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = writer.get_extra_info("peername")
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        await self._serve(reader, writer, admin.Caller("network", peer=where))
+
+    async def _on_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection on the local socket: its folder lets only this user in; the peer's uid is checked
+        too (root's is taken, as libvirt takes it)."""
+        try:
+            uid = admin.peer_uid(writer.get_extra_info("socket"))
+        except (OSError, AttributeError):
+            uid = -1
+        if not admin.trusted_uid(uid):
+            log.warning("refused a connection on the admin socket from uid %d", uid)
+            writer.close()
+            return
+        await self._serve(reader, writer, admin.Caller("local", peer=f"uid {uid}"))
+
+    async def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       caller: admin.Caller) -> admin.Caller | None:
+        """The `tls` request: say yes, then mutual TLS on this connection; its certificate says who asks
+        from now on. None: the handshake failed (a certificate from another CA, expired, none)."""
+        if caller.via != "network":
+            await write_frame(writer, {"ok": False, "error": "this connection is authenticated already"})
+            return caller
+        writer.transport.pause_reading()  # the handshake's first bytes are for TLS, not for this reader
+        await write_frame(writer, {"ok": True})
+        try:
+            await writer.start_tls(self._tls_server, ssl_handshake_timeout=admin.TLS_HANDSHAKE_S)
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            why = admin.alert_text(e) if isinstance(e, ssl.SSLError) else (str(e) or type(e).__name__)
+            log.info("refused a certificate from %s: %s", caller.peer, why)
+            return None
+        role, name = admin.peer_identity(writer.get_extra_info("ssl_object"))
+        return admin.Caller("tls", role, name, caller.peer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, caller: admin.Caller) -> None:
+        """Requests on one connection, each checked against who `caller` is (host/admin.py)."""
         try:
             while True:
                 try:
                     req = await read_frame(reader)
                 except ChannelClosed:
                     return
-                if req.get("op") == "data":
+                op = req.get("op")
+                if op == "tls":
+                    upgraded = await self._upgrade(reader, writer, caller)
+                    if upgraded is None:
+                        return
+                    caller = upgraded
+                    continue
+                if op == "data":
+                    if caller.via != "network":  # its socket goes to the enclave as it is: plain TCP only
+                        await write_frame(writer, {"ok": False, "error": "data connections are plain TCP"})
+                        return
                     await self._on_data(req, writer)
                     return
+                why = admin.refusal(op, caller)
+                if why is not None:
+                    log.info("refused %r from %s", op, caller.describe())
+                    await write_frame(writer, {"ok": False, "error": why, "kind": "AdminRefused"})
+                    continue
                 watcher = asyncio.create_task(self._cancel_when_gone(reader, str(req.get("name")))) \
                     if req.get("op") == "migrate" else None
                 try:
@@ -450,7 +537,8 @@ class Agent:
 
     async def _drop_remote(self, to: str, name: str) -> None:
         try:
-            await asyncio.to_thread(client.request, to, {"op": "drop_in", "name": name}, None, STATUS_WAIT_S)
+            await asyncio.to_thread(client.request, to, {"op": "drop_in", "name": name}, None, STATUS_WAIT_S,
+                                    self.tls)
         except ConstmigError as e:
             log.info("the destination %s keeps its prepared instance of %s until it times out: %s", to, name, e)
 
@@ -469,9 +557,10 @@ class Agent:
 
     async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         op = req.get("op")
-        if self._terminating is not None and op != "status":
+        if self._terminating is not None and op not in ("status", "ping"):
             raise AgentError(f"agent {self.host_id} is stopping ({self._terminating}); it takes no new requests")
         handler = {
+            "ping": self.op_ping,
             "status": self.op_status,
             "run": self.op_run,
             "checkpoint": self.op_checkpoint,
@@ -504,6 +593,10 @@ class Agent:
         return hosted
 
     # ---- operations ----
+    async def op_ping(self, req: dict[str, Any], writer: Any) -> Any:
+        """Open to anyone: the agent answers, and its name (no enclave is named)."""
+        return {"host_id": self.host_id, "listen": self.listen}
+
     async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
         out = {}
         for name, hosted in list(self.enclaves.items()):  # a call below may let an entry go meanwhile
@@ -518,6 +611,8 @@ class Agent:
         return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
                 "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url,
                 "directory": self.etcd,
+                "admin": {"socket": str(self.admin_sock), "certificate": str(self.tls.folder),
+                          "expires": f"{self.tls.not_after:%Y-%m-%d %H:%M} UTC"},
                 "memory": {"available": available_memory(), "promised": self._promised()}}
 
     async def _clear_tombstone(self, name: str) -> None:
@@ -920,8 +1015,8 @@ class Agent:
             asyncio.ensure_future(self._drop_remote(to, spec.name))
 
         try:
-            prep = await self._unless_cancelled(hosted, asyncio.to_thread(
-                client.request, to, {"op": "prepare_in", "spec": spec.to_wire(), "strategy": strategy,
+            prep = await self._unless_cancelled(hosted, asyncio.to_thread(functools.partial(
+                client.request, identity=self.tls), to, {"op": "prepare_in", "spec": spec.to_wire(), "strategy": strategy,
                                      "from": self.listen,
                                      "tracker": tracker, "resume_deadline": deadline, "timeout": timeout},
                 None, timeout), undo=drop_prepared)
@@ -1156,8 +1251,9 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
 
 
 async def run_agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path,
-                    metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S) -> None:
-    agent = Agent(listen, state_dir, host_id, ca_dir, metrics_listen, etcd, etcd_ttl)
+                    metrics_listen: str | None = None, etcd: str | None = None, etcd_ttl: int = LEASE_TTL_S,
+                    metrics_public: bool = False) -> None:
+    agent = Agent(listen, state_dir, host_id, ca_dir, metrics_listen, etcd, etcd_ttl, metrics_public)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(agent.terminate(s.name)))

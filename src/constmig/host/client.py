@@ -7,21 +7,25 @@ and the agent uses the same client from a worker thread when it talks to another
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from constmig.errors import (
     AgentError,
     AgentUnreachable,
     ChannelClosed,
+    ConstmigError,
     NoSuchEnclave,
     Redirect,
     SessionUnknown,
 )
+from constmig.host import admin, pki
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
 MAX_REDIRECTS = 4
+CONNECT_TIMEOUT_S = 10.0
 
 
 def connect(addr: str, timeout: float = 10.0) -> socket.socket:
@@ -38,14 +42,107 @@ def connect(addr: str, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
-class AgentClient:
-    """A persistent connection to one agent (reuse it for many calls)."""
+class _TlsStream:
+    """A TLS socket as FramedSocket uses one (no file descriptors ride on TLS)."""
 
-    def __init__(self, addr: str, timeout: float | None = 600.0) -> None:
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        self.tls = tls
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0) -> tuple[bytes, list, int, None]:
+        return self.tls.recv(bufsize), [], 0, None
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.sendall(data)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.tls.settimeout(timeout)
+
+    def close(self) -> None:
+        self.tls.close()
+
+
+_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+
+
+def _tls_context(ident: pki.Identity) -> ssl.SSLContext:
+    key = (str(ident.folder), pki.fingerprint(ident.cert))
+    if key not in _contexts:
+        try:
+            _contexts[key] = admin.client_context(ident)
+        except (OSError, ssl.SSLError) as e:
+            raise AgentError(f"cannot use the {ident.role} certificate in {ident.folder}: {e}") from None
+    return _contexts[key]
+
+
+def operator_identity() -> pki.Identity | None:
+    """The CLI's certificate for remote agents, if this user has one ($CONSTMIG_ADMIN_CERT or
+    ~/.constmig/operator); one line if it is there but unusable."""
+    folder = pki.operator_dir()
+    if not (folder / "cert.pem").exists():
+        return None
+    return pki.read_identity(folder)
+
+
+def admin_connect(addr: str, identity: pki.Identity | None = None,
+                  timeout: float = CONNECT_TIMEOUT_S) -> tuple[Any, str, pki.Identity | None]:
+    """A connection for admin requests to the agent at `addr`: its local socket if it runs on this machine
+    (and no `identity` is given), else mutual TLS with `identity` or this user's operator certificate,
+    else plain TCP (where the agent refuses admin requests, in one line). Returns (socket, via, identity)."""
+    if identity is None:
+        local = admin.connect_local(addr, timeout)
+        if local is not None:
+            return local, "local", None
+        identity = operator_identity()
+    if identity is None:
+        return connect(addr, timeout), "network", None
+    if problem := identity.problem():
+        raise AgentError(f"{problem}: ask for a new one (`constmig ca issue {identity.role} {identity.name}` where "
+                         "the admin CA's key is)")
+    ctx = _tls_context(identity)
+    sock = connect(addr, timeout)
+    try:
+        reply = FramedSocket(sock).exchange({"op": "tls"})
+        if not reply.get("ok"):
+            raise AgentError(f"agent at {addr} takes no certificate: {reply.get('error')}")
+        tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
+        sock = tls
+        tls.settimeout(admin.TLS_HANDSHAKE_S)
+        tls.do_handshake()
+    except ssl.SSLCertVerificationError as e:
+        sock.close()
+        raise AgentError(f"agent at {addr} is not an agent of this fleet: its certificate does not verify against "
+                         f"{identity.ca_path} ({admin.alert_text(e)})") from None
+    except ssl.SSLError as e:
+        sock.close()
+        raise AgentError(f"mutual TLS with agent at {addr} failed: {admin.alert_text(e)}") from None
+    except (OSError, ChannelClosed) as e:
+        sock.close()
+        raise AgentUnreachable(f"agent at {addr} broke off the TLS handshake: {e}") from None
+    except ConstmigError:
+        sock.close()
+        raise
+    role, name = admin.peer_identity(tls)
+    if role != "host":
+        tls.close()
+        raise AgentError(f"agent at {addr} presented a certificate of {role or 'no'} role ({name!r}), not a host's")
+    return _TlsStream(tls), "tls", identity
+
+
+class AgentClient:
+    """A persistent connection to one agent (reuse it for many calls). `privileged`: for admin requests
+    (see admin_connect); otherwise plain TCP, which takes client calls and sessions."""
+
+    def __init__(self, addr: str, timeout: float | None = 600.0, privileged: bool = False,
+                 identity: pki.Identity | None = None) -> None:
         self.addr = addr
-        self.sock = connect(addr)
+        self.via, self.identity = "network", identity
+        if privileged:
+            self.sock, self.via, self.identity = admin_connect(addr, identity)
+        else:
+            self.sock = connect(addr)
         self.sock.settimeout(timeout)
-        self.fs = FramedSocket(self.sock)
+        self.fs = FramedSocket(cast(socket.socket, self.sock))
+        self._answered = False
 
     def request(self, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None) -> Any:
         try:
@@ -55,9 +152,20 @@ class AgentClient:
         except ChannelClosed as e:
             if isinstance(e.__cause__, TimeoutError):  # the socket's timeout, seen while reading a frame
                 raise AgentUnreachable(f"agent at {self.addr} did not answer in time") from None
+            if self.identity is not None and (isinstance(e.__cause__, ssl.SSLError) or not self._answered):
+                # Its verdict on our certificate: an alert, or (asyncio's TLS sends none) the connection
+                # closed right after the handshake; the agent's log says which check failed.
+                why = admin.alert_text(e.__cause__) if isinstance(e.__cause__, ssl.SSLError) else \
+                    "it closed the connection after the handshake (another CA's, expired or revoked)"
+                raise AgentError(f"agent at {self.addr} refused the {self.identity.role} certificate in "
+                                 f"{self.identity.folder}: {why}") from None
             raise AgentUnreachable(f"agent at {self.addr} closed the connection: {e}") from None
+        self._answered = True
         if reply.get("ok"):
             return reply.get("result")
+        if reply.get("kind") == "AdminRefused" and self.via == "network":
+            raise AgentError(f"{reply.get('error')}; this machine has no socket of that agent and no operator "
+                             f"certificate in {pki.operator_dir()}")
         if reply.get("redirect"):
             raise Redirect(str(reply.get("error", "moved")), str(reply["redirect"]))
         if reply.get("kind") == SessionUnknown.__name__:
@@ -77,8 +185,9 @@ class AgentClient:
 
 
 def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None,
-            timeout: float | None = 600.0) -> Any:
-    with AgentClient(addr, timeout) as c:
+            timeout: float | None = 600.0, identity: pki.Identity | None = None) -> Any:
+    """One request and its reply; admin requests go the admin way (admin_connect), others over plain TCP."""
+    with AgentClient(addr, timeout, privileged=admin.needs_admin(req.get("op")), identity=identity) as c:
         return c.request(req, on_progress)
 
 

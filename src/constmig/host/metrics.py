@@ -1,5 +1,8 @@
 """An agent's metrics for Prometheus (`constmig agent --metrics-listen HOST:PORT`, served at /metrics).
 
+They name this host's enclaves, so they are served on loopback unless `--metrics-public` says to expose
+them (a scraper elsewhere then reaches them; put them behind the network's own access control).
+
 What a fleet operator watches per host: enclaves by state and their heap bytes (read at scrape time
 from the agent's table), migrations by direction, strategy and outcome, their downtime, the demand-
 fault latency an incoming post-copy migration's app waited, and the bytes migrations moved. The
@@ -8,6 +11,7 @@ Prometheus client library writes the format; a registry of its own keeps agents 
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,11 +21,26 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from constmig.errors import ConfigError
 from constmig.host.address import parse_addr
 from constmig.migration.receiver import parse_histogram
 
 DOWNTIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FAULT_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+
+def metrics_address(listen: str, public: bool = False) -> tuple[str, int]:
+    """`--metrics-listen`: PORT (on 127.0.0.1) or HOST:PORT; a host beyond loopback only with `public`."""
+    text = listen.strip()
+    host, port = parse_addr(f"127.0.0.1:{text}" if text.isdigit() else text)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not public:
+        raise ConfigError(f"metrics on {listen} would show this host's enclave names to anyone who reaches it: "
+                          "serve them on 127.0.0.1 (--metrics-listen PORT), or add --metrics-public")
+    return host, port
 
 
 class CallRate:
@@ -93,9 +112,9 @@ class AgentMetrics:
         self.url: str | None = None
         self._server: Any = None
 
-    def serve(self, listen: str) -> str:
-        """Serve /metrics on HOST:PORT (port 0: a free one); returns the URL."""
-        host, port = parse_addr(listen)
+    def serve(self, listen: str, public: bool = False) -> str:
+        """Serve /metrics on HOST:PORT or PORT (port 0: a free one); returns the URL."""
+        host, port = metrics_address(listen, public)
         self._server, _ = start_http_server(port, host, registry=self.registry)
         self.url = f"http://{host}:{self._server.server_port}/metrics"
         return self.url

@@ -22,7 +22,7 @@ from typing import Any
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError, ConstmigError
-from constmig.host import client
+from constmig.host import admin, client
 from constmig.testbed import cmd, netns, shaping, state
 from constmig.testbed.spec import (
     HostPlan,
@@ -52,17 +52,18 @@ def _alive(pid: int | None) -> bool:
 
 
 def agent_answers(addr: str, timeout: float = 2.0) -> dict[str, Any]:
-    """One status request with `timeout` for the connect too (client.request waits 10 s to connect)."""
+    """One ping (open to anyone: it crosses the host's link) with `timeout` for the connect too
+    (client.request waits 10 s to connect)."""
     sock = client.connect(addr, timeout)
     try:
         sock.settimeout(timeout)
-        reply = FramedSocket(sock).exchange({"op": "status"})
+        reply = FramedSocket(sock).exchange({"op": "ping"})
     except (TimeoutError, ConstmigError, OSError) as e:
         raise AgentError(f"agent at {addr} did not answer: {e}") from None
     finally:
         sock.close()
     if not reply.get("ok"):
-        raise AgentError(f"agent at {addr} refused a status request: {reply.get('error')}")
+        raise AgentError(f"agent at {addr} refused a ping: {reply.get('error')}")
     return reply.get("result") or {}
 
 
@@ -234,6 +235,12 @@ class Testbed:
         self._procs(h)["agent_pid"] = self._spawn(h, self.agent_argv(h), f"agent-{h.id}.log")
         self._procs(h)["agent_log"] = str(self.dir / f"agent-{h.id}.log")
         self._save()
+        # Admin requests from this machine (root) reach the agent through its socket, listed under the
+        # address everyone uses: the agent itself lists only its own namespace's address.
+        admin.register(h.addr, self._admin_socket(h))
+
+    def _admin_socket(self, h: HostPlan) -> Path:
+        return admin.socket_path(self.dir / f"host-{h.id}")
 
     def _wait_ready(self, hosts: Sequence[HostPlan], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -271,7 +278,11 @@ class Testbed:
         cmd.require_root()
         cmd.require_tools("ip")
         removed: list[str] = []
-        etcd_pid = (self.record or state.load(self.name, self.root) or {}).get("etcd_pid")
+        record = self.record or state.load(self.name, self.root) or {}
+        etcd_pid = record.get("etcd_pid")
+        with contextlib.suppress(ConstmigError, KeyError, TypeError, ValueError):
+            for h in Layout.from_json(record["layout"]).hosts:
+                admin.unregister(h.addr, self._admin_socket(h))
         if _alive(etcd_pid):
             os.kill(etcd_pid, signal.SIGKILL)
             self._await_exit([etcd_pid])
