@@ -228,7 +228,8 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
 
     Arguments: numbers, true/false/null and JSON lists and objects are parsed (the ECALL's annotations
     decide where they exist: `put k 123` stores the string "123"); anything else is a string."""
-    from constmig.client import EnclaveClient
+    from constmig.client import EnclaveClient, UnsettledCalls
+    from constmig.errors import AgentError
     from constmig.host.client import PlainEnclaveClient
 
     if etcd is not None and click.get_current_context().get_parameter_source("addr") is not \
@@ -245,14 +246,20 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
             pc.close()
         moved_to = pc.addr
     else:
-        c = EnclaveClient(addr, name, timeout=timeout, trust=_trust(expect_measurement, min_svn, known_path, ca_dir),
-                          etcd=etcd)
+        trusted = _trust(expect_measurement, min_svn, known_path, ca_dir)
+        c = EnclaveClient(addr, name, timeout=timeout, trust=trusted, etcd=etcd,
+                          unsettled=UnsettledCalls(trusted.known.path.with_name("unsettled_calls.json")))
         try:
             result = c.call(method, *typed)
+        except ConstmigError as e:
+            if not c.outstanding:
+                raise
+            raise AgentError(f"{e}; the call's outcome is unknown: the next call to {name!r} closes its session "
+                             "and says whether it ran") from None
         finally:
             c.close()
-        if c.trust.first_use:
-            _tell_pinned(name, c.identity, c.trust)
+            if c.settled is not None:
+                click.echo(f"({c.settled.why})", err=True)
         click.echo(_show(result))
         moved_to = c.addr
     if moved_to != addr:
@@ -260,16 +267,16 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
 
 
 def _trust(expect_measurement: str | None, min_svn: int, known_path: Path | None, ca_dir: Path | None) -> Any:
+    """The pin (on first use, said on stderr), narrowed by the flags: no flag widens what is accepted."""
     from constmig.client import Expect, KnownEnclaves, Trust
 
-    expect = Expect.parse(expect_measurement, min_svn=min_svn, source="--expect-measurement") \
-        if expect_measurement or min_svn else None
-    return Trust.default(ca_dir, expect, None if expect is not None else KnownEnclaves(known_path))
+    expect = Expect.parse(expect_measurement, min_svn=min_svn, source="--expect-measurement"
+                          if expect_measurement else "--min-svn") if expect_measurement or min_svn else None
+    return Trust.default(ca_dir, expect, KnownEnclaves(known_path), announce=_tell_pinned)
 
 
-def _tell_pinned(name: str, identity: Any, trust: Any) -> None:
-    click.echo(f"(trusting enclave {name!r} on first use: measurement {identity.measurement.hex()[:16]}…, "
-               f"svn {identity.svn}; pinned in {trust.known.path})", err=True)
+def _tell_pinned(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @main.command()
@@ -279,20 +286,27 @@ def _tell_pinned(name: str, identity: Any, trust: Any) -> None:
               help="Pinned enclaves file [default: $CONSTMIG_KNOWN_ENCLAVES or ~/.constmig/known_enclaves.json].")
 @click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
               help="Root CA the enclave's quote must chain to [default: $CONSTMIG_CA_DIR or ~/.constmig/ca].")
-def trust(name: str, addr: str, known_path: Path | None, ca_dir: Path | None) -> None:
-    """Attest an enclave and pin the code it runs now (later calls refuse anything else)."""
-    from constmig.client import EnclaveClient, KnownEnclaves, Trust
+@etcd_option("Find the enclave by name in this fleet directory (etcd, http://HOST:PORT) instead of --agent, and "
+             "pin it for calls made with the same --etcd [env: CONSTMIG_ETCD].")
+def trust(name: str, addr: str, known_path: Path | None, ca_dir: Path | None, etcd: str | None) -> None:
+    """Attest an enclave and pin it: this instance, the code it runs, its fleet (later calls refuse anything
+    else). Replaces an earlier pin of the name on purpose."""
+    from constmig.client import KnownEnclaves, Trust, pin_now
 
+    if etcd is not None and click.get_current_context().get_parameter_source("addr") is not \
+            click.core.ParameterSource.COMMANDLINE:
+        from constmig.host.directory import locate
+
+        addr = locate(etcd, name)
     known = KnownEnclaves(known_path)
-    c = EnclaveClient(addr, name, trust=Trust.default(ca_dir))  # any code the root attests: we pin what it is
-    try:
-        c.open()
-    finally:
-        c.close()
-    assert c.attested is not None and c.identity is not None
-    known.pin(name, c.attested)
-    click.echo(f"pinned enclave {name!r}: measurement {c.identity.measurement.hex()}, signer "
-               f"{c.identity.signer.hex()[:16]}…, svn {c.identity.svn}, on {c.platform} ({known.path})")
+    pin, before = pin_now(addr, name, Trust.default(ca_dir, known=known, announce=None), etcd)  # on purpose
+    assert pin is not None
+    click.echo(f"pinned enclave {name!r}: measurement {pin.measurement.hex()}, instance {pin.instance.hex()}, "
+               f"signer {pin.signer.hex()[:16]}…, svn {pin.svn}, on {pin.platform}, fleet {pin.fleet[:16]}"
+               f"{f' via {etcd}' if etcd else ''} ({known.path})")
+    if before is not None and (before.instance, before.measurement) != (pin.instance, pin.measurement):
+        click.echo(f"(replaces the pin of instance {before.instance.hex()[:16]}…, measurement "
+                   f"{before.measurement.hex()[:16]}…, made {before.pinned_at})", err=True)
 
 
 def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...], raw: bool = False) -> list[Any]:

@@ -195,8 +195,10 @@ def test_call_passes_arguments_as_the_ecall_annotates_them():
 
 @pytest.mark.e2e
 def test_call_pins_on_first_use_and_refuses_other_code_after(tmp_path):
-    """known_hosts for enclaves: the first `call` pins and says so; `trust` re-pins on purpose; a later
-    enclave of the same name running other code is refused in one line that names what differs."""
+    """known_hosts for enclaves: the first `call` pins (the instance, its code, its fleet) and says so; `trust`
+    re-pins on purpose; a later enclave of the same name running other code is refused in one line that
+    names what differs and the command that re-pins."""
+    from constmig.client.trust import pin_key
     from constmig.host.client import request
     from constmig.host.cluster import LocalCluster
 
@@ -206,21 +208,25 @@ def test_call_pins_on_first_use_and_refuses_other_code_after(tmp_path):
         assert cm("run", "kvstore", "--agent", a, "--heap", "16M", "--name", "kv").returncode == 0
         p = cm("call", "kv", "--agent", a, "--known", str(known), "put", "k", "v")
         assert p.returncode == 0 and "trusting enclave 'kv' on first use" in p.stderr, p.stderr
-        pinned = json.loads(known.read_text())["enclaves"]["kv"]
+        (key,) = json.loads(known.read_text())["enclaves"]
+        pinned = json.loads(known.read_text())["enclaves"][key]
+        assert key == pin_key("kv", pinned["fleet"])
         status = request(a, {"op": "status"})["enclaves"]["kv"]
-        assert pinned["measurement"] == status["measurement"]
+        assert pinned["measurement"] == status["measurement"] and pinned["instance"] == status["instance"]
         p = cm("call", "kv", "--agent", a, "--known", str(known), "get", "k")
         assert p.returncode == 0 and "first use" not in p.stderr and "v" in p.stdout
 
         request(a, {"op": "stop", "name": "kv"})  # same name, other launch config: other measurement
         assert cm("run", "kvstore", "--agent", a, "--heap", "32M", "--name", "kv").returncode == 0
         p = cm("call", "kv", "--agent", a, "--known", str(known), "get", "k")
-        assert_clean_error(p, f"enclave 'kv' runs measurement {request(a, {'op': 'status'})['enclaves']['kv']['measurement'][:16]}")
-        assert "not the expected " + pinned["measurement"][:16] in p.stderr and "constmig trust kv" in p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1
+        now = request(a, {"op": "status"})["enclaves"]["kv"]["measurement"]
+        assert_clean_error(p, f"enclave 'kv' runs the pinned code with another launch configuration (heap 32.0 MiB "
+                              f"where the pin has 16.0 MiB): measurement {now[:16]}")
+        assert f"not the pinned {pinned['measurement'][:16]}" in p.stderr
+        assert f"constmig trust kv --agent {a} --known {known}" in p.stderr
 
         p = cm("trust", "kv", "--agent", a, "--known", str(known))
-        assert p.returncode == 0 and "pinned enclave 'kv'" in p.stdout, p.stderr
+        assert p.returncode == 0 and "pinned enclave 'kv'" in p.stdout and "replaces the pin" in p.stderr, p.stderr
         assert cm("call", "kv", "--agent", a, "--known", str(known), "get", "k").returncode == 0
 
         wrong = "0" * 64

@@ -1,4 +1,5 @@
-"""The client's trust decisions without an enclave: pinning like known_hosts, expectations, the root."""
+"""The client's trust decisions without an enclave: pins (instance, code, fleet, directory) like known_hosts,
+options that only narrow, refusals that say what differs and how to re-pin, and the root."""
 
 from __future__ import annotations
 
@@ -8,35 +9,116 @@ from pathlib import Path
 
 import pytest
 
-from constmig.client.trust import Expect, KnownEnclaves, SimVerifier, Trust
+from constmig.client.trust import Expect, KnownEnclaves, SimVerifier, Trust, pin_key, repin_command
 from constmig.errors import AttestationError, ConfigError
 from constmig.tee.backend import Identity, VerifiedQuote
 from constmig.tee.sim import SimPlatform, create_root_ca
+from constmig.wire.session import About
 
 APP = Identity(measurement=bytes(range(32)), signer=bytes(32), product_id=1, svn=3)
 NEW = Identity(measurement=bytes(range(1, 33)), signer=bytes(32), product_id=1, svn=4)
+LAUNCH = '{"app": "kvstore", "chunk": 1048576, "heap": 16777216}'
+ONE = About(bytes([1] * 16), bytes([7] * 32), LAUNCH)
+COPY = About(bytes([2] * 16), bytes([7] * 32), LAUNCH)  # another instance of the same code and launch
 
 
 def vq(ident: Identity = APP, platform: str = "a") -> VerifiedQuote:
     return VerifiedQuote(ident, bytes(64), platform, "sim")
 
 
-def test_first_use_pins_and_later_checks(tmp_path: Path) -> None:
-    known = KnownEnclaves(tmp_path / "sub" / "known.json")
-    trust = Trust(lambda q: vq(), known=known)
-    trust.check("kv1", vq())
-    assert trust.first_use
-    entry = json.loads(known.path.read_text())["enclaves"]["kv1"]
-    assert entry["measurement"] == APP.measurement.hex() and entry["svn"] == 3 and entry["platform"] == "a"
-    assert not stat.S_IMODE(known.path.stat().st_mode) & 0o077  # the user's own file
-    trust.check("kv1", vq(platform="b"))  # the same code on another platform: fine
-    assert not trust.first_use
-    with pytest.raises(AttestationError, match=r"runs measurement 0102.*not the expected 0001.*pinned in .*"
-                                               r"constmig trust kv1"):
-        trust.check("kv1", vq(NEW))
-    trust.check("other", vq(NEW))  # pins are per name
-    known.pin("kv1", vq(NEW))  # what `constmig trust` does
-    trust.check("kv1", vq(NEW))
+class Fleet:
+    """A verifier stand-in with a root fingerprint, as SimVerifier has once it read the root."""
+
+    def __init__(self, fleet: str = "ab" * 32) -> None:
+        self.fleet = fleet
+
+    def __call__(self, quote: bytes) -> VerifiedQuote:
+        return vq()
+
+
+def trust(tmp_path: Path, fleet: str = "ab" * 32, expect: Expect | None = None) -> Trust:
+    lines: list[str] = []
+    t = Trust(Fleet(fleet), expect, KnownEnclaves(tmp_path / "sub" / "known.json"), lines.append)
+    t.said = lines  # type: ignore[attr-defined]
+    return t
+
+
+def test_first_use_pins_the_instance_and_its_code_and_says_so(tmp_path: Path) -> None:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), ONE, agent="h:1")
+    assert t.first_use and "trusting enclave 'kv1' on first use: instance 0101" in t.said[0]  # type: ignore[attr-defined]
+    entry = json.loads(t.known.path.read_text())["enclaves"][pin_key("kv1", "ab" * 32)]
+    assert entry["instance"] == ONE.instance.hex() and entry["measurement"] == APP.measurement.hex()
+    assert entry["launch"] == LAUNCH and entry["fleet"] == "ab" * 32 and entry["platform"] == "a"
+    assert not stat.S_IMODE(t.known.path.stat().st_mode) & 0o077  # the user's own file
+    t.check("kv1", vq(platform="b"), ONE)  # the same instance after a migration: fine
+    assert not t.first_use
+
+
+def test_refusals_say_what_differs_and_the_command_that_re_pins(tmp_path: Path) -> None:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), ONE)
+    with pytest.raises(AttestationError, match=r"another instance of the pinned code \(instance 0202.*pinned "
+                                               r"0101.*if you replaced it on purpose: constmig trust kv1 --agent h:1 "
+                                               r"--known \S+/known.json$"):
+        t.check("kv1", vq(), COPY, agent="h:1")
+    t.check("kv1", vq(), ONE, directory="http://e:1")  # the same enclave, found through a directory: its own pin
+    bigger = About(ONE.instance, ONE.code, LAUNCH.replace("16777216", "33554432"))
+    with pytest.raises(AttestationError, match=r"the pinned code with another launch configuration \(heap 32.0 MiB "
+                                               r"where the pin has 16.0 MiB\).*--etcd http://e:1 --known"):
+        t.check("kv1", vq(NEW), bigger, directory="http://e:1")
+    with pytest.raises(AttestationError, match=r"runs other code than the pinned enclave \(code 0808"):
+        t.check("kv1", vq(NEW), About(ONE.instance, bytes([8] * 32), LAUNCH))
+
+
+def test_one_name_in_two_fleets_or_directories_is_two_pins(tmp_path: Path) -> None:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), ONE)
+    t.check("kv1", vq(NEW), COPY, directory="http://127.0.0.1:2479")  # the fleet walk-through's kv1
+    assert t.first_use
+    other = trust(tmp_path, fleet="cd" * 32)
+    other.check("kv1", vq(NEW), COPY)  # another root CA: another fleet
+    assert other.first_use
+    with pytest.raises(AttestationError, match="another instance"):
+        t.check("kv1", vq(), COPY)  # but within one fleet and directory, the pin holds
+
+
+def test_every_option_only_narrows_the_pin(tmp_path: Path) -> None:
+    pinned = trust(tmp_path)
+    pinned.check("kv1", vq(), ONE)
+    for expect in (Expect(min_svn=1), Expect(measurement=NEW.measurement), Expect(NEW.measurement, NEW.signer, 4)):
+        t = trust(tmp_path, expect=expect)
+        with pytest.raises(AttestationError, match="pinned"):
+            t.check("kv1", vq(NEW), ONE)  # the flags hold for the new code; the pin does not: refused
+    with pytest.raises(AttestationError, match="below the minimum 4"):
+        trust(tmp_path, expect=Expect(min_svn=4, source="--min-svn")).check("kv1", vq(), ONE)
+    fresh = trust(tmp_path / "fresh", expect=Expect(measurement=NEW.measurement))
+    with pytest.raises(AttestationError, match="not the expected"):
+        fresh.check("kv2", vq(), ONE)
+    assert fresh.known is not None and fresh.known.get("kv2", "ab" * 32) is None  # nothing pinned on a refusal
+
+
+def test_any_code_is_a_named_choice_and_in_memory_pins_quietly(tmp_path: Path) -> None:
+    anything = Trust.any_code(tmp_path)
+    assert anything.known is None
+    anything.check("kv1", vq(), ONE)
+    anything.check("kv1", vq(NEW), COPY)
+    mem = Trust(Fleet(), None, KnownEnclaves.in_memory())
+    mem.check("kv1", vq(), ONE)
+    with pytest.raises(AttestationError, match="another instance.*this process's memory"):
+        mem.check("kv1", vq(), COPY)
+    assert not (tmp_path / "known.json").exists()
+
+
+def test_a_pin_from_before_instances_still_holds_its_code(tmp_path: Path) -> None:
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps({"enclaves": {"kv1": {"measurement": APP.measurement.hex(), "signer": bytes(32).hex(),
+                                                     "svn": 3}}}))
+    t = Trust(Fleet(), None, KnownEnclaves(path))
+    with pytest.raises(AttestationError, match="not the expected .*by name alone.*constmig trust kv1"):
+        t.check("kv1", vq(NEW), ONE)
+    t.check("kv1", vq(), ONE)  # the same code: pinned anew, with its instance
+    assert t.first_use and KnownEnclaves(path).get("kv1", "ab" * 32) is not None
 
 
 def test_expect_names_what_differs() -> None:
@@ -45,6 +127,13 @@ def test_expect_names_what_differs() -> None:
         Expect(signer=bytes([1] * 32)).check("kv", vq())
     with pytest.raises(AttestationError, match="security version 3, below the minimum 4 .--x."):
         Expect(min_svn=4, source="--x").check("kv", vq())
+
+
+def test_the_re_pin_command_names_how_this_client_reaches_the_enclave(tmp_path: Path) -> None:
+    assert repin_command("kv1", "127.0.0.1:7001") == "constmig trust kv1 --agent 127.0.0.1:7001"
+    assert repin_command("kv1", "a:1", "http://e:2") == "constmig trust kv1 --etcd http://e:2"
+    assert repin_command("kv 1", "a:1", None, tmp_path / "k.json", tmp_path / "ca") == \
+        f"constmig trust 'kv 1' --agent a:1 --known {tmp_path}/k.json --ca-dir {tmp_path}/ca"
 
 
 @pytest.mark.parametrize("text", ["", "zz" * 32, "00" * 31, "00" * 33])
@@ -56,12 +145,13 @@ def test_expect_parse_refuses_bad_hex(text: str) -> None:
         Expect.parse(text)
 
 
-@pytest.mark.parametrize("content", ["not json", "[]", '{"enclaves": 3}', '{"enclaves": {"kv1": {"x": 1}}}'])
+@pytest.mark.parametrize("content", ["not json", "[]", '{"enclaves": 3}',
+                                     '{"enclaves": {"kv1 @ abababababababab": {"x": 1}}}'])
 def test_malformed_known_file_is_one_clear_error(tmp_path: Path, content: str) -> None:
     path = tmp_path / "known.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=str(path)):
-        KnownEnclaves(path).get("kv1")
+        KnownEnclaves(path).get("kv1", "ab" * 32)
 
 
 def test_root_is_read_at_the_first_quote_and_must_exist(tmp_path: Path) -> None:
@@ -70,5 +160,6 @@ def test_root_is_read_at_the_first_quote_and_must_exist(tmp_path: Path) -> None:
         verify(b"quote")
     create_root_ca(tmp_path / "ca")
     plat = SimPlatform.provision(tmp_path / "p", tmp_path / "ca", "host-a")
-    got = SimVerifier(tmp_path / "ca")(plat.quote(APP, bytes(64)))
-    assert got.identity == APP and got.platform_id == "host-a"
+    verify = SimVerifier(tmp_path / "ca")
+    got = verify(plat.quote(APP, bytes(64)))
+    assert got.identity == APP and got.platform_id == "host-a" and len(verify.fleet) == 64

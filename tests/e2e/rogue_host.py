@@ -79,7 +79,7 @@ class Enclave:
             reply = fs.exchange({"op": "session_open", "hello": hs.hello})
             if not reply["ok"]:
                 return reply, None
-            session = hs.finish(reply["result"], self.verify, lambda vq: None)
+            session = hs.finish(reply["result"], self.verify, lambda vq, about: None)
         reply = fs.exchange({"op": "session_call", "record": session.seal_call(name, args, {})})
         if not reply["ok"]:
             return reply, None

@@ -36,8 +36,8 @@ def _skip_without_uffd(strategy: str, tracker: str) -> None:
         pytest.skip(f"userfaultfd unavailable: {_UFFD}")
 
 
-# A request or reply frame in, the frame to pass on out (or None: answer `reply` instead).
-OnFrame = Callable[[dict[str, Any]], dict[str, Any] | None]
+# A request or reply frame in, the frame to pass on out.
+OnFrame = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class FrameRelay:
@@ -45,7 +45,7 @@ class FrameRelay:
     `on_request` / `on_reply`, which may change it; `frames` keeps everything that went by."""
 
     def __init__(self, target: str, on_request: OnFrame | None = None, on_reply: OnFrame | None = None,
-                 answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 answer: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> None:
         self.target, self.on_request, self.on_reply, self.answer = target, on_request, on_reply, answer
         self.frames: list[tuple[str, dict[str, Any]]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -67,8 +67,8 @@ class FrameRelay:
             while True:
                 req, _ = client.recv()
                 self.frames.append(("request", req))
-                if self.answer is not None:  # a rogue agent: answers in the enclave's place
-                    client.send(self.answer(req))
+                if self.answer is not None and (own := self.answer(req)) is not None:
+                    client.send(own)  # a rogue agent: answers in the enclave's place (None: passes it on)
                     continue
                 if upstream is None:
                     host, port = self.target.rsplit(":", 1)
@@ -285,7 +285,7 @@ def test_rogue_agent_posing_as_the_enclave_is_refused(cluster, tmp_path) -> None
     create_root_ca(tmp_path / "evil-ca")
     evil = SimPlatform.provision(tmp_path / "evil", tmp_path / "evil-ca", "a")
     real = EnclaveClient(a, "kv")
-    real.open()
+    about = real.open().about  # the real instance's id, code and launch: the rogue claims all of them
     ident = real.identity
     assert ident is not None
     real.close()
@@ -293,7 +293,7 @@ def test_rogue_agent_posing_as_the_enclave_is_refused(cluster, tmp_path) -> None
     def own_ca(req: dict[str, Any]) -> dict[str, Any]:
         if req.get("op") != "session_open":
             return {"ok": False, "error": "no"}
-        _, acc = accept(req["hello"], lambda rd: evil.quote(ident, rd))
+        _, acc = accept(req["hello"], lambda rd: evil.quote(ident, rd), about)
         return {"ok": True, "result": acc}
 
     recorded = {}

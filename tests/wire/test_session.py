@@ -17,6 +17,7 @@ from constmig.tee.measure import measure
 from constmig.tee.sim import SimPlatform, create_root_ca, load_root, verify_quote
 from constmig.wire.session import (
     HEADER,
+    About,
     Answer,
     Call,
     ClientOpen,
@@ -30,6 +31,7 @@ from constmig.wire.session import (
 
 APP = Identity(measurement=measure(b"kv app code"), signer=bytes(range(32)), product_id=1, svn=2)
 OTHER = Identity(measurement=measure(b"other code"), signer=bytes(range(32)), product_id=1, svn=2)
+ABOUT = About(bytes(range(16)), bytes(32), '{"app": "kv"}')  # which instance, code and launch answer
 
 
 @dataclass
@@ -57,8 +59,8 @@ def open_session(world: World, platform: SimPlatform | None = None, ident: Ident
                  check: Any = None) -> tuple[ClientSession, EnclaveEnd]:
     hs = ClientOpen()
     plat = platform or world.a
-    end, acc = accept(hs.hello, lambda rd: plat.quote(ident, rd))
-    return hs.finish(acc, world.verify, check or (lambda vq: None)), end
+    end, acc = accept(hs.hello, lambda rd: plat.quote(ident, rd), ABOUT)
+    return hs.finish(acc, world.verify, check or (lambda vq, about: None)), end
 
 
 class App:
@@ -185,19 +187,21 @@ def test_answer_of_another_session_is_refused(world: World) -> None:
 def test_quote_of_another_session_is_refused(world: World) -> None:
     """A rogue host answers a client's Hello with an Accept recorded from another session."""
     first = ClientOpen()
-    _, recorded = accept(first.hello, lambda rd: world.a.quote(APP, rd))
+    _, recorded = accept(first.hello, lambda rd: world.a.quote(APP, rd), ABOUT)
     with pytest.raises(AttestationError, match="not bound to this session"):
-        ClientOpen().finish(recorded, world.verify, lambda vq: None)
+        ClientOpen().finish(recorded, world.verify, lambda vq, about: None)
 
 
 def test_host_swapping_the_enclave_key_is_refused(world: World) -> None:
     """The host keeps the quote but puts its own key in the Accept: the binding catches it."""
     hs = ClientOpen()
-    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd))
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), ABOUT)
     msg = msgspec.msgpack.decode(acc)
-    msg["eph_pub"] = ClientOpen().hello[-64:-32]  # some other valid-length key
-    with pytest.raises((AttestationError, ProtocolError)):
-        hs.finish(msgspec.msgpack.encode(msg), world.verify, lambda vq: None)
+    body = msgspec.msgpack.decode(msg["body"])
+    body["eph_pub"] = msgspec.msgpack.decode(ClientOpen().hello)["eph_pub"]  # some other valid key
+    msg["body"] = msgspec.msgpack.encode(body)
+    with pytest.raises(AttestationError, match="not bound to this session"):
+        hs.finish(msgspec.msgpack.encode(msg), world.verify, lambda vq, about: None)
 
 
 def test_enclave_under_another_root_is_refused(world: World) -> None:
@@ -209,10 +213,10 @@ def test_client_pinned_to_other_code_refuses(world: World) -> None:
     pinned = Expect(measurement=OTHER.measurement, source="pinned in known.json")
     with pytest.raises(AttestationError, match=r"runs measurement [0-9a-f]{16}…, not the expected "
                                                r"[0-9a-f]{16}… \(pinned in known.json\)"):
-        open_session(world, check=lambda vq: pinned.check("kv1", vq))
+        open_session(world, check=lambda vq, about: pinned.check("kv1", vq))
     with pytest.raises(AttestationError, match="security version 2, below the minimum 3"):
-        open_session(world, check=lambda vq: Expect(min_svn=3).check("kv1", vq))
-    open_session(world, check=lambda vq: Expect(measurement=APP.measurement).check("kv1", vq))  # the control
+        open_session(world, check=lambda vq, about: Expect(min_svn=3).check("kv1", vq))
+    open_session(world, check=lambda vq, about: Expect(measurement=APP.measurement).check("kv1", vq))  # the control
 
 
 def test_sessions_travel_as_data_and_continue(world: World) -> None:
@@ -255,9 +259,9 @@ def test_platform_quote_is_bound_to_the_session(world: World) -> None:
 @pytest.mark.parametrize("blob", [b"", b"\x00" * 10, b"\xc1", b"not msgpack at all"])
 def test_malformed_messages_are_protocol_errors(world: World, blob: bytes) -> None:
     with pytest.raises(ProtocolError):
-        accept(blob, lambda rd: world.a.quote(APP, rd))
+        accept(blob, lambda rd: world.a.quote(APP, rd), ABOUT)
     with pytest.raises(ProtocolError):
-        ClientOpen().finish(blob, world.verify, lambda vq: None)
+        ClientOpen().finish(blob, world.verify, lambda vq, about: None)
     _, end = open_session(world)
     with pytest.raises(ProtocolError):
         end.receive(blob)
@@ -268,9 +272,9 @@ def test_an_app_bug_is_answered_sealed_and_never_run_again(world: World) -> None
     an internal error and counts as run; the same record again gets that answer, not a second run."""
     from constmig.enclave.sessions import SessionTable
 
-    table = SessionTable(world.a, APP)
+    table = SessionTable(world.a, APP, ABOUT)
     hs = ClientOpen()
-    client = hs.finish(table.open(hs.hello), world.verify, lambda vq: None)
+    client = hs.finish(table.open(hs.hello), world.verify, lambda vq, about: None)
     runs = []
 
     def buggy(method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -282,3 +286,91 @@ def test_an_app_bug_is_answered_sealed_and_never_run_again(world: World) -> None
     assert table.call(record, buggy) == first and runs == ["oops"]
     answer = client.open_answer(first)
     assert not answer.ok and answer.kind == "InternalError" and "ZeroDivisionError" in answer.error
+
+
+# --- which enclave answers, and closing a session the client gave up on (issue 31) ------------------------
+
+def test_the_accept_binds_the_instance_code_and_launch(world: World) -> None:
+    """The host rewrites `about` (another instance id, say) in a real Accept: the quote no longer covers it."""
+    hs = ClientOpen()
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), ABOUT)
+    msg = msgspec.msgpack.decode(acc)
+    body = msgspec.msgpack.decode(msg["body"])
+    for field, value in (("instance", bytes(16)), ("code", bytes([1] * 32)), ("launch", '{"app": "other"}')):
+        forged = {**body, "about": {**body["about"], field: value}}
+        with pytest.raises(AttestationError, match="not bound to this session"):
+            hs.finish(msgspec.msgpack.encode({**msg, "body": msgspec.msgpack.encode(forged)}), world.verify,
+                      lambda vq, about: None)
+    seen = []
+    hs.finish(acc, world.verify, lambda vq, about: seen.append(about))
+    assert seen == [ABOUT]
+
+
+def reopen(world: World, end: EnclaveEnd, closing: Any) -> tuple[ClientSession, Any]:
+    """A new session whose Hello closes `closing`, answered by an enclave that holds `end` (or not)."""
+    from constmig.wire.session import parse_hello
+
+    hs = ClientOpen(closing)
+    h = parse_hello(hs.hello)
+    closed = end.closed() if end is not None and end.proves_close(h) else None
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), ABOUT, closed)
+    return hs.finish(acc, world.verify, lambda vq, about: None), closed
+
+
+def test_a_close_says_whether_the_outstanding_request_ran(world: World) -> None:
+    from constmig.wire.session import settle
+
+    client, end = open_session(world)
+    app = App()
+    client.open_answer(app.serve(end, client.seal_call("deposit", [100], {})))
+    client.seal_call("deposit", [5], {})  # held by the host: never reaches the enclave
+    closing = client.closing("deposit 5")
+    assert closing.pending == 1
+    new, closed = reopen(world, end, closing)
+    assert closed.known and closed.ran == 1
+    got = settle(closing, new.closed, new.about)
+    assert got.ran is False and "did not run" in got.why and "never will" in got.why
+    # the same, but the request did run and only its answer was lost: its kept answer comes back
+    client, end = open_session(world)
+    record = client.seal_call("deposit", [7], {})
+    app.serve(end, record)
+    new, _ = reopen(world, end, client.closing())
+    got = settle(client.closing(), new.closed, new.about)
+    assert got.ran is True and got.answer is not None and got.answer.result == 107  # 100 + 7: the 5 never ran
+
+
+def test_a_close_needs_the_old_sessions_keys_and_this_hello(world: World) -> None:
+    """A close made without the session's keys, or taken from one Hello into another, closes nothing."""
+    from dataclasses import replace
+
+    from constmig.wire.session import parse_hello
+
+    client, end = open_session(world)
+    client.seal_call("deposit", [1], {})
+    forged = replace(client.closing(), key=bytes(32))
+    assert not end.proves_close(parse_hello(ClientOpen(forged).hello))
+    real = ClientOpen(client.closing())
+    moved = msgspec.msgpack.decode(ClientOpen().hello)
+    moved["close"] = msgspec.msgpack.decode(real.hello)["close"]  # the host grafts the proof onto its own Hello
+    assert not end.proves_close(parse_hello(msgspec.msgpack.encode(moved)))
+    assert end.proves_close(parse_hello(real.hello))
+
+
+def test_a_close_must_be_answered_and_is_read_against_the_instance(world: World) -> None:
+    from constmig.wire.session import Closed, settle
+
+    client, end = open_session(world)
+    client.seal_call("deposit", [1], {})
+    closing = client.closing()
+    hs = ClientOpen(closing)
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), ABOUT)  # an enclave that ignores the close
+    with pytest.raises(ProtocolError, match="does not answer the close"):
+        hs.finish(acc, world.verify, lambda vq, about: None)
+    unknown = settle(closing, Closed(closing.session_id, False), ABOUT)
+    assert unknown.ran is None and "can no longer run" in unknown.why
+    other = settle(closing, Closed(closing.session_id, True, 0), About(bytes(16), bytes(32), "{}"))
+    assert other.ran is None and "not this one" in other.why
+    client.pending = None  # pretend request 0 was answered and request 1 is the one outstanding
+    client.seal_call("deposit", [2], {})
+    with pytest.raises(ProtocolError, match="after answers to all before it"):  # fewer ran than were answered
+        settle(client.closing(), Closed(closing.session_id, True, 0), ABOUT)

@@ -36,6 +36,7 @@ from constmig.enclave.state import export_app_state, import_app_state
 from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
 from constmig.errors import (
     ChannelClosed,
+    ConfigError,
     ConstmigError,
     EnclaveError,
     EnclaveNotRunning,
@@ -53,9 +54,27 @@ from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
 from constmig.wire.framing import FramedSocket, encode
 from constmig.wire.handshake import Policy
+from constmig.wire.session import INSTANCE_SIZE, MAX_LAUNCH, About
 
 DEV_SIGNER = b"constmig development signer"
 ACCEPT_POLL_S = 0.2  # how often the accept loop looks whether the enclave is done
+# The small state (migrations, checkpoints) starts with this tag and the instance id: the enclave's own
+# identity travels with its state, inside the sealed blob, so persist.py and the migration carry it unchanged.
+_INSTANCE_TAG = b"constmig-instance-v1\x00"
+
+
+def with_instance(instance: bytes, app_state: bytes) -> bytes:
+    """The small state as it leaves the enclave: the instance id, then the app's state."""
+    assert len(instance) == INSTANCE_SIZE
+    return _INSTANCE_TAG + instance + app_state
+
+
+def split_instance(blob: bytes) -> tuple[bytes | None, bytes]:
+    """(instance id, app state) of a small state; no id in one sealed before instances had one."""
+    head = len(_INSTANCE_TAG)
+    if bytes(blob[:head]) == _INSTANCE_TAG and len(blob) >= head + INSTANCE_SIZE:
+        return bytes(blob[head:head + INSTANCE_SIZE]), bytes(blob[head + INSTANCE_SIZE:])
+    return None, blob
 
 
 @dataclass
@@ -72,6 +91,11 @@ class Enclave:
     config: dict[str, Any]
     app: EnclaveApp | None = None
     sessions: SessionTable | None = None  # clients' attested sessions (set by build_enclave)
+    # Which enclave this is, beyond its code: drawn at the first launch, carried in the small state through
+    # migrations, checkpoints and restores, and bound into every session's quote (wire/session.py).
+    instance: bytes = b""
+    code_hash: bytes = b""  # sha256 of the measured app source
+    launch: str = ""  # the measured launch configuration (JSON)
     plain_calls: bool = False  # launched to also take unsealed ECALLs from the host (measured)
     figures: dict[str, Any] = field(default_factory=dict)
     tracker: str = "none"  # how an incoming post-copy migration tracks missing chunks: none | fault | access
@@ -157,7 +181,7 @@ class Enclave:
             self.life.move(Life.RUNNING, Life.STOPPING)
             stopped_at = time.time()
             try:
-                state = export_app_state(self.app)
+                state = with_instance(self.instance, export_app_state(self.app))
                 lineage = self.persist.export() if self.persist is not None else None
                 sessions = self.sessions.export() if self.sessions is not None else b""
             except BaseException:
@@ -168,6 +192,8 @@ class Enclave:
     def unstop(self) -> None:
         if self.life.state is Life.STOPPING:
             self.life.move(Life.STOPPING, Life.RUNNING)
+            if self.sessions is not None:
+                self.sessions.thaw()
 
     def begin_out(self, socks: list[socket.socket], token: str = "") -> None:
         with self.cancel_lock:
@@ -248,7 +274,15 @@ class Enclave:
         self.life.require(Life.INCOMING)
 
     def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
-        return import_app_state(self.app_cls, self.heap, blob, wrap=wrap)
+        instance, state = split_instance(blob)
+        if instance is None:
+            raise EnclaveError("the incoming small state names no enclave instance")
+        app = import_app_state(self.app_cls, self.heap, state, wrap=wrap)
+        self.instance = instance  # takes effect for sessions at COMMIT (run_incoming)
+        return app
+
+    def about(self) -> About:
+        return About(self.instance, self.code_hash, self.launch)
 
     def hold_lineage(self, lineage: Lineage, release_hash: bytes) -> None:
         if self.persist is None:
@@ -275,6 +309,7 @@ class Enclave:
     def run_incoming(self, app: EnclaveApp, sessions: bytes = b"") -> None:
         if self.sessions is not None:
             self.sessions.adopt(sessions)  # the clients' sessions continue here, same keys and positions
+            self.sessions.about = self.about()  # the same instance, here now: sessions may open
         self.app = app
         self.life.move(Life.INCOMING, Life.RUNNING)
 
@@ -331,7 +366,8 @@ class Enclave:
             assert self.persist is not None and self.app is not None
             spec = {"app": self.app_name, "heap": self.heap.size, "chunk_size": self.heap.chunk_size,
                     "config": self.config, "svn": self.identity.svn, "plain_calls": self.plain_calls}
-            done = self.persist.checkpoint(Path(folder), name, spec, self.heap, export_app_state(self.app), chunks)
+            done = self.persist.checkpoint(Path(folder), name, spec, self.heap,
+                                           with_instance(self.instance, export_app_state(self.app)), chunks)
             if final:
                 self.life.move(Life.RUNNING, Life.STOPPING)  # for good: the process ends next
             return done
@@ -344,6 +380,7 @@ class Enclave:
             "chunk_size": self.heap.chunk_size,
             "used_bytes": self.heap.used_bytes,
             "measurement": self.identity.measurement.hex(),
+            "instance": self.instance.hex(),
             "svn": self.identity.svn,
             "platform": self.backend.platform_id,
             "pid": os.getpid(),
@@ -357,10 +394,15 @@ class Enclave:
         }
 
 
+def launch_text(app_name: str, config: dict[str, Any]) -> str:
+    """The launch configuration as measured (and as sessions report it, so a client can say what differs)."""
+    return json.dumps({"app": app_name, **config}, sort_keys=True)
+
+
 def measure_app(app_name: str, config: dict[str, Any]) -> bytes:
     """The measurement: the app's code (which class of it runs, and its source, svn included) and its
     launch config (heap layout is part of what runs)."""
-    return measure(app_source(app_name), json.dumps({"app": app_name, **config}, sort_keys=True).encode())
+    return measure(app_source(app_name), launch_text(app_name, config).encode())
 
 
 def build_enclave(args: argparse.Namespace) -> Enclave:
@@ -369,9 +411,13 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     config = json.loads(args.config) if args.config else {}
     app_cls = load_app(args.app)
     backend = SimPlatform.open(Path(args.platform_dir), Path(args.root_pem))
+    launch = launch_text(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config,
+                                    **({"plain_calls": True} if args.plain_calls else {})})
+    if len(launch) > MAX_LAUNCH:  # sessions report it to clients, bounded (wire/session.py)
+        raise ConfigError(f"the launch configuration is {len(launch)} characters; at most {MAX_LAUNCH} fit")
+    source_code = app_source(args.app)
     identity = Identity(
-        measurement=measure_app(args.app, {"heap": args.heap, "chunk": args.chunk_size, **config,
-                                           **({"plain_calls": True} if args.plain_calls else {})}),
+        measurement=measure(source_code, launch.encode()),
         signer=hashlib.sha256(DEV_SIGNER).digest(),
         product_id=1,
         svn=app_cls.svn,
@@ -393,6 +439,8 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         resume_path=Path(args.socket).with_suffix(".resume.sock") if incoming else None,
         sessions=SessionTable(backend, identity),
         plain_calls=args.plain_calls,
+        code_hash=hashlib.sha256(source_code).digest(),
+        launch=launch,
     )
     if incoming and enclave.tracker == "fault":
         # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
@@ -403,12 +451,18 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
             guard_heap(heap)  # missing chunks must fault loudly, never read as zeros; costly, so now
     elif args.mode == "restore":
         blob = persist.restore(Path(args.restore), heap, bytes.fromhex(args.release) if args.release else None)
-        enclave.app = import_app_state(app_cls, heap, blob)
+        instance, state = split_instance(blob)
+        enclave.app = import_app_state(app_cls, heap, state)
+        # a checkpoint sealed before instances had ids: this restore names one, from now on kept
+        enclave.instance = instance or os.urandom(INSTANCE_SIZE)
         enclave.life.move(Life.CREATED, Life.RUNNING)
     else:
         enclave.app = app_cls(heap)
         enclave.app.setup(**config)
+        enclave.instance = os.urandom(INSTANCE_SIZE)  # a new enclave: a new instance
         enclave.life.move(Life.CREATED, Life.RUNNING)
+    if enclave.instance and enclave.sessions is not None:
+        enclave.sessions.about = enclave.about()
     return enclave
 
 

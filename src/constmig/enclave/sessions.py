@@ -5,56 +5,114 @@ Why the table lives here and not in the agent: the keys must never leave trusted
 the migration's sealed small state. A call is received, run and answered under the app lock (the
 caller holds it), so the stop of a migration exports a table in which every request either ran (its
 answer kept for a resend) or did not (its seq still expected): a call in flight at the stop is answered
-exactly once, by one side. After the handoff the source empties its table: the session is refused
-there for good and continues on the destination.
+exactly once, by one side. The export also freezes the table: no session opens or closes between the
+stop and the handoff (it would not move), so a close the client was told about holds wherever the
+enclave runs next. After the handoff the source empties its table: the session is refused there for
+good and continues on the destination.
+
+Closing. A Hello that proves it holds an old session's keys closes that session before the enclave
+answers, and the Accept says how many of its requests ran: a record of it the host kept is refused from
+then on ("closed by its client"). The last MAX_CLOSED closes (and idle evictions) are remembered with
+that count, and move with the table, so a client whose closing Accept the host dropped still learns it.
+
+The table's limit. A stranger can open sessions too (opening needs no credentials), so the limit must not
+let anyone push a live client out: when the table is full, only a session idle for IDLE_EVICT_S makes
+room (its count is remembered like a close); otherwise the new open is refused with one line, and the
+live sessions go on.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from constmig.errors import ConstmigError, SessionUnknown
+from constmig.errors import ConstmigError, EnclaveError, EnclaveNotRunning, IntegrityError, SessionUnknown
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.wire.session import (
+    About,
     Answer,
     Call,
+    Closed,
     EnclaveEnd,
+    Hello,
     QuoteRequest,
     accept,
-    decode_ends,
-    encode_ends,
+    decode_table,
+    encode_table,
+    parse_hello,
     split_record,
 )
 
-MAX_SESSIONS = 1024  # beyond it the least recently used session is dropped (its client opens anew)
+MAX_SESSIONS = 1024  # open sessions; beyond it only an idle one makes room
+IDLE_EVICT_S = 600.0  # a session unused this long may be dropped for a new one (its client learns the count)
+MAX_CLOSED = 4096  # closed or evicted sessions remembered with how many of their requests ran
 
 
 class SessionTable:
-    def __init__(self, backend: TeeBackend, identity: Identity) -> None:
+    def __init__(self, backend: TeeBackend, identity: Identity, about: About | None = None) -> None:
         self.backend = backend
         self.identity = identity
-        self._ends: OrderedDict[bytes, EnclaveEnd] = OrderedDict()
+        self.about = about  # who this enclave is; None until it knows (an incoming one: at COMMIT)
+        self._ends: OrderedDict[bytes, EnclaveEnd] = OrderedDict()  # least recently used first
+        self._used: dict[bytes, float] = {}  # monotonic time of each session's last open or call
+        self._closed: OrderedDict[bytes, Closed] = OrderedDict()
         self._lock = threading.Lock()  # opens run beside calls (which hold the app lock)
         self.closed = False  # handed off: every session continues elsewhere
+        self.frozen = False  # exported for a migration: nothing opens or closes until it ends
 
     def __len__(self) -> int:
         return len(self._ends)
 
     def open(self, hello: bytes) -> bytes:
-        """A client's Hello in, the Accept (with this enclave's quote bound to it) out."""
-        end, reply = accept(hello, lambda rd: self.backend.quote(self.identity, rd))
+        """A client's Hello in, the Accept (with this enclave's quote bound to it) out. The close the Hello
+        asks for, the room the new session needs and its entry happen under one lock, before the answer."""
+        h = parse_hello(hello)
         with self._lock:
             if self.closed:
                 raise SessionUnknown("this enclave has moved; open the session where it runs now")
+            if self.frozen or self.about is None:
+                raise EnclaveNotRunning("enclave is not running (moving, or not started yet); it opens no "
+                                        "session now")
+            closed = self._close(h.close.session_id, h) if h.close is not None else None
+            self._make_room()
+            end, reply = accept(hello, lambda rd: self.backend.quote(self.identity, rd), self.about, closed)
             self._ends[end.session_id] = end
-            while len(self._ends) > MAX_SESSIONS:
-                self._ends.popitem(last=False)
+            self._used[end.session_id] = time.monotonic()
         return reply
+
+    def _close(self, sid: bytes, h: Hello) -> Closed:
+        end = self._ends.get(sid)
+        if end is None:
+            return self._closed.get(sid) or Closed(sid, False)
+        if not end.proves_close(h):
+            raise IntegrityError("the close of an earlier session in this hello does not verify (not made "
+                                 "with that session's keys); refused")
+        return self._drop(sid, end)
+
+    def _drop(self, sid: bytes, end: EnclaveEnd) -> Closed:
+        """Forget a session, remembering how many of its requests ran (not its answer: kept small)."""
+        del self._ends[sid]
+        self._used.pop(sid, None)
+        closed = end.closed()
+        self._closed[sid] = Closed(sid, True, closed.ran)
+        while len(self._closed) > MAX_CLOSED:
+            self._closed.popitem(last=False)
+        return closed
+
+    def _make_room(self) -> None:
+        if len(self._ends) < MAX_SESSIONS:
+            return
+        sid, end = next(iter(self._ends.items()))
+        idle = time.monotonic() - self._used.get(sid, 0.0)
+        if idle < IDLE_EVICT_S:
+            raise EnclaveError(f"enclave has {len(self._ends)} open sessions and none has been idle for "
+                               f"{IDLE_EVICT_S / 60:.0f} minutes; no new session now (try again later)")
+        self._drop(sid, end)
 
     def call(self, record: bytes, run: Callable[[str, list[Any], dict[str, Any]], Any]) -> bytes:
         """Receive, run and answer one sealed request. The caller holds the app lock and has checked the
@@ -63,9 +121,13 @@ class SessionTable:
         with self._lock:
             end = self._ends.get(sid)
             if end is None:
+                if sid in self._closed:
+                    raise SessionUnknown("this session was closed (by its client, or idle past the table's "
+                                         "limit); its requests are refused: open a new one")
                 raise SessionUnknown("no such session in this enclave (it expired, or the enclave was "
                                      "restarted or restored); open a new one")
             self._ends.move_to_end(sid)
+            self._used[sid] = time.monotonic()
         req = end.receive(record)  # refusals raise and change nothing
         if isinstance(req, bytes):
             return req  # the same request again: its answer again, not a second run
@@ -87,18 +149,30 @@ class SessionTable:
     # --- migration -----------------------------------------------------------------------------------
 
     def export(self) -> bytes:
-        """Every session's keys and positions (for the sealed small state of a migration)."""
+        """Every session's keys and positions, and the closes remembered (for the sealed small state of a
+        migration). Freezes the table until thaw() or the handoff: what is exported is what moves."""
         with self._lock:
-            return encode_ends(list(self._ends.values()))
+            blob = encode_table(list(self._ends.values()), list(self._closed.values()))
+            self.frozen = True
+            return blob
+
+    def thaw(self) -> None:
+        """The migration ended before the handoff: this table is the enclave's again."""
+        with self._lock:
+            self.frozen = False
 
     def adopt(self, blob: bytes) -> None:
-        """The source's sessions continue here (the destination, at COMMIT)."""
+        """The source's sessions continue here (the destination, at COMMIT); their idle clocks start now."""
         if not blob:
             return
-        ends = decode_ends(blob)
+        table = decode_table(blob)
+        now = time.monotonic()
         with self._lock:
-            for end in ends:
+            for end in table.ends:
                 self._ends[end.session_id] = end
+                self._used[end.session_id] = now
+            for closed in table.closed[-MAX_CLOSED:]:
+                self._closed[closed.session_id] = closed
 
     def close(self) -> None:
         """Handed off: no new session opens here (calls are refused by the lifecycle already)."""
@@ -108,10 +182,12 @@ class SessionTable:
     def reopen(self) -> None:
         """The destination gave the enclave back (authenticated ABORT): sessions continue here."""
         with self._lock:
-            self.closed = False
+            self.closed = self.frozen = False
 
     def wipe(self) -> None:
         """The destination runs the enclave for good: forget every key here."""
         with self._lock:
             self._ends.clear()
+            self._used.clear()
+            self._closed.clear()
             self.closed = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from constmig.client import EnclaveClient
+from constmig.client import EnclaveClient, Trust, pin_now
 from constmig.host.client import request
 from constmig.progress import MigrationProgress
 
@@ -29,14 +29,17 @@ def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0
 def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
                           verify: bool = False, quiet: bool = False, tracker: str = "auto",
                           max_bandwidth: float = 0.0, resume_deadline: float | None = None,
-                          **options: Any) -> dict[str, Any]:
-    """migrate(), with a progress bar and an optional checksum comparison before/after."""
-    before = app_checksum(src, name) if verify else None
+                          trust: Trust | None = None, **options: Any) -> dict[str, Any]:
+    """migrate(), with a progress bar and an optional checksum comparison before/after. Both checksums are
+    read from the instance `trust` pins (default: the user's pins, pinned on first use): a copy the host
+    runs under the name cannot stand in for the enclave on either side."""
+    trust = trust if trust is not None else Trust.default() if verify else None
+    before = app_checksum(src, name, trust) if verify else None
     with MigrationProgress(f"migrating {name} ({strategy})", quiet=quiet) as bar:
         figures = migrate(name, src, dst, strategy, timeout, on_progress=bar.update, tracker=tracker,
                           max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **options)
     if verify:
-        figures["verified"] = app_checksum(dst, name) == before
+        figures["verified"] = app_checksum(dst, name, trust) == before
     return figures
 
 
@@ -47,9 +50,10 @@ def resume(name: str, src: str, timeout: float = 120.0, resume_deadline: float =
                    on_progress=on_progress, timeout=None)
 
 
-def app_checksum(addr: str, name: str) -> str:
-    """The app's own state digest, asked through an agent (redirects followed)."""
-    c = EnclaveClient(addr, name)
+def app_checksum(addr: str, name: str, trust: Trust | None = None) -> str:
+    """The app's own state digest, asked through an agent (redirects followed), of the instance `trust`
+    pins (default: the user's pins)."""
+    c = EnclaveClient(addr, name, trust=trust)
     try:
         return c.call("checksum")
     finally:
@@ -57,13 +61,16 @@ def app_checksum(addr: str, name: str) -> str:
 
 
 def launch_filled(addr: str, name: str, app: str, heap: int, fill: float, seed: int = 0,
-                  client_keys: int = 0, chunk_size: int = 1 << 20) -> dict[str, bytes]:
-    """Start an app on an agent, fill its heap inside the enclave, and (kvstore) write client keys.
+                  client_keys: int = 0, chunk_size: int = 1 << 20, trust: Trust | None = None) -> dict[str, bytes]:
+    """Start an app on an agent, pin the new instance in `trust` (as `run` then `trust` would; default: the
+    user's pins), fill its heap inside the enclave, and (kvstore) write client keys.
 
     Returns the client-written keys and values, for checking after a migration.
     """
     request(addr, {"op": "run", "name": name, "app": app, "heap": heap, "chunk_size": chunk_size, "config": {}})
-    c = EnclaveClient(addr, name)
+    trust = trust if trust is not None else Trust.default()
+    pin_now(addr, name, trust)
+    c = EnclaveClient(addr, name, trust=trust)
     written: dict[str, bytes] = {}
     try:
         c.call("fill", fill, seed)
