@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from constmig.bench.loadgen import migrate_under_load
-from constmig.client import EnclaveClient
+from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConstmigError
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled
@@ -25,14 +25,15 @@ def run_demo(strategy: str = "stopcopy", heap: int = 512 << 20, app: str = "kvst
         a, b = cluster.addrs
         say(f"agents: a={a}  b={b}  (state in {cluster.base})")
         t0 = time.perf_counter()
-        written = launch_filled(a, name, app, heap, fill, seed=7, client_keys=CLIENT_KEYS)
+        trust = Trust.in_memory()  # the demo's own enclave: pinned at launch, never in the user's file
+        written = launch_filled(a, name, app, heap, fill, seed=7, client_keys=CLIENT_KEYS, trust=trust)
         say(f"launched {app} and filled {fill:.0%} of its heap inside the enclave in "
             f"{time.perf_counter() - t0:.1f}s, plus {len(written)} client puts")
         if app == "kvstore":
             say("a client reads keys in a loop across the migration (its longest wait is client_gap_ms)")
-        figures = migrate_under_load(name, a, b, strategy, tracker, app=app, seed=7, quiet=quiet)
+        figures = migrate_under_load(name, a, b, strategy, tracker, app=app, seed=7, quiet=quiet, trust=trust)
         # A client that still knows only the old agent must be redirected and see the same state.
-        c = EnclaveClient(a, name)
+        c = EnclaveClient(a, name, trust=trust)  # the same instance, or refused
         if not written:  # an app without client keys: one call every app has, to be redirected by
             c.call("checksum")
         lost = [k for k, v in written.items() if c.call("get", k) != v]

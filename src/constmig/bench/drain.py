@@ -22,6 +22,7 @@ def _one(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_ba
     import time
 
     from constmig.bench.loadgen import KVHammer
+    from constmig.client import Trust
     from constmig.host.directory import blocking
     from constmig.host.fleet import look_and_plan_drain, run_moves
     from constmig.host.orchestrate import launch_filled
@@ -33,9 +34,11 @@ def _one(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_ba
         assert url is not None
         a = tb.addrs[0]
         names = [f"kv{i}" for i in range(enclaves)]
+        trust = Trust.in_memory()  # this run's own enclaves: pinned at launch, never in the user's file
         for i, n in enumerate(names):
-            launch_filled(a, n, "kvstore", heap, 0.9, seed=seed + i)
-        hammers = [KVHammer(a, n, keys=300, write_ratio=0.3, seed=seed + 100 + i) for i, n in enumerate(names[:loaded])]
+            launch_filled(a, n, "kvstore", heap, 0.9, seed=seed + i, trust=trust)
+        hammers = [KVHammer(a, n, keys=300, write_ratio=0.3, seed=seed + 100 + i, trust=trust)
+                   for i, n in enumerate(names[:loaded])]
         for h in hammers:
             h.preload()
             h.start()

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from constmig.bench.loadgen import PHASES, CallRecord, Fleet
 from constmig.bench.results import machine_info, split_variant
+from constmig.client import Trust
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
@@ -82,9 +83,10 @@ def one_run(addrs: list[str], variant: str, *, clients: int, rate: float, durati
     run: dict[str, Any] = {"variant": variant, "strategy": strategy, "name": name}
     fleet: Fleet | None = None
     try:
-        launch_filled(a, name, "kvstore", heap, fill, seed)
+        trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
+        launch_filled(a, name, "kvstore", heap, fill, seed, trust=trust)
         fleet = Fleet(a, name, clients=clients, rate=rate, duration=duration, keys_per_client=keys_per_client,
-                      write_ratio=write_ratio, seed=seed + 1)
+                      write_ratio=write_ratio, seed=seed + 1, trust=trust)
         fleet.preload()
         fleet.start()
         time.sleep(max(0.0, duration * migrate_at - fleet.now()))

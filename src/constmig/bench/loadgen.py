@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from constmig.client import EnclaveClient
+from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConstmigError
 from constmig.host.orchestrate import app_checksum, migrate_with_progress
 
@@ -101,10 +101,10 @@ class KVHammer(_Loop):
     """
 
     def __init__(self, addr: str, name: str, keys: int = 2000, write_ratio: float = 0.5, seed: int = 1,
-                 value_size: int = 200, zipf: float | None = None) -> None:
+                 value_size: int = 200, zipf: float | None = None, trust: Trust | None = None) -> None:
         if zipf is not None and not zipf > 0:
             raise ValueError(f"zipf exponent must be positive, not {zipf!r}")
-        self.client = EnclaveClient(addr, name, timeout=60.0)
+        self.client = EnclaveClient(addr, name, timeout=60.0, trust=trust)
         self.keys = [f"hammer-{i}" for i in range(keys)]
         self.write_ratio = write_ratio
         self.rng = random.Random(seed)
@@ -172,8 +172,8 @@ class StepDriver(_Loop):
     """
 
     def __init__(self, addr: str, name: str, n: int | None = None, seed: int = 1, record: bool = False,
-                 method: str = "step") -> None:
-        self.client = EnclaveClient(addr, name, timeout=60.0)
+                 method: str = "step", trust: Trust | None = None) -> None:
+        self.client = EnclaveClient(addr, name, timeout=60.0, trust=trust)
         self.n = n
         self.seed = seed
         self.method = method
@@ -403,14 +403,14 @@ class Fleet:
     def __init__(self, addr: str, name: str, clients: int = 8, rate: float = 400.0, duration: float = 20.0,
                  keys_per_client: int = 200, write_ratio: float = 0.5, value_size: int = 200, seed: int = 1,
                  retries: int = 5, backoff: float = 0.05, call_timeout: float = 30.0, drain: float = 30.0,
-                 client_factory: Callable[[int], Any] | None = None) -> None:
+                 client_factory: Callable[[int], Any] | None = None, trust: Trust | None = None) -> None:
         if clients < 1 or keys_per_client < 1:
             raise ValueError("a fleet needs at least one client and one key per client")
         self.clients, self.rate, self.duration = clients, rate, duration
         self.write_ratio, self.value_size = write_ratio, value_size
         self.retries, self.backoff, self.drain = retries, backoff, drain
         self.schedule = fleet_schedule(rate, duration, clients)
-        factory = client_factory or (lambda i: EnclaveClient(addr, name, timeout=call_timeout))
+        factory = client_factory or (lambda i: EnclaveClient(addr, name, timeout=call_timeout, trust=trust))
         self.conns = [factory(i) for i in range(clients)]
         self.keys = [[f"fleet-{i}-{k}" for k in range(keys_per_client)] for i in range(clients)]
         self.books = [WriteBook() for _ in range(clients)]
@@ -552,17 +552,17 @@ class Fleet:
 
 
 def migrate_under_load(name: str, src: str, dst: str, strategy: str, tracker: str = "auto", *, app: str,
-                       seed: int = 0, quiet: bool = True) -> dict[str, Any]:
+                       seed: int = 0, quiet: bool = True, trust: Trust | None = None) -> dict[str, Any]:
     """One migration with a client calling throughout (kvstore), checked end to end.
 
     The client reads keys it wrote before, so the state checksum must come out equal and every answer
     must be the value written: `verified` covers both. Adds the client's figures (`client_gap_ms`...).
     """
-    hammer = KVHammer(src, name, keys=2000, write_ratio=0.0, seed=seed) if app == "kvstore" else None
+    hammer = KVHammer(src, name, keys=2000, write_ratio=0.0, seed=seed, trust=trust) if app == "kvstore" else None
     try:
         if hammer is not None:
             hammer.preload()
-        before = app_checksum(src, name)
+        before = app_checksum(src, name, trust)
         if hammer is not None:
             hammer.start()
             time.sleep(0.3)
@@ -573,7 +573,7 @@ def migrate_under_load(name: str, src: str, dst: str, strategy: str, tracker: st
             report = hammer.stop()
             figures.update(report.figures())
             ok = report.wrong == 0 and not report.errors
-        figures["verified"] = ok and app_checksum(dst, name) == before
+        figures["verified"] = ok and app_checksum(dst, name, trust) == before
     finally:
         if hammer is not None:
             hammer.close()

@@ -21,6 +21,7 @@ from constmig.bench.load import stop_anywhere, two_agents
 from constmig.bench.loadgen import KVHammer
 from constmig.bench.results import machine_info, spread
 from constmig.bench.suite import window_rate
+from constmig.client import Trust
 from constmig.errors import ConfigError
 from constmig.host.orchestrate import launch_filled, migrate
 from constmig.migration.streamer import PREFETCH
@@ -42,8 +43,9 @@ def one_run(addrs: list[str], order: str, *, heap: int, tracker: str, keys: int,
     stop_anywhere([a, b], name)  # a leftover from an interrupted run on a long-lived testbed
     hammer: KVHammer | None = None
     try:
-        launch_filled(a, name, "kvstore", heap, 0.9, seed)
-        hammer = KVHammer(a, name, keys=keys, write_ratio=write_ratio, seed=seed + 1, zipf=zipf)
+        trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
+        launch_filled(a, name, "kvstore", heap, 0.9, seed, trust=trust)
+        hammer = KVHammer(a, name, keys=keys, write_ratio=write_ratio, seed=seed + 1, zipf=zipf, trust=trust)
         hammer.preload()
         hammer.start()
         time.sleep(WARM_S)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from constmig.bench.loadgen import migrate_under_load
 from constmig.bench.results import machine_info, split_variant, summarize
+from constmig.client import Trust
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled
@@ -28,8 +29,9 @@ def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill
     """Launch, fill, migrate a->b with a client calling throughout (see migrate_under_load), stop."""
     a, b = cluster.addrs[0], cluster.addrs[1]
     strategy, tracker = split_variant(variant)
-    launch_filled(a, name, app, heap, fill, seed)
-    figures = migrate_under_load(name, a, b, strategy, tracker, app=app if load else "", seed=seed)
+    trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
+    launch_filled(a, name, app, heap, fill, seed, trust=trust)
+    figures = migrate_under_load(name, a, b, strategy, tracker, app=app if load else "", seed=seed, trust=trust)
     figures["variant"] = variant
     request(b, {"op": "stop", "name": name})
     return figures

@@ -35,7 +35,7 @@ from rich.table import Table
 from constmig.bench.load import wide_console
 from constmig.bench.loadgen import KVHammer
 from constmig.bench.results import machine_info, split_variant
-from constmig.client import EnclaveClient
+from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
@@ -175,9 +175,9 @@ class SoakHammer(KVHammer):
         return self._thread.is_alive()
 
 
-def read_back(addr: str, acked: dict[str, bytes], name: str = NAME) -> int:
+def read_back(addr: str, acked: dict[str, bytes], name: str = NAME, trust: Trust | None = None) -> int:
     """How many acknowledged writes read back missing or different (own connection, batched)."""
-    c = EnclaveClient(addr, name, timeout=60.0)
+    c = EnclaveClient(addr, name, timeout=60.0, trust=trust)
     keys = list(acked)
     bad = 0
     try:
@@ -315,8 +315,9 @@ def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float =
         addr = {p.host: cluster.addrs[k] for k, p in enumerate(probes)}
         marker = str(cluster.base)
         doc["idle_before"] = idle = snapshot(probes, marker)
-        launch_filled(addr["a"], NAME, "kvstore", heap, fill, seed)
-        hammer = SoakHammer(addr["a"], NAME, keys=2000, write_ratio=0.5, seed=seed)
+        trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
+        launch_filled(addr["a"], NAME, "kvstore", heap, fill, seed, trust=trust)
+        hammer = SoakHammer(addr["a"], NAME, keys=2000, write_ratio=0.5, seed=seed, trust=trust)
         baseline: dict[tuple[str, str], dict[str, int]] = {}
         warm: dict[str, int] = {}
         try:
@@ -380,7 +381,8 @@ def one_soak_migration(i: int, variant: str, src: str, dst: str, addr: dict[str,
     hammer.read_write()
     time.sleep(write_s)
     hammer.read_only()
-    before = app_checksum(addr[src], NAME)
+    trust = hammer.client.trust  # every check reads the instance the run pinned at launch
+    before = app_checksum(addr[src], NAME, trust)
     rec["state_changed"] = prev_sum is None or before != prev_sum
     if not rec["state_changed"]:
         problems.add("check", "no write changed the state between two migrations (a weak checksum check)", i)
@@ -396,8 +398,8 @@ def one_soak_migration(i: int, variant: str, src: str, dst: str, addr: dict[str,
         return rec
     time.sleep(0.05)  # a few reads at the destination: the gap the migration caused is closed and counted
     gap, calls = hammer.report.max_gap_ms, hammer.report.calls - calls0
-    after = app_checksum(addr[dst], NAME)
-    bad = read_back(addr[dst], acked)
+    after = app_checksum(addr[dst], NAME, trust)
+    bad = read_back(addr[dst], acked, trust=trust)
     rec.update({"tracker": figures.get("tracker"), "downtime_ms": round(figures["downtime_ms"], 3),
                 "total_s": round(figures["total_s"], 3), "migrate_s": round(figures.get("migrate_s") or 0, 3),
                 "checksum_before": before, "checksum_after": after, "checksum_equal": before == after,

@@ -37,6 +37,7 @@ from constmig.apps import APPS, load_app
 from constmig.bench.load import stop_anywhere
 from constmig.bench.loadgen import KVHammer, StepDriver, driver_for
 from constmig.bench.results import SUMMARY_KEYS, dumps, machine_info, split_variant, summarize
+from constmig.client import Trust
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
@@ -259,13 +260,14 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
     driver: KVHammer | StepDriver | None = None
     events: list[list[Any]] = []
     try:
-        launch_filled(a, name, workload, heap, cfg.fill, seed, chunk_size=CHUNK)
+        trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
+        launch_filled(a, name, workload, heap, cfg.fill, seed, chunk_size=CHUNK, trust=trust)
         if workload == "kvstore":
-            driver = driver_for(workload, a, name, keys=2000, write_ratio=0.0, seed=seed)
+            driver = driver_for(workload, a, name, keys=2000, write_ratio=0.0, seed=seed, trust=trust)
             driver.preload()
         else:
-            driver = driver_for(workload, a, name, seed=seed + 1, record=True)
-        before = app_checksum(a, name)
+            driver = driver_for(workload, a, name, seed=seed + 1, record=True, trust=trust)
+        before = app_checksum(a, name, trust)
         driver.start()
         time.sleep(cfg.settle_s)
         t_req = time.time()
@@ -296,7 +298,7 @@ def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed:
         if report.max_gap_ms:
             rec["client_gap_at_s"] = round(report.gap_at - t_req, 4)
             rec["client_gap_phase"] = gap_phase(phases, rec["client_gap_at_s"], report.max_gap_ms / 1e3)
-        after = app_checksum(b, name)
+        after = app_checksum(b, name, trust)
         client_ok = not report.errors and report.wrong == 0
         if isinstance(driver, KVHammer):
             ok, why = after == before, "state checksum equal before and after (read-only client)"

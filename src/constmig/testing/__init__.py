@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from constmig.client import EnclaveClient
+from constmig.client import EnclaveClient, Trust, pin_now
 from constmig.errors import ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
@@ -49,13 +49,15 @@ def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed
     with LocalCluster(2) as cluster:
         a, b = cluster.addrs
         request(a, {"op": "run", "name": "under-test", "app": app, "heap": heap, "config": config or {}})
-        with EnclaveClient(a, "under-test", timeout=timeout) as c:
+        trust = Trust.in_memory()  # pinned at launch: every later client must meet this very instance
+        pin_now(a, "under-test", trust)
+        with EnclaveClient(a, "under-test", timeout=timeout, trust=trust) as c:
             c.call("fill", fill, seed)
             expected = c.call("checksum")
         stop, errors = threading.Event(), []
 
         def client() -> None:
-            with EnclaveClient(a, "under-test", timeout=timeout) as c:
+            with EnclaveClient(a, "under-test", timeout=timeout, trust=trust) as c:
                 while not stop.is_set():
                     try:
                         c.call(call[0], *call[1])
@@ -79,7 +81,7 @@ def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed
                         return report
                     report.migrations.append({"variant": variant, **figures})
                     here, there = there, here
-                    with EnclaveClient(here, "under-test", timeout=timeout) as c:
+                    with EnclaveClient(here, "under-test", timeout=timeout, trust=trust) as c:
                         got = c.call("checksum")
                     if got != expected:
                         report.problems.append(f"{variant}: checksum {got} after the move, {expected} before")
