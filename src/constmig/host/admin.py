@@ -142,7 +142,7 @@ def register(addr: str, sock: Path) -> Path:
     """Link `sock` into the index under `addr` (replacing an older agent's entry for that address)."""
     host, port = parse_addr(addr)
     folder = index_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         os.chmod(folder.parent, 0o700)
     entry = folder / _entry_name(host, port)
@@ -150,6 +150,10 @@ def register(addr: str, sock: Path) -> Path:
     tmp.unlink(missing_ok=True)
     os.symlink(sock, tmp)
     os.replace(tmp, entry)
+    for other in folder.iterdir():  # entries of agents that were killed, whose folders are gone
+        if other.is_symlink() and not other.exists():
+            with contextlib.suppress(OSError):
+                other.unlink()
     return entry
 
 

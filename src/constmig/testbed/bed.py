@@ -194,11 +194,12 @@ class Testbed:
     def _procs(self, h: HostPlan) -> dict[str, Any]:
         return self.record.setdefault("procs", {}).setdefault(h.id, {})
 
-    def _spawn(self, h: HostPlan, argv: list[str], log_name: str) -> int:
+    def _spawn(self, h: HostPlan, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> int:
         log_path = self.dir / log_name
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([*netns.exec_prefix(h.ns), *argv], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, start_new_session=True)
+                                    stdout=log, stderr=log, start_new_session=True,
+                                    env=None if env is None else {**os.environ, **env})
         self._children[proc.pid] = proc
         return proc.pid
 
@@ -232,12 +233,11 @@ class Testbed:
         self._save()
 
     def _start_agent(self, h: HostPlan) -> None:
-        self._procs(h)["agent_pid"] = self._spawn(h, self.agent_argv(h), f"agent-{h.id}.log")
+        # An agent lists its socket under its own namespace's address: in this testbed's folder, gone with it.
+        self._procs(h)["agent_pid"] = self._spawn(h, self.agent_argv(h), f"agent-{h.id}.log",
+                                                  {"CONSTMIG_AGENTS_DIR": str(self.dir / "agents")})
         self._procs(h)["agent_log"] = str(self.dir / f"agent-{h.id}.log")
         self._save()
-        # Admin requests from this machine (root) reach the agent through its socket, listed under the
-        # address everyone uses: the agent itself lists only its own namespace's address.
-        admin.register(h.addr, self._admin_socket(h))
 
     def _admin_socket(self, h: HostPlan) -> Path:
         return admin.socket_path(self.dir / f"host-{h.id}")
@@ -253,6 +253,9 @@ class Testbed:
                         raise TestbedError(f"{what} of host {h.id} exited at start: {self._log_tail(h, what)}")
                 try:
                     agent_answers(h.addr, timeout=5)
+                    # Admin requests from this machine (root) reach the agent through its socket (bound
+                    # before it answers), listed under the address everyone uses.
+                    admin.register(h.addr, self._admin_socket(h))
                     break
                 except AgentError as e:
                     if time.monotonic() > deadline:
