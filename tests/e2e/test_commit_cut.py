@@ -193,11 +193,18 @@ def test_the_release_code_cannot_fork_an_enclave_whose_destination_still_waits(c
         proxy.close()
 
 
-def test_a_destination_killed_before_it_handled_commit_restores_with_the_release_code(cluster) -> None:
+def test_a_destination_killed_before_it_handled_commit_restores_with_the_release_code(cluster, tmp_path) -> None:
     """The gap of one message: the source sent COMMIT (and let go of the lineage), the destination died
     holding it pending. The source's error names the checkpoint and the release code; the restore it
     prints works on the destination host, and without the code it is refused in one line."""
+    import os
+
+    from constmig.host.pki import issue
+
     a, b = cluster.addrs
+    # The printed command names the destination as the source reached it (here through the proxy, which
+    # no local socket serves): an operator's certificate from the fleet's CA administers it over the network.
+    operator = {**os.environ, "CONSTMIG_ADMIN_CERT": str(issue(cluster.ca_dir, "operator", "ops", tmp_path / "op").folder)}
     launch(a, heap=32 << 20)
     ckpt = request(a, {"op": "checkpoint", "name": "kv"})["path"]
     at_ckpt = checksum(a)
@@ -230,11 +237,11 @@ def test_a_destination_killed_before_it_handled_commit_restores_with_the_release
         assert "--release" in status(a).get("recovery", ""), status(a)  # also there for the operator later
         argv = shlex.split(printed.group(0))[1:]
         without = subprocess.run([sys.executable, "-m", "constmig", *argv[:-2]], capture_output=True, text=True,
-                                 timeout=120, stdin=subprocess.DEVNULL)
+                                 timeout=120, stdin=subprocess.DEVNULL, env=operator)
         assert without.returncode != 0 and "Traceback" not in without.stderr
         assert "lineage on this platform is pending" in without.stderr and len(without.stderr.splitlines()) == 1
         done = subprocess.run([sys.executable, "-m", "constmig", *argv], capture_output=True, text=True,
-                              timeout=120, stdin=subprocess.DEVNULL)
+                              timeout=120, stdin=subprocess.DEVNULL, env=operator)
         assert done.returncode == 0, done.stderr
         assert argv[1] == ckpt
         assert checksum(b) == at_ckpt
