@@ -237,8 +237,8 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
         from constmig.host.directory import locate
 
         addr = locate(etcd, name)
-    typed = _typed_args(addr, name, method, args, raw)
     if plain:
+        typed = _typed_args(_app_of(addr, name), method, args, raw)
         pc = PlainEnclaveClient(addr, name, timeout=timeout, etcd=etcd)
         try:
             click.echo(_show(pc.call(method, *typed)))
@@ -250,7 +250,8 @@ def call(name: str, method: str, args: tuple[str, ...], addr: str, expect_measur
         c = EnclaveClient(addr, name, timeout=timeout, trust=trusted, etcd=etcd,
                           unsettled=UnsettledCalls(trusted.known.path.with_name("unsettled_calls.json")))
         try:
-            result = c.call(method, *typed)
+            c.open()  # the attested app's annotations type the arguments, not what the host says it runs
+            result = c.call(method, *_typed_args(c.app, method, args, raw))
         except ConstmigError as e:
             if not c.outstanding:
                 raise
@@ -309,30 +310,40 @@ def trust(name: str, addr: str, known_path: Path | None, ca_dir: Path | None, et
                    f"{before.measurement.hex()[:16]}…, made {before.pinned_at})", err=True)
 
 
-def _typed_args(addr: str, name: str, method: str, args: tuple[str, ...], raw: bool = False) -> list[Any]:
+def _app_of(addr: str, name: str) -> str | None:
+    """The app the agent says `name` runs (for a plain call, which the host sees anyway); None if unknown."""
+    from constmig.errors import AgentUnreachable
+    from constmig.host.client import request
+
+    try:
+        st = request(addr, {"op": "status"}, timeout=10)
+        if name in st.get("moved", {}):
+            st = request(st["moved"][name], {"op": "status"}, timeout=10)
+        return str(st["enclaves"][name]["app"])
+    except AgentUnreachable:
+        raise  # the call would not get through either: say so now, not after its own wait
+    except (ConstmigError, OSError, KeyError, TypeError):
+        return None
+
+
+def _typed_args(app: str | None, method: str, args: tuple[str, ...], raw: bool = False) -> list[Any]:
     """Command-line arguments as values: numbers, true/false/null and JSON lists and objects are parsed,
-    anything else stays a string; where the ECALL's annotations say (`fill 0.9 1`: a float and an int;
-    `put k 123`: a string), they decide. `raw`: every argument a string."""
+    anything else stays a string; where the ECALL's annotations in `app` say (`fill 0.9 1`: a float and an
+    int; `put k 123`: a string), they decide. `raw`: every argument a string."""
     import inspect
     import typing
 
     from constmig.apps import load_app
-    from constmig.errors import AgentUnreachable
-    from constmig.host.client import request
 
     if raw:
         return list(args)
     hints: dict[str, Any] = {}
     params: list[inspect.Parameter] = []
     try:
-        st = request(addr, {"op": "status"}, timeout=10)
-        if name in st.get("moved", {}):
-            st = request(st["moved"][name], {"op": "status"}, timeout=10)
-        fn = getattr(load_app(st["enclaves"][name]["app"]), method)
-        hints = typing.get_type_hints(fn)
-        params = list(inspect.signature(fn).parameters.values())[1:]  # past self
-    except AgentUnreachable:
-        raise  # the call would not get through either: say so now, not after its own wait
+        fn = getattr(load_app(app), method) if app else None
+        if fn is not None:
+            hints = typing.get_type_hints(fn)
+            params = list(inspect.signature(fn).parameters.values())[1:]  # past self
     except (ConstmigError, OSError, KeyError, AttributeError, NameError, TypeError, ValueError):
         pass  # a convenience only: the ECALL validates what it gets anyway
     out: list[Any] = []

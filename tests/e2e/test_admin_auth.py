@@ -246,3 +246,16 @@ def test_a_destination_with_another_admin_ca_is_refused(fleet, tmp_path):
         assert "\n" not in str(e.value)
         assert "kv" not in request(other.addrs[0], {"op": "status"})["enclaves"]
     _intact(fleet)
+
+
+def test_a_client_elsewhere_types_its_arguments_by_the_attested_app(fleet, tmp_path):
+    """A client without admin access cannot read `status`; `put k 123` still stores the string "123", typed
+    by the app the enclave's quote-bound launch configuration names (not by what the host says it runs)."""
+    c, _, _ = fleet
+    a = c.addrs[0]
+    env = {**_stranger_env(tmp_path, tmp_path / "none"), "CONSTMIG_CA_DIR": str(c.ca_dir),
+           "CONSTMIG_KNOWN_ENCLAVES": str(tmp_path / "known.json")}
+    p = _cli(env, "call", "kv", "--agent", a, "put", "typed-elsewhere", "123")
+    assert p.returncode == 0, p.stderr
+    p = _cli(env, "call", "kv", "--agent", a, "get", "typed-elsewhere")
+    assert p.returncode == 0 and p.stdout.strip() == "123", (p.stdout, p.stderr)

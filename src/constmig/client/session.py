@@ -150,6 +150,17 @@ class EnclaveClient:
         return self._session.about.instance if self._session is not None else None
 
     @property
+    def app(self) -> str | None:
+        """The app the enclave runs, as its measured launch configuration says (bound to its quote)."""
+        if self._session is None:
+            return None
+        try:
+            app = json.loads(self._session.about.launch).get("app")
+        except (ValueError, AttributeError):
+            return None
+        return app if isinstance(app, str) else None
+
+    @property
     def platform(self) -> str | None:
         """The platform the enclave's last answer was produced on."""
         return self._session.platform if self._session is not None else None
