@@ -52,6 +52,8 @@ def test_accepted_json_for_tdx_with_a_folder_of_collateral() -> None:
     (["--accept-tcb", "ConfigurationAndSWHardeningNeeded", "--expect-mrsigner", "00" * 32], "MRSIGNER"),
     (["--accept-tcb", "ConfigurationAndSWHardeningNeeded", "--min-svn", "3"], "ISV SVN 0 is below"),
     (["--expect-mrtd", "00" * 48], "policy expects a TDX quote"),
+    (["--accept-tcb", "ConfigurationAndSWHardeningNeeded", "--min-tcb-evaluation", "18"],
+     "TCB evaluation 17, older than the policy's floor 18"),
 ])
 def test_refused_is_one_line(extra: list[str], fragment: str) -> None:
     one_line_error(cm("verify", *SGX_ARGS, *extra), fragment)
@@ -72,6 +74,7 @@ def test_expired_collateral_is_refused() -> None:
     (["verify", *SGX_ARGS, "--expect-mrenclave", "00"], "must be 32 bytes"),
     (["verify", *SGX_ARGS, "--accept-tcb", "Fine"], "unknown TCB status 'Fine'"),
     (["verify", *SGX_ARGS, "--min-svn", "-1"], "--min-svn must be"),
+    (["verify", *SGX_ARGS, "--min-tcb-evaluation", "x"], "--min-tcb-evaluation must be"),
     (["verify", str(V / "README.md"), "--collateral", str(V), "--at", "1"], "malformed DCAP quote"),
     (["verify", str(V / "sgx_quote"), "--collateral", str(V / "README.md"), "--at", "1"], "not DCAP collateral"),
 ])

@@ -132,6 +132,8 @@ def test_bad_collateral_is_config_error(tmp_path: Path) -> None:
     ({"mrtd": bytes(32)}, "mrtd must be 48 bytes"),
     ({"rtmrs": {4: bytes(48)}}, "RTMR index"),
     ({"min_isv_svn": -1}, "min_isv_svn"),
+    ({"min_tcb_evaluation": -1}, "min_tcb_evaluation"),
+    ({"min_tcb_evaluation": 1 << 16}, "min_tcb_evaluation"),
     ({"accepted_tcb": frozenset({"UptoDate"})}, "unknown TCB status 'UptoDate'"),
     ({"accepted_tcb": frozenset({"UpToDate", "Revoked"})}, "Revoked can never"),
     ({"accepted_tcb": "UpToDate"}, "not one string"),
@@ -143,6 +145,17 @@ def test_bad_policy_is_config_error(kw: dict, match: str) -> None:
 
 
 # --- refused: time and collateral -------------------------------------------------------------------------
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("tee", ["sgx", "tdx"])
+def test_collateral_older_than_the_freshness_floor_is_refused(tee: str) -> None:
+    """The host serves collateral still inside its validity but from before a TCB recovery the owner
+    requires (both vectors are from tcbEvaluationDataNumber 17): refused, naming the floor."""
+    at, policy = CASES[tee]
+    assert verify_dcap(quote(tee), collateral(tee), at, dataclasses.replace(policy, min_tcb_evaluation=17)).tcb_evaluation == 17
+    refused(verify_dcap, quote(tee), collateral(tee), at, dataclasses.replace(policy, min_tcb_evaluation=18),
+            match="TCB evaluation 17, older than the policy's floor 18")
+
 
 @pytest.mark.adversarial
 @pytest.mark.parametrize("tee", ["sgx", "tdx"])

@@ -78,21 +78,26 @@ def attest() -> None:
 @click.option("--allow-debug", is_flag=True, help="Accept debug enclaves/TDs (their memory is host-readable).")
 @click.option("--accept-tcb", multiple=True,
               help=f"Accept this TCB status too (repeatable) [always: UpToDate]; one of {', '.join(TCB_STATUSES)}.")
+@click.option("--min-tcb-evaluation", default=None,
+              help="Refuse collateral older than this TCB recovery (tcbEvaluationDataNumber), even while valid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision and fields as JSON.")
 def verify_cmd(quote: str, collateral: str | None, at: str | None, expect_mrenclave: str | None,
                expect_mrsigner: str | None, min_svn: str | None, expect_mrtd: str | None, allow_debug: bool,
-               accept_tcb: tuple[str, ...], as_json: bool) -> None:
+               accept_tcb: tuple[str, ...], min_tcb_evaluation: str | None, as_json: bool) -> None:
     """Verify the DCAP quote in file QUOTE; exit 0 only if it verifies and the policy accepts it."""
     if collateral is None:
         raise ConfigError("--collateral FILE (or folder) is required")
     when = parse_time(at) if at is not None else int(dt.datetime.now(dt.UTC).timestamp())
     if min_svn is not None and not min_svn.isdigit():
         raise ConfigError(f"--min-svn must be a non-negative integer, not {min_svn[:20]!r}")
+    if min_tcb_evaluation is not None and not min_tcb_evaluation.isdigit():
+        raise ConfigError(f"--min-tcb-evaluation must be a non-negative integer, not {min_tcb_evaluation[:20]!r}")
     accepted = {"UpToDate", *(s.strip() for a in accept_tcb for s in a.split(",") if s.strip())}
     policy = DcapPolicy(mrenclave=_hex("--expect-mrenclave", expect_mrenclave, 32),
                         mrsigner=_hex("--expect-mrsigner", expect_mrsigner, 32),
                         min_isv_svn=int(min_svn or 0), mrtd=_hex("--expect-mrtd", expect_mrtd, 48),
-                        allow_debug=allow_debug, accepted_tcb=frozenset(accepted))
+                        allow_debug=allow_debug, accepted_tcb=frozenset(accepted),
+                        min_tcb_evaluation=int(min_tcb_evaluation or 0))
     raw = _read_quote(quote)
     result = verify_dcap(raw, CollateralStore(Path(collateral)).for_quote(raw), when, policy)
     if as_json:

@@ -73,6 +73,7 @@ class DcapResult:
     fmspc: str
     ppid: str
     verified_at: int
+    tcb_evaluation: int = 0  # the lower tcbEvaluationDataNumber of the signed TCB info and QE identity
 
     @property
     def debug(self) -> bool:
@@ -105,7 +106,7 @@ class DcapResult:
         return {
             "tee": self.tee, "tcb_status": self.tcb_status, "advisories": list(self.advisories),
             "debug": self.debug, "report_data": self.report_data.hex(), "fmspc": self.fmspc, "ppid": self.ppid,
-            "verified_at": iso_utc(self.verified_at),
+            "verified_at": iso_utc(self.verified_at), "tcb_evaluation": self.tcb_evaluation,
             "fields": {k: v.hex() if isinstance(v, bytes) else v for k, v in self.fields.items()},
         }
 
@@ -136,6 +137,9 @@ class DcapPolicy:
     mrowner: bytes | None = None
     allow_debug: bool = False
     accepted_tcb: frozenset[str] = frozenset({"UpToDate"})
+    # Freshness floor: collateral from before Intel's TCB recovery number N (tcbEvaluationDataNumber) is
+    # refused even while still inside its validity, so a host cannot serve an older, still-valid TCB view.
+    min_tcb_evaluation: int = 0
 
     def __post_init__(self) -> None:
         for name in ("mrenclave", "mrsigner"):
@@ -146,7 +150,7 @@ class DcapPolicy:
             if i not in range(4):
                 raise ConfigError(f"policy RTMR index must be 0..3, not {i}")
             _check_len(f"RTMR{i}", v, 48)
-        for name in ("isv_prod_id", "min_isv_svn"):
+        for name in ("isv_prod_id", "min_isv_svn", "min_tcb_evaluation"):
             v = getattr(self, name)
             if v is not None and not (type(v) is int and 0 <= v <= 0xFFFF):
                 raise ConfigError(f"policy {name} must be in 0..65535, not {v!r}")
@@ -204,6 +208,9 @@ class DcapPolicy:
             bit = "ATTRIBUTES.DEBUG" if r.tee == "sgx" else "TD_ATTRIBUTES.DEBUG"
             raise AttestationError(f"{what}: debug mode ({bit} set): the host can read its memory; "
                                    "debug is not allowed")
+        if r.tcb_evaluation < self.min_tcb_evaluation:
+            raise AttestationError(f"collateral is from TCB evaluation {r.tcb_evaluation}, older than the policy's "
+                                   f"floor {self.min_tcb_evaluation}: fetch current collateral")
         if r.tcb_status not in self.accepted_tcb:
             adv = f"advisories {', '.join(r.advisories)}" if r.advisories else "no advisories"
             raise AttestationError(f"TCB status {r.tcb_status} is not accepted ({adv}); accepted: "
@@ -223,6 +230,16 @@ def parse_collateral(text: str, origin: str = "collateral") -> tuple[Any, Tee, s
     if tee_id not in ("SGX", "TDX") or not isinstance(fmspc, str):
         raise ConfigError(f"{origin}: TCB info is for {str(tee_id)[:20]!r}, not SGX or TDX")
     return collateral, tee_id.lower(), fmspc.upper()
+
+
+def _tcb_evaluation(collateral: Any) -> int:
+    """The lower tcbEvaluationDataNumber of the TCB info and the QE identity (both signed by Intel, and
+    dcap-qvl checked the signatures by now)."""
+    try:
+        return min(int(json.loads(collateral.tcb_info)["tcbEvaluationDataNumber"]),
+                   int(json.loads(collateral.qe_identity)["tcbEvaluationDataNumber"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise AttestationError(f"collateral has no TCB evaluation number: {_one_line(str(e), 160)}") from None
 
 
 def _quote_bytes(quote: Any) -> bytes:
@@ -283,7 +300,7 @@ def verify_dcap(quote: bytes, collateral_json_text: str, at_unix_time: int, poli
         raise AttestationError(f"quote header says {q_tee.upper()} but its report is {tee.upper()}")
     result = DcapResult(tee=tee, tcb_status=verified.status, advisories=tuple(verified.advisory_ids),
                         report_data=report_data, fields=fields, fmspc=q_fmspc, ppid=bytes(verified.ppid).hex(),
-                        verified_at=at_unix_time)
+                        verified_at=at_unix_time, tcb_evaluation=_tcb_evaluation(collateral))
     policy.check(result)
     return result
 
