@@ -7,8 +7,9 @@
 * `Migration`: one migration driven through the source agent, in a thread, so a throttled post-copy
   migration can go on while the next rules run (the heap is still arriving at its destination);
 * `Model`: what one enclave must hold: every acknowledged write, the writes whose outcome is unknown, the
-  checkpoints with what each must restore, and a local copy of the kvstore (same heap layout, same ops)
-  whose checksum the enclave's must equal;
+  checkpoints with what each must restore, and a local copy of the app (same heap layout, same ops)
+  whose checksum the enclave's must equal: the kvstore (`LocalKV`), or the test app that frees and
+  allocates again (`LocalRecycler`, tests/e2e/recycle_app.py);
 * `World`: the cluster's addresses and the observations (who runs what, settling after transitions).
 """
 
@@ -23,9 +24,11 @@ from typing import Any
 
 import numpy as np
 from mitm import MitmProxy, RecordTamper
+from recycle_app import Recycler
 
 from constmig.apps.kvstore import KVStore
 from constmig.client import EnclaveClient
+from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.errors import ConstmigError
 from constmig.host.client import request
@@ -40,6 +43,9 @@ TIMEOUT = 10.0  # a migration's I/O timeout (also how long an Access Tracker acc
 # long a destination that sent READY and lost the link may wait for the source's reconnect)
 CALL_TIMEOUT = 30.0  # a client call (the agent fails a call held by a paused stream after RESUME_DEADLINE)
 SETTLE_S = TIMEOUT + RESUME_DEADLINE + 4.0  # transitional states must end within this
+RECYCLER = "recycle_app:Recycler"  # the agents' enclaves import it from this folder (PYTHONPATH)
+# Its arrays at launch, (name, bytes, fill byte): 8 chunks for the rounds to send before the app frees.
+RECYCLER_ARRAYS = (("r0", 1 << 20, 0x51), ("r1", 512 << 10, 0x52), ("r2", (256 << 10) + 4096, 0x53))
 # Agent-level statuses that are on the way to something else (agent.py's Hosted.status).
 TRANSITIONAL = frozenset({"preparing-out", "migrating-out", "incoming", "handed-off", "paused", "resuming"})
 HEAP_ARRIVING = r"heap (is )?still arriving"  # the refusal an op on an incomplete heap must give
@@ -101,10 +107,12 @@ class Migration(threading.Thread):
     """One `migrate` request to the source agent, in a thread; `handed_off` is set at the commit point."""
 
     def __init__(self, name: str, src: int, dst: int, addrs: list[str], strategy: str, tracker: str,
-                 bandwidth: float, cut: str | None) -> None:
+                 bandwidth: float, cut: str | None, options: dict[str, Any] | None = None) -> None:
         super().__init__(daemon=True, name=f"migrate-{name}")
         self.name_, self.src, self.dst, self.strategy, self.tracker = name, src, dst, strategy, tracker
         self.bandwidth, self.cut = bandwidth, cut
+        self.options = dict(options or {})  # more of the request (max_rounds)
+        self.round_sent = (0, 0, 0)  # (round, bytes of it sent, of how many), as the last progress said
         self.src_addr = addrs[src]
         self.proxy = CutProxy(addrs[dst], cut) if cut else None
         self.to = self.proxy.addr if self.proxy else addrs[dst]
@@ -119,7 +127,7 @@ class Migration(threading.Thread):
     def run(self) -> None:
         req = {"op": "migrate", "name": self.name_, "to": self.to, "strategy": self.strategy,
                "tracker": self.tracker, "timeout": TIMEOUT, "max_bandwidth": self.bandwidth,
-               "resume_deadline": RESUME_DEADLINE}
+               "resume_deadline": RESUME_DEADLINE, **self.options}
         try:
             self.figures = request(self.src_addr, req, on_progress=self._progress,
                                    timeout=TIMEOUT + RESUME_DEADLINE + 30)
@@ -133,6 +141,8 @@ class Migration(threading.Thread):
     def _progress(self, info: dict) -> None:
         if info.get("phase") == "handed_off":
             self.handed_off.set()
+        elif info.get("phase") == "round":
+            self.round_sent = (int(info.get("round", 0)), int(info.get("done", 0)), int(info.get("total", 0)))
 
     @property
     def cut_fired(self) -> bool:
@@ -157,10 +167,13 @@ class LocalKV:
     """The kvstore run locally on a heap of the same layout: replaying the acknowledged operations gives
     the checksum the enclave must have (the app is deterministic: fixed hash seed, seeded fill)."""
 
+    app_cls: type[EnclaveApp] = KVStore
+    config: dict[str, Any] = CONFIG
+
     def __init__(self, ops: list[tuple]) -> None:
         self.heap = Heap(HEAP, CHUNK)
-        self.app = KVStore(self.heap)
-        self.app.setup(**CONFIG)
+        self.app = self.app_cls(self.heap)
+        self.app.setup(**self.config)
         for op in ops:
             self.apply(op)
 
@@ -177,6 +190,26 @@ class LocalKV:
     def close(self) -> None:
         self.app = None  # type: ignore[assignment]
         self.heap.close()
+
+
+class LocalRecycler(LocalKV):
+    """The test app that frees and allocates again, run locally the same way: its allocator is
+    deterministic, so the same operations give the same offsets and bytes as in the enclave."""
+
+    app_cls = Recycler
+    config: dict[str, Any] = {}
+
+    def fits(self, nbytes: int) -> bool:
+        """Would an allocation of `nbytes` fit now (the bump allocator only reuses space at its top)?"""
+        return self.heap.free_bytes >= nbytes
+
+    def has(self, name: str) -> bool:
+        return name in self.heap.names()
+
+
+def local_app(kind: str, ops: list[tuple]) -> LocalKV:
+    """The local copy of an enclave of app `kind`, replaying `ops`."""
+    return LocalRecycler(ops) if kind == RECYCLER else LocalKV(ops)
 
 
 @dataclass
@@ -197,6 +230,7 @@ class Model:
 
     name: str
     host: int | None  # the agent it runs on, as last observed
+    kind: str = "kvstore"  # its app: the kvstore, or RECYCLER (frees and allocates again; no keys)
     kv: dict[str, bytes | None] = field(default_factory=dict)  # acknowledged: value, or None (deleted)
     maybe: dict[str, set[bytes | None]] = field(default_factory=dict)  # unknown outcome: any of these
     ops: list[tuple] | None = field(default_factory=list)
@@ -212,9 +246,10 @@ class Model:
 
     # -- writes ------------------------------------------------------------------------------------
     def acked(self, op: tuple) -> None:
-        key = op[1]
-        self.kv[key] = op[2].encode() if op[0] == "put" else None
-        self.maybe.pop(key, None)
+        if self.kind == "kvstore":
+            key = op[1]
+            self.kv[key] = op[2].encode() if op[0] == "put" else None
+            self.maybe.pop(key, None)
         if self.ops is not None:
             self.ops.append(op)
             if self.local is not None:
@@ -222,8 +257,9 @@ class Model:
 
     def unknown(self, op: tuple) -> None:
         """A write that failed: it may or may not have happened (and may still happen)."""
-        key = op[1]
-        self.maybe.setdefault(key, set()).add(op[2].encode() if op[0] == "put" else None)
+        if self.kind == "kvstore":
+            key = op[1]
+            self.maybe.setdefault(key, set()).add(op[2].encode() if op[0] == "put" else None)
         self.ops = None
         if self.local is not None:
             self.local.close()
@@ -231,8 +267,10 @@ class Model:
 
     def min_chunks(self) -> int:
         """Chunks any successful migration or checkpoint of it must carry: those holding data in the local
-        replay (while every write's outcome is known), else the most seen so far (a heap only grows)."""
-        return max(self.seen_chunks, self.local.data_chunks() if self.local is not None else 0)
+        replay (while every write's outcome is known), else the most seen so far (a kvstore's heap only
+        grows; the recycler's shrinks when it frees, so only its replay says)."""
+        data = self.local.data_chunks() if self.local is not None else 0
+        return data if self.kind != "kvstore" else max(self.seen_chunks, data)
 
     def expected(self, key: str) -> set[bytes | None]:
         return {self.kv.get(key)} | self.maybe.get(key, set())
@@ -246,7 +284,7 @@ class Model:
         self.ops = None if ck.ops is None else list(ck.ops)
         if self.local is not None:
             self.local.close()
-        self.local = LocalKV(self.ops) if self.ops is not None else None
+        self.local = local_app(self.kind, self.ops) if self.ops is not None else None
 
     # -- migrations --------------------------------------------------------------------------------
     def arriving(self) -> bool:

@@ -12,6 +12,11 @@ checks the system against a model (`stateful_world.Model`) after every step. Its
 * ``migrate_background``: ConstMig throttled to 1-4 MB/s, optionally cut, left running in a thread once
   the destination runs the enclave, so that the next rules act while its heap is still arriving
   (migrate it on, checkpoint it, call it: the scenario of issue 19);
+* ``rounds_with_frees``: a throttled precopy or hybrid migration (either write tracking) of the enclave of
+  the test app that frees (tests/e2e/recycle_app.py; launched on first use, then moved, checkpointed and
+  restored by the other rules too), and while its rounds run, frees, allocations again (fresh: zeros),
+  and writes of its arrays (issue 30: a chunk freed after a round sent it must not keep that round's
+  bytes at the destination);
 * ``checkpoint`` at the agent running it;
 * ``restore``: "newest" stops it and restores its newest checkpoint on the same agent (its contents
   become that checkpoint's); "older-first" tries the previous checkpoint first (a rollback: refused);
@@ -52,6 +57,7 @@ instead, and the skip reason of the other says why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -80,16 +86,21 @@ from stateful_world import (
     HEAP,
     HEAP_ARRIVING,
     PREFLIGHT_REFUSAL,
+    RECYCLER,
+    RECYCLER_ARRAYS,
     RESUME_DEADLINE,
     SETTLE_S,
     TIMEOUT,
     TRANSITIONAL,
     LocalKV,
+    LocalRecycler,
     Migration,
     Model,
     World,
+    local_app,
 )
 
+from constmig.client import EnclaveClient
 from constmig.enclave.dirty import preflight as write_tracking_problem
 from constmig.errors import AgentError, ConstmigError
 from constmig.host.client import request
@@ -111,6 +122,13 @@ ENC = st.integers(0, 1)  # which enclave (modulo how many this example has)
 _CUTS = os.environ.get("CONSTMIG_STATEFUL_CUTS", ",".join(CUT_POINTS))
 CUTS = st.sampled_from([None, *(c for c in _CUTS.split(",") if c in CUT_POINTS)])
 JOIN_S = TIMEOUT + RESUME_DEADLINE + 40  # a migration ends (ok or not) within this
+# The recycler's operations while rounds run: (what, array, bytes, byte, later). An array that is not there
+# is made (paint) or allocated fresh (free, recycle) instead; "clear" frees them all (the next allocations
+# reuse chunks the rounds sent). Sizes cross a chunk's edge or fill some. `later`: first wait for the next
+# round (so a free can be seen by a scan before the allocation that reuses its chunks).
+SIZES = st.sampled_from([4096, CHUNK + 4096, 3 * CHUNK])
+FREES = st.lists(st.tuples(st.sampled_from(["free", "recycle", "paint", "clear"]), st.integers(0, 2), SIZES,
+                           st.integers(1, 255), st.sampled_from([False, False, True])), min_size=1, max_size=4)
 _UFFD_PROBLEM = preflight()
 
 
@@ -170,6 +188,8 @@ def make_machine(cluster: LocalCluster, trackers: tuple[str, ...]) -> type[RuleB
     # which rounds add a variable number of, so those run uncut (tests/e2e/test_round_attacks.py cuts them).
     rounds = [] if write_tracking_problem() else [("precopy", "auto"), *(("hybrid", t) for t in trackers)]
     sync_variants = [("stopcopy", "auto"), *(("constmig", t) for t in trackers), *rounds]
+    # precopy takes the tracker's name to pick the write tracking that goes with it (fault: the kernel's)
+    round_variants = [(s, t) for s in ("precopy", "hybrid") for t in trackers]
 
     class EnclaveMigrations(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -179,6 +199,7 @@ def make_machine(cluster: LocalCluster, trackers: tuple[str, ...]) -> type[RuleB
             self.example = next(examples)
             self.writes = itertools.count()
             self.migrations: list[Migration] = []
+            self.recycler: Model | None = None  # the enclave of the app that frees, once a rule launched it
             self.broken = False
 
         # -- helpers -------------------------------------------------------------------------------
@@ -244,12 +265,12 @@ def make_machine(cluster: LocalCluster, trackers: tuple[str, ...]) -> type[RuleB
                 self.after(enc, m)
 
         def start(self, enc: Model, hop: int, strategy: str, tracker: str, bandwidth: float,
-                  cut: str | None) -> Migration | None:
+                  cut: str | None, **options: Any) -> Migration | None:
             if enc.host is None:
                 self.world.note(f"{enc.name}: not migrated (where it runs is unknown)")
                 return None
             dst = (enc.host + hop) % 3
-            m = Migration(enc.name, enc.host, dst, self.world.addrs, strategy, tracker, bandwidth, cut)
+            m = Migration(enc.name, enc.host, dst, self.world.addrs, strategy, tracker, bandwidth, cut, options)
             m.arriving, m.need = enc.arriving(), enc.min_chunks()
             self.migrations.append(m)
             enc.latest = m
@@ -326,7 +347,8 @@ def make_machine(cluster: LocalCluster, trackers: tuple[str, ...]) -> type[RuleB
         @_step
         def client(self, e: int, op: str, key: int, via: int) -> None:
             """One call through an agent the enclave ran on (redirects followed)."""
-            enc = self.enc(e)
+            stores = [x for x in self.encs if x.kind == "kvstore"]
+            enc = stores[e % len(stores)]
             entry = sorted(enc.visited)[via % len(enc.visited)]
             k = f"key-{key}"
             args = (op, k) if op != "put" else (op, k, f"{k}={next(self.writes)}")
@@ -385,6 +407,95 @@ def make_machine(cluster: LocalCluster, trackers: tuple[str, ...]) -> type[RuleB
                 return
             enc.reap()
             self.after(enc, m)
+
+        @rule(where=st.integers(0, 2), hop=HOPS, variant=st.sampled_from(round_variants), mbps=st.sampled_from([2, 4]),
+              after=st.integers(1, 4), ops=FREES)
+        @_step
+        def rounds_with_frees(self, where: int, hop: int, variant: tuple[str, str], mbps: int, after: int,
+                              ops: list[tuple[str, int, int, int, bool]]) -> None:
+            """The recycler moves by throttled rounds (three at most); once `after` chunks of round 1 went,
+            it frees, allocates again and writes its arrays while the rounds go on (or, past the stop, at
+            the destination: the agent sends a refused call on). The rounds must leave no freed chunk's old
+            bytes: invariant 2 compares its checksum with the local replay's."""
+            if write_tracking_problem():
+                return
+            enc = self.recycler or self.launch_recycler(where)
+            if enc.local is None:  # an operation's outcome is unknown: no replay to pick valid ones from
+                self.world.note(f"{enc.name}: no frees (its contents are unknown)")
+                return
+            m = self.start(enc, hop, variant[0], variant[1], mbps * 1e6, None, max_rounds=3)
+            if m is None:
+                return
+            client = EnclaveClient(self.addr(m.src), enc.name, timeout=CALL_TIMEOUT)  # one session: quick calls
+            try:
+                with contextlib.suppress(ConstmigError):  # else the first call opens it (and says what failed)
+                    client.open()
+                self.wait_rounds(m, 1, after)
+                for what, slot, nbytes, byte, later in ops:
+                    if later:
+                        self.wait_rounds(m, m.round_sent[0] + 1, 1)
+                    when = f"in round {m.round_sent[0]}" if m.is_alive() else "after the migration"
+                    op = self.recycler_op(enc.local, what, f"r{slot}", nbytes, byte)
+                    if op is None:
+                        continue
+                    try:
+                        client.call(*op)
+                    except ConstmigError as err:
+                        self.world.note(f"{enc.name} {' '.join(map(str, op[:2]))} {when}: error: {err}")
+                        enc.unknown(op)
+                        break
+                    self.world.note(f"{enc.name} {' '.join(map(str, op[:2]))} {when}: ok")
+                    enc.acked(op)
+                    m.need = min(m.need, enc.min_chunks())  # what the stop must carry: the least since issued
+            finally:
+                client.close()
+            m.join(JOIN_S)
+            if m.is_alive():
+                self.fail(Stuck, f"a migration of {enc.name} did not end within {JOIN_S:g} s: {m.outcome()}")
+            enc.finished.append(m)
+            self.after(enc, m)
+
+        @staticmethod
+        def wait_rounds(m: Migration, number: int, chunks: int) -> None:
+            """Until round `number` has sent `chunks` chunks (at most half of it, so that what comes next
+            lands inside it) or a later round runs; or the migration ended (or handed off: no round comes
+            after that)."""
+            def reached() -> bool:
+                at, done, total = m.round_sent
+                return at > number or (at == number and done >= min(chunks * CHUNK, max(total // 2, CHUNK)))
+
+            deadline = time.monotonic() + SETTLE_S
+            while m.is_alive() and not m.handed_off.is_set() and not reached() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        def launch_recycler(self, host: int) -> Model:
+            """The enclave of the app that frees, with its arrays filled: what the rounds send first."""
+            name = f"st{os.getpid()}x{self.example}r"
+            request(self.addr(host), {"op": "run", "name": name, "app": RECYCLER, "heap": HEAP, "chunk_size": CHUNK,
+                                      "config": {}}, timeout=CALL_TIMEOUT)
+            ops: list[tuple] = []
+            for array, nbytes, byte in RECYCLER_ARRAYS:
+                self.world.call(host, name, "make", array, nbytes, byte)
+                ops.append(("make", array, nbytes, byte))
+            enc = Model(name, host, kind=RECYCLER, ops=ops, visited={host}, local=local_app(RECYCLER, ops))
+            self.encs.append(enc)
+            self.recycler = enc
+            self.world.note(f"{name} (recycler) launched on {'abc'[host]}")
+            return enc
+
+        @staticmethod
+        def recycler_op(local: LocalKV, what: str, name: str, nbytes: int, byte: int) -> tuple | None:
+            """The drawn operation made valid for the replica's arrays now (None: none fits the heap)."""
+            assert isinstance(local, LocalRecycler)
+            if what == "clear" and local.heap.names():
+                return ("clear",)
+            if local.has(name):
+                if what == "recycle" and local.fits(local.heap.extent(name)[1]):  # (before its own free: sure)
+                    return ("recycle", name)
+                return ("paint", name, byte) if what == "paint" else ("free", name)
+            if not local.fits(nbytes):
+                return None
+            return ("make", name, nbytes, byte) if what == "paint" else ("alloc", name, nbytes)
 
         @rule(e=ENC)
         @_step
@@ -552,6 +663,9 @@ def test_migrations_checkpoints_and_cuts_keep_every_acknowledged_write(trackers,
     # hypothesis has no setting for it; if this internal name moves, shrinking falls back to its own bound
     monkeypatch.setattr(hypothesis_engine, "MAX_SHRINKING_SECONDS", SHRINK_S, raising=False)
     phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target] + ([Phase.shrink] if SHRINK_S > 0 else [])
+    # the agents' enclaves import the recycler (module:Class) from this folder
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                   os.environ.get("PYTHONPATH")])))
     cluster = LocalCluster(3)
     with cluster:
         machine = make_machine(cluster, trackers)

@@ -108,6 +108,59 @@ def test_free_releases_and_rolls_back(heap):
     assert heap.extent("c")[0] == PAGE_SIZE and not c.any()  # pages were given back, so zero
 
 
+# -- the allocator's record of what it changed (pre-copy rounds add it to each scan) ---------------------
+
+
+def test_take_changed_names_what_free_and_alloc_changed_once(heap):
+    """A free zeroes with a madvise no write tracker sees: its chunks are recorded, including one it only
+    shares with an allocation that stays; an allocation's chunks too (handed out again). A take forgets."""
+    heap.alloc("keep", PAGE_SIZE)
+    blob = heap.alloc("blob", 3 * MiB)  # from PAGE_SIZE: chunks 0..3, chunk 0 shared with `keep`
+    blob[:] = 0xAB
+    assert heap.take_changed().tolist() == [0, 1, 2, 3]  # the allocations
+    assert heap.take_changed().size == 0  # taken: forgotten
+    heap.free("blob")
+    assert heap.take_changed().tolist() == [0, 1, 2, 3]
+    again = heap.alloc("blob", MiB)  # same offset (it was last): a fresh allocation over sent chunks
+    assert not again.any() and heap.take_changed().tolist() == [0, 1]
+    heap.alloc("empty", 0)
+    assert heap.take_changed().size == 0  # no bytes, no chunk
+
+
+def test_take_changed_names_every_zeroing(heap):
+    heap.take_changed()
+    heap.zero_chunks(np.array([5, 3, 4, 9]))
+    assert heap.take_changed().tolist() == [3, 4, 5, 9]
+    heap.wipe()
+    assert heap.take_changed().tolist() == list(range(heap.n_chunks))
+    assert heap.take_changed().dtype == np.int64
+
+
+def test_take_changed_loses_nothing_beside_zeroing_in_another_thread(heap):
+    """Rounds take the record while an ECALL frees (each in its own thread): every chunk changed is
+    named by a take after its change, and no take names one more often than it changed."""
+    import threading
+
+    heap.take_changed()
+    stop = threading.Event()
+    seen = np.zeros(heap.n_chunks, dtype=np.int64)
+
+    def taker() -> None:
+        while not stop.is_set():
+            np.add.at(seen, heap.take_changed(), 1)
+
+    t = threading.Thread(target=taker)
+    t.start()
+    try:
+        for i in range(50 * heap.n_chunks):
+            heap.zero_chunks(np.array([i % heap.n_chunks]))
+    finally:
+        stop.set()
+        t.join()
+    np.add.at(seen, heap.take_changed(), 1)
+    assert (seen >= 1).all() and (seen <= 50).all(), seen
+
+
 # -- metadata ----------------------------------------------------------------------------------------
 
 

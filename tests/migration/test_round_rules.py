@@ -6,7 +6,10 @@ that holds the channel keys (so it can lie in sealed messages, which the host ca
 * what the state does not keep is made missing again (zeros at the destination), and the version kept
   is the last one sent;
 * a source refuses an acknowledgement of another round or another count;
-* the ledger's `hold` and the packed chunk lists refuse what is not part of the migration.
+* the ledger's `hold` and the packed chunk lists refuse what is not part of the migration;
+* what a round must send again (`_left`) and what the stop may keep (`Rounds.settle`) count the heap's
+  frees and allocations as writes, and keep a written chunk's mark when it is unallocated at the scan
+  (issue 30, item 2; end to end in tests/e2e/test_round_frees.py).
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import numpy as np
 import pytest
 from scripted import TIMEOUT, Enclaves, Runner, recv_msg, send_msg
 
+from constmig.enclave.dirty import KernelWriteTracker, enclave_problem, kernel_problem, write_tracker
+from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.state import export_app_state
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import destination, source
 from constmig.migration import messages as m
 from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
+from constmig.migration.strategies.rounds import Rounds, _left
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
 
@@ -215,3 +221,116 @@ def test_hold_refuses_what_is_not_part_of_the_migration() -> None:
 def test_packed_chunk_lists_are_checked(packed, match) -> None:
     with pytest.raises(ProtocolError, match=match):
         chunks_from_wire(packed, 8)
+
+
+# -- what counts as written: frees, allocations, and chunks unallocated at the scan ---------------------
+
+MiB = 1 << 20
+
+
+class _Marks:
+    """A write tracker that reports the chunks a test says were written (and nothing of the heap's own)."""
+
+    mechanism = "test"
+    lost = None
+
+    def __init__(self, heap: Heap, written: list[int] | None = None) -> None:
+        self.heap, self.written = heap, list(written or [])
+
+    def scan(self, rearm: bool = True) -> np.ndarray:
+        out, self.written = np.array(sorted(self.written), dtype=np.int64), []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _sent_all(heap: Heap) -> ChunkLedger:
+    """The rounds' ledger after a round 1 that sent every allocated chunk (tags stand for the versions)."""
+    sent = ChunkLedger.everything(b"m" * 16, heap.n_chunks)
+    for index in heap.export_chunks().tolist():
+        sent.record_sent(index, bytes([index + 1]) * TAG_SIZE)
+    return sent
+
+
+@pytest.fixture
+def small_heap() -> Iterator[Heap]:
+    h = Heap(8 * MiB, chunk_size=MiB)
+    yield h
+    h.close()
+
+
+def test_left_keeps_a_written_chunk_that_is_unallocated_at_the_scan(small_heap) -> None:
+    """Written after round 1 sent it, then freed before the scan: its mark stays (dropping it let the
+    destination keep round 1's bytes once it was allocated again before the stop)."""
+    small_heap.alloc("a", 2 * MiB)
+    small_heap.alloc("b", 2 * MiB)  # chunks 2, 3
+    sent = _sent_all(small_heap)
+    small_heap.take_changed()  # as the rounds do right after arming
+    small_heap.free("b")
+    small_heap.take_changed()  # only the tracker's marks this time
+    assert _left(_Marks(small_heap, [1, 3]), sent, small_heap).tolist() == [1, 3]
+
+
+def test_left_counts_the_allocators_changes_as_writes(small_heap) -> None:
+    """A free (a madvise no tracker sees) and an allocation over sent chunks are writes; a chunk
+    allocated since and never sent goes too."""
+    small_heap.alloc("keep", 4096)
+    small_heap.alloc("blob", 2 * MiB)  # chunks 0..2
+    sent = _sent_all(small_heap)
+    small_heap.take_changed()
+    small_heap.free("blob")
+    assert _left(_Marks(small_heap), sent, small_heap).tolist() == [0, 1, 2]
+    small_heap.alloc("blob", 3 * MiB)  # again, nothing written: chunks 0..3, of which 3 was never sent
+    assert _left(_Marks(small_heap), sent, small_heap).tolist() == [0, 1, 2, 3]
+    assert _left(_Marks(small_heap), sent, small_heap).tolist() == [3]  # never sent: until a round sends it
+
+
+def test_settle_holds_no_chunk_freed_or_allocated_after_the_last_scan(small_heap) -> None:
+    """Between the rounds' last scan and the stop the app frees and allocates again: the stop's scan
+    names those chunks, so they are missing (sent again), never held with the round's old bytes."""
+    small_heap.alloc("keep", 4096)
+    small_heap.alloc("blob", 3 * MiB)  # chunks 0..3
+    small_heap.alloc("tail", MiB)  # chunk 4 (3 MiB + 4 KiB onwards): untouched, held
+    sent = _sent_all(small_heap)
+    small_heap.take_changed()
+    small_heap.free("tail")
+    small_heap.free("blob")
+    small_heap.alloc("blob", MiB)  # chunks 0, 1
+    rounds = Rounds(_Marks(small_heap), sent)  # type: ignore[arg-type]
+    ledger = ChunkLedger(b"m" * 16, small_heap.n_chunks, small_heap.export_chunks())
+    assert rounds.settle(ledger).tolist() == []  # chunks 0, 1 changed; nothing else is allocated
+    assert ledger.missing().tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("mechanism", [
+    pytest.param("kernel", marks=pytest.mark.skipif(kernel_problem() is not None, reason=f"{kernel_problem()}")),
+    pytest.param("enclave", marks=pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}"))])
+@pytest.mark.parametrize("realloc", ["before the scan", "after the scan"])
+def test_a_chunk_freed_after_its_round_is_never_held_with_either_tracker(small_heap, mechanism, realloc) -> None:
+    """The real trackers over a real heap: round 1 sends `blob` (0xab); the app frees it and allocates it
+    again (nothing written) before or after the scan that ends round 1. Neither the scan nor the stop may
+    count round 1's version as current."""
+    heap = small_heap
+    heap.alloc("keep", 4096)[:] = 0x11
+    heap.alloc("blob", 3 * MiB)[:] = 0xAB  # chunks 0..3
+    tracker = write_tracker(heap, mechanism)
+    assert isinstance(tracker, KernelWriteTracker) == (mechanism == "kernel")
+    tracker.arm()
+    try:
+        heap.take_changed()  # as before_stop does
+        sent = _sent_all(heap)  # round 1 read them
+        heap.free("blob")
+        if realloc == "before the scan":
+            heap.alloc("blob", 3 * MiB)
+        dirty = _left(tracker, sent, heap)  # the scan that ends round 1
+        assert {0, 1, 2, 3} <= set(dirty.tolist()), dirty
+        if realloc == "after the scan":
+            heap.alloc("blob", 3 * MiB)
+        rounds = Rounds(tracker, sent, pending=dirty)
+        ledger = ChunkLedger(b"m" * 16, heap.n_chunks, heap.export_chunks())
+        held = rounds.settle(ledger)
+        assert not {0, 1, 2, 3} & set(held.tolist()), held
+        assert not heap.array("blob").any()
+    finally:
+        tracker.close()

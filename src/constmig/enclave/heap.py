@@ -6,6 +6,12 @@ rebuild every array at the same offset from a few hundred bytes sent during the 
 
 Nothing here loops over pages in Python: zeroing is one madvise call, and the (diagnostic) page state
 comes from one read of /proc/self/pagemap turned into numpy arrays.
+
+The allocator also keeps a record of the chunks it changed behind the app's back (`take_changed`): a
+free or any other zeroing (MADV_DONTNEED, which no write tracker sees as a write: the enclave's own
+handler never faults on it) and every chunk an allocation hands out. Pre-copy rounds add it to what
+the write tracker found, so a chunk freed (and perhaps allocated again) after a round sent it is sent
+again, never kept at the destination with that round's old bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 import time
 from typing import Any
 
@@ -181,6 +188,8 @@ class Heap:
         self._mv: memoryview = memoryview(self._mm)
         self._allocs: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
         self._bump = 0
+        self._changed = np.zeros(self.n_chunks, dtype=bool)  # see take_changed()
+        self._changed_lock = threading.Lock()  # an ECALL frees while a migration's round takes the record
         self.closed = False
 
     # -- allocator ---------------------------------------------------------------------------------
@@ -202,6 +211,7 @@ class Heap:
             )
         self._allocs[name] = (offset, shape_t, dt)
         self._bump = offset + nbytes
+        self._record_changed(offset, nbytes)  # handed out (again): counts as written
         return self._view(offset, shape_t, dt)
 
     def array(self, name: str) -> np.ndarray:
@@ -242,6 +252,7 @@ class Heap:
         if end > start:  # allocations start on a page and own every page they touch
             assert self._mm is not None
             self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, self.size) - start)
+            self._record_changed(start, min(end, self.size) - start)  # after the zeroing, never before
         self._bump = max((self.extent(n)[0] + self.extent(n)[1] for n in self._allocs), default=0)
 
     @property
@@ -347,6 +358,7 @@ class Heap:
         assert self._mm is not None
         for start, stop in chunk_runs(np.unique(np.asarray(chunks, dtype=np.int64))):
             self._mm.madvise(mmap.MADV_DONTNEED, start * self.chunk_size, (stop - start) * self.chunk_size)
+            self._record_changed(start * self.chunk_size, (stop - start) * self.chunk_size)
 
     def export_chunks(self) -> np.ndarray:
         """Sorted int64 indices of the chunks a whole-heap export (migration, checkpoint) carries.
@@ -390,6 +402,21 @@ class Heap:
         self._check_open()
         assert self._mm is not None
         self._mm.madvise(mmap.MADV_DONTNEED, 0, self.size)
+        self._record_changed(0, self.size)
+
+    def take_changed(self) -> np.ndarray:
+        """Sorted int64 indices of the chunks the allocator zeroed (free, zero_chunks, wipe) or handed out
+        (alloc) since the last take, and forget them.
+
+        Write trackers do not see these changes (a madvise is no write fault), yet a chunk a pre-copy
+        round sent before them holds other bytes now: the rounds add this record to each scan. The mark
+        is set after the zeroing, so a take that misses it still sees the zeroed bytes when it reads the
+        chunk, and one that sees it reads after the zeroing.
+        """
+        with self._changed_lock:
+            idx = np.flatnonzero(self._changed)
+            self._changed[idx] = False
+        return idx.astype(np.int64)
 
     def close(self) -> None:
         """Unmap the heap. If arrays handed out are still alive, wipe it and let the GC unmap it later."""
@@ -426,6 +453,13 @@ class Heap:
     def _check_open(self) -> None:
         if self.closed:
             raise HeapError("heap is closed")
+
+    def _record_changed(self, offset: int, nbytes: int) -> None:
+        """Mark the chunks that heap bytes [offset, offset+nbytes) overlap for `take_changed`."""
+        if nbytes <= 0:
+            return
+        with self._changed_lock:
+            self._changed[offset // self.chunk_size : (offset + nbytes - 1) // self.chunk_size + 1] = True
 
     def _check_spec(self, name: str, shape: Any, dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
         """Validate shape and dtype; only plain fixed-size dtypes (no objects, no pointers) live in a heap."""

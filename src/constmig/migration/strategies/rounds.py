@@ -11,6 +11,12 @@ version is current. The destination keeps those (their tags enter its ledger, so
 exactly the versions it keeps) and makes every other chunk a round brought missing again: zero pages
 for a plain heap, missing pages under the Fault Tracker, guarded under the Access Tracker. What is
 missing then arrives once: before the handoff (precopy) or by demand and background stream (hybrid).
+
+What counts as written since a chunk was sent: what the write tracker found, plus what the heap's
+allocator changed behind it (`Heap.take_changed`: a free's zeroing, which no tracker sees, and chunks
+handed out again). And a chunk stays written when it is wholly unallocated at the scan: it goes again
+(as the zeros a freed chunk holds), or, if the rounds end there, it is named stale and never held, so
+the destination ends with zeros there (keep_held) or the chunk's current bytes, never a round's old ones.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class Rounds(Before):
         """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
         `ledger` with their tags; the rest of the ledger is missing."""
         # the app writes no more: nothing to re-arm; tracking ends after COMMIT (see source.run)
-        last = self.tracker.scan(rearm=False)
+        last = _written(self.tracker, rearm=False)
         stale = np.union1d(self.pending, last)
         # written in the last moments first, then during the last round: what the app writes now
         self.recent = np.concatenate([last, np.setdiff1d(self.pending, last)])
@@ -99,6 +105,7 @@ class RoundsMixin:
         tracker = write_tracker(heap, str(req.get("write_tracking") or "auto"), str(req.get("tracker") or "none"))
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
+        heap.take_changed()  # the allocator's changes before now: round 1 reads them all
         assert link.chan.migration_id is not None
         rounds = Rounds(tracker, ChunkLedger.everything(link.chan.migration_id, heap.n_chunks),
                         left_figure=self.left_figure)
@@ -181,13 +188,18 @@ def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = 
                             f"sent {count}")
 
 
+def _written(tracker: WriteTracker, rearm: bool = True) -> np.ndarray:
+    """Chunks changed since the last scan: the tracker's marks and the allocator's own changes (frees
+    zero with a madvise that no tracker sees; see Heap.take_changed)."""
+    return np.union1d(tracker.scan(rearm=rearm), tracker.heap.take_changed()).astype(np.int64)
+
+
 def _left(tracker: WriteTracker, sent: ChunkLedger, heap: Heap) -> np.ndarray:
-    """Chunks to send again: written since sent, or allocated since and never sent."""
-    allocated = heap.allocated_chunks()
-    dirty = tracker.scan()
-    dirty = dirty[allocated[dirty]]
-    never = np.flatnonzero(allocated & ~sent.received)
-    return np.union1d(dirty, never).astype(np.int64)
+    """Chunks to send again: written since sent (allocated now or not: a freed chunk's zeros are its
+    current bytes, and dropping its mark would let the destination keep the old ones if it is allocated
+    again before the stop), or allocated since and never sent."""
+    never = np.flatnonzero(heap.allocated_chunks() & ~sent.received)
+    return np.union1d(_written(tracker), never).astype(np.int64)
 
 
 def _first_write(enclave: Enclave) -> Any:
