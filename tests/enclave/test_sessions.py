@@ -14,7 +14,7 @@ from constmig.errors import EnclaveError, EnclaveNotRunning, IntegrityError, Ses
 from constmig.tee.backend import Identity
 from constmig.tee.measure import measure
 from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.wire.session import About, ClientOpen, ClientSession, Closing, settle
+from constmig.wire.session import About, ClientOpen, ClientSession, Closed, Closing, settle
 
 APP = Identity(measurement=measure(b"kv app code"), signer=bytes(range(32)), product_id=1, svn=2)
 ABOUT = About(bytes(range(16)), bytes(32), '{"app": "kv"}')
@@ -59,6 +59,15 @@ def test_a_close_drops_the_session_and_its_held_record_is_refused(platform: SimP
     assert store == {"balance": 50} and len(table) == 1
     again = client(table, verify, old.closing())  # the closing Accept was lost: asked again, the count stays
     assert again.closed is not None and again.closed.ran == 1
+
+
+def test_a_close_of_a_session_the_enclave_never_had_claims_nothing(platform: SimPlatform, verify: Any) -> None:
+    table = SessionTable(platform, APP, ABOUT)
+    other = client(SessionTable(platform, APP, ABOUT), verify)  # a session of another enclave
+    other.seal_call("put", ["k", 1], {})
+    new = client(table, verify, other.closing())
+    assert new.closed == Closed(other.session_id, False, 0, b"")  # not known: no request ran, no answer
+    assert settle(other.closing(), new.closed, new.about).ran is None  # its outcome stays unknown
 
 
 def test_a_close_without_the_keys_is_refused_and_closes_nothing(platform: SimPlatform, verify: Any) -> None:

@@ -3,6 +3,7 @@ the test as the host in between editing, replaying, reordering and forging what 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,256 @@ def test_a_close_must_be_answered_and_is_read_against_the_instance(world: World)
     client.seal_call("deposit", [2], {})
     with pytest.raises(ProtocolError, match="after answers to all before it"):  # fewer ran than were answered
         settle(client.closing(), Closed(closing.session_id, True, 0), ABOUT)
+
+
+# --- version 2 on the wire: its bounds, its strictness, its bytes (the mutation run of issue 31) ----------
+
+V2_RECORD = b"constmig-session-v2 record"
+LARGEST_BODY = 64 * 1024 + 2 * 4096  # an Accept's body: a kept answer (64 KiB) and room for the launch twice over
+
+
+def quoted_accept(world: World, hello: bytes, body: dict[str, Any]) -> bytes:
+    """An Accept the enclave really quoted, for a body the test wrote (a field the protocol does not have)."""
+    from constmig.wire.kdf import transcript_hash
+
+    raw = msgspec.msgpack.encode(body)
+    quote = world.a.quote(APP, transcript_hash(b"constmig-session-v2 accept", hello, raw))
+    return msgspec.msgpack.encode({"type": "accept", "body": raw, "quote": quote})
+
+
+def sealed(key: bytes, direction: int, sid: bytes, seq: int, plain: bytes) -> bytes:
+    """A record as version 2 seals it: session id | seq | AES-GCM(key, nonce (direction, seq), aad label | header)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    header = sid + seq.to_bytes(8, "big")
+    return header + AESGCM(key).encrypt(direction.to_bytes(4, "big") + seq.to_bytes(8, "big"), plain,
+                                        V2_RECORD + header)
+
+
+def test_the_hello_says_version_2_and_other_versions_are_refused() -> None:
+    from constmig.wire.session import parse_hello
+
+    hello = msgspec.msgpack.decode(ClientOpen().hello)
+    assert hello["version"] == 2
+    for version in (1, 3):
+        with pytest.raises(ProtocolError, match=f"client speaks session version {version}, this enclave 2"):
+            parse_hello(msgspec.msgpack.encode({**hello, "version": version}))
+
+
+def test_version_2_records_are_what_the_protocol_says(world: World) -> None:
+    """Another build of version 2 must read these bytes: requests sealed under c2e with nonce direction 11,
+    answers under e2c with direction 12, the header in the associated data."""
+    from constmig.tee.backend import VerifiedQuote
+
+    sid, c2e, e2c, th = bytes(range(16)), bytes([1] * 32), bytes([2] * 32), bytes(64)
+    client = ClientSession(sid, c2e, e2c, th, VerifiedQuote(APP, bytes(64), "host-a", "sim"), ABOUT)
+    record = client.seal_call("get", ["k"], {})
+    assert record == sealed(c2e, 11, sid, 0, msgspec.msgpack.encode({"type": "call", "method": "get",
+                                                                     "args": ["k"], "kwargs": {}}))
+    end = EnclaveEnd(sid, c2e, e2c, th)
+    answer = end.answer(record, Answer(True, "host-a", "v"))
+    assert answer == sealed(e2c, 12, sid, 0, msgspec.msgpack.encode(
+        {"ok": True, "platform": "host-a", "result": "v", "error": "", "kind": ""}))
+    assert client.open_answer(answer).result == "v"
+
+
+@pytest.mark.parametrize("what", ["hello", "close", "accept", "body", "about", "closed", "call", "quote request",
+                                  "answer", "table", "table entry"])
+def test_every_message_refuses_a_field_it_does_not_know(world: World, what: str) -> None:
+    """A field this version does not know is refused, never skipped: the enclave would otherwise ignore, say, a
+    close it cannot read, and the client a word of the enclave's it does not understand. (Each message is
+    also read without the field: the field alone is refused.)"""
+    from constmig.wire.session import DIR_C2E, DIR_E2C, decode_table, parse_hello
+
+    def attempt(extra: dict[str, Any]) -> None:
+        client, end = open_session(world)
+        if what in ("hello", "close"):
+            hello = msgspec.msgpack.decode(ClientOpen(client.closing()).hello)
+            (hello if what == "hello" else hello["close"]).update(extra)
+            parse_hello(msgspec.msgpack.encode(hello))
+        elif what in ("accept", "body", "about", "closed"):
+            client.seal_call("deposit", [1], {})
+            hs = ClientOpen(client.closing())
+            _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), ABOUT, end.closed())
+            msg = msgspec.msgpack.decode(acc)
+            if what == "accept":
+                forged = msgspec.msgpack.encode({**msg, **extra})
+            else:
+                body = msgspec.msgpack.decode(msg["body"])
+                (body if what == "body" else body[what]).update(extra)
+                forged = quoted_accept(world, hs.hello, body)
+            hs.finish(forged, world.verify, lambda vq, about: None)
+        elif what in ("call", "quote request"):
+            req = {"type": "call", "method": "deposit"} if what == "call" else {"type": "quote", "nonce": bytes(32)}
+            end.receive(sealed(end.c2e, DIR_C2E, end.session_id, 0, msgspec.msgpack.encode({**req, **extra})))
+        elif what == "answer":
+            client.seal_call("deposit", [1], {})
+            client.open_answer(sealed(end.e2c, DIR_E2C, end.session_id, 0, msgspec.msgpack.encode(
+                {"ok": True, "platform": "host-a", **extra})))
+        else:
+            entry = msgspec.structs.asdict(end)
+            decode_table(msgspec.msgpack.encode({"ends": [{**entry, **extra}], "closed": []} if what == "table entry"
+                                                else {"ends": [entry], "closed": [], **extra}))
+
+    attempt({})
+    with pytest.raises(ProtocolError, match="malformed (session hello|session accept|sealed request|sealed answer|"
+                                            "session table)"):
+        attempt({"extra": 1})
+
+
+def test_messages_and_what_a_close_settles_are_immutable() -> None:
+    from constmig.wire.session import (
+        Accept,
+        AcceptBody,
+        Close,
+        Closed,
+        Closing,
+        Hello,
+        Settled,
+    )
+
+    sid = bytes(16)
+    for msg, field in ((Close(sid, bytes(32)), "mac"), (Hello(2, bytes(32), bytes(32)), "close"),
+                       (ABOUT, "instance"), (Closed(sid, True, 1), "ran"),
+                       (AcceptBody(sid, bytes(32), bytes(32), ABOUT), "about"), (Accept(b"b", b"q"), "body"),
+                       (Call("get"), "method"), (QuoteRequest(bytes(32)), "nonce"), (Answer(True, "a"), "result"),
+                       (Closing(sid, bytes(32), bytes(16), 0), "pending"), (Settled(False, None, ""), "ran")):
+        with pytest.raises(AttributeError):
+            setattr(msg, field, None)
+
+
+def test_malformed_message_detail_is_cut_at_200_characters() -> None:
+    from constmig.wire.session import parse_hello
+
+    hello = {**msgspec.msgpack.decode(ClientOpen().hello), "z" * 400: 1}  # msgspec names the unknown field
+    with pytest.raises(ProtocolError) as info:
+        parse_hello(msgspec.msgpack.encode(hello))
+    prefix = "malformed session hello from the client: "
+    assert str(info.value).startswith(prefix) and len(str(info.value)) == len(prefix) + 200
+
+
+@pytest.mark.parametrize("size", [31, 33])
+def test_keys_and_nonces_are_32_bytes(size: int) -> None:
+    from constmig.wire.session import parse_hello
+
+    hello = msgspec.msgpack.decode(ClientOpen().hello)
+    with pytest.raises(ProtocolError, match="malformed session hello"):
+        parse_hello(msgspec.msgpack.encode({**hello, "nonce": bytes(size)}))
+
+
+@pytest.mark.parametrize(("body", "quote", "read"), [(0, 1, False), (1, 0, False), (1, 1, True),
+                                                     (LARGEST_BODY, 1, True), (LARGEST_BODY + 1, 1, False)])
+def test_an_accept_out_of_bounds_is_refused_before_its_quote_is_read(body: int, quote: int, read: bool) -> None:
+    seen: list[bytes] = []
+
+    def verify(q: bytes) -> Any:
+        seen.append(q)
+        raise AttestationError("not a quote")
+
+    msg = msgspec.msgpack.encode({"type": "accept", "body": b"b" * body, "quote": b"q" * quote})
+    with pytest.raises(AttestationError if read else ProtocolError):
+        ClientOpen().finish(msg, verify, lambda vq, about: None)
+    assert bool(seen) is read
+
+
+@pytest.mark.parametrize(("size", "ok"), [(4096, True), (4097, False)])
+def test_the_launch_configuration_is_at_most_4096_characters(world: World, size: int, ok: bool) -> None:
+    launch = '{"pad": "' + "x" * (size - 11) + '"}'
+    assert len(launch) == size
+    hs = ClientOpen()
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), About(ABOUT.instance, ABOUT.code, launch))
+    if ok:
+        assert hs.finish(acc, world.verify, lambda vq, about: None).about.launch == launch
+    else:
+        with pytest.raises(ProtocolError, match="malformed session accept"):
+            hs.finish(acc, world.verify, lambda vq, about: None)
+
+
+@pytest.mark.parametrize(("size", "kept"), [(64 * 1024, True), (64 * 1024 + 1, False)])
+def test_a_kept_answer_up_to_64_kib_rides_in_the_closing_accept(world: World, size: int, kept: bool) -> None:
+    """The largest Accept there is (a 64 KiB kept answer, a 4096-character launch) gets through; one byte
+    more and the answer is withheld: the client learns the call ran, not its result."""
+    import copy
+
+    from constmig.wire.session import parse_hello, settle
+
+    client, end = open_session(world)
+    record = client.seal_call("put", ["k"], {})
+    overhead = len(copy.copy(end).answer(record, Answer(True, "host-a", b"x" * 60000))) - 60000
+    result = b"x" * (size - overhead)
+    assert len(end.answer(record, Answer(True, "host-a", result))) == size
+    hs = ClientOpen(client.closing("put k"))
+    closed = end.closed() if end.proves_close(parse_hello(hs.hello)) else None
+    big = About(ABOUT.instance, ABOUT.code, '{"pad": "' + "x" * 4085 + '"}')
+    _, acc = accept(hs.hello, lambda rd: world.a.quote(APP, rd), big, closed)
+    new = hs.finish(acc, world.verify, lambda vq, about: None)
+    got = settle(client.closing("put k"), new.closed, new.about)
+    assert got.ran is True and "(put k) ran" in got.why
+    assert (got.answer is not None and got.answer.result == result) if kept else got.answer is None
+
+
+@pytest.mark.parametrize(("size", "ok"), [(39, False), (40, True), ((8 << 20) - 4096, True),
+                                          ((8 << 20) - 4095, False)])
+def test_a_record_is_a_header_and_a_tag_at_least_and_fits_an_agent_frame(size: int, ok: bool) -> None:
+    from constmig.wire.session import split_record
+
+    if ok:
+        assert split_record(bytes(size))[2] == bytes(size - 24)
+    else:
+        with pytest.raises(ProtocolError, match="malformed session record"):
+            split_record(bytes(size))
+
+
+def test_a_changed_copy_of_the_last_request_is_refused_not_answered(world: World) -> None:
+    """Only the identical record of the last request gets its kept answer; one with the same seq but other
+    bytes is refused like any replay."""
+    client, end = open_session(world)
+    app = App()
+    record = client.seal_call("deposit", [100], {})
+    client.open_answer(app.serve(end, record))
+    changed = bytearray(record)
+    changed[HEADER.size + 1] ^= 0x01
+    with pytest.raises(IntegrityError, match="seq 0 where 1 was expected .replayed"):
+        app.serve(end, bytes(changed))
+    assert app.runs == [("deposit", [100])] and end.next_seq == 1
+
+
+def test_the_last_sequence_number_is_never_used() -> None:
+    from constmig.wire.records import U64_MAX
+    from constmig.wire.session import DIR_C2E
+
+    end = EnclaveEnd(bytes(16), bytes([1] * 32), bytes([2] * 32), bytes(64), next_seq=U64_MAX - 1)
+    req = msgspec.msgpack.encode(Call("get"))
+    record = sealed(end.c2e, DIR_C2E, end.session_id, U64_MAX - 1, req)
+    assert end.receive(record) == Call("get")
+    end.answer(record, Answer(True, "host-a"))
+    assert end.next_seq == U64_MAX
+    with pytest.raises(IntegrityError, match="exhausted"):
+        end.receive(sealed(end.c2e, DIR_C2E, end.session_id, U64_MAX, req))
+
+
+def test_settling_says_which_call_and_reads_only_its_own_kept_answer(world: World) -> None:
+    from dataclasses import replace
+
+    from constmig.wire.session import Closed, Settled, settle
+
+    client, end = open_session(world)
+    app = App()
+    record = client.seal_call("deposit", [7], {})
+    app.serve(end, record)
+    closing = client.closing("deposit 7")
+    sid = closing.session_id
+    nothing = settle(replace(closing, pending=None), Closed(sid, True, 1), ABOUT)
+    assert nothing == Settled(False, None, "nothing was outstanding")
+    withheld = settle(closing, Closed(sid, True, 1), ABOUT)  # ran; its answer was too large to carry
+    assert withheld.ran is True and withheld.answer is None and "(deposit 7) ran" in withheld.why
+    other, other_end = open_session(world)
+    foreign = app.serve(other_end, other.seal_call("deposit", [1], {}))  # seq 0 too, of another session
+    assert settle(closing, Closed(sid, True, 1, foreign), ABOUT).answer is None
+    tampered = bytearray(end.last_answer)
+    tampered[-1] ^= 0x01
+    with pytest.raises(IntegrityError, match="kept answer of the closed session failed authentication"):
+        settle(closing, Closed(sid, True, 1, bytes(tampered)), ABOUT)
+    elsewhere = settle(closing, Closed(sid, True, 1), About(bytes(16), bytes(32), "{}"))
+    assert elsewhere.ran is None and re.search(r"the earlier call \(deposit 7\) was with instance [0-9a-f]{16}…, "
+                                               r"not this one \(0{16}…\)", elsewhere.why)
