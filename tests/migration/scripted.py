@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.enclave.runtime import Enclave, build_enclave
+from constmig.enclave.runtime import Enclave, build_enclave, with_instance
+from constmig.enclave.state import export_app_state
 from constmig.migration import messages as m
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.wire.channel import ControlRecord, SecureChannel
@@ -146,3 +147,8 @@ def run_pair(src_fn: Callable[[SecureChannel], Any], dst_fn: Callable[[SecureCha
     side("src", src_fn, ca)
     t.join(10)
     return out, ca, cb
+
+
+def small_state(enclave: Enclave) -> bytes:
+    """The small state as the enclave's own export makes it: its instance id, then the app's state."""
+    return with_instance(enclave.instance, export_app_state(enclave.app))

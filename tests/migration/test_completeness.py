@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, Runner, World, recv_msg, send_msg
+from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, Runner, World, recv_msg, send_msg, small_state
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.runtime import Enclave
-from constmig.enclave.state import export_app_state
 from constmig.errors import ChannelClosed, MigrationError
 from constmig.migration import destination, source
 from constmig.migration import messages as m
@@ -67,7 +66,7 @@ def source_params(enclave: Enclave, strategy: str) -> dict[str, Any]:
 def state_msg(enclave: Enclave, strategy: str, ledger: ChunkLedger) -> m.StateMsg:
     assert enclave.app is not None
     heap = enclave.heap
-    return m.StateMsg(strategy, export_app_state(enclave.app), heap.size, heap.chunk_size, ledger.to_wire(),
+    return m.StateMsg(strategy, small_state(enclave), heap.size, heap.chunk_size, ledger.to_wire(),
                       time.time())
 
 

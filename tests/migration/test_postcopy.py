@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, MiB, Runner, recv_msg, send_msg
+from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, MiB, Runner, recv_msg, send_msg, small_state
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.runtime import Enclave
-from constmig.enclave.state import export_app_state
 from constmig.errors import ChannelClosed, IntegrityError, MigrationError
 from constmig.migration import destination, source
 from constmig.migration import ledger as ledger_mod
@@ -584,7 +583,7 @@ class FakeSource:
     def send_state(self) -> None:
         assert self.enclave.app is not None
         heap = self.enclave.heap
-        send_msg(self.main, m.StateMsg("constmig", export_app_state(self.enclave.app), heap.size,
+        send_msg(self.main, m.StateMsg("constmig", small_state(self.enclave), heap.size,
                                        heap.chunk_size, self.ledger.to_wire(), time.time()))
 
     def send_chunk(self, index: int, which: str = "main") -> bytes:

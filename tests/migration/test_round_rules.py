@@ -22,12 +22,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from scripted import TIMEOUT, Enclaves, Runner, recv_msg, send_msg
+from scripted import TIMEOUT, Enclaves, Runner, recv_msg, send_msg, small_state
 
 from constmig.enclave.dirty import KernelWriteTracker, enclave_problem, kernel_problem, write_tracker
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life
-from constmig.enclave.state import export_app_state
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import destination, source
 from constmig.migration import messages as m
@@ -63,7 +62,7 @@ def _connect(enclaves: Enclaves, pair, strategy: str = "precopy"):
 
 
 def _state(src, ledger: ChunkLedger, held: np.ndarray, strategy: str = "precopy") -> m.StateMsg:
-    return m.StateMsg(strategy, export_app_state(src.app), src.heap.size, src.heap.chunk_size, ledger.to_wire(),
+    return m.StateMsg(strategy, small_state(src), src.heap.size, src.heap.chunk_size, ledger.to_wire(),
                       time.time(), held=np.asarray(held, dtype="<i8").tobytes())
 
 
