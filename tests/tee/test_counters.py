@@ -263,6 +263,7 @@ def _hammer(path: Path, rounds: int, seed: int, out) -> None:
     out.put(mine)
 
 
+@pytest.mark.adversarial
 def test_counters_survive_concurrent_enclaves(tmp_path):
     """Issue 30, item 3: N processes read-modify-write the one counter file at once. Every value is
     accounted for, no destroyed counter comes back, and the file stays readable."""
