@@ -16,7 +16,7 @@ from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.ca_cli import ca as ca_group
 from constmig.migration import strategies
-from constmig.migration.streamer import PREFETCH
+from constmig.migration.constants import PREFETCH
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import check_writable, parse_duration, parse_size

@@ -24,7 +24,7 @@ from constmig.bench.suite import window_rate
 from constmig.client import Trust
 from constmig.errors import ConfigError
 from constmig.host.orchestrate import launch_filled, migrate
-from constmig.migration.streamer import PREFETCH
+from constmig.migration.constants import PREFETCH
 from constmig.progress import console
 from constmig.units import format_size
 

@@ -45,6 +45,7 @@ import numpy as np
 from constmig.enclave.heap import Heap
 from constmig.enclave.tracker.state import PROT_RW, protect_chunks
 from constmig.errors import ConstmigError, MigrationError, UffdError
+from constmig.migration.constants import WRITE_TRACKING
 from constmig.migration.uffd import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -260,7 +261,7 @@ class EnclaveWriteTracker:
 
 
 WriteTracker = KernelWriteTracker | EnclaveWriteTracker
-MECHANISMS = ("auto", "kernel", "enclave")
+MECHANISMS = WRITE_TRACKING
 
 
 def write_tracker(heap: Heap, mechanism: str = "auto", tracker: str = "none") -> WriteTracker:

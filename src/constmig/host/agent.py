@@ -49,9 +49,8 @@ from constmig.host.metrics import AgentMetrics, CallRate
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.migration import strategies
-from constmig.migration.constants import DATA_CHANNELS
+from constmig.migration.constants import DATA_CHANNELS, PREFETCH
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
-from constmig.migration.streamer import PREFETCH
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size, resident_bytes, wait_seconds

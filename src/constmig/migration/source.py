@@ -28,7 +28,7 @@ from constmig.errors import (
 )
 from constmig.migration import messages as m
 from constmig.migration import strategies
-from constmig.migration.constants import DEMAND_LABEL
+from constmig.migration.constants import DEMAND_LABEL, PREFETCH
 from constmig.migration.ledger import ChunkLedger, chunks_to_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue, unpaced
@@ -36,7 +36,6 @@ from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.strategies.base import Before, Strategy
-from constmig.migration.streamer import PREFETCH
 from constmig.units import wait_seconds
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator

@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
 MAX_DEMAND = 256  # chunks one Demand may name; more is a confused or hostile peer
 FOLLOW = 4  # chunks after a demanded one the background sends next, before it returns to the hot chunks
-# What the background sends first: nothing in particular (heap order), or what the app used last at the
-# source (`--prefetch used-last`: the chunks post-copy saw it touch before the stop, hybrid's last writes).
-PREFETCH = ("heap", "used-last")
+# What the background sends first (constants.PREFETCH): nothing in particular (heap order), or what the app
+# used last at the source (`--prefetch used-last`: the chunks post-copy saw it touch before the stop, hybrid's
+# last writes).
 
 
 class Streamer:

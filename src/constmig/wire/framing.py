@@ -1,7 +1,8 @@
 """Length-prefixed msgpack frames for control traffic (client, agents, enclave runtime).
 
-One frame = u32 big-endian length + msgpack map. The same format runs over asyncio streams (agents)
-and blocking sockets (the enclave runtime, which also receives file descriptors with a frame).
+One frame = u32 big-endian length + msgpack map (host/control.py's structs encode to one). The same format
+runs over asyncio streams (agents) and blocking sockets (the enclave runtime, which also receives file
+descriptors with a frame).
 Everything read is untrusted: size-capped and decoded into plain maps only.
 """
 
@@ -26,7 +27,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict)
 
 
-def encode(obj: dict[str, Any]) -> bytes:
+Message = dict[str, Any] | msgspec.Struct  # a map, or a struct that encodes to one (host/control.py)
+
+
+def encode(obj: Message) -> bytes:
     """Frame one message (ProtocolError if msgpack cannot carry it, e.g. an int beyond 64 bits)."""
     try:
         body = _encoder.encode(obj)
@@ -63,7 +67,7 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     return decode_body(body)
 
 
-async def write_frame(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+async def write_frame(writer: asyncio.StreamWriter, obj: Message) -> None:
     """Write one frame and wait until it is flushed to the kernel."""
     try:
         writer.write(encode(obj))
@@ -83,7 +87,7 @@ class FramedSocket:
         self._buf = bytearray()
         self._fds: list[int] = []
 
-    def send(self, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    def send(self, obj: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         data = encode(obj)
         try:
             if fds:
@@ -121,7 +125,7 @@ class FramedSocket:
         fds, self._fds = self._fds, []
         return decode_body(body), fds
 
-    def exchange(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+    def exchange(self, req: Message, fds: list[int] | tuple[int, ...] = (),
                  on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
         """Send a request and return its final reply; `{"progress": ...}` frames before it go to on_progress.
 

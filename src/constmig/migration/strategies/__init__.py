@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from constmig.errors import ConfigError
+from constmig.migration import constants
+from constmig.migration.constants import TRACKERS
 from constmig.migration.strategies.base import Strategy
 from constmig.migration.strategies.hybrid import Hybrid
 from constmig.migration.strategies.postcopy import PostCopy
@@ -14,7 +16,8 @@ __all__ = ["ROUNDS", "STRATEGIES", "TRACKERS", "Strategy", "get", "variants"]
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy(), PreCopy(), Hybrid())}
 ROUNDS = tuple(s.name for s in STRATEGIES.values() if isinstance(s, RoundsMixin))  # send rounds before the stop
-TRACKERS = ("fault", "access")  # how a destination that runs before its heap is complete finds missing chunks
+# The names requests are checked against (host/control.py) are the registry's, in its order.
+assert tuple(STRATEGIES) == constants.STRATEGIES, "constants.STRATEGIES must name the registry's strategies"
 
 
 def get(name: object) -> Strategy:
