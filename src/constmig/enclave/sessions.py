@@ -12,13 +12,15 @@ good and continues on the destination.
 
 Closing. A Hello that proves it holds an old session's keys closes that session before the enclave
 answers, and the Accept says how many of its requests ran: a record of it the host kept is refused from
-then on ("closed by its client"). The last MAX_CLOSED closes (and idle evictions) are remembered with
-that count, and move with the table, so a client whose closing Accept the host dropped still learns it.
+then on ("closed by its client"). Opens do not take the app lock, so a close can arrive while a request of
+that session runs: it waits for the request's answer and counts it (else the client, told its request never
+ran, would send it again). The last MAX_CLOSED closes (and idle evictions) are remembered with that count,
+and move with the table, so a client whose closing Accept the host dropped still learns it.
 
 The table's limit. A stranger can open sessions too (opening needs no credentials), so the limit must not
 let anyone push a live client out: when the table is full, only a session idle for IDLE_EVICT_S makes
-room (its count is remembered like a close); otherwise the new open is refused with one line, and the
-live sessions go on.
+room (its count is remembered like a close; a session whose request is running is never idle); otherwise
+the new open is refused with one line, and the live sessions go on.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class SessionTable:
         self._used: dict[bytes, float] = {}  # monotonic time of each session's last open or call
         self._closed: OrderedDict[bytes, Closed] = OrderedDict()
         self._lock = threading.Lock()  # opens run beside calls (which hold the app lock)
+        self._running: set[bytes] = set()  # sessions with a request being received, run and answered
+        self._ended = threading.Condition(self._lock)  # notified when such a request is answered (or refused)
         self.closed = False  # handed off: every session continues elsewhere
         self.frozen = False  # exported for a migration: nothing opens or closes until it ends
 
@@ -73,6 +77,8 @@ class SessionTable:
         asks for, the room the new session needs and its entry happen under one lock, before the answer."""
         h = parse_hello(hello)
         with self._lock:
+            while h.close is not None and h.close.session_id in self._running:
+                self._ended.wait()  # a request of the session to close is running: the close counts it
             if self.closed:
                 raise SessionUnknown("this enclave has moved; open the session where it runs now")
             if self.frozen or self.about is None:
@@ -109,7 +115,7 @@ class SessionTable:
             return
         sid, end = next(iter(self._ends.items()))
         idle = time.monotonic() - self._used.get(sid, 0.0)
-        if idle < IDLE_EVICT_S:
+        if idle < IDLE_EVICT_S or sid in self._running:
             raise EnclaveError(f"enclave has {len(self._ends)} open sessions and none has been idle for "
                                f"{IDLE_EVICT_S / 60:.0f} minutes; no new session now (try again later)")
         self._drop(sid, end)
@@ -128,6 +134,16 @@ class SessionTable:
                                      "restarted or restored); open a new one")
             self._ends.move_to_end(sid)
             self._used[sid] = time.monotonic()
+            self._running.add(sid)  # until answered, a close of this session waits and it is never evicted
+        try:
+            return self._receive_run_answer(end, record, run)
+        finally:
+            with self._lock:
+                self._running.discard(sid)
+                self._ended.notify_all()
+
+    def _receive_run_answer(self, end: EnclaveEnd, record: bytes,
+                            run: Callable[[str, list[Any], dict[str, Any]], Any]) -> bytes:
         req = end.receive(record)  # refusals raise and change nothing
         if isinstance(req, bytes):
             return req  # the same request again: its answer again, not a second run
