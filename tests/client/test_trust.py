@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +165,126 @@ def test_root_is_read_at_the_first_quote_and_must_exist(tmp_path: Path) -> None:
     verify = SimVerifier(tmp_path / "ca")
     got = verify(plat.quote(APP, bytes(64)))
     assert got.identity == APP and got.platform_id == "host-a" and len(verify.fleet) == 64
+
+
+# --- from the mutation run of issue 31 ----------------------------------------------------------------------
+
+def pinned(tmp_path: Path, launch: str) -> Trust:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), About(ONE.instance, ONE.code, launch))
+    return t
+
+
+@pytest.mark.parametrize(("pinned_launch", "now", "said"), [
+    (LAUNCH, LAUNCH.replace('"heap": 16777216', '"heap": 16777216, "workers": 8'),
+     'the pinned code with another launch configuration (workers 8 where the pin has unset)'),
+    ('{"app": "kv", "workers": 4}', '{"app": "kv", "workers": 8}',
+     "the pinned code with another launch configuration (workers 8 where the pin has 4)"),
+    ('{"app": "kv"}', "not json", "the pinned code with another launch configuration (its launch configuration)"),
+    ('{"app": "kv"}', "[1]", "the pinned code with another launch configuration (its launch configuration)"),
+    ("[1]", '{"app": "kv"}', "the pinned code with another launch configuration (its launch configuration)"),
+])
+def test_a_launch_difference_names_each_setting_or_says_the_launch_differs(tmp_path: Path, pinned_launch: str,
+                                                                          now: str, said: str) -> None:
+    t = pinned(tmp_path, pinned_launch)
+    with pytest.raises(AttestationError) as info:
+        t.check("kv1", vq(NEW), About(ONE.instance, ONE.code, now))
+    assert f"runs {said}: measurement " in str(info.value)
+
+
+def test_refusals_and_the_first_use_line_show_16_hex_digits_and_where_the_name_was_found(tmp_path: Path) -> None:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), ONE, directory="http://e:1")
+    assert t.said == [  # type: ignore[attr-defined]
+        f"(trusting enclave 'kv1' on first use: instance {'01' * 8}…, measurement {APP.measurement.hex()[:16]}…, "
+        f"svn 3, fleet {'ab' * 8}, found via http://e:1; pinned in {t.known.where})"]
+    with pytest.raises(AttestationError, match=rf"\(instance {'02' * 8}…, pinned {'01' * 8}…\)"):
+        t.check("kv1", vq(), COPY, directory="http://e:1")
+    nowhere = trust(tmp_path / "nowhere", fleet="")
+    nowhere.check("kv1", vq(), ONE)
+    assert ", fleet -; pinned in " in nowhere.said[0]  # type: ignore[attr-defined]
+
+
+def test_pins_and_expectations_are_values(tmp_path: Path) -> None:
+    t = trust(tmp_path)
+    t.check("kv1", vq(), ONE)
+    for value, field in ((t.pinned, "instance"), (Expect(min_svn=1), "min_svn")):
+        with pytest.raises(AttributeError):
+            setattr(value, field, None)
+
+
+def test_no_option_means_no_minimum_security_version() -> None:
+    zero = vq(Identity(APP.measurement, APP.signer, 1, 0))
+    Expect(measurement=APP.measurement).check("kv", zero)
+    Expect.parse(APP.measurement.hex()).check("kv", zero)
+
+
+def test_a_pin_round_trips_through_the_file_and_older_entries_still_load(tmp_path: Path) -> None:
+    from constmig.client.trust import Pin
+
+    t = trust(tmp_path)
+    t.check("kv1", vq(platform="host-a"), ONE, directory="http://e:1")
+    assert t.pinned is not None and t.pinned.pinned_at and t.pinned.platform == "host-a"
+    assert KnownEnclaves(t.known.path).get("kv1", "ab" * 32, "http://e:1") == t.pinned
+    old = {k: v for k, v in t.pinned.to_json().items() if k not in ("directory", "svn", "platform", "pinned_at")}
+    loaded = Pin.from_json(old)
+    assert (loaded.directory, loaded.svn, loaded.platform, loaded.pinned_at) == ("", 0, "", "")
+
+
+def test_a_pin_from_before_instances_without_a_security_version_accepts_any(tmp_path: Path) -> None:
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps({"enclaves": {"kv1": {"measurement": APP.measurement.hex(), "signer": bytes(32).hex()}}}))
+    t = Trust(Fleet(), None, KnownEnclaves(path))
+    t.check("kv1", vq(Identity(APP.measurement, APP.signer, 1, 0)), ONE)
+    assert t.first_use
+
+
+@pytest.mark.parametrize("entry", [{"signer": "00" * 32}, 7, {"measurement": "00" * 32, "signer": "00" * 32,
+                                                                  "svn": "three"},
+                                   {"measurement": "zz", "signer": "00" * 32}])
+def test_a_malformed_pin_from_before_instances_is_one_clear_error(tmp_path: Path, entry: object) -> None:
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps({"enclaves": {"kv1": entry}}))
+    with pytest.raises(ConfigError, match=rf"entry 'kv1' of {path} is malformed"):
+        Trust(Fleet(), None, KnownEnclaves(path)).check("kv1", vq(), ONE)
+
+
+def test_the_known_file_is_made_where_asked_and_a_failure_to_write_it_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from constmig.client import trust as trust_mod
+
+    deep = tmp_path / "a" / "b" / "known.json"
+    KnownEnclaves(deep).pin(_a_pin())
+    assert KnownEnclaves(deep).get("kv1", "ab" * 32) == _a_pin()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trust_mod.tempfile, "mkstemp", full)
+    with pytest.raises(ConfigError) as info:
+        KnownEnclaves(deep).pin(_a_pin())
+    assert str(info.value) == f"cannot write known enclaves file {deep}: No space left on device"
+
+
+def _a_pin() -> Any:
+    from constmig.client.trust import Pin
+
+    return replace(Pin.of("kv1", "ab" * 32, "", vq(), ONE), pinned_at="2025-01-01T00:00:00Z")
+
+
+def test_the_trusts_a_client_can_choose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSTMIG_KNOWN_ENCLAVES", str(tmp_path / "default.json"))
+    mine = KnownEnclaves(tmp_path / "mine.json")
+    t = Trust.default(tmp_path / "ca", known=mine)
+    assert t.known is mine and not t.first_use and t.pinned is None and t.verify.path == tmp_path / "ca"
+    assert Trust.default(tmp_path / "ca").known.path == tmp_path / "default.json"  # type: ignore[union-attr]
+    mem = Trust.in_memory(tmp_path / "ca", Expect(min_svn=2))
+    assert mem.known is not None and not mem.known.is_file and mem.expect == Expect(min_svn=2) and mem.announce is None
+    # the re-pin command names a file of pins only where there is one
+    assert mem.repin("kv1", agent="h:1") == f"constmig trust kv1 --agent h:1 --ca-dir {tmp_path}/ca"
+    assert Trust.any_code(tmp_path / "ca").repin("kv1", agent="h:1") == \
+        f"constmig trust kv1 --agent h:1 --ca-dir {tmp_path}/ca"
+    assert t.repin("kv1", agent="h:1") == f"constmig trust kv1 --agent h:1 --known {tmp_path}/mine.json " \
+                                          f"--ca-dir {tmp_path}/ca"
