@@ -654,6 +654,18 @@ def test_peer_close_during_send_is_channel_closed() -> None:
     assert src.state is ChannelState.BROKEN
 
 
+def test_a_socket_closed_on_this_side_is_channel_closed() -> None:
+    """Another thread (a cancel, a test's cut) closes the socket object before a timed receive polls it:
+    ChannelClosed, never a ValueError from polling fd -1 (seen as a flaky post-copy test)."""
+    a, b = socket.socketpair()
+    ch = SecureChannel(a, MID)
+    a.close()
+    with pytest.raises(ChannelClosed, match="closed on this side"):
+        ch.recv(timeout=1)
+    assert ch.state is ChannelState.BROKEN
+    b.close()
+
+
 class FakeSocket:
     """A stream that fails the way a reset TCP connection does."""
 

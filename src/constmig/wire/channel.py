@@ -409,8 +409,13 @@ class SecureChannel:
 
     def _wait_readable(self, deadline: float, timeout: float) -> None:
         if self._poller is None:
+            fd = self._sock.fileno()
+            if fd < 0:  # the socket object was closed on this side (a cancel, a test's cut): no peer left
+                if self._state is ChannelState.CLOSED:
+                    raise ChannelClosed("secure channel was closed while receiving")
+                raise self._break(ChannelClosed("connection was closed on this side"))
             self._poller = select.poll()
-            self._poller.register(self._sock.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+            self._poller.register(fd, select.POLLIN)  # type: ignore[attr-defined]
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self._poller.poll(math.ceil(remaining * 1000)):
             if self._cur is None and self._got == 0:
