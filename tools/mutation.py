@@ -60,6 +60,13 @@ MODULES: dict[str, list[str]] = {
     "migration/receiver.py": ["tests/migration/test_postcopy.py"],
     "migration/destination.py": ["tests/migration/test_completeness.py", "tests/migration/test_postcopy.py"],
     "migration/source.py": ["tests/migration/test_completeness.py", "tests/migration/test_postcopy.py"],
+    # issue 31: which enclave a client talks to, its sessions, and who may administer an agent
+    "client/trust.py": ["tests/client/test_trust.py"],
+    "client/session.py": ["tests/client/test_session.py"],
+    "enclave/sessions.py": ["tests/enclave/test_sessions.py", "tests/wire/test_session.py"],
+    "wire/session.py": ["tests/wire/test_session.py", "tests/enclave/test_sessions.py"],
+    "host/admin.py": ["tests/host/test_admin.py"],
+    "host/pki.py": ["tests/host/test_admin.py"],
 }
 
 # Operators that multiply the mutant count without finding more (an `a + b` turned into `a ** b` or
