@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,16 @@ import click
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
+from constmig.host import control
 from constmig.host.ca_cli import ca as ca_group
 from constmig.migration import strategies
-from constmig.migration.constants import PREFETCH
+from constmig.migration.constants import PREFETCH, WRITE_TRACKING
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import check_writable, parse_duration, parse_size
 
 STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
-DEFAULT_STRATEGY = "hybrid"  # flat downtime and the shortest waits on most workloads: see README.md
+DEFAULT_STRATEGY = control.DEFAULT_STRATEGY  # one default for CLI, agent and enclave (host/control.py)
 TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
 # bench variants: a strategy, with the tracker after a dash where it needs one
 VARIANT_CHOICES = click.Choice(strategies.variants())
@@ -196,8 +196,8 @@ def run(app: str, addr: str, heap: int, name: str | None, chunk_size: int, setti
     load_app(app)
     if name is not None and not name.strip():
         raise ConfigError("--name must not be empty (leave it out to name the enclave after the app)")
-    spec = {"op": "run", "name": name or app, "app": app, "heap": heap, "chunk_size": chunk_size,
-            "config": _parse_config(settings), "plain_calls": plain_calls}
+    spec = control.Run(name=name or app, app=app, heap=heap, chunk_size=chunk_size, config=_parse_config(settings),
+                       plain_calls=plain_calls)
     click.echo(_show(request(addr, spec, timeout=ADMIN_TIMEOUT_S)))
 
 
@@ -316,9 +316,9 @@ def _app_of(addr: str, name: str) -> str | None:
     from constmig.host.client import request
 
     try:
-        st = request(addr, {"op": "status"}, timeout=10)
+        st = request(addr, control.Status(), timeout=10)
         if name in st.get("moved", {}):
-            st = request(st["moved"][name], {"op": "status"}, timeout=10)
+            st = request(st["moved"][name], control.Status(), timeout=10)
         return str(st["enclaves"][name]["app"])
     except AgentUnreachable:
         raise  # the call would not get through either: say so now, not after its own wait
@@ -429,7 +429,7 @@ def status(addr: str, as_json: bool, timeout: float) -> None:
     """Show an agent's enclaves and recent migrations."""
     from constmig.host.client import request
 
-    st = request(addr, {"op": "status"}, timeout=timeout)
+    st = request(addr, control.Status(), timeout=timeout)
     if as_json:
         click.echo(_show(st))
         return
@@ -461,18 +461,21 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from constmig.progress import FOLD, whole
     from constmig.units import format_size
 
+    out = Console()
     table = Table(title=f"{sum(len(v.enclaves) for v in views)} enclaves on {len(views)} hosts")
+    hosts = [f"{v.host_id} {v.addr}" for v in views if v.enclaves] + list(lost.values())
     for col in ("enclave", "host", "state", "app", "heap", "calls/s"):
-        table.add_column(col, justify="right" if col == "calls/s" else "left")
+        table.add_column(col, justify="right" if col == "calls/s" else "left",
+                         **(whole(hosts, col, 1, out.width) if col == "host" else FOLD if col == "enclave" else {}))
     for v in views:
         for name, e in sorted(v.enclaves.items()):
             table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
                           format_size(int(e.get("heap_bytes") or 0)), f"{float(e.get('calls_per_s') or 0):.1f}")
     for name, at in sorted(lost.items()):
         table.add_row(name, at, "lost", "", "", "")
-    out = Console()
     out.print(table)
     for v in views:
         if v.error:
@@ -496,8 +499,8 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap shared by the drain's migrations, bytes per second (e.g. 500M); 0 = no cap.")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
 def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_bandwidth: int, strategy: str,
@@ -529,8 +532,8 @@ def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_b
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap shared by the migrations, bytes per second (e.g. 500M); 0 = no cap.")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
 def rebalance(hosts: str | None, etcd: str | None, max_moves: int, parallel: int, max_bandwidth: int, strategy: str,
@@ -590,7 +593,7 @@ def checkpoint(name: str, addr: str) -> None:
     """Seal an enclave's state to a file on its host, bound to a monotonic counter (no rollback)."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "checkpoint", "name": name}, timeout=ADMIN_TIMEOUT_S)))
+    click.echo(_show(request(addr, control.Checkpoint(name=name), timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -604,11 +607,12 @@ def restore(path: str, addr: str, name: str | None, release: str | None) -> None
     """Start an enclave from its newest checkpoint (an older one, or one from a host it left, is refused)."""
     from constmig.host.client import request
 
-    if release is not None and not re.fullmatch(r"[0-9a-f]{64}", release):
-        raise ConfigError(f"bad --release {release!r}: a release code is 64 hex digits, as the source's agent "
-                          "printed it")
-    click.echo(_show(request(addr, {"op": "restore", "path": str(Path(path).resolve()), "name": name,
-                                    **({"release": release} if release else {})}, timeout=ADMIN_TIMEOUT_S)))
+    req = control.Restore(path=str(Path(path).resolve()), name=name, release=release or "")
+    try:
+        req.check()  # the agent's rule, said before it is asked
+    except control.BadRequest as e:
+        raise ConfigError(f"bad --release {release!r}: {e}") from None
+    click.echo(_show(request(addr, req, timeout=ADMIN_TIMEOUT_S)))
 
 
 @main.command()
@@ -620,13 +624,13 @@ def stop(name: str, addr: str, force: bool) -> None:
     """Stop (destroy) an enclave."""
     from constmig.host.client import request
 
-    click.echo(_show(request(addr, {"op": "stop", "name": name, "force": force}, timeout=ADMIN_TIMEOUT_S)))
+    click.echo(_show(request(addr, control.Stop(name=name, force=force), timeout=ADMIN_TIMEOUT_S)))
 
 
 def _cancel_migration(name: str, src: str) -> None:
     from constmig.host.client import request
 
-    done = request(src, {"op": "cancel", "name": name}, timeout=ADMIN_TIMEOUT_S)
+    done = request(src, control.Cancel(name=name), timeout=ADMIN_TIMEOUT_S)
     click.echo(f"cancelled the migration of {name} before its commit point: it keeps running on {done['on']}")
 
 
@@ -685,7 +689,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True,
               help="Why hybrid by default: README.md, \"Which strategy migrate uses by default\".")
-@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "
               "bytes per second (e.g. 100M); 0 = no cap. Chunks the app waits for are never held back.")
@@ -695,20 +699,20 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--rounds", "max_rounds", type=click.IntRange(1, 100), default=None,
               help="precopy, hybrid: at most this many rounds while the app runs (default: precopy 8, "
               "hybrid 1).")
-@click.option("--write-tracking", type=click.Choice(["auto", "kernel", "enclave"]), default="auto",
+@click.option("--write-tracking", type=click.Choice(WRITE_TRACKING), default=control.DEFAULT_WRITE_TRACKING,
               show_default=True,
               help="precopy, hybrid: who reports the app's writes during the rounds: the kernel (userfaultfd "
               "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the kernel with the "
               "Fault Tracker, the enclave with the Access Tracker (docs/architecture.md).")
-@click.option("--prefetch", type=click.Choice(PREFETCH), default="heap", show_default=True,
+@click.option("--prefetch", type=click.Choice(PREFETCH), default=control.DEFAULT_PREFETCH, show_default=True,
               help="constmig, hybrid: what the stream after the switch sends first: heap order, or what the app "
               "used last here (post-copy watches its reads and writes from the start to the stop; hybrid takes "
               "the rounds' last writes). Measured in docs/architecture.md.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
               "(meaningful only without concurrent writers).")
-@click.option("--resume-deadline", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--resume-deadline", type=click.FloatRange(min=0), default=control.RESUME_DEADLINE_S, show_default=True,
               help="If the link breaks after the handoff, keep reconnecting this many seconds (0 = give up at "
               "once; the source keeps its state either way).")
 @click.option("--resume", "resume_paused", is_flag=True,
@@ -752,22 +756,19 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
             raise ConfigError("missing --to (the destination agent HOST:PORT)")
         if parse_addr(dst) == parse_addr(src):
             raise ConfigError(f"--from and --to are the same agent ({src}); migrate to another one")
-        if tracker != "auto" and not strategies.get(strategy).needs_tracker:
+        if tracker != control.DEFAULT_TRACKER and not strategies.get(strategy).needs_tracker:
             click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None or
-                                                   write_tracking != "auto"):
+                                                   write_tracking != control.DEFAULT_WRITE_TRACKING):
             raise ConfigError("--max-downtime, --rounds and --write-tracking steer the rounds before the stop; use "
                               f"them with --strategy {' or '.join(strategies.ROUNDS)}")
-        if prefetch != "heap" and not strategies.get(strategy).needs_tracker:
+        if prefetch != control.DEFAULT_PREFETCH and not strategies.get(strategy).needs_tracker:
             raise ConfigError(f"--prefetch orders the stream after the switch; {strategy} has none (use it with "
                               "--strategy constmig or hybrid)")
-        options = {k: v for k, v in (("max_downtime", max_downtime), ("max_rounds", max_rounds),
-                                     ("write_tracking", None if write_tracking == "auto" else write_tracking),
-                                     ("prefetch", None if prefetch == "heap" else prefetch))
-                   if v is not None}
         figures = _interruptible(name, src, lambda: migrate_with_progress(
             name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-", tracker=tracker,
-            max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, **options))
+            max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, max_downtime=max_downtime,
+            max_rounds=max_rounds, write_tracking=write_tracking, prefetch=prefetch))
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures
@@ -777,7 +778,7 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
 
 @main.command()
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
 @click.option("--heap", type=Size(), default="512M", show_default=True)
 @click.option("--app", default="kvstore", show_default=True)
 @click.option("--fill", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
@@ -874,7 +875,7 @@ def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
 @bench.command("prefetch")
 @click.option("--heap", type=Size(), default="1G", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Migrations per order.")
-@click.option("--tracker", type=TRACKER_CHOICES, default="auto", show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
 @click.option("--keys", type=click.IntRange(10, 1_000_000), default=2000, show_default=True,
               help="Keys the client calls on.")
 @click.option("--zipf", type=click.FloatRange(min=0.0, min_open=True, max=5.0), default=0.99, show_default=True,

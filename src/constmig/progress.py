@@ -82,6 +82,20 @@ FIGURE_LABELS = [
 ]
 
 
+# Names and addresses are never cut short with "…": an enclave's name folds over lines if it must; an
+# address column stays on one line, as wide as its longest address, while the address columns take at
+# most ADDRESS_SHARE of the console's width (the other columns wrap to make room), and folds beyond that.
+FOLD: dict[str, Any] = {"overflow": "fold"}
+ADDRESS_SHARE = 0.6
+
+
+def whole(values: Any, header: str, columns: int = 1, width: int | None = None) -> dict[str, Any]:
+    """Column settings for one of `columns` address columns (of `values`) on a console `width` wide."""
+    longest = max([len(header), *(len(str(v)) for v in values)])
+    room = (width or Console().width) * ADDRESS_SHARE / columns
+    return {"no_wrap": True, "overflow": "fold"} if longest <= room else FOLD
+
+
 def print_figures(figures: dict[str, Any]) -> None:
     table = Table(title="migration figures", show_header=False)
     for key, label, fmt in FIGURE_LABELS:
@@ -99,7 +113,7 @@ def print_status(st: dict[str, Any]) -> None:
     out = Console()  # the answer to `status` goes to stdout
     table = Table(title=f"agent {st.get('host_id')} at {st.get('listen')}")
     for col in ("enclave", "state", "app", "heap", "used", "tracker", "sessions", "platform"):
-        table.add_column(col)
+        table.add_column(col, **(FOLD if col in ("enclave", "platform") else {}))
     for name, e in sorted(st.get("enclaves", {}).items()):
         state = e.get("state") or e.get("status", "?")
         if e.get("heap_arriving"):
@@ -108,13 +122,16 @@ def print_status(st: dict[str, Any]) -> None:
         table.add_row(name, state, str(e.get("app", "")), format_size(int(e.get("heap_bytes") or 0)),
                       format_size(int(e["used_bytes"])) if e.get("used_bytes") is not None else "",
                       str(e.get("tracker", "")), str(e.get("sessions", "")), str(e.get("platform", "")))
-    for name, where in sorted(st.get("moved", {}).items()):
-        table.add_row(name, f"moved to {where}", "", "", "", "", "", "")
+    moved = sorted(st.get("moved", {}).items())
+    for name, _ in moved:
+        table.add_row(name, "moved", "", "", "", "", "", "")
     died = st.get("died") or {}
     for name, d in sorted(died.items()):
         table.add_row(name, "died", str(d.get("app", "")),
                       format_size(int(d.get("heap_bytes") or 0)), "", "", "", "")
     out.print(table)
+    for name, where in moved:  # an address on a line of its own: never cut by the table's width
+        out.print(f"{name}: moved to {where}", soft_wrap=True)
     for name, d in sorted(died.items()):
         out.print(f"{name}: restore with `{d['restore']}`" if d.get("restore") else
                   f"{name}: no checkpoint of it here; its state is gone", soft_wrap=True)
@@ -125,7 +142,7 @@ def print_status(st: dict[str, Any]) -> None:
     if migrations:
         hist = Table(title="recent migrations")
         for col in ("when", "enclave", "direction", "strategy", "downtime", "total"):
-            hist.add_column(col)
+            hist.add_column(col, **(FOLD if col == "enclave" else {}))
         for m in migrations[-10:]:
             when = m.get("resume_time") or m.get("stop_time")
             hist.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "",
@@ -176,17 +193,25 @@ class DrainProgress:
 
 
 def print_drain(doc: dict[str, Any]) -> None:
-    """A drain's or rebalance's final table: where each enclave went, its downtime and time, or why it
-    did not move."""
+    """A drain's or rebalance's final table: where each enclave went, its downtime and time; why each that
+    stayed did not move, below it (in full: an error is no table cell). A drain's one source is in its
+    title, a rebalance's sources in a column."""
     from constmig.units import format_size
 
     out = Console()
     table = Table(title=f"{doc['title']}: {doc['wall_s']:.1f} s")
-    for col in ("enclave", "from", "to", "outcome", "downtime", "total", "moved"):
-        table.add_column(col)
+    sources = len({m.get("from") for m in doc["moved"]}) > 1
+    cols = ("enclave", *(("from",) if sources else ()), "to", "outcome", "downtime", "total", "moved")
+    for col in cols:
+        table.add_column(col, **(whole([m.get(col) or "" for m in doc["moved"]], col, 1 + sources, out.width)
+                                 if col in ("from", "to") else FOLD if col == "enclave" else {}))
     for m in doc["moved"]:
-        table.add_row(m["name"], str(m.get("from") or ""), m["to"], "moved" if m["ok"] else f"stayed: {m['error']}",
+        table.add_row(m["name"], *((str(m.get("from") or ""),) if sources else ()), m["to"],
+                      "moved" if m["ok"] else "stayed",
                       f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
                       f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "",
                       format_size(int(m["state_bytes"])) if m.get("state_bytes") else "")
     out.print(table)
+    for m in doc["moved"]:
+        if not m["ok"]:
+            out.print(f"{m['name']} stayed: {m['error']}", soft_wrap=True)

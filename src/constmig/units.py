@@ -47,7 +47,8 @@ def available_memory() -> int:
 
 def check_writable(path: str | Path | None, flag: str, folder: bool = False) -> None:
     """Fail at once, in one line, if an output (`folder`, or a file's folder) cannot be written: before
-    the work that makes it, not after. `-` (stdout) and None pass."""
+    the work that makes it, not after. A file's folder must exist (a typo must not make folders, as
+    root at / perhaps); an output `folder` is made. `-` (stdout) and None pass."""
     if path is None or str(path) == "-":
         return
     target = Path(path)
@@ -55,6 +56,10 @@ def check_writable(path: str | Path | None, flag: str, folder: bool = False) -> 
     try:
         if not folder and target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder")
+        if not folder and not where.is_dir():
+            raise (NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} ({where} is a file)")
+                   if where.exists() else
+                   FileNotFoundError(errno.ENOENT, f"{os.strerror(errno.ENOENT)} (the folder {where} does not exist)"))
         where.mkdir(parents=True, exist_ok=True)
         probe = where / f".write-test-{os.getpid()}"
         probe.write_text("")

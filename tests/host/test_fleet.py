@@ -14,7 +14,7 @@ import time
 import pytest
 
 from constmig.errors import AgentError, ConfigError
-from constmig.host import fleet
+from constmig.host import control, fleet
 from constmig.host.fleet import HEADROOM, HostView, Move, hosts_arg, plan_drain, plan_rebalance
 
 MiB = 1 << 20
@@ -40,9 +40,9 @@ def test_an_interrupt_starts_no_further_move(monkeypatch):
         return {}
 
     def fake_request(addr, req, timeout=None):
-        assert req["op"] == "cancel"
-        if req["name"] != "kv0":
-            raise AgentError(f"no migration of {req['name']!r} is in progress on this agent (it is running)")
+        assert isinstance(req, control.Cancel)
+        if req.name != "kv0":
+            raise AgentError(f"no migration of {req.name!r} is in progress on this agent (it is running)")
         released.set()
         time.sleep(0.3)  # the agent answers once the rollback is done
         return {"cancelled": True}

@@ -18,6 +18,7 @@ import numpy as np
 
 from constmig.bench.results import dumps, machine_info, spread
 from constmig.client import EnclaveClient, Trust, pin_now
+from constmig.host import control
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.cluster import LocalCluster
 
@@ -43,7 +44,7 @@ def run_calls(rounds: int, calls: int, out: Path, quiet: bool = False) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     with LocalCluster(1) as cluster:
         a = cluster.addrs[0]
-        request(a, {"op": "run", "name": NAME, "app": "kvstore", "heap": 64 << 20, "config": {}, "plain_calls": True})
+        request(a, control.Run(name=NAME, app="kvstore", heap=64 << 20, plain_calls=True))
         trust = Trust.in_memory()  # the bench's own enclave: pinned at launch, never in the user's file
         pin_now(a, NAME, trust)
         sealed, plain = EnclaveClient(a, NAME, timeout=60, trust=trust), PlainEnclaveClient(a, NAME, timeout=60)

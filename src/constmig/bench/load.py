@@ -26,6 +26,7 @@ from constmig.bench.loadgen import PHASES, CallRecord, Fleet
 from constmig.bench.results import machine_info, split_variant
 from constmig.client import Trust
 from constmig.errors import ConfigError, ConstmigError
+from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled, migrate
@@ -69,7 +70,7 @@ def stop_anywhere(addrs: list[str], name: str) -> None:
     """Stop the enclave wherever it ended up (after a failed migration it may still be at the source)."""
     for addr in addrs:
         with contextlib.suppress(ConstmigError):
-            request(addr, {"op": "stop", "name": name}, timeout=30)
+            request(addr, control.Stop(name=name), timeout=30)
 
 
 def one_run(addrs: list[str], variant: str, *, clients: int, rate: float, duration: float, heap: int,

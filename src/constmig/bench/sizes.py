@@ -17,6 +17,7 @@ from rich.table import Table
 from constmig.bench.loadgen import migrate_under_load
 from constmig.bench.results import machine_info, split_variant, summarize
 from constmig.client import Trust
+from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled
@@ -33,7 +34,7 @@ def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill
     launch_filled(a, name, app, heap, fill, seed, trust=trust)
     figures = migrate_under_load(name, a, b, strategy, tracker, app=app if load else "", seed=seed, trust=trust)
     figures["variant"] = variant
-    request(b, {"op": "stop", "name": name})
+    request(b, control.Stop(name=name))
     return figures
 
 

@@ -37,6 +37,7 @@ from constmig.bench.loadgen import KVHammer
 from constmig.bench.results import machine_info, split_variant
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConfigError, ConstmigError
+from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
@@ -354,7 +355,7 @@ def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float =
                          f"{hammer.report.errors[0]}", None)
         with_enclave = _where_now(addr)
         if with_enclave is not None:
-            request(addr[with_enclave], {"op": "stop", "name": NAME})
+            request(addr[with_enclave], control.Stop(name=NAME))
         final, _ = settle_idle(probes, marker)
         doc["idle_after"] = final
         check_idle(idle, final, warm, problems)
@@ -423,7 +424,7 @@ def _where_now(addr: dict[str, str]) -> str | None:
     """The host whose agent runs the enclave, if any."""
     for host, a in addr.items():
         try:
-            st = request(a, {"op": "status"}, timeout=30)
+            st = request(a, control.Status(), timeout=30)
         except ConstmigError:
             continue
         if st["enclaves"].get(NAME, {}).get("status") == "running":

@@ -29,6 +29,7 @@ from constmig.errors import (
     ProtocolError,
     SessionUnknown,
 )
+from constmig.host import control
 from constmig.host.client import EnclaveRoute
 from constmig.tee.backend import Identity, VerifiedQuote
 from constmig.wire.session import Answer, ClientOpen, ClientSession, Closing, Settled, settle
@@ -198,7 +199,7 @@ class EnclaveClient:
             if closing is None and self.unsettled is not None:
                 closing = self.unsettled.get(self._key())
             hs = ClientOpen(closing)
-            accept = self.route.request({"op": "session_open", "hello": hs.hello})
+            accept = self.route.request(control.SessionOpen(name=self.name, hello=hs.hello))
             if not isinstance(accept, bytes):
                 raise ProtocolError("the agent answered a session open with something else than bytes")
             self._session = hs.finish(accept, self.trust.verify, lambda vq, about: self.trust.check(
@@ -244,7 +245,7 @@ class EnclaveClient:
         if self.unsettled is not None:  # until its answer comes, the next process must be able to close it
             self.unsettled.put(self._key(), session.closing(self._what))
         try:
-            record = self.route.request({"op": "session_call", "record": session.pending})
+            record = self.route.request(control.SessionCall(name=self.name, record=session.pending))
         except SessionUnknown:
             # Never sealed again while the old session may still run it: close that session first.
             self._closing, self._session = session.closing(self._what), None

@@ -1,5 +1,8 @@
 """Talking to an agent: one request, its progress frames, one reply; redirects followed for calls.
 
+Requests are host/control.py's structs (a test playing a hostile client may still hand a raw map); the
+reply is decoded into control.Reply, and its result handed back as the plain value it travels as.
+
 Blocking sockets on purpose: the CLI, tests and benchmark drivers are simple sequential programs,
 and the agent uses the same client from a worker thread when it talks to another agent.
 """
@@ -11,24 +14,27 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+import msgspec
+
 from constmig.errors import (
     AgentError,
     AgentUnreachable,
     ChannelClosed,
     ConstmigError,
     NoSuchEnclave,
+    ProtocolError,
     Redirect,
     SessionUnknown,
 )
-from constmig.host import admin, pki
+from constmig.host import admin, control, pki
 from constmig.host.address import parse_addr
 from constmig.wire.framing import FramedSocket
 
 MAX_REDIRECTS = 4
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # the first contact of a request that waits for its answer without a bound
 
 
-def connect(addr: str, timeout: float = 10.0) -> socket.socket:
+def connect(addr: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
     host, port = parse_addr(addr)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -40,6 +46,14 @@ def connect(addr: str, timeout: float = 10.0) -> socket.socket:
         raise AgentUnreachable(f"cannot reach agent at {addr}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def not_an_agent(addr: str, fs: FramedSocket, e: ProtocolError) -> AgentError:
+    """What to say when the first answer on a connection is no control frame (or no Reply): whatever
+    listens at `addr` (a web server, say: its "HTTP" read as a frame length) is not a constmig agent."""
+    head = fs.unread(32)
+    said = f"it answered {head!r}" if head else f"its answer is no control frame ({e})"
+    return AgentError(f"{addr} is not a constmig agent: {said}")
 
 
 class _TlsStream:
@@ -100,13 +114,17 @@ def admin_connect(addr: str, identity: pki.Identity | None = None,
                          "the admin CA's key is)")
     ctx = _tls_context(identity)
     sock = connect(addr, timeout)
+    fs = FramedSocket(sock)
     try:
-        reply = FramedSocket(sock).exchange({"op": "tls"})
-        if not reply.get("ok"):
-            raise AgentError(f"agent at {addr} takes no certificate: {reply.get('error')}")
+        try:
+            reply = control.reply(fs.exchange(control.Tls()))
+        except ProtocolError as e:
+            raise not_an_agent(addr, fs, e) from None
+        if not reply.ok:
+            raise AgentError(f"agent at {addr} takes no certificate: {reply.error}")
         tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
         sock = tls
-        tls.settimeout(admin.TLS_HANDSHAKE_S)
+        tls.settimeout(timeout)
         tls.do_handshake()
     except ssl.SSLCertVerificationError as e:
         sock.close()
@@ -117,6 +135,8 @@ def admin_connect(addr: str, identity: pki.Identity | None = None,
         raise AgentError(f"mutual TLS with agent at {addr} failed: {admin.alert_text(e)}") from None
     except (OSError, ChannelClosed) as e:
         sock.close()
+        if isinstance(e, TimeoutError) or isinstance(e.__cause__, TimeoutError):
+            raise AgentUnreachable(f"agent at {addr} did not answer in time (within {timeout:g}s)") from None
         raise AgentUnreachable(f"agent at {addr} broke off the TLS handshake: {e}") from None
     except ConstmigError:
         sock.close()
@@ -130,23 +150,32 @@ def admin_connect(addr: str, identity: pki.Identity | None = None,
 
 class AgentClient:
     """A persistent connection to one agent (reuse it for many calls). `privileged`: for admin requests
-    (see admin_connect); otherwise plain TCP, which takes client calls and sessions."""
+    (see admin_connect); otherwise plain TCP, which takes client calls and sessions.
+
+    `timeout` bounds every wait, the first contact (connect, TLS) included; None waits for answers as
+    long as they take, and CONNECT_TIMEOUT_S for the first contact."""
 
     def __init__(self, addr: str, timeout: float | None = 600.0, privileged: bool = False,
                  identity: pki.Identity | None = None) -> None:
         self.addr = addr
         self.via, self.identity = "network", identity
+        first = timeout if timeout is not None else CONNECT_TIMEOUT_S
         if privileged:
-            self.sock, self.via, self.identity = admin_connect(addr, identity)
+            self.sock, self.via, self.identity = admin_connect(addr, identity, first)
         else:
-            self.sock = connect(addr)
+            self.sock = connect(addr, first)
         self.sock.settimeout(timeout)
         self.fs = FramedSocket(cast(socket.socket, self.sock))
         self._answered = False
 
-    def request(self, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None) -> Any:
+    def request(self, req: control.Request | dict[str, Any], on_progress: Callable[[dict], None] | None = None) -> Any:
+        """Send `req`, pass its progress frames on, return its result (AgentError & co. if refused)."""
         try:
-            reply = self.fs.exchange(req, on_progress=on_progress)
+            reply = control.reply(self.fs.exchange(req, on_progress=on_progress))
+        except ProtocolError as e:
+            if self._answered:
+                raise
+            raise not_an_agent(self.addr, self.fs, e) from None
         except TimeoutError:
             raise AgentUnreachable(f"agent at {self.addr} did not answer in time") from None
         except ChannelClosed as e:
@@ -161,18 +190,18 @@ class AgentClient:
                                  f"{self.identity.folder}: {why}") from None
             raise AgentUnreachable(f"agent at {self.addr} closed the connection: {e}") from None
         self._answered = True
-        if reply.get("ok"):
-            return reply.get("result")
-        if reply.get("kind") == "AdminRefused" and self.via == "network":
-            raise AgentError(f"{reply.get('error')}; this machine has no socket of that agent and no operator "
+        if reply.ok:
+            return reply.result
+        if reply.kind == "AdminRefused" and self.via == "network":
+            raise AgentError(f"{reply.error}; this machine has no socket of that agent and no operator "
                              f"certificate in {pki.operator_dir()}")
-        if reply.get("redirect"):
-            raise Redirect(str(reply.get("error", "moved")), str(reply["redirect"]))
-        if reply.get("kind") == SessionUnknown.__name__:
-            raise SessionUnknown(str(reply.get("error", "no such session")))
-        if reply.get("kind") == NoSuchEnclave.__name__:
-            raise NoSuchEnclave(str(reply.get("error", "no such enclave")))
-        raise AgentError(str(reply.get("error", "request failed")))
+        if reply.redirect:
+            raise Redirect(reply.error or "moved", reply.redirect)
+        if reply.kind == SessionUnknown.__name__:
+            raise SessionUnknown(reply.error or "no such session")
+        if reply.kind == NoSuchEnclave.__name__:
+            raise NoSuchEnclave(reply.error or "no such enclave")
+        raise AgentError(reply.error or "request failed")
 
     def close(self) -> None:
         self.fs.close()
@@ -184,10 +213,11 @@ class AgentClient:
         self.close()
 
 
-def request(addr: str, req: dict[str, Any], on_progress: Callable[[dict], None] | None = None,
+def request(addr: str, req: control.Request | dict[str, Any], on_progress: Callable[[dict], None] | None = None,
             timeout: float | None = 600.0, identity: pki.Identity | None = None) -> Any:
-    """One request and its reply; admin requests go the admin way (admin_connect), others over plain TCP."""
-    with AgentClient(addr, timeout, privileged=admin.needs_admin(req.get("op")), identity=identity) as c:
+    """One request and its reply; admin requests go the admin way (admin_connect), others over plain TCP.
+    `timeout` bounds the first contact too (CONNECT_TIMEOUT_S when it is None)."""
+    with AgentClient(addr, timeout, privileged=admin.needs_admin(control.op(req)), identity=identity) as c:
         return c.request(req, on_progress)
 
 
@@ -221,7 +251,9 @@ class EnclaveRoute:
         self.addr = at
         return True
 
-    def request(self, req: dict[str, Any]) -> Any:
+    def request(self, req: control.Call | control.SessionOpen | control.SessionCall) -> Any:
+        """`req` to the enclave this route leads to (its name is the route's)."""
+        req = msgspec.structs.replace(req, name=self.name)
         tried = False
         if not self.addr:
             tried = self._relocate(False)
@@ -235,7 +267,7 @@ class EnclaveRoute:
                     tried = True
                     continue
             try:
-                return self._client.request({**req, "name": self.name})
+                return self._client.request(req)
             except Redirect as r:
                 self.close()
                 self.addr = r.location
@@ -267,7 +299,7 @@ class PlainEnclaveClient:
         return self.route.addr
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.route.request({"op": "call", "method": method, "args": list(args), "kwargs": kwargs})
+        return self.route.request(control.Call(name=self.route.name, method=method, args=list(args), kwargs=kwargs))
 
     def close(self) -> None:
         self.route.close()

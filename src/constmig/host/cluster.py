@@ -15,7 +15,7 @@ from pathlib import Path
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError
-from constmig.host import client
+from constmig.host import client, control
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,7 +74,7 @@ class LocalCluster:
             if self.procs[i].poll() is not None:
                 raise AgentError(f"agent {i} exited at start; see {self.base}/agent-*.log")
             try:
-                client.request(self.addrs[i], {"op": "status"}, timeout=5)
+                client.request(self.addrs[i], control.Status(), timeout=5)
                 return
             except AgentError:
                 time.sleep(0.05)
@@ -91,7 +91,7 @@ class LocalCluster:
         for i, proc in enumerate(self.procs):
             if proc.poll() is None:
                 try:
-                    client.request(self.addrs[i], {"op": "shutdown"}, timeout=5)
+                    client.request(self.addrs[i], control.Shutdown(), timeout=5)
                     proc.wait(timeout=15)
                 except (AgentError, subprocess.TimeoutExpired):
                     pass

@@ -33,6 +33,8 @@ DEFAULT_TRACKER = "auto"  # the destination picks: fault where userfaultfd works
 DEFAULT_TIMEOUT_S = 120.0  # a migration's per-step timeout
 RESUME_DEADLINE_S = 30.0  # how long a migration that broke after its handoff keeps reconnecting
 DEFAULT_CHUNK = 1 << 20
+DEFAULT_WRITE_TRACKING = "auto"  # the kernel's with the Fault Tracker, the enclave's with the Access Tracker
+DEFAULT_PREFETCH = "heap"  # the post-copy stream in heap order
 CANCEL_REASON = "cancelled by the operator"
 AGENT_TRACKERS = ("auto", *TRACKERS)  # what a request may ask of the destination
 ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
@@ -45,35 +47,33 @@ class BadRequest(ProtocolError):
     range. One line, naming the op and the field."""
 
 
-class _Invalid(BadRequest, ValueError):
-    """A field check in a struct's __post_init__: a ValueError, so that msgspec reports it as a
-    validation error of the message being decoded; a ConstmigError, so that a struct built with a bad
-    value (the CLI's) fails in one line too."""
-
-
 def _one_of(value: str, known: tuple[str, ...], what: str) -> None:
     if value not in known:
-        raise _Invalid(f"unknown {what} {value!r}; known: {', '.join(known)}")
+        raise BadRequest(f"unknown {what} {value!r}; known: {', '.join(known)}")
 
 
 class _Checked(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
-    """What every control struct checks beyond its fields' types: its waits (`SECONDS`: field name ->
-    may be zero), as units.wait_seconds says (finite, within a day)."""
+    """A control struct. Its fields' types are checked as it is decoded, and then `check()`: its waits
+    (`SECONDS`: field name -> may be zero, as units.wait_seconds says: finite, within a day) and each
+    struct's own rules. A struct built in this process is checked where it is decoded, not before."""
 
     SECONDS: ClassVar[dict[str, bool]] = {}
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """BadRequest, one line, unless every field is within its rules."""
         for name, zero in self.SECONDS.items():
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value is not msgspec.UNSET:
                 try:
                     wait_seconds(value, name, zero=zero)
                 except ConfigError as e:
-                    raise _Invalid(str(e)) from None
+                    raise BadRequest(str(e)) from None
 
 
-class Request(_Checked, tag_field="op"):
-    """A request; its struct's tag is its op."""
+class Request(_Checked, tag_field="op", omit_defaults=False):
+    """A request; its struct's tag is its op. Every field travels, defaults too: a receiver with other
+    defaults (an agent of another version, in a rolling upgrade) still does what was asked. An option
+    left unset (UNSET) travels as no entry: the receiver applies its own (a strategy's, for the rounds)."""
 
 
 # ---- what the agent runs: its spec ---------------------------------------------------------------------
@@ -146,9 +146,10 @@ class Restore(Request, tag="restore", kw_only=True):
     name: str | None = None  # default: from the file name
     release: str = ""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.release and not _RELEASE.fullmatch(self.release):
-            raise _Invalid("a release code is 64 hex digits, as the source's agent printed it")
+            raise BadRequest("a release code is 64 hex digits, as the source's agent printed it")
 
 
 class Call(Request, tag="call", kw_only=True):
@@ -185,26 +186,27 @@ class _MigrationOptions(Request, kw_only=True):
     strategy: str = DEFAULT_STRATEGY
     timeout: float = DEFAULT_TIMEOUT_S
     max_bandwidth: float = 0.0  # bytes per second for the stream while the app runs; 0 = no cap
-    max_downtime: float | None = None  # precopy, hybrid: the rounds' goal (the strategy's default if None)
-    max_rounds: int | None = None  # precopy, hybrid (the strategy's default if None)
-    write_tracking: str = "auto"
-    prefetch: str = "heap"
+    # precopy, hybrid: the rounds' goal and their number (None or unset: the strategy's)
+    max_downtime: float | None | msgspec.UnsetType = msgspec.UNSET
+    max_rounds: int | None | msgspec.UnsetType = msgspec.UNSET
+    write_tracking: str = DEFAULT_WRITE_TRACKING
+    prefetch: str = DEFAULT_PREFETCH
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.write_tracking, WRITE_TRACKING, "write tracking")
         _one_of(self.prefetch, PREFETCH, "prefetch")
         if not (math.isfinite(self.max_bandwidth) and self.max_bandwidth >= 0):
-            raise _Invalid(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
-        if self.max_rounds is not None and not 1 <= self.max_rounds <= MAX_ROUNDS:
-            raise _Invalid(f"max_rounds must be an integer from 1 to {MAX_ROUNDS}, not {self.max_rounds!r}")
+            raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
+        if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
+            raise BadRequest(f"max_rounds must be an integer from 1 to {MAX_ROUNDS}, not {self.max_rounds!r}")
 
     def options(self) -> dict[str, Any]:
         """The options as the strategies read them (strategies/: a map, without the unset ones)."""
-        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None and v is not msgspec.UNSET}
 
 
 class Migrate(_MigrationOptions, tag="migrate", kw_only=True):
@@ -217,8 +219,8 @@ class Migrate(_MigrationOptions, tag="migrate", kw_only=True):
 
     SECONDS: ClassVar[dict[str, bool]] = {**_MigrationOptions.SECONDS, "resume_deadline": True}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _one_of(self.tracker, AGENT_TRACKERS, "tracker")
 
 
@@ -251,8 +253,8 @@ class PrepareIn(Request, tag="prepare_in", kw_only=True):
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "resume_deadline": True}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.tracker, AGENT_TRACKERS, "tracker")
 
@@ -323,8 +325,8 @@ class MigrateOut(_MigrationOptions, tag="migrate_out", kw_only=True):
     token: str = ""
     tracker: str = "none"  # the destination's tracker: the rounds' write tracking follows it
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _one_of(self.tracker, ENCLAVE_TRACKERS, "tracker")
 
 
@@ -557,16 +559,27 @@ def decode(data: bytes | dict[str, Any], kind: type[T] | Any) -> T:
     cls = members.get(name) if isinstance(name, str) else None
     if members and cls is None and ("op" in data or len(members) > 1):
         raise BadRequest(f"unknown request {name!r}")
+    target = cls if cls is not None else kind
     try:
-        return msgspec.convert(data, cls if cls is not None else kind, builtin_types=_BYTES)
+        message = msgspec.convert(data, target, builtin_types=_BYTES)
     except msgspec.ValidationError as e:
-        raise BadRequest(_explain(cls, data, e)) from None
+        raise BadRequest(_explain(target, data, e)) from None
+    try:
+        message.check()
+    except BadRequest as e:
+        raise BadRequest(f"{_what(target)}: {e}") from None
+    return message
 
 
-def _explain(cls: type | None, data: dict[str, Any], e: msgspec.ValidationError) -> str:
-    """One line naming the op and the field; a wait of the wrong type says what a wait must be."""
-    what = f"bad {cls.__struct_config__.tag!r} request" if cls is not None and cls.__struct_config__.tag else \
+def _what(cls: Any) -> str:
+    tag = getattr(cls, "__struct_config__", None) and cls.__struct_config__.tag
+    return f"bad {tag!r} request" if isinstance(cls, type) and issubclass(cls, Request) else \
         f"bad {getattr(cls, '__name__', 'control message')}"
+
+
+def _explain(cls: Any, data: dict[str, Any], e: msgspec.ValidationError) -> str:
+    """One line naming the op and the field; a wait of the wrong type says what a wait must be."""
+    what = _what(cls)
     at = re.search(r"- at `\$\.(\w+)`$", str(e))
     seconds: dict[str, bool] = getattr(cls, "SECONDS", {})
     if at and at.group(1) in seconds:
@@ -582,7 +595,7 @@ def result(reply_result: Any, kind: type[T]) -> T:
     try:
         return msgspec.convert(reply_result, kind, builtin_types=_BYTES)
     except msgspec.ValidationError as e:
-        raise ProtocolError(f"malformed {kind.__name__}: {e}") from None
+        raise ProtocolError(f"malformed {getattr(kind, '__name__', kind)}: {e}") from None
 
 
 def reply(data: dict[str, Any]) -> Reply:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from constmig.errors import ConfigError, ConstmigError
+from constmig.host import control
 from constmig.host.address import parse_addr
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
@@ -57,7 +58,7 @@ def look(hosts: list[str], timeout: float = STATUS_TIMEOUT_S) -> list[HostView]:
 
     def one(v: HostView) -> None:
         try:
-            st = request(v.addr, {"op": "status"}, timeout=timeout)
+            st = request(v.addr, control.Status(), timeout=timeout)
         except ConstmigError as e:
             v.error = str(e)
             return
@@ -241,7 +242,7 @@ def _cancel_move(fut: Future, mv: Move) -> None:
     deadline = time.monotonic() + CANCEL_RETRY_S
     while not fut.done() and time.monotonic() < deadline:
         try:
-            request(mv.src, {"op": "cancel", "name": mv.name, "reason": "interrupted"}, timeout=STATUS_TIMEOUT_S)
+            request(mv.src, control.Cancel(name=mv.name, reason="interrupted"), timeout=STATUS_TIMEOUT_S)
             return
         except ConstmigError as e:
             if "commit point" in str(e) or "is over" in str(e):  # past it: the move goes on, and finishes

@@ -5,29 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from constmig.client import EnclaveClient, Trust, pin_now
+from constmig.host import control
 from constmig.host.client import request
 from constmig.progress import MigrationProgress
 
 
-def migrate(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
-            on_progress: Any = None, tracker: str = "auto", max_bandwidth: float = 0.0,
-            resume_deadline: float | None = None, **options: Any) -> dict[str, Any]:
+def migrate(name: str, src: str, dst: str, strategy: str = control.DEFAULT_STRATEGY,
+            timeout: float = control.DEFAULT_TIMEOUT_S, on_progress: Any = None, tracker: str = control.DEFAULT_TRACKER,
+            max_bandwidth: float = 0.0, resume_deadline: float | None = None, **options: Any) -> dict[str, Any]:
     """One migration; returns the source's figures plus throughput. `options`: the request's others
-    (max_downtime, max_rounds, write_tracking for the rounds; prefetch for the post-copy stream).
+    (control.Migrate: max_downtime, max_rounds, write_tracking for the rounds; prefetch for the post-copy
+    stream; None leaves one at its default).
 
-    `resume_deadline` (seconds; the agent's default if None, 0 = never) bounds how long a migration
-    that broke after its handoff keeps reconnecting before it fails (the source keeps its state)."""
-    figures = request(src, {"op": "migrate", "name": name, "to": dst, "strategy": strategy, "tracker": tracker,
-                            "timeout": timeout, "max_bandwidth": max_bandwidth, **options,
-                            **({"resume_deadline": resume_deadline} if resume_deadline is not None else {})},
-                      on_progress=on_progress, timeout=None)
+    `resume_deadline` (seconds; the default if None, 0 = never) bounds how long a migration that broke
+    after its handoff keeps reconnecting before it fails (the source keeps its state)."""
+    if resume_deadline is not None:
+        options["resume_deadline"] = resume_deadline
+    req = control.Migrate(name=name, to=dst, strategy=strategy, tracker=tracker, timeout=timeout,
+                          max_bandwidth=max_bandwidth, **{k: v for k, v in options.items() if v is not None})
+    figures = request(src, req, on_progress=on_progress, timeout=None)
     if figures.get("migrate_s"):  # attestation to DONE: the enclaves' own transfer rate
         figures["throughput_gbps"] = figures["state_bytes"] / figures["migrate_s"] / 1e9
     return figures
 
 
-def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout: float = 120.0,
-                          verify: bool = False, quiet: bool = False, tracker: str = "auto",
+def migrate_with_progress(name: str, src: str, dst: str, strategy: str = control.DEFAULT_STRATEGY,
+                          timeout: float = control.DEFAULT_TIMEOUT_S,
+                          verify: bool = False, quiet: bool = False, tracker: str = control.DEFAULT_TRACKER,
                           max_bandwidth: float = 0.0, resume_deadline: float | None = None,
                           trust: Trust | None = None, **options: Any) -> dict[str, Any]:
     """migrate(), with a progress bar and an optional checksum comparison before/after. Both checksums are
@@ -43,10 +47,10 @@ def migrate_with_progress(name: str, src: str, dst: str, strategy: str, timeout:
     return figures
 
 
-def resume(name: str, src: str, timeout: float = 120.0, resume_deadline: float = 30.0,
-           on_progress: Any = None) -> dict[str, Any]:
+def resume(name: str, src: str, timeout: float = control.DEFAULT_TIMEOUT_S,
+           resume_deadline: float = control.RESUME_DEADLINE_S, on_progress: Any = None) -> dict[str, Any]:
     """Resume a migration out of `src` that paused after its handoff and gave up reconnecting."""
-    return request(src, {"op": "resume", "name": name, "timeout": timeout, "resume_deadline": resume_deadline},
+    return request(src, control.Resume(name=name, timeout=timeout, resume_deadline=resume_deadline),
                    on_progress=on_progress, timeout=None)
 
 
@@ -67,7 +71,7 @@ def launch_filled(addr: str, name: str, app: str, heap: int, fill: float, seed: 
 
     Returns the client-written keys and values, for checking after a migration.
     """
-    request(addr, {"op": "run", "name": name, "app": app, "heap": heap, "chunk_size": chunk_size, "config": {}})
+    request(addr, control.Run(name=name, app=app, heap=heap, chunk_size=chunk_size))
     trust = trust if trust is not None else Trust.default()
     pin_now(addr, name, trust)
     c = EnclaveClient(addr, name, trust=trust)

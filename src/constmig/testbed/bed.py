@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from constmig.client.trust import default_ca_dir
-from constmig.errors import AgentError, ConstmigError
-from constmig.host import admin, client
+from constmig.errors import AgentError, AgentUnreachable, ConstmigError
+from constmig.host import admin, client, control
 from constmig.testbed import cmd, netns, shaping, state
 from constmig.testbed.spec import (
     HostPlan,
@@ -35,7 +35,6 @@ from constmig.testbed.spec import (
     make_layout,
     parse_hosts,
 )
-from constmig.wire.framing import FramedSocket
 
 AGENT_READY_TIMEOUT = 60.0
 
@@ -52,19 +51,14 @@ def _alive(pid: int | None) -> bool:
 
 
 def agent_answers(addr: str, timeout: float = 2.0) -> dict[str, Any]:
-    """One ping (open to anyone: it crosses the host's link) with `timeout` for the connect too
-    (client.request waits 10 s to connect)."""
-    sock = client.connect(addr, timeout)
+    """One ping (open to anyone: it crosses the host's link), `timeout` bounding the connect too."""
     try:
-        sock.settimeout(timeout)
-        reply = FramedSocket(sock).exchange({"op": "ping"})
-    except (TimeoutError, ConstmigError, OSError) as e:
+        answer = client.request(addr, control.Ping(), timeout=timeout)
+    except AgentUnreachable as e:
         raise AgentError(f"agent at {addr} did not answer: {e}") from None
-    finally:
-        sock.close()
-    if not reply.get("ok"):
-        raise AgentError(f"agent at {addr} refused a ping: {reply.get('error')}")
-    return reply.get("result") or {}
+    except (ConstmigError, OSError) as e:
+        raise AgentError(f"agent at {addr} refused a ping: {e}") from None
+    return control.builtins(control.result(answer, control.PingResult))
 
 
 def free_subnet(taken: set[int]) -> int:

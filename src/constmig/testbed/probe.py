@@ -166,13 +166,14 @@ def udp_loss(bed: Testbed, src: str, dst: str, count: int = 5000, interval_s: fl
 
 def request_rtt(addr: str, n: int = 5) -> float:
     """Smallest time of n pings to an agent over one connection (plain TCP, across the link), in seconds."""
+    from constmig.host import control
     from constmig.host.client import AgentClient
 
     best = float("inf")
     with AgentClient(addr, timeout=30) as c:
         for _ in range(n):
             t0 = time.perf_counter()
-            c.request({"op": "ping"})
+            c.request(control.Ping())
             best = min(best, time.perf_counter() - t0)
     return best
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from constmig.client import EnclaveClient, Trust, pin_now
 from constmig.errors import ConstmigError
+from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import migrate
@@ -48,7 +49,7 @@ def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed
     report = MigrationReport(app)
     with LocalCluster(2) as cluster:
         a, b = cluster.addrs
-        request(a, {"op": "run", "name": "under-test", "app": app, "heap": heap, "config": config or {}})
+        request(a, control.Run(name="under-test", app=app, heap=heap, config=config or {}))
         trust = Trust.in_memory()  # pinned at launch: every later client must meet this very instance
         pin_now(a, "under-test", trust)
         with EnclaveClient(a, "under-test", timeout=timeout, trust=trust) as c:

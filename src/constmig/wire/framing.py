@@ -115,6 +115,10 @@ class FramedSocket:
                 raise ChannelClosed("connection closed by peer")
             self._buf += data
 
+    def unread(self, n: int) -> bytes:
+        """Up to `n` bytes received and not consumed yet (what a peer that speaks no frames sent)."""
+        return bytes(self._buf[:n])
+
     def recv(self) -> tuple[dict[str, Any], list[int]]:
         """One frame and the file descriptors that arrived with it (the caller owns them)."""
         self._fill(_LEN.size)
