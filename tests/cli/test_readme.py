@@ -130,6 +130,7 @@ def test_readme_by_hand_commands_run_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.bench
 @pytest.mark.timeout(300)
 def test_readme_bench_calls_command_runs_as_written(tmp_path: Path) -> None:
     """The sealed-session cost command the README shows, exactly, and the file it says it writes."""

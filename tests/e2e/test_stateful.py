@@ -108,7 +108,7 @@ from constmig.host.cluster import LocalCluster
 from constmig.migration.strategies import ROUNDS
 from constmig.migration.uffd import preflight
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stateful]
 
 EXAMPLES = int(os.environ.get("CONSTMIG_STATEFUL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("CONSTMIG_STATEFUL_STEPS", "10"))
