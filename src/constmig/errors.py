@@ -13,6 +13,11 @@ broken rule never is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from constmig.enclave.lifecycle import Life
+
 
 class ConstmigError(Exception):
     """Base of every expected failure; str(e) is a complete one-line message."""
@@ -76,11 +81,12 @@ class UffdError(ConstmigError):
 class EnclaveError(ConstmigError):
     """An ECALL failed inside the enclave, or the enclave is in the wrong lifecycle state.
 
-    Seen from the agent, `state` is the enclave's lifecycle state when it answered (None when the
-    enclave could not say, e.g. its process is gone) and `tombstone` says that the instance gave an
-    incoming migration up after READY and stays to answer the source's reconnect with ABORT."""
+    Seen from the agent, `state` is the enclave's lifecycle state when it answered (enclave/lifecycle.py's
+    Life; None when the enclave could not say, e.g. its process is gone) and `tombstone` says that the
+    instance gave an incoming migration up after READY and stays to answer the source's reconnect with
+    ABORT."""
 
-    def __init__(self, message: str, state: str | None = None, tombstone: bool = False) -> None:
+    def __init__(self, message: str, state: Life | None = None, tombstone: bool = False) -> None:
         super().__init__(message)
         self.state = state
         self.tombstone = tombstone

@@ -4,6 +4,8 @@ It never holds a key that opens enclave data: a migration's bytes go over a TCP 
 two agents set up between themselves and then hand, as a file descriptor, to the two enclaves.
 One port serves clients, other agents, and migration data connections (the first frame says which);
 admin requests need the local socket or mutual TLS on that port (host/admin.py says who may ask what).
+Every request is decoded once, at dispatch, into its host/control.py struct: an unknown op or a bad field
+is refused in one line there, and the handlers read typed fields with control's defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.enclave.dirty import MECHANISMS
+from constmig.enclave.lifecycle import Life
 from constmig.errors import (
     AgentError,
     ChannelClosed,
@@ -41,7 +42,7 @@ from constmig.errors import (
     Redirect,
     SessionUnknown,
 )
-from constmig.host import admin, client, pki
+from constmig.host import admin, client, control, pki
 from constmig.host.address import parse_addr
 from constmig.host.directory import LEASE_TTL_S, Directory, parse_etcd_url
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
@@ -49,18 +50,18 @@ from constmig.host.metrics import AgentMetrics, CallRate
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.migration import strategies
-from constmig.migration.constants import DATA_CHANNELS, PREFETCH
+from constmig.migration.constants import DATA_CHANNELS
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
-from constmig.units import available_memory, format_size, resident_bytes, wait_seconds
+from constmig.units import available_memory, format_size, resident_bytes
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
-TRACKERS = ("auto", *strategies.TRACKERS)
+TRACKERS = control.AGENT_TRACKERS
 PAUSE_CHECK_S = 0.5  # how often a long call checks whether the enclave's stream is paused
 RETRIES = 4  # a call refused by an enclave that just stopped for a migration is tried again this often
-RESUME_DEADLINE_S = 30.0  # default: how long a paused migration keeps trying to reconnect
+RESUME_DEADLINE_S = control.RESUME_DEADLINE_S  # default: how long a paused migration keeps trying to reconnect
 STATUS_WAIT_S = 10.0  # a small request to another agent (drop a prepared instance)
 CANCEL_WAIT_S = 10.0
 GONE_ANSWERS = 3  # a paused migration stops reconnecting after the destination says this often it has no copy
@@ -395,9 +396,8 @@ class Agent:
                 log.warning("enclave %s is %s: it dies with the agent", name, hosted.status.value)
                 continue
             try:
-                done = await asyncio.wait_for(hosted.handle.call({
-                    "op": "checkpoint", "folder": str(self.state_dir / "checkpoints"), "name": name,
-                    "final": True}), TERM_WAIT_S)
+                done = await asyncio.wait_for(hosted.handle.call(control.Seal(
+                    folder=str(self.state_dir / "checkpoints"), name=name, final=True)), TERM_WAIT_S)
                 log.warning("enclave %s checkpointed to %s; after a restart: constmig restore %s --agent %s "
                             "--name %s", name, done["path"], done["path"], self.listen, name)
             except (ConstmigError, TimeoutError) as e:
@@ -447,10 +447,10 @@ class Agent:
         """The `tls` request: say yes, then mutual TLS on this connection; its certificate says who asks
         from now on. None: the handshake failed (a certificate from another CA, expired, none)."""
         if caller.via != "network":
-            await write_frame(writer, {"ok": False, "error": "this connection is authenticated already"})
+            await write_frame(writer, control.refused("this connection is authenticated already"))
             return caller
         writer.transport.pause_reading()  # the handshake's first bytes are for TLS, not for this reader
-        await write_frame(writer, {"ok": True})
+        await write_frame(writer, control.ok())
         try:
             await writer.start_tls(self._tls_server, ssl_handshake_timeout=admin.TLS_HANDSHAKE_S)
         except (ssl.SSLError, OSError, TimeoutError) as e:
@@ -465,40 +465,46 @@ class Agent:
         try:
             while True:
                 try:
-                    req = await read_frame(reader)
+                    frame = await read_frame(reader)
                 except ChannelClosed:
                     return
-                op = req.get("op")
-                if op == "tls":
+                op = frame.get("op")
+                why = admin.refusal(op, caller)  # by the op alone: a stranger's fields are not even read
+                if why is not None:
+                    log.info("refused %r from %s", op, caller.describe())
+                    await write_frame(writer, control.refused(why, kind="AdminRefused"))
+                    continue
+                try:
+                    req = control.decode(frame, control.AgentRequest)
+                except control.BadRequest as e:
+                    log.info("refused a malformed request from %s: %s", caller.describe(), e)
+                    await write_frame(writer, control.refused(str(e)))
+                    if op == "data":
+                        return  # a data connection gets one answer
+                    continue
+                if isinstance(req, control.Tls):
                     upgraded = await self._upgrade(reader, writer, caller)
                     if upgraded is None:
                         return
                     caller = upgraded
                     continue
-                if op == "data":
+                if isinstance(req, control.Data):
                     if caller.via != "network":  # its socket goes to the enclave as it is: plain TCP only
-                        await write_frame(writer, {"ok": False, "error": "data connections are plain TCP"})
+                        await write_frame(writer, control.refused("data connections are plain TCP"))
                         return
                     await self._on_data(req, writer)
                     return
-                why = admin.refusal(op, caller)
-                if why is not None:
-                    log.info("refused %r from %s", op, caller.describe())
-                    await write_frame(writer, {"ok": False, "error": why, "kind": "AdminRefused"})
-                    continue
-                watcher = asyncio.create_task(self._cancel_when_gone(reader, str(req.get("name")))) \
-                    if req.get("op") == "migrate" else None
+                watcher = asyncio.create_task(self._cancel_when_gone(reader, req.name)) \
+                    if isinstance(req, control.Migrate) else None
                 try:
-                    result = await self._dispatch(req, writer)
-                    reply: dict[str, Any] = {"ok": True, "result": result}
+                    reply = control.ok(await self._dispatch(req, writer))
                 except Redirect as r:
-                    reply = {"ok": False, "error": str(r), "redirect": r.location}
+                    reply = control.refused(str(r), redirect=r.location)
                 except ConstmigError as e:
-                    if req.get("op") == "migrate":
-                        log.warning("migration of %s failed: %s", req.get("name"), e)
-                    reply = {"ok": False, "error": str(e), **({"kind": type(e).__name__}
-                                                               if isinstance(e, SessionUnknown | NoSuchEnclave)
-                                                               else {})}
+                    if isinstance(req, control.Migrate):
+                        log.warning("migration of %s failed: %s", req.name, e)
+                    reply = control.refused(str(e), **({"kind": type(e).__name__}
+                                                      if isinstance(e, SessionUnknown | NoSuchEnclave) else {}))
                 finally:
                     if watcher is not None:  # gone before the next read: one reader at a time
                         watcher.cancel()
@@ -536,8 +542,7 @@ class Agent:
 
     async def _drop_remote(self, to: str, name: str) -> None:
         try:
-            await asyncio.to_thread(client.request, to, {"op": "drop_in", "name": name}, None, STATUS_WAIT_S,
-                                    self.tls)
+            await asyncio.to_thread(client.request, to, control.DropIn(name=name), None, STATUS_WAIT_S, self.tls)
         except ConstmigError as e:
             log.info("the destination %s keeps its prepared instance of %s until it times out: %s", to, name, e)
 
@@ -554,8 +559,8 @@ class Agent:
             except ConstmigError as e:
                 log.info("migration of %s goes on without the command that started it: %s", name, e)
 
-    async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
-        op = req.get("op")
+    async def _dispatch(self, req: control.Request, writer: asyncio.StreamWriter) -> Any:
+        op = control.op(req)
         if self._terminating is not None and op not in ("status", "ping"):
             raise AgentError(f"agent {self.host_id} is stopping ({self._terminating}); it takes no new requests")
         handler = {
@@ -574,10 +579,10 @@ class Agent:
             "resume": self.op_resume,
             "prepare_in": self.op_prepare_in,
             "shutdown": self.op_shutdown,
-        }.get(str(op))
-        if handler is None:
+        }.get(op)
+        if handler is None:  # a request of the protocol this agent does not serve here
             raise AgentError(f"unknown request {op!r}")
-        return await handler(req, writer)
+        return await handler(req, writer)  # type: ignore[operator]
 
     def _get(self, name: Any) -> Hosted:
         name = str(name)
@@ -592,27 +597,27 @@ class Agent:
         return hosted
 
     # ---- operations ----
-    async def op_ping(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_ping(self, req: control.Ping, writer: Any) -> control.PingResult:
         """Open to anyone: the agent answers, and its name (no enclave is named)."""
-        return {"host_id": self.host_id, "listen": self.listen}
+        return control.PingResult(host_id=self.host_id, listen=self.listen)
 
-    async def op_status(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_status(self, req: control.Status, writer: Any) -> control.AgentStatus:
         out = {}
         for name, hosted in list(self.enclaves.items()):  # a call below may let an entry go meanwhile
             info: dict[str, Any] = {"status": hosted.status.value, "app": hosted.handle.spec.app,
                                     "heap_bytes": hosted.handle.spec.heap, "calls_per_s": hosted.calls.per_second()}
             if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
-                    info.update(await hosted.handle.call({"op": "status"}))
+                    info.update(await hosted.handle.call(control.EnclaveStatus()))
             if hosted.release and hosted.status in (S.PAUSED, S.RESUMING, S.FAILED):
                 info["recovery"] = self._recovery(name, hosted.moving_to, hosted.release)
             out[name] = info
-        return {"host_id": self.host_id, "listen": self.listen, "enclaves": out, "moved": dict(self.moved),
-                "migrations": self.history[-20:], "died": dict(self.died), "metrics_url": self.metrics.url,
-                "directory": self.etcd,
-                "admin": {"socket": str(self.admin_sock), "certificate": str(self.tls.folder),
-                          "expires": f"{self.tls.not_after:%Y-%m-%d %H:%M} UTC"},
-                "memory": {"available": available_memory(), "promised": self._promised()}}
+        return control.AgentStatus(
+            host_id=self.host_id, listen=self.listen, enclaves=out, moved=dict(self.moved),
+            migrations=self.history[-20:], died=dict(self.died), metrics_url=self.metrics.url, directory=self.etcd,
+            admin={"socket": str(self.admin_sock), "certificate": str(self.tls.folder),
+                   "expires": f"{self.tls.not_after:%Y-%m-%d %H:%M} UTC"},
+            memory={"available": available_memory(), "promised": self._promised()})
 
     async def _clear_tombstone(self, name: str) -> None:
         """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
@@ -648,8 +653,8 @@ class Agent:
         return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
                                           restore, release)
 
-    async def op_run(self, req: dict[str, Any], writer: Any) -> Any:
-        spec = LaunchSpec.from_wire(req)
+    async def op_run(self, req: control.Run, writer: Any) -> Any:
+        spec = req.spec()
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         await self._dir_check_free(spec.name)
@@ -659,27 +664,25 @@ class Agent:
         await self._dir_claim(spec.name)
         log.info("enclave %s started: app %s, heap %s, pid %d", spec.name, spec.app, format_size(spec.heap),
                  handle.proc.pid)
-        return await handle.call({"op": "status"})
+        return await handle.call(control.EnclaveStatus())
 
-    async def op_checkpoint(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_checkpoint(self, req: control.Checkpoint, writer: Any) -> Any:
         """Have the enclave seal its state into this agent's checkpoint folder (see enclave/persist.py)."""
-        hosted = self._get(req.get("name"))
+        hosted = self._get(req.name)
         if hosted.status is not S.RUNNING:
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; cannot checkpoint it now")
+            raise AgentError(f"enclave {req.name!r} is {hosted.status.value}; cannot checkpoint it now")
         spec = hosted.handle.spec
-        return await hosted.handle.call({"op": "checkpoint", "folder": str(self.state_dir / "checkpoints"),
-                                         "name": spec.name})
+        return await hosted.handle.call(control.Seal(folder=str(self.state_dir / "checkpoints"), name=spec.name))
 
-    async def op_restore(self, req: dict[str, Any], writer: Any) -> Any:
-        """Start an enclave from a sealed checkpoint; the enclave itself refuses a stale or foreign one."""
+    async def op_restore(self, req: control.Restore, writer: Any) -> Any:
+        """Start an enclave from a sealed checkpoint; the enclave itself refuses a stale or foreign one.
+        (A release code is 64 hex digits: control.Restore checked it as it was decoded.)"""
         from constmig.enclave.persist import read_header
 
-        path = Path(str(req.get("path")))
-        release = str(req.get("release") or "")
-        if release and not re.fullmatch(r"[0-9a-f]{64}", release):
-            raise AgentError("a release code is 64 hex digits, as the source's agent printed it")
+        path = Path(req.path)
+        release = req.release
         header = read_header(path)
-        spec = LaunchSpec(str(req.get("name") or path.name.split(".")[0]), header.app, header.heap,
+        spec = LaunchSpec(req.name or path.name.split(".")[0], header.app, header.heap,
                           header.chunk_size, dict(header.config), header.plain_calls)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
@@ -688,28 +691,27 @@ class Agent:
         handle = await self._launch(spec, "restore", restore=path.resolve(), release=release)
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
         await self._dir_claim(spec.name)
-        return await handle.call({"op": "status"})
+        return await handle.call(control.EnclaveStatus())
 
-    async def op_call(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_call(self, req: control.Call, writer: Any) -> Any:
         """An unsealed ECALL (only enclaves launched with --plain-calls take it)."""
-        return await self._admit(req, {"op": "ecall", "name": req.get("method"), "args": req.get("args") or [],
-                                       "kwargs": req.get("kwargs") or {}})
+        return await self._admit(req.name, control.Ecall(name=req.method, args=req.args, kwargs=req.kwargs))
 
-    async def op_session_open(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_session_open(self, req: control.SessionOpen, writer: Any) -> Any:
         """A client opens an attested session with an enclave: its Hello in, the enclave's Accept out.
         The agent forwards bytes it can neither read nor forge (wire/session.py)."""
-        return await self._admit(req, {"op": "session_open", "hello": req.get("hello")})
+        return await self._admit(req.name, control.EnclaveSessionOpen(hello=req.hello))
 
-    async def op_session_call(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_session_call(self, req: control.SessionCall, writer: Any) -> Any:
         """One sealed request of a client's session, forwarded like a call (and redirected like one)."""
-        return await self._admit(req, {"op": "session_call", "record": req.get("record")})
+        return await self._admit(req.name, control.EnclaveSessionCall(record=req.record))
 
-    async def _admit(self, req: dict[str, Any], inner: dict[str, Any]) -> Any:
+    async def _admit(self, name: str, inner: control.Request) -> Any:
         """Send `inner` to the named enclave once it runs here; redirect when it has moved. Each answered
         call's wait goes into the call-latency metric."""
         t0, moving = time.monotonic(), False
         for _ in range(RETRIES):
-            hosted = self._get(req.get("name"))
+            hosted = self._get(name)
             status = hosted.status
             if status is S.PAUSED:
                 raise AgentError(self._paused_error(hosted))
@@ -733,9 +735,9 @@ class Agent:
                 # migration settles, the call goes wherever the enclave runs (here again, or a redirect).
                 moving = True
                 await hosted.settled.wait()
-        raise AgentError(f"enclave {req.get('name')!r} kept moving; the call did not run (try again)")
+        raise AgentError(f"enclave {name!r} kept moving; the call did not run (try again)")
 
-    async def _ecall(self, hosted: Hosted, inner: dict[str, Any]) -> Any:
+    async def _ecall(self, hosted: Hosted, inner: control.Request) -> Any:
         hosted.calls.record()
         call = asyncio.ensure_future(hosted.handle.call(inner))
         while True:
@@ -760,12 +762,12 @@ class Agent:
                 "is unknown; the source agent holds the missing data while it runs (if it died, that data is lost: "
                 "docs/reliability.md)")
 
-    async def op_stop(self, req: dict[str, Any], writer: Any) -> Any:
-        name = str(req.get("name"))
-        hosted = self.enclaves.get(name) if req.get("force") else None
+    async def op_stop(self, req: control.Stop, writer: Any) -> Any:
+        name = req.name
+        hosted = self.enclaves.get(name) if req.force else None
         hosted = hosted or self._get(name)
         status = hosted.status
-        if status in HOLDS_UNDELIVERED and not req.get("force"):
+        if status in HOLDS_UNDELIVERED and not req.force:
             raise AgentError(f"enclave {name!r} is {status.value}: it holds heap data its migration has not "
                              "delivered; stopping it loses that data (use --force if that is what you want)")
         if status not in STOPPABLE:
@@ -776,18 +778,18 @@ class Agent:
         log.info("enclave %s stopped", name)
         return "stopped"
 
-    async def op_cancel(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_cancel(self, req: control.Cancel, writer: Any) -> control.CancelResult:
         """Cancel a migration out of here that has not reached its commit point; the enclave runs on here."""
-        name = str(req.get("name"))
+        name = req.name
         hosted = self.enclaves.get(name)
         if hosted is None:
             if name in self.moved:
                 raise AgentError(f"the migration of {name!r} is over: it runs on {self.moved[name]}; a finished "
                                  "migration cannot be undone (migrate it back)")
             raise AgentError(f"no enclave named {name!r} on this agent")
-        return await self._cancel(hosted, str(req.get("reason") or "cancelled by the operator"))
+        return await self._cancel(hosted, req.reason or control.CANCEL_REASON)
 
-    async def _cancel(self, hosted: Hosted, reason: str) -> dict[str, Any]:
+    async def _cancel(self, hosted: Hosted, reason: str) -> control.CancelResult:
         name = hosted.handle.spec.name
         status = hosted.status
         if status in (S.HANDED_OFF, S.PAUSED):
@@ -800,8 +802,8 @@ class Agent:
         hosted.cancelled.set()
         if status is S.MIGRATING_OUT:
             try:
-                await asyncio.wait_for(hosted.handle.call({"op": "cancel_out", "reason": reason,
-                                                           "token": hosted.token}), CANCEL_WAIT_S)
+                await asyncio.wait_for(hosted.handle.call(control.CancelOut(reason=reason, token=hosted.token)),
+                                       CANCEL_WAIT_S)
             except TimeoutError:
                 raise AgentError(f"the enclave {name!r} did not answer the cancel in time") from None
             except ConstmigError as e:
@@ -815,12 +817,12 @@ class Agent:
         if hosted.status is not S.RUNNING:
             raise AgentError(f"the migration of {name!r} reached its commit point before the cancel; it goes on "
                              f"(it is {hosted.status.value})")
-        return {"cancelled": True, "name": name, "state": "running", "on": self.listen}
+        return control.CancelResult(cancelled=True, name=name, state=Life.RUNNING, on=self.listen)
 
-    async def op_drop_in(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_drop_in(self, req: control.DropIn, writer: Any) -> Any:
         """The source gave up before sending any data (cancelled, failed): drop the empty instance prepared
         here, which holds nothing of the enclave."""
-        name = str(req.get("name"))
+        name = req.name
         hosted = self.enclaves.get(name)
         if hosted is None or hosted.status is not S.INCOMING or hosted.receiving:
             raise AgentError(f"no prepared, unconnected incoming enclave named {name!r} here")
@@ -838,83 +840,81 @@ class Agent:
         await hosted.handle.stop()
         log.info("incoming enclave %s dropped before any data came: %s", name, why)
 
-    async def op_shutdown(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_shutdown(self, req: control.Shutdown, writer: Any) -> Any:
         self._stopping.set()
         return "shutting down"
 
-    async def op_prepare_in(self, req: dict[str, Any], writer: Any) -> Any:
+    async def op_prepare_in(self, req: control.PrepareIn, writer: Any) -> control.PrepareInResult:
         """Another agent wants to migrate an enclave here: start an empty instance of it."""
-        spec = LaunchSpec.from_wire(req.get("spec") or {})
-        strategy = _strategy(req.get("strategy", "stopcopy"))
-        tracker, reason = choose_tracker(str(req.get("tracker", "auto"))) if strategy.needs_tracker else \
+        spec = req.spec
+        strategy = strategies.get(req.strategy)
+        tracker, reason = choose_tracker(req.tracker) if strategy.needs_tracker else \
             ("none", f"{strategy.name} needs no tracker")
-        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
         await self._clear_tombstone(spec.name)
         self._check_new(spec)
         handle = await self._launch(spec, "incoming", tracker)
-        hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections, resume_deadline=deadline,
-                        came_from=str(req.get("from") or ""))
+        hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections,
+                        resume_deadline=req.resume_deadline, came_from=req.source)
         self.enclaves[spec.name] = hosted
-        wait = _seconds(req.get("timeout", 120.0), "timeout")  # a source that never connects frees the name
+        wait = req.timeout  # a source that never connects frees the name
         asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(self._drop_unconnected(
             hosted, f"no data connection came within {wait:g} s")))
-        return {"host_id": self.host_id, "tracker": tracker, "tracker_reason": reason}
+        return control.PrepareInResult(host_id=self.host_id, tracker=tracker, tracker_reason=reason)
 
-    async def _on_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _on_data(self, req: control.Data, writer: asyncio.StreamWriter) -> None:
         """Hand this connection to the incoming enclave: from now on only ciphertext flows on it."""
-        name = str(req.get("name"))
-        channel = str(req.get("channel", "main"))
+        name, channel = req.name, req.channel
         hosted = self.enclaves.get(name)
-        if req.get("resume"):
+        if req.resume:
             await self._on_resume_data(req, writer)
             return
         if hosted is None or hosted.status is not S.INCOMING:
-            await write_frame(writer, {"ok": False, "error": f"no incoming enclave named {name!r} here"})
+            await write_frame(writer, control.refused(f"no incoming enclave named {name!r} here"))
             return
         wanted = DATA_CHANNELS[:hosted.connections]
         if channel not in wanted or channel in hosted.data_fds:
-            await write_frame(writer, {"ok": False, "error": f"unexpected data connection {channel!r} for {name!r}"})
+            await write_frame(writer, control.refused(f"unexpected data connection {channel!r} for {name!r}"))
             return
         transport = writer.transport
         transport.pause_reading()  # the source sends nothing more until it has our answer
         sock = writer.get_extra_info("socket")
         hosted.data_fds[channel] = os.dup(sock.fileno())
-        await write_frame(writer, {"ok": True})
+        await write_frame(writer, control.ok())
         if len(hosted.data_fds) == len(wanted):
             hosted.receiving = True
             fds = [hosted.data_fds[c] for c in wanted]
             hosted.data_fds = {}
-            asyncio.create_task(self._run_incoming(hosted, fds, req.get("timeout", 120.0)))
+            asyncio.create_task(self._run_incoming(hosted, fds, req.timeout))
 
-    async def _on_resume_data(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _on_resume_data(self, req: control.Data, writer: asyncio.StreamWriter) -> None:
         """A reconnect of a paused migration into an enclave here: pass the connections to its resume socket."""
-        name, channel = str(req.get("name")), str(req.get("channel", "main"))
+        name, channel = req.name, req.channel
         hosted = self.enclaves.get(name)
-        n = req.get("resume")
+        n = req.resume
         if hosted is not None and hosted.status is S.EXITED:
-            await write_frame(writer, {"ok": False, "gone": True,
-                                       "error": f"enclave {name!r} here has exited (its process is gone, code "
-                                                f"{hosted.handle.proc.returncode}); it takes no reconnect"})
+            await write_frame(writer, control.refused(
+                f"enclave {name!r} here has exited (its process is gone, code {hosted.handle.proc.returncode}); "
+                "it takes no reconnect", gone=True))
             return
         # incoming: past READY a reconnect stands for a lost COMMIT; aborted: it is answered with ABORT
         if hosted is None or hosted.status not in TAKES_RECONNECT or n not in (1, 2):
-            await write_frame(writer, {"ok": False, "gone": True,
-                                       "error": f"no enclave named {name!r} here takes a reconnect"})
+            await write_frame(writer, control.refused(f"no enclave named {name!r} here takes a reconnect",
+                                                      gone=True))
             return
         wanted = DATA_CHANNELS[:n]
         if channel not in wanted:
-            await write_frame(writer, {"ok": False, "error": f"unexpected reconnect channel {channel!r}"})
+            await write_frame(writer, control.refused(f"unexpected reconnect channel {channel!r}"))
             return
         if channel in hosted.resume_fds:  # a stale half of an earlier attempt: this one replaces it
             os.close(hosted.resume_fds.pop(channel))
         writer.transport.pause_reading()
         hosted.resume_fds[channel] = os.dup(writer.get_extra_info("socket").fileno())
-        await write_frame(writer, {"ok": True})
+        await write_frame(writer, control.ok())
         if len(hosted.resume_fds) == n:
             fds = [hosted.resume_fds.pop(c) for c in wanted]
-            asyncio.create_task(self._run_resume(hosted, fds, req.get("timeout", 120.0)))
+            asyncio.create_task(self._run_resume(hosted, fds, req.timeout))
 
-    async def _run_resume(self, hosted: Hosted, fds: list[int], timeout: Any) -> None:
+    async def _run_resume(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
         path = hosted.handle.sock_path.with_suffix(".resume.sock")
         try:
             await asyncio.to_thread(_resume_request, path, fds, timeout)  # the enclave checks the timeout
@@ -926,11 +926,11 @@ class Agent:
             for fd in fds:
                 os.close(fd)
 
-    async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: Any) -> None:
+    async def _run_incoming(self, hosted: Hosted, fds: list[int], timeout: float) -> None:
         name = hosted.handle.spec.name
         try:  # the enclave checks the timeout the source's agent asked for
-            result = await hosted.handle.call({"op": "migrate_in", "timeout": timeout,
-                                               "commit_wait": hosted.resume_deadline}, fds=fds)
+            result = await hosted.handle.call(control.MigrateIn(timeout=timeout, commit_wait=hosted.resume_deadline),
+                                              fds=fds)
             hosted.move(S.INCOMING, S.RUNNING)
             self.moved.pop(name, None)  # it came back: calls are ours again
             await self._dir_claim(name)
@@ -959,31 +959,23 @@ class Agent:
         if self.enclaves.get(name) is hosted and hosted.status is S.ABORTED:
             await self._clear_tombstone(name)
 
-    async def op_migrate(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
-        hosted = self._get(req.get("name"))
+    async def op_migrate(self, req: control.Migrate, writer: asyncio.StreamWriter) -> Any:
+        """(Its strategy, tracker, stream options and waits were checked as it was decoded.)"""
+        hosted = self._get(req.name)
         if hosted.status is not S.RUNNING:
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; cannot migrate it now")
-        to = str(req.get("to"))
+            raise AgentError(f"enclave {req.name!r} is {hosted.status.value}; cannot migrate it now")
+        to = req.to
         if parse_addr(to) == parse_addr(self.listen):
-            raise AgentError(f"enclave {req.get('name')!r} already runs on this agent ({self.listen}); migrate it "
+            raise AgentError(f"enclave {req.name!r} already runs on this agent ({self.listen}); migrate it "
                              "--to another agent")
-        strategy = _strategy(req.get("strategy", "stopcopy")).name
-        tracker = str(req.get("tracker", "auto"))
-        if tracker not in TRACKERS:
-            raise AgentError(f"unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
-        if req.get("write_tracking", "auto") not in MECHANISMS:
-            raise AgentError(f"unknown write tracking {req.get('write_tracking')!r}; known: {', '.join(MECHANISMS)}")
-        if req.get("prefetch", "heap") not in PREFETCH:
-            raise AgentError(f"unknown prefetch {req.get('prefetch')!r}; known: {', '.join(PREFETCH)}")
-        timeout = _seconds(req.get("timeout", 120.0), "timeout")
-        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
+        strategy, timeout, deadline = req.strategy, req.timeout, req.resume_deadline
         spec = hosted.handle.spec
         log.info("migration of %s to %s started: %s", spec.name, to, strategy)
         hosted.move(S.RUNNING, S.PREPARING_OUT)  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
         hosted.cancel, hosted.cancelled, hosted.token = None, asyncio.Event(), os.urandom(8).hex()
         try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
-            await hosted.handle.call({"op": "check_export", "what": "migrate"})
+            await hosted.handle.call(control.CheckExport(what="migrate"))
         except ConstmigError as e:
             hosted.move(S.PREPARING_OUT, S.RUNNING)
             hosted.settled.set()
@@ -1014,11 +1006,10 @@ class Agent:
             asyncio.ensure_future(self._drop_remote(to, spec.name))
 
         try:
-            prep = await self._unless_cancelled(hosted, asyncio.to_thread(functools.partial(
-                client.request, identity=self.tls), to, {"op": "prepare_in", "spec": spec.to_wire(), "strategy": strategy,
-                                     "from": self.listen,
-                                     "tracker": tracker, "resume_deadline": deadline, "timeout": timeout},
-                None, timeout), undo=drop_prepared)
+            prep = control.result(await self._unless_cancelled(hosted, asyncio.to_thread(functools.partial(
+                client.request, identity=self.tls), to, control.PrepareIn(
+                    spec=spec, strategy=strategy, source=self.listen, tracker=req.tracker, resume_deadline=deadline,
+                    timeout=timeout), None, timeout), undo=drop_prepared), control.PrepareInResult)
             prepared = True
             for channel in DATA_CHANNELS[:strategies.get(strategy).connections]:
                 data_socks.append(await self._unless_cancelled(hosted, asyncio.to_thread(
@@ -1029,18 +1020,16 @@ class Agent:
             # Calls go on until the enclave stops (after its handshake); then they wait for the outcome.
             hosted.move(S.PREPARING_OUT, S.MIGRATING_OUT)
             prepared = False  # from here the enclaves' own protocol ends the destination's instance
-            result = await hosted.handle.call({"op": "migrate_out", "strategy": strategy, "timeout": timeout,
-                                               "token": hosted.token,
-                                               "max_bandwidth": float(req.get("max_bandwidth") or 0),
-                                               # the pre-copy rounds of precopy and hybrid (the enclave checks them),
-                                               # and their write tracking: by default the destination tracker's
-                                               "tracker": prep.get("tracker", "none"),
-                                               **{k: req[k] for k in ("max_downtime", "max_rounds", "write_tracking",
-                                                                      "prefetch") if k in req}},
-                                              fds=[s.fileno() for s in data_socks], on_progress=on_progress)
+            result = await hosted.handle.call(control.MigrateOut(
+                strategy=strategy, timeout=timeout, token=hosted.token, max_bandwidth=req.max_bandwidth,
+                # the pre-copy rounds of precopy and hybrid, and their write tracking: by default the
+                # destination tracker's
+                tracker=prep.tracker, max_downtime=req.max_downtime, max_rounds=req.max_rounds,
+                write_tracking=req.write_tracking, prefetch=req.prefetch),
+                fds=[s.fileno() for s in data_socks], on_progress=on_progress)
         except ConstmigError as e:
             state = e.state if isinstance(e, EnclaveError) else None
-            if state == "running" or (state is None and hosted.status in (S.PREPARING_OUT, S.MIGRATING_OUT)):
+            if state is Life.RUNNING or (state is None and hosted.status in (S.PREPARING_OUT, S.MIGRATING_OUT)):
                 hosted.move((S.PREPARING_OUT, S.MIGRATING_OUT, S.HANDED_OFF), S.RUNNING)
                 self.moved.pop(spec.name, None)
                 hosted.settled.set()
@@ -1052,7 +1041,7 @@ class Agent:
                     raise AgentError(f"migration of {spec.name!r} cancelled before its commit point ({hosted.cancel});"
                                      f" it keeps running on {self.listen} with all its data") from None
                 raise AgentError(str(e)) from None
-            if state != "handed-off" or deadline <= 0:
+            if state is not Life.HANDED_OFF or deadline <= 0:
                 # handed off: it never runs here again, and keeps its state
                 self.metrics.ended("out", strategy, "failed")
                 hosted.move((S.MIGRATING_OUT, S.HANDED_OFF), S.FAILED)
@@ -1073,8 +1062,7 @@ class Agent:
         result["migrate_s"] = result.pop("total_s")
         result["prepare_s"] = t_prepared - t0
         result["total_s"] = time.time() - t0
-        result.update({"from": self.listen, "to": to, "name": spec.name,
-                       "tracker_reason": prep.get("tracker_reason")})
+        result.update({"from": self.listen, "to": to, "name": spec.name, "tracker_reason": prep.tracker_reason})
         return await self._moved_out(hosted, result)
 
     async def _moved_out(self, hosted: Hosted, result: dict[str, Any]) -> dict[str, Any]:
@@ -1115,7 +1103,7 @@ class Agent:
                     socks.append(await asyncio.to_thread(_open_data, to, name, min(HANDSHAKE_TIMEOUT, left),
                                                          channel, n))
                 hosted.move(S.PAUSED, S.RESUMING)
-                result = await hosted.handle.call({"op": "resume_out", "timeout": timeout},
+                result = await hosted.handle.call(control.ResumeOut(timeout=timeout),
                                                   fds=[s.fileno() for s in socks], on_progress=on_progress)
                 result.update({"from": self.listen, "to": to, "name": name})
                 return result
@@ -1128,14 +1116,14 @@ class Agent:
             except ConstmigError as e:
                 gone = 0
                 last = str(e)
-                state = e.state if isinstance(e, EnclaveError) else "handed-off"  # a reconnect that failed
-                if state == "running":  # the destination proved it never ran it (authenticated ABORT)
+                state = e.state if isinstance(e, EnclaveError) else Life.HANDED_OFF  # a reconnect that failed
+                if state is Life.RUNNING:  # the destination proved it never ran it (authenticated ABORT)
                     hosted.move((S.PAUSED, S.RESUMING), S.RUNNING)
                     hosted.moving_to = ""
                     self.moved.pop(name, None)
                     hosted.settled.set()
                     raise AgentError(str(e)) from None
-                if state != "handed-off":
+                if state is not Life.HANDED_OFF:
                     hosted.move((S.PAUSED, S.RESUMING), S.FAILED)
                     raise AgentError(f"migration of {name!r} cannot be resumed: {e}") from None
                 hosted.move(S.RESUMING, S.PAUSED)
@@ -1162,18 +1150,16 @@ class Agent:
                 + (f" --release {release}" if release else "") +
                 " (copy the file there first if the hosts share no folder); writes since it are lost")
 
-    async def op_resume(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+    async def op_resume(self, req: control.Resume, writer: asyncio.StreamWriter) -> Any:
         """Resume a migration out that paused after its handoff (after its automatic retries gave up)."""
-        hosted = self.enclaves.get(str(req.get("name")))
+        hosted = self.enclaves.get(req.name)
         if hosted is None:
-            raise AgentError(f"no enclave named {req.get('name')!r} on agent {self.host_id}")
+            raise AgentError(f"no enclave named {req.name!r} on agent {self.host_id}")
         if hosted.status not in (S.FAILED, S.PAUSED, S.RESUMING) or not hosted.moving_to:
-            raise AgentError(f"enclave {req.get('name')!r} is {hosted.status.value}; it has no paused migration to "
-                             "resume")
+            raise AgentError(f"enclave {req.name!r} is {hosted.status.value}; it has no paused migration to resume")
         if hosted.status is not S.FAILED:
-            raise AgentError(f"enclave {req.get('name')!r} is reconnecting already")
-        deadline = _seconds(req.get("resume_deadline", RESUME_DEADLINE_S), "resume_deadline", zero=True)
-        timeout = _seconds(req.get("timeout", 120.0), "timeout")
+            raise AgentError(f"enclave {req.name!r} is reconnecting already")
+        deadline, timeout = req.resume_deadline, req.timeout
         hosted.move(S.FAILED, S.PAUSED)
         t0 = time.time()
         result = await self._resume_out(hosted, max(deadline, 0.1), timeout,
@@ -1183,22 +1169,8 @@ class Agent:
         return await self._moved_out(hosted, result)
 
 
-def _strategy(name: Any) -> strategies.Strategy:
-    try:
-        return strategies.get(name)
-    except ConstmigError as e:
-        raise AgentError(str(e)) from None
-
-
-def _seconds(value: Any, what: str, zero: bool = False) -> float:
-    try:
-        return wait_seconds(value, what, zero=zero)
-    except ConstmigError as e:
-        raise AgentError(str(e)) from None
-
-
 def _progress_frame(info: dict) -> bytes:
-    return encode({"progress": info})
+    return encode(control.Progress(info))
 
 
 def choose_tracker(wanted: str) -> tuple[str, str]:
@@ -1223,13 +1195,13 @@ def _resume_request(path: Path, fds: list[int], timeout: float) -> None:
     s.settimeout(HANDSHAKE_TIMEOUT + 5)
     try:
         s.connect(str(path))
-        reply = FramedSocket(s).exchange({"op": "resume_in", "timeout": timeout}, fds)
+        reply = control.reply(FramedSocket(s).exchange(control.ResumeIn(timeout=timeout), fds))
     except (OSError, ConstmigError) as e:
         raise AgentError(f"the enclave takes no reconnect: {e}") from None
     finally:
         s.close()
-    if not reply.get("ok"):
-        raise AgentError(str(reply.get("error")))
+    if not reply.ok:
+        raise AgentError(reply.error)
 
 
 def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resume: int = 0) -> socket.socket:
@@ -1238,13 +1210,16 @@ def _open_data(addr: str, name: str, timeout: float, channel: str = "main", resu
     `resume` (the number of connections) marks a reconnect of a paused migration."""
     sock = client.connect(addr, timeout)
     fs = FramedSocket(sock)
-    fs.send({"op": "data", "name": name, "timeout": timeout, "channel": channel,
-             **({"resume": resume} if resume else {})})
-    reply, _ = fs.recv()
-    if not reply.get("ok"):
+    try:
+        fs.send(control.Data(name=name, timeout=timeout, channel=channel, resume=resume))
+        reply = control.reply(fs.recv()[0])
+    except ConstmigError:
         sock.close()
-        error = str(reply.get("error", "destination refused the data connection"))
-        raise NoReconnect(error) if resume and reply.get("gone") is True else AgentError(error)
+        raise
+    if not reply.ok:
+        sock.close()
+        error = reply.error or "destination refused the data connection"
+        raise NoReconnect(error) if resume and reply.gone else AgentError(error)
     sock.settimeout(None)
     return sock
 

@@ -9,12 +9,22 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constmig.errors import AgentError, ChannelClosed, EnclaveError, EnclaveNotRunning, SessionUnknown
+from constmig.errors import (
+    AgentError,
+    ChannelClosed,
+    EnclaveError,
+    EnclaveNotRunning,
+    ProtocolError,
+    SessionUnknown,
+)
+from constmig.host import control
+from constmig.host.control import LaunchSpec
 from constmig.wire.framing import FramedSocket
+
+__all__ = ["EnclaveHandle", "LaunchSpec"]
 
 START_TIMEOUT = 60.0
 POOL = 4  # idle connections kept per enclave
@@ -22,30 +32,6 @@ RUN_FILE_SUFFIXES = (".pager.json", ".resume.sock")  # beside <name>.sock: the p
 
 
 _KINDS = {k.__name__: k for k in (EnclaveNotRunning, SessionUnknown)}  # what the agent acts on
-
-
-@dataclass
-class LaunchSpec:
-    """What the agent asks for; the enclave's measurement covers app, heap, chunk size and config."""
-
-    name: str
-    app: str
-    heap: int
-    chunk_size: int = 1 << 20
-    config: dict[str, Any] = field(default_factory=dict)
-    plain_calls: bool = False  # the enclave also takes unsealed ECALLs from the host (part of what is measured)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "app": self.app, "heap": self.heap, "chunk_size": self.chunk_size,
-                "config": self.config, "plain_calls": self.plain_calls}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> LaunchSpec:
-        try:
-            return cls(str(d["name"]), str(d["app"]), int(d["heap"]), int(d.get("chunk_size", 1 << 20)),
-                       dict(d.get("config") or {}), d.get("plain_calls") is True)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise AgentError(f"bad enclave spec: {e}") from None
 
 
 class EnclaveHandle:
@@ -102,14 +88,19 @@ class EnclaveHandle:
             raise AgentError(f"enclave {spec.name!r} failed to start: {msg}")
         return cls(spec, proc, sock_path)
 
-    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+    def request(self, req: control.Request | dict[str, Any], fds: list[int] | tuple[int, ...] = (),
                 on_progress: Callable[[dict], None] | None = None) -> Any:
-        """Send one request and wait for its reply, passing progress frames to `on_progress`."""
+        """Send one request (a control struct; a test playing a hostile host may send a raw map) and wait
+        for its Reply, passing progress frames to `on_progress`; its result, or the enclave's error as an
+        EnclaveError carrying the enclave's lifecycle state (a Life) and whether it stays as a tombstone."""
         with self._lock:
             fs = self._pool.pop() if self._pool else None
         fs = fs or self._connect()
         try:
-            reply = fs.exchange(req, fds, on_progress)
+            reply = control.reply(fs.exchange(req, fds, on_progress))
+        except ProtocolError as e:
+            fs.close()
+            raise EnclaveError(f"enclave {self.spec.name!r} answered out of protocol: {e}") from None
         except ChannelClosed:
             fs.close()
             raise EnclaveError(f"enclave {self.spec.name!r} process exited") from None
@@ -122,12 +113,9 @@ class EnclaveHandle:
                 fs = None
         if fs is not None:
             fs.close()
-        if not reply.get("ok"):
-            state = reply.get("state")
-            kind = _KINDS.get(str(reply.get("kind")), EnclaveError)
-            raise kind(str(reply.get("error", "ECALL failed")), state if isinstance(state, str) else None,
-                       bool(reply.get("tombstone")))
-        return reply.get("result")
+        if not reply.ok:
+            raise _KINDS.get(reply.kind, EnclaveError)(reply.error or "ECALL failed", reply.state, reply.tombstone)
+        return reply.result
 
     def pager_status(self) -> dict[str, Any]:
         """What this enclave's pager (Fault Tracker) last reported, if it has one: {} otherwise."""
@@ -137,7 +125,7 @@ class EnclaveHandle:
             return {}
         return info if isinstance(info, dict) else {}
 
-    async def call(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+    async def call(self, req: control.Request | dict[str, Any], fds: list[int] | tuple[int, ...] = (),
                    on_progress: Callable[[dict], None] | None = None) -> Any:
         return await asyncio.to_thread(self.request, req, fds, on_progress)
 
@@ -145,7 +133,7 @@ class EnclaveHandle:
         """Ask the enclave to exit; kill it if it does not."""
         if self.proc.returncode is None:
             with contextlib.suppress(EnclaveError, TimeoutError):
-                await asyncio.wait_for(self.call({"op": "shutdown"}), timeout)
+                await asyncio.wait_for(self.call(control.Shutdown()), timeout)
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except TimeoutError:
