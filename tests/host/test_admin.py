@@ -192,3 +192,223 @@ def test_a_plain_socket_is_not_a_tls_peer():
 def test_paths():
     assert admin.socket_path(Path("/s")) == Path("/s/admin/agent.sock")
     assert pki.host_dir(Path("/s")) == Path("/s/tls")
+
+
+# ---- from the mutation run of issue 31: the pieces one by one ----
+
+
+def test_a_caller_says_how_it_was_authenticated_and_cannot_be_changed():
+    assert admin.Caller("tls", "operator", "alice", "10.0.0.1:5000").describe() == "operator 'alice' at 10.0.0.1:5000"
+    assert admin.Caller("network", peer="10.0.0.9:4000").describe() == "network peer 10.0.0.9:4000"
+    assert admin.Caller("local").describe() == "local peer"
+    with pytest.raises(AttributeError):
+        admin.Caller("network").via = "local"  # type: ignore[misc]
+
+
+def test_only_this_user_and_root_are_trusted_on_the_local_socket(monkeypatch):
+    monkeypatch.setattr(admin.os, "geteuid", lambda: 1000)
+    assert admin.trusted_uid(0) and admin.trusted_uid(1000)
+    assert not any(admin.trusted_uid(uid) for uid in (1, 999, 1001, 65534, -1))
+
+
+def test_a_short_socket_path_is_bound_by_name_a_longer_one_through_its_folder(tmp_path):
+    base = len(str(tmp_path)) + 1
+    for size, direct in ((99, True), (100, False)):
+        path = tmp_path / ("d" * (size - base - len("/agent.sock"))) / "agent.sock"
+        assert len(str(path)) == size
+        server = admin.bind_local(path)
+        try:
+            name = server.getsockname()
+            assert (name == str(path)) if direct else name.startswith("/proc/self/fd/"), name
+        finally:
+            server.close()
+
+
+def test_the_local_socket_is_the_users_alone_and_a_restarted_agent_binds_it_again(tmp_path):
+    path = admin.socket_path(tmp_path / "state")
+    for _ in range(2):  # the second time, the folder and a stale socket are there (an agent that was killed)
+        server = admin.bind_local(path)
+        assert stat_mode(path) == 0o600 and stat_mode(path.parent) == 0o700
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.close()
+        server.close()
+
+
+def test_a_local_socket_that_cannot_be_set_up_leaves_no_descriptor_behind(tmp_path, monkeypatch):
+    import os
+
+    def refuse(name, mode):
+        if str(name).endswith(admin.SOCKET_NAME):
+            raise PermissionError(1, "Operation not permitted")
+        return chmod(name, mode)
+
+    chmod = os.chmod
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(admin.os, "chmod", refuse)
+    with pytest.raises(PermissionError):
+        admin.bind_local(admin.socket_path(tmp_path / "state"))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_index_is_private_per_network_namespace_and_cleans_up_after_killed_agents(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CONSTMIG_AGENTS_DIR", str(tmp_path / "home" / "agents"))
+    folder = admin.index_dir()
+    assert folder.name == f"net-{os.stat('/proc/self/ns/net').st_ino}"
+    gone = tmp_path / "gone" / "agent.sock"
+    gone.parent.mkdir()
+    entry = admin.register("127.0.0.1:7001", gone)
+    assert entry.name == "127.0.0.1:7001" and stat_mode(folder) == 0o700 and stat_mode(folder.parent) == 0o700
+    (tmp_path / "gone").rmdir()  # that agent was killed with its state folder
+    (folder / "notes").write_text("not an entry")  # anything else in the index is left alone
+    live = tmp_path / "live.sock"
+    live.write_text("")
+    assert admin.register("[::1]:7002", live).name == "[::1]:7002"
+    assert sorted(p.name for p in folder.iterdir()) == ["[::1]:7002", "notes"]
+    real_stat = os.stat
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/self/ns/net":
+            raise PermissionError(13, "Permission denied")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(admin.os, "stat", no_proc)
+    assert admin.index_dir().name == "net-0"  # no namespace to tell: one index for all
+
+
+def test_a_wildcard_listener_serves_every_address_of_this_machine_and_only_those(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSTMIG_AGENTS_DIR", str(tmp_path / "index"))
+    sock = tmp_path / "agent.sock"
+    sock.write_text("")  # (an entry whose target is gone is dropped as a killed agent's)
+    admin.register("0.0.0.0:7002", sock)
+    admin.register("[::]:7003", sock)
+    assert admin.find_local("[::]:7002") is not None  # IPv6's any-address is this machine's too
+    assert admin.find_local("[::ffff:127.0.0.1]:7002") is not None
+    assert admin.find_local("0.0.0.0:7003") is not None
+    assert admin.find_local("agent.example:7002") is None  # a name is not resolved: remote, as far as we know
+    assert admin.find_local("[2001:db8::7]:7003") is None and admin.find_local("192.0.2.7:7002") is None
+    assert admin.find_local("no port") is None
+
+
+def _identity_folder(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, folder: Path):
+    from types import SimpleNamespace
+
+    folder.mkdir(parents=True)
+    for name, data in (("cert.pem", cert_pem), ("key.pem", key_pem), ("ca.pem", ca_pem)):
+        (folder / name).write_bytes(data)
+    return SimpleNamespace(cert_path=folder / "cert.pem", key_path=folder / "key.pem", ca_path=folder / "ca.pem")
+
+
+def tls(server, client) -> dict[str, object]:
+    """One mutual-TLS handshake between an agent's context and a client's (None: a client with no certificate),
+    over a socket pair: what each side learnt of the other, or how it refused, in words."""
+    import ssl
+    import threading
+
+    a, b = socket.socketpair()
+    out: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            with admin.server_context(server).wrap_socket(a, server_side=True) as s:
+                out["server"] = admin.peer_identity(s)
+                s.sendall(b"ok")
+        except ssl.SSLError as e:
+            out["server"] = admin.alert_text(e)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    if client is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(server.ca_path)
+    else:
+        ctx = admin.client_context(client)
+    try:
+        with ctx.wrap_socket(b) as c:
+            out["client"] = admin.peer_identity(c)
+            if c.recv(2) != b"ok":
+                raise ssl.SSLError("no answer")
+    except ssl.SSLError as e:
+        out["client"] = admin.alert_text(e)
+    except OSError:
+        pass  # the server closed the connection first: its own word is the one that counts
+    th.join(10)
+    a.close()
+    b.close()
+    return out
+
+
+def test_mutual_tls_names_each_side_and_says_why_a_stranger_is_refused(ca, tmp_path):
+    host = pki.issue(ca, "host", "a", tmp_path / "host")
+    alice = pki.issue(ca, "operator", "alice", tmp_path / "alice")
+    assert tls(host, alice) == {"server": ("operator", "alice"), "client": ("host", "a")}
+    pki.create_admin_ca(tmp_path / "other")
+    ours = (ca / "admin" / "ca.pem").read_bytes()  # public: a stranger can trust the agent, not be trusted by it
+    mallory = pki.issue(tmp_path / "other", "operator", "mallory", tmp_path / "mallory")
+    stranger = _identity_folder(mallory.cert_path.read_bytes(), mallory.key_path.read_bytes(), ours,
+                                tmp_path / "stranger")
+    assert tls(host, stranger)["server"] == "not issued by this fleet's admin CA"
+    now = dt.datetime.now(dt.UTC)
+    expired = pki.issue(ca, "operator", "old", tmp_path / "old", days=1, now=now - dt.timedelta(days=2))
+    assert tls(host, expired)["server"] == "certificate expired"
+    early = pki.issue(ca, "operator", "early", tmp_path / "early", days=1, now=now + dt.timedelta(days=2))
+    assert tls(host, early)["server"] == "certificate not yet valid"
+    other_ca = tmp_path / "other" / "admin"
+    selfsigned = _identity_folder((other_ca / "ca.pem").read_bytes(), (other_ca / "ca.key").read_bytes(), ours,
+                                  tmp_path / "self")
+    assert tls(host, selfsigned)["server"] == "self-signed, not issued by this fleet's admin CA"
+    assert tls(host, None)["server"] == "peer did not return a certificate"
+    # the client checks the agent just as strictly: an agent of another fleet is refused
+    assert tls(pki.issue(tmp_path / "other", "host", "b", tmp_path / "b"), alice)["client"] == \
+        "not issued by this fleet's admin CA"
+
+
+@pytest.mark.parametrize(("code", "message", "said"), [
+    (2, "unable to get issuer certificate", "not issued by this fleet's admin CA"),
+    (19, "self-signed certificate in certificate chain", "not issued by this fleet's admin CA"),
+    (20, "unable to get local issuer certificate", "not issued by this fleet's admin CA"),
+    (21, "unable to verify the first certificate", "not issued by this fleet's admin CA"),
+    (18, "self-signed certificate", "self-signed, not issued by this fleet's admin CA"),
+    (10, "certificate has expired", "certificate expired"),
+    (9, "certificate is not yet valid", "certificate not yet valid"),
+    (26, "unsupported certificate purpose", "unsupported certificate purpose"),
+    (26, "", "certificate does not verify"),
+])
+def test_every_certificate_refusal_is_said_in_words(code, message, said):
+    import ssl
+
+    e = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    e.verify_code, e.verify_message = code, message
+    assert admin.alert_text(e) == said
+
+
+def test_a_tls_error_without_a_verify_code_is_its_alert_or_reason_in_words():
+    import ssl
+
+    for reason, said in (("TLSV13_ALERT_CERTIFICATE_REQUIRED", "certificate required"),
+                         ("SSLV3_ALERT_BAD_CERTIFICATE", "bad certificate"),
+                         ("WRONG_VERSION_NUMBER", "wrong version number")):
+        e = ssl.SSLError(1, f"[SSL: {reason}] ...")
+        e.reason = reason
+        assert admin.alert_text(e) == said
+    assert admin.alert_text(ssl.SSLError(1, "handshake interrupted")) == "handshake interrupted"  # no reason
+
+
+def test_an_ordinary_user_finds_this_machines_addresses_local_too():
+    """The CLI runs as an ordinary user, while these tests may run as root (which may bind any port): the
+    check that an address is this machine's runs here with root's privileges dropped."""
+    import os
+
+    drop = "os.setgroups([]); os.setgid(65534); os.setuid(65534); " if os.geteuid() == 0 else ""
+    code = ("import os, sys; from constmig.host import admin; " + drop +
+            "print(os.geteuid() != 0, [admin._is_local_address(a) for a in sys.argv[1:]])")
+    p = subprocess.run([sys.executable, "-c", code, "0.0.0.0", "::", "192.0.2.7"], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert p.stdout.strip() == "True [True, True, False]", p.stderr
