@@ -65,6 +65,9 @@ MODULES: dict[str, list[str]] = {
     "client/session.py": ["tests/client/test_session.py"],
     "enclave/sessions.py": ["tests/enclave/test_sessions.py", "tests/wire/test_session.py"],
     "wire/session.py": ["tests/wire/test_session.py", "tests/enclave/test_sessions.py"],
+    # issue 30: the rounds and the write trackers (frees count as writes; tracking lost fails safe)
+    "migration/strategies/rounds.py": ["tests/migration/test_round_rules.py", "tests/migration/test_tracking_lost.py"],
+    "enclave/dirty.py": ["tests/enclave/test_dirty.py"],
     "host/admin.py": ["tests/host/test_admin.py"],
     "host/pki.py": ["tests/host/test_admin.py"],
 }
