@@ -13,16 +13,16 @@ import click
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host import control
 from constmig.host.ca_cli import ca as ca_group
 from constmig.migration import strategies
 from constmig.migration.constants import PREFETCH, WRITE_TRACKING
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import check_writable, parse_duration, parse_size
+from constmig.wire import control
 
 STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
-DEFAULT_STRATEGY = control.DEFAULT_STRATEGY  # one default for CLI, agent and enclave (host/control.py)
+DEFAULT_STRATEGY = control.DEFAULT_STRATEGY  # one default for CLI, agent and enclave (wire/control.py)
 TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
 # bench variants: a strategy, with the tracker after a dash where it needs one
 VARIANT_CHOICES = click.Choice(strategies.variants())
@@ -696,7 +696,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--max-downtime", type=Duration(), default=None,
               help="precopy, hybrid: end the rounds once what is left would take at most this long to send "
               "(e.g. 50ms; default 50ms).")
-@click.option("--rounds", "max_rounds", type=click.IntRange(1, 100), default=None,
+@click.option("--rounds", "max_rounds", type=click.IntRange(1, control.MAX_ROUNDS), default=None,
               help="precopy, hybrid: at most this many rounds while the app runs (default: precopy 8, "
               "hybrid 1).")
 @click.option("--write-tracking", type=click.Choice(WRITE_TRACKING), default=control.DEFAULT_WRITE_TRACKING,

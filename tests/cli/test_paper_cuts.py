@@ -74,8 +74,8 @@ def test_status_timeout_bounds_the_connect(unanswered: str, plain_env: dict[str,
 
 
 def test_a_request_timeout_bounds_the_connect(unanswered: str, plain_env: dict[str, str]) -> None:
-    from constmig.host import control
     from constmig.host.client import EnclaveRoute, request
+    from constmig.wire import control
 
     for ask in (lambda: request(unanswered, control.Status(), timeout=0.5),
                 lambda: EnclaveRoute(unanswered, "kv", timeout=0.5).request(
@@ -132,8 +132,9 @@ def test_a_web_server_is_not_a_constmig_agent(web_server: str, plain_env: dict[s
 
 def test_a_web_server_is_not_an_agent_for_calls_or_with_a_certificate(web_server: str, tmp_path: Path,
                                                                      plain_env: dict[str, str]) -> None:
-    from constmig.host import control, pki
+    from constmig.host import pki
     from constmig.host.client import PlainEnclaveClient, admin_connect, request
+    from constmig.wire import control
 
     with pytest.raises(AgentError, match="is not a constmig agent: it answered b'HTTP/1.1 400"):
         request(web_server, control.Ping(), timeout=5)

@@ -1,10 +1,11 @@
-"""The control protocol (host/control.py) on bytes, h11 style: no sockets, no agents. Every request
+"""The control protocol (wire/control.py) on bytes, h11 style: no sockets, no agents. Every request
 round-trips, encodes to the map the other side always read, and anything else is refused in one line."""
 
 from __future__ import annotations
 
 import math
 import typing
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -12,8 +13,8 @@ import pytest
 from constmig.enclave.lifecycle import Life
 from constmig.errors import AgentError, ConstmigError, ProtocolError
 from constmig.host import admin
-from constmig.host import control as c
 from constmig.migration import constants, strategies
+from constmig.wire import control as c
 from constmig.wire.framing import decode_body
 from constmig.wire.framing import encode as frame
 
@@ -196,3 +197,43 @@ def test_launch_spec_from_the_wire() -> None:
     for bad in ({"name": "kv"}, {"name": "kv", "app": "a", "heap": math.inf}, [], {"name": 1, "app": "a", "heap": 1}):
         with pytest.raises(AgentError, match="bad enclave spec"):
             c.LaunchSpec.from_wire(bad)
+
+
+def test_the_ops_are_built_only_here() -> None:
+    """Issue 32's measure: `grep -rn '"op":' src/constmig` finds the ops only in wire/control.py."""
+    src = Path(c.__file__).resolve().parents[1]
+    found = [f"{p.relative_to(src)}:{n}" for p in sorted(src.rglob("*.py")) if p.name != "control.py" or
+             p.parent.name != "wire" for n, line in enumerate(p.read_text().splitlines(), 1) if '"op":' in line]
+    assert not found, found
+
+
+@pytest.mark.e2e
+def test_the_agent_refuses_a_bad_request_in_one_line_and_serves_on() -> None:
+    """Decoded once at dispatch: an unknown op or a bad field is one line back, and the connection (and
+    the agent) go on; a malformed data connection gets its one answer and is closed."""
+    from constmig.host.client import AgentClient, connect, request
+    from constmig.host.cluster import LocalCluster
+    from constmig.wire.framing import FramedSocket
+
+    with LocalCluster(1) as cluster:
+        a = cluster.addrs[0]
+        with AgentClient(a, timeout=10) as plain:  # plain TCP: what anyone may ask
+            with pytest.raises(AgentError, match=r"^unknown request 'frobnicate'$"):
+                plain.request({"op": "frobnicate"})
+            with pytest.raises(AgentError, match=r"^bad 'call' request: Expected `str`, got `int` - at `\$\.method`$"):
+                plain.request({"op": "call", "name": "kv", "method": 7})
+            assert plain.request(c.Ping())["listen"] == a  # the same connection serves on
+        with pytest.raises(AgentError, match=r"bad 'migrate' request: unknown strategy 'warp'"):
+            request(a, {"op": "migrate", "name": "kv", "to": "127.0.0.1:1", "strategy": "warp"}, timeout=10)
+        with pytest.raises(AgentError, match=r"bad 'migrate' request: timeout must be a number of seconds"):
+            request(a, c.Migrate(name="kv", to="127.0.0.1:1", timeout=-1), timeout=10)
+        sock = connect(a, 10)
+        fs = FramedSocket(sock)
+        try:
+            reply = c.reply(fs.exchange({"op": "data", "name": "kv", "channel": 3}))
+            assert not reply.ok and "Expected `str`, got `int` - at `$.channel`" in reply.error
+            with pytest.raises(ConstmigError):
+                fs.exchange(c.Ping())  # closed after its one answer
+        finally:
+            fs.close()
+        assert request(a, c.Status(), timeout=10)["enclaves"] == {}

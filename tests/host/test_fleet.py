@@ -14,8 +14,9 @@ import time
 import pytest
 
 from constmig.errors import AgentError, ConfigError
-from constmig.host import control, fleet
+from constmig.host import fleet
 from constmig.host.fleet import HEADROOM, HostView, Move, hosts_arg, plan_drain, plan_rebalance
+from constmig.wire import control
 
 MiB = 1 << 20
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from constmig.bench.results import dumps, machine_info, spread
 from constmig.client import EnclaveClient, Trust, pin_now
-from constmig.host import control
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.cluster import LocalCluster
+from constmig.wire import control
 
 NAME = "kvcost"
 KEYS = 1000

@@ -26,12 +26,12 @@ from constmig.bench.loadgen import PHASES, CallRecord, Fleet
 from constmig.bench.results import machine_info, split_variant
 from constmig.client import Trust
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size
+from constmig.wire import control
 
 DEFAULT_VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")
 

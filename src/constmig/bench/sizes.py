@@ -17,12 +17,12 @@ from rich.table import Table
 from constmig.bench.loadgen import migrate_under_load
 from constmig.bench.results import machine_info, split_variant, summarize
 from constmig.client import Trust
-from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import launch_filled
 from constmig.progress import console
 from constmig.units import format_size
+from constmig.wire import control
 
 
 def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill: float, seed: int,

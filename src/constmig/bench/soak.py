@@ -37,12 +37,12 @@ from constmig.bench.loadgen import KVHammer
 from constmig.bench.results import machine_info, split_variant
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
 from constmig.progress import console
 from constmig.units import format_size, resident_bytes
+from constmig.wire import control
 
 NAME = "soak"
 VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")

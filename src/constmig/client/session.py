@@ -29,9 +29,9 @@ from constmig.errors import (
     ProtocolError,
     SessionUnknown,
 )
-from constmig.host import control
 from constmig.host.client import EnclaveRoute
 from constmig.tee.backend import Identity, VerifiedQuote
+from constmig.wire import control
 from constmig.wire.session import Answer, ClientOpen, ClientSession, Closing, Settled, settle
 
 MAX_RESENDS = 2  # how often a call the host claimed unknown (and that provably did not run) is sent anew

@@ -45,6 +45,7 @@ from constmig.migration.receiver import Receiver
 from constmig.migration.resume import ResumeSecret
 from constmig.migration.resume_server import ResumeServer
 from constmig.migration.uffd import Userfaultfd, buffer_address
+from constmig.wire import control
 from constmig.wire.channel import ChannelTicket, SealedChunk, SecureChannel
 from constmig.wire.framing import FramedSocket
 
@@ -200,16 +201,16 @@ class Pager:
         wait = expected & ~arrived
         self.receiver.request(chunks[wait], t, addrs[wait] - self.base - chunks[wait] * self.chunk_size)
 
-    def start_stream(self, req: dict[str, Any], fds: list[int]) -> None:
+    def start_stream(self, req: control.PagerStream, fds: list[int]) -> None:
         if self.receiver is not None:
             raise EnclaveError("the pager is already streaming")
         if len(fds) != 2:
             raise EnclaveError(f"stream needs two connection descriptors, got {len(fds)}")
-        main_t = ChannelTicket.from_wire(req["main"])
-        demand_t = ChannelTicket.from_wire(req["demand"])
-        ledger = ChunkLedger.from_wire(main_t.migration_id, self.n_chunks, req["expected"])
-        ledger.hold(chunks_from_wire(req.get("held", b""), self.n_chunks), req.get("held_tags", b""))
-        timeout = float(req.get("timeout", 120.0))
+        main_t = ChannelTicket.from_wire(req.main)
+        demand_t = ChannelTicket.from_wire(req.demand)
+        ledger = ChunkLedger.from_wire(main_t.migration_id, self.n_chunks, req.expected)
+        ledger.hold(chunks_from_wire(req.held, self.n_chunks), req.held_tags)
+        timeout = req.timeout
         machine = Machine("destination", St.RUNNING)
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
@@ -219,26 +220,26 @@ class Pager:
         demand = Link(SecureChannel.resume(socks[1], demand_t), machine, timeout)
         installer = self.installer
         receiver = Receiver(main, demand, ledger, installer, chunk_size=self.chunk_size, tracker="fault",
-                            t_resume=float(req["t_resume"]))
+                            t_resume=req.t_resume)
         with self._lock:
             self.ledger, self.receiver = ledger, receiver
             early, self._early = self._early, []
         write_status(self.status, {"state": "streaming"})
         receiver.start()
-        if req.get("resume_path"):
-            self.resume_server = ResumeServer(Path(req["resume_path"]), ResumeSecret.from_wire(req["resume"]), ledger,
-                                              float(req["t_resume"]), receiver, self.chunk_size,
-                                              epoch=int(req.get("epoch", 0)))
+        if req.resume_path:
+            self.resume_server = ResumeServer(Path(req.resume_path), ResumeSecret.from_wire(req.resume), ledger,
+                                              req.t_resume, receiver, self.chunk_size, epoch=req.epoch)
         for chunks, addrs, t in early:
             self._on_faults(chunks, addrs, t)
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self) -> control.HeapProgress:
         """How much of the heap is in, from the migration's ledger: the enclave asks before it exports
         the heap whole (migrate out, checkpoint), and refuses while chunks are missing."""
         ledger = self.ledger
         if ledger is None:
-            return {"received": 0, "expected": None, "complete": False}
-        return {"received": int(ledger.count), "expected": int(ledger.expected.size), "complete": ledger.complete}
+            return control.HeapProgress(received=0, expected=None, complete=False)
+        return control.HeapProgress(received=int(ledger.count), expected=int(ledger.expected.size),
+                                    complete=ledger.complete)
 
     def finish(self) -> dict[str, Any]:
         """Wait for the stream to complete (across reconnects); then unregister the heap."""
@@ -257,43 +258,50 @@ class Pager:
         return {"ok": False, "error": self.receiver.error}  # the installer wrote "paused" when it failed
 
 
-def serve(control: socket.socket, status: Path | None) -> int:
+def serve(sock: socket.socket, status: Path | None) -> int:
     """The pager's life: adopt the userfaultfd, serve faults, stream after COMMIT, report, exit."""
     die_with_parent()
     # The demand path (fault thread, demand receiver) must not wait the default 5 ms for the GIL
     # while the background receiver holds it.
     quick_gil_handoff()
-    fs = FramedSocket(control)
+    fs = FramedSocket(sock)
     try:
-        req, fds = fs.recv()
-        if req.get("op") != "init" or len(fds) != 1:
+        frame, fds = fs.recv()
+        init = control.decode(frame, control.PagerRequest)
+        if not isinstance(init, control.PagerInit) or len(fds) != 1:
             raise EnclaveError("pager expected init with one userfaultfd")
         uffd = Userfaultfd.from_fd(fds[0])
-        pager = Pager(uffd, int(req["address"]), int(req["size"]), int(req["chunk_size"]), status)
-        fs.send({"ok": True, "pid": os.getpid()})
-        req, fds = fs.recv()  # blocks until COMMIT (or EOF: the migration never happened)
-        if req.get("op") != "stream":
-            raise EnclaveError(f"pager got {req.get('op')!r}, expected stream")
-        pager.start_stream(req, fds)
-        fs.send({"ok": True})
+        pager = Pager(uffd, init.address, init.size, init.chunk_size, status)
+        fs.send(control.ok(control.PagerReady(pid=os.getpid())))
+        frame, fds = fs.recv()  # blocks until COMMIT (or EOF: the migration never happened)
+        stream = control.decode(frame, control.PagerRequest)
+        if not isinstance(stream, control.PagerStream):
+            raise EnclaveError(f"pager got {control.op(stream)!r}, expected stream")
+        pager.start_stream(stream, fds)
+        fs.send(control.ok())
         threading.Thread(target=pager.finish, name="finish", daemon=True).start()
         # Stay until the enclave goes away, answering how much of the heap is in; also to answer a
         # reconnect that fetches a lost DONE, and (were the stream ever to end unfinished) to keep
         # missing pages waiting rather than reading zeros.
         while True:
             try:
-                req, fds = fs.recv()
+                frame, fds = fs.recv()
             except ConstmigError:
                 return 0
             for fd in fds:
                 os.close(fd)
-            if req.get("op") == "progress":
-                fs.send({"ok": True, **pager.progress()})
+            try:
+                asked = control.decode(frame, control.PagerRequest)
+            except control.BadRequest as e:
+                fs.send(control.refused(str(e)))
+                continue
+            if isinstance(asked, control.PagerProgress):
+                fs.send(control.ok(pager.progress()))
             else:
-                fs.send({"ok": False, "error": f"the pager takes no {req.get('op')!r} while streaming"})
+                fs.send(control.refused(f"the pager takes no {control.op(asked)!r} while streaming"))
     except ConstmigError as e:
         with contextlib.suppress(ConstmigError, OSError):
-            fs.send({"ok": False, "error": str(e)})
+            fs.send(control.refused(str(e)))
         return 1
 
 
@@ -330,7 +338,7 @@ class PagerHandle:
             uffd = Userfaultfd.open()
             handle = cls(pid, fs, uffd, status)
             uffd.register_missing(heap.address, heap.size)
-            fs.send({"op": "init", "address": heap.address, "size": heap.size, "chunk_size": heap.chunk_size},
+            fs.send(control.PagerInit(address=heap.address, size=heap.size, chunk_size=heap.chunk_size),
                     fds=[uffd.fileno()])
             handle.wait_ready()
         except BaseException:
@@ -348,13 +356,13 @@ class PagerHandle:
             return
         self.fs.sock.settimeout(timeout)
         try:
-            reply, _ = self.fs.recv()
+            reply = control.reply(self.fs.recv()[0])
         except ConstmigError as e:
             raise EnclaveError(f"pager did not start: {e}") from None
         finally:
             self.fs.sock.settimeout(None)
-        if not reply.get("ok"):
-            raise EnclaveError(f"pager did not start: {reply.get('error')}")
+        if not reply.ok:
+            raise EnclaveError(f"pager did not start: {reply.error}")
         self.ready = True
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
@@ -364,13 +372,13 @@ class PagerHandle:
         `held` the chunks in place from pre-copy rounds and their tags (`ChunkLedger.held_wire`)."""
         self.wait_ready()
         with self._ask:
-            self.fs.send({"op": "stream", "main": main.to_wire(), "demand": demand.to_wire(), "expected": expected,
-                          "held": held[0], "held_tags": held[1],
-                          "t_resume": t_resume, "timeout": timeout, "resume": secret.to_wire(),
-                          "resume_path": str(resume_path) if resume_path else "", "epoch": epoch}, fds=fds)
-            reply, _ = self.fs.recv()
-            if not reply.get("ok"):
-                raise EnclaveError(f"pager refused the stream: {reply.get('error')}")
+            self.fs.send(control.PagerStream(
+                main=main.to_wire(), demand=demand.to_wire(), expected=expected, held=held[0], held_tags=held[1],
+                t_resume=t_resume, timeout=timeout, resume=secret.to_wire(),
+                resume_path=str(resume_path) if resume_path else "", epoch=epoch), fds=fds)
+            reply = control.reply(self.fs.recv()[0])
+            if not reply.ok:
+                raise EnclaveError(f"pager refused the stream: {reply.error}")
             self.expected = len(expected) // 8
 
     def progress(self) -> int | None:
@@ -385,12 +393,13 @@ class PagerHandle:
             return 0
         try:
             with self._ask:
-                reply = self.fs.exchange({"op": "progress"})
+                reply = control.reply(self.fs.exchange(control.PagerProgress()))
+                progress = control.result(reply.result, control.HeapProgress) if reply.ok else None
         except (ConstmigError, OSError):
             return self._received
-        if reply.get("ok"):
-            self._received = int(reply.get("received") or 0)
-            self._complete = bool(reply.get("complete"))
+        if progress is not None:
+            self._received = progress.received
+            self._complete = progress.complete
         return None if self._complete else self._received
 
     def close(self) -> None:

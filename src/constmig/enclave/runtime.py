@@ -6,6 +6,9 @@ own: ECALLs, status, checkpoints, and the migration entry points, which receive 
 connections as file descriptors. So a migration's handshake runs while ECALLs go on, as an SGX enclave
 runs several threads through its TCSs. ECALLs stay serialized among themselves (the app lock), and a
 migration stops the app by taking that lock: the stop lands between two ECALLs.
+
+Each request is decoded once as it arrives (`handle`), into its wire/control.py struct; the replies
+are control's Reply, with the lifecycle state as the Life enum.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from constmig.migration.receiver import Receiver
 from constmig.migration.resume_server import CommitWaiter
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
+from constmig.wire import control
 from constmig.wire.framing import FramedSocket, encode
 from constmig.wire.handshake import Policy
 from constmig.wire.session import INSTANCE_SIZE, MAX_LAUNCH, About
@@ -208,7 +212,7 @@ class Enclave:
         with self.cancel_lock:
             self.migration_socks = []
 
-    def cancel_out(self, reason: str, token: str = "") -> dict[str, Any]:
+    def cancel_out(self, reason: str, token: str = "") -> control.CancelOutResult:
         """Stop a migration out before its commit point. The migration sees the flag at its next progress
         report (every 0.1 s while it sends) and at the commit point; what it waits to receive ends at once
         (the connections are shut for reading, so its ABORT still reaches the destination, which wipes);
@@ -221,14 +225,14 @@ class Enclave:
                 if not token:
                     raise MigrationError("no migration out is in progress")
                 self.pending_cancel = (token, reason)  # its migrate_out has not begun here yet
-                return {"cancelled": True, "state": self.life.state.value}
+                return control.CancelOutResult(cancelled=True, state=self.life.state)
             self.cancelled = reason
             socks = list(self.migration_socks)
             _shut(socks, socket.SHUT_RD)
         timer = threading.Timer(CANCEL_GRACE_S, self._cut, (socks,))
         timer.daemon = True
         timer.start()
-        return {"cancelled": True, "state": self.life.state.value}
+        return control.CancelOutResult(cancelled=True, state=self.life.state)
 
     def _cut(self, socks: list[socket.socket]) -> None:
         with self.cancel_lock:
@@ -372,26 +376,26 @@ class Enclave:
                 self.life.move(Life.RUNNING, Life.STOPPING)  # for good: the process ends next
             return done
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "app": self.app_name,
-            "state": self.life.state.value,
-            "heap_bytes": self.heap.size,
-            "chunk_size": self.heap.chunk_size,
-            "used_bytes": self.heap.used_bytes,
-            "measurement": self.identity.measurement.hex(),
-            "instance": self.instance.hex(),
-            "svn": self.identity.svn,
-            "platform": self.backend.platform_id,
-            "pid": os.getpid(),
-            "tracker": self.tracker,
-            "sessions": len(self.sessions) if self.sessions is not None else 0,
-            "plain_calls": self.plain_calls,
-            **({"streaming": self.receiver.stats or {"complete": False, "error": self.receiver.error}}
-               if self.receiver is not None else {}),
-            **({"heap_arriving": [arrived, self.incoming_chunks]}
-               if self.life.state is Life.RUNNING and (arrived := self.heap_arrival()) is not None else {}),
-        }
+    def status(self) -> control.EnclaveInfo:
+        arrived = self.heap_arrival() if self.life.state is Life.RUNNING else None
+        return control.EnclaveInfo(
+            app=self.app_name,
+            state=self.life.state,
+            heap_bytes=self.heap.size,
+            chunk_size=self.heap.chunk_size,
+            used_bytes=self.heap.used_bytes,
+            measurement=self.identity.measurement.hex(),
+            instance=self.instance.hex(),
+            svn=self.identity.svn,
+            platform=self.backend.platform_id,
+            pid=os.getpid(),
+            tracker=self.tracker,
+            sessions=len(self.sessions) if self.sessions is not None else 0,
+            plain_calls=self.plain_calls,
+            streaming=(self.receiver.stats or {"complete": False, "error": self.receiver.error})
+            if self.receiver is not None else None,
+            heap_arriving=(arrived, self.incoming_chunks) if arrived is not None else None,
+        )
 
 
 def launch_text(app_name: str, config: dict[str, Any]) -> str:
@@ -475,61 +479,65 @@ def _shut(socks: list[socket.socket], how: int) -> None:
             sock.shutdown(how)
 
 
-def _bytes(value: Any, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise ProtocolError(f"session {what} must be bytes, not {type(value).__name__}")
-    return value
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
-def handle(enclave: Enclave, fs: FramedSocket, req: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
-    """One request; returns the reply, or None when the process should exit after replying."""
-    op = req.get("op")
-    if op == "ecall":
-        result = enclave.ecall(str(req.get("name")), list(req.get("args") or []), dict(req.get("kwargs") or {}))
-        return {"ok": True, "result": result}
-    if op == "session_open":
+def handle(enclave: Enclave, fs: FramedSocket, frame: dict[str, Any], fds: list[int]) -> control.Reply | None:
+    """One request, decoded here into its control struct; returns the reply, or None when the process
+    should exit after replying. A migrate_in that is itself malformed is refused as any failure of an
+    incoming migration before COMMIT is: this instance is wiped."""
+    try:
+        req = control.decode(frame, control.EnclaveRequest)
+    except control.BadRequest as e:
+        _close(fds)
+        if control.op(frame) == "migrate_in":
+            destination.refuse(enclave, str(e))
+        raise
+    if not isinstance(req, control.MigrateOut | control.MigrateIn | control.ResumeOut) and fds:
+        _close(fds)  # no other request takes descriptors
+        fds = []
+    if isinstance(req, control.Ecall):
+        return control.ok(enclave.ecall(req.name, req.args, req.kwargs))
+    if isinstance(req, control.EnclaveSessionOpen):
         assert enclave.sessions is not None
-        return {"ok": True, "result": enclave.sessions.open(_bytes(req.get("hello"), "hello"))}
-    if op == "session_call":
-        return {"ok": True, "result": enclave.session_call(_bytes(req.get("record"), "record"))}
-    if op == "status":
-        return {"ok": True, "result": enclave.status()}
-    if op == "checkpoint":
-        return {"ok": True, "result": enclave.checkpoint(str(req.get("folder")), str(req.get("name")),
-                                                         req.get("final") is True)}
-    if op == "cancel_out":
-        return {"ok": True, "result": enclave.cancel_out(str(req.get("reason") or "cancelled by the operator"),
-                                                         str(req.get("token") or ""))}
-    if op == "check_export":  # the agent asks before it prepares a destination: same gate as the export
-        return {"ok": True, "result": {"chunks": int(enclave.whole_heap(str(req.get("what") or "migrate")).size)}}
-    if op in ("migrate_out", "migrate_in", "resume_out"):
-        if not 1 <= len(fds) <= 2:
-            for fd in fds:
-                os.close(fd)
-            raise EnclaveError(f"{op} needs one or two connection descriptors, got {len(fds)}")
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        for sock in socks:
-            sock.setblocking(True)
-
-        def progress(info: dict[str, Any]) -> None:
-            fs.send({"progress": info})
-
-        try:
-            if op == "migrate_out":
-                result = source.run(enclave, socks, req, progress)
-            elif op == "resume_out":
-                result = source.resume(enclave, socks, req, progress)
-            else:
-                result = destination.run(enclave, socks, req, progress)
-                result["populate_s"] = enclave.figures.get("populate_s")
-        finally:
-            if enclave.receiver is None:  # otherwise the Access Tracker's receiver streams on them
-                for sock in socks:
-                    sock.close()
-        return {"ok": True, "result": result}
-    if op == "shutdown":
+        return control.ok(enclave.sessions.open(req.hello))
+    if isinstance(req, control.EnclaveSessionCall):
+        return control.ok(enclave.session_call(req.record))
+    if isinstance(req, control.EnclaveStatus):
+        return control.ok(enclave.status())
+    if isinstance(req, control.Seal):
+        return control.ok(enclave.checkpoint(req.folder, req.name, req.final))
+    if isinstance(req, control.CancelOut):
+        return control.ok(enclave.cancel_out(req.reason or control.CANCEL_REASON, req.token))
+    if isinstance(req, control.CheckExport):  # the agent asks before it prepares a destination: same gate
+        return control.ok(control.CheckExportResult(chunks=int(enclave.whole_heap(req.what).size)))
+    if isinstance(req, control.Shutdown):
         return None
-    raise EnclaveError(f"unknown request {op!r}")
+    if not 1 <= len(fds) <= 2:
+        _close(fds)
+        raise EnclaveError(f"{control.op(req)} needs one or two connection descriptors, got {len(fds)}")
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    for sock in socks:
+        sock.setblocking(True)
+
+    def progress(info: dict[str, Any]) -> None:
+        fs.send(control.Progress(info))
+
+    try:
+        if isinstance(req, control.MigrateOut):
+            result = source.run(enclave, socks, req, progress)
+        elif isinstance(req, control.ResumeOut):
+            result = source.resume(enclave, socks, req, progress)
+        else:
+            result = destination.run(enclave, socks, req, progress)
+            result["populate_s"] = enclave.figures.get("populate_s")
+    finally:
+        if enclave.receiver is None:  # otherwise the Access Tracker's receiver streams on them
+            for sock in socks:
+                sock.close()
+    return control.ok(result)
 
 
 def serve(enclave: Enclave, listener: socket.socket) -> None:
@@ -550,25 +558,25 @@ def _serve_connection(enclave: Enclave, conn: socket.socket, done: threading.Eve
     fs = FramedSocket(conn)
     try:
         while not done.is_set():
-            req, fds = fs.recv()
+            frame, fds = fs.recv()
             try:
-                reply = handle(enclave, fs, req, fds)
+                reply = handle(enclave, fs, frame, fds)
             except ConstmigError as e:
-                reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "state": enclave.life.state.value,
-                         **({"tombstone": True} if enclave.tombstone is not None else {})}
+                reply = control.refused(str(e), kind=type(e).__name__, state=enclave.life.state,
+                                        tombstone=enclave.tombstone is not None)
             except Exception as e:  # an app bug must not kill the enclave and its data
                 traceback.print_exc(file=sys.stderr)
-                reply = {"ok": False, "error": f"internal error in enclave: {type(e).__name__}: {e}",
-                         "kind": "InternalError", "state": enclave.life.state.value}
+                reply = control.refused(f"internal error in enclave: {type(e).__name__}: {e}", kind="InternalError",
+                                        state=enclave.life.state)
             if reply is None:
-                fs.send({"ok": True, "result": "bye"})
+                fs.send(control.ok("bye"))
                 done.set()
                 return
             try:
                 encode(reply)
             except ProtocolError as e:  # a result the wire cannot carry must not end the enclave
-                reply = {"ok": False, "error": f"the ECALL's result cannot be sent back: {e}",
-                         "kind": "EnclaveError", "state": enclave.life.state.value}
+                reply = control.refused(f"the ECALL's result cannot be sent back: {e}", kind="EnclaveError",
+                                        state=enclave.life.state)
             fs.send(reply)
             if enclave.life.state is Life.DESTROYED and enclave.tombstone is None:
                 done.set()  # a tombstone stays, answering the source's reconnects, until the agent stops it

@@ -4,7 +4,7 @@ It never holds a key that opens enclave data: a migration's bytes go over a TCP 
 two agents set up between themselves and then hand, as a file descriptor, to the two enclaves.
 One port serves clients, other agents, and migration data connections (the first frame says which);
 admin requests need the local socket or mutual TLS on that port (host/admin.py says who may ask what).
-Every request is decoded once, at dispatch, into its host/control.py struct: an unknown op or a bad field
+Every request is decoded once, at dispatch, into its wire/control.py struct: an unknown op or a bad field
 is refused in one line there, and the handlers read typed fields with control's defaults.
 """
 
@@ -42,7 +42,7 @@ from constmig.errors import (
     Redirect,
     SessionUnknown,
 )
-from constmig.host import admin, client, control, pki
+from constmig.host import admin, client, pki
 from constmig.host.address import parse_addr
 from constmig.host.directory import LEASE_TTL_S, Directory, parse_etcd_url
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
@@ -55,6 +55,7 @@ from constmig.migration.resume import HANDSHAKE_TIMEOUT
 from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size, resident_bytes
+from constmig.wire import control
 from constmig.wire.framing import FramedSocket, encode, read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
@@ -468,7 +469,7 @@ class Agent:
                     frame = await read_frame(reader)
                 except ChannelClosed:
                     return
-                op = frame.get("op")
+                op = control.op(frame)
                 why = admin.refusal(op, caller)  # by the op alone: a stranger's fields are not even read
                 if why is not None:
                     log.info("refused %r from %s", op, caller.describe())

@@ -1,6 +1,6 @@
 """Talking to an agent: one request, its progress frames, one reply; redirects followed for calls.
 
-Requests are host/control.py's structs (a test playing a hostile client may still hand a raw map); the
+Requests are wire/control.py's structs (a test playing a hostile client may still hand a raw map); the
 reply is decoded into control.Reply, and its result handed back as the plain value it travels as.
 
 Blocking sockets on purpose: the CLI, tests and benchmark drivers are simple sequential programs,
@@ -26,8 +26,9 @@ from constmig.errors import (
     Redirect,
     SessionUnknown,
 )
-from constmig.host import admin, control, pki
+from constmig.host import admin, pki
 from constmig.host.address import parse_addr
+from constmig.wire import control
 from constmig.wire.framing import FramedSocket
 
 MAX_REDIRECTS = 4

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError
-from constmig.host import client, control
+from constmig.host import client
+from constmig.wire import control
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host import control
 from constmig.host.address import parse_addr
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
 from constmig.units import format_size
+from constmig.wire import control
 
 STATUS_TIMEOUT_S = 10.0
 CANCEL_RETRY_S = 10.0  # an interrupted drain asks a just-started move's agent to cancel it for this long

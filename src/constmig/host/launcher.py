@@ -20,8 +20,8 @@ from constmig.errors import (
     ProtocolError,
     SessionUnknown,
 )
-from constmig.host import control
-from constmig.host.control import LaunchSpec
+from constmig.wire import control
+from constmig.wire.control import LaunchSpec
 from constmig.wire.framing import FramedSocket
 
 __all__ = ["EnclaveHandle", "LaunchSpec"]

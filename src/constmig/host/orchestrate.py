@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from constmig.client import EnclaveClient, Trust, pin_now
-from constmig.host import control
 from constmig.host.client import request
 from constmig.progress import MigrationProgress
+from constmig.wire import control
 
 
 def migrate(name: str, src: str, dst: str, strategy: str = control.DEFAULT_STRATEGY,

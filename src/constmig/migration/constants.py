@@ -3,7 +3,7 @@
 DEMAND_LABEL = b"demand"  # derives the demand connection's keys from the main channel's (post-copy)
 DATA_CHANNELS = ("main", "demand")  # the data connections' names, in order; a strategy uses the first N
 
-# The names every party checks a request's options against (host/control.py decodes them; the registry in
+# The names every party checks a request's options against (wire/control.py decodes them; the registry in
 # strategies/__init__.py must match STRATEGIES, the code behind each name lives there and in its modules).
 STRATEGIES = ("stopcopy", "constmig", "precopy", "hybrid")
 TRACKERS = ("fault", "access")  # how a destination that runs before its heap is complete finds missing chunks

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from constmig.enclave.persist import Lineage
 from constmig.errors import (
@@ -35,7 +35,7 @@ from constmig.migration.resume import ResumeSecret, send_have
 from constmig.migration.resume_server import CommitWaiter
 from constmig.migration.strategies.base import Strategy
 from constmig.migration.strategies.rounds import keep_held
-from constmig.units import wait_seconds
+from constmig.wire import control
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
 
@@ -75,14 +75,25 @@ class Arrived:
         return self.waiter.epoch if self.waiter is not None else 0
 
 
-def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+def refuse(enclave: Enclave, reason: str) -> NoReturn:
+    """A migrate_in request that is malformed itself (the runtime could not decode it): refused as any
+    failure before COMMIT is, by wiping this instance."""
+    enclave.expect_incoming()
+    _give_up(enclave, None, None, reason, told=False)
+    raise MigrationError(f"incoming migration failed before commit ({reason}); this instance was wiped")
+
+
+def run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateIn | dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
+    """`req` as the runtime decoded it (an in-process driver may hand its map: decoded here, and a bad one
+    wipes this instance as a bad request does)."""
     enclave.expect_incoming()
     link: Link | None = None  # exists once the handshake is done; only then can we tell the source
     waiter: CommitWaiter | None = None
     try:
-        timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
-        commit_wait = wait_seconds(req.get("commit_wait") or 0.0, "commit_wait", zero=True)
+        if not isinstance(req, control.MigrateIn):
+            req = control.decode(req, control.MigrateIn)
+        timeout, commit_wait = req.timeout, req.commit_wait
         for sock in socks:
             sock.settimeout(timeout)  # bounds a send to a peer that stopped reading; receives poll
         chan = SecureChannel(socks[0], None)
@@ -104,7 +115,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         _give_up(enclave, link, waiter, reason, told=isinstance(e, PeerAborted))
         raise MigrationError(f"incoming migration failed before commit ({reason}); this instance was wiped"
                              + ("; reconnects from the source are answered with ABORT" if waiter else "")) from None
-    return _resume(enclave, arrived, req, timeout)
+    return _resume(enclave, arrived, timeout)
 
 
 def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy: Strategy, migration_id: bytes,
@@ -234,7 +245,7 @@ def _give_up(enclave: Enclave, link: Link | None, waiter: CommitWaiter | None, r
     enclave.give_up_incoming(waiter)
 
 
-def _resume(enclave: Enclave, arrived: Arrived, req: dict[str, Any], timeout: float) -> dict:
+def _resume(enclave: Enclave, arrived: Arrived, timeout: float) -> dict:
     """COMMIT (or its stand-in) received: run the app here (downtime ends), then finish the move."""
     state, ledger, link = arrived.state, arrived.ledger, arrived.link
     if arrived.waiter is not None:

@@ -28,7 +28,7 @@ from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import Machine, St
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, send_have
-from constmig.units import wait_seconds
+from constmig.wire import control
 from constmig.wire.channel import SecureChannel
 from constmig.wire.framing import FramedSocket
 
@@ -64,20 +64,18 @@ class _Listener:
         fs = FramedSocket(conn)
         fds: list[int] = []
         try:
-            req, fds = fs.recv()
-            if req.get("op") != "resume_in":
-                raise EnclaveError(f"unknown request {req.get('op')!r} on the resume socket")
+            frame, fds = fs.recv()
+            timeout = control.decode(frame, control.ResumeIn).timeout  # BadRequest: one line back
             socks = [socket.socket(fileno=fd) for fd in fds]
             fds = []
-            timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
             for s in socks:
                 s.setblocking(True)
                 s.settimeout(timeout)
             self.resume(socks, timeout)
-            fs.send({"ok": True, "result": {"epoch": self.epoch}})
+            fs.send(control.ok(control.ResumeInResult(epoch=self.epoch)))
         except (ConstmigError, OSError) as e:
             with contextlib.suppress(ConstmigError, OSError):
-                fs.send({"ok": False, "error": str(e)})
+                fs.send(control.refused(str(e)))
         finally:
             for fd in fds:
                 os.close(fd)

@@ -28,7 +28,7 @@ from constmig.errors import (
 )
 from constmig.migration import messages as m
 from constmig.migration import strategies
-from constmig.migration.constants import DEMAND_LABEL, PREFETCH
+from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger, chunks_to_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import shallow_queue, unpaced
@@ -36,7 +36,7 @@ from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.strategies.base import Before, Strategy
-from constmig.units import wait_seconds
+from constmig.wire import control
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
 
@@ -65,14 +65,22 @@ def _demand_link(strategy: Strategy, socks: list[socket.socket], chan: SecureCha
     return Link(SecureChannel.resume(socks[1], chan.ticket().derive(DEMAND_LABEL)), machine, timeout)
 
 
-def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+def _request(req: Any, kind: type[control.T]) -> control.T:
+    """The request as the runtime decoded it; an in-process driver's map is decoded here, the same way."""
+    if isinstance(req, kind):
+        return req
+    try:
+        return control.decode(req, kind)
+    except control.BadRequest as e:
+        raise MigrationError(str(e)) from None
+
+
+def run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut | dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
-    strategy = _strategy(req.get("strategy", "stopcopy"), socks)
-    timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
-    if req.get("prefetch", "heap") not in PREFETCH:
-        raise MigrationError(f"unknown prefetch {req.get('prefetch')!r}; known: {', '.join(PREFETCH)}")
+    req = _request(req, control.MigrateOut)  # its strategy, prefetch, rounds and waits are checked
+    strategy = _strategy(req.strategy, socks)
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
-    enclave.begin_out(socks, str(req.get("token") or ""))
+    enclave.begin_out(socks, req.token)
     if enclave.cancelled is not None:
         enclave.end_out()
         raise MigrationCancelled(f"migration cancelled before it began ({enclave.cancelled}); the enclave keeps "
@@ -84,7 +92,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
         progress(info)
 
     try:
-        return _run(enclave, socks, req, reporting, strategy, timeout)
+        return _run(enclave, socks, req, reporting, strategy, req.timeout)
     finally:
         enclave.end_out()
 
@@ -95,7 +103,7 @@ def _why(enclave: Enclave, e: BaseException) -> str:
     return f"cancelled: {enclave.cancelled}" if enclave.cancelled is not None else str(e)
 
 
-def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], progress: Callable[[dict], None],
+def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, progress: Callable[[dict], None],
          strategy: Strategy, timeout: float) -> dict:
     heap = enclave.heap
     migration_id = os.urandom(16)
@@ -105,7 +113,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
     params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size,
               "strategy": strategy.name}
     t_start = time.time()
-    used_last = req.get("prefetch") == "used-last" and strategy.needs_tracker  # only a stream has an order
+    used_last = req.prefetch == "used-last" and strategy.needs_tracker  # only a stream has an order
     # post-copy: which chunks the app uses from now to the stop
     watching = strategy.watch(enclave) if used_last else Before()
     try:
@@ -120,7 +128,8 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
         link = Link(chan, Machine("source", strategy=strategy), timeout)
         demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
         try:
-            before = strategy.before_stop(link, enclave, progress, req, watching)  # pre-copy rounds, app runs
+            # pre-copy rounds, while the app runs (the strategies read the options as a map)
+            before = strategy.before_stop(link, enclave, progress, req.options(), watching)
         except (ConstmigError, OSError) as e:
             link.abort(str(e))
             raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps "
@@ -161,7 +170,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any], prog
         raise
     enclave.end_out()
     out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
-                   len(snap.state), float(req.get("max_bandwidth") or 0),
+                   len(snap.state), req.max_bandwidth,
                    figures={**before.figures, **({"prefetch": "used-last" if used_last else "heap"}
                                                  if strategy.needs_tracker else {})},
                    hot=before.hot() if used_last else np.zeros(0, dtype=np.int64))
@@ -200,12 +209,12 @@ class Outgoing:
     hot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # streamed first (Before.hot)
 
 
-def resume(enclave: Enclave, socks: list[socket.socket], req: dict[str, Any],
+def resume(enclave: Enclave, socks: list[socket.socket], req: control.ResumeOut | dict[str, Any],
            progress: Callable[[dict], None]) -> dict:
     """Reconnect a paused migration (see resume.py): re-key, learn what arrived, send the rest, await DONE."""
+    timeout = _request(req, control.ResumeOut).timeout
     out = enclave.parked()
     _strategy(out.strategy.name, socks)
-    timeout = wait_seconds(req.get("timeout", 120.0), "timeout")
     for sock in socks:
         sock.settimeout(timeout)
     out.epoch += 1

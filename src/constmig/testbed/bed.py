@@ -22,7 +22,7 @@ from typing import Any
 
 from constmig.client.trust import default_ca_dir
 from constmig.errors import AgentError, AgentUnreachable, ConstmigError
-from constmig.host import admin, client, control
+from constmig.host import admin, client
 from constmig.testbed import cmd, netns, shaping, state
 from constmig.testbed.spec import (
     HostPlan,
@@ -35,6 +35,7 @@ from constmig.testbed.spec import (
     make_layout,
     parse_hosts,
 )
+from constmig.wire import control
 
 AGENT_READY_TIMEOUT = 60.0
 

@@ -166,8 +166,8 @@ def udp_loss(bed: Testbed, src: str, dst: str, count: int = 5000, interval_s: fl
 
 def request_rtt(addr: str, n: int = 5) -> float:
     """Smallest time of n pings to an agent over one connection (plain TCP, across the link), in seconds."""
-    from constmig.host import control
     from constmig.host.client import AgentClient
+    from constmig.wire import control
 
     best = float("inf")
     with AgentClient(addr, timeout=30) as c:

@@ -20,12 +20,12 @@ from typing import Any
 
 from constmig.client import EnclaveClient, Trust, pin_now
 from constmig.errors import ConstmigError
-from constmig.host import control
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import migrate
 from constmig.migration.strategies import variants
 from constmig.units import parse_size
+from constmig.wire import control
 
 
 @dataclass
@@ -42,7 +42,8 @@ class MigrationReport:
 
 def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed: int = 1,
                    strategies: list[str] | None = None, config: dict[str, Any] | None = None,
-                   call: tuple[str, list[Any]] = ("stats", []), timeout: float = 120.0) -> MigrationReport:
+                   call: tuple[str, list[Any]] = ("stats", []),
+                   timeout: float = control.DEFAULT_TIMEOUT_S) -> MigrationReport:
     """Migrate `app` there and back with each strategy (default: every variant: stopcopy, constmig,
     precopy and hybrid with each tracker) and report what differed."""
     heap = parse_size(heap) if isinstance(heap, str) else heap

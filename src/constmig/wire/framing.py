@@ -1,6 +1,6 @@
 """Length-prefixed msgpack frames for control traffic (client, agents, enclave runtime).
 
-One frame = u32 big-endian length + msgpack map (host/control.py's structs encode to one). The same format
+One frame = u32 big-endian length + msgpack map (wire/control.py's structs encode to one). The same format
 runs over asyncio streams (agents) and blocking sockets (the enclave runtime, which also receives file
 descriptors with a frame).
 Everything read is untrusted: size-capped and decoded into plain maps only.
@@ -27,7 +27,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict)
 
 
-Message = dict[str, Any] | msgspec.Struct  # a map, or a struct that encodes to one (host/control.py)
+Message = dict[str, Any] | msgspec.Struct  # a map, or a struct that encodes to one (wire/control.py)
 
 
 def encode(obj: Message) -> bytes:

@@ -16,7 +16,7 @@ __all__ = ["ROUNDS", "STRATEGIES", "TRACKERS", "Strategy", "get", "variants"]
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy(), PreCopy(), Hybrid())}
 ROUNDS = tuple(s.name for s in STRATEGIES.values() if isinstance(s, RoundsMixin))  # send rounds before the stop
-# The names requests are checked against (host/control.py) are the registry's, in its order.
+# The names requests are checked against (wire/control.py) are the registry's, in its order.
 assert tuple(STRATEGIES) == constants.STRATEGIES, "constants.STRATEGIES must name the registry's strategies"
 
 

@@ -10,7 +10,9 @@ rest): the CLI, the agent and the enclave all read them from these structs.
 Sans-IO, as h11 is: structs in, bytes out (`encode`), and back (`decode`); wire/framing.py carries the
 bytes (a struct is framed as the map it encodes to: the wire is what the hand-built dicts were).
 
-Who may ask for which agent request is host/admin.py's table (by op name).
+Who may ask for which agent request is host/admin.py's table (by op name). It lives in wire/ because the
+enclave process decodes it too (trusted code imports nothing from host/); it reads the lifecycle enum
+(enclave/lifecycle.py) and the option names (migration/constants.py), which depend on nothing but errors.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any, ClassVar, TypeVar, get_args
 import msgspec
 
 from constmig.enclave.lifecycle import Life
-from constmig.errors import ConfigError, ProtocolError
+from constmig.errors import AgentError, ConfigError, ProtocolError
 from constmig.migration.constants import DATA_CHANNELS, PREFETCH, STRATEGIES, TRACKERS, WRITE_TRACKING
 from constmig.units import wait_seconds
+
+_BYTES = (bytes, bytearray, memoryview)  # bytes stay bytes: a str is never read as base64
 
 # ---- the defaults, once ------------------------------------------------------------------------------
 
@@ -94,10 +98,8 @@ class LaunchSpec(msgspec.Struct):
     @classmethod
     def from_wire(cls, d: Any) -> LaunchSpec:
         try:
-            return msgspec.convert(d, cls, builtin_types=(bytes, bytearray, memoryview))
+            return msgspec.convert(d, cls, builtin_types=_BYTES)
         except msgspec.ValidationError as e:
-            from constmig.errors import AgentError
-
             raise AgentError(f"bad enclave spec: {e}") from None
 
 
@@ -519,7 +521,6 @@ class AgentStatus(_Checked, kw_only=True):
 # ---- encode, decode ----------------------------------------------------------------------------------------
 
 T = TypeVar("T")
-_BYTES = (bytes, bytearray, memoryview)  # bytes stay bytes: a str is never read as base64
 _encoder = msgspec.msgpack.Encoder()
 _map = msgspec.msgpack.Decoder(dict)
 
