@@ -412,3 +412,135 @@ def test_an_ordinary_user_finds_this_machines_addresses_local_too():
     p = subprocess.run([sys.executable, "-c", code, "0.0.0.0", "::", "192.0.2.7"], capture_output=True, text=True,
                        timeout=60, cwd="/")
     assert p.stdout.strip() == "True [True, True, False]", p.stderr
+
+
+# ---- the admin CA's certificates, from the mutation run of issue 31 ----
+
+
+def test_renewing_the_ca_revokes_every_certificate_it_issued(ca, tmp_path):
+    """`constmig ca init --renew` is the revocation (docs/security.md): a new key, so nothing the old one
+    signed verifies against the new CA."""
+    host = pki.issue(ca, "host", "a", tmp_path / "host")
+    alice = pki.issue(ca, "operator", "alice", tmp_path / "alice")
+    old_key = (ca / "admin" / "ca.key").read_bytes()
+    assert pki.create_admin_ca(ca, renew=True) is True
+    assert (ca / "admin" / "ca.key").read_bytes() != old_key
+    (tmp_path / "alice" / "ca.pem").write_bytes((ca / "admin" / "ca.pem").read_bytes())  # the new CA, as agents load it
+    with pytest.raises(ConfigError, match="is not issued by"):
+        pki.read_identity(tmp_path / "alice")
+    renewed = pki.issue(ca, "host", "a", tmp_path / "renewed")
+    assert tls(renewed, alice)["server"] == "not issued by this fleet's admin CA"
+    assert tls(host, pki.issue(ca, "operator", "alice", tmp_path / "alice2"))["client"] == \
+        "not issued by this fleet's admin CA"
+
+
+def test_what_each_certificate_may_do(ca, tmp_path):
+    """The CA signs certificates and nothing else, and no certificate below it may; a host's serves and
+    authenticates, an operator's only authenticates; the constraints are critical (a verifier that does
+    not know them must refuse)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    def ext(cert, kind):
+        e = cert.extensions.get_extension_for_class(kind)
+        return e.critical, e.value
+
+    ca_cert, _ = pki.load_ca(ca)
+    assert ext(ca_cert, x509.BasicConstraints) == (True, x509.BasicConstraints(ca=True, path_length=0))
+    assert ext(ca_cert, x509.KeyUsage) == (True, pki._usage(key_cert_sign=True, crl_sign=True))
+    usage = ext(ca_cert, x509.KeyUsage)[1]
+    assert usage.key_cert_sign and usage.crl_sign and not usage.digital_signature and not usage.key_agreement
+    for role, uses in (("host", [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
+                       ("operator", [ExtendedKeyUsageOID.CLIENT_AUTH])):
+        cert = pki.issue(ca, role, "x", tmp_path / role).cert
+        assert ext(cert, x509.BasicConstraints) == (True, x509.BasicConstraints(ca=False, path_length=None))
+        critical, usage = ext(cert, x509.KeyUsage)
+        assert critical and usage.digital_signature and not usage.key_cert_sign and not usage.crl_sign
+        assert not (usage.content_commitment or usage.key_encipherment or usage.data_encipherment
+                    or usage.key_agreement)
+        assert ext(cert, x509.ExtendedKeyUsage) == (False, x509.ExtendedKeyUsage(uses))
+
+
+def test_validity_periods_are_the_documented_ones(ca, tmp_path):
+    """docs/security.md: an operator's certificate lasts 90 days, a host's a year; the CA ten years. Each is
+    valid from 5 minutes before it was issued (clocks differ a little)."""
+    ca_cert, _ = pki.load_ca(ca)
+    assert ca_cert.not_valid_after_utc - ca_cert.not_valid_before_utc == dt.timedelta(days=3650, minutes=5)
+    now = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    for role, days in (("operator", 90), ("host", 365)):
+        ident = pki.issue(ca, role, "x", tmp_path / role, now=now)
+        assert ident.cert.not_valid_before_utc == now - dt.timedelta(minutes=5)
+        assert ident.not_after == now + dt.timedelta(days=days)
+    with pytest.raises(ConfigError, match="--days must be positive, not 0"):
+        pki.issue(ca, "operator", "x", tmp_path / "zero", days=0)
+
+
+def test_a_certificate_is_usable_from_its_first_to_its_last_second(ca, tmp_path):
+    ident = pki.issue(ca, "operator", "alice", tmp_path / "op", days=10)
+    start, end = ident.cert.not_valid_before_utc, ident.not_after
+    second = dt.timedelta(seconds=1)
+    assert "not valid before" in (ident.problem(now=start - second) or "")
+    assert ident.problem(now=start) is None and ident.problem(now=end) is None
+    assert "expired on" in (ident.problem(now=end + second) or "")
+    assert ident.problem(now=end - dt.timedelta(hours=12)) is None  # no margin unless asked
+    assert "expired on" in (ident.problem(now=end + dt.timedelta(hours=12)) or "")
+    assert "expires on" in (ident.problem(now=end, margin=dt.timedelta(days=1)) or "")
+    with pytest.raises(AttributeError):
+        ident.role = "host"  # type: ignore[misc]
+
+
+def test_an_agent_renews_its_host_certificate_30_days_before_expiry_when_it_can(ca, tmp_path):
+    now = dt.datetime.now(dt.UTC)
+    for left, renewed in ((29.9, True), (30.1, False)):
+        out = tmp_path / f"tls-{left}"
+        pki.issue(ca, "host", "a", out, days=left)
+        ident, issued = pki.ensure_host(ca, out, "a")
+        assert issued is renewed and ident.not_after - now > dt.timedelta(days=29)
+    # without the CA's key there is nothing to renew with: a host certificate is used until it expires
+    soon, gone = tmp_path / "soon", tmp_path / "gone"
+    pki.issue(ca, "host", "a", soon, days=0.5)
+    pki.issue(ca, "host", "a", gone, days=1, now=now - dt.timedelta(days=1.5))
+    (ca / "admin" / "ca.key").unlink()
+    ident, issued = pki.ensure_host(ca, soon, "a")
+    assert not issued and ident.not_after - now < dt.timedelta(days=1)
+    with pytest.raises(ConfigError, match=r"expired on .* has no ca.key to issue one"):
+        pki.ensure_host(ca, gone, "a")
+
+
+def test_files_have_the_modes_of_what_they_hold(ca, tmp_path):
+    assert stat_mode(ca / "admin" / "ca.key") == 0o600 and stat_mode(ca / "admin" / "ca.pem") == 0o644
+    pki.issue(ca, "operator", "alice", tmp_path / "op")
+    assert stat_mode(tmp_path / "op") == 0o700 and stat_mode(tmp_path / "op" / "key.pem") == 0o600
+    assert stat_mode(tmp_path / "op" / "cert.pem") == 0o644 and stat_mode(tmp_path / "op" / "ca.pem") == 0o644
+
+
+@pytest.mark.parametrize(("name", "ok"), [("a", True), ("n" * 64, True), ("", False), ("n" * 65, False),
+                                          ("bad\nname", False), ("tab\tname", False)])
+def test_certificate_names_are_1_to_64_printable_characters(name, ok):
+    if ok:
+        pki.check_name("operator", name)
+    else:
+        with pytest.raises(ConfigError, match="1-64 printable characters"):
+            pki.check_name("operator", name)
+
+
+def test_files_that_cannot_be_read_or_written_are_one_line_each(ca, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    with pytest.raises(ConfigError, match=f"^cannot read {tmp_path}/none/cert.pem: No such file or directory$"):
+        pki.read_identity(tmp_path / "none")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"^cannot create the admin CA in {tmp_path}/file/admin: Not a directory$"):
+        pki.create_admin_ca(tmp_path / "file")
+    with pytest.raises(ConfigError, match=f"^cannot write the certificate to {tmp_path}/file/op: Not a directory$"):
+        pki.issue(ca, "operator", "x", tmp_path / "file" / "op")
+    pki.issue(ca, "operator", "x", tmp_path / "op")
+    key = tmp_path / "op" / "key.pem"
+    encrypted = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw"))
+    unknown = (b"-----BEGIN PRIVATE KEY-----\nMA4CAQAwBQYDKgMEBAIEAA==\n-----END PRIVATE KEY-----\n")  # OID 1.2.3.4
+    for data in (b"garbage", encrypted, unknown):
+        key.write_bytes(data)
+        with pytest.raises(ConfigError, match=f"^{key} is not a PEM private key$"):
+            pki.read_identity(tmp_path / "op")
