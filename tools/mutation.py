@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     "migration/source.py": ["tests/migration/test_completeness.py", "tests/migration/test_postcopy.py"],
     # issue 31: which enclave a client talks to, its sessions, and who may administer an agent
     "client/trust.py": ["tests/client/test_trust.py"],
-    "client/session.py": ["tests/client/test_session.py"],
+    "client/session.py": ["tests/client/test_client_session.py"],
     "enclave/sessions.py": ["tests/enclave/test_sessions.py", "tests/wire/test_session.py"],
     "wire/session.py": ["tests/wire/test_session.py", "tests/enclave/test_sessions.py"],
     # issue 30: the rounds and the write trackers (frees count as writes; tracking lost fails safe)
