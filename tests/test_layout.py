@@ -88,3 +88,9 @@ def test_trusted_code_does_not_import_the_untrusted_side() -> None:
     bad = {m: sorted(d for d in deps if d.startswith(untrusted))
            for m, deps in graph().items() if m.startswith(trusted)}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_test_files_have_unique_names() -> None:
+    """Test folders are not packages, so two test files of one name break the collection of the whole suite."""
+    names = [p.name for p in Path(__file__).parent.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
