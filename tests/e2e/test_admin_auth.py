@@ -119,6 +119,7 @@ def _tls(addr: str, folder: Path, req: dict) -> dict | str:
         sock.close()
 
 
+@pytest.mark.smoke
 def test_a_stranger_cannot_shut_an_agent_down(fleet):
     """Written first: on the code before issue 31 the agent answered 'shutting down' and exited."""
     c, _, _ = fleet

@@ -89,6 +89,7 @@ class FrameRelay:
 
 # --- the session moves with the enclave ----------------------------------------------------------------
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("strategy,tracker", VARIANTS, ids=[f"{s}-{t}" for s, t in VARIANTS])
 def test_session_continues_across_a_migration(cluster, strategy: str, tracker: str) -> None:
     """One session before, during and after the move: same keys (no new handshake), every call answered

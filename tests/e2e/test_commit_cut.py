@@ -151,6 +151,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("variant", [("stopcopy", "fault"), ("constmig", "access")])
 def test_the_release_code_cannot_fork_an_enclave_whose_destination_still_waits(cluster, variant) -> None:
     """Issue 30, item 1, as the host plays it with the stock CLI: it drops COMMIT and every reconnect, reads

@@ -15,6 +15,7 @@ from constmig.host.orchestrate import migrate
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("app", ["kvstore", "matrix"])
 def test_migration_moves_every_byte_and_redirects(cluster, app):
     a, b = cluster.addrs
