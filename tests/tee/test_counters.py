@@ -327,3 +327,21 @@ def test_a_failed_write_leaves_the_file_and_no_temp_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.read(cid) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]
+
+
+@pytest.mark.adversarial
+def test_a_host_that_holds_the_counter_lock_gets_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    import fcntl
+
+    from constmig.tee import counters
+
+    store = CounterStore(tmp_path / "c.json", b"k" * 32)
+    cid = store.create(1)
+    monkeypatch.setattr(counters, "LOCK_WAIT_S", 0.3)
+    with open(tmp_path / "c.json.lock", "a+b") as held:  # the host takes the platform's lock and keeps it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with pytest.raises(EnclaveError, match="stayed locked by another process for 0.3 s"):
+            store.increment(cid)
+        assert time.monotonic() - t0 < 5
+    assert store.increment(cid) == 2

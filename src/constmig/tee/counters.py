@@ -34,6 +34,7 @@ import hmac
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from pathlib import Path
 from constmig.errors import ConfigError, EnclaveError, LineageHeld
 
 MAX_COUNTERS = 4096  # per platform; a hardware platform bounds these too
+LOCK_WAIT_S = 10.0  # the longest one read-modify-write waits for another (each holds it for milliseconds)
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -105,7 +107,16 @@ class CounterStore:
         """The counters, under the platform's cross-process lock; saved if the body changed them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:  # bounded: a host that holds the lock gets a clear error, never a hung enclave
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise EnclaveError(f"the platform's counter file {self.path} stayed locked by another "
+                                           f"process for {LOCK_WAIT_S:g} s") from None
+                    time.sleep(0.005)
             counters = self._load()
             before = copy.deepcopy(counters)
             yield counters
