@@ -16,10 +16,8 @@ certificates may serve and authenticate (TLS server and client); operator ones o
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from constmig.errors import ConfigError
+from constmig.files import read_bytes, write_atomic
 
 ROLES = ("operator", "host")
 CA_CN = "constmig admin CA"
@@ -56,33 +55,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write(path: Path, data: bytes, mode: int, replace: bool = True) -> None:
-    """Write `path` atomically (a synced temp file moved over it). Not `replace`: keep a file that
-    appeared meanwhile (two agents creating the CA at once agree on the first one's)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -90,7 +62,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(read_bytes(path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(f"{path} is not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -100,7 +72,7 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def _load_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(_read(path))
+        return x509.load_pem_x509_certificate(read_bytes(path))
     except ValueError:
         raise ConfigError(f"{path} is not a PEM certificate") from None
 
@@ -123,7 +95,7 @@ def create_admin_ca(ca_dir: Path, renew: bool = False) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if renew or not key_path.exists():
-            _write(key_path, _key_pem(ec.generate_private_key(ec.SECP256R1())), 0o600, replace=renew)
+            write_atomic(key_path, _key_pem(ec.generate_private_key(ec.SECP256R1())), 0o600, replace=renew)
         key = _load_key(key_path)
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "constmig"),
                           x509.NameAttribute(NameOID.COMMON_NAME, CA_CN)])
@@ -136,7 +108,7 @@ def create_admin_ca(ca_dir: Path, renew: bool = False) -> bool:
                 .add_extension(_usage(key_cert_sign=True, crl_sign=True), critical=True)
                 .add_extension(ski, critical=False)
                 .sign(key, hashes.SHA256()))
-        _write(pem_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=renew)
+        write_atomic(pem_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=renew)
     except OSError as e:
         raise ConfigError(f"cannot create the admin CA in {folder}: {e.strerror or e}") from None
     return True
@@ -258,9 +230,9 @@ def issue(ca_dir: Path, role: str, name: str, out: Path, days: float | None = No
     try:
         out.mkdir(parents=True, exist_ok=True)
         os.chmod(out, 0o700)
-        _write(out / "key.pem", _key_pem(key), 0o600)
-        _write(out / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        _write(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(out / "key.pem", _key_pem(key), 0o600)
+        write_atomic(out / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     except OSError as e:
         raise ConfigError(f"cannot write the certificate to {out}: {e.strerror or e}") from None
     return read_identity(out)

@@ -12,9 +12,7 @@ so an enclave process needs neither the CA key nor write access.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import os
 import secrets
 import struct
 from pathlib import Path
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from constmig.errors import AttestationError, ConfigError
+from constmig.files import read_bytes, write_atomic
 from constmig.tee.backend import REPORT_DATA_SIZE, Identity, TeeBackend, VerifiedQuote
 from constmig.tee.counters import CounterStore
 
@@ -72,32 +71,9 @@ def _signed_bytes(q: _Quote) -> bytes:
 
 # --- files -----------------------------------------------------------------------------------------
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` with `data` atomically, never overwriting: if it appeared meanwhile, keep that one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):  # another process won the race: keep its file
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def _load_key(path: Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(read_bytes(path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(f"{path} is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -112,7 +88,7 @@ def _key_pem(key: Ed25519PrivateKey) -> bytes:
 
 def _load_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(_read(path))
+        return x509.load_pem_x509_certificate(read_bytes(path))
     except ValueError:
         raise ConfigError(f"{path} is not a PEM certificate") from None
 
@@ -164,9 +140,9 @@ def create_root_ca(ca_dir: Path) -> None:
             raise ConfigError(f"{pem_path} exists without root.key; refusing to replace a trusted root")
         return
     if not key_path.exists():
-        _write_new(key_path, _key_pem(Ed25519PrivateKey.generate()), 0o600)
+        write_atomic(key_path, _key_pem(Ed25519PrivateKey.generate()), 0o600, replace=False)
     key = _load_key(key_path)
-    _write_new(pem_path, _issue(_ROOT_CN, None, key.public_key(), key, ca=True, years=20), 0o644)
+    write_atomic(pem_path, _issue(_ROOT_CN, None, key.public_key(), key, ca=True, years=20), 0o644, replace=False)
 
 
 def load_root(path: Path) -> x509.Certificate:
@@ -276,14 +252,14 @@ class SimPlatform(TeeBackend):
         if not pem.exists():
             platform_dir.mkdir(parents=True, exist_ok=True)
             if not (platform_dir / "platform.key").exists():
-                _write_new(platform_dir / "platform.key", _key_pem(Ed25519PrivateKey.generate()), 0o600)
+                write_atomic(platform_dir / "platform.key", _key_pem(Ed25519PrivateKey.generate()), 0o600, replace=False)
             if not (platform_dir / "platform.secret").exists():
-                _write_new(platform_dir / "platform.secret", secrets.token_bytes(32), 0o600)
+                write_atomic(platform_dir / "platform.secret", secrets.token_bytes(32), 0o600, replace=False)
             key = _load_key(platform_dir / "platform.key")
             ca_key, root = _load_key(ca_dir / "root.key"), load_root(ca_dir)
             if ca_key.public_key() != root.public_key():
                 raise ConfigError(f"{ca_dir}/root.key does not match {ca_dir}/root.pem")
-            _write_new(pem, _issue(host_id, root.subject, key.public_key(), ca_key, ca=False, years=10), 0o644)
+            write_atomic(pem, _issue(host_id, root.subject, key.public_key(), ca_key, ca=False, years=10), 0o644, replace=False)
         platform = cls.open(platform_dir, ca_dir / "root.pem")
         if platform.platform_id != host_id:
             raise ConfigError(f"{platform_dir} belongs to host {platform.platform_id!r}, not {host_id!r}")
@@ -296,7 +272,7 @@ class SimPlatform(TeeBackend):
         root = load_root(root_pem)
         key = _load_key(platform_dir / "platform.key")
         cert = _load_cert(platform_dir / "platform.pem")
-        secret = _read(platform_dir / "platform.secret")
+        secret = read_bytes(platform_dir / "platform.secret")
         if len(secret) != 32:
             raise ConfigError(f"{platform_dir}/platform.secret must be 32 bytes, not {len(secret)}")
         try:
