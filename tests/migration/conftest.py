@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +22,16 @@ def enclaves(world: World) -> Iterator[Enclaves]:
         yield e
     finally:
         e.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected socket pair, shut down and closed after the test."""
+    a, b = socket.socketpair()
+    try:
+        yield a, b
+    finally:
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

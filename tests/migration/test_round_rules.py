@@ -14,9 +14,7 @@ that holds the channel keys (so it can lie in sealed messages, which the host ca
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 
@@ -34,18 +32,6 @@ from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
 from constmig.migration.strategies.rounds import Rounds, _left
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    try:
-        yield a, b
-    finally:
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 def _connect(enclaves: Enclaves, pair, strategy: str = "precopy"):

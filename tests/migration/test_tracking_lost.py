@@ -9,10 +9,7 @@ mprotect level (tests/enclave/test_dirty.py provokes the handler's for real, in 
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,18 +21,6 @@ from constmig.migration import destination, source
 
 _ENCLAVE = dirty.enclave_problem()
 pytestmark = pytest.mark.skipif(_ENCLAVE is not None, reason=f"enclave handler: {_ENCLAVE}")
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    try:
-        yield a, b
-    finally:
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 class _LosingHandler:
