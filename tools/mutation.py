@@ -67,6 +67,7 @@ MODULES: dict[str, list[str]] = {
     "wire/session.py": ["tests/wire/test_session.py", "tests/enclave/test_sessions.py"],
     # issue 30: the rounds and the write trackers (frees count as writes; tracking lost fails safe)
     "migration/strategies/rounds.py": ["tests/migration/test_round_rules.py", "tests/migration/test_tracking_lost.py"],
+    "migration/strategies/converge.py": ["tests/migration/test_converge.py"],
     "enclave/dirty.py": ["tests/enclave/test_dirty.py"],
     "host/admin.py": ["tests/host/test_admin.py"],
     "host/pki.py": ["tests/host/test_admin.py"],

@@ -14,6 +14,7 @@ from constmig.enclave.lifecycle import Life
 from constmig.errors import AgentError, ConstmigError, ProtocolError
 from constmig.host import admin
 from constmig.migration import constants, strategies
+from constmig.migration.strategies.converge import Goal
 from constmig.wire import control as c
 from constmig.wire.framing import decode_body
 from constmig.wire.framing import encode as frame
@@ -83,8 +84,8 @@ def test_a_struct_encodes_to_the_map_the_hand_built_requests_sent() -> None:
                                                                            "record": b"r"})
     sent = decode_body(c.encode(c.Migrate(name="kv", to="b:1")))
     assert sent["strategy"] == "hybrid" and "max_rounds" not in sent and "max_downtime" not in sent
-    assert c.decode({"op": "migrate", "name": "kv", "to": "b", "max_rounds": None}, c.AgentRequest).options() \
-        .get("max_rounds", "unset") == "unset"  # None, from an older sender, is unset too
+    older = c.decode({"op": "migrate_out", "max_rounds": None}, c.MigrateOut)  # None, from an older sender ...
+    assert Goal.of(older, 3).max_rounds == 3  # ... is unset too: the strategy's default
     prep = decode_body(c.encode(c.PrepareIn(spec=c.LaunchSpec("kv", "kvstore", 8), source="a:1")))
     assert prep["from"] == "a:1" and "source" not in prep  # "from", as the agents always said
     assert prep["spec"] == {"name": "kv", "app": "kvstore", "heap": 8, "chunk_size": 1 << 20, "config": {},

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from scripted import Enclaves, World, make_world
+from scripted import Enclaves, Pairs, World, make_world
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,15 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+@pytest.fixture
+def pairs() -> Iterator[Pairs]:
+    """Two socket pairs (main and demand connections): `real` ends for the code under test, `fake` ends
+    for the scripted peer."""
+    main, demand = socket.socketpair(), socket.socketpair()
+    p = Pairs([main[0], demand[0]], [main[1], demand[1]])
+    try:
+        yield p
+    finally:
+        p.close()

@@ -85,6 +85,20 @@ class Enclaves:
             enclave.heap.close()
 
 
+@dataclass
+class Pairs:
+    """Two socketpairs: `real` ends go to the code under test, `fake` ends to the scripted peer."""
+
+    real: list[socket.socket]
+    fake: list[socket.socket]
+
+    def close(self) -> None:
+        for s in self.real + self.fake:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
 def recv_msg(chan: SecureChannel) -> m.Message:
     rec = chan.recv(timeout=TIMEOUT)
     assert isinstance(rec, ControlRecord), f"expected a control message, got {rec!r}"

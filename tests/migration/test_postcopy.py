@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, MiB, Runner, recv_msg, send_msg, small_state
+from scripted import CHUNK, HEAP, TIMEOUT, Enclaves, MiB, Pairs, Runner, recv_msg, send_msg, small_state
 
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.runtime import Enclave
@@ -44,30 +44,6 @@ PIECES = CHUNK // PIECE if PIECE < CHUNK else 1
 
 def pieces_tag(tags: list[bytes]) -> bytes:
     return ledger_mod.pieces_tag(tags) if PIECES > 1 else tags[0]
-
-
-@dataclass
-class Pairs:
-    """Two socketpairs: `real` ends go to the code under test, `fake` ends to the scripted peer."""
-
-    real: list[socket.socket]
-    fake: list[socket.socket]
-
-    def close(self) -> None:
-        for s in self.real + self.fake:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    main, demand = socket.socketpair(), socket.socketpair()
-    p = Pairs([main[0], demand[0]], [main[1], demand[1]])
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 # --- the fake destination (plays against the real source) ---------------------------------------------

@@ -25,11 +25,13 @@ from scripted import TIMEOUT, Enclaves, Runner, recv_msg, send_msg, small_state
 from constmig.enclave.dirty import KernelWriteTracker, enclave_problem, kernel_problem, write_tracker
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life
+from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import MigrationError, ProtocolError
 from constmig.migration import destination, source
 from constmig.migration import messages as m
 from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
-from constmig.migration.strategies.rounds import Rounds, _left
+from constmig.migration.strategies.rounds import Early, Rounds, _left, keep_held
+from constmig.migration.uffd import preflight
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
 
@@ -221,8 +223,10 @@ class _Marks:
 
     def __init__(self, heap: Heap, written: list[int] | None = None) -> None:
         self.heap, self.written = heap, list(written or [])
+        self.rearms: list[bool] = []
 
     def scan(self, rearm: bool = True) -> np.ndarray:
+        self.rearms.append(rearm)
         out, self.written = np.array(sorted(self.written), dtype=np.int64), []
         return out
 
@@ -254,7 +258,9 @@ def test_left_keeps_a_written_chunk_that_is_unallocated_at_the_scan(small_heap) 
     small_heap.take_changed()  # as the rounds do right after arming
     small_heap.free("b")
     small_heap.take_changed()  # only the tracker's marks this time
-    assert _left(_Marks(small_heap, [1, 3]), sent, small_heap).tolist() == [1, 3]
+    marks = _Marks(small_heap, [1, 3])
+    assert _left(marks, sent, small_heap).tolist() == [1, 3]
+    assert marks.rearms == [True]  # the app runs on: what it writes next is the next round's
 
 
 def test_left_counts_the_allocators_changes_as_writes(small_heap) -> None:
@@ -288,6 +294,25 @@ def test_settle_holds_no_chunk_freed_or_allocated_after_the_last_scan(small_heap
     assert ledger.missing().tolist() == [0, 1]
 
 
+def test_settle_holds_what_was_sent_is_expected_and_was_not_written_since(small_heap) -> None:
+    """The stop: held = sent, expected, and written neither during the last round (`pending`) nor since
+    (the stop's scan, which re-arms nothing: the app writes no more). The figure counts what the stop
+    must still move; `hot` puts the stop's writes first, then the last round's."""
+    small_heap.alloc("a", 6 * MiB)  # chunks 0..6 (the allocator's header pushes it into a seventh)
+    sent = ChunkLedger.everything(b"m" * 16, small_heap.n_chunks)
+    for index in range(5):  # 5 and 6 never sent
+        sent.record_sent(index, bytes([index + 1]) * TAG_SIZE)
+    small_heap.take_changed()
+    marks = _Marks(small_heap, [2])  # written after the last round's scan
+    rounds = Rounds(marks, sent, pending=np.array([1, 3], dtype=np.int64), left_figure="left")  # type: ignore[arg-type]
+    ledger = ChunkLedger(b"m" * 16, small_heap.n_chunks, np.array([0, 1, 2, 3, 5]))  # 4: freed, not expected
+    assert rounds.settle(ledger).tolist() == [0]
+    assert marks.rearms == [False]
+    assert rounds.figures == {"left": 4} and ledger.missing().tolist() == [1, 2, 3, 5]
+    assert bytes(ledger.tags[0]) == b"\x01" * TAG_SIZE
+    assert rounds.hot().tolist() == [2, 1, 3]
+
+
 @pytest.mark.parametrize("mechanism", [
     pytest.param("kernel", marks=pytest.mark.skipif(kernel_problem() is not None, reason=f"{kernel_problem()}")),
     pytest.param("enclave", marks=pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}"))])
@@ -319,3 +344,136 @@ def test_a_chunk_freed_after_its_round_is_never_held_with_either_tracker(small_h
         assert not heap.array("blob").any()
     finally:
         tracker.close()
+
+
+# --- the destination under a tracker: a stale chunk is missing again, and its next version installs ------
+
+
+def _protection(heap: Heap, index: int) -> str:
+    """The permissions ("rw-p", "---p") of the mapping that holds chunk `index`'s first byte."""
+    start = heap.address + index * heap.chunk_size
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= start < hi:
+                return perms
+    raise AssertionError(f"chunk {index} is not mapped")
+
+
+def _missing(dst, index: int) -> bool:
+    """Chunk `index` is missing at the destination: guarded (Access Tracker) or without pages (Fault)."""
+    if dst.tracker == "access":
+        return _protection(dst.heap, index).startswith("---")
+    touched = dst.heap.touched_chunks()
+    assert touched is not None
+    return not touched[index]
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tracker", ["access", "fault"])
+def test_under_a_tracker_a_stale_chunk_is_missing_again_and_its_next_version_installs(enclaves: Enclaves, pairs,
+                                                                                     tracker) -> None:
+    """Hybrid rounds into a guarded or userfaultfd-registered heap: round 1 brings A (a version that goes
+    stale) and B; round 2 calls A stale, so A must be missing again (its old bytes gone, and the app's
+    first touch would wait for the current version); round 3 brings A's current bytes through the
+    tracker's install path, not by a write into a missing page."""
+    if tracker == "fault" and (reason := preflight()) is not None:
+        pytest.skip(f"userfaultfd is not usable here: {reason}")
+    src, dst = enclaves.filled(), enclaves.build("host-b", incoming=True, tracker=tracker)
+    runner = Runner(destination.run, dst, pairs.real, {"timeout": TIMEOUT}, lambda info: None)
+    chan = SecureChannel(pairs.fake[0], os.urandom(16))
+    heap = src.heap
+    run_initiator(chan, src.backend, src.identity, src.policy,
+                  {"app": src.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size, "strategy": "hybrid"},
+                  timeout=TIMEOUT)
+    expected = heap.export_chunks()
+    a_idx, b_idx = int(expected[0]), int(expected[1])
+    old = np.full(heap.chunk_size, 0xAB, dtype=np.uint8)
+    chan.send_chunk(a_idx, memoryview(old))
+    chan.send_chunk(b_idx, heap.chunk_view(b_idx))
+    send_msg(chan, m.RoundEnd(1, 2))
+    assert recv_msg(chan) == m.RoundAck(1, 2)
+    assert not _missing(dst, a_idx) and not _missing(dst, b_idx)
+    assert bytes(dst.heap.chunk_view(a_idx)) == bytes(old)
+    send_msg(chan, m.RoundEnd(2, 0, np.array([a_idx], dtype="<i8").tobytes()))
+    assert recv_msg(chan) == m.RoundAck(2, 0)
+    assert _missing(dst, a_idx) and not _missing(dst, b_idx)
+    chan.send_chunk(a_idx, heap.chunk_view(a_idx))
+    send_msg(chan, m.RoundEnd(3, 1))
+    assert recv_msg(chan) == m.RoundAck(3, 1)
+    assert not _missing(dst, a_idx)
+    for index in (a_idx, b_idx):
+        assert bytes(dst.heap.chunk_view(index)) == bytes(heap.chunk_view(index))
+    send_msg(chan, m.Abort("test over"))
+    assert isinstance(runner.outcome(), MigrationError) and dst.life.state is Life.DESTROYED
+
+
+# --- the destination's own bookkeeping (Early, keep_held), without a peer ---------------------------------
+
+
+def _early(n: int, received: list[int]) -> Early:
+    ledger = ChunkLedger.everything(b"m" * 16, n)
+    for index in received:
+        ledger.accept(index, bytes([index + 1]) * TAG_SIZE, again=True)
+    return Early(ledger, np.zeros(n, dtype=bool))
+
+
+@pytest.mark.adversarial
+def test_let_go_names_the_first_chunk_no_round_brought(enclaves: Enclaves) -> None:
+    dst = enclaves.build("host-b", incoming=True)
+    early = _early(dst.heap.n_chunks, [0, 3])
+    with pytest.raises(ProtocolError, match="calls chunk 1 stale, but no round brought it"):
+        early.let_go(dst, np.array([0, 1, 2], dtype=np.int64))
+    assert early.ledger.received[0] and early.ledger.count == 2  # refused whole: nothing let go
+
+
+def test_let_go_forgets_the_versions_and_marks_them_stale(enclaves: Enclaves) -> None:
+    dst = enclaves.build("host-b", incoming=True)
+    early = _early(dst.heap.n_chunks, [0, 3, 5])
+    early.let_go(dst, np.array([3, 5], dtype=np.int64))
+    assert np.flatnonzero(early.ledger.received).tolist() == [0] and early.ledger.count == 1
+    assert np.flatnonzero(early.stale).tolist() == [3, 5]
+
+
+@pytest.mark.adversarial
+def test_keep_held_names_the_first_chunk_it_cannot_keep(enclaves: Enclaves) -> None:
+    dst = enclaves.build("host-b", incoming=True)
+    n = dst.heap.n_chunks
+    early = _early(n, [0])
+    ledger = ChunkLedger(b"m" * 16, n, np.array([0, 1, 2], dtype=np.int64))
+    with pytest.raises(ProtocolError, match="keeps chunk 1, which no round brought"):
+        keep_held(dst, ledger, early, np.array([0, 1, 2], dtype=np.int64))
+
+
+@pytest.mark.parametrize("tracker", ["none", "access"])
+def test_keep_held_zeroes_what_the_migration_no_longer_expects_and_lets_go_of_the_rest(enclaves: Enclaves,
+                                                                                      tracker) -> None:
+    """Rounds brought 0, 1, 2, 3; the state keeps 0 and expects 0, 1 and 4 (2 and 3 were freed since, 4
+    allocated since). 1 is let go (stale: sent again at the stop); 2 and 3 are not part of the migration
+    any more: zeros, readable (as in a fresh heap), and not stale; 4 was never brought, so it is not stale
+    (it arrives like any missing chunk)."""
+    dst = enclaves.build("host-b", incoming=True, tracker=tracker)
+    heap, n = dst.heap, dst.heap.n_chunks
+    if tracker == "access":  # as the rounds' installs left them (the incoming heap starts guarded)
+        protect_chunks(heap, np.arange(4), PROT_RW)
+    for index in range(4):
+        np.frombuffer(heap.chunk_view(index), dtype=np.uint8)[:] = 0xAB
+    early = _early(n, [0, 1, 2, 3])
+    early.stale[3] = True  # called stale at a round's end: under a tracker, guarded again
+    if tracker == "access":
+        protect_chunks(heap, np.array([3]), PROT_NONE)
+    ledger = ChunkLedger(b"m" * 16, n, np.array([0, 1, 4], dtype=np.int64))
+    stale = keep_held(dst, ledger, early, np.array([0], dtype=np.int64))
+    assert ledger.received[0] and ledger.count == 1 and bytes(ledger.tags[0]) == bytes(early.ledger.tags[0])
+    assert np.flatnonzero(stale).tolist() == [1]
+    for index in (2, 3):
+        assert not any(heap.chunk_view(index)), f"chunk {index} keeps a round's bytes"
+        if tracker == "access":
+            assert _protection(heap, index).startswith("rw")
+    assert bytes(heap.chunk_view(0)) == b"\xab" * heap.chunk_size
+    if tracker == "access":
+        assert _missing(dst, 1)  # guarded again: its install overwrites every byte
+    else:
+        assert bytes(heap.chunk_view(1)) == b"\xab" * heap.chunk_size  # the stop overwrites it (stale)

@@ -129,7 +129,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
         demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
         try:
             # pre-copy rounds, while the app runs (the strategies read the options as a map)
-            before = strategy.before_stop(link, enclave, progress, req.options(), watching)
+            before = strategy.before_stop(link, enclave, progress, req, watching)
         except (ConstmigError, OSError) as e:
             link.abort(str(e))
             raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps "

@@ -206,10 +206,6 @@ class _MigrationOptions(Request, kw_only=True):
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
             raise BadRequest(f"max_rounds must be an integer from 1 to {MAX_ROUNDS}, not {self.max_rounds!r}")
 
-    def options(self) -> dict[str, Any]:
-        """The options as the strategies read them (strategies/: a map, without the unset ones)."""
-        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None and v is not msgspec.UNSET}
-
 
 class Migrate(_MigrationOptions, tag="migrate", kw_only=True):
     """Migrate an enclave out of this agent to `to` (its figures back, progress frames before)."""

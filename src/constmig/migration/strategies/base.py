@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from constmig.migration.protocol import St
     from constmig.migration.strategies.rounds import Early
     from constmig.migration.streamer import Streamer
+    from constmig.wire import control
 
 Progress = Callable[[dict], None]
 
@@ -70,7 +71,7 @@ class Strategy:
         """Source, before the handshake: start learning what the app uses (post-copy), or nothing."""
         return Before()
 
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
                     watching: Before) -> Before:
         """Source, running: move what can move while the app runs (pre-copy rounds). What it returns goes
         to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up.

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from constmig.migration.destination import Arrived
     from constmig.migration.ledger import ChunkLedger
     from constmig.migration.port import MigratingEnclave as Enclave
+    from constmig.wire import control
 
 
 NO_CHUNK = "post-copy sends no chunk before the handoff"
@@ -54,7 +55,7 @@ class PostCopy(Strategy):
     def watch(self, enclave: Enclave) -> Before:
         return Touches(enclave.heap)
 
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
                     watching: Before) -> Before:
         if isinstance(watching, Touches):
             watching.end_watch()  # now, while the app runs: opening the heap at the stop would be downtime

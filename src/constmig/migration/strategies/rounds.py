@@ -1,7 +1,7 @@
 """Pre-copy rounds, shared by `precopy` and `hybrid`: the heap streams while the app keeps running; each
 round sends only the chunks written since they were last sent (write tracking inside the enclave,
-enclave/dirty.py). The rounds end when what is left fits `max_downtime` at the measured rate, when they
-stop shrinking, or after `max_rounds`.
+enclave/dirty.py). When the rounds end is converge.py's rule: what is left fits `max_downtime` at the
+measured rate, the rounds stop shrinking, the write tracker gave up, or `max_rounds`.
 
 Freshness across rounds. A chunk sent in round k and again in round k+1 travels as two records of the
 same channel, whose strict sequence numbers refuse a replayed, dropped or reordered one; the destination
@@ -29,23 +29,19 @@ import numpy as np
 
 from constmig.enclave.dirty import WriteTracker, write_tracker
 from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
-from constmig.errors import MigrationError, ProtocolError
+from constmig.errors import ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
 from constmig.migration.strategies.base import Before, Progress
+from constmig.migration.strategies.converge import MAX_ROUNDS, Convergence, Goal
 from constmig.migration.strategies.stopcopy import send_chunks
-from constmig.units import wait_seconds
+from constmig.wire import control
 from constmig.wire.channel import SealedChunk
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
     from constmig.migration.link import Link
     from constmig.migration.port import MigratingEnclave as Enclave
-
-MAX_ROUNDS = 8  # default bound for precopy: a workload that writes faster than the link still stops
-DEFAULT_MAX_DOWNTIME_S = 0.05
-SHRINK = 0.8  # a round must leave at most this share of the previous one's chunks, or the rounds stop
-
 
 @dataclass
 class Rounds(Before):
@@ -92,17 +88,12 @@ class RoundsMixin:
         """Nothing to watch: the rounds' write sets say what the app used (and the rounds read every chunk)."""
         return Before()
 
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: dict[str, Any],
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
                     watching: Before) -> Rounds:
         heap = enclave.heap
-        max_downtime = wait_seconds(req.get("max_downtime", DEFAULT_MAX_DOWNTIME_S), "max_downtime", zero=True)
-        max_rounds = req.get("max_rounds")
-        max_rounds = self.default_rounds if max_rounds is None else max_rounds
-        if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 1 <= max_rounds <= 100:
-            raise MigrationError(f"max_rounds must be an integer from 1 to 100, not {max_rounds!r}")
-        pace = float(req.get("max_bandwidth") or 0)
+        goal = Goal.of(req, self.default_rounds)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one
-        tracker = write_tracker(heap, str(req.get("write_tracking") or "auto"), str(req.get("tracker") or "none"))
+        tracker = write_tracker(heap, req.write_tracking, req.tracker)
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
         heap.take_changed()  # the allocator's changes before now: round 1 reads them all
@@ -111,33 +102,23 @@ class RoundsMixin:
                         left_figure=self.left_figure)
         try:
             todo = enclave.whole_heap("migrate")  # what is allocated now (the app may allocate more)
-            chunks_per_round: list[int] = []
-            rate = 0.0
+            rule = Convergence(goal, heap.chunk_size)
             while True:
                 t_round = time.monotonic()
-                number = len(chunks_per_round) + 1
-                sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", pace, round=number)
-                _round_trip(link, number, len(todo))
-                elapsed = max(time.monotonic() - t_round, 1e-6)  # to the destination's ack: its real rate
-                chunks_per_round.append(int(len(todo)))
-                if sent:
-                    rate = sent / elapsed
+                number = len(rule.round_chunks) + 1
+                sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", req.max_bandwidth,
+                                   round=number)
+                _round_trip(link, number, len(todo))  # its time runs to the ack: the destination's real rate
                 dirty = _left(tracker, rounds.sent, heap)
-                left_s = dirty.size * heap.chunk_size / rate if rate else float("inf")
-                shrinking = dirty.size <= SHRINK * len(todo)
-                # tracking lost (enclave/dirty.py): every chunk counts as written from now on, so no round
-                # can shrink; the rest goes at the stop
-                if left_s <= max_downtime or len(chunks_per_round) >= max_rounds or not shrinking or tracker.lost:
+                if rule.after_round(int(len(todo)), sent, time.monotonic() - t_round, int(dirty.size),
+                                    bool(tracker.lost)):
                     break
                 todo = dirty
             stale = dirty[rounds.sent.received[dirty]]
             if stale.size:  # the destination lets go of them now, while the app runs, not at the stop
-                _round_trip(link, len(chunks_per_round) + 1, 0, stale)
-            rounds.figures = {"rounds": len(chunks_per_round), "round_chunks": chunks_per_round,
-                              "write_tracking": tracker.mechanism,
-                              "precopy_s": round(time.monotonic() - t0, 4),
-                              "dirty_rate": round(dirty.size / elapsed, 1), "precopy_rate_gbps": round(rate / 1e9, 3)}
-            if tracker.lost:  # why the rounds ended early
+                _round_trip(link, len(rule.round_chunks) + 1, 0, stale)
+            rounds.figures = {**rule.figures(time.monotonic() - t0), "write_tracking": tracker.mechanism}
+            if tracker.lost:  # what the tracker could not do
                 rounds.figures["tracking_lost"] = tracker.lost
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
             return rounds

@@ -1,0 +1,104 @@
+"""When pre-copy rounds stop: a pure rule over what each round measured, apart from the sockets and the
+heap so that it can be read as a table and tested as one (tests/migration/test_converge.py).
+
+A round ends at the destination's acknowledgement, so its rate is the rate the destination takes chunks
+in, not the rate the source writes them into a socket buffer. After each round the rule looks at what the
+app wrote since its chunks were sent (`left`) and stops the rounds, saying why, when:
+
+* `fits`: what is left would go within `max_downtime` at the last measured rate (the goal);
+* `tracking-lost`: the write tracker gave up (enclave/dirty.py): every chunk counts as written from then
+  on, so no round could shrink;
+* `max-rounds`: the rounds reached their bound (precopy 8, hybrid 1, `--rounds` to change it);
+* `not-shrinking`: the round left more than `SHRINK` of the chunks it sent: the app writes as fast as the
+  link carries, and another round would only send the same chunks again.
+
+The reason is a figure (`rounds_ended`), so an operator sees why a migration stopped when it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from constmig.wire import control
+
+MAX_ROUNDS = 8  # precopy's default bound: a workload that writes faster than the link still stops
+DEFAULT_MAX_DOWNTIME_S = 0.05
+SHRINK = 0.8  # a round must leave at most this share of the chunks it sent, or the rounds stop
+MIN_ELAPSED_S = 1e-6  # a round timed at zero (a coarse clock) still gives a finite rate
+
+
+class Ending(StrEnum):
+    """Why the rounds stopped (the first that holds, in this order)."""
+
+    FITS = "fits"
+    MAX_ROUNDS = "max-rounds"
+    NOT_SHRINKING = "not-shrinking"
+    TRACKING_LOST = "tracking-lost"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the operator asked of the rounds (the request was checked by wire/control.py)."""
+
+    max_downtime: float = DEFAULT_MAX_DOWNTIME_S
+    max_rounds: int = MAX_ROUNDS
+
+    @classmethod
+    def of(cls, req: control.MigrateOut, default_rounds: int) -> Goal:
+        """The request's goal; an unset or None option takes the strategy's default."""
+        downtime = req.max_downtime if isinstance(req.max_downtime, (int, float)) else DEFAULT_MAX_DOWNTIME_S
+        rounds = req.max_rounds if isinstance(req.max_rounds, int) else default_rounds
+        return cls(float(downtime), rounds)
+
+
+@dataclass
+class Convergence:
+    """The rounds' figures so far, and the rule that stops them."""
+
+    goal: Goal
+    chunk_size: int
+    round_chunks: list[int] = field(default_factory=list)  # chunks sent per round
+    rate: float = 0.0  # bytes per second the destination took, in the last round that sent any
+    left: int = 0  # chunks written since sent, at the last round's scan
+    elapsed: float = MIN_ELAPSED_S  # the last round's time
+    ended: Ending | None = None
+
+    def after_round(self, sent_chunks: int, sent_bytes: int, elapsed: float, left: int,
+                    lost: bool = False) -> Ending | None:
+        """A round sent `sent_chunks` (`sent_bytes` of records) in `elapsed` seconds, to the destination's
+        acknowledgement, and its scan found `left` chunks to send again. Why the rounds stop now, or None
+        for another round."""
+        self.round_chunks.append(sent_chunks)
+        self.elapsed = max(elapsed, MIN_ELAPSED_S)
+        if sent_bytes:  # an empty round measures nothing: the last rate stands
+            self.rate = sent_bytes / self.elapsed
+        self.left = left
+        self.ended = self._ending(sent_chunks, left, lost)
+        return self.ended
+
+    def left_seconds(self) -> float:
+        """How long what is left would take at the last measured rate (nothing takes no time; something,
+        before any rate was measured, forever)."""
+        if not self.left:
+            return 0.0
+        return self.left * self.chunk_size / self.rate if self.rate else float("inf")
+
+    def _ending(self, sent_chunks: int, left: int, lost: bool) -> Ending | None:
+        if self.left_seconds() <= self.goal.max_downtime:
+            return Ending.FITS
+        if lost:
+            return Ending.TRACKING_LOST
+        if len(self.round_chunks) >= self.goal.max_rounds:
+            return Ending.MAX_ROUNDS
+        if left > SHRINK * sent_chunks:
+            return Ending.NOT_SHRINKING
+        return None
+
+    def figures(self, precopy_s: float) -> dict[str, Any]:
+        """What the rounds report (the migration's figures; `precopy_s` from the first scan's arming)."""
+        return {"rounds": len(self.round_chunks), "round_chunks": list(self.round_chunks),
+                "rounds_ended": None if self.ended is None else self.ended.value,
+                "precopy_s": round(precopy_s, 4), "dirty_rate": round(self.left / self.elapsed, 1),
+                "precopy_rate_gbps": round(self.rate / 1e9, 3)}

@@ -1,0 +1,121 @@
+"""When pre-copy rounds stop (migration/strategies/converge.py), as a table: each row is one round's
+figures and the rule's answer. No sockets, no heap: the rounds' loop feeds the rule what it measured."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from constmig.migration.strategies.converge import Convergence, Ending, Goal
+from constmig.migration.strategies.hybrid import Hybrid
+from constmig.migration.strategies.precopy import PreCopy
+from constmig.wire import control
+
+MiB = 1 << 20
+
+
+def _rule(max_downtime: float = 0.05, max_rounds: int = 8) -> Convergence:
+    return Convergence(Goal(max_downtime, max_rounds), MiB)
+
+
+# (round: sent chunks, sent bytes, seconds to the ack, chunks left, tracking lost) -> why the rounds stop
+ROUNDS = [
+    # 100 MiB in 1 s: 100 MiB/s; 5 chunks left take exactly 50 ms: the goal holds at its bound
+    ((100, 100 * MiB, 1.0, 5, False), Ending.FITS),
+    ((100, 100 * MiB, 1.0, 6, False), None),  # 60 ms: another round
+    ((100, 100 * MiB, 1.0, 80, False), None),  # 80 of 100 left: still shrinking, at the bound
+    ((100, 100 * MiB, 1.0, 81, False), Ending.NOT_SHRINKING),
+    ((100, 100 * MiB, 1.0, 0, False), Ending.FITS),
+    ((100, 100 * MiB, 1.0, 6, True), Ending.TRACKING_LOST),  # lost is named before the shrink it causes
+    ((100, 100 * MiB, 1.0, 100, True), Ending.TRACKING_LOST),
+    ((100, 100 * MiB, 1.0, 5, True), Ending.FITS),  # what is left fits anyway: that is the reason
+    ((0, 0, 1.0, 0, False), Ending.FITS),  # nothing sent and nothing left
+]
+
+
+@pytest.mark.parametrize(("args", "ending"), ROUNDS)
+def test_one_round(args: tuple, ending: Ending | None) -> None:
+    rule = _rule()
+    assert rule.after_round(*args) == ending
+    assert rule.ended == ending and rule.round_chunks == [args[0]] and rule.left == args[3]
+
+
+def test_the_rate_is_the_destinations_and_what_is_left_is_timed_at_it() -> None:
+    rule = _rule()
+    rule.after_round(100, 100 * MiB, 2.0, 40, False)
+    assert rule.rate == 50 * MiB and rule.left_seconds() == pytest.approx(40 / 50)
+    assert rule.elapsed == 2.0
+
+
+def test_before_any_rate_nothing_left_fits_unless_nothing_is_left() -> None:
+    rule = _rule()
+    assert rule.left_seconds() == 0.0  # no round yet, nothing left: fits at any rate
+    # an empty round (nothing allocated when it began) measured no rate: 3 chunks allocated since never fit
+    assert rule.after_round(0, 0, 0.5, 3, False) == Ending.NOT_SHRINKING
+    assert rule.rate == 0.0 and rule.left_seconds() == float("inf")
+
+
+def test_an_empty_round_keeps_the_last_rate() -> None:
+    rule = _rule(max_rounds=5)
+    rule.after_round(100, 100 * MiB, 1.0, 10, False)
+    assert rule.after_round(0, 0, 3.0, 6, False) == Ending.NOT_SHRINKING  # 60 ms at the last rate: too long
+    assert rule.rate == 100 * MiB and rule.elapsed == 3.0
+
+
+def test_a_round_timed_at_zero_still_gives_a_finite_rate() -> None:
+    rule = _rule()
+    rule.after_round(1, MiB, 0.0, 1, False)
+    assert rule.elapsed == 1e-6 and rule.rate == MiB / 1e-6
+
+
+def test_the_rounds_stop_at_their_bound() -> None:
+    rule = _rule(max_downtime=0.0, max_rounds=3)
+    assert rule.after_round(100, 100 * MiB, 1.0, 80, False) is None
+    assert rule.after_round(80, 80 * MiB, 1.0, 64, False) is None
+    assert rule.after_round(64, 64 * MiB, 1.0, 51, False) == Ending.MAX_ROUNDS
+    assert rule.round_chunks == [100, 80, 64]
+
+
+def test_a_zero_downtime_goal_is_met_only_by_nothing_left() -> None:
+    rule = _rule(max_downtime=0.0)
+    assert rule.after_round(10, 10 * MiB, 1.0, 1, False) is None
+    assert rule.after_round(1, MiB, 1.0, 0, False) == Ending.FITS
+
+
+@pytest.mark.parametrize(("strategy", "rounds"), [(PreCopy, 8), (Hybrid, 1)])
+def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
+    """precopy: at most 8 rounds, hybrid: 1; both aim at a 50 ms stop (README, docs/strategies.md)."""
+    goal = Goal.of(control.MigrateOut(), strategy.default_rounds)
+    assert goal == Goal(0.05, rounds)
+    rule = Convergence(goal, MiB)
+    for n in range(1, rounds + 1):  # always shrinking, never fitting: only the bound stops them
+        ending = rule.after_round(1000, 1000 * MiB, 1.0, 500, False)
+        assert ending == (Ending.MAX_ROUNDS if n == rounds else None)
+    fits = Convergence(goal, MiB)
+    assert fits.after_round(1000, 1000 * MiB, 1.0, 50, False) == Ending.FITS  # 50 ms at 1000 MiB/s
+    assert Convergence(goal, MiB).after_round(1000, 1000 * MiB, 1.0, 51, False) != Ending.FITS
+
+
+@pytest.mark.parametrize(("sent", "goal"), [
+    ({}, Goal(0.05, 4)),
+    ({"max_rounds": None, "max_downtime": None}, Goal(0.05, 4)),
+    ({"max_rounds": 2}, Goal(0.05, 2)),
+    ({"max_downtime": 0}, Goal(0.0, 4)),  # zero is a goal (stop only with nothing left), not "unset"
+    ({"max_downtime": 1.5, "max_rounds": 100}, Goal(1.5, 100)),
+])
+def test_the_goal_of_a_request(sent: dict, goal: Goal) -> None:
+    req = control.decode({"op": "migrate_out", **sent}, control.MigrateOut)
+    assert Goal.of(req, 4) == goal
+
+
+def test_the_figures() -> None:
+    rule = _rule()
+    rule.after_round(100, 100 * MiB, 1.0, 60, False)
+    rule.after_round(60, 60 * MiB, 0.33, 5, False)
+    assert rule.figures(1.23456) == {
+        "rounds": 2, "round_chunks": [100, 60], "rounds_ended": "fits", "precopy_s": 1.2346,
+        "dirty_rate": 15.2,  # chunks left per second of the last round: 5 / 0.33
+        "precopy_rate_gbps": 0.191,  # 60 MiB in 0.33 s
+    }
+    assert msgspec.json.decode(msgspec.json.encode(rule.figures(0.0)))["rounds_ended"] == "fits"
+    assert _rule().figures(0.0)["rounds_ended"] is None
