@@ -1,7 +1,8 @@
 """Throughput of SecureChannel: a stream of encrypted chunks between two threads over a socketpair.
 
 Not a test (pytest does not collect it). Run:  PYTHONPATH=src python tests/wire/bench_channel.py [GiB] [chunk KiB]
-The receiver decrypts into one pre-touched buffer (the "pre-touched destination" case of FACTS.md).
+The receiver decrypts into one pre-touched buffer (as `constmig bench raw`'s `plain` case does:
+docs/architecture.md).
 """
 
 from __future__ import annotations

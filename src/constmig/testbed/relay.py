@@ -1,10 +1,10 @@
 """A TCP relay that adds a fixed one-way delay to both directions: delay without netem.
 
-This kernel has no netem (FACTS.md), so the testbed puts this relay on each host's advertised
-address, in front of the agent on the namespace's loopback. Every byte read from one side is
-stamped with its arrival time and written to the other side `delay` seconds later, in order, so
-the byte stream is preserved and a round trip through the relay grows by 2 x delay. Reading goes
-on while earlier bytes wait, so throughput is not cut to one buffer per delay (up to MAX_BUFFERED
+This kernel has no netem (docs/testbed.md, "Why a relay for delay"), so the testbed puts this relay
+on each host's advertised address, in front of the agent on the namespace's loopback. Every byte read
+from one side is stamped with its arrival time and written to the other side `delay` seconds later, in
+order, so the byte stream is preserved and a round trip through the relay grows by 2 x delay. Reading
+goes on while earlier bytes wait, so throughput is not cut to one buffer per delay (up to MAX_BUFFERED
 bytes in flight per direction). Blocking threads rather than asyncio: time.sleep has ~0.1 ms
 precision, while asyncio's epoll timeouts round up to whole milliseconds.
 

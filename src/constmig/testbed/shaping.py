@@ -1,8 +1,9 @@
 """Link shaping: tc tbf for the rate, an nftables rule for random loss.
 
-This kernel has no netem (FACTS.md), so rate and loss are done with what it has: tbf on the egress
-of both ends of each host's veth (so each direction is limited), and `numgen random` drop rules on
-the switch's bridge for frames entering and leaving the host's port. Delay is the relay's job (relay.py).
+This kernel has no netem (docs/testbed.md, "Why a relay for delay"), so rate and loss are done with
+what it has: tbf on the egress of both ends of each host's veth (so each direction is limited), and
+`numgen random` drop rules on the switch's bridge for frames entering and leaving the host's port.
+Delay is the relay's job (relay.py).
 """
 
 from __future__ import annotations
