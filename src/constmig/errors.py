@@ -13,10 +13,7 @@ broken rule never is.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from constmig.enclave.lifecycle import Life
+from enum import Enum
 
 
 class ConstmigError(Exception):
@@ -86,7 +83,7 @@ class EnclaveError(ConstmigError):
     instance gave an incoming migration up after READY and stays to answer the source's reconnect with
     ABORT."""
 
-    def __init__(self, message: str, state: Life | None = None, tombstone: bool = False) -> None:
+    def __init__(self, message: str, state: Enum | None = None, tombstone: bool = False) -> None:
         super().__init__(message)
         self.state = state
         self.tombstone = tombstone
@@ -132,6 +129,11 @@ class AgentUnreachable(AgentError):
 class NoReconnect(AgentError):
     """The destination agent answers that no enclave of that name there takes a reconnect: its copy is
     gone (or its host hides it; the source cannot tell, so it still may not run)."""
+
+
+class PastCommitPoint(AgentError):
+    """A cancel came too late: the migration passed its commit point (or is over), so the destination runs
+    the enclave and the move goes on to its end. A caller that interrupts moves treats it as done."""
 
 
 class CallFailed(AgentError):

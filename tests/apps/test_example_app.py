@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from constmig.apps import installed
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("constmig_ledger") is None,
                                 reason="the example app is not installed: pip install ./examples/ledger")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from constmig.bench.raw import stream_vs_raw
-from constmig.migration.uffd import preflight as uffd_problem
+from constmig.kernel.uffd import preflight as uffd_problem
 
 
 def _cm(*args: str) -> subprocess.CompletedProcess:

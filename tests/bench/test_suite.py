@@ -15,8 +15,8 @@ import pytest
 from constmig.bench.report import fit_line, hist_quantile, merge_hists, slopes, write_report
 from constmig.bench.suite import VARIANTS, derive_phases, gap_phase, make_config, summarize_all, window_rate
 from constmig.errors import ConfigError
+from constmig.kernel.uffd import preflight
 from constmig.migration.receiver import latency_histogram, parse_histogram
-from constmig.migration.uffd import preflight
 
 GiB, MiB = 1 << 30, 1 << 20
 LATENCY_KEYS = {"fault_latency_hist", "fault_latency_us_p50", "fault_latency_us_p99"}

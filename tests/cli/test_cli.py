@@ -159,7 +159,7 @@ def test_migrate_with_prefetch_used_last(tracker):
     """`--prefetch used-last` on post-copy: the source watched the app before the stop, the state is intact."""
     from constmig.host.cluster import LocalCluster
     from constmig.host.orchestrate import launch_filled
-    from constmig.migration.uffd import preflight
+    from constmig.kernel.uffd import preflight
 
     if tracker == "fault" and (why := preflight()) is not None:
         pytest.skip(f"userfaultfd unavailable: {why}")

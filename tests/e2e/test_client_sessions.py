@@ -19,7 +19,7 @@ from constmig.errors import AgentError, AttestationError, IntegrityError
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import migrate
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.wire.framing import FramedSocket
 from constmig.wire.session import accept

@@ -20,7 +20,7 @@ from constmig.errors import AgentError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 
 pytestmark = [pytest.mark.e2e]
 

@@ -19,7 +19,7 @@ from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
 from constmig.host.client import request
 from constmig.host.orchestrate import app_checksum, launch_filled, migrate
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 from constmig.wire.records import Kind
 
 pytestmark = pytest.mark.e2e

@@ -27,7 +27,7 @@ from mitm import MitmProxy
 from constmig.client import EnclaveClient
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.orchestrate import app_checksum, migrate
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]
 

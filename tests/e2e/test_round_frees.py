@@ -23,7 +23,7 @@ from constmig.enclave.dirty import enclave_problem, kernel_problem
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import migrate
-from constmig.migration.uffd import preflight as uffd_problem
+from constmig.kernel.uffd import preflight as uffd_problem
 
 pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]
 

@@ -105,8 +105,8 @@ from constmig.enclave.dirty import preflight as write_tracking_problem
 from constmig.errors import AgentError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
+from constmig.kernel.uffd import preflight
 from constmig.migration.strategies import ROUNDS
-from constmig.migration.uffd import preflight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stateful]
 

@@ -21,6 +21,8 @@ from constmig.enclave import dirty
 from constmig.enclave.dirty import EnclaveWriteTracker, KernelWriteTracker, enclave_problem, kernel_problem
 from constmig.enclave.heap import Heap
 from constmig.errors import MigrationError, UffdError
+from constmig.migration import trackers
+from constmig.migration.constants import WRITE_TRACKING
 
 _KERNEL = kernel_problem()
 _ENCLAVE = enclave_problem()
@@ -212,11 +214,16 @@ def test_unknown_mechanism_is_refused(heap):
 
 
 def test_one_mechanism_per_tracker(heap):
-    assert dirty.write_tracker(heap, "auto", "fault").mechanism == "kernel"
-    assert dirty.write_tracker(heap, "auto", "access").mechanism == "enclave"
-    assert dirty.write_tracker(heap, "enclave", "fault").mechanism == "enclave"
+    """Each destination tracker names the write tracking it pairs with; an explicit choice wins; the
+    mechanisms are the ones `--write-tracking` offers."""
+    paired = {name: t.write_tracking for name, t in trackers.REGISTRY.items()}
+    assert paired == {"none": "auto", "fault": "kernel", "access": "enclave"}
+    assert dirty.write_tracker(heap, "auto", paired["fault"]).mechanism == "kernel"
+    assert dirty.write_tracker(heap, "auto", paired["access"]).mechanism == "enclave"
+    assert dirty.write_tracker(heap, "enclave", paired["fault"]).mechanism == "enclave"
     expected = "kernel" if _KERNEL is None else "enclave"
-    assert dirty.write_tracker(heap, "auto", "none").mechanism == expected
+    assert dirty.write_tracker(heap, "auto", paired["none"]).mechanism == expected
+    assert ("auto", *dirty.MECHANISMS) == WRITE_TRACKING
 
 
 def test_the_last_scan_need_not_rearm(heap, WriteTracker):

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from constmig.migration.uffd import PAGE_SIZE, Userfaultfd, buffer_address, preflight
+from constmig.kernel.uffd import PAGE_SIZE, Userfaultfd, buffer_address, preflight
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 NCPU = len(os.sched_getaffinity(0))

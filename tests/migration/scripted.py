@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,14 +73,7 @@ class Enclaves:
                 receiver.main.chan.close()
                 receiver.demand.chan.close()
                 receiver.join()
-            if enclave.access is not None:
-                with contextlib.suppress(Exception):
-                    enclave.access.fail("test over")
-                    enclave.access.unguard()
-            with contextlib.suppress(Exception):
-                from constmig.enclave.tracker import restore
-
-                restore(sys.modules[enclave.app_cls.__module__])
+            enclave.tracking.close()  # the heap readable and the app module as it was
             enclave.heap.close()
 
 

@@ -12,8 +12,8 @@ import pytest
 from constmig.enclave.heap import Heap
 from constmig.enclave.tracker import AccessTracker
 from constmig.errors import IntegrityError
-from constmig.migration.strategies.postcopy import AccessInstaller
-from constmig.migration.uffd import buffer_address
+from constmig.kernel.uffd import buffer_address
+from constmig.migration.trackers.access import AccessInstaller
 from constmig.wire.channel import SealedChunk, SecureChannel
 
 MiB = 1 << 20

@@ -665,7 +665,7 @@ def test_destination_refuses_a_chunk_before_commit_in_postcopy(dest_case: DestCa
     reply = recv_msg(fake.main)
     assert isinstance(reply, m.Abort) and "before the handoff" in reply.reason
     assert enclave.life.state is Life.DESTROYED
-    assert enclave.app is None and enclave.access is None
+    assert enclave.app is None and enclave.tracking.access is None
     touched = enclave.heap.touched_chunks()  # from the page tables: the (guarded) memory is not read
     assert touched is not None and not touched.any(), "the instance was not wiped"
 
@@ -685,7 +685,7 @@ def streaming(case: DestCase) -> Any:
     assert out["strategy"] == "constmig" and out["tracker"] == "access"
     enclave = case.enclave
     assert enclave.life.state is Life.RUNNING
-    assert enclave.receiver is not None and enclave.access is not None
+    assert enclave.receiver is not None and enclave.tracking.access is not None
     return enclave.receiver
 
 
@@ -695,7 +695,7 @@ def streaming(case: DestCase) -> Any:
 def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: str) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
     receiver = streaming(dest_case)
-    tracker = enclave.access
+    tracker = enclave.tracking.access
     idx = int(fake.ledger.expected[1])
     second = "demand" if first == "main" else "main"
     fake.send_chunk(idx, first)
@@ -724,7 +724,7 @@ def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: st
 def test_destination_rejects_a_tampered_chunk_and_keeps_it_missing(dest_case: DestCase) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
     receiver = streaming(dest_case)
-    tracker = enclave.access
+    tracker = enclave.tracking.access
     good, bad = (int(i) for i in fake.ledger.expected[:2])
     fake.send_chunk(good)
     wait_accepted(receiver, good)

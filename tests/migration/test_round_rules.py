@@ -27,11 +27,12 @@ from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life
 from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import MigrationError, ProtocolError
+from constmig.kernel.uffd import preflight
 from constmig.migration import destination, source
 from constmig.migration import messages as m
 from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
-from constmig.migration.strategies.rounds import Early, Rounds, _left, keep_held
-from constmig.migration.uffd import preflight
+from constmig.migration.strategies.early import Early, keep_held
+from constmig.migration.strategies.rounds import Rounds, _left
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
 
@@ -363,7 +364,7 @@ def _protection(heap: Heap, index: int) -> str:
 
 def _missing(dst, index: int) -> bool:
     """Chunk `index` is missing at the destination: guarded (Access Tracker) or without pages (Fault)."""
-    if dst.tracker == "access":
+    if dst.tracking.name == "access":
         return _protection(dst.heap, index).startswith("---")
     touched = dst.heap.touched_chunks()
     assert touched is not None

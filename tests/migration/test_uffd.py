@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from constmig.errors import ConstmigError, UffdError
-from constmig.migration import uffd as U
-from constmig.migration.uffd import PAGE_SIZE, Userfaultfd, buffer_address, preflight
+from constmig.kernel import uffd as U
+from constmig.kernel.uffd import PAGE_SIZE, Userfaultfd, buffer_address, preflight
 
 REASON = preflight()
 needs_uffd = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd is not usable here: {REASON}")
@@ -336,7 +336,7 @@ def test_send_and_receive_over_unix_socket(region):
 PAGER = r"""
 import select, signal, socket, sys
 import numpy as np
-from constmig.migration.uffd import Userfaultfd
+from constmig.kernel.uffd import Userfaultfd
 signal.alarm(25)  # default action kills us if stuck: the userfaultfd is released and the test unblocks
 sock = socket.socket(fileno=int(sys.argv[1]))
 base, size, block = (int(x) for x in sys.argv[2:5])
@@ -426,7 +426,7 @@ def test_dead_pager_releases_the_region_instead_of_hanging(region):
 
 CHILD = r"""
 import mmap, socket, sys
-from constmig.migration.uffd import Userfaultfd, buffer_address
+from constmig.kernel.uffd import Userfaultfd, buffer_address
 sock = socket.socket(fileno=int(sys.argv[1]))
 mm = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 u = Userfaultfd.open()

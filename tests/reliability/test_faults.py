@@ -23,8 +23,8 @@ from tb_helpers import NETNS_REASON, needs_nft, unique_name
 from constmig.client import EnclaveClient
 from constmig.errors import ConstmigError
 from constmig.host import client
+from constmig.kernel.uffd import preflight
 from constmig.migration.strategies import ROUNDS
-from constmig.migration.uffd import preflight
 from constmig.testbed import LinkSpec, Testbed
 
 pytestmark = [pytest.mark.reliability, pytest.mark.root, pytest.mark.e2e,

@@ -89,7 +89,7 @@ def _source(port: int, size: int) -> None:
 
 def _pager(server: socket.socket, uffd_fd: int, base: int) -> None:
     """Child: read each fault, fetch its piece from the source, install it (which wakes the app)."""
-    from constmig.migration.uffd import Userfaultfd
+    from constmig.kernel.uffd import Userfaultfd
 
     code = 0
     try:
@@ -115,7 +115,7 @@ def _pager(server: socket.socket, uffd_fd: int, base: int) -> None:
 
 def demand_faults(n: int) -> list[float]:
     """`n` faults, each on a fresh piece: from the touch to the app going on (seconds)."""
-    from constmig.migration.uffd import Userfaultfd
+    from constmig.kernel.uffd import Userfaultfd
 
     size = ((n + 1) * PIECE + (1 << 20) - 1) // (1 << 20) << 20
     heap = Heap(size, chunk_size=1 << 20)
@@ -167,7 +167,7 @@ def demand_faults(n: int) -> list[float]:
 
 def measure_floor(n: int = 400) -> dict[str, Any]:
     """Both floors; the fault one only where userfaultfd works (else the reason)."""
-    from constmig.migration.uffd import preflight
+    from constmig.kernel.uffd import preflight
 
     doc: dict[str, Any] = {"tcp_pingpong_us": _pcts(tcp_pingpong(n))}
     problem = preflight()

@@ -41,7 +41,7 @@ def usable_variants(wanted: list[str] | None) -> tuple[list[str], list[dict[str,
 
     A default list quietly drops constmig-fault where userfaultfd does not work; an explicit request
     for it there is an error, not a silent substitution."""
-    from constmig.migration.uffd import preflight
+    from constmig.kernel.uffd import preflight
 
     problem = preflight()
     if wanted:

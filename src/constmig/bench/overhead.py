@@ -113,7 +113,7 @@ def standby_pager_main(fd: int) -> None:
     """Child side of StandbyPager: serve faults with zero pages until told to stop."""
     import select
 
-    from constmig.migration.uffd import PAGE_SIZE, Userfaultfd
+    from constmig.kernel.uffd import PAGE_SIZE, Userfaultfd
 
     ctl = socket.socket(fileno=fd)
     uffd = Userfaultfd.receive(ctl)
@@ -161,7 +161,7 @@ def _copy(src: EnclaveApp, mode: str) -> _Copy:
 
 def _arm_fault(c: _Copy) -> None:
     """Register the (populated) heap for MISSING faults, as the Fault Tracker does, with a pager standing by."""
-    from constmig.migration.uffd import Userfaultfd
+    from constmig.kernel.uffd import Userfaultfd
 
     uffd = Userfaultfd.open()
     c.cleanup.append(uffd.close)

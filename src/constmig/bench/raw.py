@@ -29,7 +29,7 @@ import numpy as np
 
 from constmig.bench.results import machine_info
 from constmig.enclave.heap import Heap
-from constmig.migration.uffd import preflight
+from constmig.kernel.uffd import preflight
 from constmig.wire.channel import SecureChannel
 
 CHUNK = 1 << 20
@@ -47,8 +47,8 @@ def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
             heap.populate()  # as an incoming heap is at launch, before any migration starts
         uffd = installer = None
         if mode == "uffd":
-            from constmig.enclave.pager import UffdInstaller
-            from constmig.migration.uffd import Userfaultfd
+            from constmig.kernel.uffd import Userfaultfd
+            from constmig.migration.trackers.pager import UffdInstaller
 
             uffd = Userfaultfd.open()
             uffd.register_missing(heap.address, heap.size)

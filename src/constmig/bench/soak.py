@@ -274,7 +274,7 @@ def settle(probes: list[AgentProbe], marker: str, src: str, dst: str, timeout: f
 
 def usable_cycle(variants: list[str] | None) -> tuple[list[str], list[dict[str, str]]]:
     """Variants to alternate; the Fault Tracker only where userfaultfd works."""
-    from constmig.migration.uffd import preflight
+    from constmig.kernel.uffd import preflight
 
     wanted = list(dict.fromkeys(variants or VARIANTS))
     problem = preflight()

@@ -366,7 +366,7 @@ def machine() -> dict[str, Any]:
 def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     """Run every migration and the overhead measurement; write results.json, the plots and report.md."""
     from constmig.enclave.dirty import preflight as wp_preflight
-    from constmig.migration.uffd import preflight
+    from constmig.kernel.uffd import preflight
 
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,7 @@ import numpy as np
 from constmig.enclave.heap import Heap
 from constmig.enclave.tracker.state import PROT_RW, protect_chunks
 from constmig.errors import ConstmigError, MigrationError, UffdError
-from constmig.migration.constants import WRITE_TRACKING
-from constmig.migration.uffd import (
+from constmig.kernel.uffd import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
     PM_SCAN_CHECK_WPASYNC,
@@ -261,17 +260,17 @@ class EnclaveWriteTracker:
 
 
 WriteTracker = KernelWriteTracker | EnclaveWriteTracker
-MECHANISMS = WRITE_TRACKING
+MECHANISMS = ("kernel", "enclave")  # what `--write-tracking` may name besides "auto"
 
 
-def write_tracker(heap: Heap, mechanism: str = "auto", tracker: str = "none") -> WriteTracker:
-    """The write tracker a migration uses: one mechanism per post-copy tracker (the Fault Tracker's
-    kernel, the Access Tracker's own handler); with no tracker, the kernel's where it works here."""
-    if mechanism not in MECHANISMS:
-        raise UffdError(f"unknown write tracking {mechanism!r}; known: {', '.join(MECHANISMS)}")
+def write_tracker(heap: Heap, mechanism: str = "auto", paired: str = "auto") -> WriteTracker:
+    """The write tracker a migration uses: the one asked for, else the one the destination's tracker pairs
+    with (`paired`: the Fault Tracker's kernel, the Access Tracker's own handler), else the kernel's where
+    it works here."""
+    if mechanism not in ("auto", *MECHANISMS):
+        raise UffdError(f"unknown write tracking {mechanism!r}; known: auto, {', '.join(MECHANISMS)}")
     if mechanism == "auto":
-        mechanism = {"fault": "kernel", "access": "enclave"}.get(tracker) or \
-            ("kernel" if kernel_problem() is None else "enclave")
+        mechanism = paired if paired in MECHANISMS else ("kernel" if kernel_problem() is None else "enclave")
     return KernelWriteTracker(heap) if mechanism == "kernel" else EnclaveWriteTracker(heap)
 
 

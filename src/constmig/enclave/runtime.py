@@ -32,11 +32,9 @@ from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.enclave.lifecycle import Life, Lifecycle
 from constmig.enclave.lifeline import die_with_parent
-from constmig.enclave.pager import PagerHandle
 from constmig.enclave.persist import Lineage, Persistence
 from constmig.enclave.sessions import SessionTable
 from constmig.enclave.state import export_app_state, import_app_state
-from constmig.enclave.tracker import AccessTracker, guard_heap, interpose, restore, untrack_app
 from constmig.errors import (
     ChannelClosed,
     ConfigError,
@@ -49,10 +47,11 @@ from constmig.errors import (
     MigrationError,
     ProtocolError,
 )
-from constmig.migration import destination, source
+from constmig.migration import destination, source, trackers
 from constmig.migration.port import Snapshot
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume_server import CommitWaiter
+from constmig.migration.trackers.base import Tracker
 from constmig.tee.backend import Identity, TeeBackend
 from constmig.tee.measure import measure
 from constmig.wire import control
@@ -93,6 +92,7 @@ class Enclave:
     backend: TeeBackend
     policy: Policy
     config: dict[str, Any]
+    tracking: Tracker  # how it lives with a heap that arrives after it runs (migration/trackers/)
     app: EnclaveApp | None = None
     sessions: SessionTable | None = None  # clients' attested sessions (set by build_enclave)
     # Which enclave this is, beyond its code: drawn at the first launch, carried in the small state through
@@ -102,10 +102,7 @@ class Enclave:
     launch: str = ""  # the measured launch configuration (JSON)
     plain_calls: bool = False  # launched to also take unsealed ECALLs from the host (measured)
     figures: dict[str, Any] = field(default_factory=dict)
-    tracker: str = "none"  # how an incoming post-copy migration tracks missing chunks: none | fault | access
-    pager: PagerHandle | None = None  # Fault Tracker
-    access: AccessTracker | None = None  # Access Tracker
-    receiver: Receiver | None = None  # Access Tracker's stream receiver (the pager has its own)
+    receiver: Receiver | None = None  # the stream's receiver when it runs here (a pager process has its own)
     persist: Persistence | None = None  # sealed checkpoints and their counter (set by build_enclave)
     outgoing: source.Outgoing | None = None  # a migration out that paused after the commit point
     resume_path: Path | None = None  # where an incoming migration listens for reconnects (resume.py)
@@ -123,46 +120,17 @@ class Enclave:
     migration_token: str = ""  # the agent's name for the migration out in progress
     pending_cancel: tuple[str, str] | None = None  # (token, reason): a cancel that came before its migration
 
-    def start_access_tracking(self, expected: Any, timeout: float) -> Any:
-        """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
-        def request(chunks: Any) -> None:
-            if self.receiver is not None:
-                self.receiver.request(chunks)
-
-        self.access = AccessTracker(self.heap, expected, request, timeout)
-        self.access.adopt_guard()  # the heap was guarded at launch (see build_enclave)
-        interpose(sys.modules[self.app_cls.__module__])
-        return self.access.track
-
-    def _settle_access(self) -> None:
-        """Stream complete: give the app plain arrays back (no tracking cost from now on)."""
-        if self.access is not None and self.access.complete and self.app is not None:
-            untrack_app(self.app)
-            restore(sys.modules[self.app_cls.__module__])
-            self.access = None
-
     def abandon_incoming(self) -> None:
-        """The incoming migration failed before COMMIT: drop trackers and the pager."""
-        if self.access is not None:
-            self.access.fail("migration aborted")
-            restore(sys.modules[self.app_cls.__module__])
-            self.access = None
-        if self.pager is not None:
-            self.pager.close()
-            self.pager = None
+        """The incoming migration failed before COMMIT: stop tracking (its pager, its wrapped arrays)."""
+        self.tracking.abandon("migration aborted")
 
     def heap_arrival(self) -> int | None:
         """Chunks in so far while an incoming migration's heap is still arriving; None when it is whole.
 
-        Decided by the migration's own ledger (the pager's, or the Access Tracker receiver's), never by
-        the OS's view of memory: a page still waiting on userfaultfd looks absent, not missing.
+        Decided by the migration's own ledger (the pager's, or the receiver's here), never by the OS's
+        view of memory: a page still waiting on userfaultfd looks absent, not missing.
         """
-        if self.pager is not None:
-            return self.pager.progress()
-        access = self.access  # settled (set to None) by an ECALL, under the app lock
-        if access is None or access.complete:
-            return None
-        return self.receiver.ledger.count if self.receiver is not None else 0
+        return self.tracking.arriving()
 
     def whole_heap(self, what: str) -> Any:
         """The chunks an export of the whole heap carries (migrate out, checkpoint, anything that
@@ -350,8 +318,7 @@ class Enclave:
     def _runnable(self) -> None:
         if self.life.state is not Life.RUNNING or self.app is None:  # not run: the caller may retry
             raise EnclaveNotRunning(f"enclave is {self.life.state.value}; it does not run ECALLs now")
-        if self.access is not None:
-            self._settle_access()
+        self.tracking.settle(self.app)
 
     def _run_ecall(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if name not in self.app_cls.ecalls():
@@ -389,7 +356,7 @@ class Enclave:
             svn=self.identity.svn,
             platform=self.backend.platform_id,
             pid=os.getpid(),
-            tracker=self.tracker,
+            tracker=self.tracking.name,
             sessions=len(self.sessions) if self.sessions is not None else 0,
             plain_calls=self.plain_calls,
             streaming=(self.receiver.stats or {"complete": False, "error": self.receiver.error})
@@ -429,6 +396,9 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
     heap = Heap(args.heap, args.chunk_size)
     incoming = args.mode == "incoming"
     persist = Persistence(backend, identity, Path(args.platform_dir) / "enclaves")
+    # before any thread starts or the heap is touched (the Fault Tracker registers it untouched)
+    tracking, figures = trackers.launch(args.tracker, heap, sys.modules[app_cls.__module__],
+                                        Path(args.socket).with_suffix(".pager.json"), incoming)
     enclave = Enclave(
         app_name=args.app,
         app_cls=app_cls,
@@ -438,7 +408,8 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         backend=backend,
         policy=Policy(),  # the downgrade rule compares SVNs; min_svn is for an owner-set floor
         config=config,
-        tracker=args.tracker if incoming else "none",
+        tracking=tracking,
+        figures=figures,
         persist=persist,
         resume_path=Path(args.socket).with_suffix(".resume.sock") if incoming else None,
         sessions=SessionTable(backend, identity),
@@ -446,21 +417,14 @@ def build_enclave(args: argparse.Namespace) -> Enclave:
         code_hash=hashlib.sha256(source_code).digest(),
         launch=launch,
     )
-    if incoming and enclave.tracker == "fault":
-        # The heap must stay untouched: every page arrives through the pager's UFFDIO_COPY.
-        enclave.pager = PagerHandle.start(heap, Path(args.socket).with_suffix(".pager.json"))
-    elif incoming:
-        enclave.figures["populate_s"] = heap.populate()
-        if enclave.tracker == "access":
-            guard_heap(heap)  # missing chunks must fault loudly, never read as zeros; costly, so now
-    elif args.mode == "restore":
+    if args.mode == "restore":
         blob = persist.restore(Path(args.restore), heap, bytes.fromhex(args.release) if args.release else None)
         instance, state = split_instance(blob)
         enclave.app = import_app_state(app_cls, heap, state)
         # a checkpoint sealed before instances had ids: this restore names one, from now on kept
         enclave.instance = instance or os.urandom(INSTANCE_SIZE)
         enclave.life.move(Life.CREATED, Life.RUNNING)
-    else:
+    elif not incoming:
         enclave.app = app_cls(heap)
         enclave.app.setup(**config)
         enclave.instance = os.urandom(INSTANCE_SIZE)  # a new enclave: a new instance
@@ -597,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["fresh", "incoming", "restore"], default="fresh")
     p.add_argument("--restore", default="", help="checkpoint file (with --mode restore)")
     p.add_argument("--release", default="", help="hex release code of a lineage left pending here (enclave/persist.py)")
-    p.add_argument("--tracker", choices=["none", "fault", "access"], default="none")
+    p.add_argument("--tracker", choices=list(trackers.REGISTRY), default="none")
     p.add_argument("--config", default="")
     p.add_argument("--plain-calls", action="store_true", help="also take unsealed ECALLs from the host")
     p.add_argument("--socket", required=True)
@@ -627,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             enclave.tombstone.close()
         if enclave.resume_path is not None:
             enclave.resume_path.unlink(missing_ok=True)
-        if enclave.pager is not None:
-            enclave.pager.close()
+        enclave.tracking.close()
         Path(args.socket).with_suffix(".pager.json").unlink(missing_ok=True)  # after the pager last wrote it
         enclave.heap.close()
     return 0

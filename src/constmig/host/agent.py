@@ -49,10 +49,10 @@ from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.metrics import AgentMetrics, CallRate
 from constmig.host.status import CALLABLE, HOLDS_UNDELIVERED, STOPPABLE, TAKES_RECONNECT, Status, StatusCell
 from constmig.host.status import Status as S
+from constmig.kernel.uffd import preflight
 from constmig.migration import strategies
 from constmig.migration.constants import DATA_CHANNELS
 from constmig.migration.resume import HANDSHAKE_TIMEOUT
-from constmig.migration.uffd import preflight
 from constmig.tee.sim import SimPlatform, create_root_ca
 from constmig.units import available_memory, format_size, resident_bytes
 from constmig.wire import control

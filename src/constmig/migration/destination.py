@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from constmig.enclave.persist import Lineage
@@ -33,14 +32,13 @@ from constmig.migration.link import Link
 from constmig.migration.protocol import HAVE, RECONNECT, Machine, St
 from constmig.migration.resume import ResumeSecret, send_have
 from constmig.migration.resume_server import CommitWaiter
-from constmig.migration.strategies.base import Strategy
-from constmig.migration.strategies.rounds import keep_held
+from constmig.migration.strategies.base import Arrived, Strategy
+from constmig.migration.strategies.early import keep_held
 from constmig.wire import control
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_responder
 
 if TYPE_CHECKING:
-    from constmig.enclave.app import EnclaveApp
     from constmig.migration.port import MigratingEnclave as Enclave
 
 POLL_S = 0.25  # how often the wait for COMMIT looks for a reconnect while the link is quiet
@@ -52,27 +50,7 @@ def check_params(enclave: Enclave, params: dict[str, Any]) -> None:
     for key, value in want.items():
         if params.get(key) != value:
             raise ProtocolError(f"source wants {key}={params.get(key)!r} but this instance has {value!r}")
-    strategies.get(params.get("strategy")).check_instance(enclave.tracker)
-
-
-@dataclass
-class Arrived:
-    """What a destination holds once it sent READY: everything but the permission to run."""
-
-    link: Link
-    socks: list[socket.socket]
-    strategy: Strategy
-    state: m.StateMsg
-    ledger: ChunkLedger
-    app: EnclaveApp
-    secret: ResumeSecret
-    waiter: CommitWaiter | None
-    reconnected: bool = False  # a keyed reconnect stood for the COMMIT
-
-    @property
-    def epoch(self) -> int:
-        """The last reconnect epoch used (by the waiter): later reconnects must go higher."""
-        return self.waiter.epoch if self.waiter is not None else 0
+    strategies.get(params.get("strategy")).check_instance(enclave.tracking)
 
 
 def refuse(enclave: Enclave, reason: str) -> NoReturn:
@@ -264,5 +242,5 @@ def _resume(enclave: Enclave, arrived: Arrived, timeout: float) -> dict:
     arrived.strategy.receive_after_commit(enclave, arrived, t_resume, timeout)
     return {"resume_time": t_resume, "downtime_ms": (t_resume - state.stop_time) * 1e3,
             "strategy": arrived.strategy.name,
-            "tracker": enclave.tracker, "chunks": int(ledger.expected.size),
+            "tracker": enclave.tracking.name, "chunks": int(ledger.expected.size),
             **({"committed_by": "reconnect"} if arrived.reconnected else {})}

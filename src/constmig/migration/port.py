@@ -19,12 +19,10 @@ if TYPE_CHECKING:
 
     from constmig.enclave.app import EnclaveApp
     from constmig.enclave.heap import Heap
-    from constmig.enclave.pager import PagerHandle
     from constmig.enclave.persist import Lineage
-    from constmig.enclave.tracker import AccessTracker
     from constmig.migration.receiver import Receiver
     from constmig.migration.resume_server import CommitWaiter
-    from constmig.migration.source import Outgoing
+    from constmig.migration.trackers.base import Tracker
     from constmig.tee.backend import Identity, TeeBackend
     from constmig.wire.handshake import Policy
 
@@ -45,10 +43,8 @@ class MigratingEnclave(Protocol):
     backend: TeeBackend
     identity: Identity
     policy: Policy
-    tracker: str  # how this instance tracks a heap that arrives after it runs: none | fault | access
+    tracking: Tracker  # how this instance lives with a heap that arrives after it runs (trackers/)
     resume_path: Path | None  # where an incoming migration listens for reconnects
-    pager: PagerHandle | None  # Fault Tracker
-    access: AccessTracker | None  # Access Tracker
 
     # --- as the source ---------------------------------------------------------------------------------
 
@@ -77,10 +73,11 @@ class MigratingEnclave(Protocol):
     def leave_lineage(self) -> None:
         """Before COMMIT: no checkpoint may restore here once the destination runs the enclave."""
 
-    def park(self, out: Outgoing) -> None:
-        """Keep a migration that paused after its commit point, for a reconnect."""
+    def park(self, out: Any) -> None:
+        """Keep a migration that paused after its commit point (source.Outgoing, opaque to the enclave),
+        for a reconnect."""
 
-    def parked(self) -> Outgoing:
+    def parked(self) -> Any:
         """The paused migration a reconnect continues (MigrationError if there is none)."""
 
     def reclaim(self) -> None:
@@ -96,9 +93,6 @@ class MigratingEnclave(Protocol):
 
     def import_state(self, blob: bytes, wrap: Any = None) -> EnclaveApp:
         """Rebuild the app from the small state, its heap arrays wrapped by `wrap` (the Access Tracker's)."""
-
-    def start_access_tracking(self, expected: np.ndarray, timeout: float) -> Any:
-        """Track heap accesses until `expected` chunks arrived; returns the wrapper for the app's arrays."""
 
     def hold_lineage(self, lineage: Lineage, release_hash: bytes) -> None:
         """Before READY: bind the lineage here, pending on the release code's hash (enclave/persist.py)."""
@@ -117,5 +111,5 @@ class MigratingEnclave(Protocol):
         the pager when it is None); whole-heap exports wait for them."""
 
     def give_up_incoming(self, tombstone: CommitWaiter | None) -> None:
-        """Before COMMIT: drop trackers and pager, wipe, DESTROYED; `tombstone` stays to answer
+        """Before COMMIT: stop tracking, wipe, DESTROYED; `tombstone` stays to answer
         the source's reconnects with ABORT."""

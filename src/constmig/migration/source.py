@@ -213,7 +213,7 @@ def resume(enclave: Enclave, socks: list[socket.socket], req: control.ResumeOut 
            progress: Callable[[dict], None]) -> dict:
     """Reconnect a paused migration (see resume.py): re-key, learn what arrived, send the rest, await DONE."""
     timeout = _request(req, control.ResumeOut).timeout
-    out = enclave.parked()
+    out: Outgoing = enclave.parked()
     _strategy(out.strategy.name, socks)
     for sock in socks:
         sock.settimeout(timeout)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from constmig.enclave.tracker.state import _UNTRACKED, TrackerState, _Untracked
 
-if TYPE_CHECKING:
-    from constmig.enclave.tracker.array import TrackedArray
+TrackedArray = np.ndarray  # array.py's TrackedArray (a subclass; named so here to keep the import one-way)
 
 _nd_getitem = np.ndarray.__getitem__
 

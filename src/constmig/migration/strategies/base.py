@@ -9,7 +9,9 @@ Adding one (pre-copy rounds, hybrid) is a new module here and a line in the regi
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -17,14 +19,18 @@ import numpy as np
 from constmig.errors import ProtocolError
 
 if TYPE_CHECKING:
+    from constmig.enclave.app import EnclaveApp
     from constmig.enclave.heap import Heap
-    from constmig.migration.destination import Arrived
+    from constmig.migration import messages as m
     from constmig.migration.ledger import ChunkLedger
     from constmig.migration.link import Link
     from constmig.migration.port import MigratingEnclave as Enclave
     from constmig.migration.protocol import St
-    from constmig.migration.strategies.rounds import Early
+    from constmig.migration.resume import ResumeSecret
+    from constmig.migration.resume_server import CommitWaiter
+    from constmig.migration.strategies.early import Early
     from constmig.migration.streamer import Streamer
+    from constmig.migration.trackers.base import Tracker
     from constmig.wire import control
 
 Progress = Callable[[dict], None]
@@ -47,6 +53,26 @@ class Before:
         """Release what the rounds held (the write tracker); idempotent."""
 
 
+@dataclass
+class Arrived:
+    """What a destination holds once it sent READY: everything but the permission to run."""
+
+    link: Link
+    socks: list[socket.socket]
+    strategy: Strategy
+    state: m.StateMsg
+    ledger: ChunkLedger
+    app: EnclaveApp
+    secret: ResumeSecret
+    waiter: CommitWaiter | None
+    reconnected: bool = False  # a keyed reconnect stood for the COMMIT
+
+    @property
+    def epoch(self) -> int:
+        """The last reconnect epoch used (by the waiter): later reconnects must go higher."""
+        return self.waiter.epoch if self.waiter is not None else 0
+
+
 class Strategy:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, for help texts
@@ -58,7 +84,7 @@ class Strategy:
 
     # --- destination, before anything arrives ----------------------------------------------------------
 
-    def check_instance(self, tracker: str) -> None:
+    def check_instance(self, tracker: Tracker) -> None:
         """Refuse an incoming instance prepared for another strategy (raise ProtocolError)."""
 
     def import_wrapper(self, enclave: Enclave, ledger: ChunkLedger, timeout: float) -> Any:
@@ -79,7 +105,7 @@ class Strategy:
         return watching
 
     def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
-        """Destination: what arrives before the small state (pre-copy rounds: rounds.Early), and the first
+        """Destination: what arrives before the small state (pre-copy rounds: early.Early), and the first
         message that is not a chunk."""
         return None, link.recv()
 

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from constmig.enclave.dirty import WriteTracker, write_tracker
-from constmig.enclave.tracker import PROT_NONE, PROT_RW, protect_chunks
 from constmig.errors import ProtocolError
 from constmig.migration import messages as m
+from constmig.migration import trackers
 from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
 from constmig.migration.strategies.base import Before, Progress
 from constmig.migration.strategies.converge import MAX_ROUNDS, Convergence, Goal
+from constmig.migration.strategies.early import Early
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.wire import control
 from constmig.wire.channel import SealedChunk
@@ -93,7 +94,7 @@ class RoundsMixin:
         heap = enclave.heap
         goal = Goal.of(req, self.default_rounds)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one
-        tracker = write_tracker(heap, req.write_tracking, req.tracker)
+        tracker = write_tracker(heap, req.write_tracking, trackers.get(req.tracker).write_tracking)
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
         heap.take_changed()  # the allocator's changes before now: round 1 reads them all
@@ -130,7 +131,7 @@ class RoundsMixin:
         """The rounds: each version over the last, in the heap the app does not run on yet."""
         heap = enclave.heap
         early = Early(ChunkLedger.everything(migration_id, heap.n_chunks), np.zeros(heap.n_chunks, dtype=bool))
-        first = _first_write(enclave)
+        first = enclave.tracking.first_write()
         number, count = 1, 0
         while True:
             msg = link.recv()
@@ -150,12 +151,12 @@ class RoundsMixin:
             got.check_acceptable(msg.index, again=True)
             if msg.length != heap.chunk_size:
                 raise ProtocolError(f"chunk {msg.index} is {msg.length} bytes, not the heap's {heap.chunk_size}")
-            # In place already (plain memory now): verified before it counts. A stale chunk under a tracker
-            # was made missing again, so it takes the first-write path.
-            if got.received[msg.index] or (early.stale[msg.index] and enclave.tracker == "none"):
+            # In place already (plain memory now): verified before it counts. A stale chunk was made missing
+            # again (unless the tracker keeps it in place), so it takes the first-write path.
+            if got.received[msg.index] or (early.stale[msg.index] and enclave.tracking.stale_in_place):
                 link.chan.open_chunk(msg, heap.chunk_view(msg.index))
             else:
-                first(msg, link)
+                first(msg, link.chan)
             early.stale[msg.index] = False
             got.accept(msg.index, msg.tag, again=True)
 
@@ -181,77 +182,3 @@ def _left(tracker: WriteTracker, sent: ChunkLedger, heap: Heap) -> np.ndarray:
     again before the stop), or allocated since and never sent."""
     never = np.flatnonzero(heap.allocated_chunks() & ~sent.received)
     return np.union1d(_written(tracker), never).astype(np.int64)
-
-
-def _first_write(enclave: Enclave) -> Any:
-    """How a chunk's first version gets into the destination heap, per tracker: through the pager's
-    userfaultfd (the heap's pages are missing and must stay so until installed), opened from the guard
-    (Access Tracker), or straight in (plain heap)."""
-    heap = enclave.heap
-    if enclave.tracker == "fault":
-        from constmig.enclave.pager import UffdInstaller
-
-        assert enclave.pager is not None
-        installer = UffdInstaller(enclave.pager.uffd, heap.address, heap.chunk_size, None)
-        return lambda msg, link: installer.install(msg.index, msg, link.chan, demand=False)
-
-    def straight(msg: SealedChunk, link: Link) -> None:
-        if enclave.tracker == "access":
-            protect_chunks(heap, np.array([msg.index]), PROT_RW)
-        link.chan.open_chunk(msg, heap.chunk_view(msg.index))
-
-    return straight
-
-
-@dataclass
-class Early:
-    """Destination, before the small state: the newest version each round brought (`ledger`), and the
-    chunks the source called stale since (`stale`: in a plain heap their old bytes are still there;
-    under a tracker they were made missing again)."""
-
-    ledger: ChunkLedger
-    stale: np.ndarray
-
-    def let_go(self, enclave: Enclave, chunks: np.ndarray) -> None:
-        """The source says these versions are stale (written since): they count no more."""
-        got = self.ledger
-        if chunks.size and not got.received[chunks].all():
-            bad = int(chunks[~got.received[chunks]][0])
-            raise ProtocolError(f"the source calls chunk {bad} stale, but no round brought it")
-        _make_missing(enclave, chunks)
-        self.stale[chunks] = True
-        got.received[chunks] = False
-        got.count = int(np.count_nonzero(got.received))
-
-
-def keep_held(enclave: Enclave, ledger: ChunkLedger, early: Early, held: np.ndarray) -> np.ndarray:
-    """Destination, at the small state: keep the round versions of `held` (in the ledger, with their
-    tags) and let go of every other chunk the rounds brought (its version is stale, or the chunk was
-    freed since). Returns the chunks whose heap bytes are stale (a plain heap's: the chunks sent at
-    the stop must overwrite them, zero records included; under a tracker they are missing)."""
-    got = early.ledger
-    mask = np.zeros(ledger.n_chunks, dtype=bool)
-    mask[held] = True
-    unbrought = np.flatnonzero(mask & ~(got.received & ledger.expected_mask))
-    if unbrought.size:
-        bad = int(unbrought[0])
-        raise ProtocolError(f"the small state keeps chunk {bad}, which no round brought or the migration does "
-                            "not expect")
-    ledger.hold(held, got.tags[held])
-    drop = got.received & ~mask
-    early.let_go(enclave, np.flatnonzero(drop & ledger.expected_mask))
-    freed = np.flatnonzero((drop | early.stale) & ~ledger.expected_mask)
-    enclave.heap.zero_chunks(freed)  # not part of the migration any more: zeros, as in a fresh heap
-    early.stale[freed] = False
-    if enclave.tracker == "access":
-        protect_chunks(enclave.heap, freed, PROT_RW)
-    return early.stale
-
-
-def _make_missing(enclave: Enclave, chunks: np.ndarray) -> None:
-    """Per tracker: a missing page again (Fault Tracker: its next touch faults), guarded again (Access
-    Tracker: the install overwrites every byte), or nothing (plain heap: the stop sends it again)."""
-    if enclave.tracker == "fault":
-        enclave.heap.zero_chunks(chunks)
-    elif enclave.tracker == "access":
-        protect_chunks(enclave.heap, chunks, PROT_NONE)

@@ -16,10 +16,11 @@ from constmig.migration.strategies.base import Before, Progress, Strategy
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
-    from constmig.migration.destination import Arrived
     from constmig.migration.ledger import ChunkLedger
     from constmig.migration.link import Link
     from constmig.migration.port import MigratingEnclave as Enclave
+    from constmig.migration.strategies.base import Arrived
+    from constmig.migration.trackers.base import Tracker
 
 
 NO_ROUNDS = "stop-and-copy sends no chunk before the stop"
@@ -44,10 +45,10 @@ class StopAndCopy(Strategy):
                         **NO_CHUNK_AFTER_COMMIT["destination"]},
     }
 
-    def check_instance(self, tracker: str) -> None:
-        if tracker != "none":
-            raise ProtocolError(f"this instance was prepared for post-copy (its heap is guarded by the {tracker} "
-                                "tracker), so it cannot take a stop-and-copy migration")
+    def check_instance(self, tracker: Tracker) -> None:
+        if tracker.post_copy:
+            raise ProtocolError(f"this instance was prepared for post-copy (its heap is guarded by the "
+                                f"{tracker.name} tracker), so it cannot take a stop-and-copy migration")
 
     def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress,
                             before: Before) -> None:

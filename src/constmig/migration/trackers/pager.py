@@ -1,7 +1,7 @@
-"""The Fault Tracker: a trusted pager process that serves the resumed enclave's page faults.
+"""The Fault Tracker's pager: a trusted process that serves the resumed enclave's page faults.
 
 Why a second process: the enclave process cannot serve its own faults (the faulting thread holds the
-GIL, so no thread of that process could run the handler; FACTS.md). So an incoming enclave that will
+GIL, so no thread of that process could run the handler; docs/architecture.md). So an incoming enclave that will
 receive a post-copy migration registers its untouched heap with userfaultfd (MISSING) at launch and
 hands the userfaultfd to this pager, which it forks at launch (part of the same enclave: it holds the
 migration's keys after the handoff, and dies with the enclave through PDEATHSIG; forked, it starts in
@@ -37,14 +37,14 @@ import numpy as np
 
 from constmig.enclave.lifeline import die_with_parent
 from constmig.errors import ConstmigError, EnclaveError, ProtocolError
+from constmig.kernel.uffd import Userfaultfd, buffer_address
 from constmig.migration.ledger import PIECE, ChunkLedger, chunks_from_wire
 from constmig.migration.link import Link
 from constmig.migration.priority import boost_this_thread, quick_gil_handoff
 from constmig.migration.protocol import Machine, St
 from constmig.migration.receiver import Receiver
 from constmig.migration.resume import ResumeSecret
-from constmig.migration.resume_server import ResumeServer
-from constmig.migration.uffd import Userfaultfd, buffer_address
+from constmig.migration.trackers.base import receive_stream
 from constmig.wire import control
 from constmig.wire.channel import ChannelTicket, SealedChunk, SecureChannel
 from constmig.wire.framing import FramedSocket
@@ -153,7 +153,6 @@ class Pager:
         self.n_chunks = size // chunk_size
         self.receiver: Receiver | None = None
         self.ledger: ChunkLedger | None = None
-        self.resume_server: ResumeServer | None = None
         self.installer = UffdInstaller(uffd, base, chunk_size, status)  # buffers warm before any fault
         self._early: list[tuple[np.ndarray, np.ndarray, float]] = []  # faults before the stream started (should not happen)
         self._lock = threading.Lock()
@@ -218,17 +217,13 @@ class Pager:
             s.settimeout(timeout)
         main = Link(SecureChannel.resume(socks[0], main_t), machine, timeout)
         demand = Link(SecureChannel.resume(socks[1], demand_t), machine, timeout)
-        installer = self.installer
-        receiver = Receiver(main, demand, ledger, installer, chunk_size=self.chunk_size, tracker="fault",
-                            t_resume=req.t_resume)
-        with self._lock:
+        write_status(self.status, {"state": "streaming"})
+        receiver = receive_stream(main, demand, ledger, self.installer, chunk_size=self.chunk_size, tracker="fault",
+                                  t_resume=req.t_resume, resume_path=Path(req.resume_path) if req.resume_path else None,
+                                  secret=ResumeSecret.from_wire(req.resume), epoch=req.epoch)
+        with self._lock:  # faults before this waited in _early
             self.ledger, self.receiver = ledger, receiver
             early, self._early = self._early, []
-        write_status(self.status, {"state": "streaming"})
-        receiver.start()
-        if req.resume_path:
-            self.resume_server = ResumeServer(Path(req.resume_path), ResumeSecret.from_wire(req.resume), ledger,
-                                              req.t_resume, receiver, self.chunk_size, epoch=req.epoch)
         for chunks, addrs, t in early:
             self._on_faults(chunks, addrs, t)
 
