@@ -1,4 +1,4 @@
-"""What a new operator hit (issue 32, item 7), each checked the way they met it: a --timeout the first
+"""What a new operator hits, each checked the way they met it: a --timeout the first
 contact ignored, a port that is no agent, --json into a folder that does not exist, tables that cut
 addresses at 80 columns."""
 

@@ -167,7 +167,7 @@ def test_root_is_read_at_the_first_quote_and_must_exist(tmp_path: Path) -> None:
     assert got.identity == APP and got.platform_id == "host-a" and len(verify.fleet) == 64
 
 
-# --- from the mutation run of issue 31 ----------------------------------------------------------------------
+# --- what a mutation run of client/trust.py found unchecked -------------------------------------------------
 
 def pinned(tmp_path: Path, launch: str) -> Trust:
     t = trust(tmp_path)

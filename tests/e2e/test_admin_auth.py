@@ -1,4 +1,4 @@
-"""Who may administer an agent (issue 31 item 4), played with real agent processes and the stock CLI.
+"""Who may administer an agent, played with real agent processes and the stock CLI.
 
 A stranger on the network (no certificate, one from another CA, an expired one from the fleet's CA, a
 host's certificate taken from another machine) asks for what only an operator may: shutdown, stop
@@ -121,7 +121,7 @@ def _tls(addr: str, folder: Path, req: dict) -> dict | str:
 
 @pytest.mark.smoke
 def test_a_stranger_cannot_shut_an_agent_down(fleet):
-    """Written first: on the code before issue 31 the agent answered 'shutting down' and exited."""
+    """A shutdown from a peer with no certificate is refused; an open port would answer 'shutting down' and exit."""
     c, _, _ = fleet
     reply = _plain(c.addrs[0], {"op": "shutdown"})
     time.sleep(1.0)

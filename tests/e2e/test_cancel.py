@@ -1,4 +1,4 @@
-"""Cancelling a migration (issue 17): `migrate --cancel`, Ctrl-C, and a CLI that dies. Before the commit
+"""Cancelling a migration: `migrate --cancel`, Ctrl-C, and a CLI that dies. Before the commit
 point the source runs on with all its data and the destination holds nothing; past it, a cancel is
 refused and the migration goes on. Real agents, real CLI processes."""
 

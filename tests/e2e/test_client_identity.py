@@ -1,8 +1,8 @@
-"""Issue 31, the client's side: a hostile host and a stranger against a client that pinned its enclave,
+"""The client's side: a hostile host and a stranger against a client that pinned its enclave,
 with real agent processes and the stock CLI (`python -m constmig ...`), the test playing the host (a frame
 relay posing as an agent, its own enclaves launched under the client's names, held records delivered late).
 
-Each test failed on the code before the fix; the failure it showed is in its docstring."""
+Each test's docstring says what the host would get without the rule it checks."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def redirect_sessions_to(target: str) -> Any:
 # --- item 1: the host's own instance of the same code under the client's name --------------------------
 
 def test_a_copy_the_host_launched_under_the_same_name_is_refused() -> None:
-    """Before: the pin covered code only, so the redirected `put card ...` exited 0 and landed in the
-    host's copy, which read it back through its own session ('4111-1111-1111-1111')."""
+    """The pin covers the instance, not only the code: otherwise the redirected `put card ...` exits 0 and
+    lands in the host's copy, which reads it back through its own session ('4111-1111-1111-1111')."""
     with LocalCluster(2) as cl:
         a, b = cl.addrs
         run(a, "kv1")
@@ -109,8 +109,8 @@ def test_the_instance_survives_migration_checkpoint_and_restore_and_run_makes_a_
 # --- item 2: no trust option widens what is accepted -------------------------------------------------
 
 def test_min_svn_and_expect_measurement_only_narrow_the_pin() -> None:
-    """Before: with --min-svn 1 (or --expect-measurement of the new code) the pin was not consulted at all,
-    and `get k` of other code under the pinned name exited 0 ('None')."""
+    """--min-svn 1 (or --expect-measurement of the new code) is checked on top of the pin: in its place,
+    `get k` of other code under the pinned name would exit 0 ('None')."""
     with LocalCluster(1) as cl:
         a = cl.addrs[0]
         run(a, "kv1", "16M")
@@ -130,8 +130,8 @@ def test_min_svn_and_expect_measurement_only_narrow_the_pin() -> None:
 @pytest.mark.parametrize("how", ["session-unknown", "timeout"])
 def test_a_held_request_never_runs_after_the_client_was_told(how: str) -> None:
     """The host keeps `put balance 100` sealed and says the session is unknown (or lets the CLI time out);
-    the client checks, writes 50; the host then delivers the held record. Before: it ran in the still-open
-    old session and the balance ended at 100."""
+    the client checks, writes 50; the host then delivers the held record. Were the old session still open,
+    it would run there and the balance would end at 100."""
     with LocalCluster(1) as cl:
         a = cl.addrs[0]
         run(a, "kv1")
@@ -169,8 +169,8 @@ def test_a_held_request_never_runs_after_the_client_was_told(how: str) -> None:
 # --- item 5: pins a person can live with -------------------------------------------------------------
 
 def test_one_name_in_two_walkthroughs_and_refusals_that_say_what_differs(etcd_url) -> None:
-    """Before: the fleet's kv1 was refused because the by-hand kv1 was pinned ('runs measurement …, not
-    the expected …; … constmig trust kv1'), and `constmig trust kv1 --etcd URL` had no such option."""
+    """Pins are per fleet and directory: the fleet's kv1 is not refused for the by-hand kv1's pin ('runs
+    measurement …, not the expected …; … constmig trust kv1'), and `constmig trust kv1 --etcd URL` pins it."""
     with LocalCluster(1) as by_hand, LocalCluster(2, agent_args=["--etcd", etcd_url]) as fleet:
         h = by_hand.addrs[0]
         fa, fb = fleet.addrs
@@ -201,7 +201,8 @@ def test_one_name_in_two_walkthroughs_and_refusals_that_say_what_differs(etcd_ur
 # --- item 6: defaults that pin, and a table a stranger cannot empty ------------------------------------
 
 def test_the_python_api_pins_on_first_use_and_refuses_another_instance(capfd) -> None:
-    """Before: EnclaveClient's default accepted any code the root attests: the host's own kv1 took the card."""
+    """EnclaveClient's default pins: accepting any code the root attests, it would let the host's own kv1
+    take the card."""
     with LocalCluster(2) as cl:
         a, b = cl.addrs
         run(a, "kv1")
@@ -215,8 +216,8 @@ def test_the_python_api_pins_on_first_use_and_refuses_another_instance(capfd) ->
 
 
 def test_migrate_verify_reads_only_the_pinned_instance() -> None:
-    """Before: `migrate --verify` read its 'before' checksum from whatever enclave the source agent sent it
-    to, and printed 'verified True' with the host's fresh copy standing in for the real one."""
+    """`migrate --verify` reads its 'before' checksum only from the pinned instance: from whatever enclave the
+    source agent sent it to, it would print 'verified True' with the host's fresh copy standing in."""
     with LocalCluster(3) as cl:
         a, b, c = cl.addrs
         run(a, "kv1")
@@ -231,8 +232,8 @@ def test_migrate_verify_reads_only_the_pinned_instance() -> None:
 
 
 def test_a_stranger_cannot_push_a_live_session_out_of_the_table() -> None:
-    """Before: 1,024 session opens by anyone evicted the live client's session, whose next call was told
-    'does not know this session … may or may not have run'."""
+    """1,024 session opens by anyone do not evict the live client's session (whose next call would be told
+    'does not know this session … may or may not have run')."""
     from constmig.enclave.sessions import MAX_SESSIONS
 
     with LocalCluster(1) as cl:

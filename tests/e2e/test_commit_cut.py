@@ -1,9 +1,9 @@
-"""The link breaks with COMMIT in flight (issue 19, sequence 3).
+"""The link breaks with COMMIT in flight (docs/reliability.md, hostile-host sequence 3).
 
 The source records HANDED_OFF and then sends COMMIT; a proxy between the agents cuts the connection at
-exactly that record. Before the fix the destination saw the end of the stream, aborted and wiped at
-once, while the source was handed off and its reconnects were refused: no copy could run. Now the
-destination keeps waiting, and:
+exactly that record. A destination that aborted and wiped at the end of the stream, with the source
+handed off and its reconnects refused, would leave no copy that could run. So the destination keeps
+waiting, and:
 - a reconnect from the source (keyed with the migration's resume secret, which only a handed-off source
   uses) stands for the lost COMMIT: the destination runs the enclave and the move completes;
 - if no reconnect comes before the destination's commit deadline, it gives up, wipes, and answers the
@@ -153,7 +153,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("variant", [("stopcopy", "fault"), ("constmig", "access")])
 def test_the_release_code_cannot_fork_an_enclave_whose_destination_still_waits(cluster, variant) -> None:
-    """Issue 30, item 1, as the host plays it with the stock CLI: it drops COMMIT and every reconnect, reads
+    """As the host plays it with the stock CLI: it drops COMMIT and every reconnect, reads
     the release code in the source's status, and restores the checkpoint on the destination host while the
     incoming instance still waits for COMMIT. The incoming instance holds the pending lineage while it
     lives, so the restore is refused; when it gives up, its ABORT gives the enclave back to the source, and

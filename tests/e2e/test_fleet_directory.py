@@ -1,4 +1,4 @@
-"""Agents in a fleet directory on a real etcd (issue 16): clients find an enclave by name wherever it
+"""Agents in a fleet directory on a real etcd: clients find an enclave by name wherever it
 runs, after its old host is retired too; a dead agent drops out; and a poisoned entry misroutes a client
 into a clear error but never makes two copies of an enclave run."""
 

@@ -118,8 +118,8 @@ def release(tmp_path, svn: int) -> dict:
 
 
 def test_security_version_is_the_codes_not_the_hosts(tmp_path):
-    """The svn is declared in the app's (measured) source: no launch argument sets it (issue 19, item 5).
-    Before, `--svn` let the host launch old code claiming a new version."""
+    """The svn is declared in the app's (measured) source: no launch argument sets it, so the host cannot
+    launch old code claiming a new version."""
     import subprocess
     import sys
 
@@ -169,9 +169,9 @@ def test_same_release_migrates(tmp_path):
 
 
 def test_forged_chunk_length_wipes_the_destination(source, incoming):
-    """A chunk record whose header claims another length, with the right sequence number (issue 19,
-    item 4): before the fix open_chunk raised ValueError past the destination's error handling (no ABORT,
-    no wipe, the instance stayed incoming holding migrated plaintext)."""
+    """A chunk record whose header claims another length, with the right sequence number: a protocol
+    error and a wipe, never an exception past the destination's error handling (no ABORT, no wipe, the
+    instance left incoming holding migrated plaintext)."""
     from constmig.wire.records import HEADER_SIZE, pack_header, parse_header
 
     dst = incoming("b")
@@ -197,7 +197,7 @@ def test_forged_chunk_length_wipes_the_destination(source, incoming):
 @pytest.mark.parametrize("field", ["timeout", "commit_wait"])
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1, "10", 10**9])
 def test_agent_supplied_waits_are_bounded(source, incoming, field, value):
-    """An agent's timeout or commit wait of inf (OverflowError in settimeout before the fix), nan, a
+    """An agent's timeout or commit wait of inf (settimeout's OverflowError, if unchecked), nan, a
     negative, a string or a billion seconds: refused with one line, and the instance wiped."""
     import socket
 

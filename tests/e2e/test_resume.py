@@ -152,7 +152,7 @@ def test_calls_that_need_a_missing_chunk_wait_through_the_pause(cluster, tracker
 
 
 def test_a_destination_that_lost_its_copy_strands_the_enclave_at_once_and_says_how_to_restore(cluster):
-    """Issue 17: the destination agent dies mid-stream and comes back without the enclave. The source
+    """The destination agent dies mid-stream and comes back without the enclave. The source
     stops reconnecting once the destination says so (not after its whole deadline), says the enclave is
     stranded and names the checkpoint that restores it there; `--resume` later says the same at once."""
     a, b = cluster.addrs

@@ -1,4 +1,4 @@
-"""The host attacks pre-copy rounds (issue 20, part 4): it replays a chunk record of an earlier round (of
+"""The host attacks pre-copy rounds: it replays a chunk record of an earlier round (of
 this migration and of a previous one), drops or reorders records between rounds, and flips a bit in a
 late round. Each is refused before the commit point: the destination wipes, the source runs on with
 every acknowledged write, including the one made while the rounds were streaming.

@@ -1,4 +1,4 @@
-"""Pre-copy and hybrid (issue 20): the heap streams in rounds while the app runs and is written to; each
+"""Pre-copy and hybrid: the heap streams in rounds while the app runs and is written to; each
 round sends what was written since; the stop sends the rest (precopy) or switches as post-copy with
 only the chunks written since missing (hybrid). Every write a client saw acknowledged must be at the
 destination, wherever in the rounds it landed.

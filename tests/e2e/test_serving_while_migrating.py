@@ -1,4 +1,4 @@
-"""The enclave keeps answering while it migrates, until it stops (issue 20, part 1).
+"""The enclave keeps answering while it migrates, until it stops.
 
 A proxy holds the source's first handshake record for HOLD seconds, so the migration sits in its
 attestation that long. Before, the enclave runtime served one request at a time and the agent stopped

@@ -141,7 +141,7 @@ def test_destination_with_other_root_ca_is_refused(tmp_path):
 
 @pytest.mark.parametrize("back", ["stopcopy", "precopy", "constmig", "hybrid"])
 def test_an_unwritten_heap_stays_off_the_wire_after_a_round_trip(cluster, back):
-    """Issue 17: an enclave whose heap was never filled, migrated in (the destination pre-faults its heap)
+    """An enclave whose heap was never filled, migrated in (the destination pre-faults its heap)
     and back: its untouched chunks go as zero records (a length, no page data), in every strategy."""
     a, b = cluster.addrs
     request(a, {"op": "run", "name": "kv", "app": "kvstore", "heap": 64 << 20, "config": {}})

@@ -1,5 +1,5 @@
 """The enclave's write tracker refuses, before anything starts, a heap whose chunks could need more
-mappings than vm.max_map_count leaves (issue 30, item 4): one line at the agent and at the command line,
+mappings than vm.max_map_count leaves: one line at the agent and at the command line,
 and the enclave keeps running with all its data. The heap here has one chunk more than the limit (4 GiB
 of 64 KiB chunks under the default 65530), reserved, hardly touched."""
 

@@ -407,7 +407,7 @@ def test_zero_chunks_are_left_out_and_counted(hosts: tuple[Host, Host], tmp_path
     assert same_chunks(heap, fresh)
 
 
-# --- one live copy: the instance that holds the lineage (issue 30) ----------------------------------------------
+# --- one live copy: the instance that holds the lineage -------------------------------------------------------
 
 def _forked(body, *, keep: bool = True):
     """Run `body()` in a forked process (another enclave instance of the same platform); returns the process,
@@ -446,7 +446,7 @@ def test_a_checkpoint_does_not_restore_beside_the_running_instance(hosts: tuple[
 @pytest.mark.adversarial
 def test_the_release_code_is_refused_while_the_incoming_instance_lives(hosts: tuple[Host, Host],
                                                                       tmp_path: Path) -> None:
-    """Issue 30, item 1: A let go; B's incoming instance holds the lineage pending and waits for COMMIT. The
+    """A let go; B's incoming instance holds the lineage pending and waits for COMMIT. The
     host restores with the code: refused. B gives up (its compare-and-set wins), so the code is worthless."""
     a, b = hosts
     src = a.persistence()

@@ -213,8 +213,8 @@ def _running_call(table: SessionTable, c: ClientSession, runs: list[str]) -> tup
 
 def test_a_close_that_arrives_while_the_request_runs_waits_and_counts_it(platform: SimPlatform, verify: Any) -> None:
     """Opens do not take the app lock, so the host can deliver a closing Hello while the old session's request
-    runs. The close must count that request: told it never ran, the client would send it again (it ran twice
-    before this was fixed)."""
+    runs. The close must count that request: told it never ran, the client would send it again, and it
+    would run twice."""
     table, runs = SessionTable(platform, APP, ABOUT), []
     old = client(table, verify)
     call, release = _running_call(table, old, runs)

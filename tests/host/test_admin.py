@@ -194,7 +194,7 @@ def test_paths():
     assert pki.host_dir(Path("/s")) == Path("/s/tls")
 
 
-# ---- from the mutation run of issue 31: the pieces one by one ----
+# ---- the pieces one by one (what a mutation run of host/admin.py found unchecked) ----
 
 
 def test_a_caller_says_how_it_was_authenticated_and_cannot_be_changed():
@@ -414,7 +414,7 @@ def test_an_ordinary_user_finds_this_machines_addresses_local_too():
     assert p.stdout.strip() == "True [True, True, False]", p.stderr
 
 
-# ---- the admin CA's certificates, from the mutation run of issue 31 ----
+# ---- the admin CA's certificates (what a mutation run of host/pki.py found unchecked) ----
 
 
 def test_renewing_the_ca_revokes_every_certificate_it_issued(ca, tmp_path):

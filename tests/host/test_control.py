@@ -75,7 +75,7 @@ def test_the_agent_ops_are_the_ones_admin_classifies() -> None:
 
 
 def test_a_struct_encodes_to_the_map_the_hand_built_requests_sent() -> None:
-    """The wire did not change: a struct's bytes are a map, as the dicts the CLI used to build were;
+    """A struct's bytes are the map a hand-built dict of the same fields encodes to;
     defaults travel (a receiver of another version does what was asked), unset options do not."""
     enc = msgspec.msgpack.Encoder()
     assert c.encode(c.Status()) == enc.encode({"op": "status"})
@@ -201,7 +201,7 @@ def test_launch_spec_from_the_wire() -> None:
 
 
 def test_the_ops_are_built_only_here() -> None:
-    """Issue 32's measure: `grep -rn '"op":' src/constmig` finds the ops only in wire/control.py."""
+    """One module holds the control protocol: `grep -rn '"op":' src/constmig` finds the ops only in wire/control.py."""
     src = Path(c.__file__).resolve().parents[1]
     found = [f"{p.relative_to(src)}:{n}" for p in sorted(src.rglob("*.py")) if p.name != "control.py" or
              p.parent.name != "wire" for n, line in enumerate(p.read_text().splitlines(), 1) if '"op":' in line]

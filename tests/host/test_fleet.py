@@ -1,4 +1,4 @@
-"""Fleet operations over a list of agents (issue 16, without etcd): `constmig ls` and `constmig drain`.
+"""Fleet operations over a list of agents (without etcd): `constmig ls` and `constmig drain`.
 Placement is a pure function, tested on views; the drain runs on three real agents with clients calling."""
 
 from __future__ import annotations

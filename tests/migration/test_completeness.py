@@ -1,5 +1,5 @@
 """The completeness checks at both ends of a migration, driven through the real `destination.run` and
-`source.run` against a scripted peer (issue 19, "The guards need guards").
+`source.run` against a scripted peer.
 
 A chunk that never travelled has a zero tag on both sides, so the digests of two ledgers that both lack
 it agree: the chunk counts are what catch a missing chunk. Each test here is the one that fails if such

@@ -84,7 +84,7 @@ def test_a_zero_downtime_goal_is_met_only_by_nothing_left() -> None:
 
 @pytest.mark.parametrize(("strategy", "rounds"), [(PreCopy, 8), (Hybrid, 1)])
 def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
-    """precopy: at most 8 rounds, hybrid: 1; both aim at a 50 ms stop (README, docs/strategies.md)."""
+    """precopy: at most 8 rounds, hybrid: 1; both aim at a 50 ms stop (README, docs/architecture.md)."""
     goal = Goal.of(control.MigrateOut(), strategy.default_rounds)
     assert goal == Goal(0.05, rounds)
     rule = Convergence(goal, MiB)

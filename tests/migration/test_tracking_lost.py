@@ -1,4 +1,4 @@
-"""Pre-copy when the enclave's write tracker loses track (issue 30, item 4): a write fault whose chunk
+"""Pre-copy when the enclave's write tracker loses track: a write fault whose chunk
 cannot be opened again (mprotect fails with ENOMEM once vm.max_map_count is reached), or a scan that
 cannot re-protect what it found, must neither kill the app nor lose a write. The tracker says tracking
 is lost, every chunk counts as written, the rounds end at once with the reason in the figures, and the

@@ -90,7 +90,7 @@ def test_counter_file_folder_is_created_and_ids_are_128_bit(tmp_path):
     assert store.read(cid) == 0
 
 
-# --- one owner per counter, and one lock for every read-modify-write (issue 30) -----------------------------
+# --- one owner per counter, and one lock for every read-modify-write ----------------------------------------
 
 def _in_child(body, *args, stop: bool = False):
     """Run `body(*args)` in a forked process that then waits (or stops itself with SIGSTOP, as a host that
@@ -265,7 +265,7 @@ def _hammer(path: Path, rounds: int, seed: int, out) -> None:
 
 @pytest.mark.adversarial
 def test_counters_survive_concurrent_enclaves(tmp_path):
-    """Issue 30, item 3: N processes read-modify-write the one counter file at once. Every value is
+    """N processes read-modify-write the one counter file at once. Every value is
     accounted for, no destroyed counter comes back, and the file stays readable."""
     path = tmp_path / "platform" / "counters.json"
     ctx = multiprocessing.get_context("fork")

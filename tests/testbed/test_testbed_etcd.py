@@ -1,4 +1,4 @@
-"""A maintenance drain on the netns testbed with a real etcd as the fleet directory (issue 16): host a,
+"""A maintenance drain on the netns testbed with a real etcd as the fleet directory: host a,
 holding four enclaves (two under client load), is emptied onto b and c by `constmig drain a` with no
 address given (the directory names the hosts and resolves "a"); no call is lost or wrong, every
 enclave keeps its state, and the directory says where each one went."""

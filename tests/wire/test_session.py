@@ -289,7 +289,7 @@ def test_an_app_bug_is_answered_sealed_and_never_run_again(world: World) -> None
     assert not answer.ok and answer.kind == "InternalError" and "ZeroDivisionError" in answer.error
 
 
-# --- which enclave answers, and closing a session the client gave up on (issue 31) ------------------------
+# --- which enclave answers, and closing a session the client gave up on ----------------------------------
 
 def test_the_accept_binds_the_instance_code_and_launch(world: World) -> None:
     """The host rewrites `about` (another instance id, say) in a real Accept: the quote no longer covers it."""
@@ -377,7 +377,7 @@ def test_a_close_must_be_answered_and_is_read_against_the_instance(world: World)
         settle(client.closing(), Closed(closing.session_id, True, 0), ABOUT)
 
 
-# --- version 2 on the wire: its bounds, its strictness, its bytes (the mutation run of issue 31) ----------
+# --- version 2 on the wire: its bounds, its strictness, its bytes (what a mutation run found unchecked) --
 
 V2_RECORD = b"constmig-session-v2 record"
 LARGEST_BODY = 64 * 1024 + 2 * 4096  # an Accept's body: a kept answer (64 KiB) and room for the launch twice over
