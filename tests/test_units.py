@@ -2,7 +2,7 @@ import pytest
 
 from constmig.errors import ConfigError
 from constmig.host.address import parse_addr
-from constmig.units import format_size, parse_duration, parse_size
+from constmig.units import format_size, one_line, parse_duration, parse_size, short_hex
 
 
 @pytest.mark.parametrize("text,n", [("512M", 512 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29), ("64k", 65536),
@@ -39,3 +39,13 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(ConfigError, match="malformed duration"):
         parse_duration(text)
+
+
+def test_short_hex():
+    assert short_hex(bytes(range(32))) == "0001020304050607…"
+
+
+def test_one_line():
+    assert one_line("a\n\tb\x1b[2J  c") == "a b [2J c"  # no control character survives, white space is one space
+    assert one_line("x" * 300, 10) == "x" * 9 + "…" and len(one_line("y" * 300)) == 240
+    assert one_line("short", 10) == "short"

@@ -1,4 +1,5 @@
-"""Human sizes (512M, 1G, 64K) to bytes and back, and bounded waits."""
+"""Human sizes (512M, 1G, 64K) to bytes and back, bounded waits, and the short forms one-line messages
+use (a digest's first bytes, any text on one line)."""
 
 import errno
 import math
@@ -34,6 +35,18 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def short_hex(b: bytes) -> str:
+    """A digest, key or id as a message names it: its first 8 bytes in hex, then an ellipsis."""
+    return b.hex()[:16] + "…"
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """`text` on one line of at most `limit` characters: unprintable characters and runs of white space
+    become one space (a peer's text cannot break a log line or a terminal), and a longer text ends in …."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def available_memory() -> int:

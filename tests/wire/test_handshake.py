@@ -113,7 +113,7 @@ OTHER_CODE = replace(APP, measurement=measure(b"other code"))
 @pytest.mark.parametrize(("src", "dst", "src_policy", "dst_policy", "who_refuses", "match"), [
     # the source refuses the destination (at M2) ...
     (APP, OTHER_CODE, Policy(), Policy(), "source",
-     r"^destination enclave measurement [0-9a-f]{12}… differs from this enclave's [0-9a-f]{12}…; refusing to migrate$"),
+     r"^destination enclave measurement [0-9a-f]{16}… differs from this enclave's [0-9a-f]{16}…; refusing to migrate$"),
     (APP, replace(APP, svn=2), Policy(min_svn=4), Policy(allow_svn_downgrade=True), "source",
      "destination enclave security version 2 is below the policy minimum 4"),
     (APP, replace(APP, svn=4), Policy(), Policy(), "source",
@@ -166,12 +166,12 @@ def test_signer_allow_list_judges_the_peers_signer(world: World, src: Identity, 
     ini, res = machines(world, src, dst, src_policy, dst_policy)
     m2 = res.receive_hello(ini.start())
     if who_refuses == "source":
-        with pytest.raises(AttestationError, match=r"^destination enclave signer [0-9a-f]{12}… is not an allowed signer"):
+        with pytest.raises(AttestationError, match=r"^destination enclave signer [0-9a-f]{16}… is not an allowed signer"):
             ini.receive_reply(m2)
         return
     m3 = ini.receive_reply(m2)
     if who_refuses == "destination":
-        with pytest.raises(AttestationError, match=r"^source enclave signer [0-9a-f]{12}… is not an allowed signer"):
+        with pytest.raises(AttestationError, match=r"^source enclave signer [0-9a-f]{16}… is not an allowed signer"):
             res.receive_finish(m3)
         return
     keys = ini.receive_confirm(res.receive_finish(m3))

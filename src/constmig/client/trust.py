@@ -32,6 +32,7 @@ from typing import Any
 
 from constmig.errors import AttestationError, ConfigError
 from constmig.tee.backend import VerifiedQuote
+from constmig.units import short_hex
 from constmig.wire.session import About
 
 
@@ -41,10 +42,6 @@ def default_ca_dir() -> Path:
 
 def default_known_path() -> Path:
     return Path(os.environ.get("CONSTMIG_KNOWN_ENCLAVES", Path.home() / ".constmig" / "known_enclaves.json"))
-
-
-def _short(b: bytes) -> str:
-    return b.hex()[:16] + "…"
 
 
 def _hex(text: str, size: int, what: str) -> bytes:
@@ -80,11 +77,11 @@ class Expect:
         """AttestationError, one line naming what differs, unless the quoted identity is the expected one."""
         ident, where = vq.identity, f" ({self.source})" if self.source else ""
         if self.measurement is not None and ident.measurement != self.measurement:
-            raise AttestationError(f"enclave {name!r} runs measurement {_short(ident.measurement)}, not the "
-                                   f"expected {_short(self.measurement)}{where}; refusing to talk to it")
+            raise AttestationError(f"enclave {name!r} runs measurement {short_hex(ident.measurement)}, not the "
+                                   f"expected {short_hex(self.measurement)}{where}; refusing to talk to it")
         if self.signer is not None and ident.signer != self.signer:
-            raise AttestationError(f"enclave {name!r} is signed by {_short(ident.signer)}, not the expected "
-                                   f"{_short(self.signer)}{where}; refusing to talk to it")
+            raise AttestationError(f"enclave {name!r} is signed by {short_hex(ident.signer)}, not the expected "
+                                   f"{short_hex(self.signer)}{where}; refusing to talk to it")
         if ident.svn < self.min_svn:
             raise AttestationError(f"enclave {name!r} has security version {ident.svn}, below the minimum "
                                    f"{self.min_svn}{where}; refusing to talk to it")
@@ -153,19 +150,19 @@ class Pin:
         tail = f" (pinned in {where}); refusing to talk to it; if you replaced it on purpose: {repin}"
         if ident.measurement != self.measurement:
             if about.code != self.code:
-                what = f"other code than the pinned enclave (code {_short(about.code)}, pinned {_short(self.code)})"
+                what = f"other code than the pinned enclave (code {short_hex(about.code)}, pinned {short_hex(self.code)})"
             elif about.launch != self.launch:
                 what = f"the pinned code with another launch configuration ({_launch_diff(about.launch, self.launch)})"
             else:
                 what = "other code"
-            raise AttestationError(f"enclave {name!r} runs {what}: measurement {_short(ident.measurement)}, "
-                                   f"not the pinned {_short(self.measurement)}{tail}")
+            raise AttestationError(f"enclave {name!r} runs {what}: measurement {short_hex(ident.measurement)}, "
+                                   f"not the pinned {short_hex(self.measurement)}{tail}")
         if ident.signer != self.signer:
-            raise AttestationError(f"enclave {name!r} is signed by {_short(ident.signer)}, not the pinned "
-                                   f"{_short(self.signer)}{tail}")
+            raise AttestationError(f"enclave {name!r} is signed by {short_hex(ident.signer)}, not the pinned "
+                                   f"{short_hex(self.signer)}{tail}")
         if about.instance != self.instance:
             raise AttestationError(f"enclave {name!r} is another instance of the pinned code (instance "
-                                   f"{_short(about.instance)}, pinned {_short(self.instance)}): a copy launched "
+                                   f"{short_hex(about.instance)}, pinned {short_hex(self.instance)}): a copy launched "
                                    f"apart from the one pinned, by the host or by a new `run`{tail}")
 
 
@@ -367,5 +364,5 @@ class Trust:
 def first_use_line(pin: Pin, where: str) -> str:
     """What a client says when it pins a name it had not seen (the CLI and the Python API alike)."""
     via = f", found via {pin.directory}" if pin.directory else ""
-    return (f"(trusting enclave {pin.name!r} on first use: instance {_short(pin.instance)}, measurement "
-            f"{_short(pin.measurement)}, svn {pin.svn}, fleet {pin.fleet[:16] or '-'}{via}; pinned in {where})")
+    return (f"(trusting enclave {pin.name!r} on first use: instance {short_hex(pin.instance)}, measurement "
+            f"{short_hex(pin.measurement)}, svn {pin.svn}, fleet {pin.fleet[:16] or '-'}{via}; pinned in {where})")

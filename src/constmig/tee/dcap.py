@@ -31,6 +31,7 @@ import dcap_qvl
 
 from constmig.errors import AttestationError, ConfigError
 from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, VerifiedQuote
+from constmig.units import one_line, short_hex
 
 MAX_COLLATERAL_SIZE = 1 << 20
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
@@ -48,15 +49,6 @@ Tee = Literal["sgx", "tdx"]
 
 def iso_utc(unix: int) -> str:
     return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _one_line(text: str, limit: int = 240) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _short(b: bytes) -> str:
-    return b.hex()[:16] + "…"
 
 
 # --- result --------------------------------------------------------------------------------------------
@@ -187,7 +179,7 @@ class DcapPolicy:
             got = r.fields[name]
             assert isinstance(got, bytes)
             if expected is not None and got != expected:
-                raise AttestationError(f"{what}: {label} {_short(got)} differs from the expected {_short(expected)}")
+                raise AttestationError(f"{what}: {label} {short_hex(got)} differs from the expected {short_hex(expected)}")
 
         if r.tee == "sgx":
             same("MRENCLAVE", "mr_enclave", self.mrenclave)
@@ -226,7 +218,7 @@ def parse_collateral(text: str, origin: str = "collateral") -> tuple[Any, Tee, s
         info = json.loads(collateral.tcb_info)
         tee_id, fmspc = info["id"], info["fmspc"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{origin} is not DCAP collateral JSON: {_one_line(str(e), 160)}") from None
+        raise ConfigError(f"{origin} is not DCAP collateral JSON: {one_line(str(e), 160)}") from None
     if tee_id not in ("SGX", "TDX") or not isinstance(fmspc, str):
         raise ConfigError(f"{origin}: TCB info is for {str(tee_id)[:20]!r}, not SGX or TDX")
     return collateral, tee_id.lower(), fmspc.upper()
@@ -239,7 +231,7 @@ def _tcb_evaluation(collateral: Any) -> int:
         return min(int(json.loads(collateral.tcb_info)["tcbEvaluationDataNumber"]),
                    int(json.loads(collateral.qe_identity)["tcbEvaluationDataNumber"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise AttestationError(f"collateral has no TCB evaluation number: {_one_line(str(e), 160)}") from None
+        raise AttestationError(f"collateral has no TCB evaluation number: {one_line(str(e), 160)}") from None
 
 
 def _quote_bytes(quote: Any) -> bytes:
@@ -256,7 +248,7 @@ def quote_platform(quote: bytes) -> tuple[Tee, str]:
         parsed = dcap_qvl.parse_quote(_quote_bytes(quote))
         return ("tdx" if parsed.is_tdx() else "sgx"), parsed.fmspc().upper()
     except ValueError as e:
-        raise AttestationError(f"malformed DCAP quote: {_one_line(str(e), 160)}") from None
+        raise AttestationError(f"malformed DCAP quote: {one_line(str(e), 160)}") from None
 
 
 def _report_fields(report_json: str) -> tuple[Tee, dict[str, bytes | int], bytes]:
@@ -270,7 +262,7 @@ def _report_fields(report_json: str) -> tuple[Tee, dict[str, bytes | int], bytes
         out = {n: body[n] if isinstance(body[n], int) else bytes.fromhex(body[n]) for n in names}
         return tee, out, bytes.fromhex(body["report_data"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise AttestationError(f"cannot read the verified report dcap-qvl returned: {_one_line(repr(e), 160)}") \
+        raise AttestationError(f"cannot read the verified report dcap-qvl returned: {one_line(repr(e), 160)}") \
             from None
 
 
@@ -294,7 +286,7 @@ def verify_dcap(quote: bytes, collateral_json_text: str, at_unix_time: int, poli
             raise
         reason = str(e).removeprefix("Verification failed:").strip() or type(e).__name__
         raise AttestationError(f"quote verification failed at {iso_utc(at_unix_time)}: "
-                               f"{_one_line(reason)}") from None
+                               f"{one_line(reason)}") from None
     tee, fields, report_data = _report_fields(verified.to_json())
     if tee != q_tee:
         raise AttestationError(f"quote header says {q_tee.upper()} but its report is {tee.upper()}")

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from constmig.errors import AttestationError, ChannelClosed, ConstmigError, HandshakeAborted, ProtocolError
 from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, TeeBackend, VerifiedQuote
+from constmig.units import one_line, short_hex
 from constmig.wire.channel import HandshakeRecord, SecureChannel
 from constmig.wire.kdf import hkdf32, transcript_hash, x25519_pub, x25519_shared
 
@@ -91,11 +92,6 @@ _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(t | Abort) for t in (Hello, HelloReply, Finish, Confirm)}
 
 
-def _one_line(text: str) -> str:
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text if len(text) <= MAX_REASON else text[:MAX_REASON - 1] + "…"
-
-
 def _decode(kind: type[_Msg], data: bytes, peer: str) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"{kind.__name__} message must be bytes, not {type(data).__name__}")
@@ -103,19 +99,15 @@ def _decode(kind: type[_Msg], data: bytes, peer: str) -> Any:
         msg = _decoders[kind].decode(data)
     except (msgspec.DecodeError, ValueError, RecursionError, OverflowError) as e:
         raise ProtocolError(f"malformed {kind.__name__} message from the {peer}: "
-                            f"{_one_line(str(e))[:200]}") from None
+                            f"{one_line(str(e), 200)}") from None
     if isinstance(msg, Abort):
-        raise HandshakeAborted(f"{peer} aborted the handshake: {_one_line(msg.reason) or 'no reason given'}")
+        raise HandshakeAborted(f"{peer} aborted the handshake: {one_line(msg.reason, MAX_REASON) or 'no reason given'}")
     return msg
-
-
-def _short(b: bytes) -> str:
-    return b.hex()[:12] + "…"
 
 
 def abort_message(reason: str) -> bytes:
     """Encoded Abort{reason}: what to send instead of the next handshake message to refuse."""
-    return _encoder.encode(Abort(_one_line(reason) or "refused"))
+    return _encoder.encode(Abort(one_line(reason, MAX_REASON) or "refused"))
 
 
 # --- policy ------------------------------------------------------------------------------------------
@@ -153,14 +145,14 @@ class Policy:
             raise ValueError(f"role_of_peer must be one of {ROLES}, got {role_of_peer!r}")
         p, who = peer.identity, f"{role_of_peer} enclave"
         if self.same_measurement and p.measurement != own.measurement:
-            raise AttestationError(f"{who} measurement {_short(p.measurement)} differs from this enclave's "
-                                   f"{_short(own.measurement)}; refusing to migrate")
+            raise AttestationError(f"{who} measurement {short_hex(p.measurement)} differs from this enclave's "
+                                   f"{short_hex(own.measurement)}; refusing to migrate")
         if self.allowed_signers is None:
             if p.signer != own.signer:
-                raise AttestationError(f"{who} signer {_short(p.signer)} differs from this enclave's "
-                                       f"{_short(own.signer)}; refusing to migrate")
+                raise AttestationError(f"{who} signer {short_hex(p.signer)} differs from this enclave's "
+                                       f"{short_hex(own.signer)}; refusing to migrate")
         elif p.signer not in self.allowed_signers:
-            raise AttestationError(f"{who} signer {_short(p.signer)} is not an allowed signer; refusing to migrate")
+            raise AttestationError(f"{who} signer {short_hex(p.signer)} is not an allowed signer; refusing to migrate")
         if p.product_id != own.product_id:
             raise AttestationError(f"{who} product id {p.product_id} differs from this enclave's "
                                    f"{own.product_id}; refusing to migrate")

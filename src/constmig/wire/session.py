@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from constmig.errors import AttestationError, IntegrityError, ProtocolError
 from constmig.tee.backend import MAX_QUOTE_SIZE, Identity, VerifiedQuote
+from constmig.units import short_hex
 from constmig.wire.aead import NONCE, RecordOpener, RecordSealer
 from constmig.wire.kdf import hkdf32, lp, transcript_hash, x25519_pub, x25519_shared
 from constmig.wire.records import TAG_SIZE, U64_MAX
@@ -223,8 +224,8 @@ def settle(closing: Closing, closed: Closed, about: About) -> Settled:
     """Read the enclave's Closed (authenticated by the Accept's quote) against what the client left open."""
     what = f" ({closing.what})" if closing.what else ""
     if not hmac.compare_digest(closing.instance, about.instance):
-        return Settled(None, None, f"the earlier call{what} was with instance {closing.instance.hex()[:16]}…, "
-                                   f"not this one ({about.instance.hex()[:16]}…): its outcome stays unknown")
+        return Settled(None, None, f"the earlier call{what} was with instance {short_hex(closing.instance)}, "
+                                   f"not this one ({short_hex(about.instance)}): its outcome stays unknown")
     if not closed.known:
         return Settled(None, None, f"the enclave no longer knows the session of the earlier call{what} (it was "
                                    "restored from a checkpoint, or the session sat idle past the table's limit): "
