@@ -1,4 +1,4 @@
-"""Attested client sessions end to end (issue 12): real agents and enclaves, the test as the client and, in
+"""Attested client sessions end to end: real agents and enclaves, the test as the client and, in
 the attacks, as the untrusted host between client and agent (a frame relay that reads, edits, replays
 and answers in the agent's place). Calls cross the agents sealed; the session moves with the enclave."""
 

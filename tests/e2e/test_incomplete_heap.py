@@ -1,10 +1,11 @@
-"""An enclave whose heap is still arriving exports nothing whole (issue 19, sequences 1 and 2).
+"""An enclave whose heap is still arriving exports nothing whole (docs/reliability.md, hostile-host
+sequences 1 and 2).
 
 Three real agents. A post-copy migration A->B is throttled so B runs while most of its heap is still at
-A; then B is asked to migrate on to C, and to checkpoint. Before the fix both succeeded and carried the
-missing chunks as zeros (C ran on a zero heap, the checkpoint sealed zeros and burnt the counter), so an
-acknowledged write read back as None. Now both are refused with one clear line, nothing changes, and
-once the heap is complete both work and every write reads back.
+A; then B is asked to migrate on to C, and to checkpoint. Both are refused with one clear line, nothing
+changes, and once the heap is complete both work and every write reads back. Carrying the missing chunks
+as zeros instead (C running on a zero heap, the checkpoint sealing zeros and burning the counter) would
+read an acknowledged write back as None.
 """
 
 from __future__ import annotations

@@ -347,7 +347,7 @@ def test_no_plaintext_on_the_wire_or_in_the_agents(cluster, strategy, tracker):
     seed = secrets.randbits(32)
     canaries, stats = launch_canaries(a, "kv", seed)
 
-    # A client's own calls cross agent A sealed (issue 12): a value put and read back through a recording
+    # A client's own calls cross agent A sealed: a value put and read back through a recording
     # proxy in front of A is in neither direction. Positive control for the recorder: the same calls,
     # unsealed, to an enclave launched to take plain calls, are seen both ways.
     control, plain_value, sealed_value = Capture(), client_value(9998), client_value(9999)

@@ -1,8 +1,8 @@
-"""Frees during pre-copy rounds (issue 30, item 2): every byte a round leaves at the destination is current.
+"""Frees during pre-copy rounds: every byte a round leaves at the destination is current.
 
 `Heap.free` zeroes an allocation's pages with MADV_DONTNEED. The enclave's own write tracker never sees
-it (a madvise does not fault), and with either tracker a chunk wholly unallocated at a round's scan used
-to lose its dirty mark. An app that frees an array a round already sent and allocates it again (a fresh
+it (a madvise does not fault), and with either tracker a chunk wholly unallocated at a round's scan must
+keep its dirty mark. An app that frees an array a round already sent and allocates it again (a fresh
 allocation must read zeros) must not find the round's old bytes at the destination, whatever the
 strategy (precopy, hybrid) and tracker (fault: the kernel's write tracking; access: the enclave's own).
 The app is tests/e2e/recycle_app.py, the only one that frees (the shipped apps never do).

@@ -11,11 +11,11 @@ checks the system against a model (`stateful_world.Model`) after every step. Its
   or DONE (the source agent reconnects through it);
 * ``migrate_background``: ConstMig throttled to 1-4 MB/s, optionally cut, left running in a thread once
   the destination runs the enclave, so that the next rules act while its heap is still arriving
-  (migrate it on, checkpoint it, call it: the scenario of issue 19);
+  (migrate it on, checkpoint it, call it: docs/reliability.md, hostile-host sequences 1 and 2);
 * ``rounds_with_frees``: a throttled precopy or hybrid migration (either write tracking) of the enclave of
   the test app that frees (tests/e2e/recycle_app.py; launched on first use, then moved, checkpointed and
   restored by the other rules too), and while its rounds run, frees, allocations again (fresh: zeros),
-  and writes of its arrays (issue 30: a chunk freed after a round sent it must not keep that round's
+  and writes of its arrays (a chunk freed after a round sent it must not keep that round's
   bytes at the destination);
 * ``checkpoint`` at the agent running it;
 * ``restore``: "newest" stops it and restores its newest checkpoint on the same agent (its contents
