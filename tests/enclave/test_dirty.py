@@ -239,7 +239,7 @@ def test_the_last_scan_need_not_rearm(heap, WriteTracker):
         t.close()
 
 
-# --- the map budget (issue 30, item 4): the write tracker fails safe ----------------------------------
+# --- the map budget: the write tracker fails safe --------------------------------------------------
 #
 # Every chunk the handler opens inside a read-only run splits the heap's mapping; a scattered write
 # pattern over N chunks needs about N mappings, and past vm.max_map_count mprotect fails with ENOMEM.

@@ -1,5 +1,5 @@
 """How a verified chunk reaches the heap: never decrypted in place, where GCM would put unverified
-plaintext into writable heap memory before it knows the tag (issue 19, item 5)."""
+plaintext into writable heap memory before it knows the tag."""
 
 from __future__ import annotations
 

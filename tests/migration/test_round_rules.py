@@ -9,7 +9,7 @@ that holds the channel keys (so it can lie in sealed messages, which the host ca
 * the ledger's `hold` and the packed chunk lists refuse what is not part of the migration;
 * what a round must send again (`_left`) and what the stop may keep (`Rounds.settle`) count the heap's
   frees and allocations as writes, and keep a written chunk's mark when it is unallocated at the scan
-  (issue 30, item 2; end to end in tests/e2e/test_round_frees.py).
+  (end to end in tests/e2e/test_round_frees.py).
 """
 
 from __future__ import annotations
