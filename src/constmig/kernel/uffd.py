@@ -2,15 +2,15 @@
 
 A post-copy destination registers its heap (one anonymous mmap) for MISSING faults and hands the
 userfaultfd to a separate pager process (`send` / `receive`, SCM_RIGHTS). A thread of the faulting
-process cannot serve the faults: the faulting thread holds the GIL (FACTS.md). The pager reads fault
-addresses with `read_faults` and installs chunks with `copy`; registration survives the original fd
-being closed in the enclave process.
+process cannot serve the faults: the faulting thread holds the GIL (docs/architecture.md, "The Fault
+Tracker"). The pager reads fault addresses with `read_faults` and installs chunks with `copy`;
+registration survives the original fd being closed in the enclave process.
 
 Every call here is one syscall (or one loop of them in C-sized steps); every failure is a UffdError
 with a one-line message. `preflight()` says in one line why userfaultfd cannot be used, or None.
 
 The kernel ABI is mirrored from <linux/userfaultfd.h>; ioctl numbers are computed from the _IOC macros
-and checked against the values measured on our machines (FACTS.md) at import.
+and checked at import against the x86_64 values this machine's kernel answers to.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, uffdio_writeprotect)
 PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)
 USERFAULTFD_IOC_NEW = _IO(USERFAULTFD_IOC, 0x00)
 
-# The values measured on these machines (FACTS.md) and read from the kernel headers: a wrong structure
+# The x86_64 values of the kernel headers, which these machines' kernel answers to: a wrong structure
 # size would silently corrupt the ioctl, so refuse to import instead.
 assert MSG_SIZE == 32 and uffd_msg.arg.offset == 8, "uffd_msg must be 32 bytes"
 assert ctypes.sizeof(uffdio_copy) == 40 and UFFDIO_COPY == 0xC028AA03
@@ -412,9 +412,10 @@ class Userfaultfd:
     def _fill(self, is_copy: bool, dst: int, src: int, length: int, wake: bool) -> int:
         """UFFDIO_COPY / UFFDIO_ZEROPAGE over a whole range, one syscall per run of missing pages.
 
-        Traps (FACTS.md): if the first page is present, nothing is installed and the call fails with
-        EEXIST, without waking anyone; if a later page is present, the call fails with EAGAIN and the
-        result field says how much was installed (that part was woken). So: advance by the progress,
+        Traps (measured on these VMs; docs/architecture.md, "The Fault Tracker"): if the first page is
+        present, nothing is installed and the call fails with EEXIST, without waking anyone; if a later
+        page is present, the call fails with EAGAIN and the result field says how much was installed (that
+        part was woken). So: advance by the progress,
         skip the single present page, retry; wake the whole range once at the end if a page was skipped.
         """
         name = "UFFDIO_COPY" if is_copy else "UFFDIO_ZEROPAGE"
