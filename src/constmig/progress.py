@@ -70,7 +70,6 @@ FIGURE_LABELS = [
     ("precopy_s", "pre-copy while running", "{:.3f} s"),
     ("final_chunks", "chunks sent at the stop", "{:,}"),
     ("missing_at_switch", "chunks missing at the switch", "{:,}"),
-    ("hot_chunks", "chunks streamed first (used last)", "{:,}"),
     ("background_chunks", "chunks by background", "{:,}"),
     ("demand_chunks", "chunks on demand", "{:,}"),
     ("fault_latency_us_p50", "fault latency p50", "{:.0f} us"),

@@ -34,7 +34,7 @@ SAMPLES: list[c.Request] = [
     c.DropIn(name="kv"), c.Data(name="kv", channel="demand", resume=2),
     c.Ecall(name="get", args=["k"]), c.EnclaveSessionOpen(hello=b"h"), c.EnclaveSessionCall(record=b"r"),
     c.EnclaveStatus(), c.Seal(folder="/s/checkpoints", name="kv", final=True), c.CancelOut(token="t1"),
-    c.CheckExport(), c.MigrateOut(strategy="hybrid", token="t1", tracker="fault", prefetch="used-last"),
+    c.CheckExport(), c.MigrateOut(strategy="hybrid", token="t1", tracker="fault"),
     c.MigrateIn(timeout=5, commit_wait=30), c.ResumeOut(timeout=9), c.ResumeIn(timeout=9),
     c.PagerInit(address=1 << 40, size=1 << 26, chunk_size=1 << 20),
     c.PagerStream(main={"mid": bytes(16)}, demand={"mid": bytes(16)}, expected=bytes(16), t_resume=1.5,
@@ -95,8 +95,8 @@ def test_a_struct_encodes_to_the_map_the_hand_built_requests_sent() -> None:
 def test_a_map_from_an_older_sender_decodes_with_the_defaults() -> None:
     m = c.decode({"op": "migrate", "name": "kv", "to": "b:1"}, c.AgentRequest)
     assert isinstance(m, c.Migrate)
-    assert (m.strategy, m.tracker, m.timeout, m.resume_deadline, m.prefetch, m.write_tracking) == \
-        ("hybrid", "auto", 120.0, 30.0, "heap", "auto")
+    assert (m.strategy, m.tracker, m.timeout, m.resume_deadline, m.write_tracking) == \
+        ("hybrid", "auto", 120.0, 30.0, "auto")
     assert m.max_rounds is msgspec.UNSET and m.max_downtime is msgspec.UNSET
     assert c.decode({"op": "status", "extra": 1}, c.AgentRequest) == c.Status()  # unknown fields are ignored
 
@@ -122,7 +122,6 @@ def test_the_name_lists_are_the_registry() -> None:
     ({"op": "stop", "name": 5}, "bad 'stop' request: Expected `str`, got `int` - at `$.name`"),
     ({"op": "migrate", "name": "kv", "to": "b", "strategy": "warp"}, "unknown strategy 'warp'; known: stopcopy"),
     ({"op": "migrate", "name": "kv", "to": "b", "tracker": "magic"}, "unknown tracker 'magic'"),
-    ({"op": "migrate", "name": "kv", "to": "b", "prefetch": "magic"}, "unknown prefetch 'magic'; known: heap, used-last"),
     ({"op": "migrate", "name": "kv", "to": "b", "write_tracking": "magic"}, "unknown write tracking 'magic'"),
     ({"op": "migrate", "name": "kv", "to": "b", "max_rounds": 0}, "max_rounds must be an integer from 1 to 100"),
     ({"op": "migrate", "name": "kv", "to": "b", "max_rounds": True}, "Expected `int | null`, got `bool`"),

@@ -232,7 +232,6 @@ def test_source_rejects_done_that_does_not_cover_every_chunk(source_case: Source
 
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("source_req", [{}, {"prefetch": "used-last"}], ids=["heap", "used-last"])
 def test_source_rejects_wrong_ready_digest_and_keeps_running(source_case: SourceCase) -> None:
     fake = source_case.fake
     ledger = fake.take_state()
@@ -251,15 +250,14 @@ def test_source_rejects_wrong_ready_digest_and_keeps_running(source_case: Source
     assert enclave.ecall("put", ["after-abort", b"still here"], {}) is True
     assert enclave.ecall("get", ["after-abort"], {}) == b"still here"
     assert not any(p.get("phase") == "handed_off" for p in source_case.progress)
-    assert_heap_plain(enclave)  # the touch watch let go of every chunk
+    assert_heap_plain(enclave)
 
 
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("source_req", [{"prefetch": "used-last"}])
 def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: SourceCase) -> None:
     """The destination's authenticated ABORT before it resumed: the app runs at the source again, on a heap
-    the kernel can read too (the touch watch closed every chunk before the handshake)."""
+    the kernel can read too."""
     fake = source_case.fake
     ledger = fake.take_state()
     send_msg(fake.main, m.Ready(ledger.digest()))
@@ -273,76 +271,6 @@ def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: S
     assert source_case.heap_intact()
     key, value = source_case.probe
     assert enclave.ecall("get", [key], {}) == value
-
-
-@pytest.mark.timeout(60)
-def test_the_enclave_refuses_an_unknown_prefetch(enclaves: Enclaves, pairs: Pairs) -> None:
-    src = enclaves.filled("host-a")
-    runner, _ = start_source(src, pairs, prefetch="magic")
-    with pytest.raises(MigrationError, match="unknown prefetch 'magic'; known: heap, used-last"):
-        runner.value()
-    assert src.life.state is Life.RUNNING
-
-
-@pytest.mark.adversarial
-@pytest.mark.timeout(60)
-def test_a_handshake_cut_while_watching_leaves_a_plain_heap(enclaves: Enclaves, pairs: Pairs) -> None:
-    """The host cuts the connection during the handshake, while the source watches the app's touches: the
-    migration fails with one line, the app keeps running, and every chunk is plain memory again."""
-    src = enclaves.filled("host-a")
-    assert src.app is not None
-    checksum = src.app.checksum()
-    runner, _ = start_source(src, pairs, prefetch="used-last")
-    readable, _, _ = select.select([pairs.fake[0]], [], [], TIMEOUT)
-    assert readable, "the source never began its handshake"
-    pairs.close()
-    with pytest.raises(MigrationError, match="keeps running here"):
-        runner.value()
-    assert src.life.state is Life.RUNNING
-    assert_heap_plain(src)
-    assert src.app.checksum() == checksum
-    assert src.ecall("put", ["after-cut", b"here"], {}) is True
-
-
-@pytest.mark.timeout(60)
-def test_chunks_the_app_touches_before_the_stop_stream_first(enclaves: Enclaves, pairs: Pairs) -> None:
-    """With prefetch "used-last", post-copy watches what the app reads or writes from the migration's start
-    to the stop, and the background stream sends those chunks first (then the rest in heap order)."""
-    src = enclaves.filled("host-a")
-    peer = enclaves.build("host-b", incoming=True, tracker="none")
-    assert src.app is not None
-    checksum = src.app.checksum()
-    allocated = np.flatnonzero(src.heap.allocated_chunks()).tolist()
-    assert len(allocated) >= 4
-    touched = [allocated[-3], allocated[-1]]  # late in heap order, so first means moved ahead
-    runner, _ = start_source(src, pairs, prefetch="used-last")
-    fake = None
-    try:
-        # The source watches from before its first handshake message: once that is here, touch two chunks
-        # (a read, as a client's get would) and one write, then let the migration go on.
-        readable, _, _ = select.select([pairs.fake[0]], [], [], TIMEOUT)
-        assert readable, "the source never began its handshake"
-        assert int(np.frombuffer(src.heap.chunk_view(touched[0]), dtype=np.uint8)[:64].sum()) >= 0
-        view = np.frombuffer(src.heap.chunk_view(touched[1]), dtype=np.uint8)
-        view[7] = view[7]  # a write of the same byte: the data stays, the touch counts
-        fake = FakeDestination(peer, pairs.fake)
-        ledger = fake.to_running()
-        n = int(ledger.expected.size)
-        while ledger.count < n:
-            fake.chunk("main")
-        main = fake.indices("main")
-        assert main[:2] == touched, "the chunks touched before the stop come first"
-        assert main[2:] == [c for c in ledger.expected.tolist() if c not in touched], "then heap order"
-        assert src.app.checksum() == checksum, "the watch changed no byte of the heap"
-        assert fake.data[touched[1]] == bytes(view), "the written chunk went out as it is"
-        send_msg(fake.main, m.Done(ledger.count, ledger.digest(), {"tracker": "fake"}))
-        figures = runner.value()
-        assert figures["touched_chunks"] == 2 and figures["hot_chunks"] == 2 and figures["prefetch"] == "used-last"
-    finally:
-        if fake is not None:
-            fake.close()
-        pairs.close()
-        runner.join()
 
 
 # --- 3. demand handling --------------------------------------------------------------------------------
@@ -474,7 +402,6 @@ def test_every_chunk_exactly_once_then_done_returns_figures(source_case: SourceC
     assert figures["strategy"] == "constmig"
     assert figures["chunks"] == n
     assert figures["state_bytes"] == n * CHUNK
-    assert figures["prefetch"] == "heap" and "touched_chunks" not in figures, "no watch unless asked for"
     assert 0 <= figures["downtime_ms"] <= (time.time() - t_before) * 1e3
     for key, value in stats.items():
         assert figures[key] == value

@@ -298,7 +298,7 @@ def test_settle_holds_no_chunk_freed_or_allocated_after_the_last_scan(small_heap
 def test_settle_holds_what_was_sent_is_expected_and_was_not_written_since(small_heap) -> None:
     """The stop: held = sent, expected, and written neither during the last round (`pending`) nor since
     (the stop's scan, which re-arms nothing: the app writes no more). The figure counts what the stop
-    must still move; `hot` puts the stop's writes first, then the last round's."""
+    must still move."""
     small_heap.alloc("a", 6 * MiB)  # chunks 0..6 (the allocator's header pushes it into a seventh)
     sent = ChunkLedger.everything(b"m" * 16, small_heap.n_chunks)
     for index in range(5):  # 5 and 6 never sent
@@ -311,7 +311,6 @@ def test_settle_holds_what_was_sent_is_expected_and_was_not_written_since(small_
     assert marks.rearms == [False]
     assert rounds.figures == {"left": 4} and ledger.missing().tolist() == [1, 2, 3, 5]
     assert bytes(ledger.tags[0]) == b"\x01" * TAG_SIZE
-    assert rounds.hot().tolist() == [2, 1, 3]
 
 
 @pytest.mark.parametrize("mechanism", [

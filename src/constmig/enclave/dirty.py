@@ -18,10 +18,11 @@ write the handler cannot open a chunk for, or a scan that cannot re-protect what
 *tracking*, never the app. The whole heap is writable again and counts as written, `lost` says why,
 every scan from then on names every chunk, and the rounds end (everything goes at the stop).
 
-The kernel's (`KernelWriteTracker`, FACTS.md): the heap is registered with a userfaultfd in write-protect mode with
-WP_ASYNC, so the first write to a protected page costs about a microsecond inside the kernel (no fault
-reaches anyone) and marks the page written; one PAGEMAP_SCAN ioctl on /proc/self/pagemap lists the
-written pages and, with PM_SCAN_WP_MATCHING, protects them again in the same walk. So a round is: scan
+The kernel's (`KernelWriteTracker`; figures in docs/architecture.md, "Write tracking inside the
+enclave"): the heap is registered with a userfaultfd in write-protect mode with WP_ASYNC, so the first
+write to a protected page costs about a microsecond inside the kernel (no fault reaches anyone) and marks
+the page written; one PAGEMAP_SCAN ioctl on /proc/self/pagemap lists the written pages and, with
+PM_SCAN_WP_MATCHING, protects them again in the same walk. So a round is: scan
 (and re-arm), then read and send what the scan named; a write that lands after the scan is named by
 the next one, a write during the read is sent again next round. Nothing is missed: a page is re-armed
 before it is read.

@@ -8,5 +8,3 @@ DATA_CHANNELS = ("main", "demand")  # the data connections' names, in order; a s
 STRATEGIES = ("stopcopy", "constmig", "precopy", "hybrid")
 TRACKERS = ("fault", "access")  # how a destination that runs before its heap is complete finds missing chunks
 WRITE_TRACKING = ("auto", "kernel", "enclave")  # who reports the app's writes during pre-copy rounds (dirty.py)
-# What the post-copy stream sends first: heap order, or what the app used last at the source (streamer.py)
-PREFETCH = ("heap", "used-last")

@@ -35,7 +35,7 @@ from constmig.migration.priority import shallow_queue, unpaced
 from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
-from constmig.migration.strategies.base import Before, Strategy
+from constmig.migration.strategies.base import Strategy
 from constmig.wire import control
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -77,7 +77,7 @@ def _request(req: Any, kind: type[control.T]) -> control.T:
 
 def run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut | dict[str, Any],
         progress: Callable[[dict], None]) -> dict:
-    req = _request(req, control.MigrateOut)  # its strategy, prefetch, rounds and waits are checked
+    req = _request(req, control.MigrateOut)  # its strategy, rounds and waits are checked
     strategy = _strategy(req.strategy, socks)
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
     enclave.begin_out(socks, req.token)
@@ -113,32 +113,22 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
     params = {"app": enclave.app_name, "heap_size": heap.size, "chunk_size": heap.chunk_size,
               "strategy": strategy.name}
     t_start = time.time()
-    used_last = req.prefetch == "used-last" and strategy.needs_tracker  # only a stream has an order
-    # post-copy: which chunks the app uses from now to the stop
-    watching = strategy.watch(enclave) if used_last else Before()
     try:
-        try:
-            run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
-        except ConstmigError as e:
-            raise MigrationError(f"attestation with the destination failed: {_why(enclave, e)}; the enclave "
-                                 "keeps running here") from None
-        except OSError as e:
-            raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave "
-                                 "keeps running here") from None
-        link = Link(chan, Machine("source", strategy=strategy), timeout)
-        demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
-        try:
-            # pre-copy rounds, while the app runs (the strategies read the options as a map)
-            before = strategy.before_stop(link, enclave, progress, req, watching)
-        except (ConstmigError, OSError) as e:
-            link.abort(str(e))
-            raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps "
-                                 "running here with all its data") from None
-    except BaseException:
-        watching.close()
-        raise
-    if before is not watching:
-        watching.close()
+        run_initiator(chan, enclave.backend, enclave.identity, enclave.policy, params, timeout=timeout)
+    except ConstmigError as e:
+        raise MigrationError(f"attestation with the destination failed: {_why(enclave, e)}; the enclave "
+                             "keeps running here") from None
+    except OSError as e:
+        raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave "
+                             "keeps running here") from None
+    link = Link(chan, Machine("source", strategy=strategy), timeout)
+    demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
+    try:
+        before = strategy.before_stop(link, enclave, progress, req)  # pre-copy rounds, while the app runs
+    except (ConstmigError, OSError) as e:
+        link.abort(str(e))
+        raise MigrationError(f"migration aborted before the stop ({_why(enclave, e)}); the enclave keeps "
+                             "running here with all its data") from None
     ledger: ChunkLedger | None = None
     try:
         # --- stop: downtime starts ---
@@ -170,10 +160,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
         raise
     enclave.end_out()
     out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
-                   len(snap.state), req.max_bandwidth,
-                   figures={**before.figures, **({"prefetch": "used-last" if used_last else "heap"}
-                                                 if strategy.needs_tracker else {})},
-                   hot=before.hot() if used_last else np.zeros(0, dtype=np.int64))
+                   len(snap.state), req.max_bandwidth, figures=dict(before.figures))
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
         enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it
@@ -206,7 +193,6 @@ class Outgoing:
     zero_chunks: int = 0  # chunks that went as FLAG_ZERO records: a length, no page data
     done: np.ndarray | None = None  # after a reconnect: chunks the destination already holds
     figures: dict[str, Any] = field(default_factory=dict)  # the strategy's, from before the stop
-    hot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # streamed first (Before.hot)
 
 
 def resume(enclave: Enclave, socks: list[socket.socket], req: control.ResumeOut | dict[str, Any],
@@ -250,7 +236,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
     streamer: Streamer | None = None
     try:
         streamer = out.strategy.serve_after_commit(link, demand, ledger, heap, progress, out.max_bandwidth,
-                                                   out.done, out.hot)
+                                                   out.done)
         if out.resume_time is None:
             out.resume_time = link.expect(m.Resumed).resume_time
         while True:  # the stream may take longer than one receive timeout; a stall may not
@@ -275,9 +261,6 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
         if streamer is not None:
             streamer.stop()
             out.figures.update(segment_figures("source", {"service": streamer.service}))
-            if streamer.hot_chunks and "hot_chunks" not in out.figures:  # the first stream's (a reconnect's
-                out.figures.update(hot_chunks=streamer.hot_chunks,  # knows fewer)
-                                   hot_demanded=streamer.hot_demanded)
         out.wire_bytes += link.chan.bytes_sent + link.chan.bytes_received + (
             demand.chan.bytes_sent + demand.chan.bytes_received if demand is not None else 0)
         out.zero_chunks += link.chan.zero_chunks_sent + (demand.chan.zero_chunks_sent if demand is not None else 0)

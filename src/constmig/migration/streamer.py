@@ -4,11 +4,9 @@ Two paths, as in QEMU's postcopy-preempt: a background stream on the main channe
 on a channel of their own, so a chunk the resumed app is waiting for never queues behind megabytes of
 background data in the socket buffers.
 
-The background's order: heap order, after the `hot` chunks if the source named any (`--prefetch
-used-last`: what the app touched while the migration was set up, or hybrid's last write sets). After a
-demand it takes the few chunks after it first (an app that touched chunk i will likely touch i+1 next;
-for a batch, the batch's second half), returns to the hot chunks not sent yet, and then goes on in heap
-order from the demand, wrapping around at the end to pick up whatever it skipped.
+The background's order: heap order. After a demand it takes the few chunks after it first (an app that
+touched chunk i will likely touch i+1 next; for a batch, the batch's second half), and then goes on in
+heap order from the demand, wrapping around at the end to pick up whatever it skipped.
 
 Runs after the commit point: a failure here never resumes the app at the source; the caller pauses
 with every chunk still in the heap.
@@ -35,22 +33,18 @@ if TYPE_CHECKING:
     from constmig.migration.link import Link
 
 MAX_DEMAND = 256  # chunks one Demand may name; more is a confused or hostile peer
-FOLLOW = 4  # chunks after a demanded one the background sends next, before it returns to the hot chunks
-# What the background sends first (constants.PREFETCH): nothing in particular (heap order), or what the app
-# used last at the source (`--prefetch used-last`: the chunks post-copy saw it touch before the stop, hybrid's
-# last writes).
+FOLLOW = 4  # chunks after a demanded one the background sends next
 
 
 class Streamer:
     """Sends the ledger's chunks over `main` in background order and over `demand` when asked."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, heap: Heap,
-                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None,
-                 hot: np.ndarray | None = None) -> None:
+                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None
+                 ) -> None:
         """`max_bandwidth` (bytes/s, 0 = unlimited) caps the background stream only, like QEMU's
         max-postcopy-bandwidth: demanded chunks always go at once. `done` (a bool mask) names chunks
-        the destination holds already (after a reconnect): they are not sent again. `hot`: chunks to
-        send ahead of the rest, in that order (others of the ledger's are ignored)."""
+        the destination holds already (after a reconnect): they are not sent again."""
         self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
         self.max_bandwidth = max_bandwidth
         self._lock = threading.Lock()
@@ -61,14 +55,7 @@ class Streamer:
         self._order = ledger.expected.tolist()
         self._pos = 0  # next position in _order for the background stream
         self._where = {c: i for i, c in enumerate(self._order)}
-        hot = np.zeros(0, dtype=np.int64) if hot is None else np.asarray(hot, dtype=np.int64)
-        hot = hot[(hot >= 0) & (hot < ledger.n_chunks)]
-        self._hot = hot[~self._claimed[hot]].tolist()
-        self._hot_set = set(self._hot)
-        self._hot_pos = 0
         self._next: deque[int] = deque()  # after a demand: what the background sends before anything else
-        self.hot_chunks = len(self._hot_set)
-        self.hot_demanded = 0  # hot chunks a demand asked for before the background had sent them
         self._left = int(np.count_nonzero(~self._claimed))
         self.demand_chunks = 0
         self.background_chunks = 0
@@ -114,12 +101,6 @@ class Streamer:
                 return None
             while self._next:
                 idx = self._next.popleft()
-                if not self._claimed[idx]:
-                    self._claim(idx)
-                    return idx
-            while self._hot_pos < len(self._hot):
-                idx = self._hot[self._hot_pos]
-                self._hot_pos += 1
                 if not self._claimed[idx]:
                     self._claim(idx)
                     return idx
@@ -218,8 +199,6 @@ class Streamer:
                 rest = []
             for idx in run:
                 self._claim(idx)
-            if self._hot_set:
-                self.hot_demanded += sum(1 for i in run + rest if i in self._hot_set)
             if rest:
                 self._pos = self._where[rest[0]]
                 self._next = deque(rest)

@@ -25,7 +25,7 @@ import msgspec
 
 from constmig.enclave.lifecycle import Life
 from constmig.errors import AgentError, ConfigError, ProtocolError
-from constmig.migration.constants import DATA_CHANNELS, PREFETCH, STRATEGIES, TRACKERS, WRITE_TRACKING
+from constmig.migration.constants import DATA_CHANNELS, STRATEGIES, TRACKERS, WRITE_TRACKING
 from constmig.units import wait_seconds
 
 _BYTES = (bytes, bytearray, memoryview)  # bytes stay bytes: a str is never read as base64
@@ -38,7 +38,6 @@ DEFAULT_TIMEOUT_S = 120.0  # a migration's per-step timeout
 RESUME_DEADLINE_S = 30.0  # how long a migration that broke after its handoff keeps reconnecting
 DEFAULT_CHUNK = 1 << 20
 DEFAULT_WRITE_TRACKING = "auto"  # the kernel's with the Fault Tracker, the enclave's with the Access Tracker
-DEFAULT_PREFETCH = "heap"  # the post-copy stream in heap order
 CANCEL_REASON = "cancelled by the operator"
 AGENT_TRACKERS = ("auto", *TRACKERS)  # what a request may ask of the destination
 ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
@@ -192,7 +191,6 @@ class _MigrationOptions(Request, kw_only=True):
     max_downtime: float | None | msgspec.UnsetType = msgspec.UNSET
     max_rounds: int | None | msgspec.UnsetType = msgspec.UNSET
     write_tracking: str = DEFAULT_WRITE_TRACKING
-    prefetch: str = DEFAULT_PREFETCH
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True}
 
@@ -200,7 +198,6 @@ class _MigrationOptions(Request, kw_only=True):
         super().check()
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.write_tracking, WRITE_TRACKING, "write tracking")
-        _one_of(self.prefetch, PREFETCH, "prefetch")
         if not (math.isfinite(self.max_bandwidth) and self.max_bandwidth >= 0):
             raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:

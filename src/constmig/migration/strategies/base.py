@@ -45,10 +45,6 @@ class Before:
         """Stopped: which chunks the destination holds current already (taken into `ledger`); none."""
         return np.zeros(0, dtype=np.int64)
 
-    def hot(self) -> np.ndarray:
-        """After `settle`: chunks the app used last at the source, to stream ahead of cold ones."""
-        return np.zeros(0, dtype=np.int64)
-
     def close(self) -> None:
         """Release what the rounds held (the write tracker); idempotent."""
 
@@ -93,16 +89,10 @@ class Strategy:
 
     # --- before the stop (the app still runs) ----------------------------------------------------------
 
-    def watch(self, enclave: Enclave) -> Before:
-        """Source, before the handshake: start learning what the app uses (post-copy), or nothing."""
-        return Before()
-
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
-                    watching: Before) -> Before:
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Before:
         """Source, running: move what can move while the app runs (pre-copy rounds). What it returns goes
-        to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up.
-        `watching` is what `watch` returned; returned as is unless the strategy replaces it."""
-        return watching
+        to `send_before_handoff`; its `close()` is called once the source is past the stop or gave up."""
+        return Before()
 
     def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
         """Destination: what arrives before the small state (pre-copy rounds: early.Early), and the first
@@ -124,7 +114,7 @@ class Strategy:
     # --- after COMMIT --------------------------------------------------------------------------------
 
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
-                           progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer | None:
+                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer | None:
         """Source, handed off: start whatever still moves chunks (the post-copy stream), or None."""
         return None
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from constmig.migration.protocol import CHUNK, St
 from constmig.migration.strategies.postcopy import NO_CHUNK, PostCopy
 from constmig.migration.strategies.rounds import RoundsMixin
@@ -29,7 +27,7 @@ class Hybrid(RoundsMixin, PostCopy):
                      "destination": {St.RECEIVING: {("recv", CHUNK): NO_CHUNK}}}
 
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
-                           progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer:
+                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer:
         """The stream sends only what the destination does not hold from the rounds."""
         return super().serve_after_commit(link, demand, ledger, heap, progress, max_bandwidth,
-                                          ledger.received.copy() if done is None else done, hot)
+                                          ledger.received.copy() if done is None else done)

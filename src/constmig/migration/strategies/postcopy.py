@@ -6,13 +6,10 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from constmig.enclave.touches import TouchRecorder
 from constmig.errors import ConstmigError, ProtocolError
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import CHUNK, St
-from constmig.migration.strategies.base import Before, Progress, Strategy
+from constmig.migration.strategies.base import Progress, Strategy
 from constmig.migration.streamer import Streamer
 from constmig.migration.trackers.base import Stream
 
@@ -23,7 +20,6 @@ if TYPE_CHECKING:
     from constmig.migration.port import MigratingEnclave as Enclave
     from constmig.migration.strategies.base import Arrived
     from constmig.migration.trackers.base import Tracker
-    from constmig.wire import control
 
 
 NO_CHUNK = "post-copy sends no chunk before the handoff"
@@ -47,19 +43,10 @@ class PostCopy(Strategy):
     def import_wrapper(self, enclave: Enclave, ledger: ChunkLedger, timeout: float) -> Any:
         return enclave.tracking.import_wrapper(ledger.missing(), timeout)  # all, unless rounds came first
 
-    def watch(self, enclave: Enclave) -> Before:
-        return Touches(enclave.heap)
-
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
-                    watching: Before) -> Before:
-        if isinstance(watching, Touches):
-            watching.end_watch()  # now, while the app runs: opening the heap at the stop would be downtime
-        return watching
-
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
-                           progress: Progress, max_bandwidth: float, done: Any, hot: np.ndarray) -> Streamer:
+                           progress: Progress, max_bandwidth: float, done: Any) -> Streamer:
         assert demand is not None
-        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done, hot=hot)
+        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done)
         streamer.start()
         return streamer
 
@@ -74,41 +61,3 @@ class PostCopy(Strategy):
         except (ConstmigError, OSError):
             # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.
             arrived.link.machine.fail()
-
-
-class Touches(Before):
-    """Source, from before the handshake until just before the stop: the chunks the app read or wrote
-    meanwhile (enclave/touches.py), streamed first. Where the enclave's fault handler is missing, nothing
-    is watched and the stream goes in heap order."""
-
-    def __init__(self, heap: Heap) -> None:
-        self.figures: dict[str, Any] = {}
-        self._touched = np.zeros(0, dtype=np.int64)
-        self._hot = self._touched
-        self._recorder: TouchRecorder | None = TouchRecorder(heap)
-        try:
-            self._recorder.arm()
-        except ConstmigError as e:
-            self._recorder = None
-            self.figures = {"touches": f"not watched: {e}"}
-
-    def end_watch(self) -> None:
-        """Just before the stop (the app still runs): what it touched, and the heap plain again."""
-        if self._recorder is not None:
-            self._touched = self._recorder.take()
-            self._recorder = None
-
-    def settle(self, ledger: ChunkLedger) -> np.ndarray:
-        self.end_watch()  # normally ended already
-        self._hot = self._touched[ledger.expected_mask[self._touched]]
-        if "touches" not in self.figures:
-            self.figures = {"touched_chunks": int(self._hot.size)}
-        return super().settle(ledger)
-
-    def hot(self) -> np.ndarray:
-        return self._hot
-
-    def close(self) -> None:
-        if self._recorder is not None:
-            self._recorder.close()
-            self._recorder = None

@@ -54,7 +54,6 @@ class Rounds(Before):
     figures: dict[str, Any] = field(default_factory=dict)
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     left_figure: str = "final_chunks"  # the figure that counts what is left at the stop
-    recent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # see hot()
 
     def settle(self, ledger: ChunkLedger) -> np.ndarray:
         """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
@@ -62,18 +61,12 @@ class Rounds(Before):
         # the app writes no more: nothing to re-arm; tracking ends after COMMIT (see source.run)
         last = _written(self.tracker, rearm=False)
         stale = np.union1d(self.pending, last)
-        # written in the last moments first, then during the last round: what the app writes now
-        self.recent = np.concatenate([last, np.setdiff1d(self.pending, last)])
         keep = self.sent.received & ledger.expected_mask
         keep[stale] = False
         held = np.flatnonzero(keep).astype(np.int64)
         ledger.hold(held, self.sent.tags[held])
         self.figures[self.left_figure] = int(ledger.expected.size - held.size)
         return held
-
-    def hot(self) -> np.ndarray:
-        """The chunks the app wrote last (the stop's scan, then the last round's), ahead of the rest."""
-        return self.recent
 
     def close(self) -> None:
         self.tracker.close()
@@ -85,12 +78,7 @@ class RoundsMixin:
     default_rounds: ClassVar[int] = MAX_ROUNDS
     left_figure: ClassVar[str] = "final_chunks"
 
-    def watch(self, enclave: Enclave) -> Before:
-        """Nothing to watch: the rounds' write sets say what the app used (and the rounds read every chunk)."""
-        return Before()
-
-    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut,
-                    watching: Before) -> Rounds:
+    def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Rounds:
         heap = enclave.heap
         goal = Goal.of(req, self.default_rounds)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one
