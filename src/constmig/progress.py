@@ -29,6 +29,7 @@ class MigrationProgress:
         )
         self._task = None
         self.label = label
+        self._rounds = ""  # what the last round left, while the next one runs
 
     def __enter__(self) -> MigrationProgress:
         if not self.quiet:
@@ -43,9 +44,13 @@ class MigrationProgress:
         if phase == "handed_off":  # a marker, not a byte count: keep the bar where it is
             self._progress.update(self._task, description=f"{self.label} [resumed at destination]")
             return
+        if phase == "round_end":  # what the round left: the bar stays, the line says how it converges
+            self._rounds = round_line(info)
+            self._progress.update(self._task, description=f"{self.label} [{self._rounds}]")
+            return
         detail = phase
         if phase == "round":
-            detail = f"round {info.get('round')} while running"
+            detail = f"round {info.get('round')} while running" + (f"; {self._rounds}" if self._rounds else "")
         elif phase == "stream":
             detail = f"stream: {info.get('background', 0)} background, {info.get('demand', 0)} on demand"
         self._progress.update(self._task, completed=info.get("done", 0), total=info.get("total") or None,
@@ -54,6 +59,15 @@ class MigrationProgress:
     def __exit__(self, *exc: object) -> None:
         if not self.quiet:
             self._progress.stop()
+
+
+def round_line(info: dict[str, Any]) -> str:
+    """A round's end in one line: what is left, how fast the app writes it, how fast the link takes it."""
+    mib = 1 << 20
+    line = (f"round {info.get('round')}: {info.get('left', 0) / mib:.1f} MiB left, written at "
+            f"{info.get('dirty_rate', 0) / mib:.1f} MiB/s, sent at {info.get('rate', 0) / mib:.1f} MiB/s")
+    throttle = info.get("throttle") or 0
+    return line + (f", writers held to {1 - throttle:.0%} of their pace" if throttle else "")
 
 
 FIGURE_LABELS = [
@@ -68,6 +82,7 @@ FIGURE_LABELS = [
     ("stream_s", "streaming after resume", "{:.3f} s"),
     ("rounds", "pre-copy rounds", "{}"),
     ("precopy_s", "pre-copy while running", "{:.3f} s"),
+    ("rounds_ended", "rounds ended", "{}"),
     ("final_chunks", "chunks sent at the stop", "{:,}"),
     ("missing_at_switch", "chunks missing at the switch", "{:,}"),
     ("background_chunks", "chunks by background", "{:,}"),

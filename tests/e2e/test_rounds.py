@@ -131,3 +131,29 @@ def test_hybrid_with_rounds_until_they_converge(cluster) -> None:
     figures = migrate("kv", a, b, "hybrid", tracker="fault", timeout=60, max_rounds=4)
     assert figures["rounds"] == 1 and figures["missing_at_switch"] == 0, figures  # nothing written: one suffices
     assert checksum(b) == before
+
+
+@pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}")
+def test_a_throttle_makes_a_writer_that_outruns_the_link_converge(cluster) -> None:
+    """The client writes all over the heap faster than the link carries it: unthrottled, the rounds stop
+    at the first that does not shrink; with --max-throttle the enclave holds the writing calls, steps
+    the throttle up while the set does not shrink, the rounds converge to the downtime goal, and every
+    acknowledged write is at the destination."""
+    a, b = cluster.addrs
+    launch(a, heap=32 << 20)
+    hammer = KVHammer(a, "kv", keys=3000, write_ratio=1.0, seed=14)
+    hammer.preload()
+    hammer.start()
+    try:
+        figures = migrate("kv", a, b, "precopy", timeout=60, max_bandwidth=16 << 20, max_downtime=0.3,
+                          max_rounds=20, max_throttle=0.9)
+    finally:
+        report = hammer.stop()
+    throttle = figures["throttle"]
+    assert figures["write_tracking"] == "enclave", figures  # auto picks the tracker that counts each call
+    assert throttle[0] == 0.0 and max(throttle) >= 0.2 and throttle == sorted(throttle), figures
+    assert figures["unthrottled_dirty_rate"] > 0 and figures["held_calls"] > 0, figures
+    assert figures["rounds_ended"] == "fits", figures
+    assert report.calls > 0 and report.wrong == 0, report.errors[:3]
+    assert hammer.verify() == 0
+    hammer.close()

@@ -14,8 +14,8 @@ from constmig.wire import control
 MiB = 1 << 20
 
 
-def _rule(max_downtime: float = 0.05, max_rounds: int = 8) -> Convergence:
-    return Convergence(Goal(max_downtime, max_rounds), MiB)
+def _rule(max_downtime: float = 0.05, max_rounds: int = 8, max_throttle: float = 0.0) -> Convergence:
+    return Convergence(Goal(max_downtime, max_rounds, max_throttle), MiB)
 
 
 # (round: sent chunks, sent bytes, seconds to the ack, chunks left, tracking lost) -> why the rounds stop
@@ -86,7 +86,7 @@ def test_a_zero_downtime_goal_is_met_only_by_nothing_left() -> None:
 def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
     """precopy: at most 8 rounds, hybrid: 1; both aim at a 50 ms stop (README, docs/architecture.md)."""
     goal = Goal.of(control.MigrateOut(), strategy.default_rounds)
-    assert goal == Goal(0.05, rounds)
+    assert goal == Goal(0.05, rounds, 0.0)  # no throttle unless asked for
     rule = Convergence(goal, MiB)
     for n in range(1, rounds + 1):  # always shrinking, never fitting: only the bound stops them
         ending = rule.after_round(1000, 1000 * MiB, 1.0, 500, False)
@@ -101,7 +101,7 @@ def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
     ({"max_rounds": None, "max_downtime": None}, Goal(0.05, 4)),
     ({"max_rounds": 2}, Goal(0.05, 2)),
     ({"max_downtime": 0}, Goal(0.0, 4)),  # zero is a goal (stop only with nothing left), not "unset"
-    ({"max_downtime": 1.5, "max_rounds": 100}, Goal(1.5, 100)),
+    ({"max_downtime": 1.5, "max_rounds": 100, "max_throttle": 0.9}, Goal(1.5, 100, 0.9)),
 ])
 def test_the_goal_of_a_request(sent: dict, goal: Goal) -> None:
     req = control.decode({"op": "migrate_out", **sent}, control.MigrateOut)
@@ -113,9 +113,58 @@ def test_the_figures() -> None:
     rule.after_round(100, 100 * MiB, 1.0, 60, False)
     rule.after_round(60, 60 * MiB, 0.33, 5, False)
     assert rule.figures(1.23456) == {
-        "rounds": 2, "round_chunks": [100, 60], "rounds_ended": "fits", "precopy_s": 1.2346,
+        "rounds": 2, "round_chunks": [100, 60], "rounds_ended": "fits", "throttle": [0.0, 0.0], "precopy_s": 1.2346,
         "dirty_rate": 15.2,  # chunks left per second of the last round: 5 / 0.33
         "precopy_rate_gbps": 0.191,  # 60 MiB in 0.33 s
     }
     assert msgspec.json.decode(msgspec.json.encode(rule.figures(0.0)))["rounds_ended"] == "fits"
     assert _rule().figures(0.0)["rounds_ended"] is None
+
+
+# --- the throttle ---------------------------------------------------------------------------------------
+
+
+def test_without_a_cap_a_round_that_does_not_shrink_ends_the_rounds() -> None:
+    rule = _rule(max_downtime=0.0)
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, False) == Ending.NOT_SHRINKING
+    assert rule.throttle == 0.0 and rule.throttles == [0.0]
+
+
+def test_the_throttle_starts_gently_steps_up_while_the_set_does_not_shrink_and_stops_at_its_cap() -> None:
+    rule = _rule(max_downtime=0.0, max_rounds=20, max_throttle=0.45)
+    steps = []
+    for _ in range(4):  # the writer keeps up with the link: never shrinking
+        assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None
+        steps.append(rule.throttle)
+    assert steps == [0.2, 0.3, 0.4, 0.45]
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) == Ending.NOT_SHRINKING  # at the cap: stop
+    assert rule.throttles == [0.0, 0.2, 0.3, 0.4, 0.45] and rule.throttle == 0.0, "lifted when the rounds end"
+
+
+def test_the_throttle_holds_while_the_rounds_shrink_and_is_lifted_when_they_end() -> None:
+    rule = _rule(max_downtime=0.05, max_throttle=0.9)
+    assert rule.after_round(100, 100 * MiB, 1.0, 95, False) is None and rule.throttle == 0.2
+    assert rule.after_round(95, 95 * MiB, 1.0, 60, False) is None and rule.throttle == 0.2  # shrinking: held
+    assert rule.after_round(60, 60 * MiB, 1.0, 2, False) == Ending.FITS
+    assert rule.throttle == 0.0 and rule.throttles == [0.0, 0.2, 0.2]
+    assert rule.figures(0.0)["throttle"] == [0.0, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("ending", [Ending.MAX_ROUNDS, Ending.TRACKING_LOST])
+def test_the_throttle_never_outlives_the_rounds(ending: Ending) -> None:
+    rule = _rule(max_downtime=0.0, max_rounds=2, max_throttle=0.9)
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None and rule.throttle == 0.2
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, ending is Ending.TRACKING_LOST) == ending
+    assert rule.throttle == 0.0
+
+
+def test_a_cap_below_the_start_is_the_first_step() -> None:
+    rule = _rule(max_downtime=0.0, max_throttle=0.1)
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None and rule.throttle == 0.1
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) == Ending.NOT_SHRINKING
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), 2])
+def test_the_request_bounds_the_cap(bad: float) -> None:
+    with pytest.raises(control.BadRequest, match="max_throttle must be a share from 0 to 0.99"):
+        control.decode({"op": "migrate_out", "max_throttle": bad}, control.MigrateOut)

@@ -35,6 +35,7 @@ from constmig.enclave.lifeline import die_with_parent
 from constmig.enclave.persist import Lineage, Persistence
 from constmig.enclave.sessions import SessionTable
 from constmig.enclave.state import export_app_state, import_app_state
+from constmig.enclave.throttle import WriteLimit
 from constmig.errors import (
     ChannelClosed,
     ConfigError,
@@ -103,6 +104,7 @@ class Enclave:
     plain_calls: bool = False  # launched to also take unsealed ECALLs from the host (measured)
     figures: dict[str, Any] = field(default_factory=dict)
     receiver: Receiver | None = None  # the stream's receiver when it runs here (a pager process has its own)
+    write_limit: WriteLimit = field(default_factory=WriteLimit)  # pre-copy rounds slow the writers with it
     persist: Persistence | None = None  # sealed checkpoints and their counter (set by build_enclave)
     outgoing: source.Outgoing | None = None  # a migration out that paused after the commit point
     resume_path: Path | None = None  # where an incoming migration listens for reconnects (resume.py)
@@ -146,7 +148,11 @@ class Enclave:
 
     # --- the port the migration code uses (migration/port.py) -------------------------------------------
 
+    def limit_writes(self, rate: float | None, wrote: Any = None) -> dict[str, Any]:
+        return self.write_limit.set(rate, wrote)
+
     def stop(self) -> Snapshot:
+        self.write_limit.set(None)  # the app writes no more: held writers go (they find it stopped)
         with self.app_lock:  # at an ECALL boundary: the ECALL in progress finishes first
             chunks = self.whole_heap("migrate")
             assert self.app is not None
@@ -304,16 +310,22 @@ class Enclave:
         if not self.plain_calls:
             raise EnclaveError(f"{self.app_name} takes calls only over an attested session (it was not "
                                "launched with --plain-calls)")
-        with self.app_lock:
-            self._runnable()
-            return self._run_ecall(name, args, kwargs)
+        try:
+            with self.app_lock:
+                self._runnable()
+                return self._run_ecall(name, args, kwargs)
+        finally:
+            self.write_limit.pay()  # a held writer waits here, outside the lock
 
     def session_call(self, record: bytes) -> bytes:
         """One sealed request of a client's session: received, run and answered between two ECALLs."""
         assert self.sessions is not None
-        with self.app_lock:
-            self._runnable()
-            return self.sessions.call(record, self._run_ecall)
+        try:
+            with self.app_lock:
+                self._runnable()
+                return self.sessions.call(record, self._run_ecall)
+        finally:
+            self.write_limit.pay()
 
     def _runnable(self) -> None:
         if self.life.state is not Life.RUNNING or self.app is None:  # not run: the caller may retry
@@ -325,7 +337,8 @@ class Enclave:
             known = ", ".join(sorted(self.app_cls.ecalls()))
             raise EnclaveError(f"{self.app_name} has no ECALL {name!r}; known: {known}")
         try:
-            return getattr(self.app, name)(*args, **kwargs)
+            with self.write_limit.call():
+                return getattr(self.app, name)(*args, **kwargs)
         except TypeError as e:
             raise EnclaveError(f"bad arguments for {name}: {e}") from None
 

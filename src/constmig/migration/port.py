@@ -57,6 +57,10 @@ class MigratingEnclave(Protocol):
     def unstop(self) -> None:
         """STOPPING -> RUNNING: the migration aborted before its commit point (no-op if not stopped)."""
 
+    def limit_writes(self, rate: float | None, wrote: Any = None) -> dict[str, Any]:
+        """Hold the calls that write to `rate` newly written chunks per second, as `wrote()` counts them;
+        None lifts the limit. Returns what holding cost so far (enclave/throttle.py)."""
+
     def begin_out(self, socks: list[socket.socket], token: str = "") -> None:
         """A migration out starts on these connections: a cancel before the commit point shuts them."""
 

@@ -42,6 +42,7 @@ CANCEL_REASON = "cancelled by the operator"
 AGENT_TRACKERS = ("auto", *TRACKERS)  # what a request may ask of the destination
 ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
 MAX_ROUNDS = 100
+MAX_THROTTLE = 0.99  # a writer keeps at least 1% of its pace (QEMU: max-cpu-throttle 99)
 _RELEASE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -191,6 +192,9 @@ class _MigrationOptions(Request, kw_only=True):
     max_downtime: float | None | msgspec.UnsetType = msgspec.UNSET
     max_rounds: int | None | msgspec.UnsetType = msgspec.UNSET
     write_tracking: str = DEFAULT_WRITE_TRACKING
+    # precopy, hybrid: the most the enclave may slow the calls that write, as a share of their time, when the
+    # rounds do not converge (migration/strategies/converge.py); 0: never
+    max_throttle: float = 0.0
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True}
 
@@ -202,6 +206,11 @@ class _MigrationOptions(Request, kw_only=True):
             raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
             raise BadRequest(f"max_rounds must be an integer from 1 to {MAX_ROUNDS}, not {self.max_rounds!r}")
+        if not (math.isfinite(self.max_throttle) and 0 <= self.max_throttle <= MAX_THROTTLE):
+            raise BadRequest(f"max_throttle must be a share from 0 to {MAX_THROTTLE}, not {self.max_throttle!r}")
+        if self.max_throttle and self.write_tracking == "kernel":
+            raise BadRequest("max_throttle needs the enclave's write tracking (enclave or auto): the kernel's "
+                             "cannot tell which call wrote")
 
 
 class Migrate(_MigrationOptions, tag="migrate", kw_only=True):

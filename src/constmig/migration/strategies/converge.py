@@ -10,9 +10,19 @@ app wrote since its chunks were sent (`left`) and stops the rounds, saying why, 
   on, so no round could shrink;
 * `max-rounds`: the rounds reached their bound (precopy 8, hybrid 1, `--rounds` to change it);
 * `not-shrinking`: the round left more than `SHRINK` of the chunks it sent: the app writes as fast as the
-  link carries, and another round would only send the same chunks again.
+  link carries, and another round would only send the same chunks again. With a throttle allowed
+  (`max_throttle` > 0), such a round instead raises the throttle and another round follows, until the
+  throttle is at its cap.
 
-The reason is a figure (`rounds_ended`), so an operator sees why a migration stopped when it did.
+The throttle (QEMU's auto-converge and dirty-limit, applied inside the enclave to the calls that write:
+enclave/throttle.py) takes a share of the app's own write pace away: the app may newly write chunks at
+(1 - share) times the rate it wrote them in the round that first did not shrink (`write_limit`), so
+writers slow down and readers keep their pace. It starts at `THROTTLE_START` on the first round that did not shrink, steps
+up by `THROTTLE_STEP` on each further one, holds while the rounds shrink, never passes the operator's
+cap, and is lifted the moment the rounds end (the stop, a cancel, any failure).
+
+The reason is a figure (`rounds_ended`), so an operator sees why a migration stopped when it did, and so
+is the throttle of each round (`throttle`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ MAX_ROUNDS = 8  # precopy's default bound: a workload that writes faster than th
 DEFAULT_MAX_DOWNTIME_S = 0.05
 SHRINK = 0.8  # a round must leave at most this share of the chunks it sent, or the rounds stop
 MIN_ELAPSED_S = 1e-6  # a round timed at zero (a coarse clock) still gives a finite rate
+THROTTLE_START = 0.2  # QEMU's cpu-throttle-initial
+THROTTLE_STEP = 0.1  # QEMU's cpu-throttle-increment
 
 
 class Ending(StrEnum):
@@ -44,13 +56,14 @@ class Goal:
 
     max_downtime: float = DEFAULT_MAX_DOWNTIME_S
     max_rounds: int = MAX_ROUNDS
+    max_throttle: float = 0.0  # the share of a writing call's time the enclave may wait; 0: never throttle
 
     @classmethod
     def of(cls, req: control.MigrateOut, default_rounds: int) -> Goal:
         """The request's goal; an unset or None option takes the strategy's default."""
         downtime = req.max_downtime if isinstance(req.max_downtime, (int, float)) else DEFAULT_MAX_DOWNTIME_S
         rounds = req.max_rounds if isinstance(req.max_rounds, int) else default_rounds
-        return cls(float(downtime), rounds)
+        return cls(float(downtime), rounds, float(req.max_throttle))
 
 
 @dataclass
@@ -64,6 +77,9 @@ class Convergence:
     left: int = 0  # chunks written since sent, at the last round's scan
     elapsed: float = MIN_ELAPSED_S  # the last round's time
     ended: Ending | None = None
+    throttle: float = 0.0  # what the next round runs at
+    throttles: list[float] = field(default_factory=list)  # what each round ran at
+    own_rate: float = 0.0  # chunks per second the app newly wrote in the round that first did not shrink
 
     def after_round(self, sent_chunks: int, sent_bytes: int, elapsed: float, left: int,
                     lost: bool = False) -> Ending | None:
@@ -71,12 +87,26 @@ class Convergence:
         acknowledgement, and its scan found `left` chunks to send again. Why the rounds stop now, or None
         for another round."""
         self.round_chunks.append(sent_chunks)
+        self.throttles.append(self.throttle)
         self.elapsed = max(elapsed, MIN_ELAPSED_S)
         if sent_bytes:  # an empty round measures nothing: the last rate stands
             self.rate = sent_bytes / self.elapsed
         self.left = left
         self.ended = self._ending(sent_chunks, left, lost)
+        if self.ended is Ending.NOT_SHRINKING and self.throttle < self.goal.max_throttle:
+            self.ended = None  # slow the writers down and try again
+            if self.throttle == 0:
+                self.own_rate = left / self.elapsed  # its own pace, before any throttle
+            self.throttle = min(self.goal.max_throttle,
+                                THROTTLE_START if self.throttle == 0 else round(self.throttle + THROTTLE_STEP, 6))
+        if self.ended is not None:
+            self.throttle = 0.0  # lifted the moment the rounds end
         return self.ended
+
+    def write_limit(self) -> float | None:
+        """Chunks per second the app may newly write in the next round (its own pace less the throttle's
+        share), or None for no limit."""
+        return self.own_rate * (1 - self.throttle) if self.throttle else None
 
     def left_seconds(self) -> float:
         """How long what is left would take at the last measured rate (nothing takes no time; something,
@@ -100,5 +130,7 @@ class Convergence:
         """What the rounds report (the migration's figures; `precopy_s` from the first scan's arming)."""
         return {"rounds": len(self.round_chunks), "round_chunks": list(self.round_chunks),
                 "rounds_ended": None if self.ended is None else self.ended.value,
+                "throttle": list(self.throttles),
+                **({"unthrottled_dirty_rate": round(self.own_rate, 1)} if self.own_rate else {}),
                 "precopy_s": round(precopy_s, 4), "dirty_rate": round(self.left / self.elapsed, 1),
                 "precopy_rate_gbps": round(self.rate / 1e9, 3)}

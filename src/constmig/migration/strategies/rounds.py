@@ -22,12 +22,12 @@ the destination ends with zeros there (keep_held) or the chunk's current bytes, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from constmig.enclave.dirty import WriteTracker, write_tracker
+from constmig.enclave.dirty import EnclaveWriteTracker, WriteTracker, enclave_problem, write_tracker
 from constmig.errors import ProtocolError
 from constmig.migration import messages as m
 from constmig.migration import trackers
@@ -81,8 +81,15 @@ class RoundsMixin:
     def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Rounds:
         heap = enclave.heap
         goal = Goal.of(req, self.default_rounds)
-        # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one
-        tracker = write_tracker(heap, req.write_tracking, trackers.get(req.tracker).write_tracking)
+        # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one; a throttle
+        # needs the enclave's own, which counts what each call writes
+        paired = "enclave" if goal.max_throttle and enclave_problem() is None else \
+            trackers.get(req.tracker).write_tracking
+        tracker = write_tracker(heap, req.write_tracking, paired)
+        unthrottled = None
+        if goal.max_throttle and not isinstance(tracker, EnclaveWriteTracker):
+            unthrottled = f"the {tracker.mechanism} write tracking cannot tell which call wrote"
+            goal = replace(goal, max_throttle=0.0)
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
         heap.take_changed()  # the allocator's changes before now: round 1 reads them all
@@ -92,21 +99,33 @@ class RoundsMixin:
         try:
             todo = enclave.whole_heap("migrate")  # what is allocated now (the app may allocate more)
             rule = Convergence(goal, heap.chunk_size)
-            while True:
-                t_round = time.monotonic()
-                number = len(rule.round_chunks) + 1
-                sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", req.max_bandwidth,
-                                   round=number)
-                _round_trip(link, number, len(todo))  # its time runs to the ack: the destination's real rate
-                dirty = _left(tracker, rounds.sent, heap)
-                if rule.after_round(int(len(todo)), sent, time.monotonic() - t_round, int(dirty.size),
-                                    bool(tracker.lost)):
-                    break
-                todo = dirty
+            counter = (lambda: tracker.faults) if isinstance(tracker, EnclaveWriteTracker) else None
+            try:
+                while True:
+                    t_round = time.monotonic()
+                    number = len(rule.round_chunks) + 1
+                    sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", req.max_bandwidth,
+                                       round=number, throttle=rule.throttle)
+                    _round_trip(link, number, len(todo))  # its time runs to the ack: the destination's rate
+                    dirty = _left(tracker, rounds.sent, heap)
+                    if rule.after_round(int(len(todo)), sent, time.monotonic() - t_round, int(dirty.size),
+                                        bool(tracker.lost)):
+                        break
+                    progress({"phase": "round_end", "round": number, "left": int(dirty.size) * heap.chunk_size,
+                              "dirty_rate": round(rule.left / rule.elapsed * heap.chunk_size),
+                              "rate": round(rule.rate), "throttle": rule.throttle})
+                    enclave.limit_writes(rule.write_limit(), counter)
+                    todo = dirty
+            finally:
+                held = enclave.limit_writes(None)  # lifted the moment the rounds end, however they end
             stale = dirty[rounds.sent.received[dirty]]
             if stale.size:  # the destination lets go of them now, while the app runs, not at the stop
                 _round_trip(link, len(rule.round_chunks) + 1, 0, stale)
             rounds.figures = {**rule.figures(time.monotonic() - t0), "write_tracking": tracker.mechanism}
+            if rule.own_rate:  # what holding the writers cost them
+                rounds.figures.update(held_calls=held["held_calls"], held_s=held["held_s"])
+            if unthrottled:
+                rounds.figures["throttle_unavailable"] = unthrottled
             if tracker.lost:  # what the tracker could not do
                 rounds.figures["tracking_lost"] = tracker.lost
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
