@@ -85,7 +85,7 @@ def test_a_struct_encodes_to_the_map_the_hand_built_requests_sent() -> None:
     sent = decode_body(c.encode(c.Migrate(name="kv", to="b:1")))
     assert sent["strategy"] == "hybrid" and "max_rounds" not in sent and "max_downtime" not in sent
     older = c.decode({"op": "migrate_out", "max_rounds": None}, c.MigrateOut)  # None, from an older sender ...
-    assert Goal.of(older, 3).max_rounds == 3  # ... is unset too: the strategy's default
+    assert Goal.of(older, 3, 1 << 30).max_rounds == 3  # ... is unset too: the strategy's default
     prep = decode_body(c.encode(c.PrepareIn(spec=c.LaunchSpec("kv", "kvstore", 8), source="a:1")))
     assert prep["from"] == "a:1" and "source" not in prep  # "from", as the agents always said
     assert prep["spec"] == {"name": "kv", "app": "kvstore", "heap": 8, "chunk_size": 1 << 20, "config": {},

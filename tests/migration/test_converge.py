@@ -85,8 +85,8 @@ def test_a_zero_downtime_goal_is_met_only_by_nothing_left() -> None:
 @pytest.mark.parametrize(("strategy", "rounds"), [(PreCopy, 8), (Hybrid, 1)])
 def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
     """precopy: at most 8 rounds, hybrid: 1; both aim at a 50 ms stop (README, docs/architecture.md)."""
-    goal = Goal.of(control.MigrateOut(), strategy.default_rounds)
-    assert goal == Goal(0.05, rounds, 0.0)  # no throttle unless asked for
+    goal = Goal.of(control.MigrateOut(), strategy.default_rounds, 1 << 30)
+    assert goal == Goal(0.05, rounds, 0.0, 150.0)  # no throttle unless asked for; 150 s a GiB
     rule = Convergence(goal, MiB)
     for n in range(1, rounds + 1):  # always shrinking, never fitting: only the bound stops them
         ending = rule.after_round(1000, 1000 * MiB, 1.0, 500, False)
@@ -97,15 +97,16 @@ def test_the_strategies_defaults(strategy: type, rounds: int) -> None:
 
 
 @pytest.mark.parametrize(("sent", "goal"), [
-    ({}, Goal(0.05, 4)),
-    ({"max_rounds": None, "max_downtime": None}, Goal(0.05, 4)),
-    ({"max_rounds": 2}, Goal(0.05, 2)),
-    ({"max_downtime": 0}, Goal(0.0, 4)),  # zero is a goal (stop only with nothing left), not "unset"
-    ({"max_downtime": 1.5, "max_rounds": 100, "max_throttle": 0.9}, Goal(1.5, 100, 0.9)),
+    ({}, Goal(0.05, 4, 0.0, 150.0)),
+    ({"max_rounds": None, "max_downtime": None}, Goal(0.05, 4, 0.0, 150.0)),
+    ({"max_rounds": 2}, Goal(0.05, 2, 0.0, 150.0)),
+    ({"max_downtime": 0}, Goal(0.0, 4, 0.0, 150.0)),  # zero is a goal (stop only with nothing left), not "unset"
+    ({"max_downtime": 1.5, "max_rounds": 100, "max_throttle": 0.9}, Goal(1.5, 100, 0.9, 150.0)),
+    ({"completion_timeout": 10}, Goal(0.05, 4, 0.0, 10.0)),
 ])
 def test_the_goal_of_a_request(sent: dict, goal: Goal) -> None:
     req = control.decode({"op": "migrate_out", **sent}, control.MigrateOut)
-    assert Goal.of(req, 4) == goal
+    assert Goal.of(req, 4, 256 << 20) == goal  # a heap under a GiB gets one GiB's budget
 
 
 def test_the_figures() -> None:
@@ -168,3 +169,25 @@ def test_a_cap_below_the_start_is_the_first_step() -> None:
 def test_the_request_bounds_the_cap(bad: float) -> None:
     with pytest.raises(control.BadRequest, match="max_throttle must be a share from 0 to 0.99"):
         control.decode({"op": "migrate_out", "max_throttle": bad}, control.MigrateOut)
+
+
+@pytest.mark.parametrize(("heap", "budget"), [(1 << 20, 30.0), (1 << 30, 30.0), (3 << 30, 90.0)])
+def test_the_budget_is_per_gib_of_heap_and_at_least_one_gibs_worth(heap: int, budget: float) -> None:
+    req = control.decode({"op": "migrate_out", "completion_timeout": 30}, control.MigrateOut)
+    assert Goal.of(req, 8, heap).budget_s == budget
+
+
+def test_the_rounds_end_when_the_budget_is_spent() -> None:
+    rule = Convergence(Goal(0.0, 20, 0.9, budget_s=2.5), MiB)
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None and rule.budget_left() == 1.5
+    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None and rule.budget_left() == 0.5
+    assert rule.after_round(100, 100 * MiB, 1.0, 10, False) == Ending.BUDGET and rule.budget_left() == 0.0
+    assert rule.throttle == 0.0  # lifted
+    fits = Convergence(Goal(0.05, 20, 0.0, budget_s=1.0), MiB)
+    assert fits.after_round(100, 100 * MiB, 1.0, 0, False) == Ending.FITS  # fitting wins: nothing is left
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf")])
+def test_the_request_bounds_the_budget(bad: float) -> None:
+    with pytest.raises(control.BadRequest, match="completion_timeout"):
+        control.decode({"op": "migrate_out", "completion_timeout": bad}, control.MigrateOut)

@@ -31,6 +31,7 @@ from constmig.kernel.uffd import preflight
 from constmig.migration import destination, source
 from constmig.migration import messages as m
 from constmig.migration.ledger import TAG_SIZE, ChunkLedger, chunks_from_wire
+from constmig.migration.strategies import rounds as rounds_mod
 from constmig.migration.strategies.early import Early, keep_held
 from constmig.migration.strategies.rounds import Rounds, _left
 from constmig.wire.channel import SecureChannel
@@ -185,6 +186,35 @@ def test_source_refuses_an_ack_of_another_round_or_count(enclaves: Enclaves, pai
     assert isinstance(err, MigrationError) and "acknowledged round" in str(err), err
     assert "keeps running here" in str(err)
     assert src.life.state is Life.RUNNING and src.app.checksum() == checksum
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+def test_a_destination_that_withholds_round_acks_gets_the_budget_then_the_source_runs_on(enclaves: Enclaves, pair,
+                                                                                       monkeypatch) -> None:
+    """The host holds the destination's acknowledgements back (or the destination never sends them): the
+    source waits what is left of the rounds' completion budget, then aborts before the stop, and the app
+    runs on at full speed (no write limit left behind)."""
+    monkeypatch.setattr(rounds_mod, "ACK_GRACE_S", 0.3)
+    src = enclaves.filled()
+    peer = enclaves.build("host-b", incoming=True)
+    checksum = src.app.checksum()
+    req = {"strategy": "precopy", "timeout": 30.0, "completion_timeout": 0.01, "max_throttle": 0.9}
+    runner = Runner(source.run, src, [pair[0]], req, lambda info: None)
+    chan = SecureChannel(pair[1], None)
+    run_responder(chan, peer.backend, peer.identity, peer.policy, timeout=TIMEOUT)
+    while True:
+        rec = chan.recv(timeout=TIMEOUT)
+        if not hasattr(rec, "index"):
+            break
+    assert isinstance(m.decode(rec.payload), m.RoundEnd)
+    t0 = time.monotonic()
+    err = runner.outcome()  # no ack
+    assert time.monotonic() - t0 < 5, "the source waited for the link's timeout, not the budget"
+    assert isinstance(err, MigrationError) and "did not acknowledge round 1 within the rounds' completion budget" \
+        in str(err) and "keeps running here" in str(err), err
+    assert src.life.state is Life.RUNNING and src.app.checksum() == checksum
+    assert src.write_limit.rate is None
 
 
 def test_hold_refuses_what_is_not_part_of_the_migration() -> None:

@@ -29,8 +29,9 @@ class Link:
         self.machine.sent(CHUNK)
         return self.chan.send_chunk(index, data, demand=demand)
 
-    def recv(self) -> m.Message | SealedChunk:
-        rec = self.chan.recv(timeout=self.timeout)
+    def recv(self, timeout: float | None = None) -> m.Message | SealedChunk:
+        """The next message, within `timeout` seconds (default: the link's)."""
+        rec = self.chan.recv(timeout=self.timeout if timeout is None else timeout)
         if isinstance(rec, SealedChunk):
             self.machine.received(CHUNK)
             return rec
@@ -43,8 +44,8 @@ class Link:
             raise PeerAborted(f"peer aborted the migration: {msg.reason}")
         return msg
 
-    def expect(self, kind: type[T]) -> T:
-        msg = self.recv()
+    def expect(self, kind: type[T], timeout: float | None = None) -> T:
+        msg = self.recv(timeout)
         if not isinstance(msg, kind):  # the table already refused anything illegal; this is belt and braces
             self.machine.fail()
             raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")

@@ -42,6 +42,7 @@ CANCEL_REASON = "cancelled by the operator"
 AGENT_TRACKERS = ("auto", *TRACKERS)  # what a request may ask of the destination
 ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
 MAX_ROUNDS = 100
+DEFAULT_COMPLETION_TIMEOUT_S = 150.0  # per GiB, KubeVirt's default
 MAX_THROTTLE = 0.99  # a writer keeps at least 1% of its pace (QEMU: max-cpu-throttle 99)
 _RELEASE = re.compile(r"[0-9a-f]{64}")
 
@@ -195,8 +196,11 @@ class _MigrationOptions(Request, kw_only=True):
     # precopy, hybrid: the most the enclave may slow the calls that write, as a share of their time, when the
     # rounds do not converge (migration/strategies/converge.py); 0: never
     max_throttle: float = 0.0
+    # precopy, hybrid: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth), like
+    # KubeVirt's completionTimeoutPerGiB: then they end and the stop takes what is left
+    completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT_S
 
-    SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True}
+    SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True, "completion_timeout": False}
 
     def check(self) -> None:
         super().check()

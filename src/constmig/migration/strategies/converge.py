@@ -6,6 +6,9 @@ in, not the rate the source writes them into a socket buffer. After each round t
 app wrote since its chunks were sent (`left`) and stops the rounds, saying why, when:
 
 * `fits`: what is left would go within `max_downtime` at the last measured rate (the goal);
+* `budget`: the rounds used their time budget (`completion_timeout` seconds per GiB of heap, at least one
+  GiB's worth: KubeVirt's completionTimeoutPerGiB); a round the destination does not acknowledge within
+  what is left of it ends the migration before the stop, the app at full speed;
 * `tracking-lost`: the write tracker gave up (enclave/dirty.py): every chunk counts as written from then
   on, so no round could shrink;
 * `max-rounds`: the rounds reached their bound (precopy 8, hybrid 1, `--rounds` to change it);
@@ -36,6 +39,7 @@ from constmig.wire import control
 MAX_ROUNDS = 8  # precopy's default bound: a workload that writes faster than the link still stops
 DEFAULT_MAX_DOWNTIME_S = 0.05
 SHRINK = 0.8  # a round must leave at most this share of the chunks it sent, or the rounds stop
+GiB = 1 << 30
 MIN_ELAPSED_S = 1e-6  # a round timed at zero (a coarse clock) still gives a finite rate
 THROTTLE_START = 0.2  # QEMU's cpu-throttle-initial
 THROTTLE_STEP = 0.1  # QEMU's cpu-throttle-increment
@@ -45,6 +49,7 @@ class Ending(StrEnum):
     """Why the rounds stopped (the first that holds, in this order)."""
 
     FITS = "fits"
+    BUDGET = "budget"
     MAX_ROUNDS = "max-rounds"
     NOT_SHRINKING = "not-shrinking"
     TRACKING_LOST = "tracking-lost"
@@ -56,14 +61,16 @@ class Goal:
 
     max_downtime: float = DEFAULT_MAX_DOWNTIME_S
     max_rounds: int = MAX_ROUNDS
-    max_throttle: float = 0.0  # the share of a writing call's time the enclave may wait; 0: never throttle
+    max_throttle: float = 0.0  # the share of the app's write pace the throttle may take away; 0: never
+    budget_s: float = float("inf")  # the rounds' time, from the first round's start
 
     @classmethod
-    def of(cls, req: control.MigrateOut, default_rounds: int) -> Goal:
+    def of(cls, req: control.MigrateOut, default_rounds: int, heap_bytes: int) -> Goal:
         """The request's goal; an unset or None option takes the strategy's default."""
         downtime = req.max_downtime if isinstance(req.max_downtime, (int, float)) else DEFAULT_MAX_DOWNTIME_S
         rounds = req.max_rounds if isinstance(req.max_rounds, int) else default_rounds
-        return cls(float(downtime), rounds, float(req.max_throttle))
+        budget = req.completion_timeout * max(1.0, heap_bytes / GiB)
+        return cls(float(downtime), rounds, float(req.max_throttle), budget)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Convergence:
     throttle: float = 0.0  # what the next round runs at
     throttles: list[float] = field(default_factory=list)  # what each round ran at
     own_rate: float = 0.0  # chunks per second the app newly wrote in the round that first did not shrink
+    spent: float = 0.0  # the rounds' time so far
 
     def after_round(self, sent_chunks: int, sent_bytes: int, elapsed: float, left: int,
                     lost: bool = False) -> Ending | None:
@@ -89,6 +97,7 @@ class Convergence:
         self.round_chunks.append(sent_chunks)
         self.throttles.append(self.throttle)
         self.elapsed = max(elapsed, MIN_ELAPSED_S)
+        self.spent += self.elapsed
         if sent_bytes:  # an empty round measures nothing: the last rate stands
             self.rate = sent_bytes / self.elapsed
         self.left = left
@@ -108,6 +117,10 @@ class Convergence:
         share), or None for no limit."""
         return self.own_rate * (1 - self.throttle) if self.throttle else None
 
+    def budget_left(self) -> float:
+        """Seconds of the rounds' budget not spent yet (never negative)."""
+        return max(0.0, self.goal.budget_s - self.spent)
+
     def left_seconds(self) -> float:
         """How long what is left would take at the last measured rate (nothing takes no time; something,
         before any rate was measured, forever)."""
@@ -120,6 +133,8 @@ class Convergence:
             return Ending.FITS
         if lost:
             return Ending.TRACKING_LOST
+        if self.spent >= self.goal.budget_s:
+            return Ending.BUDGET
         if len(self.round_chunks) >= self.goal.max_rounds:
             return Ending.MAX_ROUNDS
         if left > SHRINK * sent_chunks:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from constmig.enclave.dirty import EnclaveWriteTracker, WriteTracker, enclave_problem, write_tracker
-from constmig.errors import ProtocolError
+from constmig.errors import MigrationError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration import trackers
 from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
@@ -38,6 +38,8 @@ from constmig.migration.strategies.early import Early
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.wire import control
 from constmig.wire.channel import SealedChunk
+
+ACK_GRACE_S = 10.0  # a round's ack may take this long after the budget ran out during the round
 
 if TYPE_CHECKING:
     from constmig.enclave.heap import Heap
@@ -80,7 +82,7 @@ class RoundsMixin:
 
     def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Rounds:
         heap = enclave.heap
-        goal = Goal.of(req, self.default_rounds)
+        goal = Goal.of(req, self.default_rounds, heap.size)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one; a throttle
         # needs the enclave's own, which counts what each call writes
         paired = "enclave" if goal.max_throttle and enclave_problem() is None else \
@@ -106,7 +108,8 @@ class RoundsMixin:
                     number = len(rule.round_chunks) + 1
                     sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", req.max_bandwidth,
                                        round=number, throttle=rule.throttle)
-                    _round_trip(link, number, len(todo))  # its time runs to the ack: the destination's rate
+                    # its time runs to the ack (the destination's rate), which must come within the budget
+                    _round_trip(link, number, len(todo), within=rule.budget_left() - (time.monotonic() - t_round))
                     dirty = _left(tracker, rounds.sent, heap)
                     if rule.after_round(int(len(todo)), sent, time.monotonic() - t_round, int(dirty.size),
                                         bool(tracker.lost)):
@@ -168,10 +171,20 @@ class RoundsMixin:
             got.accept(msg.index, msg.tag, again=True)
 
 
-def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = None) -> None:
-    """End a round and wait until the destination holds it (and says how many chunks it took)."""
+def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = None,
+                within: float | None = None) -> None:
+    """End a round and wait until the destination holds it (and says how many chunks it took): at most
+    what is left of the rounds' budget (`within`; but `ACK_GRACE_S` even when the round itself used it up)
+    or the link's timeout, whichever is shorter."""
     link.send(m.RoundEnd(number, count, b"" if stale is None else chunks_to_wire(stale)))
-    ack = link.expect(m.RoundAck)
+    wait = link.timeout if within is None else min(max(within, ACK_GRACE_S), link.timeout)
+    try:
+        ack = link.expect(m.RoundAck, timeout=wait)
+    except RecvTimeout:
+        if wait < link.timeout:
+            raise MigrationError(f"the destination did not acknowledge round {number} within the rounds' "
+                                 "completion budget") from None
+        raise
     if ack.round != number or ack.count != count:
         raise ProtocolError(f"destination acknowledged round {ack.round} with {ack.count} chunks; round {number} "
                             f"sent {count}")
