@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "constmig"
-TOP_LEVEL = {"__init__", "__main__", "cli", "errors", "files", "units", "progress"}
+TOP_LEVEL = {"__init__", "__main__", "cli", "options", "errors", "files", "units", "progress"}
 
 
 def module_name(path: Path) -> str:

@@ -11,46 +11,26 @@ from typing import Any
 
 import click
 
+from constmig.bench.cli import bench as bench_group
 from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.ca_cli import ca as ca_group
 from constmig.migration import strategies
-from constmig.migration.constants import PREFETCH, WRITE_TRACKING
+from constmig.migration.constants import WRITE_TRACKING
+from constmig.options import (
+    DEFAULT_STRATEGY,
+    STRATEGY_CHOICES,
+    TRACKER_CHOICES,
+    TRACKER_HELP,
+    Duration,
+    Size,
+    etcd_option,
+    write_json,
+)
 from constmig.tee.attest_cli import attest as attest_group
 from constmig.testbed.cli import testbed as testbed_group
-from constmig.units import check_writable, parse_duration, parse_size
+from constmig.units import check_writable
 from constmig.wire import control
-
-STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
-DEFAULT_STRATEGY = control.DEFAULT_STRATEGY  # one default for CLI, agent and enclave (wire/control.py)
-TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
-# bench variants: a strategy, with the tracker after a dash where it needs one
-VARIANT_CHOICES = click.Choice(strategies.variants())
-_TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig, hybrid): "
-                 "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
-                 "where userfaultfd works.")
-
-
-class Size(click.ParamType):
-    name = "size"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        try:
-            return parse_size(value)
-        except ConfigError as e:
-            self.fail(str(e), param, ctx)
-
-
-class Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_duration(value)
-        except ConfigError as e:
-            self.fail(str(e), param, ctx)
 
 
 class Main(click.Group):
@@ -76,29 +56,10 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def write_json(obj: Any, path: str | None) -> None:
-    """`--json -` prints to stdout, `--json FILE` writes the file."""
-    if path is None:
-        return
-    text = json.dumps(obj, indent=2, sort_keys=True)
-    if path == "-":
-        click.echo(text)
-    else:
-        check_writable(path, "--json")
-        Path(path).write_text(text + "\n")
-
-
 @click.group(cls=Main)
 @click.version_option(package_name="constmig")
 def main() -> None:
     """Secure live migration of large enclaves."""
-
-
-_ETCD_HELP = "The fleet directory, an etcd endpoint like http://127.0.0.1:2379 [env: CONSTMIG_ETCD]."
-
-
-def etcd_option(help_text: str = _ETCD_HELP) -> Any:
-    return click.option("--etcd", default=None, envvar="CONSTMIG_ETCD", metavar="URL", help=help_text)
 
 
 @main.command()
@@ -499,7 +460,7 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap shared by the drain's migrations, bytes per second (e.g. 500M); 0 = no cap.")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=TRACKER_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
@@ -532,7 +493,7 @@ def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_b
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap shared by the migrations, bytes per second (e.g. 500M); 0 = no cap.")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=TRACKER_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
@@ -689,7 +650,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True,
               help="Why hybrid by default: README.md, \"Which strategy migrate uses by default\".")
-@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "
               "bytes per second (e.g. 100M); 0 = no cap. Chunks the app waits for are never held back.")
@@ -704,10 +665,14 @@ def _ask_cancel(name: str, src: str) -> None:
               help="precopy, hybrid: who reports the app's writes during the rounds: the kernel (userfaultfd "
               "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the kernel with the "
               "Fault Tracker, the enclave with the Access Tracker (docs/architecture.md).")
-@click.option("--prefetch", type=click.Choice(PREFETCH), default=control.DEFAULT_PREFETCH, show_default=True,
-              help="constmig, hybrid: what the stream after the switch sends first: heap order, or what the app "
-              "used last here (post-copy watches its reads and writes from the start to the stop; hybrid takes "
-              "the rounds' last writes). Measured in docs/architecture.md.")
+@click.option("--max-throttle", type=click.FloatRange(0, control.MAX_THROTTLE), default=0.0, show_default=True,
+              help="precopy, hybrid: when a round does not shrink, slow the calls that write (never the reads) "
+              "by up to this share of their pace, from 0.2 in steps of 0.1, until the rounds converge; 0: never. "
+              "Needs the enclave's write tracking (auto picks it).")
+@click.option("--completion-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="precopy, hybrid: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth; "
+              f"default {control.DEFAULT_COMPLETION_TIMEOUT_S:.0f}); then the stop takes what is left, and a round "
+              "the destination does not acknowledge within it ends the migration with the enclave running here.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
@@ -723,7 +688,8 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 @etcd_option("Find the source agent (no --from needed) in this fleet directory [env: CONSTMIG_ETCD].")
 def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
-            max_downtime: float | None, max_rounds: int | None, write_tracking: str, prefetch: str, timeout: float,
+            max_downtime: float | None, max_rounds: int | None, write_tracking: str, max_throttle: float,
+            completion_timeout: float | None, timeout: float,
             verify: bool, resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
             etcd: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration; with
@@ -759,16 +725,19 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
         if tracker != control.DEFAULT_TRACKER and not strategies.get(strategy).needs_tracker:
             click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None or
-                                                   write_tracking != control.DEFAULT_WRITE_TRACKING):
-            raise ConfigError("--max-downtime, --rounds and --write-tracking steer the rounds before the stop; use "
-                              f"them with --strategy {' or '.join(strategies.ROUNDS)}")
-        if prefetch != control.DEFAULT_PREFETCH and not strategies.get(strategy).needs_tracker:
-            raise ConfigError(f"--prefetch orders the stream after the switch; {strategy} has none (use it with "
-                              "--strategy constmig or hybrid)")
+                                                   write_tracking != control.DEFAULT_WRITE_TRACKING or max_throttle
+                                                   or completion_timeout is not None):
+            raise ConfigError("--max-downtime, --rounds, --write-tracking, --max-throttle and --completion-timeout "
+                              f"steer the rounds before the stop; use them with --strategy "
+                              f"{' or '.join(strategies.ROUNDS)}")
+        if max_throttle and write_tracking == "kernel":
+            raise ConfigError("--max-throttle needs the enclave's write tracking (--write-tracking enclave or auto): "
+                              "the kernel's cannot tell which call wrote")
         figures = _interruptible(name, src, lambda: migrate_with_progress(
             name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-", tracker=tracker,
             max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, max_downtime=max_downtime,
-            max_rounds=max_rounds, write_tracking=write_tracking, prefetch=prefetch))
+            max_rounds=max_rounds, write_tracking=write_tracking, max_throttle=max_throttle,
+            completion_timeout=completion_timeout))
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures
@@ -778,7 +747,7 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
 
 @main.command()
 @click.option("--strategy", type=STRATEGY_CHOICES, default="stopcopy", show_default=True)
-@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
+@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=TRACKER_HELP)
 @click.option("--heap", type=Size(), default="512M", show_default=True)
 @click.option("--app", default="kvstore", show_default=True)
 @click.option("--fill", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
@@ -800,277 +769,7 @@ def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_pat
         raise ConstmigError("demo migration finished but the state checksum did not match")
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks (JSON out, plots next to it)."""
-
-
-@bench.command("sizes")
-@click.option("--strategy", "strategies", type=VARIANT_CHOICES, multiple=True,
-              default=strategies.variants(auto=False), show_default=True)
-@click.option("--sizes", default="256M,1G,4G", show_default=True, help="Comma-separated heap sizes.")
-@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
-@click.option("--app", default="kvstore", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
-def bench_sizes(strategies: tuple[str, ...], sizes: str, repeat: int, app: str, out: Path) -> None:
-    """Downtime and total time against heap size, per strategy."""
-    from constmig.bench.sizes import run_sizes
-
-    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
-    if not size_list:
-        raise ConfigError("--sizes needs at least one size")
-    check_writable(out, "--out", folder=True)
-    run_sizes(list(strategies), size_list, repeat, app, out)
-
-
-@bench.command("calls")
-@click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True,
-              help="Rounds per path; the paths alternate round by round.")
-@click.option("--calls", type=click.IntRange(10, 1_000_000), default=2000, show_default=True,
-              help="Sequential kvstore gets per round.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for calls.json and the plot.")
-@click.option("--json", "json_path", default=None, help="Also write the figures as JSON (FILE, or - for stdout).")
-def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> None:
-    """What a sealed client session costs: calls/s and p99 of kvstore get, sealed vs plain, same run."""
-    from constmig.bench.calls import run_calls
-
-    check_writable(out, "--out", folder=True)
-    check_writable(json_path, "--json")
-    doc = run_calls(rounds, calls, out, quiet=json_path == "-")
-    write_json(doc, json_path)
-    if json_path != "-":
-        r = doc["sealed_over_plain_calls_per_s"]
-        click.echo(f"sealed {doc['sealed']['calls_per_s_median']:.0f} calls/s, plain "
-                   f"{doc['plain']['calls_per_s_median']:.0f} calls/s: sealed/plain {r['median']:.2f} "
-                   f"[{r['min']:.2f}, {r['max']:.2f}]; p99 {doc['sealed']['latency_us_p99']:.0f} vs "
-                   f"{doc['plain']['latency_us_p99']:.0f} µs ({out / 'calls.json'})")
-
-
-@bench.command("raw")
-@click.option("--heap", type=Size(), default="1G", show_default=True, help="Bytes to stream (whole MiB).")
-@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Streams per mode.")
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
-    """This machine's bound for a heap stream: sealed 1 MiB chunks between two processes into a fresh heap."""
-    from constmig.bench.raw import CHUNK, run_raw
-
-    if heap < CHUNK or heap % CHUNK:
-        raise ConfigError(f"--heap must be a whole number of MiB, not {heap} bytes")
-    check_writable(json_path, "--json")
-    doc = run_raw(heap, repeat, quiet=json_path == "-")
-    write_json(doc, json_path)
-    if json_path != "-":
-        for mode in ("plain", "uffd"):
-            if mode in doc:
-                f = doc[mode]
-                click.echo(f"{mode:6} {f['raw_gbps']:.2f} GB/s [{f['min']:.2f}, {f['max']:.2f}]")
-            else:
-                click.echo(f"{mode:6} skipped: {doc['skipped'][mode]}")
-        fl = doc["floor"]
-        click.echo(f"floor  TCP round trip p50 {fl['tcp_pingpong_us']['p50']:.0f} µs; " + (
-            f"demand fault with nothing else running p50 {fl['demand_fault_us']['p50']:.0f} µs, p99 "
-            f"{fl['demand_fault_us']['p99']:.0f} µs" if "demand_fault_us" in fl else fl["skipped"]))
-
-
-@bench.command("prefetch")
-@click.option("--heap", type=Size(), default="1G", show_default=True)
-@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Migrations per order.")
-@click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=_TRACKER_HELP)
-@click.option("--keys", type=click.IntRange(10, 1_000_000), default=2000, show_default=True,
-              help="Keys the client calls on.")
-@click.option("--zipf", type=click.FloatRange(min=0.0, min_open=True, max=5.0), default=0.99, show_default=True,
-              help="Exponent of the zipf law the client draws its keys by (larger: fewer hot keys).")
-@click.option("--write-ratio", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True)
-@click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
-              help="Cap for the background stream, bytes per second; 0 = none (as migrate's).")
-@click.option("--testbed", default=None, help="Use the first two hosts of this running testbed "
-              "(`constmig testbed up`) instead of two agents on loopback.")
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def bench_prefetch(heap: int, repeat: int, tracker: str, keys: int, zipf: float, write_ratio: float,
-                   max_bandwidth: int, testbed: str | None, json_path: str | None) -> None:
-    """ConstMig in heap order against --prefetch used-last, alternately, under a zipf-keyed client."""
-    from constmig.bench.prefetch import median_lines, run_prefetch
-
-    check_writable(json_path, "--json")
-    doc = run_prefetch(heap=heap, repeat=repeat, tracker=tracker, keys=keys, zipf=zipf, write_ratio=write_ratio,
-                       testbed=testbed, max_bandwidth=float(max_bandwidth), quiet=json_path == "-")
-    write_json(doc, json_path)
-    if json_path != "-":
-        for line in median_lines(doc):
-            click.echo(line)
-    if not doc["ok"]:
-        bad = next(r for r in doc["runs"] if not r["ok"])
-        raise ConstmigError(f"the client lost, misread or failed a call "
-                            f"({bad['order']}, repeat {bad['repeat'] + 1}; see the JSON)")
-
-
-@bench.command("writes")
-@click.option("--heap", type=Size(), default="1G", show_default=True, help="Heap size (whole MiB).")
-@click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True, help="Repeats per mechanism.")
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def bench_writes(heap: int, repeat: int, json_path: str | None) -> None:
-    """What write tracking for pre-copy costs: the kernel's and the enclave's own, same run."""
-    from constmig.bench.writes import CHUNK, run_writes
-
-    if heap < CHUNK or heap % CHUNK:
-        raise ConfigError(f"--heap must be a whole number of MiB, not {heap} bytes")
-    check_writable(json_path, "--json")
-    doc = run_writes(heap, repeat, quiet=json_path == "-")
-    write_json(doc, json_path)
-    if json_path != "-":
-        for mech in ("kernel", "enclave"):
-            if mech in doc:
-                f = doc[mech]
-                click.echo(f"{mech:8} arm {f['arm_ms']['median']:.1f} ms, first write {f['first_write_per_chunk_us']['median']:.1f}"
-                           f" µs/chunk, every page {f['every_page_once_ms']['median']:.1f} ms, scan "
-                           f"{f['scan_all_written_ms']['median']:.1f} ms, close {f['close_ms']['median']:.1f} ms")
-            else:
-                click.echo(f"{mech:8} skipped: {doc['skipped'][mech]}")
-
-
-@bench.command("directory")
-@etcd_option("Measure this etcd (under a private key prefix, removed after) [default: start one on loopback; "
-             "env: CONSTMIG_ETCD].")
-@click.option("--ops", type=click.IntRange(20, 100_000), default=500, show_default=True,
-              help="Requests per measurement per round.")
-@click.option("--concurrency", type=click.IntRange(1, 256), default=32, show_default=True,
-              help="Writers at once for the move rate.")
-@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True, help="Rounds.")
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def bench_directory(etcd: str | None, ops: int, concurrency: int, repeat: int, json_path: str | None) -> None:
-    """What the fleet directory asks of etcd: lookup, move, lease refresh and registration latency, and
-    the moves per second one store takes from many writers."""
-    from constmig.bench.directory import run_directory_bench
-
-    check_writable(json_path, "--json")
-    if etcd is not None:
-        from constmig.host.directory import parse_etcd_url
-
-        parse_etcd_url(etcd)
-    doc = run_directory_bench(etcd, ops, concurrency, repeat)
-    write_json(doc, json_path)
-    if json_path != "-":
-        for key in ("lookup", "move", "refresh", "register"):
-            f = doc[key]
-            click.echo(f"{key:9} p50 {f['p50_ms']['median']:.2f} ms [{f['p50_ms']['min']:.2f}, {f['p50_ms']['max']:.2f}]"
-                       f", p99 {f['p99_ms']['median']:.2f} ms")
-        m = doc["moves_per_s"]
-        click.echo(f"moves/s  {m['median']:.0f} [{m['min']:.0f}, {m['max']:.0f}] with {m['concurrency']} writers")
-
-
-@bench.command("drain")
-@click.option("--enclaves", type=click.IntRange(1, 64), default=6, show_default=True, help="Enclaves on host a.")
-@click.option("--heap", type=Size(), default="128M", show_default=True, help="Heap of each (filled 90%).")
-@click.option("--loaded", type=click.IntRange(0, 64), default=2, show_default=True,
-              help="Enclaves with a client reading and writing throughout.")
-@click.option("--link", default="1gbit", show_default=True, help="Each host's link rate.")
-@click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True)
-@click.option("--max-bandwidth", type=Size(), default="0", show_default=True, help="Shared cap; 0 = none.")
-@click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
-def bench_drain(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_bandwidth: int, strategy: str,
-                repeat: int, json_path: str | None) -> None:
-    """A maintenance drain on a three-host netns testbed with etcd (root): wall time, bytes, downtimes,
-    the worst client gap, lost and wrong calls."""
-    from constmig.bench.drain import run_drain_bench
-
-    if loaded > enclaves:
-        raise ConfigError(f"--loaded {loaded} is more than --enclaves {enclaves}")
-    check_writable(json_path, "--json")
-    doc = run_drain_bench(enclaves, heap, loaded, link, parallel, float(max_bandwidth), strategy, repeat,
-                          quiet=json_path == "-")
-    write_json(doc, json_path)
-    if json_path != "-":
-        click.echo(f"median over {repeat}: {doc['wall_s']['median']:.2f} s wall, {doc['gbps']:.3f} GB/s, worst "
-                   f"downtime {doc['downtime_ms_max']['median']:.1f} ms, worst client gap "
-                   f"{doc['client_gap_ms_max']['median']:.1f} ms; {'all calls right, nothing lost' if doc['all_ok'] else 'PROBLEMS: see runs'}")
-    if not doc["all_ok"]:
-        raise ConstmigError("a drain lost or got wrong a client's call, or left the directory wrong (see the JSON)")
-
-
-@bench.command("suite")
-@click.option("--sizes", default=None, help="Heap sizes of the size sweep [default: 256M,1G,4G; --quick: 32M,64M].")
-@click.option("--workloads", default=None, help="Workloads, comma-separated, or all [default: all; --quick: "
-              "kvstore,btree,xsbench].")
-@click.option("--sweep", default=None, help="Workloads run at every --sizes size (all, none, or names) "
-              "[default: kvstore].")
-@click.option("--workload-size", default=None, help="Heap size every workload runs at [default: 1G; --quick: 64M].")
-@click.option("--variants", default=None, help="Comma-separated [default: stopcopy,constmig-fault,constmig-access; "
-              "constmig-fault is skipped, with the reason, where userfaultfd does not work].")
-@click.option("--repeat", default=None, help="Repeats per point [default: 3; --quick: 1].")
-@click.option("--quick", is_flag=True, help="A CI smoke run (small heaps, 3 workloads, 1 repeat; under 3 minutes).")
-@click.option("--no-overhead", is_flag=True, help="Skip the in-process tracker overhead measurement.")
-@click.option("--out", default=None, help="Folder for results.json, report.md and the plots (required).")
-def bench_suite(sizes: str | None, workloads: str | None, sweep: str | None, workload_size: str | None,
-                variants: str | None, repeat: str | None, quick: bool, no_overhead: bool, out: str | None) -> None:
-    """Every workload, strategy and tracker under load in one run: results.json, plots and report.md."""
-    import shlex
-
-    from constmig.bench.suite import make_config, run_suite
-
-    cfg = make_config(out, sizes=sizes, workloads=workloads, sweep=sweep, workload_size=workload_size,
-                      variants=variants, repeat=repeat, quick=quick, overhead=not no_overhead)
-    ctx = click.get_current_context()
-    given = ["constmig", "bench", "suite"]
-    for p in ctx.command.params:
-        if ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE:
-            value = ctx.params[p.name]
-            given += [p.opts[0]] if isinstance(value, bool) else [p.opts[0], str(value)]
-    run_suite(cfg, given=shlex.join(given))
-
-
-@bench.command("load")
-@click.option("--clients", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Client threads, each with its own connection.")
-@click.option("--rate", type=click.FloatRange(min=1.0, max=100_000.0), default=400.0, show_default=True,
-              help="Aggregate calls per second, fixed (open loop: latency counts from the scheduled send).")
-@click.option("--duration", type=click.FloatRange(min=1.0, max=3600.0), default=20.0, show_default=True,
-              help="Seconds of load per variant; the migration starts midway.")
-@click.option("--heap", type=Size(), default="256M", show_default=True)
-@click.option("--strategy", "variants", type=VARIANT_CHOICES, multiple=True,
-              help="Variant to run (repeatable) [default: stopcopy, constmig-fault where userfaultfd works, "
-              "constmig-access].")
-@click.option("--write-ratio", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
-@click.option("--testbed", default=None, help="Use the first two hosts of this running testbed "
-              "(`constmig testbed up`) instead of two agents on loopback.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for load.json and the plot.")
-def bench_load(clients: int, rate: float, duration: float, heap: int, variants: tuple[str, ...],
-               write_ratio: float, testbed: str | None, out: Path) -> None:
-    """A client fleet at a fixed rate through a migration: lost, failed, retried calls and p99 per phase."""
-    from constmig.bench.load import run_load
-
-    check_writable(out, "--out", folder=True)
-    doc = run_load(out, list(variants) or None, clients=clients, rate=rate, duration=duration, heap=heap,
-                   write_ratio=write_ratio, testbed=testbed)
-    bad = [r["variant"] for r in doc["runs"] if not r["ok"]]
-    if bad:
-        raise ConstmigError(f"lost or wrong answers, unread keys or a failed migration in {', '.join(bad)}: "
-                            f"see {out / 'load.json'}")
-
-
-@bench.command("soak")
-@click.option("--migrations", type=click.IntRange(1, 10_000), default=None,
-              help="Migrations back and forth [default: 50, or 6 with --quick].")
-@click.option("--heap", type=Size(), default=None, help="Heap size [default: 1G, or 64M with --quick].")
-@click.option("--strategy", "variants", type=VARIANT_CHOICES, multiple=True,
-              help="Variants to alternate (repeatable) [default: stopcopy, constmig-fault where userfaultfd "
-              "works, constmig-access].")
-@click.option("--quick", is_flag=True, help="A short soak for CI: 6 migrations of 64M.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for soak.json and the plot.")
-def bench_soak(migrations: int | None, heap: int | None, variants: tuple[str, ...], quick: bool, out: Path) -> None:
-    """Many migrations back and forth under load: state checked every time, agents checked for leaks."""
-    from constmig.bench.soak import run_soak
-
-    check_writable(out, "--out", folder=True)
-    doc = run_soak(out, migrations or (6 if quick else 50), heap or ((64 if quick else 1024) << 20),
-                   variants=list(variants) or None)
-    if not doc["ok"]:
-        first = doc["problems"][0]
-        raise ConstmigError(f"soak found {len(doc['problems'])} problem(s), first: {first['kind']}: "
-                            f"{first['detail']} (see {out / 'soak.json'})")
-
-
+main.add_command(bench_group)
 main.add_command(testbed_group)
 main.add_command(attest_group)
 main.add_command(ca_group)

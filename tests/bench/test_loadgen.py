@@ -14,7 +14,6 @@ from constmig.bench.loadgen import (
     call_stats,
     fleet_schedule,
     latency_timeline,
-    percentile,
     phase_of,
     phase_stats,
 )
@@ -39,18 +38,7 @@ def test_schedule_refuses_empty_runs(args):
         fleet_schedule(*args)
 
 
-# ---- percentiles and phases ----
-
-
-def test_percentile_is_nearest_rank():
-    values = [float(v) for v in range(100, 0, -1)]  # unsorted on purpose
-    assert percentile(values, 50) == 50.0
-    assert percentile(values, 99) == 99.0
-    assert percentile(values, 100) == 100.0
-    assert percentile(values, 0) == 1.0
-    assert percentile([7.0], 99) == 7.0
-    assert percentile([], 99) is None
-    assert percentile([1.0, 2.0], 99) == 2.0  # a tail of few calls is the worst of them, not an interpolation
+# ---- phases (percentiles: test_stats.py) ----
 
 
 def rec(t: float, lat_ms: float, ok: bool = True, retries: int = 0, op: str = "get") -> CallRecord:

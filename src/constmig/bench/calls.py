@@ -4,19 +4,20 @@ unsealed through the agent (today's plain path), on one enclave, in one run.
 The enclave is launched with --plain-calls so both paths reach the same app; rounds alternate the two
 paths (sealed, plain, sealed, ...) so the machine's noise falls on both alike. Each round is one client
 making `calls` sequential gets of existing keys; per path the figures are calls/s and per-call latency
-(median and p99 over every call), per round and overall, and the ratio sealed/plain.
+(p50 and p99 over every call, bench/stats.py's nearest rank), per round and overall, and the ratio
+sealed/plain.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from constmig.bench.results import dumps, machine_info, spread
+from constmig.bench.results import dumps, machine_info
+from constmig.bench.stats import percentiles, spread
 from constmig.client import EnclaveClient, Trust, pin_now
 from constmig.host.client import PlainEnclaveClient, request
 from constmig.host.cluster import LocalCluster
@@ -68,39 +69,20 @@ def run_calls(rounds: int, calls: int, out: Path, quiet: bool = False) -> dict[s
         finally:
             sealed.close()
             plain.close()
+    every = {path: np.concatenate(lat) for path, lat in lats.items()}
     summary: dict[str, Any] = {}
     for path in ("sealed", "plain"):
-        all_lat = np.concatenate(lats[path]) * 1e6
-        summary[path] = {"calls_per_s_median": statistics.median(per[path]), "calls_per_s_min": min(per[path]),
-                         "calls_per_s_max": max(per[path]), "calls_per_s": per[path],
-                         "latency_us_p50": float(np.percentile(all_lat, 50)),
-                         "latency_us_p99": float(np.percentile(all_lat, 99))}
+        rate = spread(per[path])
+        summary[path] = {"calls_per_s_median": rate["median"], "calls_per_s_min": rate["min"],
+                         "calls_per_s_max": rate["max"], "calls_per_s": per[path],
+                         **percentiles(every[path].tolist(), {"latency_us_p50": 50, "latency_us_p99": 99}, scale=1e6)}
     ratios = [s / p for s, p in zip(per["sealed"], per["plain"], strict=True)]
     doc = {"bench": "calls", "machine": machine_info(), "rounds": rounds, "calls_per_round": calls,
            "session_open_ms": open_ms, **summary,
            "sealed_over_plain_calls_per_s": {**spread(ratios), "per_round": ratios},
            "sealed_over_plain_p99": summary["sealed"]["latency_us_p99"] / summary["plain"]["latency_us_p99"]}
     (out / "calls.json").write_text(dumps(doc))
-    _plot(lats, out / "calls.png")
+    from constmig.bench.plots import plot_calls
+
+    plot_calls(every, out / "calls.png")
     return doc
-
-
-def _plot(lats: dict[str, list[np.ndarray]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, color in (("plain", "#888888"), ("sealed", "#1f77b4")):
-        lat = np.sort(np.concatenate(lats[name])) * 1e6
-        ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=name, color=color)
-    ax.set_xscale("log")
-    ax.set_xlabel("kvstore get latency (µs)")
-    ax.set_ylabel("fraction of calls")
-    ax.set_title("client call latency: sealed session vs plain through the agent")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

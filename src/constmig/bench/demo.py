@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from constmig.bench.loadgen import migrate_under_load
+from constmig.bench.harness import migrate_under_load
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConstmigError
 from constmig.host.cluster import LocalCluster

@@ -13,23 +13,19 @@ import os
 import time
 from typing import Any
 
-from constmig.bench.results import machine_info, spread
+from constmig.bench.results import machine_info
+from constmig.bench.stats import percentiles, spread
 from constmig.host.directory import Directory
-from constmig.migration.receiver import percentile_us
 
 
-def _pcts(samples_s: list[float]) -> dict[str, Any]:
-    return {"p50_ms": round(percentile_us(samples_s, 50) / 1e3, 4),
-            "p99_ms": round(percentile_us(samples_s, 99) / 1e3, 4), "n": len(samples_s)}
-
-
-async def _timed(n: int, one: Any) -> list[float]:
+async def _timed(n: int, one: Any) -> dict[str, Any]:
+    """`n` requests one after another: their latency's p50 and p99 in ms."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()
         await one(i)
         out.append(time.perf_counter() - t0)
-    return out
+    return percentiles(out, {"p50_ms": 50, "p99_ms": 99}, scale=1e3, digits=4, n=True)
 
 
 async def _one_round(url: str, ops: int, concurrency: int) -> dict[str, Any]:
@@ -43,15 +39,15 @@ async def _one_round(url: str, ops: int, concurrency: int) -> dict[str, Any]:
         for n in names:
             await d.claim(n, hosts[0])
         out: dict[str, Any] = {}
-        out["register"] = _pcts(await _timed(max(ops // 10, 10), lambda i: d.register(
-            f"10.254.{i // 250}.{i % 250 + 1}:7001", {"host_id": "x"}, ttl=30)))
-        out["refresh"] = _pcts(await _timed(ops, lambda i: d.refresh(leases[0])))
-        out["lookup"] = _pcts(await _timed(ops, lambda i: d.locate(names[0])))
+        out["register"] = await _timed(max(ops // 10, 10), lambda i: d.register(
+            f"10.254.{i // 250}.{i % 250 + 1}:7001", {"host_id": "x"}, ttl=30))
+        out["refresh"] = await _timed(ops, lambda i: d.refresh(leases[0]))
+        out["lookup"] = await _timed(ops, lambda i: d.locate(names[0]))
 
         async def move(i: int, name: str = names[0]) -> None:
             assert await d.move(name, hosts[i % 2], hosts[(i + 1) % 2])
 
-        out["move"] = _pcts(await _timed(ops, move))
+        out["move"] = await _timed(ops, move)
         # Many writers at once, each moving its own enclave back and forth: the store's move rate.
         for n in names:
             at = await d.where(n)

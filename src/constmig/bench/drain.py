@@ -7,12 +7,13 @@ wrong. Needs root (namespaces) and the etcd-server package.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import statistics
 import tempfile
 from typing import Any
 
-from constmig.bench.results import machine_info, spread
+from constmig.bench.results import machine_info
+from constmig.bench.stats import spread
 from constmig.errors import ConstmigError
 from constmig.units import format_size
 
@@ -37,29 +38,28 @@ def _one(enclaves: int, heap: int, loaded: int, link: str, parallel: int, max_ba
         trust = Trust.in_memory()  # this run's own enclaves: pinned at launch, never in the user's file
         for i, n in enumerate(names):
             launch_filled(a, n, "kvstore", heap, 0.9, seed=seed + i, trust=trust)
-        hammers = [KVHammer(a, n, keys=300, write_ratio=0.3, seed=seed + 100 + i, trust=trust)
-                   for i, n in enumerate(names[:loaded])]
-        for h in hammers:
-            h.preload()
-            h.start()
-        t0 = time.time()
-        try:
-            _, moves, _ = look_and_plan_drain("a", None, url)
-            outcomes = run_moves(moves, parallel=parallel, max_bandwidth=max_bandwidth, strategy=strategy,
-                                 tracker="auto", timeout=300.0)
-        finally:
-            reports = [h.stop() for h in hammers]
-        wall = time.time() - t0
-        lost = sum(h.verify() for h in hammers)
-        for h in hammers:
-            h.close()
+        with contextlib.ExitStack() as stack:
+            hammers = [stack.enter_context(KVHammer(a, n, keys=300, write_ratio=0.3, seed=seed + 100 + i,
+                                                    trust=trust)) for i, n in enumerate(names[:loaded])]
+            for h in hammers:
+                h.preload()
+                h.start()
+            t0 = time.time()
+            try:
+                _, moves, _ = look_and_plan_drain("a", None, url)
+                outcomes = run_moves(moves, parallel=parallel, max_bandwidth=max_bandwidth, strategy=strategy,
+                                     tracker="auto", timeout=300.0)
+            finally:
+                reports = [h.stop() for h in hammers]
+            wall = time.time() - t0
+            lost = sum(h.verify() for h in hammers)
         failed = [o for o in outcomes if not o.ok]
         if failed:
             raise ConstmigError(f"the drain left {len(failed)} enclaves behind: {failed[0].error}")
         listed = blocking(url, lambda d: d.enclaves())
-        downs = [float(o.figures.get("downtime_ms") or 0.0) for o in outcomes]
+        downs = spread((float(o.figures.get("downtime_ms") or 0.0) for o in outcomes), digits=2)
         return {"wall_s": round(wall, 3), "bytes": sum(int(o.figures.get("state_bytes") or 0) for o in outcomes),
-                "downtime_ms_median": round(statistics.median(downs), 2), "downtime_ms_max": round(max(downs), 2),
+                "downtime_ms_median": downs["median"], "downtime_ms_max": downs["max"],
                 "client_gap_ms_max": round(max((r.max_gap_ms for r in reports), default=0.0), 2),
                 "client_calls": sum(r.calls for r in reports), "client_errors": sum(len(r.errors) for r in reports),
                 "client_wrong": sum(r.wrong for r in reports), "lost_writes": lost,

@@ -23,18 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from constmig.bench.stats import percentiles
 from constmig.enclave.heap import Heap
 from constmig.migration.ledger import PIECE
-from constmig.migration.receiver import percentile_us
 from constmig.wire.channel import SecureChannel
 
 _MID = b"constmig-floor-m"
 _K1, _K2 = b"\x03" * 32, b"\x04" * 32
 _REQ = struct.Struct("<Q")
-
-
-def _pcts(xs_s: list[float]) -> dict[str, Any]:
-    return {"p50": percentile_us(xs_s, 50), "p99": percentile_us(xs_s, 99), "n": len(xs_s)}
 
 
 def tcp_pingpong(n: int) -> list[float]:
@@ -165,15 +161,19 @@ def demand_faults(n: int) -> list[float]:
         heap.close()
 
 
+def _us(samples_s: list[float]) -> dict[str, Any]:
+    return percentiles(samples_s, {"p50": 50, "p99": 99}, scale=1e6, digits=1, n=True)
+
+
 def measure_floor(n: int = 400) -> dict[str, Any]:
     """Both floors; the fault one only where userfaultfd works (else the reason)."""
     from constmig.kernel.uffd import preflight
 
-    doc: dict[str, Any] = {"tcp_pingpong_us": _pcts(tcp_pingpong(n))}
+    doc: dict[str, Any] = {"tcp_pingpong_us": _us(tcp_pingpong(n))}
     problem = preflight()
     if problem is None:
         demand_faults(20)  # warm: imports, first touches
-        doc["demand_fault_us"] = _pcts(demand_faults(n))
+        doc["demand_fault_us"] = _us(demand_faults(n))
     else:
         doc["skipped"] = f"userfaultfd unusable here: {problem}"
     return doc

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from constmig.bench.stats import percentiles
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConstmigError
-from constmig.host.orchestrate import app_checksum, migrate_with_progress
 
 
 @dataclass
@@ -41,26 +41,54 @@ class LoadReport:
     ops_timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, ops/s) per 100 ms
     ops: int = 0  # application operations done by the answered calls (a kvstore call is one)
 
+    @property
+    def clean(self) -> bool:
+        """No call failed and no answer was wrong."""
+        return self.wrong == 0 and not self.errors
+
     def figures(self) -> dict[str, Any]:
         return {"client_calls": self.calls, "client_errors": len(self.errors), "client_wrong": self.wrong,
                 "client_gap_ms": round(self.max_gap_ms, 2), "client_ops": self.ops}
 
 
 class _Loop:
-    """The timing loop shared by the drivers: one call at a time in a thread, gaps and ops/s recorded."""
+    """The timing loop shared by the drivers: one call at a time in a thread, gaps and ops/s recorded.
 
-    report: LoadReport
-    _stop: threading.Event
-    _thread: threading.Thread
+    After `give_up_after` failed calls more it stops calling (the report keeps every error)."""
+
+    started = 0.0  # time.time() at start: the clock of the report's times
+
+    def __init__(self, addr: str, name: str, trust: Trust | None, timeout: float = 60.0,
+                 give_up_after: int = 100) -> None:
+        self.client = EnclaveClient(addr, name, timeout=timeout, trust=trust)
+        self.report = LoadReport()
+        self.give_up_after = give_up_after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.close()
+
+    def now(self) -> float:
+        return time.time()
 
     def start(self) -> Self:
+        self.started = time.time()
         self._thread.start()
         return self
 
     def stop(self) -> LoadReport:
         self._stop.set()
-        self._thread.join(timeout=120.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=120.0)
         return self.report
+
+    def close(self) -> None:
+        self.client.close()
 
     def _one(self, seq: int) -> int:
         """One call; returns the operations it did. Raises ConstmigError if the call failed."""
@@ -76,7 +104,7 @@ class _Loop:
                 ops = self._one(seq)
             except ConstmigError as e:
                 self.report.errors.append(str(e))
-                if len(self.report.errors) > 100:
+                if len(self.report.errors) > self.give_up_after:
                     break
                 time.sleep(0.01)
                 continue
@@ -93,6 +121,23 @@ class _Loop:
                 bucket_start, bucket_ops = now, 0
 
 
+def write_many(client: Any, items: list[list[Any]]) -> None:
+    """Put (key, value) pairs in batches of 256 (one call each)."""
+    for i in range(0, len(items), 256):
+        client.call("put_many", items[i:i + 256])
+
+
+def read_back(client: Any, acked: dict[str, bytes]) -> int:
+    """Read back every acknowledged write, in batches; returns how many are missing or wrong."""
+    keys = list(acked)
+    bad = 0
+    for i in range(0, len(keys), 256):
+        part = keys[i:i + 256]
+        got = client.call("get_many", part)
+        bad += sum(1 for k, v in zip(part, got, strict=True) if v != acked[k])
+    return bad
+
+
 class KVHammer(_Loop):
     """Random put/get on a kvstore, one call at a time, in a background thread.
 
@@ -104,7 +149,7 @@ class KVHammer(_Loop):
                  value_size: int = 200, zipf: float | None = None, trust: Trust | None = None) -> None:
         if zipf is not None and not zipf > 0:
             raise ValueError(f"zipf exponent must be positive, not {zipf!r}")
-        self.client = EnclaveClient(addr, name, timeout=60.0, trust=trust)
+        super().__init__(addr, name, trust)
         self.keys = [f"hammer-{i}" for i in range(keys)]
         self.write_ratio = write_ratio
         self.rng = random.Random(seed)
@@ -113,17 +158,12 @@ class KVHammer(_Loop):
         self.value_size = value_size
         self.acked: dict[str, bytes] = {}
         self.uncertain: set[str] = set()  # a put failed: it may or may not have been applied
-        self.report = LoadReport()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-hammer", daemon=True)
 
     def preload(self) -> None:
         """Write every key once (so a read-only hammer has known answers), in a few batched calls."""
-        for i in range(0, len(self.keys), 256):
-            items = [[k, f"{k}:preload".encode()] for k in self.keys[i:i + 256]]
-            self.client.call("put_many", items)
-            for k, v in items:
-                self.acked[k] = v
+        items = [[k, f"{k}:preload".encode()] for k in self.keys]
+        write_many(self.client, items)
+        self.acked.update(items)
 
     def _key(self) -> str:
         if self._cdf is None:
@@ -151,16 +191,7 @@ class KVHammer(_Loop):
 
     def verify(self) -> int:
         """Read back every acknowledged write; returns how many are missing or wrong."""
-        keys = list(self.acked)
-        bad = 0
-        for i in range(0, len(keys), 256):
-            part = keys[i:i + 256]
-            got = self.client.call("get_many", part)
-            bad += sum(1 for k, v in zip(part, got, strict=True) if v != self.acked[k])
-        return bad
-
-    def close(self) -> None:
-        self.client.close()
+        return read_back(self.client, self.acked)
 
 
 class StepDriver(_Loop):
@@ -173,15 +204,12 @@ class StepDriver(_Loop):
 
     def __init__(self, addr: str, name: str, n: int | None = None, seed: int = 1, record: bool = False,
                  method: str = "step", trust: Trust | None = None) -> None:
-        self.client = EnclaveClient(addr, name, timeout=60.0, trust=trust)
+        super().__init__(addr, name, trust)
         self.n = n
         self.seed = seed
         self.method = method
         self.record = record
         self.log: list[tuple[int, Any]] = []
-        self.report = LoadReport()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="step-driver", daemon=True)
 
     def seed_of(self, seq: int) -> int:
         return (self.seed << 32) + seq
@@ -195,8 +223,18 @@ class StepDriver(_Loop):
         ops = result.get("ops", 1) if isinstance(result, dict) else 1
         return int(ops) if isinstance(ops, int) and not isinstance(ops, bool) else 1
 
-    def close(self) -> None:
-        self.client.close()
+
+class Caller(_Loop):
+    """One ECALL with the same arguments in a loop; stops at the first call that fails (check_migrates)."""
+
+    def __init__(self, addr: str, name: str, method: str, args: list[Any], trust: Trust | None,
+                 timeout: float) -> None:
+        super().__init__(addr, name, trust, timeout, give_up_after=0)
+        self.method, self.args = method, args
+
+    def _one(self, seq: int) -> int:
+        self.client.call(self.method, *self.args)
+        return 1
 
 
 def driver_for(app: str, addr: str, name: str, **kw: Any) -> KVHammer | StepDriver:
@@ -250,15 +288,6 @@ def fleet_schedule(rate: float, duration: float, clients: int) -> list[list[floa
     return out
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100): always a value that was observed; None when empty."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))  # ceil(q/100 * n) - 1
-    return s[k]
-
-
 def phase_of(t: float, window: tuple[float, float] | None) -> str:
     """before / during / after the migration window [start, end), by the call's scheduled time."""
     if window is None or t < window[0]:
@@ -266,20 +295,19 @@ def phase_of(t: float, window: tuple[float, float] | None) -> str:
     return "during" if t < window[1] else "after"
 
 
+LATENCIES = {"p50_ms": 50, "p99_ms": 99, "max_ms": 100}
+
+
 def call_stats(records: list[CallRecord], span_s: float | None = None) -> dict[str, Any]:
     """Counts and latency percentiles (ms, answered calls only) of a set of calls."""
     lat = [r.latency * 1e3 for r in records if r.ok]
-    queued = [(r.sent - r.scheduled) * 1e3 for r in records]
     out: dict[str, Any] = {
         "calls": len(records), "ok": sum(r.ok for r in records), "failed": sum(not r.ok for r in records),
         "retried": sum(r.retries > 0 for r in records), "retries": sum(r.retries for r in records),
-        "puts": sum(r.op == "put" for r in records), "gets": sum(r.op == "get" for r in records)}
-    for name, q in (("p50", 50), ("p99", 99), ("max", 100)):
-        v = percentile(lat, q)
-        out[f"{name}_ms"] = round(v, 3) if v is not None else None
+        "puts": sum(r.op == "put" for r in records), "gets": sum(r.op == "get" for r in records),
+        **percentiles(lat, LATENCIES, digits=3)}
     out["mean_ms"] = round(statistics.fmean(lat), 3) if lat else None
-    v = percentile(queued, 99)
-    out["queued_p99_ms"] = round(v, 3) if v is not None else None
+    out["queued_p99_ms"] = percentiles([(r.sent - r.scheduled) * 1e3 for r in records], {"p": 99}, digits=3)["p"]
     if span_s is not None:
         out["span_s"] = round(span_s, 3)
         out["rate"] = round(len(records) / span_s, 1) if span_s > 0 else None
@@ -306,18 +334,9 @@ def latency_timeline(records: list[CallRecord], bucket_s: float = 0.25) -> list[
     buckets: dict[int, list[CallRecord]] = {}
     for r in records:
         buckets.setdefault(int(r.scheduled // bucket_s), []).append(r)
-    out = []
-    for k in sorted(buckets):
-        rs = buckets[k]
-        lat = [r.latency * 1e3 for r in rs if r.ok]
-        out.append({"t": round(k * bucket_s, 3), "calls": len(rs), "failed": sum(not r.ok for r in rs),
-                    "p50_ms": _round(percentile(lat, 50)), "p99_ms": _round(percentile(lat, 99)),
-                    "max_ms": _round(percentile(lat, 100))})
-    return out
-
-
-def _round(v: float | None) -> float | None:
-    return round(v, 3) if v is not None else None
+    return [{"t": round(k * bucket_s, 3), "calls": len(rs), "failed": sum(not r.ok for r in rs),
+             **percentiles([r.latency * 1e3 for r in rs if r.ok], LATENCIES, digits=3)}
+            for k, rs in sorted(buckets.items())]
 
 
 class WriteBook:
@@ -400,6 +419,8 @@ class Fleet:
     accounting can be tested without agents.
     """
 
+    started = 0.0  # its clock (now()) reads 0 at the first slot
+
     def __init__(self, addr: str, name: str, clients: int = 8, rate: float = 400.0, duration: float = 20.0,
                  keys_per_client: int = 200, write_ratio: float = 0.5, value_size: int = 200, seed: int = 1,
                  retries: int = 5, backoff: float = 0.05, call_timeout: float = 30.0, drain: float = 30.0,
@@ -430,21 +451,30 @@ class Fleet:
 
     def preload(self) -> None:
         """Give every key a known value first, so every get from the start has one right answer."""
-        for i, conn in enumerate(self.conns):
-            keys = self.keys[i]
+        for conn, keys, book in zip(self.conns, self.keys, self.books, strict=True):
             for j in range(0, len(keys), 256):
                 items = [[k, f"{k}:preload".encode()] for k in keys[j:j + 256]]
                 for k, v in items:
-                    self.books[i].sending(k, v)
+                    book.sending(k, v)
                 self._with_retries(lambda c=conn, it=items: c.call("put_many", it))
                 for k, v in items:
-                    self.books[i].acknowledged(k, v)
+                    book.acknowledged(k, v)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def start(self) -> Self:
         self.t0 = time.monotonic() + 0.05  # every thread is up before the first slot
         for t in self._threads:
             t.start()
         return self
+
+    def stop(self) -> FleetReport:
+        """The schedule runs to its end: a fleet is stopped by waiting for it (join)."""
+        return self.join()
 
     def join(self, timeout: float | None = None) -> FleetReport:
         """Wait for the schedule to finish (at most duration + drain, or `timeout`)."""
@@ -549,32 +579,3 @@ class Fleet:
                 elif verdict == "wrong":
                     reads["wrong"] += 1
             records.append(CallRecord(i, "put" if is_put else "get", due, sent, done - due, True, retries))
-
-
-def migrate_under_load(name: str, src: str, dst: str, strategy: str, tracker: str = "auto", *, app: str,
-                       seed: int = 0, quiet: bool = True, trust: Trust | None = None) -> dict[str, Any]:
-    """One migration with a client calling throughout (kvstore), checked end to end.
-
-    The client reads keys it wrote before, so the state checksum must come out equal and every answer
-    must be the value written: `verified` covers both. Adds the client's figures (`client_gap_ms`...).
-    """
-    hammer = KVHammer(src, name, keys=2000, write_ratio=0.0, seed=seed, trust=trust) if app == "kvstore" else None
-    try:
-        if hammer is not None:
-            hammer.preload()
-        before = app_checksum(src, name, trust)
-        if hammer is not None:
-            hammer.start()
-            time.sleep(0.3)
-        figures = migrate_with_progress(name, src, dst, strategy, quiet=quiet, tracker=tracker)
-        ok = True
-        if hammer is not None:
-            time.sleep(0.3)
-            report = hammer.stop()
-            figures.update(report.figures())
-            ok = report.wrong == 0 and not report.errors
-        figures["verified"] = ok and app_checksum(dst, name, trust) == before
-    finally:
-        if hammer is not None:
-            hammer.close()
-    return figures

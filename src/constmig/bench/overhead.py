@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from constmig.apps import load_app
+from constmig.bench.stats import spread
 from constmig.enclave.app import EnclaveApp
 from constmig.enclave.heap import Heap
 from constmig.enclave.state import export_app_state, import_app_state
@@ -259,10 +259,9 @@ def measure_workload(workload: str, heap_size: int, rounds: int = 5, round_s: fl
             vals = rates[mode]
             # Each round's rate over plain's in the same round: adjacent in time, so a burst of noise
             # from other processes cancels out; the median over rounds is the figure.
-            rel = [v / p for v, p in zip(vals, rates[modes[0]], strict=True)]
-            out["modes"][mode] = {"ops_s": vals, "median": statistics.median(vals), "min": min(vals),
-                                  "max": max(vals), "relative": statistics.median(rel),
-                                  "relative_min": min(rel), "relative_max": max(rel)}
+            rel = spread(v / p for v, p in zip(vals, rates[modes[0]], strict=True))
+            out["modes"][mode] = {"ops_s": vals, **spread(vals), "relative": rel["median"],
+                                  "relative_min": rel["min"], "relative_max": rel["max"]}
         return out
     finally:
         for c in copies.values():

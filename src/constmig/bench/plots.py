@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from constmig.bench.stats import Band, band, fmt, spread  # noqa: E402
+from constmig.units import format_size  # noqa: E402
 
 
 def plot_demo(figures: dict[str, Any], path: Path) -> None:
@@ -56,19 +60,14 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, sizes in sorted(by.items()):
         xs = sorted(sizes)
-        med = np.array([np.median(sizes[x]) for x in xs])
-        lo = med - np.array([min(sizes[x]) for x in xs])
-        hi = np.array([max(sizes[x]) for x in xs]) - med
-        ax.errorbar(np.array(xs) / 2**30, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        _errorbars(ax, np.array(xs) / 2**30, [band(spread(sizes[x])) for x in xs], label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("heap (GiB)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # -- bench suite (report.py aggregates; these only draw) ----------------------------------------------
@@ -76,7 +75,6 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
 VARIANT_COLORS = {"stopcopy": "#de2d26", "constmig-fault": "#3182bd", "constmig-access": "#31a354",
                   "constmig": "#756bb1", "precopy": "#fd8d3c", "hybrid-fault": "#08519c", "hybrid-access": "#006d2c",
                   "hybrid": "#54278f"}
-Band = tuple[float, float, float]  # median, min, max
 
 
 def _color(variant: str) -> str:
@@ -94,6 +92,13 @@ def _size_axis(ax: Any, heaps: list[int]) -> None:
         ax.set_xlim(ticks[0] / 2**30 / 1.4, ticks[-1] / 2**30 * 1.4)
 
 
+def _errorbars(ax: Any, xs: np.ndarray, bands: list[Band], **kw: Any) -> None:
+    """Medians joined by a line, each with its min-max as error bars."""
+    med = np.array([b[0] for b in bands])
+    err = [med - np.array([b[1] for b in bands]), np.array([b[2] for b in bands]) - med]
+    ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, **kw)
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -108,14 +113,12 @@ def plot_suite_downtime(series: dict[str, list[tuple[int, Band]]], reductions: d
     for variant, pts in series.items():
         if not pts:
             continue
-        xs = np.array([h for h, _ in pts]) / 2**30
-        med = np.array([b[0] for _, b in pts])
-        err = [med - np.array([b[1] for _, b in pts]), np.array([b[2] for _, b in pts]) - med]
-        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=variant, color=_color(variant))
-        for heap, band in pts:
+        _errorbars(ax, np.array([h for h, _ in pts]) / 2**30, [b for _, b in pts], label=variant,
+                   color=_color(variant))
+        for heap, b in pts:
             red = reductions.get(variant, {}).get(heap)
             if red is not None:
-                ax.annotate(f"-{red:.1f}%", (heap / 2**30, band[0]), xytext=(4, -12), textcoords="offset points",
+                ax.annotate(f"-{red:.1f}%", (heap / 2**30, b[0]), xytext=(4, -12), textcoords="offset points",
                             fontsize=7, color=_color(variant))
     _size_axis(ax, [h for pts in series.values() for h, _ in pts])
     ax.set_yscale("log")
@@ -127,21 +130,17 @@ def plot_suite_downtime(series: dict[str, list[tuple[int, Band]]], reductions: d
     _save(fig, path)
 
 
-def _grouped_bars(ax: Any, data: dict[str, dict[str, Band]], variants: list[str], log: bool) -> None:
+def _grouped_bars(ax: Any, data: dict[str, dict[str, Band]], series: list[str], log: bool,
+                  label: Callable[[str], str] = str, color: Callable[[str], str] = _color) -> None:
+    """One group of bars per key of `data`, one bar per series in it (median, min-max whiskers)."""
     groups = list(data)
-    width = 0.8 / max(1, len(variants))
-    for j, variant in enumerate(variants):
-        xs, med, lo, hi = [], [], [], []
-        for i, g in enumerate(groups):
-            band = data[g].get(variant)
-            if band is None:
-                continue
-            xs.append(i + (j - (len(variants) - 1) / 2) * width)
-            med.append(band[0])
-            lo.append(band[0] - band[1])
-            hi.append(band[2] - band[0])
-        if xs:
-            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=variant, color=_color(variant))
+    width = 0.8 / max(1, len(series))
+    for j, name in enumerate(series):
+        got = [(i, data[g][name]) for i, g in enumerate(groups) if data[g].get(name) is not None]
+        if got:
+            ax.bar([i + (j - (len(series) - 1) / 2) * width for i, _ in got], [b[0] for _, b in got], width,
+                   yerr=[[max(0.0, b[0] - b[1]) for _, b in got], [max(0.0, b[2] - b[0]) for _, b in got]],
+                   capsize=2, label=label(name), color=color(name))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, fontsize=8)
     if log:
@@ -166,10 +165,8 @@ def plot_suite_total(series: dict[str, list[tuple[int, Band]]], by_workload: dic
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
     for variant, pts in series.items():
         if pts:
-            xs = np.array([h for h, _ in pts]) / 2**30
-            med = np.array([b[0] for _, b in pts])
-            err = [med - np.array([b[1] for _, b in pts]), np.array([b[2] for _, b in pts]) - med]
-            left.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=variant, color=_color(variant))
+            _errorbars(left, np.array([h for h, _ in pts]) / 2**30, [b for _, b in pts], label=variant,
+                       color=_color(variant))
     _size_axis(left, [h for pts in series.values() for h, _ in pts])
     left.set_xlabel("heap size")
     left.set_ylabel("total migration time (s)")
@@ -256,28 +253,13 @@ def plot_fault_cdf(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
 
 def plot_overhead(data: dict[str, dict[str, Band]], labels: dict[str, str], path: Path, title: str) -> None:
     """Throughput relative to plain arrays (1.0 = no cost), per workload, one bar per tracker mode."""
-    modes = [m for m in labels if m != "plain"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(data) + 2), 4.2))
     colors = {"access": "#74c476", "access-stream": "#238b45", "fault": "#3182bd"}
-    width = 0.8 / max(1, len(modes))
-    groups = list(data)
-    for j, mode in enumerate(modes):
-        xs, med, lo, hi = [], [], [], []
-        for i, g in enumerate(groups):
-            band = data[g].get(mode)
-            if band is None:
-                continue
-            xs.append(i + (j - (len(modes) - 1) / 2) * width)
-            med.append(band[0])
-            lo.append(max(0.0, band[0] - band[1]))
-            hi.append(max(0.0, band[2] - band[0]))
-        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=labels[mode], color=colors.get(mode, "#969696"))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(data) + 2), 4.2))
+    _grouped_bars(ax, data, [m for m in labels if m != "plain"], False, labels.__getitem__,
+                  lambda m: colors.get(m, "#969696"))
     ax.axhline(1.0, color="black", lw=1)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=20, fontsize=8)
     ax.set_ylabel("throughput / plain (median of rounds, min-max)")
     ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -304,4 +286,100 @@ def plot_growth(points: dict[str, dict[str, tuple[list[float], list[float]]]],
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_calls(lats: dict[str, np.ndarray], path: Path) -> None:
+    """Latency CDF of the sealed and the plain calls (`bench calls`)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, color in (("plain", "#888888"), ("sealed", "#1f77b4")):
+        lat = np.sort(lats[name]) * 1e6
+        ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=name, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("kvstore get latency (µs)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("client call latency: sealed session vs plain through the agent")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_load(doc: dict[str, Any], records: dict[str, list[Any]], path: Path) -> None:
+    """Latency of every call (loadgen.CallRecord) against its scheduled time, one panel per variant, the
+    migration shaded (`bench load`)."""
+    runs = doc["runs"]
+    if not runs:
+        return
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.6 * len(runs)), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        rs = records.get(run["variant"], [])
+        ok = [r for r in rs if r.ok]
+        bad = [r for r in rs if not r.ok]
+        ax.scatter([r.scheduled for r in ok], [max(r.latency * 1e3, 1e-2) for r in ok], s=2, alpha=0.35,
+                   color="#3182bd", label="call", rasterized=True)
+        if bad:
+            ax.scatter([r.scheduled for r in bad], [max(r.latency * 1e3, 1e-2) for r in bad], s=14, marker="x",
+                       color="#de2d26", label="failed")
+        tl = [b for b in run["timeline"] if b["p99_ms"] is not None]
+        ax.plot([b["t"] + 0.125 for b in tl], [b["p99_ms"] for b in tl], color="#08306b", lw=1,
+                label="p99 per 250 ms")
+        start, end = run["window_s"]
+        ax.axvspan(start, max(end, start + 0.02), color="#fdae6b", alpha=0.45, label="migration")
+        ph = run["phases"]
+        ax.set_title(f"{run['variant']}: p99 {fmt(ph['before']['p99_ms'])} / {fmt(ph['during']['p99_ms'])} / "
+                     f"{fmt(ph['after']['p99_ms'])} ms before / during / after; lost {run['totals']['lost']}, "
+                     f"failed {run['totals']['failed']}", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(loc="upper right", fontsize=7, markerscale=3)
+    axes[-1, 0].set_xlabel("scheduled send time (s since the fleet started)")
+    _save(fig, path)
+
+
+def plot_soak(doc: dict[str, Any], path: Path, enclave_files: Callable[[list[str]], list[str]]) -> None:
+    """Times per migration by variant, and each agent's leak counters over the soak (`bench soak`);
+    `enclave_files` picks the enclave's own files out of a run/ listing."""
+
+    recs = [r for r in doc["migrations"] if "counters" in r]
+    if not recs:
+        return
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    for ax, key, label in ((axes[0, 0], "downtime_ms", "downtime (ms)"),
+                           (axes[0, 1], "total_s", "total migration time (s)")):
+        for variant in dict.fromkeys(r["variant"] for r in recs):
+            rs = [r for r in recs if r["variant"] == variant]
+            ax.plot([r["i"] for r in rs], [r[key] for r in rs], "o", ms=4, label=variant)
+        ax.set_ylabel(label)
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].legend(fontsize=7)
+    xs = [r["i"] for r in recs]
+    for host, style in (("a", "-"), ("b", "--")):
+        c = [r["counters"][host] for r in recs]
+        axes[0, 2].plot(xs, [x["rss_kb"] / 1024 for x in c], style, label=f"agent {host}")
+        axes[1, 1].plot(xs, [x["maps"] for x in c], style, label=f"agent {host}")
+    left = [r["counters"][r["from"]] for r in recs]
+    hosting = [r["counters"][r["to"]] for r in recs]
+    axes[1, 0].plot(xs, [x["fds"] for x in hosting], "o-", ms=3, label="agent it runs on")
+    axes[1, 0].plot(xs, [x["fds"] for x in left], "s-", ms=3, label="agent it left")
+    axes[1, 0].axhline(max(doc["idle_before"][h]["fds"] for h in ("a", "b")), color="grey", ls=":",
+                       label="idle, before")
+    ax = axes[1, 2]
+    ax.plot(xs, [x["procs"] + 0.04 for x in hosting], "o", ms=4, label="children, host it runs on (1 expected)")
+    ax.plot(xs, [x["zombies"] + 0.02 for x in hosting], "x", ms=4, label="zombies, host it runs on")
+    ax.plot(xs, [x["procs"] + x["zombies"] - 0.02 for x in left], "s", ms=3, label="children, host it left")
+    ax.plot(xs, [len(enclave_files(x["run_files"])) - 0.04 for x in left], "^", ms=3, label="its files, host it left")
+    ax.set_ylim(-0.3, max(2.0, ax.get_ylim()[1]))
+    for ax, label in ((axes[0, 2], "agent RSS (MiB)"), (axes[1, 0], "agent open fds"),
+                      (axes[1, 1], "agent memory mappings"), (axes[1, 2], "count")):
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("migration")
+    n = len(doc["problems"])
+    fig.suptitle(f"soak: {len(recs)} migrations of {format_size(doc['config']['heap_bytes'])} in "
+                 f"{doc['duration_s']:.0f} s, {'no problem' if not n else f'{n} problem(s)'} "
+                 "(the enclave's host has 1 live child, the other none)", fontsize=10)
     _save(fig, path)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import time
 from typing import Any
 
 import numpy as np
 
 from constmig.bench.results import machine_info
+from constmig.bench.stats import spread
 from constmig.enclave.heap import Heap
 from constmig.kernel.uffd import preflight
 from constmig.wire.channel import SecureChannel
@@ -137,7 +137,8 @@ def run_raw(heap_bytes: int, repeat: int, quiet: bool = False, floor_faults: int
                            "repeat": repeat, "cpus": os.cpu_count(),
                            "skipped": {} if problem is None else {"uffd": f"userfaultfd unusable here: {problem}"}}
     for mode, gbps in runs.items():
-        out[mode] = {"raw_gbps": statistics.median(gbps), "min": min(gbps), "max": max(gbps), "runs": gbps}
+        rate = spread(gbps)
+        out[mode] = {"raw_gbps": rate["median"], "min": rate["min"], "max": rate["max"], "runs": gbps}
     out["raw_gbps"] = out["plain"]["raw_gbps"]
     if floor_faults:
         out["floor"] = measure_floor(floor_faults)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from constmig.bench.results import dumps
-from constmig.migration.receiver import parse_histogram
+from constmig.bench.stats import Band, band, fit_line, hist_quantile, merge_hists, show, spread
 from constmig.units import format_size
 
 MEASURES = {"downtime_ms": "downtime (ms)", "total_s": "total migration time (s)",
@@ -31,61 +31,6 @@ PLOTS = {
     "overhead": "tracker_overhead.png",
     "growth": "growth_vs_heap.png",
 }
-
-
-# -- numbers ------------------------------------------------------------------------------------------
-
-
-def fit_line(xs: list[float], ys: list[float]) -> dict[str, float | None]:
-    """Least squares y = intercept + slope * x, with R² and the slope's standard error.
-
-    R² is None when y does not vary at all, and the standard error None with fewer than 3 points.
-    A flat measure (ConstMig's downtime) has a slope near 0 and a low R²: read the slope and its error,
-    not R², there.
-    """
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    n = int(x.size)
-    if n < 2 or np.ptp(x) == 0:
-        raise ValueError("a line needs at least two distinct x values")
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    slope = float(((x - xm) * (y - ym)).sum() / sxx)
-    intercept = float(ym - slope * xm)
-    resid = y - (intercept + slope * x)
-    ss_res = float((resid**2).sum())
-    ss_tot = float(((y - ym) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
-    se = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else None
-    return {"slope": slope, "intercept": intercept, "r2": r2, "slope_se": se, "n": n}
-
-
-def merge_hists(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Sum of histograms of one resolution -> (upper bin edges in µs, counts); None if there are none."""
-    parsed = [p for p in (parse_histogram(t) for t in texts) if p is not None]
-    if not parsed:
-        return None
-    b = parsed[0][0]
-    parsed = [p for p in parsed if p[0] == b]
-    size = max(len(c) for _, c in parsed)
-    total = np.zeros(size, dtype=np.int64)
-    for _, c in parsed:
-        total[: len(c)] += c
-    upper = 10 ** ((np.arange(size) + 1) / b)
-    return upper, total
-
-
-def hist_quantile(upper: np.ndarray, counts: np.ndarray, q: float) -> float | None:
-    """Upper edge of the bin holding quantile q (an upper bound, within one bin, ~26%)."""
-    n = counts.sum()
-    if n == 0:
-        return None
-    i = int(np.searchsorted(np.cumsum(counts), q * n))
-    return float(upper[min(i, len(upper) - 1)])
-
-
-def band(values: list[float]) -> tuple[float, float, float] | None:
-    return (statistics.median(values), min(values), max(values)) if values else None
 
 
 def _ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,12 +117,10 @@ def anomalies(doc: dict[str, Any]) -> list[str]:
     for (w, h, v), rs in groups.items():
         if len(rs) < 2:
             continue
-        med = statistics.median(r["downtime_ms"] for r in rs)
-        for r in rs:
-            if r["downtime_ms"] > 3 * med and r["downtime_ms"] - med > 5:
-                out.append(f"outlier: {w} {format_size(h)} {v} #{r.get('repeat', 0) + 1}: downtime "
-                           f"{r['downtime_ms']:.1f} ms against a median of {med:.1f} ms (load average "
-                           f"{r.get('load_avg')})")
+        for r, med in _slow_stops(rs):
+            out.append(f"outlier: {w} {format_size(h)} {v} #{r.get('repeat', 0) + 1}: downtime "
+                       f"{r['downtime_ms']:.1f} ms against a median of {med:.1f} ms (load average "
+                       f"{r.get('load_avg')})")
         totals = [r["total_s"] for r in rs]
         if min(totals) > 0 and max(totals) / min(totals) > 2.5:
             parts = [f"{label} {_spread(rs, key)} s" for key, label in (("prepare_s", "preparing the destination"),
@@ -190,12 +133,10 @@ def anomalies(doc: dict[str, Any]) -> list[str]:
         if r.get("strategy") in ("constmig", "hybrid"):  # the switch moves only the small state
             by_variant[r["variant"]].append(r)
     for v, rs in by_variant.items():  # a post-copy stop far slower than the variant's usual one
-        med = statistics.median(r["downtime_ms"] for r in rs)
-        for r in rs:
-            if r["downtime_ms"] > 3 * med and r["downtime_ms"] - med > 5:
-                out.append(f"slow post-copy stop: {r['workload']} {format_size(r['heap_bytes'])} {v} "
-                           f"#{r.get('repeat', 0) + 1}: {r['downtime_ms']:.1f} ms, against {med:.1f} ms for {v} "
-                           f"over the whole run (load average {r.get('load_avg')})")
+        for r, med in _slow_stops(rs):
+            out.append(f"slow post-copy stop: {r['workload']} {format_size(r['heap_bytes'])} {v} "
+                       f"#{r.get('repeat', 0) + 1}: {r['downtime_ms']:.1f} ms, against {med:.1f} ms for {v} "
+                       f"over the whole run (load average {r.get('load_avg')})")
     cores = doc["machine"].get("cores") or 1
     loads = [r.get("load_avg") for r in results if r.get("load_avg") is not None]
     busy = [x for x in loads if x > cores]
@@ -215,6 +156,12 @@ def anomalies(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _slow_stops(rs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """The runs whose downtime is over 3 times the group's median and 5 ms more, with that median."""
+    med = statistics.median(r["downtime_ms"] for r in rs)
+    return [(r, med) for r in rs if r["downtime_ms"] > 3 * med and r["downtime_ms"] - med > 5]
+
+
 def _spread(rs: list[dict[str, Any]], key: str) -> str:
     vals = [r[key] for r in rs if r.get(key) is not None]
     return f"{min(vals):.1f}-{max(vals):.1f}" if vals else "-"
@@ -232,10 +179,7 @@ def _n(v: float | None, digits: int | None = None) -> str:
 
 
 def cell(row: dict[str, Any], key: str, digits: int | None = None) -> str:
-    v = row.get(key)
-    if not v:
-        return "-"
-    return f"{_n(v['median'], digits)} [{_n(v['min'], digits)}-{_n(v['max'], digits)}]"
+    return show(row.get(key), lambda v: _n(v, digits))
 
 
 def _med(row: dict[str, Any], key: str) -> float | None:
@@ -275,14 +219,19 @@ def headline_table(doc: dict[str, Any], workload: str) -> str:
     for r in sorted(rows_for(doc, workload), key=lambda r: (r["heap_bytes"], _variant_order(doc, r["variant"]))):
         heap = format_size(r["heap_bytes"]) if r["heap_bytes"] != last_heap else ""
         last_heap = r["heap_bytes"]
-        red = f"{(1 - r['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in r else ""
-        ratio = f"{r['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in r else ""
+        red, ratio = _vs_stopcopy(r)
         rows.append([heap, r["variant"], cell(r, "downtime_ms"), red, cell(r, "total_s", 2), ratio,
                      cell(r, "client_gap_ms"), _faults(r), _n(_med(r, "faults"), 0),
                      _verified(doc, workload, r["heap_bytes"], r["variant"])])
     return table(["heap", "variant", "downtime ms, median [min-max]", "reduction vs stop-and-copy", "total s",
                   "total vs stop-and-copy", "client gap ms", "fault latency p50 / p99 µs", "faults",
                   "verified"], rows)
+
+
+def _vs_stopcopy(row: dict[str, Any]) -> tuple[str, str]:
+    """The downtime's reduction and the total time's ratio against stop-and-copy's, as the tables print them."""
+    return (f"{(1 - row['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in row else "",
+            f"{row['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in row else "")
 
 
 def _variant_order(doc: dict[str, Any], v: str) -> int:
@@ -295,8 +244,7 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
     for w in doc["config"]["workloads"]:
         first = True
         for r in sorted(rows_for(doc, w, heap), key=lambda r: _variant_order(doc, r["variant"])):
-            red = f"{(1 - r['downtime_vs_stopcopy']) * 100:.1f}%" if "downtime_vs_stopcopy" in r else ""
-            ratio = f"{r['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in r else ""
+            red, ratio = _vs_stopcopy(r)
             before, during = _med(r, "ops_s_before"), _med(r, "ops_s_migration")
             tput = f"{_n(before, 0)} → {_n(during, 0)}" if before else "-"
             if before and during is not None:
@@ -346,22 +294,20 @@ def overhead_table(ov: dict[str, Any]) -> str:
 # -- plots and the document ---------------------------------------------------------------------------
 
 
-def _series(doc: dict[str, Any], workload: str, key: str) -> dict[str, list[tuple[int, tuple[float, float, float]]]]:
+def _series(doc: dict[str, Any], workload: str, key: str) -> dict[str, list[tuple[int, Band]]]:
     out: dict[str, list] = {v: [] for v in doc["config"]["variants"]}
     for r in sorted(rows_for(doc, workload), key=lambda r: r["heap_bytes"]):
-        v = r.get(key)
-        if v:
-            out.setdefault(r["variant"], []).append((r["heap_bytes"], (v["median"], v["min"], v["max"])))
+        if r.get(key):
+            out.setdefault(r["variant"], []).append((r["heap_bytes"], band(r[key])))
     return out
 
 
-def _by_workload(doc: dict[str, Any], heap: int, key: str) -> dict[str, dict[str, tuple[float, float, float]]]:
+def _by_workload(doc: dict[str, Any], heap: int, key: str) -> dict[str, dict[str, Band]]:
     out: dict[str, dict] = {}
     for w in doc["config"]["workloads"]:
         for r in rows_for(doc, w, heap):
-            v = r.get(key)
-            if v:
-                out.setdefault(w, {})[r["variant"]] = (v["median"], v["min"], v["max"])
+            if r.get(key):
+                out.setdefault(w, {})[r["variant"]] = band(r[key])
     return out
 
 
@@ -659,12 +605,16 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
     return out
 
 
+def _hist_rows(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], qs: tuple[float, ...],
+               digits: int) -> list[list[str]]:
+    """tracker, line, samples and each quantile in ms (histogram bin upper edges), one row per line."""
+    return [[tracker, label, str(int(counts.sum())),
+             *[_n(v / 1e3, digits) if v else "-" for v in (hist_quantile(upper, counts, q) for q in qs)]]
+            for tracker, lines in panels.items() for label, (upper, counts) in lines.items()]
+
+
 def fault_summary(doc: dict[str, Any]) -> str:
-    rows = []
-    for tracker, lines in fault_panels(doc).items():
-        for label, (upper, counts) in lines.items():
-            q = [hist_quantile(upper, counts, x) for x in (0.5, 0.9, 0.99)]
-            rows.append([tracker, label, str(int(counts.sum())), *[_n(v / 1e3, 2) if v else "-" for v in q]])
+    rows = _hist_rows(fault_panels(doc), (0.5, 0.9, 0.99), 2)
     if not rows:
         return "No demand fault in this run."
     return table(["tracker", "runs", "faults", "p50 ms (bin upper edge)", "p90 ms", "p99 ms"], rows)
@@ -688,11 +638,7 @@ def segment_panels(doc: dict[str, Any]) -> dict[str, dict[str, tuple[np.ndarray,
 
 
 def segment_summary(doc: dict[str, Any]) -> str:
-    rows = []
-    for tracker, lines in segment_panels(doc).items():
-        for label, (upper, counts) in lines.items():
-            q = [hist_quantile(upper, counts, x) for x in (0.5, 0.99)]
-            rows.append([tracker, label, str(int(counts.sum())), *[_n(v / 1e3, 3) if v else "-" for v in q]])
+    rows = _hist_rows(segment_panels(doc), (0.5, 0.99), 3)
     if not rows:
         return "No demand fault with its segments in this run."
     return table(["tracker", "segment", "samples", "p50 ms", "p99 ms"], rows)
@@ -711,8 +657,9 @@ def stream_section(doc: dict[str, Any]) -> str:
         rates = [r["stream_gbps"] for r in doc.get("results", [])
                  if r.get("variant") == variant and r.get("stream_gbps") is not None]
         if got:
-            rows.append([variant, f"{statistics.median(rates):.2f}", f"{statistics.median(got):.0%}",
-                         f"{min(got):.0%}-{max(got):.0%}"])
+            share = spread(got)
+            rows.append([variant, f"{statistics.median(rates):.2f}", f"{share['median']:.0%}",
+                         f"{share['min']:.0%}-{share['max']:.0%}"])
     text = (f"\n## The stream against the machine's bound\n\nBound (`constmig bench raw`, same run, "
             f"{format_size(raw['heap_bytes'])}): {bounds}. `stream_gbps` is what a post-copy stream moved "
             "(demanded and background chunks) over its time from the resume to its last chunk, beside an app "

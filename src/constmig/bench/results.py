@@ -3,39 +3,45 @@ median/min/max summary with ratios to stop-and-copy, and the JSON layout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
-import statistics
+from pathlib import Path
 from typing import Any
 
+from constmig.bench.stats import spread
 
-def machine_info() -> dict[str, Any]:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+CPU_FLAGS = ("aes", "avx", "avx2", "avx512f", "sha_ni", "vaes", "pclmulqdq", "hypervisor", "sgx", "sev",
+             "tdx_guest", "pdpe1gb")  # what a reader of the suite's numbers needs to place them
+
+
+def machine_info(detail: bool = False) -> dict[str, Any]:
+    """Cores, kernel, Python, memory, AES-NI; with `detail` (the suite) also the CPU model, a few of its
+    flags and transparent huge pages."""
+    model, flags = "", ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    info = {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "aes_ni": " aes " in f" {flags} ", "machine": platform.machine()}
+    if detail:
+        info["cpu_model"] = model
+        info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags.split()]
+        with contextlib.suppress(OSError):
+            info["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    return info
 
 
 def split_variant(variant: str) -> tuple[str, str]:
     """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used)."""
     strategy, _, tracker = variant.partition("-")
     return strategy, tracker or "auto"
-
-
-def spread(values: Any) -> dict[str, float]:
-    """The median of repeated measurements with their range: how every benchmark reports a figure."""
-    xs = list(values)
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",

@@ -14,27 +14,18 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from constmig.bench.loadgen import migrate_under_load
+from constmig.bench.harness import launched, migrate_under_load, two_agents
 from constmig.bench.results import machine_info, split_variant, summarize
-from constmig.client import Trust
-from constmig.host.client import request
-from constmig.host.cluster import LocalCluster
-from constmig.host.orchestrate import launch_filled
 from constmig.progress import console
 from constmig.units import format_size
-from constmig.wire import control
 
 
-def one_migration(cluster: LocalCluster, app: str, heap: int, variant: str, fill: float, seed: int,
-                  name: str = "bench", load: bool = True) -> dict[str, Any]:
+def one_migration(addrs: list[str], app: str, heap: int, variant: str, fill: float, seed: int,
+                  name: str = "bench") -> dict[str, Any]:
     """Launch, fill, migrate a->b with a client calling throughout (see migrate_under_load), stop."""
-    a, b = cluster.addrs[0], cluster.addrs[1]
-    strategy, tracker = split_variant(variant)
-    trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
-    launch_filled(a, name, app, heap, fill, seed, trust=trust)
-    figures = migrate_under_load(name, a, b, strategy, tracker, app=app if load else "", seed=seed, trust=trust)
+    with launched(addrs, name, app, heap, fill, seed) as trust:
+        figures = migrate_under_load(name, *addrs[:2], *split_variant(variant), app=app, seed=seed, trust=trust)
     figures["variant"] = variant
-    request(b, control.Stop(name=name))
     return figures
 
 
@@ -44,7 +35,7 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
     results: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"machine": machine_info(), "app": app, "fill": fill, "repeat": repeat,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
-    with LocalCluster(2) as cluster:
+    with two_agents() as addrs:
         total = len(sizes) * repeat * len(strategies)
         done = 0
         for heap in sizes:
@@ -52,7 +43,7 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
                 for variant in strategies:
                     done += 1
                     console.print(f"[{done}/{total}] {variant} {format_size(heap)} repeat {rep + 1}")
-                    fig = one_migration(cluster, app, heap, variant, fill, seed=rep)
+                    fig = one_migration(addrs, app, heap, variant, fill, seed=rep)
                     fig["repeat"] = rep
                     results.append(fig)
                     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")

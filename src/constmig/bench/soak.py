@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +33,21 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from constmig.bench.harness import Move, calling, move, usable_variants
 from constmig.bench.load import wide_console
-from constmig.bench.loadgen import KVHammer
+from constmig.bench.loadgen import KVHammer, read_back
 from constmig.bench.results import machine_info, split_variant
+from constmig.bench.stats import fit_line, show, spread
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.host.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum, launch_filled
 from constmig.progress import console
 from constmig.units import format_size, resident_bytes
 from constmig.wire import control
 
 NAME = "soak"
-VARIANTS = ("stopcopy", "constmig-fault", "constmig-access")
 SLACK_FDS = 3  # a client connection or two being opened or closed as the counters are read
 SLACK_MAPS = 24  # interpreter arenas and thread stacks come and go a little
 SETTLE_S = 15.0  # how long a departed enclave's processes may take to go
@@ -176,21 +178,6 @@ class SoakHammer(KVHammer):
         return self._thread.is_alive()
 
 
-def read_back(addr: str, acked: dict[str, bytes], name: str = NAME, trust: Trust | None = None) -> int:
-    """How many acknowledged writes read back missing or different (own connection, batched)."""
-    c = EnclaveClient(addr, name, timeout=60.0, trust=trust)
-    keys = list(acked)
-    bad = 0
-    try:
-        for i in range(0, len(keys), 256):
-            part = keys[i:i + 256]
-            got = c.call("get_many", part)
-            bad += sum(1 for k, v in zip(part, got, strict=True) if v != acked[k])
-    finally:
-        c.close()
-    return bad
-
-
 # ---- checks ----
 
 class Problems:
@@ -201,13 +188,15 @@ class Problems:
         self.notes: dict[str, dict[str, Any]] = {}  # worth knowing, but bounded: not a leak
 
     def note(self, kind: str, detail: str, migration: int | None) -> None:
-        entry = self.notes.setdefault(f"{kind}: {detail}", {"kind": kind, "detail": detail,
-                                                            "first_migration": migration, "count": 0})
-        entry["count"] += 1
+        self._count(self.notes, kind, detail, migration)
 
     def add(self, kind: str, detail: str, migration: int | None) -> None:
-        entry = self.items.setdefault(f"{kind}: {detail}", {"kind": kind, "detail": detail,
-                                                            "first_migration": migration, "count": 0})
+        self._count(self.items, kind, detail, migration)
+
+    @staticmethod
+    def _count(into: dict[str, dict[str, Any]], kind: str, detail: str, migration: int | None) -> None:
+        entry = into.setdefault(f"{kind}: {detail}", {"kind": kind, "detail": detail, "first_migration": migration,
+                                                       "count": 0})
         entry["count"] += 1
 
     def as_list(self) -> list[dict[str, Any]]:
@@ -249,49 +238,50 @@ def check_hosts(snap: dict[str, Any], src: str, dst: str, i: int, variant: str, 
                          f"(+{SLACK_MAPS} slack)", i)
 
 
-def settle(probes: list[AgentProbe], marker: str, src: str, dst: str, timeout: float = SETTLE_S
-           ) -> tuple[dict[str, Any], float]:
-    """Snapshot once the enclave's old host has let go of it (or the timeout passes: then it leaked).
-
-    Processes get `timeout`; files only FILES_GRACE_S more once the processes are gone, since nobody
-    removes a file after that (the agent unlinks the enclave's socket right after the process exits)."""
+def _settle(probes: list[AgentProbe], marker: str, done: Callable[[dict[str, Any]], bool],
+            procs_gone: Callable[[dict[str, Any]], bool], timeout: float) -> tuple[dict[str, Any], float]:
+    """Snapshot once `done` holds (or the timeout passes: then something leaked). Processes get `timeout`;
+    files only FILES_GRACE_S more once `procs_gone` holds, since nobody removes a file after that (the agent
+    unlinks the enclave's socket right after the process exits)."""
     t0 = time.monotonic()
     t_procs: float | None = None
     while True:
         snap = snapshot(probes, marker)
         now = time.monotonic()
-        if departed_ok(snap[src]) and hosting_ok(snap[dst]):
+        if done(snap):
             return snap, now - t0
-        procs_done = snap[src]["procs"] == 0 and snap[src]["zombies"] == 0 and hosting_ok(snap[dst])
-        if procs_done and t_procs is None:
+        if t_procs is None and procs_gone(snap):
             t_procs = now
         if now - t0 > timeout or (t_procs is not None and now - t_procs > FILES_GRACE_S):
             return snap, now - t0
         time.sleep(0.05)
 
 
+def _gone(c: dict[str, Any]) -> bool:
+    return c["procs"] == 0 and c["zombies"] == 0
+
+
+def settle(probes: list[AgentProbe], marker: str, src: str, dst: str, timeout: float = SETTLE_S
+           ) -> tuple[dict[str, Any], float]:
+    """Snapshot once the enclave's old host has let go of it."""
+    return _settle(probes, marker, lambda s: departed_ok(s[src]) and hosting_ok(s[dst]),
+                   lambda s: _gone(s[src]) and hosting_ok(s[dst]), timeout)
+
+
+def settle_idle(probes: list[AgentProbe], marker: str, timeout: float = SETTLE_S) -> tuple[dict[str, Any], float]:
+    """Snapshot once no agent has a child process left and run/ is empty."""
+    return _settle(probes, marker, lambda s: all(_gone(s[p.host]) and not s[p.host]["run_files"] for p in probes),
+                   lambda s: all(_gone(s[p.host]) for p in probes), timeout)
+
+
 # ---- the soak ----
-
-def usable_cycle(variants: list[str] | None) -> tuple[list[str], list[dict[str, str]]]:
-    """Variants to alternate; the Fault Tracker only where userfaultfd works."""
-    from constmig.kernel.uffd import preflight
-
-    wanted = list(dict.fromkeys(variants or VARIANTS))
-    problem = preflight()
-    if not problem:
-        return wanted, []
-    kept = [v for v in wanted if split_variant(v)[1] != "fault"]
-    if not kept:
-        raise ConfigError(f"no variant left to soak: userfaultfd does not work here ({problem})")
-    return kept, [{"variant": v, "reason": f"userfaultfd not usable: {problem}"} for v in wanted if v not in kept]
-
 
 def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float = 0.9,
              variants: list[str] | None = None, write_s: float = WRITE_S, seed: int = 0) -> dict[str, Any]:
     """Migrate back and forth `migrations` times under load; write soak.json and soak.png in `out`."""
     if migrations < 1:
         raise ConfigError("--migrations must be at least 1")
-    cycle, skipped = usable_cycle(variants)
+    cycle, skipped = usable_variants(variants, what="soak")
     out.mkdir(parents=True, exist_ok=True)
     problems = Problems()
     records: list[dict[str, Any]] = []
@@ -318,36 +308,32 @@ def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float =
         doc["idle_before"] = idle = snapshot(probes, marker)
         trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
         launch_filled(addr["a"], NAME, "kvstore", heap, fill, seed, trust=trust)
-        hammer = SoakHammer(addr["a"], NAME, keys=2000, write_ratio=0.5, seed=seed, trust=trust)
         baseline: dict[tuple[str, str], dict[str, int]] = {}
         warm: dict[str, int] = {}
-        try:
+        with SoakHammer(addr["a"], NAME, keys=2000, write_ratio=0.5, seed=seed, trust=trust) as hammer:
             hammer.preload()
-            hammer.start()
-            here, prev_sum = "a", None
-            for i, variant in zip(range(1, migrations + 1), itertools.cycle(cycle), strict=False):
-                there = "b" if here == "a" else "a"
-                rec = one_soak_migration(i, variant, here, there, addr, hammer, write_s, prev_sum, problems)
-                rec["wall_s"] = round(time.monotonic() - t_start, 2)
-                if rec.get("error"):
-                    here = _where_now(addr) or here
+            with calling(hammer):
+                here, prev_sum = "a", None
+                for i, variant in zip(range(1, migrations + 1), itertools.cycle(cycle), strict=False):
+                    there = "b" if here == "a" else "a"
+                    rec = one_soak_migration(i, variant, here, there, addr, hammer, write_s, prev_sum, problems)
+                    rec["wall_s"] = round(time.monotonic() - t_start, 2)
+                    if rec.get("error"):
+                        here = _where_now(addr) or here
+                        records.append(rec)
+                        save()
+                        if _where_now(addr) is None:
+                            problems.add("migration", "the enclave runs nowhere after a failed migration", i)
+                            break
+                        continue
+                    snap, rec["settle_s"] = settle(probes, marker, here, there)
+                    rec["settle_s"] = round(rec["settle_s"], 3)
+                    rec["counters"] = snap
+                    check_hosts(snap, here, there, i, variant, problems, baseline, warm, warming=i <= warmup)
                     records.append(rec)
                     save()
-                    if _where_now(addr) is None:
-                        problems.add("migration", "the enclave runs nowhere after a failed migration", i)
-                        break
-                    continue
-                snap, rec["settle_s"] = settle(probes, marker, here, there)
-                rec["settle_s"] = round(rec["settle_s"], 3)
-                rec["counters"] = snap
-                check_hosts(snap, here, there, i, variant, problems, baseline, warm, warming=i <= warmup)
-                records.append(rec)
-                save()
-                console.print(_line(rec))
-                here, prev_sum = there, rec["checksum_after"]
-        finally:
-            hammer.stop()
-            hammer.close()
+                    console.print(_line(rec))
+                    here, prev_sum = there, rec["checksum_after"]
         if not hammer.report.calls:
             problems.add("load", "the client made no successful call", None)
         if hammer.report.errors:
@@ -367,7 +353,9 @@ def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float =
     doc["ok"] = not problems.items
     doc["loadavg_end"] = list(os.getloadavg())
     save()
-    plot_soak(doc, out / "soak.png")
+    from constmig.bench.plots import plot_soak
+
+    plot_soak(doc, out / "soak.png", enclave_files)
     wide_console().print(soak_table(doc))
     print_problems(doc)
     console.print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}")
@@ -377,7 +365,6 @@ def run_soak(out: Path, migrations: int = 50, heap: int = 1 << 30, fill: float =
 def one_soak_migration(i: int, variant: str, src: str, dst: str, addr: dict[str, str], hammer: SoakHammer,
                        write_s: float, prev_sum: str | None, problems: Problems) -> dict[str, Any]:
     """Writes, a quiet checksum, the migration under read-only load, checks at the destination."""
-    strategy, tracker = split_variant(variant)
     rec: dict[str, Any] = {"i": i, "variant": variant, "from": src, "to": dst}
     hammer.read_write()
     time.sleep(write_s)
@@ -391,16 +378,17 @@ def one_soak_migration(i: int, variant: str, src: str, dst: str, addr: dict[str,
     time.sleep(0.1)  # the read held behind the checksum ECALL is answered before the gap clock restarts
     calls0, errors0, wrong0 = hammer.report.calls, len(hammer.report.errors), hammer.report.wrong
     hammer.report.max_gap_ms = 0.0
-    try:
-        figures = migrate(NAME, addr[src], addr[dst], strategy, tracker=tracker)
-    except ConstmigError as e:
-        rec["error"] = str(e)
-        problems.add("migration", f"{variant} {src}->{dst} failed: {e}", i)
+    moved = move(Move.of(variant, NAME, addr[src], addr[dst]))
+    if moved.error is not None:
+        rec["error"] = str(moved.error)
+        problems.add("migration", f"{variant} {src}->{dst} failed: {moved.error}", i)
         return rec
+    figures = moved.figures
     time.sleep(0.05)  # a few reads at the destination: the gap the migration caused is closed and counted
     gap, calls = hammer.report.max_gap_ms, hammer.report.calls - calls0
     after = app_checksum(addr[dst], NAME, trust)
-    bad = read_back(addr[dst], acked, trust=trust)
+    with EnclaveClient(addr[dst], NAME, timeout=60.0, trust=trust) as c:  # its own connection
+        bad = read_back(c, acked)
     rec.update({"tracker": figures.get("tracker"), "downtime_ms": round(figures["downtime_ms"], 3),
                 "total_s": round(figures["total_s"], 3), "migrate_s": round(figures.get("migrate_s") or 0, 3),
                 "checksum_before": before, "checksum_after": after, "checksum_equal": before == after,
@@ -432,24 +420,6 @@ def _where_now(addr: dict[str, str]) -> str | None:
     return None
 
 
-def settle_idle(probes: list[AgentProbe], marker: str, timeout: float = SETTLE_S) -> tuple[dict[str, Any], float]:
-    """Snapshot once no agent has a child process left and run/ is empty (or the timeout passes; files
-    get FILES_GRACE_S once the processes are gone, as in settle)."""
-    t0 = time.monotonic()
-    t_procs: float | None = None
-    while True:
-        snap = snapshot(probes, marker)
-        now = time.monotonic()
-        if all(not snap[p.host]["procs"] and not snap[p.host]["zombies"] and not snap[p.host]["run_files"]
-               for p in probes):
-            return snap, now - t0
-        if t_procs is None and all(not snap[p.host]["procs"] and not snap[p.host]["zombies"] for p in probes):
-            t_procs = now
-        if now - t0 > timeout or (t_procs is not None and now - t_procs > FILES_GRACE_S):
-            return snap, now - t0
-        time.sleep(0.05)
-
-
 def check_idle(before: dict[str, Any], after: dict[str, Any], warm: dict[str, int], problems: Problems) -> None:
     """With the enclave stopped, each agent must be back where it started (maps: where warm-up left it)."""
     for host in ("a", "b"):
@@ -472,9 +442,7 @@ def check_idle(before: dict[str, Any], after: dict[str, Any], warm: dict[str, in
 
 
 def soak_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant: how many, how many checked equal, downtime and total time (median, max)."""
-    import statistics
-
+    """Per variant: how many, how many checked equal, downtime and total time (median, min, max)."""
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in records):
         rs = [r for r in records if r["variant"] == variant and not r.get("error")]
@@ -484,7 +452,7 @@ def soak_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("downtime_ms", "total_s", "client_gap_ms", "settle_s"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
-                row[key] = {"median": round(statistics.median(vals), 3), "min": min(vals), "max": max(vals)}
+                row[key] = spread(vals, digits=3)
         rows.append(row)
     return rows
 
@@ -499,11 +467,8 @@ def counter_trend(records: list[dict[str, Any]], warmup: int) -> dict[str, dict[
     for host in ("a", "b"):
         if len(recs) < 2:
             break
-        xs = [float(r["i"]) for r in recs]
         ys = [float(r["counters"][host]["rss_kb"]) for r in recs]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-        row: dict[str, Any] = {"rss_kib_per_migration": round(slope, 2),
+        row: dict[str, Any] = {"rss_kib_per_migration": round(fit_line([r["i"] for r in recs], ys)["slope"], 2),
                                "rss_kb_first": int(ys[0]), "rss_kb_last": int(ys[-1])}
         for key in ("fds", "maps"):
             vals = [r["counters"][host][key] for r in recs]
@@ -528,14 +493,10 @@ def soak_table(doc: dict[str, Any]) -> Table:
                 "client gap ms med [max]"):
         table.add_column(col)
 
-    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-        v = row.get(key)
-        return "-" if v is None else f"{fmt.format(v['median'])} [{fmt.format(v['max'])}]"
-
     for row in doc["summary"]:
         table.add_row(row["variant"], str(row["n"]), f"{row['checksums_equal']}/{row['n']}",
-                      cell(row, "downtime_ms", "{:.1f}"), cell(row, "total_s", "{:.2f}"),
-                      cell(row, "client_gap_ms", "{:.0f}"))
+                      *(show(row.get(key), spec, low=False) for key, spec in
+                        (("downtime_ms", "{:.1f}"), ("total_s", "{:.2f}"), ("client_gap_ms", "{:.0f}"))))
     return table
 
 
@@ -545,56 +506,3 @@ def print_problems(doc: dict[str, Any]) -> None:
         console.print(f"[red]problem[/red] x{p['count']} ({where}): {escape(p['kind'])}: {escape(p['detail'])}")
     for p in doc["notes"]:
         console.print(f"note x{p['count']}: {escape(p['kind'])}: {escape(p['detail'])}")
-
-
-def plot_soak(doc: dict[str, Any], path: Path) -> None:
-    """Times per migration by variant, and each agent's leak counters over the soak."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in doc["migrations"] if "counters" in r]
-    if not recs:
-        return
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
-    for ax, key, label in ((axes[0, 0], "downtime_ms", "downtime (ms)"),
-                           (axes[0, 1], "total_s", "total migration time (s)")):
-        for variant in dict.fromkeys(r["variant"] for r in recs):
-            rs = [r for r in recs if r["variant"] == variant]
-            ax.plot([r["i"] for r in rs], [r[key] for r in rs], "o", ms=4, label=variant)
-        ax.set_ylabel(label)
-    axes[0, 0].set_yscale("log")
-    axes[0, 0].legend(fontsize=7)
-    xs = [r["i"] for r in recs]
-    for host, style in (("a", "-"), ("b", "--")):
-        c = [r["counters"][host] for r in recs]
-        axes[0, 2].plot(xs, [x["rss_kb"] / 1024 for x in c], style, label=f"agent {host}")
-        axes[1, 1].plot(xs, [x["maps"] for x in c], style, label=f"agent {host}")
-    left = [r["counters"][r["from"]] for r in recs]
-    hosting = [r["counters"][r["to"]] for r in recs]
-    axes[1, 0].plot(xs, [x["fds"] for x in hosting], "o-", ms=3, label="agent it runs on")
-    axes[1, 0].plot(xs, [x["fds"] for x in left], "s-", ms=3, label="agent it left")
-    axes[1, 0].axhline(max(doc["idle_before"][h]["fds"] for h in ("a", "b")), color="grey", ls=":",
-                       label="idle, before")
-    ax = axes[1, 2]
-    ax.plot(xs, [x["procs"] + 0.04 for x in hosting], "o", ms=4, label="children, host it runs on (1 expected)")
-    ax.plot(xs, [x["zombies"] + 0.02 for x in hosting], "x", ms=4, label="zombies, host it runs on")
-    ax.plot(xs, [x["procs"] + x["zombies"] - 0.02 for x in left], "s", ms=3, label="children, host it left")
-    ax.plot(xs, [len(enclave_files(x["run_files"])) - 0.04 for x in left], "^", ms=3, label="its files, host it left")
-    ax.set_ylim(-0.3, max(2.0, ax.get_ylim()[1]))
-    for ax, label in ((axes[0, 2], "agent RSS (MiB)"), (axes[1, 0], "agent open fds"),
-                      (axes[1, 1], "agent memory mappings"), (axes[1, 2], "count")):
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    for ax in axes.flat:
-        ax.grid(True, alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("migration")
-    n = len(doc["problems"])
-    fig.suptitle(f"soak: {len(recs)} migrations of {format_size(doc['config']['heap_bytes'])} in "
-                 f"{doc['duration_s']:.0f} s, {'no problem' if not n else f'{n} problem(s)'} "
-                 "(the enclave's host has 1 live child, the other none)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

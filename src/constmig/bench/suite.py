@@ -23,7 +23,6 @@ timestamps), plots next to it, and report.md (see report.py), all generated from
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import time
@@ -34,13 +33,12 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from constmig.apps import APPS, load_app
-from constmig.bench.load import stop_anywhere
-from constmig.bench.loadgen import KVHammer, StepDriver, driver_for
+from constmig.bench.harness import Move, Moved, launched, run_migration, two_agents
+from constmig.bench.loadgen import KVHammer, LoadReport, StepDriver, driver_for
 from constmig.bench.results import SUMMARY_KEYS, dumps, machine_info, split_variant, summarize
-from constmig.client import Trust
+from constmig.bench.stats import window_rate
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host.cluster import LocalCluster
-from constmig.host.orchestrate import app_checksum, launch_filled, migrate
+from constmig.host.orchestrate import app_checksum
 from constmig.migration import strategies
 from constmig.progress import console
 from constmig.units import available_memory, check_writable, format_size, parse_size
@@ -169,23 +167,6 @@ def make_config(out: str | None, *, sizes: str | None = None, workloads: str | N
 # -- one migration ------------------------------------------------------------------------------------
 
 
-def window_rate(timeline: list[list[float]], lo: float, hi: float, bucket: float = 0.1) -> float | None:
-    """Mean ops/s over [lo, hi) from (start, ops/s) buckets, each lasting until the next starts.
-
-    A bucket's ops are spread evenly over its span, so a window that cuts a bucket takes its share.
-    """
-    if hi <= lo or not timeline:
-        return None
-    ops = covered = 0.0
-    for i, (t, rate) in enumerate(timeline):
-        end = timeline[i + 1][0] if i + 1 < len(timeline) else t + bucket
-        a, b = max(t, lo), min(end, hi)
-        if b > a:
-            ops += rate * (b - a)
-            covered += b - a
-    return ops / covered if covered > 0 else None
-
-
 def derive_phases(figures: dict[str, Any], events: list[list[Any]], returned: float) -> dict[str, Any]:
     """Phase timestamps, seconds since the migrate request, from the figures and the progress events.
 
@@ -249,79 +230,58 @@ def _twin_check(workload: str, heap: int, fill: float, seed: int, before: str, a
         twin.heap.close()
 
 
-def one_run(cluster: LocalCluster, workload: str, heap: int, variant: str, seed: int, cfg: SuiteConfig,
+def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int, cfg: SuiteConfig,
             name: str, on_progress: Any = None) -> dict[str, Any]:
     """Launch and fill, start the driver, migrate a->b, stop the driver, check; one record."""
-    a, b = cluster.addrs[0], cluster.addrs[1]
-    strategy, tracker = split_variant(variant)
-    rec: dict[str, Any] = {"variant": variant, "strategy": strategy, "workload": workload, "heap_bytes": heap,
-                           "seed": seed, "load_avg": round(os.getloadavg()[0], 2)}
+    a, b = addrs[0], addrs[1]
+    rec: dict[str, Any] = {"variant": variant, "strategy": split_variant(variant)[0], "workload": workload,
+                           "heap_bytes": heap, "seed": seed, "load_avg": round(os.getloadavg()[0], 2)}
     t_cycle = time.perf_counter()
-    driver: KVHammer | StepDriver | None = None
-    events: list[list[Any]] = []
+    kw: dict[str, Any] = {"keys": 2000, "write_ratio": 0.0, "seed": seed} if workload == "kvstore" else \
+        {"seed": seed + 1, "record": True}
     try:
-        trust = Trust.in_memory()  # this run's own enclave: pinned at launch, never in the user's file
-        launch_filled(a, name, workload, heap, cfg.fill, seed, chunk_size=CHUNK, trust=trust)
-        if workload == "kvstore":
-            driver = driver_for(workload, a, name, keys=2000, write_ratio=0.0, seed=seed, trust=trust)
-            driver.preload()
-        else:
-            driver = driver_for(workload, a, name, seed=seed + 1, record=True, trust=trust)
-        before = app_checksum(a, name, trust)
-        driver.start()
-        time.sleep(cfg.settle_s)
-        t_req = time.time()
-
-        def progress(info: dict[str, Any]) -> None:
-            events.append([round(time.time() - t_req, 4), info.get("phase", ""), info.get("done")])
-            if on_progress is not None:
-                on_progress(info)
-
-        figures = migrate(name, a, b, strategy, cfg.timeout, on_progress=progress, tracker=tracker)
-        returned = time.time() - t_req
-        time.sleep(cfg.settle_s)
-        report = driver.stop()
-        rec.update(figures)
-        rec["variant"], rec["seed"] = variant, seed
-        rec.update(report.figures())
-        rec["client_error_sample"] = report.errors[:3]
-        timeline = [[round(t - t_req, 4), round(r, 1)] for t, r in report.ops_timeline]
-        rec["timeline"] = timeline
-        rec["events"] = events
-        phases = derive_phases(figures, events, returned)
-        rec["phases"] = phases
-        rec["ops_s_before"] = window_rate(timeline, -cfg.settle_s, 0.0)
-        rec["ops_s_during"] = window_rate(timeline, phases["stop"], phases["done"])
-        rec["ops_s_migration"] = window_rate(timeline, phases["attest"], phases["done"])  # start to DONE
-        if "rounds" in phases:  # what the app keeps while its heap streams beside it
-            rec["ops_s_rounds"] = window_rate(timeline, phases["rounds"], phases["stop"])
-        if report.max_gap_ms:
-            rec["client_gap_at_s"] = round(report.gap_at - t_req, 4)
-            rec["client_gap_phase"] = gap_phase(phases, rec["client_gap_at_s"], report.max_gap_ms / 1e3)
-        after = app_checksum(b, name, trust)
-        client_ok = not report.errors and report.wrong == 0
-        if isinstance(driver, KVHammer):
-            ok, why = after == before, "state checksum equal before and after (read-only client)"
-            if not ok:
-                why = "state checksum changed"
-        else:
-            ok, why = _twin_check(workload, heap, cfg.fill, seed, before, after, driver.log)
-        if not client_ok:
-            why = f"client saw {len(report.errors)} failed and {report.wrong} wrong calls; " + why
-        rec["verified"] = bool(ok and client_ok)
-        rec["verify_detail"] = why
+        with launched(addrs, name, workload, heap, cfg.fill, seed, chunk_size=CHUNK) as trust, \
+                driver_for(workload, a, name, trust=trust, **kw) as driver:
+            if isinstance(driver, KVHammer):
+                driver.preload()
+            before = app_checksum(a, name, trust)
+            moved = run_migration(Move.of(variant, name, a, b, timeout=cfg.timeout), driver, before_s=cfg.settle_s,
+                                  after_s=cfg.settle_s, on_progress=on_progress).raise_error()
+            rec.update(moved.figures)
+            rec["variant"], rec["seed"] = variant, seed
+            rec.update(check(moved, before, app_checksum(b, name, trust), driver, workload, heap, seed, cfg))
     except ConstmigError as e:
         rec["error"] = str(e)
         rec["verified"] = False
-        if driver is not None:
-            with contextlib.suppress(Exception):
-                driver.stop()
-    finally:
-        if driver is not None:
-            driver.close()
-        stop_anywhere(cluster.addrs, name)
     rec["cycle_s"] = round(time.perf_counter() - t_cycle, 2)
     return rec
+
+
+def check(moved: Moved, before: str, after: str, driver: KVHammer | StepDriver, workload: str, heap: int, seed: int,
+          cfg: SuiteConfig) -> dict[str, Any]:
+    """The driver's figures, the timeline and phases (seconds since the migrate request), and the verdict."""
+    report: LoadReport = moved.report
+    t_req = moved.requested
+    timeline = [[round(t - t_req, 4), round(r, 1)] for t, r in report.ops_timeline]
+    phases = derive_phases(moved.figures, moved.events, moved.took)
+    rec: dict[str, Any] = {**report.figures(), "client_error_sample": report.errors[:3], "timeline": timeline,
+                           "events": moved.events, "phases": phases,
+                           "ops_s_before": window_rate(timeline, -cfg.settle_s, 0.0),
+                           "ops_s_during": window_rate(timeline, phases["stop"], phases["done"]),
+                           "ops_s_migration": window_rate(timeline, phases["attest"], phases["done"])}  # start to DONE
+    if "rounds" in phases:  # what the app keeps while its heap streams beside it
+        rec["ops_s_rounds"] = window_rate(timeline, phases["rounds"], phases["stop"])
+    if report.max_gap_ms:
+        rec["client_gap_at_s"] = round(report.gap_at - t_req, 4)
+        rec["client_gap_phase"] = gap_phase(phases, rec["client_gap_at_s"], report.max_gap_ms / 1e3)
+    if isinstance(driver, KVHammer):
+        ok = after == before
+        why = "state checksum equal before and after (read-only client)" if ok else "state checksum changed"
+    else:
+        ok, why = _twin_check(workload, heap, cfg.fill, seed, before, after, driver.log)
+    if not report.clean:
+        why = f"client saw {len(report.errors)} failed and {report.wrong} wrong calls; " + why
+    return {**rec, "verified": bool(ok and report.clean), "verify_detail": why}
 
 
 # -- the whole suite ----------------------------------------------------------------------------------
@@ -342,25 +302,6 @@ def _write(doc: dict[str, Any], out: Path) -> None:
     tmp = out / "results.json.tmp"
     tmp.write_text(dumps(doc))
     tmp.replace(out / "results.json")
-
-
-def machine() -> dict[str, Any]:
-    """bench.machine_info plus what a reader needs to place the numbers: CPU model and flags, load."""
-    info = machine_info()
-    model, flags = "", set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    interesting = ("aes", "avx", "avx2", "avx512f", "sha_ni", "vaes", "pclmulqdq", "hypervisor", "sgx", "sev",
-                   "tdx_guest", "pdpe1gb")
-    info["cpu_model"] = model
-    info["cpu_flags"] = [f for f in interesting if f in flags]
-    with contextlib.suppress(OSError):
-        info["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    return info
 
 
 def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
@@ -386,7 +327,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     t0 = time.time()
     doc: dict[str, Any] = {"suite_version": 1, "command": cfg.command(), "given": given or cfg.command(),
-                           "config": cfg.to_json(), "machine": machine(), "uffd_problem": problem,
+                           "config": cfg.to_json(), "machine": machine_info(detail=True), "uffd_problem": problem,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": os.getloadavg(),
                            "results": results}
     cells = cfg.cells()
@@ -394,7 +335,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     console.print(f"bench suite: {total} migrations ({len(cells)} workload/size cells x {cfg.repeat} repeats x "
                   f"{len(cfg.variants)} variants){', then tracker overhead' if cfg.overhead else ''}; out {out}")
     t_mig = time.time()
-    with LocalCluster(2) as cluster, Progress(
+    with two_agents() as addrs, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True) as bar:
         task = bar.add_task("migrations", total=total)
@@ -411,7 +352,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
                             bar.update(task, description=f"{label} {info.get('phase')} "
                                        f"{info.get('done', 0) / info['total']:.0%}")
 
-                    rec = one_run(cluster, workload, heap, variant, rep, cfg, f"s{n}-{workload}", on_progress)
+                    rec = one_run(addrs, workload, heap, variant, rep, cfg, f"s{n}-{workload}", on_progress)
                     rec["repeat"] = rep
                     results.append(rec)
                     bar.advance(task)

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from constmig.bench.results import machine_info, spread
+from constmig.bench.results import machine_info
+from constmig.bench.stats import spread
 from constmig.enclave.dirty import EnclaveWriteTracker, KernelWriteTracker, enclave_problem, kernel_problem
 from constmig.enclave.heap import Heap
 

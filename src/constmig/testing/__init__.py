@@ -14,18 +14,19 @@ call must be answered.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from constmig.bench.harness import Move, calling, move
+from constmig.bench.loadgen import Caller
 from constmig.client import EnclaveClient, Trust, pin_now
-from constmig.errors import ConstmigError
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.host.orchestrate import migrate
 from constmig.migration.strategies import variants
 from constmig.units import parse_size
 from constmig.wire import control
+
+NAME = "under-test"
 
 
 @dataclass
@@ -50,45 +51,33 @@ def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed
     report = MigrationReport(app)
     with LocalCluster(2) as cluster:
         a, b = cluster.addrs
-        request(a, control.Run(name="under-test", app=app, heap=heap, config=config or {}))
+        request(a, control.Run(name=NAME, app=app, heap=heap, config=config or {}))
         trust = Trust.in_memory()  # pinned at launch: every later client must meet this very instance
-        pin_now(a, "under-test", trust)
-        with EnclaveClient(a, "under-test", timeout=timeout, trust=trust) as c:
+        pin_now(a, NAME, trust)
+        with EnclaveClient(a, NAME, timeout=timeout, trust=trust) as c:
             c.call("fill", fill, seed)
             expected = c.call("checksum")
-        stop, errors = threading.Event(), []
-
-        def client() -> None:
-            with EnclaveClient(a, "under-test", timeout=timeout, trust=trust) as c:
-                while not stop.is_set():
-                    try:
-                        c.call(call[0], *call[1])
-                        report.calls += 1
-                    except ConstmigError as e:
-                        errors.append(f"{call[0]}: {e}")
-                        return
-
-        t = threading.Thread(target=client, daemon=True)
-        t.start()
-        here, there = a, b
-        try:
-            for variant in strategies or variants(auto=False):
-                strategy, _, tracker = variant.partition("-")
-                for _ in range(2):  # there and back
-                    try:
-                        figures = migrate("under-test", here, there, strategy, timeout=timeout,
-                                          tracker=tracker or "auto")
-                    except ConstmigError as e:
-                        report.problems.append(f"{variant} {here} -> {there}: {e}")
-                        return report
-                    report.migrations.append({"variant": variant, **figures})
-                    here, there = there, here
-                    with EnclaveClient(here, "under-test", timeout=timeout, trust=trust) as c:
-                        got = c.call("checksum")
-                    if got != expected:
-                        report.problems.append(f"{variant}: checksum {got} after the move, {expected} before")
-        finally:
-            stop.set()
-            t.join(timeout)
-        report.problems += errors
+        with Caller(a, NAME, call[0], call[1], trust, timeout) as caller:
+            with calling(caller):
+                _there_and_back(report, strategies or variants(auto=False), (a, b), expected, trust, timeout)
+            report.calls = caller.report.calls
+            report.problems += [f"{call[0]}: {e}" for e in caller.report.errors]
     return report
+
+
+def _there_and_back(report: MigrationReport, chosen: list[str], hosts: tuple[str, str], expected: str,
+                    trust: Trust, timeout: float) -> None:
+    """Each variant to the other agent and back, the checksum read after every move; stops at a failure."""
+    here, there = hosts
+    for variant in chosen:
+        for _ in range(2):
+            moved = move(Move.of(variant, NAME, here, there, timeout=timeout))
+            if moved.error is not None:
+                report.problems.append(f"{variant} {here} -> {there}: {moved.error}")
+                return
+            report.migrations.append({"variant": variant, **moved.figures})
+            here, there = there, here
+            with EnclaveClient(here, NAME, timeout=timeout, trust=trust) as c:
+                got = c.call("checksum")
+            if got != expected:
+                report.problems.append(f"{variant}: checksum {got} after the move, {expected} before")
