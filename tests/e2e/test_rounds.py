@@ -157,3 +157,33 @@ def test_a_throttle_makes_a_writer_that_outruns_the_link_converge(cluster) -> No
     assert report.calls > 0 and report.wrong == 0, report.errors[:3]
     assert hammer.verify() == 0
     hammer.close()
+
+
+@pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}")
+@pytest.mark.parametrize(("cap", "decision"), [(None, "converged"), (0.05, "switched")])
+def test_auto_throttles_until_the_rounds_converge_or_says_why_it_switched(cluster, cap, decision) -> None:
+    """--strategy auto under a client that writes all over the heap faster than the link: with its
+    default cap it throttles the writers until the rounds converge and switches with little left;
+    with a cap too low to help it switches anyway and says why, and that stop-and-copy would have done
+    as well. Either way every acknowledged write is at the destination."""
+    a, b = cluster.addrs
+    launch(a, heap=32 << 20)
+    hammer = KVHammer(a, "kv", keys=3000, write_ratio=1.0, seed=15)
+    hammer.preload()
+    hammer.start()
+    try:
+        options = {} if cap is None else {"max_throttle": cap}
+        figures = migrate("kv", a, b, "auto", timeout=60, max_bandwidth=16 << 20, max_downtime=0.3, **options)
+    finally:
+        report = hammer.stop()
+    assert figures["strategy"] == "auto" and figures["decision"] == decision, figures
+    assert max(figures["throttle"]) == (0.05 if cap else max(figures["throttle"])) > 0, figures
+    if decision == "converged":
+        assert figures["rounds_ended"] == "fits" and figures["missing_at_switch"] < figures["chunks"] // 4, figures
+        assert "decision_hint" not in figures
+    else:
+        assert figures["rounds_ended"] == "not-shrinking" and "decision_hint" in figures, figures
+        assert "stop-and-copy would have moved it" in figures["decision_hint"]
+    assert report.calls > 0 and report.wrong == 0, report.errors[:3]
+    assert hammer.verify() == 0
+    hammer.close()

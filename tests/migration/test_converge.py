@@ -134,17 +134,29 @@ def test_without_a_cap_a_round_that_does_not_shrink_ends_the_rounds() -> None:
 def test_the_throttle_starts_gently_steps_up_while_the_set_does_not_shrink_and_stops_at_its_cap() -> None:
     rule = _rule(max_downtime=0.0, max_rounds=20, max_throttle=0.45)
     steps = []
-    for _ in range(4):  # the writer keeps up with the link: never shrinking
-        assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None
+    for _ in range(4):  # the writer barely outruns the link (90 of 100 written again): never shrinking
+        assert rule.after_round(100, 100 * MiB, 1.0, 90, False) is None
         steps.append(rule.throttle)
     assert steps == [0.2, 0.3, 0.4, 0.45]
-    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) == Ending.NOT_SHRINKING  # at the cap: stop
+    assert rule.own_rate == 90 and rule.write_limit() == pytest.approx(90 * 0.55)
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, False) == Ending.NOT_SHRINKING  # at the cap: stop
     assert rule.throttles == [0.0, 0.2, 0.3, 0.4, 0.45] and rule.throttle == 0.0, "lifted when the rounds end"
+    assert rule.write_limit() is None
+
+
+def test_a_writer_far_ahead_of_the_link_gets_enough_throttle_at_once() -> None:
+    """It wrote 400 chunks a second while the link took 100: to shrink, the next round may see at most 80
+    new chunks a second, a throttle of 0.8 (not 0.2, then 0.3...)."""
+    rule = _rule(max_downtime=0.0, max_throttle=0.9)
+    assert rule.after_round(100, 100 * MiB, 1.0, 400, False) is None  # (a heap of that many chunks)
+    assert rule.throttle == pytest.approx(0.8) and rule.write_limit() == pytest.approx(80)
+    assert rule.after_round(400, 400 * MiB, 4.0, 350, False) is None  # still not shrinking: one step more
+    assert rule.throttle == pytest.approx(0.9)  # the cap
 
 
 def test_the_throttle_holds_while_the_rounds_shrink_and_is_lifted_when_they_end() -> None:
     rule = _rule(max_downtime=0.05, max_throttle=0.9)
-    assert rule.after_round(100, 100 * MiB, 1.0, 95, False) is None and rule.throttle == 0.2
+    assert rule.after_round(100, 100 * MiB, 1.0, 95, False) is None and rule.throttle == 0.2  # enough: 0.16
     assert rule.after_round(95, 95 * MiB, 1.0, 60, False) is None and rule.throttle == 0.2  # shrinking: held
     assert rule.after_round(60, 60 * MiB, 1.0, 2, False) == Ending.FITS
     assert rule.throttle == 0.0 and rule.throttles == [0.0, 0.2, 0.2]
@@ -154,8 +166,8 @@ def test_the_throttle_holds_while_the_rounds_shrink_and_is_lifted_when_they_end(
 @pytest.mark.parametrize("ending", [Ending.MAX_ROUNDS, Ending.TRACKING_LOST])
 def test_the_throttle_never_outlives_the_rounds(ending: Ending) -> None:
     rule = _rule(max_downtime=0.0, max_rounds=2, max_throttle=0.9)
-    assert rule.after_round(100, 100 * MiB, 1.0, 100, False) is None and rule.throttle == 0.2
-    assert rule.after_round(100, 100 * MiB, 1.0, 100, ending is Ending.TRACKING_LOST) == ending
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, False) is None and rule.throttle == 0.2
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, ending is Ending.TRACKING_LOST) == ending
     assert rule.throttle == 0.0
 
 

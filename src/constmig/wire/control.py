@@ -195,7 +195,7 @@ class _MigrationOptions(Request, kw_only=True):
     write_tracking: str = DEFAULT_WRITE_TRACKING
     # precopy, hybrid: the most the enclave may slow the calls that write, as a share of their time, when the
     # rounds do not converge (migration/strategies/converge.py); 0: never
-    max_throttle: float = 0.0
+    max_throttle: float | None | msgspec.UnsetType = msgspec.UNSET  # None or unset: the strategy's (auto 0.9)
     # precopy, hybrid: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth), like
     # KubeVirt's completionTimeoutPerGiB: then they end and the stop takes what is left
     completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT_S
@@ -210,9 +210,10 @@ class _MigrationOptions(Request, kw_only=True):
             raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
             raise BadRequest(f"max_rounds must be an integer from 1 to {MAX_ROUNDS}, not {self.max_rounds!r}")
-        if not (math.isfinite(self.max_throttle) and 0 <= self.max_throttle <= MAX_THROTTLE):
+        throttle = self.max_throttle if isinstance(self.max_throttle, (int, float)) else 0.0
+        if not (math.isfinite(throttle) and 0 <= throttle <= MAX_THROTTLE):
             raise BadRequest(f"max_throttle must be a share from 0 to {MAX_THROTTLE}, not {self.max_throttle!r}")
-        if self.max_throttle and self.write_tracking == "kernel":
+        if throttle and self.write_tracking == "kernel":
             raise BadRequest("max_throttle needs the enclave's write tracking (enclave or auto): the kernel's "
                              "cannot tell which call wrote")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from constmig.errors import ConfigError
 from constmig.migration import constants
 from constmig.migration.constants import TRACKERS
+from constmig.migration.strategies.auto import Auto
 from constmig.migration.strategies.base import Strategy
 from constmig.migration.strategies.hybrid import Hybrid
 from constmig.migration.strategies.postcopy import PostCopy
@@ -14,7 +15,7 @@ from constmig.migration.strategies.stopcopy import StopAndCopy
 
 __all__ = ["ROUNDS", "STRATEGIES", "TRACKERS", "Strategy", "get", "variants"]
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy(), PreCopy(), Hybrid())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopAndCopy(), PostCopy(), PreCopy(), Hybrid(), Auto())}
 ROUNDS = tuple(s.name for s in STRATEGIES.values() if isinstance(s, RoundsMixin))  # send rounds before the stop
 # The names requests are checked against (wire/control.py) are the registry's, in its order.
 assert tuple(STRATEGIES) == constants.STRATEGIES, "constants.STRATEGIES must name the registry's strategies"

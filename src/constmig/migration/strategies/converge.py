@@ -20,9 +20,12 @@ app wrote since its chunks were sent (`left`) and stops the rounds, saying why, 
 The throttle (QEMU's auto-converge and dirty-limit, applied inside the enclave to the calls that write:
 enclave/throttle.py) takes a share of the app's own write pace away: the app may newly write chunks at
 (1 - share) times the rate it wrote them in the round that first did not shrink (`write_limit`), so
-writers slow down and readers keep their pace. It starts at `THROTTLE_START` on the first round that did not shrink, steps
-up by `THROTTLE_STEP` on each further one, holds while the rounds shrink, never passes the operator's
-cap, and is lifted the moment the rounds end (the stop, a cancel, any failure).
+writers slow down and readers keep their pace. On the first round that did not shrink it starts at
+`THROTTLE_START`, or at once at what would let the next round shrink (the app newly writing at most
+`TARGET_SHARE` of the chunks the link carries), whichever is more; each further round
+that does not shrink adds `THROTTLE_STEP` (or again what is enough). It holds while the rounds shrink,
+never passes the operator's cap, and is lifted the moment the rounds end (the stop, a cancel, any
+failure).
 
 The reason is a figure (`rounds_ended`), so an operator sees why a migration stopped when it did, and so
 is the throttle of each round (`throttle`).
@@ -43,6 +46,7 @@ GiB = 1 << 30
 MIN_ELAPSED_S = 1e-6  # a round timed at zero (a coarse clock) still gives a finite rate
 THROTTLE_START = 0.2  # QEMU's cpu-throttle-initial
 THROTTLE_STEP = 0.1  # QEMU's cpu-throttle-increment
+TARGET_SHARE = SHRINK  # a throttled app may newly write this share of the chunks the link carries
 
 
 class Ending(StrEnum):
@@ -65,12 +69,13 @@ class Goal:
     budget_s: float = float("inf")  # the rounds' time, from the first round's start
 
     @classmethod
-    def of(cls, req: control.MigrateOut, default_rounds: int, heap_bytes: int) -> Goal:
+    def of(cls, req: control.MigrateOut, default_rounds: int, heap_bytes: int, default_throttle: float = 0.0) -> Goal:
         """The request's goal; an unset or None option takes the strategy's default."""
         downtime = req.max_downtime if isinstance(req.max_downtime, (int, float)) else DEFAULT_MAX_DOWNTIME_S
         rounds = req.max_rounds if isinstance(req.max_rounds, int) else default_rounds
+        throttle = req.max_throttle if isinstance(req.max_throttle, (int, float)) else default_throttle
         budget = req.completion_timeout * max(1.0, heap_bytes / GiB)
-        return cls(float(downtime), rounds, float(req.max_throttle), budget)
+        return cls(float(downtime), rounds, float(throttle), budget)
 
 
 @dataclass
@@ -106,11 +111,19 @@ class Convergence:
             self.ended = None  # slow the writers down and try again
             if self.throttle == 0:
                 self.own_rate = left / self.elapsed  # its own pace, before any throttle
-            self.throttle = min(self.goal.max_throttle,
-                                THROTTLE_START if self.throttle == 0 else round(self.throttle + THROTTLE_STEP, 6))
+            step = THROTTLE_START if self.throttle == 0 else self.throttle + THROTTLE_STEP
+            self.throttle = round(min(self.goal.max_throttle, max(step, self._enough())), 6)
         if self.ended is not None:
             self.throttle = 0.0  # lifted the moment the rounds end
         return self.ended
+
+    def _enough(self) -> float:
+        """The throttle under which the next round would just shrink: it takes the chunks left in
+        left * chunk / rate seconds, while the app may newly write only TARGET_SHARE of what the link
+        carries meanwhile. Small for a writer that barely outruns the link, large for one far ahead."""
+        if not self.rate or not self.own_rate:
+            return 0.0
+        return 1 - TARGET_SHARE * (self.rate / self.chunk_size) / self.own_rate
 
     def write_limit(self) -> float | None:
         """Chunks per second the app may newly write in the next round (its own pace less the throttle's

@@ -78,11 +78,12 @@ class RoundsMixin:
     """`before_stop` and `receive_before_state` for a strategy that sends rounds before the stop."""
 
     default_rounds: ClassVar[int] = MAX_ROUNDS
+    default_throttle: ClassVar[float] = 0.0  # --max-throttle unless the request names one
     left_figure: ClassVar[str] = "final_chunks"
 
     def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Rounds:
         heap = enclave.heap
-        goal = Goal.of(req, self.default_rounds, heap.size)
+        goal = Goal.of(req, self.default_rounds, heap.size, self.default_throttle)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one; a throttle
         # needs the enclave's own, which counts what each call writes
         paired = "enclave" if goal.max_throttle and enclave_problem() is None else \
@@ -132,10 +133,15 @@ class RoundsMixin:
             if tracker.lost:  # what the tracker could not do
                 rounds.figures["tracking_lost"] = tracker.lost
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
+            rounds.figures.update(self.decided(rule, heap.n_chunks))
             return rounds
         except BaseException:
             rounds.close()
             raise
+
+    def decided(self, rule: Convergence, n_chunks: int) -> dict[str, Any]:
+        """Figures that say what the strategy made of the rounds (auto's decision); none by default."""
+        return {}
 
     def receive_before_state(self, link: Link, enclave: Enclave, migration_id: bytes) -> tuple[Early | None, Any]:
         """The rounds: each version over the last, in the heap the app does not run on yet."""
