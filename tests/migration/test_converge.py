@@ -144,6 +144,23 @@ def test_the_throttle_starts_gently_steps_up_while_the_set_does_not_shrink_and_s
     assert rule.write_limit() is None
 
 
+def test_the_apps_own_pace_is_measured_once_before_any_throttle() -> None:
+    rule = _rule(max_downtime=0.0, max_throttle=0.9)
+    assert rule.after_round(100, 100 * MiB, 2.0, 90, False) is None  # 45 new chunks a second, the link 50
+    assert rule.own_rate == 45 and rule.throttle == 0.2  # what is enough (0.11) is less than the start
+    assert rule.after_round(90, 90 * MiB, 1.0, 85, False) is None  # throttled: writes less, not its own pace
+    assert rule.own_rate == 45 and rule.write_limit() == pytest.approx(45 * (1 - rule.throttle))
+    assert rule.figures(0.0)["unthrottled_dirty_rate"] == 45.0
+    third = _rule(max_downtime=0.0, max_throttle=0.9)
+    third.after_round(100, 100 * MiB, 3.0, 100, False)
+    assert third.figures(0.0)["unthrottled_dirty_rate"] == 33.3
+
+
+def test_a_goal_is_a_value_and_lost_tracking_must_be_said() -> None:
+    assert hash(Goal()) == hash(Goal()) and Goal() == Goal(0.05, 8, 0.0)
+    assert _rule(max_downtime=0.0).after_round(10, 10 * MiB, 1.0, 5) is None  # not lost unless said
+
+
 def test_a_writer_far_ahead_of_the_link_gets_enough_throttle_at_once() -> None:
     """It wrote 400 chunks a second while the link took 100: to shrink, the next round may see at most 80
     new chunks a second, a throttle of 0.8 (not 0.2, then 0.3...)."""

@@ -325,6 +325,15 @@ def test_settle_holds_no_chunk_freed_or_allocated_after_the_last_scan(small_heap
     assert ledger.missing().tolist() == [0, 1]
 
 
+def test_settle_with_nothing_written_holds_every_chunk_sent(small_heap) -> None:
+    small_heap.alloc("a", 2 * MiB)  # chunks 0, 1
+    sent = _sent_all(small_heap)
+    small_heap.take_changed()
+    rounds = Rounds(_Marks(small_heap), sent)  # type: ignore[arg-type]
+    ledger = ChunkLedger(b"m" * 16, small_heap.n_chunks, small_heap.export_chunks())
+    assert rounds.settle(ledger).tolist() == [0, 1] and ledger.complete
+
+
 def test_settle_holds_what_was_sent_is_expected_and_was_not_written_since(small_heap) -> None:
     """The stop: held = sent, expected, and written neither during the last round (`pending`) nor since
     (the stop's scan, which re-arms nothing: the app writes no more). The figure counts what the stop
@@ -431,8 +440,10 @@ def test_under_a_tracker_a_stale_chunk_is_missing_again_and_its_next_version_ins
     assert recv_msg(chan) == m.RoundAck(2, 0)
     assert _missing(dst, a_idx) and not _missing(dst, b_idx)
     chan.send_chunk(a_idx, heap.chunk_view(a_idx))
-    send_msg(chan, m.RoundEnd(3, 1))
-    assert recv_msg(chan) == m.RoundAck(3, 1)
+    np.frombuffer(heap.chunk_view(b_idx), dtype=np.uint8)[:8] ^= 0xFF  # B written since round 1 ...
+    chan.send_chunk(b_idx, heap.chunk_view(b_idx))  # ... goes again: over the version in place, no install
+    send_msg(chan, m.RoundEnd(3, 2))
+    assert recv_msg(chan) == m.RoundAck(3, 2)
     assert not _missing(dst, a_idx)
     for index in (a_idx, b_idx):
         assert bytes(dst.heap.chunk_view(index)) == bytes(heap.chunk_view(index))

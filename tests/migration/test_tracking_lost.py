@@ -71,7 +71,8 @@ def test_tracking_lost_ends_the_rounds_and_the_stop_sends_everything(enclaves: E
     figures = Runner(source.run, src, [pair[1]], req, progress).value()
     receiving.value()
     assert written, "round 1 never reported its end"
-    assert figures["rounds"] == 1, figures
+    assert figures["rounds"] == 1 and figures["rounds_ended"] == "tracking-lost", figures
+    assert 0 < figures["precopy_s"] < TIMEOUT and figures["precopy_rate_gbps"] > 0, figures
     assert "tracking_lost" in figures and "Cannot allocate memory" in figures["tracking_lost"], figures
     assert figures["final_chunks"] == everything, figures  # no round's version counted: all went at the stop
     assert dst.app is not None and dst.app.checksum() == written["checksum"]
