@@ -16,6 +16,7 @@ from rich.table import Table
 
 from constmig.bench.harness import launched, migrate_under_load, two_agents
 from constmig.bench.results import machine_info, split_variant, summarize
+from constmig.bench.stats import show
 from constmig.progress import console
 from constmig.units import format_size
 
@@ -60,13 +61,6 @@ def run_sizes(strategies: list[str], sizes: list[int], repeat: int, app: str, ou
     return doc
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    v = row.get(key)
-    if v is None:
-        return "-"
-    return f"{fmt.format(v['median'])} [{fmt.format(v['min'])}-{fmt.format(v['max'])}]"
-
-
 def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=escape(title))
     for col in ("variant", "heap", "downtime ms", "vs stopcopy", "total s", "vs stopcopy", "client gap ms",
@@ -75,11 +69,11 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     for row in rows:
         p50, p99 = row.get("fault_latency_us_p50"), row.get("fault_latency_us_p99")
         table.add_row(
-            row["variant"], format_size(row["heap_bytes"]), _cell(row, "downtime_ms", "{:.0f}"),
+            row["variant"], format_size(row["heap_bytes"]), show(row.get("downtime_ms"), "{:.0f}"),
             f"{row['downtime_vs_stopcopy']:.1%}" if "downtime_vs_stopcopy" in row else "",
-            _cell(row, "total_s", "{:.2f}"),
+            show(row.get("total_s"), "{:.2f}"),
             f"{row['total_vs_stopcopy']:.2f}x" if "total_vs_stopcopy" in row else "",
-            _cell(row, "client_gap_ms", "{:.0f}"),
+            show(row.get("client_gap_ms"), "{:.0f}"),
             f"{p50['median']:.0f} / {p99['median']:.0f}" if p50 and p99 else "-",
             str(row["all_verified"]))
     return table
