@@ -68,6 +68,7 @@ MODULES: dict[str, list[str]] = {
     # issue 30: the rounds and the write trackers (frees count as writes; tracking lost fails safe)
     "migration/strategies/rounds.py": ["tests/migration/test_round_rules.py", "tests/migration/test_tracking_lost.py"],
     "migration/strategies/converge.py": ["tests/migration/test_converge.py"],
+    "migration/strategies/early.py": ["tests/migration/test_round_rules.py"],
     "enclave/dirty.py": ["tests/enclave/test_dirty.py"],
     "host/admin.py": ["tests/host/test_admin.py"],
     "host/pki.py": ["tests/host/test_admin.py"],

@@ -655,22 +655,24 @@ def _ask_cancel(name: str, src: str) -> None:
               help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "
               "bytes per second (e.g. 100M); 0 = no cap. Chunks the app waits for are never held back.")
 @click.option("--max-downtime", type=Duration(), default=None,
-              help="precopy, hybrid: end the rounds once what is left would take at most this long to send "
+              help="precopy, hybrid, auto: end the rounds once what is left would take at most this long to send "
               "(e.g. 50ms; default 50ms).")
 @click.option("--rounds", "max_rounds", type=click.IntRange(1, control.MAX_ROUNDS), default=None,
-              help="precopy, hybrid: at most this many rounds while the app runs (default: precopy 8, "
+              help="precopy, hybrid, auto: at most this many rounds while the app runs (default: precopy and auto 8, "
               "hybrid 1).")
 @click.option("--write-tracking", type=click.Choice(WRITE_TRACKING), default=control.DEFAULT_WRITE_TRACKING,
               show_default=True,
-              help="precopy, hybrid: who reports the app's writes during the rounds: the kernel (userfaultfd "
-              "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the kernel with the "
-              "Fault Tracker, the enclave with the Access Tracker (docs/architecture.md).")
-@click.option("--max-throttle", type=click.FloatRange(0, control.MAX_THROTTLE), default=0.0, show_default=True,
-              help="precopy, hybrid: when a round does not shrink, slow the calls that write (never the reads) "
-              "by up to this share of their pace, from 0.2 in steps of 0.1, until the rounds converge; 0: never. "
-              "Needs the enclave's write tracking (auto picks it).")
+              help="precopy, hybrid, auto: who reports the app's writes during the rounds: the kernel (userfaultfd "
+              "write-protect, Linux 6.7+) or the enclave's own write-fault handler; auto: the enclave's where the "
+              "writers may be throttled, else the kernel with the Fault Tracker and the enclave with the Access "
+              "Tracker (docs/architecture.md).")
+@click.option("--max-throttle", type=click.FloatRange(0, control.MAX_THROTTLE), default=None,
+              help="precopy, hybrid, auto: when a round does not shrink, slow the calls that write (never the "
+              "reads) by up to this share of their pace (from 0.2, or at once what lets the next round shrink, "
+              "then +0.1 a round) until the rounds converge; 0: never [default: auto 0.9, the others 0]. Needs "
+              "the enclave's write tracking (auto picks it).")
 @click.option("--completion-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="precopy, hybrid: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth; "
+              help="precopy, hybrid, auto: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth; "
               f"default {control.DEFAULT_COMPLETION_TIMEOUT_S:.0f}); then the stop takes what is left, and a round "
               "the destination does not acknowledge within it ends the migration with the enclave running here.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
@@ -688,7 +690,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON (FILE, or - for stdout).")
 @etcd_option("Find the source agent (no --from needed) in this fleet directory [env: CONSTMIG_ETCD].")
 def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
-            max_downtime: float | None, max_rounds: int | None, write_tracking: str, max_throttle: float,
+            max_downtime: float | None, max_rounds: int | None, write_tracking: str, max_throttle: float | None,
             completion_timeout: float | None, timeout: float,
             verify: bool, resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
             etcd: str | None) -> None:
@@ -725,8 +727,8 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
         if tracker != control.DEFAULT_TRACKER and not strategies.get(strategy).needs_tracker:
             click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None or
-                                                   write_tracking != control.DEFAULT_WRITE_TRACKING or max_throttle
-                                                   or completion_timeout is not None):
+                                                   write_tracking != control.DEFAULT_WRITE_TRACKING
+                                                   or max_throttle is not None or completion_timeout is not None):
             raise ConfigError("--max-downtime, --rounds, --write-tracking, --max-throttle and --completion-timeout "
                               f"steer the rounds before the stop; use them with --strategy "
                               f"{' or '.join(strategies.ROUNDS)}")
