@@ -45,8 +45,9 @@ def check_migrates(app: str, *, heap: int | str = "64M", fill: float = 0.5, seed
                    strategies: list[str] | None = None, config: dict[str, Any] | None = None,
                    call: tuple[str, list[Any]] = ("stats", []),
                    timeout: float = control.DEFAULT_TIMEOUT_S) -> MigrationReport:
-    """Migrate `app` there and back with each strategy (default: every variant: stopcopy, constmig,
-    precopy and hybrid with each tracker) and report what differed."""
+    """Migrate `app` there and back with each strategy (default: every variant the registry names,
+    `strategies.variants(auto=False)`: each strategy, with each tracker where it takes one) and report
+    what differed."""
     heap = parse_size(heap) if isinstance(heap, str) else heap
     report = MigrationReport(app)
     with LocalCluster(2) as cluster:
