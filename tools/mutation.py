@@ -66,7 +66,9 @@ MODULES: dict[str, list[str]] = {
     "enclave/sessions.py": ["tests/enclave/test_sessions.py", "tests/wire/test_session.py"],
     "wire/session.py": ["tests/wire/test_session.py", "tests/enclave/test_sessions.py"],
     # issue 30: the rounds and the write trackers (frees count as writes; tracking lost fails safe)
-    "migration/strategies/rounds.py": ["tests/migration/test_round_rules.py", "tests/migration/test_tracking_lost.py"],
+    "migration/strategies/rounds.py": ["tests/migration/test_round_rules.py", "tests/migration/test_tracking_lost.py",
+                                       "tests/migration/test_throttled_rounds.py"],
+    "enclave/throttle.py": ["tests/enclave/test_throttle.py", "tests/migration/test_throttled_rounds.py"],
     "migration/strategies/converge.py": ["tests/migration/test_converge.py"],
     "migration/strategies/early.py": ["tests/migration/test_round_rules.py"],
     "enclave/dirty.py": ["tests/enclave/test_dirty.py"],
