@@ -83,7 +83,7 @@ def test_the_example_app_migrates_with_every_strategy_and_tracker():
     assert report.calls > 20
     done = {m["variant"] for m in report.migrations}
     assert done == set(variants or ["stopcopy", "constmig-fault", "constmig-access", "precopy",
-                                    "hybrid-fault", "hybrid-access"])
+                                    "hybrid-fault", "hybrid-access", "auto-fault", "auto-access"])
     assert all(len([m for m in report.migrations if m["variant"] == v]) == 2 for v in done)
 
 
