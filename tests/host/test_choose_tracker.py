@@ -3,30 +3,30 @@
 import pytest
 
 from constmig.errors import AgentError
-from constmig.host import agent
+from constmig.host import incoming
 
 
 def test_auto_takes_fault_where_userfaultfd_works(monkeypatch):
-    monkeypatch.setattr(agent, "preflight", lambda: None)
-    assert agent.choose_tracker("auto") == ("fault", "auto: userfaultfd works here")
+    monkeypatch.setattr(incoming, "preflight", lambda: None)
+    assert incoming.choose_tracker("auto") == ("fault", "auto: userfaultfd works here")
 
 
 def test_auto_falls_back_to_access_and_says_why(monkeypatch):
     problem = "userfaultfd needs root here: vm.unprivileged_userfaultfd is 0"
-    monkeypatch.setattr(agent, "preflight", lambda: problem)
-    tracker, reason = agent.choose_tracker("auto")
+    monkeypatch.setattr(incoming, "preflight", lambda: problem)
+    tracker, reason = incoming.choose_tracker("auto")
     assert tracker == "access"
     assert problem in reason
 
 
 def test_fault_requested_where_it_cannot_run_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(agent, "preflight", lambda: "no userfaultfd in this kernel")
+    monkeypatch.setattr(incoming, "preflight", lambda: "no userfaultfd in this kernel")
     with pytest.raises(AgentError, match="fault tracker cannot run on this host: no userfaultfd"):
-        agent.choose_tracker("fault")
+        incoming.choose_tracker("fault")
 
 
 def test_access_needs_nothing_and_unknown_names_are_refused(monkeypatch):
-    monkeypatch.setattr(agent, "preflight", lambda: "anything")
-    assert agent.choose_tracker("access") == ("access", "requested")
+    monkeypatch.setattr(incoming, "preflight", lambda: "anything")
+    assert incoming.choose_tracker("access") == ("access", "requested")
     with pytest.raises(AgentError, match="unknown tracker 'magic'"):
-        agent.choose_tracker("magic")
+        incoming.choose_tracker("magic")
