@@ -10,10 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
-from constmig.errors import AgentError, ConfigError
+from constmig.errors import AgentError, ConfigError, PastCommitPoint
 from constmig.host import fleet
 from constmig.host.fleet import HEADROOM, HostView, Move, hosts_arg, plan_drain, plan_rebalance
 from constmig.wire import control
@@ -55,6 +56,29 @@ def test_an_interrupt_starts_no_further_move(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fleet.run_moves(moves, parallel=1, max_bandwidth=0, strategy="precopy", tracker="auto", timeout=10)
     assert started == ["kv0"]
+
+
+@pytest.mark.parametrize(("answer", "asks"), [
+    (PastCommitPoint("the migration of 'kv0' passed its commit point (the destination runs it)"), 1),
+    (PastCommitPoint("the migration of 'kv0' is over: it runs on h:1"), 1),
+    # the same words in an error of another type are not taken for the type: asked again until the move ends
+    (AgentError("the enclave 'kv0' did not answer the cancel in time (commit point? is over?)"), 3),
+])
+def test_an_interrupt_leaves_a_move_past_its_commit_point_to_finish(monkeypatch, answer, asks):
+    """A cancel refused as too late (the typed PastCommitPoint, never its wording) ends the asking: the move
+    goes on and finishes; any other refusal is asked again while the move runs."""
+    asked: list[str] = []
+    fut: Future = Future()
+
+    def fake_request(addr, req, timeout=None):
+        asked.append(req.name)
+        if len(asked) == 3:
+            fut.set_result(None)  # the move ended meanwhile
+        raise answer
+
+    monkeypatch.setattr(fleet, "request", fake_request)
+    fleet._cancel_move(fut, Move("kv0", MiB, "h:2", "h:1"))
+    assert len(asked) == asks
 
 
 def test_the_largest_heap_goes_first_to_the_host_with_the_most_room():

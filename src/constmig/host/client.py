@@ -22,6 +22,7 @@ from constmig.errors import (
     ChannelClosed,
     ConstmigError,
     NoSuchEnclave,
+    PastCommitPoint,
     ProtocolError,
     Redirect,
     SessionUnknown,
@@ -202,6 +203,8 @@ class AgentClient:
             raise SessionUnknown(reply.error or "no such session")
         if reply.kind == NoSuchEnclave.__name__:
             raise NoSuchEnclave(reply.error or "no such enclave")
+        if reply.kind == PastCommitPoint.__name__:
+            raise PastCommitPoint(reply.error or "the migration passed its commit point")
         raise AgentError(reply.error or "request failed")
 
     def close(self) -> None:

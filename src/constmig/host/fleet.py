@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from constmig.errors import ConfigError, ConstmigError
+from constmig.errors import ConfigError, ConstmigError, PastCommitPoint
 from constmig.host.address import parse_addr
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
@@ -244,9 +244,10 @@ def _cancel_move(fut: Future, mv: Move) -> None:
         try:
             request(mv.src, control.Cancel(name=mv.name, reason="interrupted"), timeout=STATUS_TIMEOUT_S)
             return
-        except ConstmigError as e:
-            if "commit point" in str(e) or "is over" in str(e):  # past it: the move goes on, and finishes
-                return
+        except PastCommitPoint:  # past it: the move goes on, and finishes
+            return
+        except ConstmigError:
+            pass  # not known there yet (or not reachable this once): ask again
         time.sleep(0.1)
 
 
