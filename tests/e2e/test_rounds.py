@@ -163,7 +163,7 @@ def test_a_throttle_makes_a_writer_that_outruns_the_link_converge(cluster) -> No
 @pytest.mark.parametrize(("cap", "decision"), [(None, "converged"), (0.05, "switched")])
 def test_auto_throttles_until_the_rounds_converge_or_says_why_it_switched(cluster, cap, decision) -> None:
     """--strategy auto under a client that writes all over the heap faster than the link: with its
-    default cap it throttles the writers until the rounds converge and switches with little left;
+    default cap it throttles the writers until the rounds converge and finishes as pre-copy;
     with a cap too low to help it switches anyway and says why, and that stop-and-copy would have done
     as well. Either way every acknowledged write is at the destination."""
     a, b = cluster.addrs
@@ -172,17 +172,19 @@ def test_auto_throttles_until_the_rounds_converge_or_says_why_it_switched(cluste
     hammer.preload()
     hammer.start()
     try:
-        options = {} if cap is None else {"max_throttle": cap}
+        options = {"max_rounds": 12} if cap is None else {"max_throttle": cap}  # room to converge
         figures = migrate("kv", a, b, "auto", timeout=60, max_bandwidth=16 << 20, max_downtime=0.3, **options)
     finally:
         report = hammer.stop()
     assert figures["strategy"] == "auto" and figures["decision"] == decision, figures
     assert max(figures["throttle"]) == (0.05 if cap else max(figures["throttle"])) > 0, figures
-    if decision == "converged":
-        assert figures["rounds_ended"] == "fits" and figures["missing_at_switch"] < figures["chunks"] // 4, figures
+    if decision == "converged":  # finished as pre-copy: nothing missing after the switch, no demand
+        assert figures["rounds_ended"] == "fits" and figures["final_chunks"] < figures["chunks"] // 4, figures
+        assert "missing_at_switch" not in figures and not figures.get("demand_chunks"), figures
         assert "decision_hint" not in figures
     else:
         assert figures["rounds_ended"] == "not-shrinking" and "decision_hint" in figures, figures
+        assert figures["missing_at_switch"] > figures["chunks"] // 2, figures
         assert "stop-and-copy would have moved it" in figures["decision_hint"]
     assert report.calls > 0 and report.wrong == 0, report.errors[:3]
     assert hammer.verify() == 0

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from constmig.errors import ConfigError, EnclaveError, IntegrityError
+from constmig.files import checkpoint_path
 from constmig.wire.aead import RecordOpener, RecordSealer
 from constmig.wire.channel import is_zero
 
@@ -200,7 +201,7 @@ class Persistence:
                                                len(data), time.time(), bool(spec.get("plain_calls"))))
         sealer = RecordSealer(_kdf(self.lineage.key, b"checkpoint" + struct.pack("<Q", version)), 1)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.v{version}.ckpt"
+        path = checkpoint_path(folder, name, version)
         tmp = path.with_suffix(".tmp")
         size = heap.chunk_size
         with open(tmp, "wb") as f:

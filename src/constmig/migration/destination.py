@@ -129,8 +129,11 @@ def _receive(enclave: Enclave, link: Link, socks: list[socket.socket], strategy:
         ledger.check_acceptable(msg.index)
         # The app is not running and this instance is wiped on any failure, so decrypting straight into
         # place is safe here; the tag is checked before the chunk counts. A chunk not in the ledger yet is
-        # zeros (fresh) unless a round left an old version there, so a zero chunk needs no write.
-        if msg.zero and msg.length == heap.chunk_size and not (stale is not None and stale[msg.index]):
+        # zeros (fresh) unless a round left an old version there, so a zero chunk needs no write. Under a
+        # post-copy tracker (auto finishing as pre-copy) the chunk is missing or guarded: the tracker installs it.
+        if enclave.tracking.post_copy:
+            enclave.tracking.install(msg, link.chan)
+        elif msg.zero and msg.length == heap.chunk_size and not (stale is not None and stale[msg.index]):
             link.chan.open_zero(msg)
         else:
             link.chan.open_chunk(msg, heap.chunk_view(msg.index))

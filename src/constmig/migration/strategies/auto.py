@@ -1,22 +1,36 @@
-"""Auto: pre-copy rounds with the writers throttled until they converge, then the ConstMig switch for
-whatever is left; the figures say what it decided and on what.
+"""Auto: pre-copy rounds with the writers throttled until they converge, then a pre-copy finish or the
+ConstMig switch for whatever is left; the figures say what it decided and on what.
 
 The rounds are precopy's (up to 8, ending on the downtime goal, the completion budget, or a round that
 does not shrink) with `--max-throttle` 0.9 unless the operator names another cap: a writer that outruns
 the link is held to a dirty-rate limit inside the enclave until the rounds shrink (converge.py,
-enclave/throttle.py). Then it switches as hybrid does: what the rounds left is missing at the
-destination and arrives by demand and stream, which takes milliseconds when they converged. When they
-did not (a writer that rewrites most of its heap faster than the link carries it even at the cap),
-post-copy carries the rest, and the figures say that stop-and-copy would have moved it with a similar
-gap and what would have made the rounds converge.
+enclave/throttle.py). Then:
+
+* converged (what is left fits the downtime goal): it finishes as pre-copy, the rest going with the
+  small state, so after COMMIT the destination needs nothing from the source (no demand fault, whose
+  latency under load was the longest client gap of a post-copy switch);
+* not converged: it switches as hybrid does, what the rounds left arriving by demand and stream; for a
+  writer that rewrites most of its heap faster than the link carries it even at the cap, the figures
+  say that stop-and-copy would have moved it with a similar gap, and what would make the rounds converge.
+
+The destination is prepared with a post-copy tracker either way; chunks that arrive with the small state
+go in through it (trackers/: UFFDIO_COPY, or the Access Tracker's install).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from constmig.migration.strategies.converge import MAX_ROUNDS, Convergence, Ending
 from constmig.migration.strategies.hybrid import Hybrid
+from constmig.migration.strategies.rounds import Rounds
+from constmig.migration.strategies.stopcopy import send_chunks
+
+if TYPE_CHECKING:
+    from constmig.enclave.heap import Heap
+    from constmig.migration.ledger import ChunkLedger
+    from constmig.migration.link import Link
+    from constmig.migration.strategies.base import Before, Progress
 
 AUTO_MAX_THROTTLE = 0.9
 MOSTLY = 0.5  # a switch that leaves more than this share of the heap missing: the rounds bought little
@@ -24,10 +38,21 @@ MOSTLY = 0.5  # a switch that leaves more than this share of the heap missing: t
 
 class Auto(Hybrid):
     name = "auto"
-    summary = ("rounds with the writers throttled until they converge (at most 0.9), then switch as post-copy "
-               "for what is left")
+    summary = ("rounds with the writers throttled until they converge (at most 0.9), then finish as pre-copy, "
+               "or switch as post-copy for what is left")
     default_rounds = MAX_ROUNDS
     default_throttle = AUTO_MAX_THROTTLE
+    removed_edges = {}  # chunks with the small state (a pre-copy finish) and after the switch (post-copy)
+
+    def finishes(self, rule: Convergence) -> bool:
+        """Converged: what is left fits the downtime goal, so it goes with the small state, and after
+        COMMIT the destination needs nothing from the source (no demand fault, no stream)."""
+        return rule.ended is Ending.FITS
+
+    def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress,
+                            before: Before) -> None:
+        if isinstance(before, Rounds) and before.finish:
+            send_chunks(link, ledger, heap, ledger.missing(), progress, "copy")
 
     def decided(self, rule: Convergence, n_chunks: int) -> dict[str, Any]:
         throttle = max(rule.throttles, default=0.0)
@@ -35,7 +60,7 @@ class Auto(Hybrid):
             return {"decision": "converged",
                     "decision_why": f"{rule.left} chunks were left, within the downtime goal at the measured rate"
                                     + (f" (writers throttled up to {throttle:.2f})" if throttle else "")
-                                    + "; they go after the switch"}
+                                    + "; they went with the small state, as pre-copy finishes"}
         why = {Ending.NOT_SHRINKING: f"the rounds stopped shrinking at throttle {throttle:.2f}, the cap",
                Ending.MAX_ROUNDS: f"{len(rule.round_chunks)} rounds did not converge",
                Ending.BUDGET: "the completion budget ran out",

@@ -56,6 +56,7 @@ class Rounds(Before):
     figures: dict[str, Any] = field(default_factory=dict)
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     left_figure: str = "final_chunks"  # the figure that counts what is left at the stop
+    finish: bool = False  # the stop sends what is left (pre-copy's finish), even under a post-copy strategy
 
     def settle(self, ledger: ChunkLedger) -> np.ndarray:
         """Stopped: the chunks whose last sent version is current (the app writes no more), taken into
@@ -67,7 +68,7 @@ class Rounds(Before):
         keep[stale] = False
         held = np.flatnonzero(keep).astype(np.int64)
         ledger.hold(held, self.sent.tags[held])
-        self.figures[self.left_figure] = int(ledger.expected.size - held.size)
+        self.figures["final_chunks" if self.finish else self.left_figure] = int(ledger.expected.size - held.size)
         return held
 
     def close(self) -> None:
@@ -134,10 +135,16 @@ class RoundsMixin:
                 rounds.figures["tracking_lost"] = tracker.lost
             rounds.pending = dirty  # written since sent (the scan that found them re-armed them)
             rounds.figures.update(self.decided(rule, heap.n_chunks))
+            rounds.finish = self.finishes(rule)
             return rounds
         except BaseException:
             rounds.close()
             raise
+
+    def finishes(self, rule: Convergence) -> bool:
+        """Whether the stop sends what the rounds left (precopy: always, by its own send_before_handoff)
+        rather than leaving it missing for after the switch (hybrid); auto decides by the rounds."""
+        return False
 
     def decided(self, rule: Convergence, n_chunks: int) -> dict[str, Any]:
         """Figures that say what the strategy made of the rounds (auto's decision); none by default."""

@@ -35,6 +35,7 @@ class AccessTracking(Tracker):
 
     access: AccessTracker | None = None
     receiver: Receiver | None = None
+    _installer: AccessInstaller | None = None
 
     def prepare(self, status: Path | None) -> dict[str, Any]:
         figures = super().prepare(status)
@@ -61,6 +62,14 @@ class AccessTracking(Tracker):
             chan.open_chunk(sealed, heap.chunk_view(sealed.index))
 
         return install
+
+    def install(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+        """Through the tracker, which the small state's import made: the chunk counts as arrived."""
+        if self.access is None:
+            raise ProtocolError("a chunk arrived for the Access Tracker before the small state")
+        if self._installer is None:
+            self._installer = AccessInstaller(self.access, self.heap.chunk_size)
+        self._installer.install(sealed.index, sealed, chan, demand=False)
 
     def make_missing(self, chunks: np.ndarray) -> None:
         """Guarded again: the install overwrites every byte."""

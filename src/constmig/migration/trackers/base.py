@@ -76,6 +76,11 @@ class Tracker:
         heap = self.heap
         return lambda sealed, chan: chan.open_chunk(sealed, heap.chunk_view(sealed.index))
 
+    def install(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+        """A chunk that arrives after the small state and before the commit point (a pre-copy finish under
+        a post-copy tracker: auto): verified, then visible to the app, which does not run yet."""
+        self.first_write()(sealed, chan)
+
     def make_missing(self, chunks: np.ndarray) -> None:
         """A version the rounds brought is stale: the chunk is missing again (a plain heap keeps the old
         bytes until the stop overwrites them: `stale_in_place`)."""

@@ -20,6 +20,7 @@ class FaultTracker(Tracker):
     stale_in_place = False
 
     pager: PagerHandle | None = None
+    _installer: UffdInstaller | None = None
 
     def prepare(self, status: Path | None) -> dict[str, Any]:
         """The heap stays untouched: every page arrives through the pager's UFFDIO_COPY."""
@@ -33,8 +34,10 @@ class FaultTracker(Tracker):
 
     def first_write(self) -> FirstWrite:
         """Through the pager's userfaultfd: the page is missing and must stay so until installed whole."""
-        heap = self.heap
-        installer = UffdInstaller(self._handle().uffd, heap.address, heap.chunk_size, None)
+        if self._installer is None:
+            heap = self.heap
+            self._installer = UffdInstaller(self._handle().uffd, heap.address, heap.chunk_size, None)
+        installer = self._installer
         return lambda sealed, chan: installer.install(sealed.index, sealed, chan, demand=False)
 
     def make_missing(self, chunks: np.ndarray) -> None:
