@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from scripted import TIMEOUT, Enclaves, Runner
 
-from constmig.enclave.dirty import enclave_problem
+from constmig.enclave.dirty import EnclaveWriteTracker, enclave_problem, kernel_problem
 from constmig.migration import destination, source
 
 _ENCLAVE = enclave_problem()
@@ -86,5 +86,20 @@ def test_unthrottled_the_same_writer_ends_the_rounds_unconverged(enclaves: Encla
     figures, writer, dst = _migrate(enclaves, pair)
     assert figures["rounds_ended"] == "not-shrinking" and set(figures["throttle"]) == {0.0}, figures
     assert "held_calls" not in figures and "unthrottled_dirty_rate" not in figures, figures
+    for key, value in writer.acked.items():
+        assert dst.app.get(key) == value, key
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(kernel_problem() is not None, reason=f"kernel write tracking: {kernel_problem()}")
+def test_where_the_enclave_tracker_cannot_hold_the_heap_the_rounds_go_on_unthrottled(enclaves: Enclaves, pair,
+                                                                                   monkeypatch) -> None:
+    """The throttle needs the enclave's write tracker; where the mapping budget cannot hold the heap's
+    chunks, a throttle the operator did not pin to a tracker gives way: the kernel's tracks the rounds,
+    the figures say why nothing was throttled, and the migration completes."""
+    monkeypatch.setattr(EnclaveWriteTracker, "budget_problem", lambda self: "write tracking is unavailable: test")
+    figures, writer, dst = _migrate(enclaves, pair, max_throttle=0.9, max_rounds=3)
+    assert figures["write_tracking"] == "kernel" and figures["throttle_unavailable"].endswith(": test"), figures
+    assert set(figures["throttle"]) == {0.0}, figures
     for key, value in writer.acked.items():
         assert dst.app.get(key) == value, key

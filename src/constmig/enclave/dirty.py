@@ -222,19 +222,25 @@ class EnclaveWriteTracker:
             protect_chunks(self.heap, self._every, PROT_RW)  # type: ignore[arg-type]
 
     def _check_budget(self) -> None:
-        """A heap of N chunks whose protections alternate needs about N mappings: refuse a heap whose
-        chunks do not fit what vm.max_map_count leaves (with headroom for the rest of the process)."""
+        problem = self.budget_problem()
+        if problem is not None:
+            raise UffdError(problem)
+
+    def budget_problem(self) -> str | None:
+        """A heap of N chunks whose protections alternate needs about N mappings: why a heap whose chunks
+        do not fit what vm.max_map_count leaves (with headroom for the rest of the process) is refused,
+        or None."""
         try:
             limit, in_use = self._maps()
         except (OSError, ValueError) as e:
-            raise UffdError(f"write tracking is unavailable: cannot read the mapping budget ({e})") from None
+            return f"write tracking is unavailable: cannot read the mapping budget ({e})"
         n = int(self._every.size)
         if in_use + n + MAP_HEADROOM > limit:
-            raise UffdError(
-                f"write tracking is unavailable: the enclave's write tracker may split this heap of {n:,} chunks "
-                f"into as many mappings, and vm.max_map_count is {limit:,} with {in_use:,} in use (and "
-                f"{MAP_HEADROOM:,} kept free); use larger chunks, --write-tracking kernel, or raise "
-                f"vm.max_map_count (sysctl)")
+            return (f"write tracking is unavailable: the enclave's write tracker may split this heap of {n:,} "
+                    f"chunks into as many mappings, and vm.max_map_count is {limit:,} with {in_use:,} in use (and "
+                    f"{MAP_HEADROOM:,} kept free); use larger chunks, --write-tracking kernel, or raise "
+                    f"vm.max_map_count (sysctl)")
+        return None
 
     @property
     def faults(self) -> int:

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from constmig.enclave.dirty import EnclaveWriteTracker, WriteTracker, enclave_problem, write_tracker
+from constmig.enclave.dirty import (
+    EnclaveWriteTracker,
+    WriteTracker,
+    enclave_problem,
+    kernel_problem,
+    write_tracker,
+)
 from constmig.errors import MigrationError, ProtocolError, RecvTimeout
 from constmig.migration import messages as m
 from constmig.migration import trackers
@@ -87,12 +93,16 @@ class RoundsMixin:
         goal = Goal.of(req, self.default_rounds, heap.size, self.default_throttle)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one; a throttle
         # needs the enclave's own, which counts what each call writes
-        paired = "enclave" if goal.max_throttle and enclave_problem() is None else \
-            trackers.get(req.tracker).write_tracking
-        tracker = write_tracker(heap, req.write_tracking, paired)
+        paired = trackers.get(req.tracker).write_tracking
+        tracker = write_tracker(heap, req.write_tracking, "enclave" if goal.max_throttle else paired)
         unthrottled = None
+        if goal.max_throttle and req.write_tracking == "auto" and isinstance(tracker, EnclaveWriteTracker) \
+                and (problem := enclave_problem() or tracker.budget_problem()) is not None:
+            # picked for the throttle alone: where it cannot work here, the tracker's own, unthrottled
+            tracker = write_tracker(heap, "kernel" if paired == "auto" and kernel_problem() is None else paired)
+            unthrottled = problem
         if goal.max_throttle and not isinstance(tracker, EnclaveWriteTracker):
-            unthrottled = f"the {tracker.mechanism} write tracking cannot tell which call wrote"
+            unthrottled = unthrottled or f"the {tracker.mechanism} write tracking cannot tell which call wrote"
             goal = replace(goal, max_throttle=0.0)
         t0 = time.monotonic()
         tracker.arm()  # before the first read: a write after this is seen by the next scan
