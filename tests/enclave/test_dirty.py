@@ -34,6 +34,26 @@ KINDS = [pytest.param(KernelWriteTracker, id="kernel",
 CHUNK = 1 << 20
 
 
+def _kernel_has_it() -> bool:
+    """What the kernel's tracker needs, judged without it: Linux 6.7 or later (UFFD_FEATURE_WP_ASYNC and
+    PAGEMAP_SCAN) and a userfaultfd this process may open."""
+    from constmig.kernel.uffd import preflight
+
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 7) and preflight() is None
+
+
+def test_the_probes_find_the_trackers_where_they_can_work():
+    """The trackers' own probes decide what migrations use (and which of these tests run): where the
+    kernel has what the kernel's tracker needs, and where the handler is built, they must say so. A
+    broken scan or handler must fail here, not skip its tests."""
+    if _kernel_has_it():
+        assert kernel_problem() is None
+    if dirty._wtrack is not None:
+        assert enclave_problem() is None
+    assert (dirty.preflight() is None) == (kernel_problem() is None or enclave_problem() is None)
+
+
 @pytest.fixture(params=KINDS)
 def WriteTracker(request):
     return request.param
@@ -235,6 +255,22 @@ def test_the_last_scan_need_not_rearm(heap, WriteTracker):
         assert t.scan(rearm=False).tolist() == [5]
         _write(heap, 5, 1)  # not re-armed: this write is not reported
         assert t.scan().tolist() == ([] if WriteTracker is EnclaveWriteTracker else [5])
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("WriteTracker", KINDS)
+def test_a_scan_rearms_by_default(heap, WriteTracker):
+    """Between rounds the app runs on: what a scan found is tracked again, so a second scan with no write
+    in between finds nothing, and a write after it is found by the next."""
+    t = WriteTracker(heap)
+    t.arm()
+    try:
+        _write(heap, 3, 0)
+        assert t.scan().tolist() == [3]
+        assert t.scan().tolist() == []
+        _write(heap, 3, 1)
+        assert t.scan().tolist() == [3]
     finally:
         t.close()
 
