@@ -649,7 +649,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @click.option("--from", "src", default=None, help="Source agent HOST:PORT [with --etcd: where the directory says].")
 @click.option("--to", "dst", default=None, help="Destination agent HOST:PORT (not with --resume).")
 @click.option("--strategy", type=STRATEGY_CHOICES, default=DEFAULT_STRATEGY, show_default=True,
-              help="Why hybrid by default: README.md, \"Which strategy migrate uses by default\".")
+              help="Why auto by default: README.md, \"Which strategy migrate uses by default\".")
 @click.option("--tracker", type=TRACKER_CHOICES, default=control.DEFAULT_TRACKER, show_default=True, help=TRACKER_HELP)
 @click.option("--max-bandwidth", type=Size(), default="0", show_default=True,
               help="Cap for the stream while the app runs (the post-copy stream, the pre-copy rounds), "

@@ -133,7 +133,7 @@ def test_checkpoint_and_restore_from_the_command_line(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("args", [[],  # the default (README: hybrid, and why)
+@pytest.mark.parametrize("args", [[],  # the default (README: auto, and why)
                                   ["--strategy", "precopy", "--max-downtime", "50ms"],
                                   ["--strategy", "hybrid", "--tracker", "access"],
                                   ["--strategy", "hybrid", "--tracker", "fault", "--rounds", "2"],
@@ -153,9 +153,9 @@ def test_migrate_with_rounds_from_the_command_line(args):
         p = cm("migrate", "kv1", "--from", a, "--to", b, *args, "--verify", "--json", "-")
         assert p.returncode == 0, p.stderr
         fig = json.loads(p.stdout)
-        strategy = args[1] if args else "hybrid"
+        strategy = args[1] if args else "auto"
         assert fig["verified"] is True and fig["rounds"] >= 1 and fig["strategy"] == strategy, fig
-        assert ("final_chunks" if strategy == "precopy" else "missing_at_switch") in fig
+        assert "final_chunks" in fig or "missing_at_switch" in fig, fig  # auto: either, as it decided
         got = cm("call", "kv1", "--agent", a, "get", "k1")  # the old agent redirects
         assert got.returncode == 0 and "v1" in got.stdout, got.stderr
 

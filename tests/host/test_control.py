@@ -83,7 +83,7 @@ def test_a_struct_encodes_to_the_map_the_hand_built_requests_sent() -> None:
     assert c.encode(c.SessionCall(name="kv", record=b"r")) == enc.encode({"op": "session_call", "name": "kv",
                                                                            "record": b"r"})
     sent = decode_body(c.encode(c.Migrate(name="kv", to="b:1")))
-    assert sent["strategy"] == "hybrid" and "max_rounds" not in sent and "max_downtime" not in sent
+    assert sent["strategy"] == "auto" and "max_rounds" not in sent and "max_downtime" not in sent
     older = c.decode({"op": "migrate_out", "max_rounds": None}, c.MigrateOut)  # None, from an older sender ...
     assert Goal.of(older, 3, 1 << 30).max_rounds == 3  # ... is unset too: the strategy's default
     prep = decode_body(c.encode(c.PrepareIn(spec=c.LaunchSpec("kv", "kvstore", 8), source="a:1")))
@@ -96,13 +96,13 @@ def test_a_map_from_an_older_sender_decodes_with_the_defaults() -> None:
     m = c.decode({"op": "migrate", "name": "kv", "to": "b:1"}, c.AgentRequest)
     assert isinstance(m, c.Migrate)
     assert (m.strategy, m.tracker, m.timeout, m.resume_deadline, m.write_tracking) == \
-        ("hybrid", "auto", 120.0, 30.0, "auto")
+        ("auto", "auto", 120.0, 30.0, "auto")
     assert m.max_rounds is msgspec.UNSET and m.max_downtime is msgspec.UNSET
     assert c.decode({"op": "status", "extra": 1}, c.AgentRequest) == c.Status()  # unknown fields are ignored
 
 
-def test_one_set_of_defaults_and_it_is_hybrid() -> None:
-    assert c.DEFAULT_STRATEGY == "hybrid"
+def test_one_set_of_defaults_and_it_is_auto() -> None:
+    assert c.DEFAULT_STRATEGY == "auto"
     assert c.Migrate(name="kv", to="b").strategy == c.DEFAULT_STRATEGY
     assert c.PrepareIn(spec=c.LaunchSpec("kv", "kvstore", 8)).strategy == c.DEFAULT_STRATEGY
     assert c.MigrateOut().strategy == c.DEFAULT_STRATEGY

@@ -32,7 +32,7 @@ _BYTES = (bytes, bytearray, memoryview)  # bytes stay bytes: a str is never read
 
 # ---- the defaults, once ------------------------------------------------------------------------------
 
-DEFAULT_STRATEGY = "hybrid"  # flat downtime and the shortest waits on most workloads: see README.md
+DEFAULT_STRATEGY = "auto"  # flat downtime and the shortest waits on every workload: see README.md
 DEFAULT_TRACKER = "auto"  # the destination picks: fault where userfaultfd works, else access
 DEFAULT_TIMEOUT_S = 120.0  # a migration's per-step timeout
 RESUME_DEADLINE_S = 30.0  # how long a migration that broke after its handoff keeps reconnecting
