@@ -63,7 +63,7 @@ def test_the_client_calls_before_and_after_the_migration(migrations):
     assert moved.figures == {"downtime_ms": 1.5} and moved.error is None
     assert moved.requested - client.started >= 0.05  # on the client's own clock
     assert [e[1:] for e in moved.events] == [["copy", 3], ["handed_off", None]]
-    assert all(0 <= e[0] <= moved.took for e in moved.events)
+    assert all(0 <= e[0] <= moved.took + 1e-4 for e in moved.events)  # times kept to 0.1 ms
 
 
 def test_a_failed_migration_is_returned_and_the_client_still_stops(migrations):
