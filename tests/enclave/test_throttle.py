@@ -95,3 +95,30 @@ def test_lifting_the_limit_releases_a_held_caller_at_once_and_reports_the_cost()
 def test_a_limit_is_a_positive_rate(rate: float) -> None:
     with pytest.raises(ValueError, match="positive rate"):
         WriteLimit().set(rate, Counter())
+
+
+def test_a_reader_after_a_writer_owes_nothing_even_with_debt_outstanding() -> None:
+    limit, wrote = WriteLimit(), Counter()
+    limit.set(1.0, wrote)
+    with limit.call():
+        wrote.n += 5  # five seconds of the limit ahead
+    assert _owed(limit) > 4
+    limit._owed.until = 0.0  # (that writer's caller paid elsewhere)
+    with limit.call():
+        pass  # a reader: wrote nothing
+    assert _owed(limit) == 0.0
+
+
+def test_a_limit_without_a_counter_is_no_limit() -> None:
+    limit = WriteLimit()
+    assert limit.set(10.0, None) == {"held_calls": 0, "held_s": 0.0}
+    assert limit.rate is None
+
+
+def test_what_holding_cost_is_the_time_held() -> None:
+    limit, wrote = WriteLimit(), Counter()
+    limit.set(10.0, wrote)
+    with limit.call():
+        wrote.n += 2  # 0.2 s
+    limit.pay()
+    assert 0.1 < limit.held_s < 0.5 and limit.set(None)["held_s"] == round(limit.held_s, 4)

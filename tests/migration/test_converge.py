@@ -220,3 +220,16 @@ def test_the_rounds_end_when_the_budget_is_spent() -> None:
 def test_the_request_bounds_the_budget(bad: float) -> None:
     with pytest.raises(control.BadRequest, match="completion_timeout"):
         control.decode({"op": "migrate_out", "completion_timeout": bad}, control.MigrateOut)
+
+
+def test_a_round_that_measured_no_rate_starts_the_throttle_gently() -> None:
+    """Nothing sent (nothing allocated when it began), chunks written since: no rate to judge what is
+    enough by, so the throttle starts where it always does."""
+    rule = _rule(max_downtime=0.0, max_throttle=0.9)
+    assert rule.after_round(0, 0, 1.0, 5, False) is None and rule.throttle == 0.2
+
+
+def test_the_budget_ends_the_rounds_when_spent_exactly() -> None:
+    rule = Convergence(Goal(0.0, 20, 0.0, budget_s=2.0), MiB)
+    assert rule.after_round(100, 100 * MiB, 1.0, 70, False) is None
+    assert rule.after_round(70, 70 * MiB, 1.0, 40, False) == Ending.BUDGET

@@ -73,7 +73,9 @@ def test_a_throttled_writer_lets_the_rounds_converge_and_loses_no_write(enclaves
     assert figures["rounds_ended"] == "fits" and figures["held_calls"] > 0 and figures["held_s"] > 0, figures
     assert figures["unthrottled_dirty_rate"] > 0, figures
     ends = [f for f in figures["frames"] if f.get("phase") == "round_end"]
-    assert ends and all(f["left"] >= 0 and f["rate"] > 0 for f in ends), ends
+    assert ends and all(f["left"] >= 0 and f["left"] % (1 << 20) == 0 and f["rate"] > 0 for f in ends), ends
+    # bytes a second: what the round left over its time, which took between 10 ms and 10 s
+    assert all(f["left"] / 10 <= f["dirty_rate"] <= f["left"] * 100 for f in ends), ends
     assert [f["throttle"] for f in ends] == throttle[1:], (ends, throttle)  # what the next round ran at
     assert writer.slowest < 1.5, "a held call waits at most about a second"
     assert writer.calls > 0 and dst.app is not None
