@@ -164,16 +164,12 @@ def test_versions_the_state_does_not_keep_are_missing_again_and_the_last_version
         assert bytes(dst.heap.chunk_view(index)) == bytes(heap.chunk_view(index))
 
 
-@pytest.mark.adversarial
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("ack", [m.RoundAck(2, 0), m.RoundAck(1, 0)])
-def test_source_refuses_an_ack_of_another_round_or_count(enclaves: Enclaves, pair, ack) -> None:
-    """A destination (or its keys in other hands) that acknowledges what was not sent: the source aborts
-    before the stop and runs on."""
+def _source_at_round_end(enclaves: Enclaves, pair, req: dict):
+    """A real source migrating a filled enclave to a scripted destination, read up to its first ROUND_END
+    (the round's chunks taken and dropped); the destination's answer is the test's."""
     src = enclaves.filled()
     peer = enclaves.build("host-b", incoming=True)
-    checksum = src.app.checksum()
-    runner = Runner(source.run, src, [pair[0]], {"strategy": "precopy", "timeout": 5.0}, lambda info: None)
+    runner = Runner(source.run, src, [pair[0]], req, lambda info: None)
     chan = SecureChannel(pair[1], None)
     run_responder(chan, peer.backend, peer.identity, peer.policy, timeout=TIMEOUT)
     while True:
@@ -181,6 +177,17 @@ def test_source_refuses_an_ack_of_another_round_or_count(enclaves: Enclaves, pai
         if not hasattr(rec, "index"):
             break
     assert isinstance(m.decode(rec.payload), m.RoundEnd)
+    return src, runner, chan
+
+
+@pytest.mark.adversarial
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ack", [m.RoundAck(2, 0), m.RoundAck(1, 0)])
+def test_source_refuses_an_ack_of_another_round_or_count(enclaves: Enclaves, pair, ack) -> None:
+    """A destination (or its keys in other hands) that acknowledges what was not sent: the source aborts
+    before the stop and runs on."""
+    src, runner, chan = _source_at_round_end(enclaves, pair, {"strategy": "precopy", "timeout": 5.0})
+    checksum = src.app.checksum()
     send_msg(chan, ack)
     err = runner.outcome()
     assert isinstance(err, MigrationError) and "acknowledged round" in str(err), err
@@ -196,18 +203,9 @@ def test_a_destination_that_withholds_round_acks_gets_the_budget_then_the_source
     source waits what is left of the rounds' completion budget, then aborts before the stop, and the app
     runs on at full speed (no write limit left behind)."""
     monkeypatch.setattr(rounds_mod, "ACK_GRACE_S", 0.3)
-    src = enclaves.filled()
-    peer = enclaves.build("host-b", incoming=True)
-    checksum = src.app.checksum()
     req = {"strategy": "precopy", "timeout": 30.0, "completion_timeout": 0.01, "max_throttle": 0.9}
-    runner = Runner(source.run, src, [pair[0]], req, lambda info: None)
-    chan = SecureChannel(pair[1], None)
-    run_responder(chan, peer.backend, peer.identity, peer.policy, timeout=TIMEOUT)
-    while True:
-        rec = chan.recv(timeout=TIMEOUT)
-        if not hasattr(rec, "index"):
-            break
-    assert isinstance(m.decode(rec.payload), m.RoundEnd)
+    src, runner, _ = _source_at_round_end(enclaves, pair, req)
+    checksum = src.app.checksum()
     t0 = time.monotonic()
     err = runner.outcome()  # no ack
     assert time.monotonic() - t0 < 5, "the source waited for the link's timeout, not the budget"
