@@ -183,9 +183,12 @@ def test_auto_throttles_until_the_rounds_converge_or_says_why_it_switched(cluste
         assert "missing_at_switch" not in figures and not figures.get("demand_chunks"), figures
         assert "decision_hint" not in figures
     else:
-        assert figures["rounds_ended"] == "not-shrinking" and "decision_hint" in figures, figures
-        assert figures["missing_at_switch"] > figures["chunks"] // 2, figures
-        assert "stop-and-copy would have moved it" in figures["decision_hint"]
+        # the hint (stop-and-copy would do as well) is the pure rule's (test_converge.py), on what the last
+        # round's scan left: a slow machine's writer may leave under half the heap, and then it is not given
+        assert figures["rounds_ended"] == "not-shrinking" and figures["missing_at_switch"] > 0, figures
+        assert "stopped shrinking at throttle 0.05" in figures["decision_why"], figures
+        if "decision_hint" in figures:  # the stop's scan finds at least what the last round's did
+            assert figures["missing_at_switch"] > figures["chunks"] / 2, figures
     assert report.calls > 0 and report.wrong == 0, report.errors[:3]
     assert hammer.verify() == 0
     hammer.close()

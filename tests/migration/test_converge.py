@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from constmig.migration.strategies.auto import Auto
 from constmig.migration.strategies.converge import Convergence, Ending, Goal
 from constmig.migration.strategies.hybrid import Hybrid
 from constmig.migration.strategies.precopy import PreCopy
@@ -233,3 +234,28 @@ def test_the_budget_ends_the_rounds_when_spent_exactly() -> None:
     rule = Convergence(Goal(0.0, 20, 0.0, budget_s=2.0), MiB)
     assert rule.after_round(100, 100 * MiB, 1.0, 70, False) is None
     assert rule.after_round(70, 70 * MiB, 1.0, 40, False) == Ending.BUDGET
+
+
+@pytest.mark.parametrize(("left", "hinted"), [(51, True), (50, False), (10, False)])
+def test_auto_says_stop_and_copy_would_do_as_well_only_when_most_of_the_heap_is_left(left: int, hinted: bool) -> None:
+    """Auto's decision after rounds that stopped shrinking at its cap: it switches, and names
+    stop-and-copy only when more than half of the heap was written again (the rounds bought little)."""
+    rule = _rule(max_throttle=0.05)
+    rule.after_round(100, 100 * MiB, 1.0, 90, False)  # does not shrink: throttle to the cap
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, False) == Ending.NOT_SHRINKING
+    rule.left = left  # what the last scan found, of a heap of 100 chunks
+    out = Auto().decided(rule, 100)
+    assert out["decision"] == "switched" and "stopped shrinking at throttle 0.05" in out["decision_why"]
+    assert f"the {left} chunks left" in out["decision_why"]
+    assert ("decision_hint" in out) == hinted
+    if hinted:
+        assert "stop-and-copy would have moved it" in out["decision_hint"] and "51%" in out["decision_hint"]
+
+
+def test_auto_converged_names_the_throttle_it_took() -> None:
+    rule = _rule(max_throttle=0.9)
+    rule.after_round(100, 100 * MiB, 1.0, 90, False)
+    assert rule.after_round(90, 90 * MiB, 1.0, 3, False) == Ending.FITS
+    out = Auto().decided(rule, 100)
+    assert out["decision"] == "converged" and "decision_hint" not in out
+    assert "3 chunks were left" in out["decision_why"] and f"throttled up to {max(rule.throttles):.2f}" in out["decision_why"]
