@@ -152,18 +152,43 @@ def print_status(st: dict[str, Any]) -> None:
     for name, e in sorted(st.get("enclaves", {}).items()):
         if e.get("recovery"):  # a migration out stuck past its commit point
             out.print(f"{name}: if its destination lost its copy, {e['recovery']}", soft_wrap=True)
+    for name, p in sorted((st.get("outgoing") or {}).items()):  # a line each: the table stays narrow
+        out.print(f"{name}: {outgoing_line(p)}", soft_wrap=True)
     migrations = st.get("migrations") or []
     if migrations:
         hist = Table(title="recent migrations")
-        for col in ("when", "enclave", "direction", "strategy", "downtime", "total"):
+        for col in ("when", "enclave", "direction", "strategy", "outcome", "downtime", "total"):
             hist.add_column(col, **(FOLD if col == "enclave" else {}))
         for m in migrations[-10:]:
-            when = m.get("resume_time") or m.get("stop_time")
+            when = m.get("resume_time") or m.get("stop_time") or m.get("ended")
             hist.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "",
                          str(m.get("name", "")), str(m.get("direction", "")), str(m.get("strategy", "")),
+                         str(m.get("outcome", "")),
                          f"{m['downtime_ms']:.1f} ms" if m.get("downtime_ms") is not None else "",
                          f"{m['total_s']:.2f} s" if m.get("total_s") is not None else "")
         out.print(hist)
+
+
+def outgoing_line(p: dict[str, Any]) -> str:
+    """A migration out while it runs, in one line (status's `outgoing` entry): how long, where it is, what
+    is left and how fast it goes."""
+    mib = 1 << 20
+    parts = [f"migrating to {p.get('to')} ({p.get('strategy')}) for {float(p.get('elapsed_s') or 0):.1f} s"]
+    if p.get("round") is not None:
+        parts.append(f"round {p['round']}")
+    elif p.get("phase"):
+        parts.append(str(p["phase"]))
+    if p.get("left_bytes") is not None:
+        parts.append(f"{p['left_bytes'] / mib:.1f} MiB left")
+    if p.get("dirty_bytes_per_s") is not None:
+        parts.append(f"written at {p['dirty_bytes_per_s'] / mib:.1f} MiB/s")
+    if p.get("ack_bytes_per_s") is not None:
+        parts.append(f"acknowledged at {p['ack_bytes_per_s'] / mib:.1f} MiB/s")
+    if p.get("throttle"):
+        parts.append(f"throttle {p['throttle']:.0%}")
+    if p.get("eta_s") is not None:
+        parts.append(f"~{p['eta_s']:.1f} s to send what is left")
+    return ", ".join(parts)
 
 
 class DrainProgress:

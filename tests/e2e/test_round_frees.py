@@ -136,6 +136,10 @@ def test_freed_and_allocated_again_within_a_round(recycler_cluster, strategy, tr
     want = _call(a, "checksum")
     last = mig.last()
     assert last.get("round") == 1 and last["done"] < last["total"], f"the free missed round 1 (timing): {last}"
+    # while round 1 runs, the source agent's status says what is left of it (a frame reaches the agent first)
+    now = request(a, {"op": "status"})["outgoing"]["rc"]
+    assert (now["to"], now["strategy"], now["round"]) == (b, strategy, 1) and now["elapsed_s"] > 0, now
+    assert 0 < now["left_bytes"] <= last["total"] - last["done"], (now, last)
     _stale_check(b, want, mig.result(), strategy, tracker)
 
 

@@ -107,7 +107,7 @@ class Agent:
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
-        self.metrics = AgentMetrics(self.roster.rows)
+        self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing)
         if metrics_listen is not None:
             try:
                 log.info("metrics at %s", self.metrics.serve(metrics_listen, metrics_public))
@@ -355,7 +355,8 @@ class Agent:
             directory=self.etcd,
             admin={"socket": str(self.admin_sock), "certificate": str(self.tls.folder),
                    "expires": f"{self.tls.not_after:%Y-%m-%d %H:%M} UTC"},
-            memory={"available": available_memory(), "promised": self.roster.promised()})
+            memory={"available": available_memory(), "promised": self.roster.promised()},
+            outgoing=self.roster.outgoing())
 
     async def op_run(self, req: control.Run, writer: Any) -> Any:
         spec = req.spec()

@@ -4,9 +4,11 @@ They name this host's enclaves, so they are served on loopback unless `--metrics
 them (a scraper elsewhere then reaches them; put them behind the network's own access control).
 
 What a fleet operator watches per host: enclaves by state and their heap bytes (read at scrape time
-from the agent's table), migrations by direction, strategy and outcome, their downtime, the demand-
-fault latency an incoming post-copy migration's app waited, and the bytes migrations moved. The
-Prometheus client library writes the format; a registry of its own keeps agents in one process apart.
+from the agent's table), each migration out while it runs (what is left, the rates, the throttle and
+the round, read at scrape time from its latest progress), migrations by direction, strategy and
+outcome, their downtime, the demand-fault latency an incoming post-copy migration's app waited, and the
+bytes migrations moved. The Prometheus client library writes the format; a registry of its own keeps
+agents in one process apart.
 """
 
 from __future__ import annotations
@@ -89,12 +91,46 @@ class _Enclaves(Collector):
         yield heap
 
 
+# A migration out while it runs: (gauge, help, its figure in control.OutgoingProgress). A figure no frame
+# gave yet has no sample; a migration that ended has none (read at scrape time, like the enclaves' gauges).
+MIGRATION_GAUGES = (
+    ("constmig_migration_remaining_bytes", "Bytes a migration out of here still has to send: of the pre-copy "
+     "round or phase running, or what the last round left", "left_bytes"),
+    ("constmig_migration_dirty_rate_bytes_per_second", "How fast the app of a migration out of here newly wrote "
+     "chunks in its last pre-copy round", "dirty_bytes_per_s"),
+    ("constmig_migration_ack_rate_bytes_per_second", "How fast the destination acknowledged the last pre-copy "
+     "round of a migration out of here", "ack_bytes_per_s"),
+    ("constmig_migration_throttle_ratio", "Share of the writers' pace a migration out of here holds back "
+     "(0 to --max-throttle)", "throttle"),
+    ("constmig_migration_round", "The pre-copy round a migration out of here runs (or last ended)", "round"),
+)
+
+
+class _Migrations(Collector):
+    """Gauges of each migration out while it runs, from the latest progress its enclave reported."""
+
+    def __init__(self, moving: Callable[[], dict[str, Any]]) -> None:
+        self._moving = moving  # -> enclave name -> control.OutgoingProgress
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        moving = sorted(self._moving().items())
+        for name, help_text, figure in MIGRATION_GAUGES:
+            gauge = GaugeMetricFamily(name, help_text, labels=["enclave"])
+            for enclave, progress in moving:
+                value = getattr(progress, figure)
+                if value is not None:
+                    gauge.add_metric([enclave], float(value))
+            yield gauge
+
+
 class AgentMetrics:
     """The agent's registry, its instruments, and the HTTP endpoint once served."""
 
-    def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+    def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]],
+                 moving: Callable[[], dict[str, Any]] = dict) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Enclaves(table))
+        self.registry.register(_Migrations(moving))  # `moving`: Roster.outgoing
         self.migrations = Counter("constmig_migrations", "Migrations this agent took part in",
                                   ["direction", "strategy", "outcome"], registry=self.registry)
         self.downtime = Histogram("constmig_downtime_seconds", "Downtime of finished migrations (timed inside "

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
+
 from constmig.enclave.lifecycle import Life
 from constmig.errors import (
     AgentError,
@@ -56,6 +58,35 @@ OnProgress = Callable[[dict], None]
 
 def progress_frame(info: dict) -> bytes:
     return encode(control.Progress(info))
+
+
+def seen(was: control.OutgoingProgress, info: dict) -> control.OutgoingProgress:
+    """A migration out's progress after one more of its enclave's frames (`info`): what is left to send
+    (of the round or phase running, or, at a round's end, what that round left), the last round's write
+    and acknowledged rates and throttle, and the time what is left takes at that rate. A frame's figure
+    that is missing or not a number changes nothing."""
+    def number(key: str) -> float | None:
+        value = info.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    phase = str(info.get("phase", ""))[:32]
+    changes: dict[str, Any] = {"phase": phase}
+    if (n := number("round")) is not None:
+        changes["round"] = int(n)
+    if (t := number("throttle")) is not None:
+        changes["throttle"] = t
+    if phase == "round_end":
+        if (left := number("left")) is not None:
+            changes["left_bytes"] = int(left)
+        if (dirty := number("dirty_rate")) is not None:
+            changes["dirty_bytes_per_s"] = dirty
+        if (rate := number("rate")) is not None:
+            changes["ack_bytes_per_s"] = rate
+    elif (done := number("done")) is not None and (total := number("total")) is not None:
+        changes["left_bytes"] = int(max(total - done, 0))
+    now = msgspec.structs.replace(was, **changes)
+    eta = now.left_bytes / now.ack_bytes_per_s if now.left_bytes is not None and now.ack_bytes_per_s else None
+    return msgspec.structs.replace(now, eta_s=None if eta is None else round(eta, 3))
 
 
 @dataclass
@@ -108,12 +139,16 @@ class Outgoing:
             hosted.settled.set()
             raise AgentError(str(e)) from None
         out = Departure(hosted, req.to, req.strategy, req.timeout, req.resume_deadline)
+        hosted.outgoing = control.OutgoingProgress(to=req.to, strategy=req.strategy, started=time.time())
         on_progress = self._progress(out, writer)
         try:
             try:
                 result = await self._send(out, req, on_progress)
             except ConstmigError as e:
                 result = await self._after_failure(out, e, on_progress)
+        except BaseException as e:
+            self._ended(hosted, e)
+            raise
         finally:
             out.close()
         # The enclave timed attestation to DONE; the user waited for the whole thing, preparation included.
@@ -131,13 +166,36 @@ class Outgoing:
 
     def _on_progress(self, out: Departure, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
                      info: dict) -> None:
-        """Passed on to the requester; two frames are the agent's own business."""
+        """Passed on to the requester and kept for `status` and the metrics; two frames are the agent's own
+        business."""
         if info.get("phase") == "lineage_released":  # for the operator, should the destination die now
             out.hosted.release = str(info.get("release", ""))
             return
         if info.get("phase") == "handed_off":
             loop.call_soon_threadsafe(self._handed_off, out)
+        loop.call_soon_threadsafe(self._seen, out.hosted, info)
         loop.call_soon_threadsafe(writer.write, progress_frame(info))
+
+    @staticmethod
+    def _seen(hosted: Hosted, info: dict) -> None:
+        """The latest progress of a migration out (a frame after its end, which cannot come, changes nothing)."""
+        if hosted.outgoing is not None:
+            hosted.outgoing = seen(hosted.outgoing, info)
+
+    def _ended(self, hosted: Hosted, error: BaseException) -> None:
+        """A migration out ended short of DONE: its progress goes, its outcome stays in the history (the
+        metrics' outcome: the enclave runs here again after a rollback or a cancel, or failed for good)."""
+        progress, hosted.outgoing = hosted.outgoing, None
+        if progress is None:
+            return
+        status = hosted.status
+        outcome = ("cancelled" if hosted.cancel is not None else "rolled-back") if status is S.RUNNING else \
+            "failed" if status is S.FAILED else status.value
+        now = time.time()
+        self.roster.history.append({"direction": "out", "name": hosted.name, "to": progress.to,
+                                    "strategy": progress.strategy, "outcome": outcome,
+                                    "total_s": round(now - progress.started, 3), "ended": now,
+                                    "error": str(error) or type(error).__name__})
 
     def _handed_off(self, out: Departure) -> None:
         """Past the commit point the destination runs the app: send callers there right away."""
@@ -273,7 +331,8 @@ class Outgoing:
         name = hosted.name
         log.info("migration of %s to %s done: %s, downtime %.1f ms, total %.2f s", name, result.get("to"),
                  result.get("strategy"), result.get("downtime_ms") or 0.0, result.get("total_s") or 0.0)
-        self.roster.history.append({"direction": "out", **result})
+        hosted.outgoing = None
+        self.roster.history.append({"direction": "out", **result, "outcome": "done", "ended": time.time()})
         self.metrics.finished("out", result)
         self.roster.enclaves.pop(name, None)
         self.roster.moved[name] = result["to"]
@@ -293,8 +352,21 @@ class Outgoing:
             raise AgentError(f"enclave {req.name!r} is reconnecting already")
         hosted.move(S.FAILED, S.PAUSED)
         t0 = time.time()
-        result = await self._reconnect(hosted, max(req.resume_deadline, 0.1), req.timeout, "resumed by request",
-                                       lambda info: writer.write(progress_frame(info)))
+        hosted.outgoing = control.OutgoingProgress(to=hosted.moving_to, strategy=hosted.strategy, started=t0,
+                                                   phase="resuming")
+
+        loop = asyncio.get_running_loop()
+
+        def on_progress(info: dict) -> None:  # from the thread that waits for the enclave's answer
+            loop.call_soon_threadsafe(self._seen, hosted, info)
+            writer.write(progress_frame(info))
+
+        try:
+            result = await self._reconnect(hosted, max(req.resume_deadline, 0.1), req.timeout, "resumed by request",
+                                           on_progress)
+        except BaseException as e:
+            self._ended(hosted, e)
+            raise
         result["total_s"] = time.time() - t0
         return await self._moved_out(hosted, result)
 

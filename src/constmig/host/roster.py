@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from constmig.errors import AgentError, ConfigError, NoSuchEnclave, Redirect
 from constmig.files import newest_checkpoint
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
@@ -56,6 +58,8 @@ class Hosted:
     token: str = ""
     cancel: str | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # a migration out while it runs (through its pauses): its latest progress (host/outgoing.py, seen)
+    outgoing: control.OutgoingProgress | None = None
 
     @property
     def name(self) -> str:
@@ -165,6 +169,12 @@ class Roster:
     def rows(self) -> list[tuple[str, str, int]]:
         """(name, status, heap bytes) per enclave, for a scrape (another thread: read, never change)."""
         return [(name, h.cell.value.value, h.handle.spec.heap) for name, h in list(self.enclaves.items())]
+
+    def outgoing(self, now: float | None = None) -> dict[str, control.OutgoingProgress]:
+        """The migrations out running now, by enclave, timed to `now` (another thread may read: never change)."""
+        now = time.time() if now is None else now
+        return {name: msgspec.structs.replace(p, elapsed_s=round(max(now - p.started, 0.0), 3))
+                for name, h in list(self.enclaves.items()) if (p := h.outgoing) is not None}
 
     # ---- admission of a new instance ----
     def check_new(self, spec: LaunchSpec) -> None:

@@ -508,10 +508,29 @@ class EnclaveInfo(_Checked, kw_only=True):
     heap_arriving: tuple[int, int] | None = None  # chunks in, of how many, while an incoming heap arrives
 
 
+class OutgoingProgress(_Checked, kw_only=True, omit_defaults=False):  # every field, None when unknown
+    """A migration out of an agent while it runs, from the source enclave's latest progress frames (sizes
+    in bytes, rates in bytes per second; None: no frame said yet). Its figures are the untrusted host's
+    view of what the enclave reports, for operators: nothing acts on them."""
+
+    to: str
+    strategy: str
+    started: float  # the agent's wall clock when it began preparing
+    elapsed_s: float = 0.0  # since `started`, as of the answer
+    phase: str = ""  # the last frame's: round, round_end, copy, stream, handed_off, ...
+    round: int | None = None  # the pre-copy round running (or the last that ended)
+    left_bytes: int | None = None  # still to send: of the round running, or what the last round left
+    dirty_bytes_per_s: float | None = None  # how fast the app newly wrote chunks in the last round
+    ack_bytes_per_s: float | None = None  # how fast the destination acknowledged them in the last round
+    throttle: float | None = None  # the share of the writers' pace held back (0 to --max-throttle)
+    eta_s: float | None = None  # left_bytes / ack_bytes_per_s, when both are known
+
+
 class AgentStatus(_Checked, kw_only=True):
     """An agent's view: per enclave its status row (host/status.py's status, app, heap_bytes, calls_per_s,
-    and while it runs its EnclaveInfo), where the ones that left went, recent migrations' figures, the
-    enclaves of an earlier run that died with it."""
+    and while it runs its EnclaveInfo), where the ones that left went, recent migrations' figures (each
+    with its outcome), the enclaves of an earlier run that died with it, and the migrations out running
+    now (`outgoing`, by enclave; absent from older agents' answers and when none runs)."""
 
     host_id: str
     listen: str
@@ -523,6 +542,7 @@ class AgentStatus(_Checked, kw_only=True):
     directory: str | None
     admin: dict[str, str]
     memory: dict[str, int]
+    outgoing: dict[str, OutgoingProgress] = {}
 
 
 # ---- encode, decode ----------------------------------------------------------------------------------------
