@@ -656,7 +656,7 @@ def _ask_cancel(name: str, src: str) -> None:
               "bytes per second (e.g. 100M); 0 = no cap. Chunks the app waits for are never held back.")
 @click.option("--max-downtime", type=Duration(), default=None,
               help="precopy, hybrid, auto: end the rounds once what is left would take at most this long to send "
-              "(e.g. 50ms; default 50ms).")
+              "(e.g. 50ms; default 50ms, auto 10ms).")
 @click.option("--rounds", "max_rounds", type=click.IntRange(1, control.MAX_ROUNDS), default=None,
               help="precopy, hybrid, auto: at most this many rounds while the app runs (default: precopy and auto 8, "
               "hybrid 1).")

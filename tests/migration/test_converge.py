@@ -259,3 +259,42 @@ def test_auto_converged_names_the_throttle_it_took() -> None:
     out = Auto().decided(rule, 100)
     assert out["decision"] == "converged" and "decision_hint" not in out
     assert "3 chunks were left" in out["decision_why"] and f"throttled up to {max(rule.throttles):.2f}" in out["decision_why"]
+
+
+def test_auto_aims_at_10ms_and_still_finishes_up_to_50ms_unless_the_operator_named_a_downtime() -> None:
+    unset = control.decode({"op": "migrate_out"}, control.MigrateOut)
+    asked = control.decode({"op": "migrate_out", "max_downtime": 0.005}, control.MigrateOut)
+    assert Goal.of(unset, 8, MiB, 0.9, 0.01, 0.05).finish_s == 0.05
+    assert Goal.of(asked, 8, MiB, 0.9, 0.01, 0.05).finish_s == 0.005  # the operator's bound is both
+    assert Goal.of(unset, 8, MiB).finish_s == 0.05 and Goal(0.02).finish_s == 0.02  # others: the goal itself
+    assert Goal(0.02, finish_within=0.01).finish_s == 0.02  # never below the goal
+
+
+@pytest.mark.parametrize(("left", "max_rounds", "ended", "decision"), [
+    (9, 8, Ending.FITS, "converged"),  # 9 chunks at 1 GiB/s: 8.8 ms, within the 10 ms goal
+    (40, 8, Ending.NOT_SHRINKING, "finished"),  # 39 ms: short of the goal, within the finish bound
+    (60, 8, Ending.NOT_SHRINKING, "switched"),  # 59 ms: past it
+    (40, 1, Ending.MAX_ROUNDS, "finished"),
+])
+def test_auto_finishes_a_small_set_the_throttle_could_not_shrink(left: int, max_rounds: int, ended: Ending,
+                                                                 decision: str) -> None:
+    """A hot set the rounds keep resending (a hash join's aggregates, rewritten by every call) goes with the
+    small state when it is small: a switch would leave exactly the chunks the app touches first missing."""
+    rule = Convergence(Goal(0.01, max_rounds, 0.0, finish_within=0.05), MiB)
+    rule.after_round(1024, 1024 * MiB, 1.0, left, False)  # 1 GiB/s
+    if rule.ended is None:  # the same set again: not shrinking
+        rule.after_round(left, left * MiB, left / 1024, left, False)
+    assert rule.ended is ended
+    auto = Auto()
+    assert auto.finishes(rule) == (decision != "switched")
+    out = auto.decided(rule, 1024)
+    assert out["decision"] == decision, out
+    if decision == "finished":
+        assert f"{left} chunks were left when the rounds ended ({ended})" in out["decision_why"]
+        assert "at most 50 ms" in out["decision_why"]
+
+
+def test_auto_switches_when_tracking_was_lost_however_little_seemed_left() -> None:
+    rule = Convergence(Goal(0.0, 8, 0.0, finish_within=0.05), MiB)
+    rule.after_round(100, 100 * MiB, 1.0, 1, True)
+    assert rule.ended is Ending.TRACKING_LOST and not Auto().finishes(rule)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from constmig.migration.strategies.converge import MAX_ROUNDS, Convergence, Ending
+from constmig.migration.strategies.converge import DEFAULT_MAX_DOWNTIME_S, MAX_ROUNDS, Convergence, Ending
 from constmig.migration.strategies.hybrid import Hybrid
 from constmig.migration.strategies.rounds import Rounds
 from constmig.migration.strategies.stopcopy import send_chunks
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from constmig.migration.strategies.base import Before, Progress
 
 AUTO_MAX_THROTTLE = 0.9
+AUTO_MAX_DOWNTIME_S = 0.01  # the goal the throttle works toward: an outage clients do not notice
+AUTO_FINISH_S = DEFAULT_MAX_DOWNTIME_S  # short of the goal, what is left still goes with the small state up to this
 MOSTLY = 0.5  # a switch that leaves more than this share of the heap missing: the rounds bought little
 
 
@@ -42,12 +44,18 @@ class Auto(Hybrid):
                "or switch as post-copy for what is left")
     default_rounds = MAX_ROUNDS
     default_throttle = AUTO_MAX_THROTTLE
+    default_downtime = AUTO_MAX_DOWNTIME_S
+    default_finish = AUTO_FINISH_S
     removed_edges = {}  # chunks with the small state (a pre-copy finish) and after the switch (post-copy)
 
     def finishes(self, rule: Convergence) -> bool:
-        """Converged: what is left fits the downtime goal, so it goes with the small state, and after
-        COMMIT the destination needs nothing from the source (no demand fault, no stream)."""
-        return rule.ended is Ending.FITS
+        """Converged (what is left fits the downtime goal), or the rounds ended short of it with what would
+        go within the goal's finish bound (50 ms unless the operator named a --max-downtime): it goes with
+        the small state, and after COMMIT the destination needs nothing from the source. A small set the
+        throttle could not shrink is the app's hottest memory, which a post-copy switch would fetch by
+        demand at once, one fault after another."""
+        return rule.ended is Ending.FITS or (rule.ended is not Ending.TRACKING_LOST
+                                             and rule.left_seconds() <= rule.goal.finish_s)
 
     def send_before_handoff(self, link: Link, ledger: ChunkLedger, heap: Heap, progress: Progress,
                             before: Before) -> None:
@@ -61,6 +69,11 @@ class Auto(Hybrid):
                     "decision_why": f"{rule.left} chunks were left, within the downtime goal at the measured rate"
                                     + (f" (writers throttled up to {throttle:.2f})" if throttle else "")
                                     + "; they went with the small state, as pre-copy finishes"}
+        if self.finishes(rule):
+            return {"decision": "finished",
+                    "decision_why": f"{rule.left} chunks were left when the rounds ended ({rule.ended}), more than the "
+                                    f"downtime goal allows but at most {rule.goal.finish_s * 1000:.0f} ms at the measured rate: "
+                                    "they went with the small state, as pre-copy finishes"}
         why = {Ending.NOT_SHRINKING: f"the rounds stopped shrinking at throttle {throttle:.2f}, the cap",
                Ending.MAX_ROUNDS: f"{len(rule.round_chunks)} rounds did not converge",
                Ending.BUDGET: "the completion budget ran out",

@@ -67,15 +67,24 @@ class Goal:
     max_rounds: int = MAX_ROUNDS
     max_throttle: float = 0.0  # the share of the app's write pace the throttle may take away; 0: never
     budget_s: float = float("inf")  # the rounds' time, from the first round's start
+    finish_within: float | None = None  # auto's: what may still go at the stop when the rounds end short of
+    # max_downtime (None: max_downtime itself; an operator's --max-downtime is both)
 
     @classmethod
-    def of(cls, req: control.MigrateOut, default_rounds: int, heap_bytes: int, default_throttle: float = 0.0) -> Goal:
+    def of(cls, req: control.MigrateOut, default_rounds: int, heap_bytes: int, default_throttle: float = 0.0,
+           default_downtime: float = DEFAULT_MAX_DOWNTIME_S, default_finish: float | None = None) -> Goal:
         """The request's goal; an unset or None option takes the strategy's default."""
-        downtime = req.max_downtime if isinstance(req.max_downtime, (int, float)) else DEFAULT_MAX_DOWNTIME_S
+        asked = isinstance(req.max_downtime, (int, float))
+        downtime = req.max_downtime if asked else default_downtime
         rounds = req.max_rounds if isinstance(req.max_rounds, int) else default_rounds
         throttle = req.max_throttle if isinstance(req.max_throttle, (int, float)) else default_throttle
         budget = req.completion_timeout * max(1.0, heap_bytes / GiB)
-        return cls(float(downtime), rounds, float(throttle), budget)
+        return cls(float(downtime), rounds, float(throttle), budget, None if asked else default_finish)
+
+    @property
+    def finish_s(self) -> float:
+        """The most that may go at the stop, whatever ended the rounds (auto's finish as pre-copy)."""
+        return self.max_downtime if self.finish_within is None else max(self.max_downtime, self.finish_within)
 
 
 @dataclass

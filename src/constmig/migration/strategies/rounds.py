@@ -39,7 +39,7 @@ from constmig.migration import messages as m
 from constmig.migration import trackers
 from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
 from constmig.migration.strategies.base import Before, Progress
-from constmig.migration.strategies.converge import MAX_ROUNDS, Convergence, Goal
+from constmig.migration.strategies.converge import DEFAULT_MAX_DOWNTIME_S, MAX_ROUNDS, Convergence, Goal
 from constmig.migration.strategies.early import Early
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.wire import control
@@ -86,11 +86,14 @@ class RoundsMixin:
 
     default_rounds: ClassVar[int] = MAX_ROUNDS
     default_throttle: ClassVar[float] = 0.0  # --max-throttle unless the request names one
+    default_downtime: ClassVar[float] = DEFAULT_MAX_DOWNTIME_S  # --max-downtime unless the request names one
+    default_finish: ClassVar[float | None] = None  # auto's Goal.finish_within unless the request names a downtime
     left_figure: ClassVar[str] = "final_chunks"
 
     def before_stop(self, link: Link, enclave: Enclave, progress: Progress, req: control.MigrateOut) -> Rounds:
         heap = enclave.heap
-        goal = Goal.of(req, self.default_rounds, heap.size, self.default_throttle)
+        goal = Goal.of(req, self.default_rounds, heap.size, self.default_throttle, self.default_downtime,
+                       self.default_finish)
         # one mechanism per destination tracker (enclave/dirty.py), unless the user picked one; a throttle
         # needs the enclave's own, which counts what each call writes
         paired = trackers.get(req.tracker).write_tracking
