@@ -25,8 +25,8 @@ from constmig.kernel.uffd import preflight
 
 pytestmark = [pytest.mark.e2e]
 
-HEAP = 32 << 20
-SLOW = 1 << 20  # background stream cap, bytes/s: a 32 MiB heap takes ~30 s to arrive
+HEAP = 16 << 20
+SLOW = 2 << 20  # background stream cap, bytes/s: the heap takes ~8 s to arrive, the checks below ~1-2 s
 TRACKERS = [pytest.param("fault", marks=[pytest.mark.root, pytest.mark.skipif(
     preflight() is not None, reason=f"Fault Tracker unavailable: {preflight()}")]), "access"]
 
