@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -11,11 +12,7 @@ from typing import Any
 
 import click
 
-from constmig.bench.cli import bench as bench_group
-from constmig.client.trust import default_ca_dir
 from constmig.errors import ConfigError, ConstmigError
-from constmig.host.ca_cli import ca as ca_group
-from constmig.migration import strategies
 from constmig.migration.constants import WRITE_TRACKING
 from constmig.options import (
     DEFAULT_STRATEGY,
@@ -27,13 +24,25 @@ from constmig.options import (
     etcd_option,
     write_json,
 )
-from constmig.tee.attest_cli import attest as attest_group
-from constmig.testbed.cli import testbed as testbed_group
 from constmig.units import check_writable
 from constmig.wire import control
 
+# Command groups imported when named, so that `constmig call` or an agent does not start by importing the
+# bench, the testbed and the attestation tools (half of every command's start-up time).
+LAZY_GROUPS = {"bench": "constmig.bench.cli:bench", "testbed": "constmig.testbed.cli:testbed",
+               "attest": "constmig.tee.attest_cli:attest", "ca": "constmig.host.ca_cli:ca"}
+
 
 class Main(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_GROUPS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_GROUPS:
+            module, _, attr = LAZY_GROUPS[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -87,6 +96,7 @@ def main() -> None:
 def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: str, log_format: str,
           metrics_listen: str | None, metrics_public: bool, etcd: str | None, etcd_ttl: int, verbose: bool) -> None:
     """Run a host agent (foreground). Admin requests: its local socket, or a certificate (`constmig ca`)."""
+    from constmig.client.trust import default_ca_dir
     from constmig.host.address import parse_addr
     from constmig.host.agent import run_agent
     from constmig.tee.producers import resolve_tee
@@ -724,6 +734,8 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
             raise ConfigError("missing --to (the destination agent HOST:PORT)")
         if parse_addr(dst) == parse_addr(src):
             raise ConfigError(f"--from and --to are the same agent ({src}); migrate to another one")
+        from constmig.migration import strategies
+
         if tracker != control.DEFAULT_TRACKER and not strategies.get(strategy).needs_tracker:
             click.echo(f"(--tracker {tracker} is ignored: {strategy} needs no tracker)", err=True)
         if strategy not in strategies.ROUNDS and (max_downtime is not None or max_rounds is not None or
@@ -769,12 +781,6 @@ def demo(strategy: str, tracker: str, heap: int, app: str, fill: float, json_pat
     write_json(figures, json_path)
     if not figures.get("verified"):
         raise ConstmigError("demo migration finished but the state checksum did not match")
-
-
-main.add_command(bench_group)
-main.add_command(testbed_group)
-main.add_command(attest_group)
-main.add_command(ca_group)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from typing import Any
 import click
 
 from constmig.errors import ConfigError
-from constmig.migration import strategies
+from constmig.migration import constants
 from constmig.units import check_writable, parse_duration, parse_size
 from constmig.wire import control
 
-STRATEGY_CHOICES = click.Choice(list(strategies.STRATEGIES))
+STRATEGY_CHOICES = click.Choice(list(constants.STRATEGIES))
 DEFAULT_STRATEGY = control.DEFAULT_STRATEGY  # one default for CLI, agent and enclave (wire/control.py)
-TRACKER_CHOICES = click.Choice(["auto", *strategies.TRACKERS])
+TRACKER_CHOICES = click.Choice(["auto", *constants.TRACKERS])
 TRACKER_HELP = ("How the destination finds chunks the resumed app needs before they arrived (constmig, hybrid): "
                 "fault = userfaultfd and a pager process, access = instrumented heap arrays, auto = fault "
                 "where userfaultfd works.")
