@@ -94,6 +94,17 @@ def test_move_of_a_variant():
     assert Move.of("hybrid-access", "n", "a", "b", timeout=5.0).timeout == 5.0
 
 
+def test_a_variant_suffix_carries_its_request_options(migrations):
+    run_migration(Move.of("precopy+throttle", "kv", "a:1", "b:2", options={"max_downtime": 0.05})).raise_error()
+    assert migrations == [{"name": "kv", "src": "a:1", "dst": "b:2", "strategy": "precopy", "tracker": "auto",
+                           "max_throttle": 0.9, "max_downtime": 0.05}]
+    assert Move.of("hybrid-fault+throttle", "n", "a", "b", options={"max_throttle": 0.5}).options == \
+        {"max_throttle": 0.5}  # options given to the move win over the suffix's
+    assert Move.of("hybrid-fault", "n", "a", "b").options == {}
+    with pytest.raises(ConfigError, match=r"unknown variant option '\+fast' in 'precopy\+fast'; known: \+throttle"):
+        Move.of("precopy+fast", "n", "a", "b")
+
+
 @pytest.fixture
 def no_uffd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("constmig.kernel.uffd.preflight", lambda: "no userfaultfd here")

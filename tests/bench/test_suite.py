@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from constmig.bench.report import slopes, write_report
+from constmig.bench.results import VARIANT_OPTIONS, split_variant, summarize, variant_options
 from constmig.bench.suite import VARIANTS, derive_phases, gap_phase, make_config, summarize_all
 from constmig.errors import ConfigError
 from constmig.kernel.uffd import preflight
@@ -63,6 +64,9 @@ def test_config_defaults_and_cells(tmp_path):
 @pytest.mark.parametrize(("kw", "fragment"), [
     ({"workloads": "kvstore,nosuch"}, "unknown workload 'nosuch'"),
     ({"variants": "constmig-psychic"}, "unknown variant 'constmig-psychic'"),
+    ({"variants": "precopy+turbo"}, "unknown variant option '+turbo' in 'precopy+turbo'; known: +throttle"),
+    ({"variants": "stopcopy+throttle"}, "which stopcopy does not run (those that do: precopy, hybrid, auto)"),
+    ({"variants": "teleport+throttle"}, "unknown variant 'teleport'"),
     ({"sizes": "12Q"}, "malformed size"),
     ({"sizes": "1M"}, "at least"),
     ({"workload_size": "1000K"}, "whole number of MiB"),
@@ -74,6 +78,25 @@ def test_config_defaults_and_cells(tmp_path):
 def test_config_rejects_bad_input(tmp_path, kw, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         make_config(str(tmp_path / "o"), **kw)
+
+
+def test_a_variant_suffix_names_request_options(tmp_path):
+    assert split_variant("precopy+throttle") == ("precopy", "auto")
+    assert split_variant("hybrid-fault+throttle") == ("hybrid", "fault")
+    assert variant_options("precopy+throttle") == {"max_throttle": 0.9} == VARIANT_OPTIONS["throttle"]
+    assert variant_options("precopy") == {} and variant_options("stopcopy") == {}
+    cfg = make_config(str(tmp_path / "o"), variants="stopcopy,precopy,precopy+throttle,hybrid-fault+throttle")
+    assert cfg.variants == ["stopcopy", "precopy", "precopy+throttle", "hybrid-fault+throttle"]
+    assert "precopy+throttle" not in make_config(str(tmp_path / "d")).variants  # not in the default suite
+    # the summary keeps the variant's name and the base strategy
+    recs = [{"variant": "precopy+throttle", "strategy": "precopy", "heap_bytes": GiB, "downtime_ms": 5.0,
+             "total_s": 1.0, "verified": True}]
+    assert [(r["variant"], r["strategy"]) for r in summarize(recs)] == [("precopy+throttle", "precopy")]
+
+
+def test_cli_help_lists_the_throttled_variant():
+    p = _cm("bench", "suite", "--help")
+    assert p.returncode == 0 and "precopy+throttle" in p.stdout and "max_throttle 0.9" in p.stdout
 
 
 def test_config_rejects_unwritable_out(tmp_path):
@@ -92,6 +115,7 @@ def _cm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--workloads", "nosuch"], "unknown workload"),
     (["--variants", "stopcopy,teleport"], "unknown variant 'teleport'"),
+    (["--variants", "stopcopy,precopy+turbo"], "unknown variant option '+turbo'"),
     (["--sizes", "1X"], "malformed size"),
     (["--repeat", "many"], "--repeat"),
     ([], "missing --out"),
@@ -113,9 +137,11 @@ def test_cli_unwritable_out(tmp_path):
 # -- report from a synthetic run ----------------------------------------------------------------------
 
 
-def _record(workload: str, heap: int, variant: str, rep: int, downtime: float, verified: bool = True) -> dict:
-    post = variant != "stopcopy"
-    r = {"variant": variant, "strategy": "constmig" if post else "stopcopy",
+def _record(workload: str, heap: int, variant: str, rep: int, downtime: float, verified: bool = True,
+            **figures: object) -> dict:
+    strategy = split_variant(variant)[0]
+    post = strategy in ("constmig", "hybrid")
+    r = {"variant": variant, "strategy": strategy,
          "tracker": variant.split("-")[1] if post else "none", "workload": workload, "heap_bytes": heap,
          "repeat": rep, "downtime_ms": downtime, "total_s": 0.5 + heap / GiB * (1.2 if post else 1.0),
          "client_gap_ms": downtime + 30, "verified": verified, "verify_detail": "synthetic", "load_avg": 0.5,
@@ -129,12 +155,18 @@ def _record(workload: str, heap: int, variant: str, rep: int, downtime: float, v
                   "demand_round_trip_hist": latency_histogram([0.0008] * 20),
                   "source_service_hist": latency_histogram([0.0004] * 20),
                   "demand_install_hist": latency_histogram([0.0002] * 20)})
-    return r
+    return {**r, **figures}
+
+
+def _rounds(rounds: list[int], throttle: list[float], ended: str, **more: object) -> dict:
+    """A run's pre-copy figures (converge.py's names), with the client's throughput through the rounds."""
+    return {"rounds": len(rounds), "round_chunks": rounds, "throttle": throttle, "rounds_ended": ended,
+            "ops_s_rounds": 500.0, **more}
 
 
 def _doc(tmp_path: Path) -> dict:
     cfg = make_config(str(tmp_path), sizes="256M,1G,4G", workloads="kvstore,btree", workload_size="1G",
-                      repeat="2")
+                      repeat="2", variants=",".join((*VARIANTS, "precopy+throttle")))
     results = []
     for heap in cfg.sizes:
         for rep in range(2):
@@ -145,6 +177,20 @@ def _doc(tmp_path: Path) -> dict:
         results.append(_record("btree", GiB, "stopcopy", rep, 400.0))
         results.append(_record("btree", GiB, "constmig-fault", rep, 4.0, verified=rep == 0))
         results.append(_record("btree", GiB, "constmig-access", rep, 3.0))
+        # rounds: pre-copy does not converge; throttled it does (the median-downtime run is #1 of 2: a tie)
+        results.append(_record("btree", GiB, "precopy", rep, 300.0,
+                               **_rounds([1024], [0.0], "not-shrinking", final_chunks=800, dirty_rate=750.0)))
+        results.append(_record("btree", GiB, "precopy+throttle", rep, 20.0 + 2 * rep, variant_options={"max_throttle": 0.9},
+                               **_rounds([[1024, 800, 200], [1024, 800, 300, 150, 60]][rep],
+                                         [[0.0, 0.2, 0.3], [0.0, 0.2, 0.3, 0.4, 0.5]][rep], "fits", final_chunks=60,
+                                         held_calls=20 + 4 * rep, held_s=0.3 + 0.1 * rep,
+                                         unthrottled_dirty_rate=800.0, dirty_rate=400.0)))
+        left = {"final_chunks": 30} if rep == 0 else {"missing_at_switch": 90}
+        results.append(_record("btree", GiB, "auto-fault", rep, 10.0 + rep,
+                               **_rounds([1024, 100], [0.0, 0.1], ["fits", "budget"][rep], held_calls=5 + 2 * rep,
+                                         held_s=0.05 + 0.02 * rep, unthrottled_dirty_rate=500.0, dirty_rate=100.0,
+                                         decision=["converged", "switched"][rep], decision_why=f"synthetic why {rep}",
+                                         **left)))
     results.append({"variant": "constmig-access", "strategy": "constmig", "workload": "btree", "heap_bytes": GiB,
                     "repeat": 2, "error": "synthetic failure", "verified": False})
     ov_modes = {m: {"ops_s": [1.0], "median": 100.0, "min": 90.0, "max": 110.0, "relative": rel,
@@ -179,6 +225,25 @@ def test_report_from_synthetic_results(tmp_path):
     assert "NOT VERIFIED: btree 1.0 GiB constmig-fault #2" in md
     # where a demand fault's time goes: each segment's p50 from the merged histograms (bin upper edges)
     assert "| fault | out and back | 160 | 1.000 |" in md and "| access | queued | 160 | 0.251 |" in md
+    # rounds and throttle: a row per (workload, heap, variant) that ran rounds; per-round figures of the run with
+    # the median downtime, the rest over the repeats
+    rounds = md.split("## Rounds and throttle\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in rounds.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "| btree | 1.0 GiB | precopy | 1 [1-1] | 1024 | 0% | not-shrinking | 800 sent | 750 | - | - |",
+        "|  | 1.0 GiB | auto-fault | 2 [2-2] | 1024 → 100 | 0% → 10% | fits (1), budget (1) | 30 sent | 500 → 100 "
+        "| 6 / 0.06 | converged (1), switched (1) |",
+        "|  | 1.0 GiB | precopy+throttle | 4 [3-5] | 1024 → 800 → 200 | 0% → 20% → 30% | fits | 60 sent | 800 → 400 "
+        "| 22 / 0.35 | - |"]
+    assert "* btree 1.0 GiB auto-fault: converged: synthetic why 0" in rounds
+    # the summary: what the throttle cost and what came of it, against the same variant without it
+    line = next(x for x in md.splitlines() if x.startswith("* The throttle: "))
+    assert "precopy+throttle throttled at 1 of 1 workload/size points (up to 50%); cost: the writing calls held " \
+           "0.35 s per migration (22 calls), clients at 50% of their throughput in the rounds; what came of it " \
+           "(medians): btree 1.0 GiB: dirty rate 800 → 400 chunks/s, downtime 21 (precopy 300) ms, longest gap 51 " \
+           "(precopy 330) ms" in line
+    assert "auto-fault throttled at 1 of 1 workload/size points (up to 10%)" in line
+    assert "precopy throttled" not in line  # it never did
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) >= 7
     for name in images:

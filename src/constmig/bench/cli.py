@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from constmig.bench.results import OPTION_VARIANTS, VARIANT_OPTIONS
 from constmig.errors import ConfigError, ConstmigError
 from constmig.migration import strategies
 from constmig.options import DEFAULT_STRATEGY, STRATEGY_CHOICES, Size, etcd_option, write_json
@@ -19,6 +20,12 @@ from constmig.units import check_writable, parse_size
 
 # bench variants: a strategy, with the tracker after a dash where it needs one
 VARIANT_CHOICES = click.Choice(strategies.variants())
+
+
+def _option_sets() -> str:
+    """"+throttle: max_throttle 0.9", ... (the request options each variant suffix carries)."""
+    return "; ".join(f"+{name}: " + ", ".join(f"{k} {v}" for k, v in opts.items())
+                     for name, opts in VARIANT_OPTIONS.items())
 
 
 def json_option(help_text: str = "Write the figures as JSON (FILE, or - for stdout).") -> Any:
@@ -197,8 +204,10 @@ def bench_drain(enclaves: int, heap: int, loaded: int, link: str, parallel: int,
 @click.option("--sweep", default=None, help="Workloads run at every --sizes size (all, none, or names) "
               "[default: kvstore].")
 @click.option("--workload-size", default=None, help="Heap size every workload runs at [default: 1G; --quick: 64M].")
-@click.option("--variants", default=None, help="Comma-separated [default: stopcopy,constmig-fault,constmig-access; "
-              "constmig-fault is skipped, with the reason, where userfaultfd does not work].")
+@click.option("--variants", default=None, help="Comma-separated, from: "
+              f"{', '.join((*strategies.variants(auto=False), *OPTION_VARIANTS))}; a variant with pre-copy rounds "
+              f"takes a suffix ({_option_sets()}) [default: every one without a +; "
+              "the -fault ones are skipped, with the reason, where userfaultfd does not work].")
 @click.option("--repeat", default=None, help="Repeats per point [default: 3; --quick: 1].")
 @click.option("--quick", is_flag=True, help="A CI smoke run (small heaps, 3 workloads, 1 repeat; under 3 minutes).")
 @click.option("--no-overhead", is_flag=True, help="Skip the in-process tracker overhead measurement.")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from constmig.bench.loadgen import KVHammer
-from constmig.bench.results import split_variant
+from constmig.bench.results import split_variant, variant_options
 from constmig.client import Trust
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.client import request
@@ -55,8 +55,10 @@ class Move:
 
     @classmethod
     def of(cls, variant: str, name: str, src: str, dst: str, **kw: Any) -> Move:
-        """A bench variant ("constmig-fault", "stopcopy") as a strategy and a tracker."""
+        """A bench variant ("constmig-fault", "stopcopy", "precopy+throttle") as a strategy, a tracker and
+        the options its suffixes name (results.VARIANT_OPTIONS; `options` given here win)."""
         strategy, tracker = split_variant(variant)
+        kw["options"] = {**variant_options(variant), **kw.get("options", {})}
         return cls(name, src, dst, strategy, tracker, **kw)
 
 

@@ -74,7 +74,8 @@ def plot_sizes(results: list[dict[str, Any]], path: Path, key: str = "downtime_m
 
 VARIANT_COLORS = {"stopcopy": "#de2d26", "constmig-fault": "#3182bd", "constmig-access": "#31a354",
                   "constmig": "#756bb1", "precopy": "#fd8d3c", "hybrid-fault": "#08519c", "hybrid-access": "#006d2c",
-                  "hybrid": "#54278f"}
+                  "hybrid": "#54278f", "auto-fault": "#e7298a", "auto-access": "#c994c7", "auto": "#ae017e",
+                  "precopy+throttle": "#a63603"}
 
 
 def _color(variant: str) -> str:

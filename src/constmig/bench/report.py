@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from constmig.bench.results import dumps
+from constmig.bench.results import base_variant, dumps
 from constmig.bench.stats import Band, band, fit_line, hist_quantile, merge_hists, show, spread
 from constmig.units import format_size
 
@@ -258,6 +258,126 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
                   "verified"], rows)
 
 
+def _tally(values: list[Any]) -> str:
+    """"fits" when every run says the same, else each answer with its count, the commonest first."""
+    vals = [str(v) for v in values if v is not None]
+    if not vals:
+        return "-"
+    counts = sorted(((vals.count(v), v) for v in dict.fromkeys(vals)), key=lambda cv: -cv[0])
+    return vals[0] if len(counts) == 1 else ", ".join(f"{v} ({c})" for c, v in counts)
+
+
+def _per_round(values: list[float] | None, f: Any, keep: int = 8) -> str:
+    """A figure per round as "a → b → c" (the first and last few when there are many rounds)."""
+    if not values:
+        return "-"
+    shown = [f(v) for v in values]
+    if len(shown) > keep:
+        shown = [*shown[:keep // 2], f"… ({len(values) - keep + 2} more) …", *shown[-(keep // 2 - 1):]]
+    return " → ".join(shown)
+
+
+def _throttled(r: dict[str, Any]) -> bool:
+    return bool(max(r.get("throttle") or [0.0]) > 0 or r.get("held_calls"))
+
+
+def round_groups(doc: dict[str, Any]) -> list[tuple[str, int, str, list[dict[str, Any]]]]:
+    """(workload, heap, variant, its verified-or-not runs that ran pre-copy rounds), in the tables' order."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in _ok(doc["results"]):
+        if r.get("rounds"):
+            groups[(r["workload"], r["heap_bytes"], r["variant"])].append(r)
+    order = list(doc["config"]["workloads"])
+    return [(w, h, v, rs) for (w, h, v), rs in sorted(groups.items(), key=lambda kv: (
+        order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][1], _variant_order(doc, kv[0][2])))]
+
+
+def rounds_table(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """One row per (workload, heap, variant) that ran pre-copy rounds, and auto's reasons (the median run's)."""
+    rows, whys = [], []
+    last = None
+    for w, h, v, rs in round_groups(doc):
+        med = representative(rs, w, h, v) or rs[0]  # the run with the median downtime
+        held = [(r.get("held_calls") or 0, r.get("held_s") or 0.0) for r in rs]
+        held_text = "-" if not any(r.get("held_calls") is not None for r in rs) else \
+            f"{_n(statistics.median(c for c, _ in held), 0)} / {statistics.median(s for _, s in held):.2f}"
+        left = ("-" if med.get("final_chunks") is None and med.get("missing_at_switch") is None else
+                f"{med['final_chunks']} sent" if med.get("final_chunks") is not None else
+                f"{med['missing_at_switch']} missing")
+        rate = _n(med.get("dirty_rate"), 0)
+        if med.get("unthrottled_dirty_rate") is not None:
+            rate = f"{_n(med['unthrottled_dirty_rate'], 0)} → {rate}"
+        decision = _tally([r.get("decision") for r in rs])
+        rows.append([w if w != last else "", format_size(h), v, show(spread(r["rounds"] for r in rs), lambda x: _n(x, 0)),
+                     _per_round(med.get("round_chunks"), lambda x: str(int(x))),
+                     _per_round(med.get("throttle"), lambda x: f"{x:.0%}"), _tally([r.get("rounds_ended") for r in rs]),
+                     left, rate, held_text, decision])
+        last = w
+        if med.get("decision_why"):
+            whys.append(f"{w} {format_size(h)} {v}: {med['decision']}: {med['decision_why']}")
+    header = ["workload", "heap", "variant", "rounds, median [min-max]", "chunks sent per round", "throttle per round",
+              "rounds ended", "left at the stop", "dirty chunks/s unthrottled → last round",
+              "held calls / held s, median", "decision (auto)"]
+    return (table(header, rows) if rows else ""), whys
+
+
+def throttle_bullet(doc: dict[str, Any]) -> str | None:
+    """What the throttle cost (the writing calls' held time, the clients' throughput in the rounds) and what it
+    bought (the dirty rate it cut; the downtime against the same variant without "+throttle"), one line."""
+    parts = []
+    summary = {(r["workload"], r["heap_bytes"], r["variant"]): r for r in doc.get("summary", [])}
+    by_variant: dict[str, list[tuple[str, int, list[dict[str, Any]]]]] = defaultdict(list)
+    for w, h, v, rs in round_groups(doc):
+        by_variant[v].append((w, h, rs))
+    if not by_variant:
+        return None
+    for v, points in by_variant.items():
+        acted = [(w, h, rs) for w, h, rs in points if any(_throttled(r) for r in rs)]
+        if not acted:
+            continue
+        top = max(max(r.get("throttle") or [0.0]) for _, _, rs in acted for r in rs)
+        held = [statistics.median(r.get("held_s") or 0.0 for r in rs) for _, _, rs in acted]
+        calls = [statistics.median(r.get("held_calls") or 0 for r in rs) for _, _, rs in acted]
+        text = (f"{v} throttled at {len(acted)} of {len(points)} workload/size points (up to {top:.0%}); cost: "
+                f"the writing calls held {_range(held, '{:.2f}')} s per migration ({_range(calls, '{:.0f}')} calls)")
+        rounds_tp = [x for w, h, _ in acted if (x := _ratio(summary.get((w, h, v)), "ops_s_rounds")) is not None]
+        if rounds_tp:
+            text += f", clients at {_range([x * 100 for x in rounds_tp], '{:.0f}')}% of their throughput in the rounds"
+        base = base_variant(v)  # the same variant without its option suffixes, if it ran
+        bought = []
+        for w, h, rs in acted:
+            what = [f"{w} {format_size(h)}"]
+            rated = [r for r in rs if r.get("unthrottled_dirty_rate") and r.get("dirty_rate") is not None]
+            if rated:
+                what.append(f"dirty rate {_n(statistics.median(r['unthrottled_dirty_rate'] for r in rated), 0)} → "
+                            f"{_n(statistics.median(r['dirty_rate'] for r in rated), 0)} chunks/s")
+            mine, other = summary.get((w, h, v)) or {}, summary.get((w, h, base)) if base != v else None
+            for key, label in (("downtime_ms", "downtime"), ("client_gap_ms", "longest gap")):
+                if mine.get(key):
+                    vs = f" ({base} {_n(other[key]['median'])})" if other and other.get(key) else ""
+                    what.append(f"{label} {_n(mine[key]['median'])}{vs} ms")
+            bought.append(" ".join(what[:1]) + ": " + ", ".join(what[1:]))
+        text += "; what came of it (medians): " + "; ".join(bought)
+        parts.append(text)
+    if not parts:
+        return "The throttle never acted: every run with pre-copy rounds converged (or ended) without it."
+    return "The throttle: " + "; ".join(parts) + "."
+
+
+def _range(vals: list[float], fmt: str) -> str:
+    if not vals:
+        return "-"
+    lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _ratio(row: dict[str, Any] | None, key: str) -> float | None:
+    """A summary row's median `key` over its median ops_s_before."""
+    if not row or not row.get(key) or not row.get("ops_s_before") or not row["ops_s_before"]["median"]:
+        return None
+    return row[key]["median"] / row["ops_s_before"]["median"]
+
+
 def slope_table(fits: list[dict[str, Any]]) -> str:
     rows = []
     for f in fits:
@@ -480,6 +600,22 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
     L.append(f"\n## Per workload at {format_size(ws)}\n\n")
     L.append(workload_table(doc, ws) + "\n")
     L.append("\n" + _img(made, "workloads", "downtime per workload"))
+    rounds, whys = rounds_table(doc)
+    if rounds:
+        L.append("\n## Rounds and throttle\n\n")
+        L.append("Every (workload, size, variant) that sent pre-copy rounds. The chunks and throttle per round, what "
+                 "was left at the stop (sent with the small state, or missing at a post-copy switch) and the dirty "
+                 "rate are the run with the median downtime (the figure the rounds aim at); rounds, why they ended, "
+                 "the calls the throttle held and auto's decision are over every repeat (a count per answer where "
+                 "they differ). The throttle is the share by which the enclave cut the app's rate of newly written "
+                 "chunks in that round (it holds the calls that write; reads keep their pace; held calls / held s "
+                 "are those waits, per migration); the dirty rate is chunks the app wrote again per second, "
+                 "unthrottled (measured in the first round that did not shrink) and in the last round.\n\n")
+        L.append(rounds + "\n")
+        if whys:
+            L.append("\n<details><summary>auto's reasons (the median run)</summary>\n\n")
+            L.append("".join(f"* {x}\n" for x in whys))
+            L.append("\n</details>\n")
     L.append("\n## Throughput through a migration\n\n")
     L.append("The client driver's operations per second in buckets of at least 100 ms (a bucket closes at the "
              "first answered call after 100 ms, so a long wait shows as one long, low bucket); red band and line: "
@@ -582,6 +718,9 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
         if during:
             text += f", during the pre-copy rounds {rng([d * 100 for d in during], '{:.0f}')}%"
         out.append(text + ".")
+    throttle = throttle_bullet(doc)
+    if throttle:
+        out.append(throttle)
     hw = headline_workload(doc)
     dt = [f for f in fits if f["workload"] == hw and f["measure"] == "downtime_ms" and "slope" in f]
     if dt:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from constmig.bench.stats import spread
+from constmig.errors import ConfigError
+from constmig.migration.strategies import ROUNDS
+from constmig.migration.strategies.auto import AUTO_MAX_THROTTLE
 
 CPU_FLAGS = ("aes", "avx", "avx2", "avx512f", "sha_ni", "vaes", "pclmulqdq", "hypervisor", "sgx", "sev",
              "tdx_guest", "pdpe1gb")  # what a reader of the suite's numbers needs to place them
@@ -38,10 +41,39 @@ def machine_info(detail: bool = False) -> dict[str, Any]:
     return info
 
 
+# Named sets of request options a variant can carry after a "+": "precopy+throttle" is pre-copy whose rounds
+# may slow the writing calls up to auto's cap (strategies/auto.py AUTO_MAX_THROTTLE). Each set only steers
+# the pre-copy rounds, so it needs a strategy that runs them.
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"throttle": {"max_throttle": AUTO_MAX_THROTTLE}}
+OPTION_VARIANTS = ("precopy+throttle",)  # the ones `bench suite --help` lists (any rounds variant takes a suffix)
+
+
 def split_variant(variant: str) -> tuple[str, str]:
-    """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used)."""
-    strategy, _, tracker = variant.partition("-")
+    """"constmig-fault" -> ("constmig", "fault"); "stopcopy" -> ("stopcopy", "auto") (no tracker is used);
+    "hybrid-fault+throttle" -> ("hybrid", "fault") (the options after "+" are variant_options')."""
+    strategy, _, tracker = variant.partition("+")[0].partition("-")
     return strategy, tracker or "auto"
+
+
+def variant_options(variant: str) -> dict[str, Any]:
+    """The request options a variant's "+name" suffixes carry (VARIANT_OPTIONS), merged in order; {} without
+    one. ConfigError (one line) for an unknown name or a strategy without pre-copy rounds."""
+    base, *names = variant.split("+")
+    options: dict[str, Any] = {}
+    for name in names:
+        if name not in VARIANT_OPTIONS:
+            raise ConfigError(f"unknown variant option {'+' + name!r} in {variant!r}; known: "
+                              f"{', '.join('+' + k for k in VARIANT_OPTIONS)}")
+        options.update(VARIANT_OPTIONS[name])
+    if names and split_variant(base)[0] not in ROUNDS:
+        raise ConfigError(f"{variant!r}: {'+'.join(names)} steers pre-copy rounds, which "
+                          f"{split_variant(base)[0]} does not run (those that do: {', '.join(ROUNDS)})")
+    return options
+
+
+def base_variant(variant: str) -> str:
+    """The variant without its option suffixes: "precopy+throttle" -> "precopy"."""
+    return variant.partition("+")[0]
 
 
 SUMMARY_KEYS = ("downtime_ms", "total_s", "stream_s", "client_gap_ms", "fault_latency_us_p50",

@@ -35,7 +35,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from constmig.apps import APPS, load_app
 from constmig.bench.harness import Move, Moved, launched, run_migration, two_agents
 from constmig.bench.loadgen import KVHammer, LoadReport, StepDriver, driver_for
-from constmig.bench.results import SUMMARY_KEYS, dumps, machine_info, split_variant, summarize
+from constmig.bench.results import (
+    OPTION_VARIANTS,
+    SUMMARY_KEYS,
+    base_variant,
+    dumps,
+    machine_info,
+    split_variant,
+    summarize,
+    variant_options,
+)
 from constmig.bench.stats import window_rate
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.orchestrate import app_checksum
@@ -43,7 +52,9 @@ from constmig.migration import strategies
 from constmig.progress import console
 from constmig.units import available_memory, check_writable, format_size, parse_size
 
-VARIANTS = tuple(strategies.variants(auto=False))  # stopcopy, constmig-*, precopy, hybrid-*
+VARIANTS = tuple(strategies.variants(auto=False))  # the default: stopcopy, constmig-*, precopy, hybrid-*, auto-*
+# also runnable, not by default (each adds a migration per cell and repeat: 27 more in a full suite): any of
+# those with pre-copy rounds plus a "+name" of results.VARIANT_OPTIONS, e.g. OPTION_VARIANTS' precopy+throttle
 MIN_HEAP = 16 << 20
 CHUNK = 1 << 20  # launch_filled's chunk size; the twin uses the same geometry
 SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "ops_s_migration", "ops_s_rounds",
@@ -110,8 +121,11 @@ def _names(text: str, what: str, known: tuple[str, ...] | list[str]) -> list[str
     if not items:
         raise ConfigError(f"--{what} needs at least one name")
     for s in items:
-        if s not in known:
-            raise ConfigError(f"unknown {what[:-1]} {s!r}; known: {', '.join(known)}")
+        base = base_variant(s) if what == "variants" else s
+        if base not in known:
+            raise ConfigError(f"unknown {what[:-1]} {base!r}; known: {', '.join(known)}")
+        if base != s:
+            variant_options(s)  # a known option set, on a strategy with rounds
     return list(dict.fromkeys(items))
 
 
@@ -143,7 +157,7 @@ def make_config(out: str | None, *, sizes: str | None = None, workloads: str | N
         if missing and sweep is not None:
             raise ConfigError(f"--sweep {','.join(missing)} is not among --workloads {','.join(wl)}")
         sw = [w for w in sw if w in wl] or wl[:1]  # the default sweep follows --workloads
-    var = _names(variants or d["variants"], "variants", VARIANTS)
+    var = _names(variants or d["variants"], "variants", (*VARIANTS, *OPTION_VARIANTS))
     try:
         rep = int(repeat if repeat is not None else d["repeat"])
     except ValueError:
@@ -236,6 +250,8 @@ def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int,
     a, b = addrs[0], addrs[1]
     rec: dict[str, Any] = {"variant": variant, "strategy": split_variant(variant)[0], "workload": workload,
                            "heap_bytes": heap, "seed": seed, "load_avg": round(os.getloadavg()[0], 2)}
+    if variant_options(variant):  # what a "+name" suffix asked of the request (strategy stays the base one)
+        rec["variant_options"] = variant_options(variant)
     t_cycle = time.perf_counter()
     kw: dict[str, Any] = {"keys": 2000, "write_ratio": 0.0, "seed": seed} if workload == "kvstore" else \
         {"seed": seed + 1, "record": True}
@@ -248,7 +264,7 @@ def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int,
             moved = run_migration(Move.of(variant, name, a, b, timeout=cfg.timeout), driver, before_s=cfg.settle_s,
                                   after_s=cfg.settle_s, on_progress=on_progress).raise_error()
             rec.update(moved.figures)
-            rec["variant"], rec["seed"] = variant, seed
+            rec["variant"], rec["strategy"], rec["seed"] = variant, split_variant(variant)[0], seed
             rec.update(check(moved, before, app_checksum(b, name, trust), driver, workload, heap, seed, cfg))
     except ConstmigError as e:
         rec["error"] = str(e)
