@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,9 +21,16 @@ from constmig.wire import control
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free now (held together while chosen, so agents started at once never share one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 class LocalCluster:
@@ -43,8 +51,11 @@ class LocalCluster:
 
     def __enter__(self) -> LocalCluster:
         try:
+            ports = free_ports(self.n, self.host)
+            for i in range(self.n):  # every agent starts at once (each takes about a second of imports)
+                self._spawn(i, f"{self.host}:{ports[i]}")
             for i in range(self.n):
-                self.start_agent(i)
+                self._wait_ready(i)
         except BaseException:
             self.close()
             raise
@@ -52,6 +63,11 @@ class LocalCluster:
 
     def start_agent(self, i: int, addr: str | None = None) -> str:
         """Start (or restart) agent number i; it keeps its state dir and, if given, its address."""
+        addr = self._spawn(i, addr)
+        self._wait_ready(i)
+        return addr
+
+    def _spawn(self, i: int, addr: str | None = None) -> str:
         host_id = chr(ord("a") + i)
         addr = addr or f"{self.host}:{free_port(self.host)}"
         log = open(self.base / f"agent-{host_id}.log", "ab")  # noqa: SIM115 (owned by the child)
@@ -66,7 +82,6 @@ class LocalCluster:
         else:
             self.procs.append(proc)
             self.addrs.append(addr)
-        self._wait_ready(i)
         return addr
 
     def _wait_ready(self, i: int, timeout: float = 30.0) -> None:
@@ -89,13 +104,17 @@ class LocalCluster:
             proc.wait()
 
     def close(self) -> None:
-        for i, proc in enumerate(self.procs):
+        asked = []
+        for i, proc in enumerate(self.procs):  # every agent is asked first, then each is waited for
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(AgentError):
                     client.request(self.addrs[i], control.Shutdown(), timeout=5)
-                    proc.wait(timeout=15)
-                except (AgentError, subprocess.TimeoutExpired):
-                    pass
+                    asked.append(proc)
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            if proc in asked:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
