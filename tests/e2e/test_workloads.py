@@ -1,4 +1,5 @@
-"""Every workload app migrates under load, with each strategy and tracker, and loses or misreads nothing.
+"""Every workload app migrates under load, post-copy under each tracker (stop-and-copy once), and loses
+or misreads nothing.
 
 A client drives the app (`step` in a loop, or the kvstore hammer) from before each migration to after
 it, so steps run on the source, across the stop, and (post-copy) on the destination while its heap
@@ -74,8 +75,14 @@ def _replay(twin: EnclaveApp, driver: KVHammer | StepDriver) -> None:
         twin.put_many(items[i : i + 256])  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("strategy", "tracker"), VARIANTS)
-@pytest.mark.parametrize("app", sorted(APPS))
+# Stop-and-copy moves the heap as bytes, whatever the app does with them: one app shows it. Post-copy's
+# faults follow each app's own access pattern, so every app runs with both trackers.
+CASES = [(app, *v.values, v.marks, f"{app}-{v.id}") for app in sorted(APPS) for v in VARIANTS
+         if app == "kvstore" or v.values[0] != "stopcopy"]
+
+
+@pytest.mark.parametrize(("app", "strategy", "tracker"),
+                         [pytest.param(app, s, t, marks=m, id=i) for app, s, t, m, i in CASES])
 def test_workload_migrates_under_load(cluster, app, strategy, tracker):
     a, b = cluster.addrs
     name = f"{app}-{strategy}-{tracker}"
