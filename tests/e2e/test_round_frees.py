@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.adversarial]
 
 APP = "recycle_app:Recycler"  # tests/e2e/recycle_app.py, on the agents' PYTHONPATH
 MiB = 1 << 20
-PACE = 8 * MiB  # rounds paced so a round of a few dozen 1 MiB chunks takes seconds: the frees land inside
+PACE = 16 * MiB  # rounds paced so a round of a few dozen 1 MiB chunks takes seconds: the frees land inside
 WRITE_TRACKING = {"fault": "kernel", "access": "enclave"}  # one mechanism per post-copy tracker
 
 
@@ -77,7 +77,7 @@ class Background:
     def _run(self, src: str, dst: str, strategy: str, options: dict[str, Any]) -> None:
         try:
             self.figures = migrate("rc", src, dst, strategy, timeout=60, on_progress=self._progress,
-                                   max_bandwidth=PACE, max_downtime=0.005, **options)
+                                   **{"max_bandwidth": PACE, "max_downtime": 0.005, **options})
         except BaseException as e:  # noqa: BLE001 (reported by result())
             self.error = e
         finally:
@@ -128,7 +128,7 @@ def test_freed_and_allocated_again_within_a_round(recycler_cluster, strategy, tr
     a, b = recycler_cluster.addrs
     request(a, {"op": "run", "name": "rc", "app": APP, "heap": 64 * MiB, "chunk_size": MiB, "config": {}})
     assert _call(a, "make", "keep", 4096, 0x11) == 0
-    offset = _call(a, "make", "blob", 48 * MiB, 0xAB)  # 49 chunks: round 1 takes ~6 s
+    offset = _call(a, "make", "blob", 48 * MiB, 0xAB)  # 49 chunks: round 1 takes ~3 s, 2.6 s of it after the six
     mig = Background(a, b, strategy, tracker)
     mig.until(_in_round(1, 6 * MiB))  # six chunks of 0xab are at the destination
     assert _call(a, "recycle", "blob") == offset  # the space is reused: same offset, fresh
@@ -155,7 +155,7 @@ def test_freed_at_the_scan_and_allocated_again_before_the_stop(recycler_cluster,
     _call(a, "make", "bulk", 16 * MiB, 0x22)
     _call(a, "make", "hot", 4 * MiB, 0x33)
     offset = _call(a, "make", "blob", 24 * MiB, 0xAB)  # chunks 20..44, sent last in round 1
-    mig = Background(a, b, strategy, tracker, max_rounds=4)
+    mig = Background(a, b, strategy, tracker, max_rounds=4, max_bandwidth=PACE // 2)  # 2.4 s after the six
     mig.until(_in_round(1, offset + 6 * MiB))  # six chunks of the blob are at the destination
     _call(a, "free", "blob")
     _call(a, "paint", "hot", 0x44)  # written since sent: the rounds go on
