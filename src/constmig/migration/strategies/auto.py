@@ -6,10 +6,12 @@ does not shrink) with `--max-throttle` 0.9 unless the operator names another cap
 the link is held to a dirty-rate limit inside the enclave until the rounds shrink (converge.py,
 enclave/throttle.py). Then:
 
-* converged (what is left fits the downtime goal): it finishes as pre-copy, the rest going with the
-  small state, so after COMMIT the destination needs nothing from the source (no demand fault, whose
-  latency under load was the longest client gap of a post-copy switch);
-* not converged: it switches as hybrid does, what the rounds left arriving by demand and stream; for a
+* converged (what is left fits the downtime goal, 10 ms unless the operator names one): it finishes as
+  pre-copy, the rest going with the small state, so after COMMIT the destination needs nothing from the
+  source (no demand fault, whose latency under load was the longest client gap of a post-copy switch);
+* finished: the rounds ended short of the goal with at most 50 ms left (an operator's --max-downtime is
+  this bound too): the same finish, for the hot set the throttle could not shrink;
+* otherwise: it switches as hybrid does, what the rounds left arriving by demand and stream; for a
   writer that rewrites most of its heap faster than the link carries it even at the cap, the figures
   say that stop-and-copy would have moved it with a similar gap, and what would make the rounds converge.
 
