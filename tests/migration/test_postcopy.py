@@ -257,14 +257,18 @@ def test_source_rejects_wrong_ready_digest_and_keeps_running(source_case: Source
 @pytest.mark.timeout(60)
 def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: SourceCase) -> None:
     """The destination's authenticated ABORT before it resumed: the app runs at the source again, on a heap
-    the kernel can read too."""
+    the kernel can read too, at once, even with the background stream blocked on a peer that stopped
+    reading (it waited 2 x 10 s for the stream's threads while the app stayed stopped)."""
     fake = source_case.fake
     ledger = fake.take_state()
     send_msg(fake.main, m.Ready(ledger.digest()))
     assert recv_msg(fake.main) == m.Commit()
+    time.sleep(0.5)  # the background stream fills the socket nobody reads, and blocks in its send
+    t0 = time.monotonic()
     send_msg(fake.main, m.Abort("destination gives up before resuming"))
     with pytest.raises(MigrationError, match="gave the migration up before resuming"):
         source_case.runner.value()
+    assert time.monotonic() - t0 < 5, "the source waited for its stream's threads before running the app again"
     enclave = source_case.enclave
     assert enclave.life.state is Life.RUNNING
     assert_heap_plain(enclave)

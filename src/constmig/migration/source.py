@@ -255,7 +255,7 @@ def _finish(enclave: Enclave, out: Outgoing, link: Link, demand: Link | None, pr
     except (ConstmigError, OSError) as e:
         link.machine.fail()
         if streamer is not None:
-            streamer.stop()
+            streamer.stop(abandon=True)
         _pause(enclave, out, link, e, streamer)
     finally:
         if streamer is not None:

@@ -77,10 +77,14 @@ class Streamer:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
-        """Stop both paths (after DONE or on failure) and wait for them."""
+    def stop(self, abandon: bool = False) -> None:
+        """Stop both paths (after DONE or on failure) and wait for them. `abandon`: the migration failed, so
+        the main channel goes too: a background send blocked on a peer that stopped reading wakes at once
+        (else the caller waits out the joins, with the app stopped, before it pauses or takes it back)."""
         self._stopping = True
         self.demand.chan.close()  # wakes the demand path's blocking recv
+        if abandon:
+            self.main.chan.close()
         for t in self._threads:
             t.join(timeout=10.0)
 
