@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from constmig.bench.loadgen import KVHammer
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.orchestrate import app_checksum, launch_filled
@@ -37,3 +38,20 @@ def wait_gone(addr: str, name: str = "kv", timeout: float = 15.0) -> None:
         assert time.monotonic() < deadline, f"{name} still listed at {addr}: {st}"
         time.sleep(0.05)
     assert st is None or "state" not in st, f"a tombstone of {name} runs: {st}"
+
+
+class TimedHammer(KVHammer):
+    """A KVHammer that notes when each of its calls was answered, for a client's pace over a window."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered: list[float] = []  # time.monotonic() of each answered call
+
+    def _one(self, seq: int) -> int:
+        ops = super()._one(seq)
+        self.answered.append(time.monotonic())
+        return ops
+
+    def rate(self, start: float, end: float) -> float:
+        """Calls answered per second in [start, end)."""
+        return sum(start <= t < end for t in self.answered) / (end - start)

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from conftest import checksum, launch, running_at, wait_gone
-from constmig.bench.loadgen import KVHammer
+from conftest import TimedHammer, checksum, launch, running_at, wait_gone
 from constmig.enclave.dirty import enclave_problem
 from constmig.errors import AgentError
 from constmig.host.client import request
@@ -91,23 +90,6 @@ def test_a_killed_cli_leaves_no_enclave_blocked(cluster) -> None:
     rolled_back(a, b, before)  # the agent saw its requester go and cancelled
 
 
-class _TimedWriter(KVHammer):
-    """A client that only writes (all over a 32 MiB heap), noting when each of its calls was answered."""
-
-    def __init__(self, addr: str, name: str, seed: int) -> None:
-        super().__init__(addr, name, keys=3000, write_ratio=1.0, seed=seed)
-        self.answered: list[float] = []  # time.monotonic() of each answered call
-
-    def _one(self, seq: int) -> int:
-        ops = super()._one(seq)
-        self.answered.append(time.monotonic())
-        return ops
-
-    def rate(self, start: float, end: float) -> float:
-        """Calls answered per second in [start, end)."""
-        return sum(start <= t < end for t in self.answered) / (end - start)
-
-
 def wait_throttled(addr: str, p: subprocess.Popen, name: str = "kv", timeout: float = 30.0) -> float:
     """Until the migration out of `addr` (run by the CLI `p`) runs a round with its writers throttled (its
     progress, as `status` shows it: the throttle of the last round's end); returns the throttle."""
@@ -129,7 +111,7 @@ def test_cancel_during_a_throttled_round_lifts_the_throttle_at_once(cluster, how
     writer is back to its unthrottled pace at once, and no acknowledged write is lost."""
     a, b = cluster.addrs
     launch(a, heap=32 << 20)
-    writer = _TimedWriter(a, "kv", seed=18)
+    writer = TimedHammer(a, "kv", keys=3000, write_ratio=1.0, seed=18)  # writes only, all over the heap
     writer.preload()  # its session is open: its first timed call is a plain one
     writer.start()
     try:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import checksum, launch
+from conftest import TimedHammer, checksum, launch
 from constmig.bench.loadgen import KVHammer
 from constmig.enclave.dirty import enclave_problem, kernel_problem, preflight
 from constmig.host.client import request
@@ -135,23 +135,13 @@ def test_hybrid_with_rounds_until_they_converge(cluster) -> None:
     assert checksum(b) == before
 
 
-class _TimedReader(KVHammer):
+class _TimedReader(TimedHammer):
     """A read-only client of keys written before it started (`known`: key -> value) that no other client
-    writes, so every answer is known; it notes when each of its calls was answered."""
+    writes, so every answer is known."""
 
     def __init__(self, addr: str, name: str, known: dict[str, bytes], seed: int) -> None:
         super().__init__(addr, name, keys=1, write_ratio=0.0, seed=seed)
         self.keys, self.acked = list(known), dict(known)
-        self.answered: list[float] = []  # time.monotonic() of each answered call
-
-    def _one(self, seq: int) -> int:
-        ops = super()._one(seq)
-        self.answered.append(time.monotonic())
-        return ops
-
-    def rate(self, start: float, end: float) -> float:
-        """Calls answered per second in [start, end)."""
-        return sum(start <= t < end for t in self.answered) / (end - start)
 
 
 @pytest.mark.skipif(enclave_problem() is not None, reason=f"{enclave_problem()}")
