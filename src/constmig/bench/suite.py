@@ -250,8 +250,8 @@ def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int,
     a, b = addrs[0], addrs[1]
     rec: dict[str, Any] = {"variant": variant, "strategy": split_variant(variant)[0], "workload": workload,
                            "heap_bytes": heap, "seed": seed, "load_avg": round(os.getloadavg()[0], 2)}
-    if variant_options(variant):  # what a "+name" suffix asked of the request (strategy stays the base one)
-        rec["variant_options"] = variant_options(variant)
+    if options := variant_options(variant):  # what a "+name" suffix asked of the request (strategy stays the base one)
+        rec["variant_options"] = options
     t_cycle = time.perf_counter()
     kw: dict[str, Any] = {"keys": 2000, "write_ratio": 0.0, "seed": seed} if workload == "kvstore" else \
         {"seed": seed + 1, "record": True}
