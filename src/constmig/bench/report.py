@@ -194,10 +194,15 @@ def _verified(doc: dict[str, Any], workload: str, heap: int, variant: str) -> st
 
 
 def _gap_phase(doc: dict[str, Any], workload: str, heap: int, variant: str) -> str:
-    """Where the longest client gap fell, most often over the repeats (suite.gap_phase)."""
-    phases = [r["client_gap_phase"] for r in doc["results"] if r["workload"] == workload and r["heap_bytes"] == heap
-              and r["variant"] == variant and r.get("client_gap_phase")]
-    return max(set(phases), key=phases.count) if phases else "-"
+    """Where the longest client gap fell, most often over the repeats (suite.gap_phase); between phases as
+    often, the one of the run whose gap is nearest the median (the gap the table shows)."""
+    runs = [r for r in doc["results"] if r["workload"] == workload and r["heap_bytes"] == heap
+            and r["variant"] == variant and r.get("client_gap_phase")]
+    if not runs:
+        return "-"
+    med = statistics.median(r.get("client_gap_ms") or 0.0 for r in runs)
+    phases = [r["client_gap_phase"] for r in sorted(runs, key=lambda r: abs((r.get("client_gap_ms") or 0.0) - med))]
+    return max(dict.fromkeys(phases), key=phases.count)
 
 
 def _faults(row: dict[str, Any]) -> str:
@@ -339,10 +344,10 @@ def throttle_bullet(doc: dict[str, Any]) -> str | None:
         held = [statistics.median(r.get("held_s") or 0.0 for r in rs) for _, _, rs in acted]
         calls = [statistics.median(r.get("held_calls") or 0 for r in rs) for _, _, rs in acted]
         text = (f"{v} throttled at {len(acted)} of {len(points)} workload/size points (up to {top:.0%}); cost: "
-                f"the writing calls held {_range(held, '{:.2f}')} s per migration ({_range(calls, '{:.0f}')} calls)")
+                f"the writing calls held {_range(held, '{:.2f}', collapse=True)} s per migration ({_range(calls, '{:.0f}', collapse=True)} calls)")
         rounds_tp = [x for w, h, _ in acted if (x := _ratio(summary.get((w, h, v)), "ops_s_rounds")) is not None]
         if rounds_tp:
-            text += f", clients at {_range([x * 100 for x in rounds_tp], '{:.0f}')}% of their throughput in the rounds"
+            text += f", clients at {_range([x * 100 for x in rounds_tp], '{:.0f}', collapse=True)}% of their throughput in the rounds"
         base = base_variant(v)  # the same variant without its option suffixes, if it ran
         bought = []
         for w, h, rs in acted:
@@ -364,11 +369,12 @@ def throttle_bullet(doc: dict[str, Any]) -> str | None:
     return "The throttle: " + "; ".join(parts) + "."
 
 
-def _range(vals: list[float], fmt: str) -> str:
+def _range(vals: list[float], fmt: str, collapse: bool = False) -> str:
+    """"lo-hi" of `vals` in `fmt` ("-" for none); `collapse`: one figure where both read the same."""
     if not vals:
         return "-"
     lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
-    return lo if lo == hi else f"{lo}-{hi}"
+    return lo if collapse and lo == hi else f"{lo}-{hi}"
 
 
 def _ratio(row: dict[str, Any] | None, key: str) -> float | None:
@@ -689,9 +695,6 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
     rows = doc.get("summary", [])
     variants = list(doc["config"]["variants"])
 
-    def rng(vals: list[float], fmt: str) -> str:
-        return f"{fmt.format(min(vals))}-{fmt.format(max(vals))}" if vals else "-"
-
     results = doc["results"]
     n_ok = sum(1 for r in results if r.get("verified"))
     n_err = sum(1 for r in results if "error" in r)
@@ -701,22 +704,22 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
         downs = [r["downtime_ms"]["median"] for r in mine if r.get("downtime_ms")]
         if not downs:
             continue
-        text = f"{v}: median downtime {rng(downs, '{:.1f}')} ms over the {len(downs)} workload/size points"
+        text = f"{v}: median downtime {_range(downs, '{:.1f}')} ms over the {len(downs)} workload/size points"
         ratios = [r["total_vs_stopcopy"] for r in mine if "total_vs_stopcopy" in r]
         if ratios:
-            text += f", total time {rng(ratios, '{:.2f}')}x stop-and-copy's"
+            text += f", total time {_range(ratios, '{:.2f}')}x stop-and-copy's"
         gaps = [r["client_gap_ms"]["median"] for r in mine if r.get("client_gap_ms")]
         if gaps:
-            text += f", longest client gap {rng(gaps, '{:.0f}')} ms"
+            text += f", longest client gap {_range(gaps, '{:.0f}')} ms"
         dips = [r["ops_s_migration"]["median"] / r["ops_s_before"]["median"] for r in mine
                 if r.get("ops_s_migration") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
         if dips:
-            text += (f"; client throughput from the migration's start until DONE {rng([d * 100 for d in dips], '{:.0f}')}%"
+            text += (f"; client throughput from the migration's start until DONE {_range([d * 100 for d in dips], '{:.0f}')}%"
                      " of before")
         during = [r["ops_s_rounds"]["median"] / r["ops_s_before"]["median"] for r in mine
                   if r.get("ops_s_rounds") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
         if during:
-            text += f", during the pre-copy rounds {rng([d * 100 for d in during], '{:.0f}')}%"
+            text += f", during the pre-copy rounds {_range([d * 100 for d in during], '{:.0f}')}%"
         out.append(text + ".")
     throttle = throttle_bullet(doc)
     if throttle:
@@ -739,7 +742,7 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
             if mode == "plain":
                 continue
             rel = [w["modes"][mode]["relative"] * 100 for w in ov["workloads"] if mode in w["modes"]]
-            out.append(f"Outside migration, {ov['mode_labels'][mode]}: {rng(rel, '{:.0f}')}% of plain throughput "
+            out.append(f"Outside migration, {ov['mode_labels'][mode]}: {_range(rel, '{:.0f}')}% of plain throughput "
                        "across workloads (median of rounds).")
     return out
 
