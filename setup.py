@@ -1,7 +1,9 @@
-"""The one native piece: the enclave's own write-fault handler (src/constmig/enclave/_wtrack.c).
+"""The native pieces: the enclave's own write-fault handler (src/constmig/enclave/_wtrack.c) and the
+native data plane (src/constmig/native/_engine.c, AES-256-GCM through the system's libcrypto).
 
-Everything else is in pyproject.toml. Where no C compiler is at hand the package still installs; the
-Access Tracker's pre-copy then says that its write tracker was not built (constmig.enclave.dirty).
+Everything else is in pyproject.toml. Where no C compiler (or no OpenSSL headers) is at hand the package
+still installs; the Access Tracker's pre-copy then says that its write tracker was not built
+(constmig.enclave.dirty), and constmig.native says why the engine is missing (the Python path runs).
 """
 
 from setuptools import Extension, setup
@@ -13,17 +15,19 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as e:  # no compiler: install without the handler, say so
-            print(f"warning: constmig's write-fault handler was not built ({e})")
+            print(f"warning: constmig's native extensions were not built ({e})")
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as e:
-            print(f"warning: constmig's write-fault handler was not built ({e})")
+            print(f"warning: constmig's native extension {ext.name} was not built ({e})")
 
 
 setup(
     ext_modules=[Extension("constmig.enclave._wtrack", ["src/constmig/enclave/_wtrack.c"],
+                           extra_compile_args=["-O2", "-Wall", "-Werror"]),
+                 Extension("constmig.native._engine", ["src/constmig/native/_engine.c"], libraries=["crypto"],
                            extra_compile_args=["-O2", "-Wall", "-Werror"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )
