@@ -311,6 +311,7 @@ def test_quick_suite_end_to_end(tmp_path):
             assert r["ops_s_migration"] > 0
         assert r["verified"] is True, r["verify_detail"]
         assert r["client_errors"] == 0 and r["client_calls"] > 0 and r["timeline"]
+        assert isinstance(r["machine_stalls"], list) and r["client_gap_unfrozen_ms"] <= r["client_gap_ms"]
         ph = r["phases"]
         assert ph["anchor"] == "handed_off event"
         assert 0 < ph["prepared"] <= ph["stop"] + 0.005 and ph["stop"] < ph["resumed"] <= ph["done"] + 0.005
@@ -324,6 +325,7 @@ def test_quick_suite_end_to_end(tmp_path):
     assert "## The stream against the machine's bound" in md
     assert any(r.get("demand_round_trip_hist") for r in results if r["strategy"] == "constmig")
     assert "### Where a demand fault's time goes" in md
+    assert "gap, machine stops out ms" in md
     assert "## Headline" in md and "| heap | variant | downtime ms, median [min-max]" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) >= 7

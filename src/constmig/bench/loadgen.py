@@ -30,6 +30,8 @@ from constmig.bench.stats import percentiles
 from constmig.client import EnclaveClient, Trust
 from constmig.errors import ConstmigError
 
+LONG_GAP_MS = 20.0  # gaps kept one by one (bench/stalls.py: which of them the machine stood still for)
+
 
 @dataclass
 class LoadReport:
@@ -38,6 +40,7 @@ class LoadReport:
     wrong: int = 0  # a get that returned something other than the last acknowledged write
     max_gap_ms: float = 0.0
     gap_at: float = 0.0  # wall time the longest gap started
+    long_gaps: list[tuple[float, float]] = field(default_factory=list)  # (start, ms) of every gap >= LONG_GAP_MS
     ops_timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, ops/s) per 100 ms
     ops: int = 0  # application operations done by the answered calls (a kvstore call is one)
 
@@ -112,6 +115,8 @@ class _Loop:
             self.report.calls += 1
             self.report.ops += ops
             gap = (now - last) * 1e3
+            if gap >= LONG_GAP_MS:
+                self.report.long_gaps.append((last, gap))
             if gap > self.report.max_gap_ms:
                 self.report.max_gap_ms, self.report.gap_at = gap, last
             last = now

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from constmig.bench.results import base_variant, dumps
+from constmig.bench.stalls import STOLEN
 from constmig.bench.stats import Band, band, fit_line, hist_quantile, merge_hists, show, spread
 from constmig.units import format_size
 
@@ -244,6 +245,20 @@ def _variant_order(doc: dict[str, Any], v: str) -> int:
     return order.index(v) if v in order else len(order)
 
 
+def machine_stops(doc: dict[str, Any]) -> str:
+    """How often the machine stood still under the runs, and how much of it was the hypervisor's."""
+    runs = [r for r in doc["results"] if "machine_stalls" in r]
+    if not runs:
+        return ""
+    stalls = [s for r in runs for s in r["machine_stalls"]]
+    frozen = [s for s in stalls if s[2] >= STOLEN * s[1]]
+    hit = sum(1 for r in runs if r.get("client_gap_frozen_ms"))
+    text = f"{len(stalls)} over {len(runs)} runs, {len(frozen)} with the vCPU stolen by the hypervisor"
+    if frozen:
+        text += f" ({_range([s[1] for s in frozen], '{:.0f}')} ms each)"
+    return text + f"; {hit} runs' longest client gap spanned one"
+
+
 def workload_table(doc: dict[str, Any], heap: int) -> str:
     rows = []
     for w in doc["config"]["workloads"]:
@@ -255,11 +270,13 @@ def workload_table(doc: dict[str, Any], heap: int) -> str:
             if before and during is not None:
                 tput += f" ({during / before:.0%})"
             rows.append([w if first else "", r["variant"], cell(r, "downtime_ms"), red, cell(r, "total_s", 2), ratio,
-                         cell(r, "client_gap_ms"), _gap_phase(doc, w, heap, r["variant"]), tput, _faults(r),
+                         cell(r, "client_gap_ms"), cell(r, "client_gap_unfrozen_ms"), _gap_phase(doc, w, heap, r["variant"]),
+                         tput, _faults(r),
                          _verified(doc, w, heap, r["variant"])])
             first = False
     return table(["workload", "variant", "downtime ms", "reduction", "total s", "vs stop-and-copy",
-                  "client gap ms", "longest gap during", "client ops/s before → start..DONE", "fault p50 / p99 µs",
+                  "client gap ms", "gap, machine stops out ms", "longest gap during", "client ops/s before → start..DONE",
+                  "fault p50 / p99 µs",
                   "verified"], rows)
 
 
@@ -563,6 +580,7 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
         ["userfaultfd", "usable" if not doc.get("uffd_problem") else f"unusable: {doc['uffd_problem']}"],
         ["load average (1/5/15 min) at start / end",
          f"{' '.join(f'{x:.2f}' for x in la0)} / {' '.join(f'{x:.2f}' for x in la1)}"],
+        *([["machine stops during the runs (bench/stalls.py)", stops]] if (stops := machine_stops(doc)) else []),
     ]) + "\n")
     L.append("\n## What ran\n\n")
     sweep = ", ".join(cfg.get("sweep") or []) or "none"
@@ -580,6 +598,12 @@ def render(doc: dict[str, Any], made: dict[str, str], fits: list[dict[str, Any]]
         "* Client drivers: kvstore is read by a hammer (one `get` per call over 2000 keys it wrote first); the "
         "other workloads have their `step` ECALL called in a loop (loadgen.StepDriver). `client gap` is the "
         "longest wait between two answered calls; client ops/s counts the operations the answered calls did.\n"
+        "* Machine stops: on this VM the hypervisor stops a vCPU for ~100 ms whenever both are busy long enough "
+        "(steal time), and every process queued on it waits, whatever the variant. A probe process notes each "
+        "stop with its steal (bench/stalls.py; `machine_stalls` per run in results.json); `gap, machine stops "
+        "out` is the longest client gap with the stopped time taken out of every gap (gaps under 20 ms are "
+        "not kept one by one, so it reads 20 at least once a longer gap shrinks). The gap as measured stays "
+        "`client gap`.\n"
         "* Verified: kvstore's state checksum is the same after the migration and every answer was the value "
         "written; the step workloads change state with every step, so an in-process twin (same heap geometry and "
         "fill seed, checked equal to the enclave before) replays every acknowledged step: each must answer the same, "
@@ -711,6 +735,9 @@ def summary_bullets(doc: dict[str, Any], fits: list[dict[str, Any]]) -> list[str
         gaps = [r["client_gap_ms"]["median"] for r in mine if r.get("client_gap_ms")]
         if gaps:
             text += f", longest client gap {_range(gaps, '{:.0f}')} ms"
+            unfrozen = [r["client_gap_unfrozen_ms"]["median"] for r in mine if r.get("client_gap_unfrozen_ms")]
+            if unfrozen and unfrozen != gaps:
+                text += f" ({_range(unfrozen, '{:.0f}')} ms with the machine's stops taken out)"
         dips = [r["ops_s_migration"]["median"] / r["ops_s_before"]["median"] for r in mine
                 if r.get("ops_s_migration") and r.get("ops_s_before") and r["ops_s_before"]["median"]]
         if dips:

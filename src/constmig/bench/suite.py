@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from constmig.apps import APPS, load_app
 from constmig.bench.harness import Move, Moved, launched, run_migration, two_agents
-from constmig.bench.loadgen import KVHammer, LoadReport, StepDriver, driver_for
+from constmig.bench.loadgen import LONG_GAP_MS, KVHammer, LoadReport, StepDriver, driver_for
 from constmig.bench.results import (
     OPTION_VARIANTS,
     SUMMARY_KEYS,
@@ -45,6 +45,7 @@ from constmig.bench.results import (
     summarize,
     variant_options,
 )
+from constmig.bench.stalls import StallWatch, frozen_overlap
 from constmig.bench.stats import window_rate
 from constmig.errors import ConfigError, ConstmigError
 from constmig.host.orchestrate import app_checksum
@@ -58,7 +59,7 @@ VARIANTS = tuple(strategies.variants(auto=False))  # the default: stopcopy, cons
 MIN_HEAP = 16 << 20
 CHUNK = 1 << 20  # launch_filled's chunk size; the twin uses the same geometry
 SUITE_KEYS = (*SUMMARY_KEYS, "faults", "ops_s_before", "ops_s_during", "ops_s_migration", "ops_s_rounds",
-              "fault_latency_us_max")
+              "fault_latency_us_max", "client_gap_unfrozen_ms")
 
 FULL = {"sizes": "256M,1G,4G", "workloads": ",".join(APPS), "sweep": "kvstore", "workload_size": "1G",
         "variants": ",".join(VARIANTS), "repeat": "3"}
@@ -245,7 +246,7 @@ def _twin_check(workload: str, heap: int, fill: float, seed: int, before: str, a
 
 
 def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int, cfg: SuiteConfig,
-            name: str, on_progress: Any = None) -> dict[str, Any]:
+            name: str, on_progress: Any = None, watch: StallWatch | None = None) -> dict[str, Any]:
     """Launch and fill, start the driver, migrate a->b, stop the driver, check; one record."""
     a, b = addrs[0], addrs[1]
     rec: dict[str, Any] = {"variant": variant, "strategy": split_variant(variant)[0], "workload": workload,
@@ -266,11 +267,28 @@ def one_run(addrs: list[str], workload: str, heap: int, variant: str, seed: int,
             rec.update(moved.figures)
             rec["variant"], rec["strategy"], rec["seed"] = variant, split_variant(variant)[0], seed
             rec.update(check(moved, before, app_checksum(b, name, trust), driver, workload, heap, seed, cfg))
+            if watch is not None:
+                rec.update(stalled(watch, moved, cfg.settle_s))
     except ConstmigError as e:
         rec["error"] = str(e)
         rec["verified"] = False
     rec["cycle_s"] = round(time.perf_counter() - t_cycle, 2)
     return rec
+
+
+def stalled(watch: StallWatch, moved: Moved, settle_s: float) -> dict[str, Any]:
+    """The machine's stops during the run (bench/stalls.py), and the longest client gap with the time the
+    hypervisor stopped the machine taken out of each gap (the gap itself stays `client_gap_ms`)."""
+    t_req, report = moved.requested, moved.report
+    stalls = watch.within(t_req - settle_s, moved.returned + settle_s)
+    out: dict[str, Any] = {"machine_stalls": [[round(s.at - t_req, 4), round(s.seconds * 1e3, 1),
+                                               round(s.steal_s * 1e3, 1)] for s in stalls]}
+    if report.max_gap_ms:
+        out["client_gap_frozen_ms"] = round(frozen_overlap(stalls, report.gap_at, report.max_gap_ms / 1e3) * 1e3, 1)
+        # every gap of LONG_GAP_MS or more less its stopped time; the shorter ones stay under LONG_GAP_MS
+        left = [ms - frozen_overlap(stalls, at, ms / 1e3) * 1e3 for at, ms in report.long_gaps]
+        out["client_gap_unfrozen_ms"] = round(max(left + [LONG_GAP_MS]) if left else report.max_gap_ms, 2)
+    return out
 
 
 def check(moved: Moved, before: str, after: str, driver: KVHammer | StepDriver, workload: str, heap: int, seed: int,
@@ -351,7 +369,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
     console.print(f"bench suite: {total} migrations ({len(cells)} workload/size cells x {cfg.repeat} repeats x "
                   f"{len(cfg.variants)} variants){', then tracker overhead' if cfg.overhead else ''}; out {out}")
     t_mig = time.time()
-    with two_agents() as addrs, Progress(
+    with two_agents() as addrs, StallWatch() as watch, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True) as bar:
         task = bar.add_task("migrations", total=total)
@@ -368,7 +386,7 @@ def run_suite(cfg: SuiteConfig, given: str | None = None) -> dict[str, Any]:
                             bar.update(task, description=f"{label} {info.get('phase')} "
                                        f"{info.get('done', 0) / info['total']:.0%}")
 
-                    rec = one_run(addrs, workload, heap, variant, rep, cfg, f"s{n}-{workload}", on_progress)
+                    rec = one_run(addrs, workload, heap, variant, rep, cfg, f"s{n}-{workload}", on_progress, watch)
                     rec["repeat"] = rep
                     results.append(rec)
                     bar.advance(task)
