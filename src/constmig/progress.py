@@ -185,7 +185,8 @@ def outgoing_line(p: dict[str, Any]) -> str:
     if p.get("ack_bytes_per_s") is not None:
         parts.append(f"acknowledged at {p['ack_bytes_per_s'] / mib:.1f} MiB/s")
     if p.get("throttle"):
-        parts.append(f"throttle {p['throttle']:.0%}")
+        parts.append(f"throttle {p['throttle']:.0%}" + (f" ({p['held_calls']} calls held {p.get('held_s') or 0:.2f} s)"
+                                                        if p.get("held_calls") else ""))
     if p.get("eta_s") is not None:
         parts.append(f"~{p['eta_s']:.1f} s to send what is left")
     return ", ".join(parts)

@@ -29,7 +29,7 @@ GAUGES = ("constmig_migration_remaining_bytes", "constmig_migration_dirty_rate_b
 # what rounds.py sends: a round's chunks as they go, then what the round left and at which rates
 ROUND_2 = {"phase": "round", "done": 3 * MIB, "total": 8 * MIB, "round": 2, "throttle": 0.2}
 ROUND_2_END = {"phase": "round_end", "round": 2, "left": 6 * MIB, "dirty_rate": 3 * MIB, "rate": 12 * MIB,
-               "throttle": 0.3}
+               "throttle": 0.3, "held_calls": 7, "held_s": 0.25}
 
 
 def start(**kw: Any) -> control.OutgoingProgress:
@@ -50,6 +50,7 @@ def test_a_round_end_gives_what_is_left_its_rates_and_the_time_it_takes():
     assert (p.round, p.left_bytes, p.dirty_bytes_per_s, p.ack_bytes_per_s, p.throttle) == \
         (2, 6 * MIB, 3 * MIB, 12 * MIB, 0.3)
     assert p.eta_s == 0.5  # 6 MiB at the 12 MiB/s the destination acknowledged
+    assert (p.held_calls, p.held_s) == (7, 0.25)  # what holding the writers cost so far
     nxt = seen(p, {**ROUND_2, "round": 3, "done": 2 * MIB, "total": 6 * MIB})
     assert (nxt.round, nxt.left_bytes, nxt.ack_bytes_per_s, nxt.eta_s) == (3, 4 * MIB, 12 * MIB, pytest.approx(1 / 3,
                                                                                                             abs=1e-3))
@@ -156,6 +157,10 @@ def test_a_migration_that_ends_short_leaves_its_outcome_and_duration(source, des
     last = source.roster.history[-1]
     assert (last["name"], last["to"], last["strategy"], last["outcome"]) == ("kv", THERE, "precopy", outcome)
     assert 0 < last["total_s"] < 10 and last["error"] == str(error) and last["ended"] > 0
+    # what it had reached, its own figures never having come
+    assert (last["round"], last["left_bytes"], last["throttle"], last["held_calls"], last["held_s"]) == \
+        (2, 6 * MIB, 0.3, 7, 0.25)
+    assert last["phase"] == ("handed_off" if status is S.FAILED else "round_end")
     assert source.ended(outcome, "precopy") == 1  # the metrics' outcome is the same word
 
 
@@ -165,7 +170,8 @@ def test_a_migration_that_ends_short_leaves_its_outcome_and_duration(source, des
 def test_status_prints_a_line_per_migration_out_and_each_outcome(capsys: pytest.CaptureFixture[str]):
     p = msgspec.to_builtins(msgspec.structs.replace(seen(start(), ROUND_2_END), elapsed_s=3.25))
     assert outgoing_line(p) == (f"migrating to {THERE} (precopy) for 3.2 s, round 2, 6.0 MiB left, written at "
-                                "3.0 MiB/s, acknowledged at 12.0 MiB/s, throttle 30%, ~0.5 s to send what is left")
+                                "3.0 MiB/s, acknowledged at 12.0 MiB/s, throttle 30% (7 calls held 0.25 s), ~0.5 s to send what is "
+                                "left")
     print_status({"host_id": "a", "listen": "h:1", "enclaves": {"kv": {"status": "migrating-out"}},
                   "outgoing": {"kv": p},
                   "migrations": [{"direction": "out", "name": "kv0", "strategy": "precopy", "outcome": "cancelled",

@@ -172,6 +172,44 @@ def test_a_writer_far_ahead_of_the_link_gets_enough_throttle_at_once() -> None:
     assert rule.throttle == pytest.approx(0.9)  # the cap
 
 
+# (chunks sent so far, seconds, chunks the app newly wrote meanwhile, cap) -> the throttle from the probe
+PROBES = [
+    ((25, 0.25, 13, 0.9), 0.2),  # 52 a second against 100 carried: over half, so the start (enough: 0)
+    ((25, 0.25, 12, 0.9), None),  # 48 a second: the round would shrink below half, left alone
+    ((25, 0.25, 100, 0.9), 0.8),  # 400 a second: what is enough at once (1 - 0.8 * 100 / 400)
+    ((25, 0.25, 1000, 0.9), 0.9),  # far ahead: the cap
+    ((25, 0.25, 100, 0.1), 0.1),  # a cap below the start
+    ((25, 0.25, 100, 0.0), None),  # no throttle allowed: nothing to start
+    ((25, 0.25, 0, 0.9), None),  # a reader
+    ((0, 0.25, 100, 0.9), None),  # nothing sent yet: no rate to compare with
+]
+
+
+@pytest.mark.parametrize(("args", "throttle"), PROBES)
+def test_the_first_rounds_probe_throttles_a_writer_that_would_write_again_over_half_of_it(
+        args: tuple, throttle: float | None) -> None:
+    sent, seconds, written, cap = args
+    rule = _rule(max_downtime=0.0, max_throttle=cap)
+    assert rule.probe(sent, seconds, written) is (throttle is not None)
+    assert rule.throttle == pytest.approx(throttle or 0.0)
+    if throttle is not None:
+        assert rule.own_rate == pytest.approx(written / seconds) and rule.figures(0.0)["throttle_from"] == "probe"
+        assert rule.write_limit() == pytest.approx(written / seconds * (1 - throttle))
+    else:
+        assert rule.write_limit() is None and "throttle_from" not in rule.figures(0.0)
+
+
+def test_the_probe_is_the_first_rounds_alone_and_its_throttle_steps_up_like_any_other() -> None:
+    rule = _rule(max_downtime=0.0, max_throttle=0.9)
+    assert rule.probe(25, 0.25, 13) and rule.throttle == 0.2
+    assert not rule.probe(25, 0.25, 100), "once started, the rounds decide"
+    assert rule.after_round(100, 100 * MiB, 1.0, 90, False) is None  # round 1 still did not shrink
+    assert rule.throttles == [0.2] and rule.throttle == pytest.approx(0.3) and rule.own_rate == 52
+    later = _rule(max_downtime=0.0, max_throttle=0.9)
+    later.after_round(100, 100 * MiB, 1.0, 50, False)
+    assert not later.probe(25, 0.25, 1000), "only the first round is probed"
+
+
 def test_the_throttle_holds_while_the_rounds_shrink_and_is_lifted_when_they_end() -> None:
     rule = _rule(max_downtime=0.05, max_throttle=0.9)
     assert rule.after_round(100, 100 * MiB, 1.0, 95, False) is None and rule.throttle == 0.2  # enough: 0.16

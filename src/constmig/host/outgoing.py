@@ -60,6 +60,10 @@ def progress_frame(info: dict) -> bytes:
     return encode(control.Progress(info))
 
 
+# what a migration that ended short of DONE had reached, kept in its history entry (its figures never came)
+LAST_SEEN = ("phase", "round", "left_bytes", "throttle", "held_calls", "held_s")
+
+
 def seen(was: control.OutgoingProgress, info: dict) -> control.OutgoingProgress:
     """A migration out's progress after one more of its enclave's frames (`info`): what is left to send
     (of the round or phase running, or, at a round's end, what that round left), the last round's write
@@ -82,6 +86,10 @@ def seen(was: control.OutgoingProgress, info: dict) -> control.OutgoingProgress:
             changes["dirty_bytes_per_s"] = dirty
         if (rate := number("rate")) is not None:
             changes["ack_bytes_per_s"] = rate
+        if (calls := number("held_calls")) is not None:
+            changes["held_calls"] = int(calls)
+        if (held := number("held_s")) is not None:
+            changes["held_s"] = held
     elif (done := number("done")) is not None and (total := number("total")) is not None:
         changes["left_bytes"] = int(max(total - done, 0))
     now = msgspec.structs.replace(was, **changes)
@@ -195,7 +203,8 @@ class Outgoing:
         self.roster.history.append({"direction": "out", "name": hosted.name, "to": progress.to,
                                     "strategy": progress.strategy, "outcome": outcome,
                                     "total_s": round(now - progress.started, 3), "ended": now,
-                                    "error": str(error) or type(error).__name__})
+                                    "error": str(error) or type(error).__name__,
+                                    **{k: v for k in LAST_SEEN if (v := getattr(progress, k)) is not None}})
 
     def _handed_off(self, out: Departure) -> None:
         """Past the commit point the destination runs the app: send callers there right away."""

@@ -523,6 +523,8 @@ class OutgoingProgress(_Checked, kw_only=True, omit_defaults=False):  # every fi
     dirty_bytes_per_s: float | None = None  # how fast the app newly wrote chunks in the last round
     ack_bytes_per_s: float | None = None  # how fast the destination acknowledged them in the last round
     throttle: float | None = None  # the share of the writers' pace held back (0 to --max-throttle)
+    held_calls: int | None = None  # calls the throttle held so far (as of the last round's end)
+    held_s: float | None = None  # and how long, together
     eta_s: float | None = None  # left_bytes / ack_bytes_per_s, when both are known
 
 

@@ -27,6 +27,14 @@ that does not shrink adds `THROTTLE_STEP` (or again what is enough). It holds wh
 never passes the operator's cap, and is lifted the moment the rounds end (the stop, a cancel, any
 failure).
 
+A writer far ahead of the link need not cost a whole unthrottled round first (the round that would re-send
+most of the heap, and the longest part of such a migration). Part way into the first round
+(`PROBE_SHARE` of its chunks, at least `PROBE_MIN_S`) the rounds look once at how fast the app has newly
+written chunks against how fast the round sends them (`probe`): an app that would write again more than
+`THROTTLE_AT` of what the round sends (QEMU's auto-converge trigger: dirtied bytes over 50% of those sent)
+gets the throttle from there on, as a round that did not shrink would. A hot set (hashjoin's 80 chunks)
+stops adding new chunks long before the probe, so it reads slow and is left alone.
+
 The reason is a figure (`rounds_ended`), so an operator sees why a migration stopped when it did, and so
 is the throttle of each round (`throttle`).
 """
@@ -47,6 +55,9 @@ MIN_ELAPSED_S = 1e-6  # a round timed at zero (a coarse clock) still gives a fin
 THROTTLE_START = 0.2  # QEMU's cpu-throttle-initial
 THROTTLE_STEP = 0.1  # QEMU's cpu-throttle-increment
 TARGET_SHARE = SHRINK  # a throttled app may newly write this share of the chunks the link carries
+THROTTLE_AT = 0.5  # the first round's probe throttles an app that writes again more than this share of it
+PROBE_SHARE = 0.25  # the probe comes after this share of the first round's chunks...
+PROBE_MIN_S = 0.1  # ...and at least this long into it (a pace measured over less is mostly noise)
 
 
 class Ending(StrEnum):
@@ -100,8 +111,9 @@ class Convergence:
     ended: Ending | None = None
     throttle: float = 0.0  # what the next round runs at
     throttles: list[float] = field(default_factory=list)  # what each round ran at
-    own_rate: float = 0.0  # chunks per second the app newly wrote in the round that first did not shrink
+    own_rate: float = 0.0  # chunks per second the app newly wrote: at the probe, or in the round that first did not shrink
     spent: float = 0.0  # the rounds' time so far
+    probed: bool = False  # the first round's probe started the throttle
 
     def after_round(self, sent_chunks: int, sent_bytes: int, elapsed: float, left: int,
                     lost: bool = False) -> Ending | None:
@@ -126,13 +138,28 @@ class Convergence:
             self.throttle = 0.0  # lifted the moment the rounds end
         return self.ended
 
-    def _enough(self) -> float:
+    def probe(self, sent_chunks: int, elapsed: float, written: int) -> bool:
+        """Part way into the first round: `sent_chunks` sent in `elapsed` seconds while the app newly
+        wrote `written` chunks. Whether the throttle starts now (`write_limit` then says how much)."""
+        if self.round_chunks or self.throttle or not self.goal.max_throttle or not sent_chunks or not written:
+            return False
+        elapsed = max(elapsed, MIN_ELAPSED_S)
+        pace, carried = written / elapsed, sent_chunks / elapsed
+        if pace <= THROTTLE_AT * carried:
+            return False
+        self.own_rate, self.probed = pace, True
+        self.throttle = round(min(self.goal.max_throttle, max(THROTTLE_START, self._enough(carried))), 6)
+        return True
+
+    def _enough(self, carried: float | None = None) -> float:
         """The throttle under which the next round would just shrink: it takes the chunks left in
         left * chunk / rate seconds, while the app may newly write only TARGET_SHARE of what the link
-        carries meanwhile. Small for a writer that barely outruns the link, large for one far ahead."""
-        if not self.rate or not self.own_rate:
+        carries meanwhile (`carried` chunks/s; the last round's rate unless given). Small for a writer
+        that barely outruns the link, large for one far ahead."""
+        carried = self.rate / self.chunk_size if carried is None else carried
+        if not carried or not self.own_rate:
             return 0.0
-        return 1 - TARGET_SHARE * (self.rate / self.chunk_size) / self.own_rate
+        return 1 - TARGET_SHARE * carried / self.own_rate
 
     def write_limit(self) -> float | None:
         """Chunks per second the app may newly write in the next round (its own pace less the throttle's
@@ -169,5 +196,6 @@ class Convergence:
                 "rounds_ended": None if self.ended is None else self.ended.value,
                 "throttle": list(self.throttles),
                 **({"unthrottled_dirty_rate": round(self.own_rate, 1)} if self.own_rate else {}),
+                **({"throttle_from": "probe"} if self.probed else {}),
                 "precopy_s": round(precopy_s, 4), "dirty_rate": round(self.left / self.elapsed, 1),
                 "precopy_rate_gbps": round(self.rate / 1e9, 3)}

@@ -39,7 +39,14 @@ from constmig.migration import messages as m
 from constmig.migration import trackers
 from constmig.migration.ledger import ChunkLedger, chunks_from_wire, chunks_to_wire
 from constmig.migration.strategies.base import Before, Progress
-from constmig.migration.strategies.converge import DEFAULT_MAX_DOWNTIME_S, MAX_ROUNDS, Convergence, Goal
+from constmig.migration.strategies.converge import (
+    DEFAULT_MAX_DOWNTIME_S,
+    MAX_ROUNDS,
+    PROBE_MIN_S,
+    PROBE_SHARE,
+    Convergence,
+    Goal,
+)
 from constmig.migration.strategies.early import Early
 from constmig.migration.strategies.stopcopy import send_chunks
 from constmig.wire import control
@@ -48,6 +55,8 @@ from constmig.wire.channel import SealedChunk
 ACK_GRACE_S = 10.0  # a round's ack may take this long after the budget ran out during the round
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from constmig.enclave.heap import Heap
     from constmig.migration.link import Link
     from constmig.migration.port import MigratingEnclave as Enclave
@@ -122,6 +131,7 @@ class RoundsMixin:
                     t_round = time.monotonic()
                     number = len(rule.round_chunks) + 1
                     sent = send_chunks(link, rounds.sent, heap, todo, progress, "round", req.max_bandwidth,
+                                       _probe(rule, enclave, counter, len(todo), t_round) if number == 1 else None,
                                        round=number, throttle=rule.throttle)
                     # its time runs to the ack (the destination's rate), which must come within the budget
                     _round_trip(link, number, len(todo), within=rule.budget_left() - (time.monotonic() - t_round))
@@ -129,10 +139,10 @@ class RoundsMixin:
                     if rule.after_round(int(len(todo)), sent, time.monotonic() - t_round, int(dirty.size),
                                         bool(tracker.lost)):
                         break
+                    cost = enclave.limit_writes(rule.write_limit(), counter)  # what holding cost so far
                     progress({"phase": "round_end", "round": number, "left": int(dirty.size) * heap.chunk_size,
                               "dirty_rate": round(rule.left / rule.elapsed * heap.chunk_size),
-                              "rate": round(rule.rate), "throttle": rule.throttle})
-                    enclave.limit_writes(rule.write_limit(), counter)
+                              "rate": round(rule.rate), "throttle": rule.throttle, **cost})
                     todo = dirty
             finally:
                 held = enclave.limit_writes(None)  # lifted the moment the rounds end, however they end
@@ -195,6 +205,24 @@ class RoundsMixin:
                 first(msg, link.chan)
             early.stale[msg.index] = False
             got.accept(msg.index, msg.tag, again=True)
+
+
+def _probe(rule: Convergence, enclave: Enclave, counter: Callable[[], int] | None, chunks: int,
+           t0: float) -> Callable[[int], bool] | None:
+    """The first round's look at the app's write pace (converge.py, `probe`), from the enclave tracker's
+    count of chunks written since it was armed; None where nothing could throttle."""
+    if counter is None or not rule.goal.max_throttle:
+        return None
+    start, due = counter(), max(1, int(PROBE_SHARE * chunks))
+
+    def watch(sent: int) -> bool:
+        elapsed = time.monotonic() - t0
+        if sent < due or elapsed < PROBE_MIN_S:
+            return False
+        if rule.probe(sent, elapsed, counter() - start):
+            enclave.limit_writes(rule.write_limit(), counter)
+        return True
+    return watch
 
 
 def _round_trip(link: Link, number: int, count: int, stale: np.ndarray | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,9 +72,10 @@ class StopAndCopy(Strategy):
 
 
 def send_chunks(link: Link, ledger: ChunkLedger, heap: Heap, chunks: Any, progress: Progress, phase: str,
-                pace: float = 0.0, **info: Any) -> int:
+                pace: float = 0.0, watch: Callable[[int], bool] | None = None, **info: Any) -> int:
     """Send `chunks` in order, recording each one's tag (the newest version counts), reporting progress
-    at most ~10 times a second; `pace` (bytes/s, 0 = unlimited) caps the rate. Returns bytes sent."""
+    at most ~10 times a second; `pace` (bytes/s, 0 = unlimited) caps the rate; `watch` is told how many
+    chunks went after each one, until it says it has seen enough (the rounds' probe). Returns bytes sent."""
     indices = np.asarray(chunks, dtype=np.int64).tolist()
     total = len(indices) * heap.chunk_size
     sent = 0
@@ -86,6 +88,8 @@ def send_chunks(link: Link, ledger: ChunkLedger, heap: Heap, chunks: Any, progre
                 time.sleep(ahead)
         ledger.record_sent(index, link.send_chunk(index, heap.chunk_view(index)))
         sent += heap.chunk_size
+        if watch is not None and watch(sent // heap.chunk_size):
+            watch = None
         now = time.monotonic()
         if now - last > 0.1:
             last = now
