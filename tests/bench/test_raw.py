@@ -8,6 +8,7 @@ import sys
 
 from constmig.bench.raw import stream_vs_raw
 from constmig.kernel.uffd import preflight as uffd_problem
+from constmig.native import available as native_built
 
 
 def _cm(*args: str) -> subprocess.CompletedProcess:
@@ -24,6 +25,13 @@ def test_bench_raw_measures_both_ways_into_the_heap():
         f = doc[mode]
         assert len(f["runs"]) == 2 and 0 < f["min"] <= f["raw_gbps"] <= f["max"], f
     assert doc["raw_gbps"] == doc["plain"]["raw_gbps"]
+    if native_built():  # the native bound, beside the Python one (docs/native.md)
+        f = doc["native"]
+        assert len(f["runs"]) == 2 and 0 < f["min"] <= f["raw_gbps"] <= f["max"], f
+        assert doc["native_gbps"] == f["raw_gbps"]
+        assert doc["native_vs_python"] == round(f["raw_gbps"] / doc["raw_gbps"], 2)
+    else:
+        assert doc["native_gbps"] is None and "native engine was not built" in doc["skipped"]["native"]
     floor = doc["floor"]
     assert 0 < floor["tcp_pingpong_us"]["p50"] <= floor["tcp_pingpong_us"]["p99"]
     if uffd_problem() is not None:
@@ -61,3 +69,16 @@ def test_stream_vs_raw_divides_by_the_bound_of_the_same_way_in():
     assert stream_vs_raw({"tracker": "access", "stream_gbps": 0.5}, raw) == 0.25
     assert stream_vs_raw({"tracker": "none"}, raw) is None  # stop-and-copy streams nothing after the stop
     assert stream_vs_raw({"tracker": "fault", "stream_gbps": 0.5}, {"plain": {"raw_gbps": 2.0}}) == 0.25
+
+
+def test_bench_raw_says_so_when_the_native_engine_is_missing(monkeypatch):
+    """Without the engine the Python bound is still measured, and the native one is skipped with the reason."""
+    import constmig.native
+    from constmig.bench.raw import run_raw
+
+    monkeypatch.setattr(constmig.native, "available", lambda: False)
+    monkeypatch.setattr(constmig.native, "why_unavailable", lambda: "the native engine was not built (test)")
+    doc = run_raw(4 << 20, 1, quiet=True, floor_faults=0)
+    assert doc["plain"]["raw_gbps"] > 0 and "native" not in doc
+    assert doc["native_gbps"] is None and doc["native_vs_python"] is None
+    assert doc["skipped"]["native"].startswith("the native engine was not built (test)")

@@ -9,6 +9,11 @@ Two ways into the heap, as the two trackers receive:
   pages stay missing until installed (the Fault Tracker's pager's way; skipped, with the reason, where
   userfaultfd does not work).
 
+Beside them the native bound (`native`, `native_gbps`; issue 34, docs/native.md): the same stream of
+the same records into a populated heap as `plain`, but sealed and sent by the native engine's bulk
+sender straight from the heap and received and opened (in scratch, then copied) by its bulk receiver,
+with no Python per chunk on either side. Skipped, with the reason, where the engine was not built.
+
 The record layer is the migration's own (wire/channel.py, AES-256-GCM), keyed with random keys; the
 sender's heap is random bytes (no zero records). Repeats alternate the modes.
 
@@ -33,7 +38,7 @@ from constmig.kernel.uffd import preflight
 from constmig.wire.channel import SecureChannel
 
 CHUNK = 1 << 20
-MODES = ("plain", "uffd")
+MODES = ("plain", "uffd", "native")
 _MID = b"constmig-bench-raw-mid!!"[:16]
 _K1, _K2 = b"\x01" * 32, b"\x02" * 32
 
@@ -43,7 +48,7 @@ def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
     chunk in place, chunks) or an error line."""
     try:
         heap = Heap(heap_bytes, chunk_size=CHUNK)
-        if mode == "plain":
+        if mode in ("plain", "native"):
             heap.populate()  # as an incoming heap is at launch, before any migration starts
         uffd = installer = None
         if mode == "uffd":
@@ -54,9 +59,20 @@ def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
             uffd.register_missing(heap.address, heap.size)
             installer = UffdInstaller(uffd, heap.address, CHUNK, None)
         sock = socket.create_connection(("127.0.0.1", port))
+        n = heap_bytes // CHUNK
+        if mode == "native":
+            from constmig.native import NativeOpener
+
+            opener = NativeOpener(_K1, 1, _MID)
+            conn.send("ready")
+            t0 = time.perf_counter()
+            opener.recv_chunks(sock, heap.buf, CHUNK, n, timeout=120)
+            conn.send((time.perf_counter() - t0, n))
+            sock.close()
+            heap.close()
+            return
         chan = SecureChannel(sock, _MID)
         chan.install_keys(_K2, _K1, 2, 1)
-        n = heap_bytes // CHUNK
         conn.send("ready")
         t0 = None
         for _ in range(n):
@@ -89,16 +105,21 @@ def _one(src: Heap, mode: str) -> float:
             first = parent.recv() if parent.poll(60) else "no answer within 60 s"
             if first != "ready":
                 raise RuntimeError(f"receiver did not start: {first}")
-            chan = SecureChannel(sock, _MID)
-            chan.install_keys(_K1, _K2, 1, 2)
             t0 = time.perf_counter()
-            for i in range(src.n_chunks):
-                chan.send_chunk(i, src.chunk_view(i))
+            if mode == "native":
+                from constmig.native import NativeSealer
+
+                NativeSealer(_K1, 1, _MID).send_chunks(sock, src.buf, CHUNK, np.arange(src.n_chunks), timeout=120)
+            else:
+                chan = SecureChannel(sock, _MID)
+                chan.install_keys(_K1, _K2, 1, 2)
+                for i in range(src.n_chunks):
+                    chan.send_chunk(i, src.chunk_view(i))
             if not parent.poll(120):
                 raise RuntimeError("receiver did not finish within 120 s")
             answer = parent.recv()
             wall = time.perf_counter() - t0
-            chan.close()
+            sock.close()
         finally:
             proc.join(30)
             if proc.is_alive():
@@ -109,14 +130,19 @@ def _one(src: Heap, mode: str) -> float:
 
 
 def run_raw(heap_bytes: int, repeat: int, quiet: bool = False, floor_faults: int = 400) -> dict[str, Any]:
-    """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s; then the
-    latency floor over `floor_faults` faults (0: not measured)."""
+    """`repeat` streams per mode, alternating; per mode the median, min and max in GB/s; the native bound
+    also as `native_gbps` and its ratio to the Python one; then the latency floor over `floor_faults`
+    faults (0: not measured)."""
     from rich.progress import Progress
 
     from constmig.bench.floor import measure_floor
+    from constmig.native import available, why_unavailable
 
     problem = preflight()
-    modes = [m for m in MODES if m == "plain" or problem is None]
+    skipped = {} if problem is None else {"uffd": f"userfaultfd unusable here: {problem}"}
+    if not available():
+        skipped["native"] = f"{why_unavailable()}; the Python path is the only one here"
+    modes = [m for m in MODES if m not in skipped]
     src = Heap(heap_bytes, chunk_size=CHUNK)
     try:
         rng = np.random.default_rng(0)
@@ -135,11 +161,14 @@ def run_raw(heap_bytes: int, repeat: int, quiet: bool = False, floor_faults: int
         src.close()
     out: dict[str, Any] = {"bench": "raw", "machine": machine_info(), "heap_bytes": heap_bytes, "chunk_bytes": CHUNK,
                            "repeat": repeat, "cpus": os.cpu_count(),
-                           "skipped": {} if problem is None else {"uffd": f"userfaultfd unusable here: {problem}"}}
+                           "skipped": skipped}
     for mode, gbps in runs.items():
         rate = spread(gbps)
         out[mode] = {"raw_gbps": rate["median"], "min": rate["min"], "max": rate["max"], "runs": gbps}
     out["raw_gbps"] = out["plain"]["raw_gbps"]
+    native = out.get("native", {}).get("raw_gbps")
+    out["native_gbps"] = native  # None where the engine is not built (skipped says why)
+    out["native_vs_python"] = round(native / out["raw_gbps"], 2) if native and out["raw_gbps"] else None
     if floor_faults:
         out["floor"] = measure_floor(floor_faults)
     return out
