@@ -242,3 +242,28 @@ def test_record_layout_is_the_documented_one():
     sealed = engine.NativeSealer(K1, 1, MID, 7).seal_chunk(9, b"abc")
     assert sealed.record[:4] == b"CMG1" and len(sealed.record) == HEADER_SIZE + 3 + TAG_SIZE
     assert sealed.record[-TAG_SIZE:] == sealed.tag
+
+
+def test_a_blocked_receive_holds_neither_the_gil_nor_the_opener_for_others(sockets):
+    """While the engine waits for records, Python threads run (the GIL is released for the batch), and a
+    second call on the same opener is refused instead of racing the first."""
+    import threading
+    import time
+
+    a, b = sockets
+    heap = heap_with_data(4)
+    opener = engine.NativeOpener(K1, 1, MID)
+    dst = np.zeros_like(heap)
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(opener.recv_chunks(b, dst, CS, 2, timeout=10)))
+    t.start()
+    time.sleep(0.1)
+    spins, end = 0, time.monotonic() + 0.3
+    while time.monotonic() < end:
+        spins += 1
+    assert spins > 10_000  # this thread ran while the other sat in the engine
+    with pytest.raises(RuntimeError, match="in use by another thread"):
+        opener.open_chunk(b"", bytearray(1))
+    engine.NativeSealer(K1, 1, MID).send_chunks(a, heap, CS, np.array([2, 0]))
+    t.join(10)
+    assert result and result[0].indexes.tolist() == [2, 0] and not opener.failed
