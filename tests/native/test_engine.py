@@ -234,8 +234,17 @@ def test_a_send_to_a_peer_gone_leaves_the_sealer_unusable(sockets):
     sealer = engine.NativeSealer(K1, 1, MID)
     with pytest.raises(ChannelClosed, match="connection lost while sending"):
         sealer.send_chunks(a, heap_with_data(4), CS, np.arange(4))
-    with pytest.raises(ProtocolError, match="connection lost"):
+    with pytest.raises(ProtocolError, match="unusable after an earlier failure .connection lost"):
         sealer.send_chunks(a, heap_with_data(4), CS, np.arange(4))
+
+
+def test_an_opener_cannot_be_reset_by_initialising_it_again():
+    opener = engine.NativeOpener(K1, 1, MID)
+    with pytest.raises(ProtocolError):
+        opener.open_chunk(b"garbage" * 10, bytearray(1))
+    with pytest.raises(RuntimeError, match="already initialised"):
+        opener._c.__init__(K1, 1, MID, 0)
+    assert opener.failed
 
 
 def test_record_layout_is_the_documented_one():

@@ -133,7 +133,11 @@ static int cipher_init(Cipher *self, PyObject *args, PyObject *kwds, int encrypt
         PyErr_SetString(PyExc_ValueError, "start seq must be an int in 0..2**64-1");
         goto out;
     }
-    if (self->ctx == NULL && (self->ctx = EVP_CIPHER_CTX_new()) == NULL) {
+    if (self->ctx != NULL) { /* a second __init__ would reset the counter and the poison */
+        PyErr_SetString(PyExc_RuntimeError, "native sealer/opener is already initialised");
+        goto out;
+    }
+    if ((self->ctx = EVP_CIPHER_CTX_new()) == NULL) {
         PyErr_NoMemory();
         goto out;
     }
@@ -182,7 +186,10 @@ static int enter(Cipher *self) {
         return -1;
     }
     if (self->dead) {
-        PyErr_SetString(ProtocolError, self->failed[0] ? self->failed : "native sealer/opener was handed back (detached)");
+        if (self->failed[0])
+            PyErr_Format(ProtocolError, "native sealer is unusable after an earlier failure (%s)", self->failed);
+        else
+            PyErr_SetString(ProtocolError, "native sealer/opener was handed back (detached)");
         return -1;
     }
     if (self->failed[0]) {
