@@ -276,3 +276,45 @@ def test_a_blocked_receive_holds_neither_the_gil_nor_the_opener_for_others(socke
     engine.NativeSealer(K1, 1, MID).send_chunks(a, heap, CS, np.array([2, 0]))
     t.join(10)
     assert result and result[0].indexes.tolist() == [2, 0] and not opener.failed
+
+
+@settings(max_examples=15, deadline=None)
+@given(pieces=st.lists(st.integers(1, 5000), min_size=1, max_size=40), seed=st.integers(0, 2**32 - 1))
+def test_records_split_anywhere_on_sockets_with_timeouts_arrive_whole(pieces: list[int], seed: int):
+    """The stream arrives in pieces of any size (record boundaries nowhere in particular) on sockets that
+    Python has put in timeout mode (non-blocking underneath): the engine waits and goes on."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(seed)
+    n = 6
+    heap = rng.integers(0, 256, n * CS, dtype=np.uint8)
+    heap[2 * CS:3 * CS] = 0
+    order = rng.permutation(n).astype(np.int64)
+    a, b = socket.socketpair()
+    mid_a, mid_b = socket.socketpair()  # the sender's stream is relayed piece by piece into b
+    with a, b, mid_a, mid_b:
+        for s in (a, b, mid_a, mid_b):
+            s.settimeout(5)
+
+        def relay() -> None:
+            got = bytearray()
+            want = sum(HEADER_SIZE + (4 if i == 2 else CS) + TAG_SIZE for i in order)
+            while len(got) < want:
+                got += mid_b.recv(1 << 16)
+            at, k = 0, 0
+            while at < len(got):
+                size = pieces[k % len(pieces)]
+                a.sendall(got[at:at + size])
+                at, k = at + size, k + 1
+                if k % 100 == 0:
+                    time.sleep(0.001)
+
+        t = threading.Thread(target=relay, daemon=True)
+        t.start()
+        tags = engine.NativeSealer(K1, 1, MID).send_chunks(mid_a, heap, CS, order, timeout=5)
+        dst = np.full_like(heap, 0xAA)
+        got = engine.NativeOpener(K1, 1, MID).recv_chunks(b, dst, CS, n, timeout=5)
+        t.join(5)
+    assert got.indexes.tolist() == order.tolist() and np.array_equal(got.tags, tags)
+    assert np.array_equal(dst, heap)
