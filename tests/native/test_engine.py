@@ -318,3 +318,17 @@ def test_records_split_anywhere_on_sockets_with_timeouts_arrive_whole(pieces: li
         t.join(5)
     assert got.indexes.tolist() == order.tolist() and np.array_equal(got.tags, tags)
     assert np.array_equal(dst, heap)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 5])
+def test_chunks_smaller_than_a_zero_record_go_both_ways(sockets, chunk_size: int):
+    """A zero chunk of fewer than 4 bytes makes a record longer than the chunk (its length is 4 bytes):
+    buffers sized by the chunk alone would overflow (found with ASan; see docs/native.md)."""
+    a, b = sockets
+    heap = np.zeros(6 * chunk_size, dtype=np.uint8)
+    heap[chunk_size:2 * chunk_size] = 7  # one chunk with data, five zero chunks
+    tags = engine.NativeSealer(K1, 1, MID).send_chunks(a, heap, chunk_size, np.arange(6))
+    dst = np.full_like(heap, 0xAA)
+    got = engine.NativeOpener(K1, 1, MID).recv_chunks(b, dst, chunk_size, 6, timeout=5)
+    assert np.array_equal(dst, heap) and np.array_equal(got.tags, tags)
+    assert got.zero.tolist() == [True, False, True, True, True, True]

@@ -167,6 +167,10 @@ static void cipher_dealloc(Cipher *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Room for one sealed record of a chunk of n bytes: a zero chunk shorter than its 4-byte length record
+ * makes a longer record than the chunk itself would. */
+static size_t record_room(size_t n) { return HEADER_SIZE + (n > ZERO_PAYLOAD ? n : ZERO_PAYLOAD) + TAG_SIZE; }
+
 static int ensure_scratch(Cipher *self, size_t n) {
     if (self->scratch_len >= n) return 0;
     uint8_t *p = PyMem_RawRealloc(self->scratch, n);
@@ -334,7 +338,7 @@ static PyObject *sealer_seal(Cipher *self, PyObject *args) {
         goto out;
     }
     if (enter(self) < 0) goto out;
-    if (ensure_scratch(self, HEADER_SIZE + (size_t)data.len + TAG_SIZE) < 0) {
+    if (ensure_scratch(self, record_room((size_t)data.len)) < 0) {
         self->busy = 0;
         goto out;
     }
@@ -419,7 +423,7 @@ static PyObject *sealer_send(Cipher *self, PyObject *args) {
             goto out;
         }
     if (enter(self) < 0) goto out;
-    if (ensure_scratch(self, HEADER_SIZE + (size_t)chunk_size + TAG_SIZE) < 0) {
+    if (ensure_scratch(self, record_room((size_t)chunk_size)) < 0) {
         self->busy = 0;
         goto out;
     }
@@ -674,7 +678,7 @@ static PyObject *opener_recv(Cipher *self, PyObject *args) {
         goto out;
     }
     if (enter(self) < 0) goto out;
-    if (ensure_scratch(self, HEADER_SIZE + (size_t)chunk_size + TAG_SIZE) < 0) {
+    if (ensure_scratch(self, record_room((size_t)chunk_size)) < 0) {
         self->busy = 0;
         goto out;
     }
