@@ -8,7 +8,7 @@ import sys
 
 from constmig.bench.raw import stream_vs_raw
 from constmig.kernel.uffd import preflight as uffd_problem
-from constmig.native import available as native_built
+from constmig.native.engine import available as native_built
 
 
 def _cm(*args: str) -> subprocess.CompletedProcess:
@@ -73,11 +73,11 @@ def test_stream_vs_raw_divides_by_the_bound_of_the_same_way_in():
 
 def test_bench_raw_says_so_when_the_native_engine_is_missing(monkeypatch):
     """Without the engine the Python bound is still measured, and the native one is skipped with the reason."""
-    import constmig.native
+    import constmig.native.engine
     from constmig.bench.raw import run_raw
 
-    monkeypatch.setattr(constmig.native, "available", lambda: False)
-    monkeypatch.setattr(constmig.native, "why_unavailable", lambda: "the native engine was not built (test)")
+    monkeypatch.setattr(constmig.native.engine, "available", lambda: False)
+    monkeypatch.setattr(constmig.native.engine, "why_unavailable", lambda: "the native engine was not built (test)")
     doc = run_raw(4 << 20, 1, quiet=True, floor_faults=0)
     assert doc["plain"]["raw_gbps"] > 0 and "native" not in doc
     assert doc["native_gbps"] is None and doc["native_vs_python"] is None

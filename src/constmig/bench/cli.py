@@ -97,13 +97,13 @@ def bench_calls(rounds: int, calls: int, out: Path, json_path: str | None) -> No
 @json_option()
 def bench_raw(heap: int, repeat: int, json_path: str | None) -> None:
     """This machine's bound for a heap stream: sealed 1 MiB chunks between two processes into a fresh heap."""
-    from constmig.bench.raw import CHUNK, run_raw
+    from constmig.bench.raw import CHUNK, MODES, run_raw
 
     whole_mib(heap, CHUNK)
     check_writable(json_path, "--json")
 
     def lines(doc: dict[str, Any]) -> Iterable[str]:
-        for mode in ("plain", "uffd"):
+        for mode in MODES:
             f = doc.get(mode)
             yield (f"{mode:6} {f['raw_gbps']:.2f} GB/s [{f['min']:.2f}, {f['max']:.2f}]" if f else
                    f"{mode:6} skipped: {doc['skipped'][mode]}")

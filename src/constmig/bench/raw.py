@@ -61,7 +61,7 @@ def _receive(port: int, heap_bytes: int, mode: str, conn: Any) -> None:
         sock = socket.create_connection(("127.0.0.1", port))
         n = heap_bytes // CHUNK
         if mode == "native":
-            from constmig.native import NativeOpener
+            from constmig.native.engine import NativeOpener
 
             opener = NativeOpener(_K1, 1, _MID)
             conn.send("ready")
@@ -107,7 +107,7 @@ def _one(src: Heap, mode: str) -> float:
                 raise RuntimeError(f"receiver did not start: {first}")
             t0 = time.perf_counter()
             if mode == "native":
-                from constmig.native import NativeSealer
+                from constmig.native.engine import NativeSealer
 
                 NativeSealer(_K1, 1, _MID).send_chunks(sock, src.buf, CHUNK, np.arange(src.n_chunks), timeout=120)
             else:
@@ -136,7 +136,7 @@ def run_raw(heap_bytes: int, repeat: int, quiet: bool = False, floor_faults: int
     from rich.progress import Progress
 
     from constmig.bench.floor import measure_floor
-    from constmig.native import available, why_unavailable
+    from constmig.native.engine import available, why_unavailable
 
     problem = preflight()
     skipped = {} if problem is None else {"uffd": f"userfaultfd unusable here: {problem}"}

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from constmig.bench.raw import MODES
 from constmig.bench.results import base_variant, dumps
 from constmig.bench.stalls import STOLEN
 from constmig.bench.stats import Band, band, fit_line, hist_quantile, merge_hists, show, spread
@@ -818,7 +819,7 @@ def stream_section(doc: dict[str, Any]) -> str:
     raw = doc.get("raw")
     if not raw:
         return ""
-    bounds = ", ".join(f"{mode} {raw[mode]['raw_gbps']:.2f} GB/s" for mode in ("plain", "uffd") if mode in raw)
+    bounds = ", ".join(f"{mode} {raw[mode]['raw_gbps']:.2f} GB/s" for mode in MODES if mode in raw)
     rows = []
     for variant in doc.get("config", {}).get("variants", []):
         got = [r["stream_vs_raw"] for r in doc.get("results", [])
