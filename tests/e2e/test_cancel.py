@@ -159,7 +159,7 @@ def test_cancel_during_a_throttled_round_lifts_the_throttle_at_once(cluster, how
     assert report.calls > 0 and report.wrong == 0 and not report.errors, report.errors[:3]
     assert writer.verify() == 0  # every acknowledged write, at the source that kept running
     # the history keeps what the cancelled migration had reached: its round, throttle and the calls held
-    ended = [h for h in request(a, {"op": "status"})["history"] if h["name"] == "kv" and h["direction"] == "out"]
+    ended = [h for h in request(a, {"op": "status"})["migrations"] if h["name"] == "kv" and h["direction"] == "out"]
     assert ended and ended[-1]["outcome"] == "cancelled", ended
     assert ended[-1]["throttle"] > 0 and ended[-1]["round"] >= 1 and ended[-1]["held_calls"] >= 0, ended[-1]
     writer.close()
