@@ -9,7 +9,8 @@ The guest counts it as steal time (/proc/stat, per CPU), which tells it from a p
 for a core (measured here: a 106 ms stop with 100 ms of steal on one vCPU, none on the other).
 
 A small separate process (no GIL shared with the drivers) sleeps 1 ms at a time and notes every wake-up
-later than `STALL_S` with the steal counted meanwhile. The suite keeps each run's stops and says how much
+later than `STALL_S` with the steal counted meanwhile, and every jump of another vCPU's steal by more
+than that (its processes stood still; the probe ran on). The suite keeps each run's stops and says how much
 of the longest client gap the machine was stopped for; the gap itself stays as measured.
 """
 
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 STALL_S = 0.03  # a wake-up this late is a stop worth noting (the probe sleeps 1 ms)
 STOLEN = 0.5  # a stop counts as the hypervisor's when steal covers at least this share of it
 
-# The probe: one line per late wake-up, "wall_start seconds steal_seconds". The hypervisor stops one vCPU
-# at a time (its thread ran out of quota), and the processes queued on it wait: the steal is the most any
-# one vCPU had taken meanwhile.
+# The probe: one line per stop, "wall_start seconds steal_seconds". It sees a stop two ways: its own
+# wake-up came late (it was queued on the stopped vCPU, or waited for a core: the steal tells which), or
+# the other vCPU's steal jumped, which the guest counts in one go when that vCPU runs again.
 _PROBE = r"""
 import os, sys, time
 hz = os.sysconf("SC_CLK_TCK")
@@ -40,9 +41,11 @@ last, s0 = time.time(), steal()
 while True:
     time.sleep(0.001)
     now, s = time.time(), steal()
+    took = max((b - a for a, b in zip(s0, s)), default=0.0)
     if now - last > %(stall)r:
-        took = max((b - a for a, b in zip(s0, s)), default=0.0)
         print(f"{last:.4f} {now - last:.4f} {took:.4f}", flush=True)
+    elif took > %(stall)r:
+        print(f"{now - took:.4f} {took:.4f} {took:.4f}", flush=True)
     last, s0 = now, s
 """
 
