@@ -36,6 +36,16 @@ def test_metrics_follow_enclaves_and_migrations():
         launch_filled(a, "kv2", "kvstore", 16 << 20, 0.5, seed=2)
         m = scrape(a)
         assert value(m["constmig_enclaves"], "constmig_enclaves", state="running") == 2
+        # before any migration: every outcome's series is there at 0, so increase() sees the first one
+        for outcome in ("done", "rolled-back", "cancelled", "failed", "stranded"):
+            assert value(m["constmig_migrations"], "constmig_migrations_total", direction="out",
+                         strategy="constmig", outcome=outcome) == 0
+        assert value(m["constmig_downtime_seconds"], "constmig_downtime_seconds_count", direction="in",
+                     strategy="constmig") == 0
+        assert value(m["constmig_migrations_in_flight"], "constmig_migrations_in_flight", direction="out") == 0
+        assert value(m["constmig_enclave_deaths"], "constmig_enclave_deaths_total", reason="SIGKILL") == 0
+        assert value(m["constmig_agent_info"], "constmig_agent_info", host_id="a", tee="sim") == 1
+        assert value(m["constmig_host_memory_available_bytes"], "constmig_host_memory_available_bytes") > 0
         assert value(m["constmig_enclave_heap_bytes"], "constmig_enclave_heap_bytes", enclave="kv") == 32 << 20
         hammer = KVHammer(a, "kv", keys=500, write_ratio=0.0, seed=3)  # its reads fault on missing chunks
         hammer.preload()
@@ -51,8 +61,13 @@ def test_metrics_follow_enclaves_and_migrations():
                      strategy="constmig", outcome="done") == 1
         assert value(into["constmig_migrations"], "constmig_migrations_total", direction="in",
                      strategy="constmig", outcome="done") == 1
-        assert value(out["constmig_downtime_seconds"], "constmig_downtime_seconds_count", strategy="constmig") == 1
-        assert value(out["constmig_downtime_seconds"], "constmig_downtime_seconds_sum",
+        # both ends time the downtime, each under its direction: a fleet sums one of them
+        for x, direction in ((out, "out"), (into, "in")):
+            assert value(x["constmig_downtime_seconds"], "constmig_downtime_seconds_count", direction=direction,
+                         strategy="constmig") == 1
+            assert value(x["constmig_downtime_seconds"], "constmig_downtime_seconds_count",
+                         direction={"in": "out", "out": "in"}[direction], strategy="constmig") == 0
+        assert value(out["constmig_downtime_seconds"], "constmig_downtime_seconds_sum", direction="out",
                      strategy="constmig") == pytest.approx(fig["downtime_ms"] / 1e3)
         assert value(out["constmig_migrated_bytes"], "constmig_migrated_bytes_total", direction="out") == \
             fig["state_bytes"]
@@ -60,6 +75,8 @@ def test_metrics_follow_enclaves_and_migrations():
         assert faults == fig["faults"]
         assert value(out["constmig_enclaves"], "constmig_enclaves", state="running") == 1
         assert value(into["constmig_enclaves"], "constmig_enclaves", state="running") == 1
+        assert value(into["constmig_enclaves"], "constmig_enclaves", state="incoming") == 0  # 0, not absent
+        assert value(into["constmig_migrations_in_flight"], "constmig_migrations_in_flight", direction="in") == 0
         # Every call the client made was answered by one agent or the other and counted there (its preload
         # too), and the destination counted calls that came while the enclave was still arriving.
         calls = sum(value(x["constmig_call_seconds"], "constmig_call_seconds_count", moving=mv)

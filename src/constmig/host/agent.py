@@ -29,6 +29,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from constmig import __version__
 from constmig.errors import (
     AgentError,
     ChannelClosed,
@@ -48,6 +49,7 @@ from constmig.host.calls import Calls
 from constmig.host.directory import LEASE_TTL_S, parse_etcd_url
 from constmig.host.incoming import Incoming
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.host.logs import fields
 from constmig.host.metrics import AgentMetrics
 from constmig.host.outgoing import Outgoing
 from constmig.host.roster import Hosted, Roster
@@ -107,7 +109,8 @@ class Agent:
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
-        self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing)
+        self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing, self.roster.figures,
+                                    {"host_id": host_id, "version": __version__, "tee": "sim"})
         if metrics_listen is not None:
             try:
                 log.info("metrics at %s", self.metrics.serve(metrics_listen, metrics_public))
@@ -151,7 +154,8 @@ class Agent:
 
     async def serve_forever(self) -> None:
         await self.start()
-        log.info("agent %s listening on %s", self.host_id, self.listen)
+        log.info("agent %s listening on %s", self.host_id, self.listen,
+                 extra=fields("listening", listen=self.listen, metrics_url=self.metrics.url))
         await self._stopping.wait()
         await self.close()
 
@@ -368,7 +372,7 @@ class Agent:
         self.enclaves[spec.name] = Hosted(handle, StatusCell(S.RUNNING))
         await self.upkeep.claim(spec.name)
         log.info("enclave %s started: app %s, heap %s, pid %d", spec.name, spec.app, format_size(spec.heap),
-                 handle.proc.pid)
+                 handle.proc.pid, extra=fields("enclave-started", spec.name, app=spec.app, heap_bytes=spec.heap))
         return await handle.call(control.EnclaveStatus())
 
     async def op_checkpoint(self, req: control.Checkpoint, writer: Any) -> Any:
@@ -409,7 +413,7 @@ class Agent:
         del self.enclaves[hosted.name]
         await hosted.handle.stop()
         await self.upkeep.release(hosted.name)
-        log.info("enclave %s stopped", name)
+        log.info("enclave %s stopped", name, extra=fields("enclave-stopped", name))
         return "stopped"
 
     async def op_shutdown(self, req: control.Shutdown, writer: Any) -> Any:

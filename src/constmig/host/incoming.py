@@ -13,11 +13,13 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from constmig.errors import AgentError, ConstmigError, EnclaveError
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
+from constmig.host.logs import fields
 from constmig.host.metrics import AgentMetrics
 from constmig.host.roster import Hosted, Roster
 from constmig.host.status import TAKES_RECONNECT, StatusCell
@@ -69,7 +71,7 @@ class Incoming:
         self.roster.check_new(spec)
         handle = await self.launch(spec, "incoming", tracker)
         hosted = Hosted(handle, StatusCell(S.INCOMING), connections=strategy.connections,
-                        resume_deadline=req.resume_deadline, came_from=req.source)
+                        resume_deadline=req.resume_deadline, came_from=req.source, strategy=strategy.name)
         self.roster.enclaves[spec.name] = hosted
         wait = req.timeout  # a source that never connects frees the name
         asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(self.drop_unconnected(
@@ -171,12 +173,21 @@ class Incoming:
             hosted.move(S.INCOMING, S.RUNNING)
             self.roster.moved.pop(name, None)  # it came back: calls are ours again
             await self.upkeep.claim(name)
-            self.roster.history.append({"name": name, "direction": "in", **result})
+            self.roster.history.append({"name": name, "direction": "in", **result, "outcome": "done"})
             self.metrics.finished("in", result)
             log.info("migration of %s in done: %s, downtime %.1f ms", name, result.get("strategy"),
-                     result.get("downtime_ms") or 0.0)
+                     result.get("downtime_ms") or 0.0,
+                     extra=fields("migration-ended", name, direction="in", came_from=hosted.came_from,
+                                  strategy=result.get("strategy"), outcome="done",
+                                  downtime_ms=result.get("downtime_ms")))
         except ConstmigError as e:
-            log.warning("incoming migration of %s failed: %s", name, e)
+            # given up here: the source rolls back or resumes; this copy never runs (one word: failed)
+            self.roster.history.append({"name": name, "direction": "in", "strategy": hosted.strategy,
+                                        "outcome": "failed", "error": str(e), "ended": time.time()})
+            self.metrics.ended("in", hosted.strategy, "failed")
+            log.warning("migration of %s in ended failed: %s", name, e,
+                        extra=fields("migration-ended", name, direction="in", came_from=hosted.came_from,
+                                     strategy=hosted.strategy, outcome="failed"))
             if isinstance(e, EnclaveError) and e.tombstone:
                 # It gave up after READY: the source may be committed and reconnecting; the process
                 # (its heap wiped) answers that with an authenticated ABORT, so the source runs again.

@@ -4,31 +4,49 @@ They name this host's enclaves, so they are served on loopback unless `--metrics
 them (a scraper elsewhere then reaches them; put them behind the network's own access control).
 
 What a fleet operator watches per host: enclaves by state and their heap bytes (read at scrape time
-from the agent's table), each migration out while it runs (what is left, the rates, the throttle and
-the round, read at scrape time from its latest progress), migrations by direction, strategy and
-outcome, their downtime, the demand-fault latency an incoming post-copy migration's app waited, and the
-bytes migrations moved. The Prometheus client library writes the format; a registry of its own keeps
-agents in one process apart.
+from the agent's table), each migration out while it runs (what is left, the rates, the throttle, the
+round and how long it has run, read at scrape time from its latest progress), migrations in flight and
+by direction, strategy and outcome, their downtime by direction, the demand-fault latency an incoming
+post-copy migration's app waited, the bytes migrations moved, enclave deaths, checkpoint ages and the
+host's memory. The Prometheus client library writes the format; a registry of its own keeps agents in
+one process apart.
+
+Alerts need series that exist before their first event: `increase()` of a series born at 1 is 0, so
+every label set known in advance (directions, strategies, outcomes, trackers, states) is created at 0
+when the agent starts, and the gauges read 0 rather than vanish. docs/metrics.md lists every series.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import signal
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from constmig.errors import ConfigError
 from constmig.host.address import parse_addr
+from constmig.host.status import Status
+from constmig.migration.constants import STRATEGIES, TRACKERS
 from constmig.migration.receiver import parse_histogram
 
 DOWNTIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FAULT_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+DIRECTIONS = ("in", "out")
+# How a migration ends, one word each, the same in the metrics, the log and the agent's history (status):
+# done; rolled-back (before its commit point: the enclave runs on at the source with all its data);
+# cancelled (rolled back because someone asked); failed (it never runs at the source again: past its
+# commit point with no way to resume, its process gone, or an incoming one given up); stranded (past its
+# commit point and the destination keeps saying it has no copy: restore it from a checkpoint).
+OUTCOMES = ("done", "rolled-back", "cancelled", "failed", "stranded")
+DEATH_REASONS = ("SIGKILL", "exit", "with-agent")  # created at 0; another signal's name appears when one kills
 
 
 def metrics_address(listen: str, public: bool = False) -> tuple[str, int]:
@@ -78,7 +96,7 @@ class _Enclaves(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         rows = list(self._table())
         by_state = GaugeMetricFamily("constmig_enclaves", "Enclaves on this agent, by state", labels=["state"])
-        counts: dict[str, int] = {}
+        counts = {status.value: 0 for status in Status}  # a state with no enclave reads 0
         for _, status, _ in rows:
             counts[status] = counts.get(status, 0) + 1
         for status, n in sorted(counts.items()):
@@ -103,6 +121,8 @@ MIGRATION_GAUGES = (
     ("constmig_migration_throttle_ratio", "Share of the writers' pace a migration out of here holds back "
      "(0 to --max-throttle)", "throttle"),
     ("constmig_migration_round", "The pre-copy round a migration out of here runs (or last ended)", "round"),
+    ("constmig_migration_elapsed_seconds", "How long a migration out of here has run (from its start; a "
+     "stuck one keeps growing)", "elapsed_s"),
 )
 
 
@@ -123,18 +143,85 @@ class _Migrations(Collector):
             yield gauge
 
 
+@dataclass
+class HostFigures:
+    """What the agent's table says at a scrape, beyond the enclaves' rows (Roster.figures)."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)  # direction -> migrations under way
+    memory_available: int = 0
+    memory_promised: int = 0  # heap its enclaves may still claim
+    checkpoint_age: dict[str, float] = field(default_factory=dict)  # enclave -> seconds since its newest
+    exited: dict[str, int] = field(default_factory=dict)  # a key per dead enclave -> its returncode
+    died_with_agent: int = 0  # enclaves the previous agent on this state folder ran
+
+
+def death_reason(returncode: int) -> str:
+    """A dead enclave's reason label: the signal's name, or `exit`."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal-{-returncode}"
+    return "exit"
+
+
+class _Host(Collector):
+    """Migrations in flight, memory, checkpoint ages and enclave deaths, read from the agent's table when
+    scraped. A death is counted at the first scrape that sees the enclave's process gone."""
+
+    def __init__(self, figures: Callable[[], HostFigures]) -> None:
+        self._figures = figures
+        self._seen: set[str] = set()
+        self._deaths = dict.fromkeys(DEATH_REASONS, 0)
+        self._with_agent: int | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        f = self._figures()
+        if self._with_agent is None:  # once: they died before this agent started
+            self._with_agent = f.died_with_agent
+            self._deaths["with-agent"] += f.died_with_agent
+        for key, code in f.exited.items():
+            if key not in self._seen:
+                self._seen.add(key)
+                reason = death_reason(code)
+                self._deaths[reason] = self._deaths.get(reason, 0) + 1
+        flight = GaugeMetricFamily("constmig_migrations_in_flight", "Migrations under way here (in: prepared or "
+                                   "receiving; out: from its start until it ends)", labels=["direction"])
+        for direction in DIRECTIONS:
+            flight.add_metric([direction], f.in_flight.get(direction, 0))
+        yield flight
+        yield GaugeMetricFamily("constmig_host_memory_available_bytes", "This host's available memory",
+                                value=f.memory_available)
+        yield GaugeMetricFamily("constmig_host_memory_promised_bytes", "Heap the enclaves here may still claim "
+                                "(each heap less what its process holds)", value=f.memory_promised)
+        age = GaugeMetricFamily("constmig_checkpoint_age_seconds", "Seconds since the newest checkpoint of each "
+                                "enclave here (none: it has no checkpoint)", labels=["enclave"])
+        for name, seconds in sorted(f.checkpoint_age.items()):
+            age.add_metric([name], seconds)
+        yield age
+        deaths = CounterMetricFamily("constmig_enclave_deaths", "Enclaves whose process died while this agent "
+                                     "ran them (by signal, or exit), or that died with the previous agent "
+                                     "(with-agent)", labels=["reason"])
+        for reason, n in sorted(self._deaths.items()):
+            deaths.add_metric([reason], n)
+        yield deaths
+
+
 class AgentMetrics:
     """The agent's registry, its instruments, and the HTTP endpoint once served."""
 
     def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]],
-                 moving: Callable[[], dict[str, Any]] = dict) -> None:
+                 moving: Callable[[], dict[str, Any]] = dict, figures: Callable[[], HostFigures] = HostFigures,
+                 info: dict[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Enclaves(table))
         self.registry.register(_Migrations(moving))  # `moving`: Roster.outgoing
+        self.registry.register(_Host(figures))  # `figures`: Roster.figures
         self.migrations = Counter("constmig_migrations", "Migrations this agent took part in",
                                   ["direction", "strategy", "outcome"], registry=self.registry)
         self.downtime = Histogram("constmig_downtime_seconds", "Downtime of finished migrations (timed inside "
-                                  "the enclaves)", ["strategy"], buckets=DOWNTIME_BUCKETS, registry=self.registry)
+                                  "the enclaves; both ends record it: sum one direction for a fleet)",
+                                  ["direction", "strategy"], buckets=DOWNTIME_BUCKETS, registry=self.registry)
         self.fault_latency = Histogram("constmig_demand_fault_seconds", "How long the app of a post-copy "
                                        "migration out of here waited for a missing chunk at its destination "
                                        "(reported at DONE; bin upper edges)", ["tracker"],
@@ -145,8 +232,25 @@ class AgentMetrics:
                                    buckets=DOWNTIME_BUCKETS, registry=self.registry)
         self.moved_bytes = Counter("constmig_migrated_bytes", "Heap bytes moved by finished migrations out of "
                                    "here", ["direction"], registry=self.registry)
+        info = {"host_id": "", "version": "", "tee": "sim", **(info or {})}
+        Gauge("constmig_agent_info", "This agent: its host id, constmig version and TEE (always 1)",
+              sorted(info), registry=self.registry).labels(**info).set(1)
+        self._zeros()
         self.url: str | None = None
         self._server: Any = None
+
+    def _zeros(self) -> None:
+        """Every label set known in advance, at 0, so that rate() and increase() see the first event."""
+        for direction in DIRECTIONS:
+            self.moved_bytes.labels(direction)
+            for strategy in STRATEGIES:
+                self.downtime.labels(direction, strategy)
+                for outcome in OUTCOMES:
+                    self.migrations.labels(direction, strategy, outcome)
+        for tracker in (*TRACKERS, "none"):
+            self.fault_latency.labels(tracker)
+        for moving in ("yes", "no"):
+            self.call_wait.labels(moving)
 
     def serve(self, listen: str, public: bool = False) -> str:
         """Serve /metrics on HOST:PORT or PORT (port 0: a free one); returns the URL."""
@@ -166,15 +270,17 @@ class AgentMetrics:
         strategy = str(figures.get("strategy") or "unknown")
         self.migrations.labels(direction, strategy, "done").inc()
         if figures.get("downtime_ms") is not None:
-            self.downtime.labels(strategy).observe(float(figures["downtime_ms"]) / 1e3)
+            self.downtime.labels(direction, strategy).observe(float(figures["downtime_ms"]) / 1e3)
         if figures.get("state_bytes"):
             self.moved_bytes.labels(direction).inc(int(figures["state_bytes"]))
         if direction == "out":  # the destination reports its app's waits to the source at DONE
             self._faults(str(figures.get("tracker") or "none"), figures.get("fault_latency_hist"))
 
     def ended(self, direction: str, strategy: str, outcome: str) -> None:
-        """A migration that did not finish: rolled back, cancelled, paused for good, failed."""
-        self.migrations.labels(direction, strategy, outcome).inc()
+        """A migration that did not finish: rolled-back, cancelled, failed or stranded (OUTCOMES)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown migration outcome {outcome!r}; known: {', '.join(OUTCOMES)}")
+        self.migrations.labels(direction, strategy or "unknown", outcome).inc()
 
     def _faults(self, tracker: str, hist: Any) -> None:
         """The destination's log-binned histogram (receiver.latency_histogram), each fault at its bin's

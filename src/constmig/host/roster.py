@@ -24,7 +24,8 @@ import msgspec
 from constmig.errors import AgentError, ConfigError, NoSuchEnclave, Redirect
 from constmig.files import newest_checkpoint
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
-from constmig.host.metrics import CallRate
+from constmig.host.logs import fields
+from constmig.host.metrics import CallRate, HostFigures
 from constmig.host.status import Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.units import available_memory, format_size, resident_bytes
@@ -60,6 +61,7 @@ class Hosted:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # a migration out while it runs (through its pauses): its latest progress (host/outgoing.py, seen)
     outgoing: control.OutgoingProgress | None = None
+    ending: str = ""  # a migration out that ended short of DONE: an outcome its status alone does not say
 
     @property
     def name(self) -> str:
@@ -133,7 +135,8 @@ class Roster:
             info["restore"] = f"constmig restore {ckpt} --agent {self.listen} --name {name}" if ckpt else None
             died[name] = info
             log.warning("enclave %s died with the previous agent on %s; %s", name, self.state_dir,
-                        f"restore it with: {info['restore']}" if ckpt else "it has no checkpoint here")
+                        f"restore it with: {info['restore']}" if ckpt else "it has no checkpoint here",
+                        extra=fields("enclave-died", name, reason="with-agent", restore=info["restore"]))
         self.path.unlink(missing_ok=True)
         self.died = died
 
@@ -176,6 +179,26 @@ class Roster:
         return {name: msgspec.structs.replace(p, elapsed_s=round(max(now - p.started, 0.0), 3))
                 for name, h in list(self.enclaves.items()) if (p := h.outgoing) is not None}
 
+    def figures(self, now: float | None = None) -> HostFigures:
+        """What a scrape shows beyond the rows (another thread: read, never change)."""
+        now = time.time() if now is None else now
+        hosted = list(self.enclaves.items())
+        ages = {}
+        for name, h in hosted:
+            ckpt = self.newest_checkpoint(name) if h.cell.value is S.RUNNING else None
+            try:
+                if ckpt is not None:
+                    ages[name] = round(max(now - ckpt.stat().st_mtime, 0.0), 3)
+            except OSError:
+                pass  # removed meanwhile
+        return HostFigures(
+            in_flight={"out": sum(h.outgoing is not None for _, h in hosted),
+                       "in": sum(h.cell.value is S.INCOMING for _, h in hosted)},
+            memory_available=available_memory(), memory_promised=self.promised(),
+            checkpoint_age=ages, died_with_agent=len(self.died),
+            exited={f"{name}:{h.handle.proc.pid}": code for name, h in hosted
+                    if (code := h.handle.proc.returncode) is not None})
+
     # ---- admission of a new instance ----
     def check_new(self, spec: LaunchSpec) -> None:
         """A new instance of `spec` may start here: a free, well-formed name, and room for its heap."""
@@ -195,7 +218,7 @@ class Roster:
         """Heap the enclaves here may still claim: each heap less what its process already holds (an
         untouched heap costs nothing until written, so free memory alone overcommits)."""
         total = 0
-        for hosted in self.enclaves.values():
+        for hosted in list(self.enclaves.values()):  # a scrape's thread reads it too
             if hosted.handle.proc.returncode is None:
                 total += max(hosted.handle.spec.heap - resident_bytes(hosted.handle.proc.pid), 0)
         return total
