@@ -654,6 +654,21 @@ def _ask_cancel(name: str, src: str) -> None:
         click.echo(f"not cancelled: {e}", err=True)
 
 
+def _check_data_plane(data_plane: str, strategy: str) -> None:
+    """--data-plane native, refused here before any agent hears of it: a strategy without bulk sends, or an
+    engine this install did not build (the source enclave checks its own again)."""
+    if data_plane != "native":
+        return
+    try:
+        control.Migrate(name="-", to="-", strategy=strategy, data_plane=data_plane).check()
+    except control.BadRequest as e:
+        raise ConfigError(f"--data-plane native: {e}") from None
+    from constmig.native import engine
+
+    if not engine.available():
+        raise ConfigError(f"--data-plane native: {engine.why_unavailable()}; use --data-plane python")
+
+
 @main.command()
 @click.argument("name")
 @click.option("--from", "src", default=None, help="Source agent HOST:PORT [with --etcd: where the directory says].")
@@ -685,6 +700,11 @@ def _ask_cancel(name: str, src: str) -> None:
               help="precopy, hybrid, auto: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth; "
               f"default {control.DEFAULT_COMPLETION_TIMEOUT_S:.0f}); then the stop takes what is left, and a round "
               "the destination does not acknowledge within it ends the migration with the enclave running here.")
+@click.option("--data-plane", type=click.Choice(control.DATA_PLANES), default=control.DEFAULT_DATA_PLANE,
+              show_default=True,
+              help="Who seals and sends the heap's bulk chunks at the source (stopcopy, the pre-copy rounds, the "
+              "stop's rest): the Python channel, or the native engine with the GIL released (docs/native.md). "
+              "Not for constmig.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "
@@ -701,7 +721,7 @@ def _ask_cancel(name: str, src: str) -> None:
 @etcd_option("Find the source agent (no --from needed) in this fleet directory [env: CONSTMIG_ETCD].")
 def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker: str, max_bandwidth: int,
             max_downtime: float | None, max_rounds: int | None, write_tracking: str, max_throttle: float | None,
-            completion_timeout: float | None, timeout: float,
+            completion_timeout: float | None, data_plane: str, timeout: float,
             verify: bool, resume_deadline: float, resume_paused: bool, cancel: bool, json_path: str | None,
             etcd: str | None) -> None:
     """Migrate an enclave from one agent to another (or, with --resume, finish a paused migration; with
@@ -747,11 +767,12 @@ def migrate(name: str, src: str | None, dst: str | None, strategy: str, tracker:
         if max_throttle and write_tracking == "kernel":
             raise ConfigError("--max-throttle needs the enclave's write tracking (--write-tracking enclave or auto): "
                               "the kernel's cannot tell which call wrote")
+        _check_data_plane(data_plane, strategy)
         figures = _interruptible(name, src, lambda: migrate_with_progress(
             name, src, dst, strategy, timeout, verify=verify, quiet=json_path == "-", tracker=tracker,
             max_bandwidth=max_bandwidth, resume_deadline=resume_deadline, max_downtime=max_downtime,
             max_rounds=max_rounds, write_tracking=write_tracking, max_throttle=max_throttle,
-            completion_timeout=completion_timeout))
+            completion_timeout=completion_timeout, data_plane=data_plane))
     write_json(figures, json_path)
     if json_path != "-":
         from constmig.progress import print_figures

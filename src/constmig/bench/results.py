@@ -42,10 +42,15 @@ def machine_info(detail: bool = False) -> dict[str, Any]:
 
 
 # Named sets of request options a variant can carry after a "+": "precopy+throttle" is pre-copy whose rounds
-# may slow the writing calls up to auto's cap (strategies/auto.py AUTO_MAX_THROTTLE). Each set only steers
-# the pre-copy rounds, so it needs a strategy that runs them.
-VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"throttle": {"max_throttle": AUTO_MAX_THROTTLE}}
-OPTION_VARIANTS = ("precopy+throttle",)  # the ones `bench suite --help` lists (any rounds variant takes a suffix)
+# may slow the writing calls up to auto's cap (strategies/auto.py AUTO_MAX_THROTTLE), so it needs a strategy
+# that runs them; "stopcopy+native" sends the heap's bulk chunks through the native engine (docs/native.md),
+# which every strategy but constmig has (the copy at the stop, the rounds).
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"throttle": {"max_throttle": AUTO_MAX_THROTTLE},
+                                              "native": {"data_plane": "native"}}
+BULK_OPTIONS = ("native",)  # option sets that need chunks sent in bulk, not rounds
+NO_BULK_SENDS = ("constmig",)  # strategies whose chunks go only by the post-copy stream
+# the ones `bench suite --help` lists (any variant takes a suffix its strategy fits)
+OPTION_VARIANTS = ("precopy+throttle", "stopcopy+native", "auto-fault+native")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -57,7 +62,7 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 def variant_options(variant: str) -> dict[str, Any]:
     """The request options a variant's "+name" suffixes carry (VARIANT_OPTIONS), merged in order; {} without
-    one. ConfigError (one line) for an unknown name or a strategy without pre-copy rounds."""
+    one. ConfigError (one line) for an unknown name, or a strategy without the rounds (or bulk sends) it steers."""
     base, *names = variant.split("+")
     options: dict[str, Any] = {}
     for name in names:
@@ -65,9 +70,14 @@ def variant_options(variant: str) -> dict[str, Any]:
             raise ConfigError(f"unknown variant option {'+' + name!r} in {variant!r}; known: "
                               f"{', '.join('+' + k for k in VARIANT_OPTIONS)}")
         options.update(VARIANT_OPTIONS[name])
-    if names and split_variant(base)[0] not in ROUNDS:
-        raise ConfigError(f"{variant!r}: {'+'.join(names)} steers pre-copy rounds, which "
-                          f"{split_variant(base)[0]} does not run (those that do: {', '.join(ROUNDS)})")
+    strategy = split_variant(base)[0]
+    rounds = [n for n in names if n not in BULK_OPTIONS]
+    if rounds and strategy not in ROUNDS:
+        raise ConfigError(f"{variant!r}: {'+'.join(rounds)} steers pre-copy rounds, which "
+                          f"{strategy} does not run (those that do: {', '.join(ROUNDS)})")
+    if len(rounds) < len(names) and strategy in NO_BULK_SENDS:
+        raise ConfigError(f"{variant!r}: {'+'.join(n for n in names if n in BULK_OPTIONS)} moves bulk chunk "
+                          f"sends, and {strategy} has none (its heap goes by the post-copy stream)")
     return options
 
 

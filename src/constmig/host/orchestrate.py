@@ -15,7 +15,7 @@ def migrate(name: str, src: str, dst: str, strategy: str = control.DEFAULT_STRAT
             max_bandwidth: float = 0.0, resume_deadline: float | None = None, **options: Any) -> dict[str, Any]:
     """One migration; returns the source's figures plus throughput. `options`: the request's others
     (control.Migrate: max_downtime, max_rounds, write_tracking, max_throttle, completion_timeout for the
-    rounds; None leaves one at its default).
+    rounds, data_plane for who sends the bulk chunks; None leaves one at its default).
 
     `resume_deadline` (seconds; the default if None, 0 = never) bounds how long a migration that broke
     after its handoff keeps reconnecting before it fails (the source keeps its state)."""

@@ -147,7 +147,8 @@ class Outgoing:
             hosted.settled.set()
             raise AgentError(str(e)) from None
         out = Departure(hosted, req.to, req.strategy, req.timeout, req.resume_deadline)
-        hosted.outgoing = control.OutgoingProgress(to=req.to, strategy=req.strategy, started=time.time())
+        hosted.outgoing = control.OutgoingProgress(to=req.to, strategy=req.strategy, started=time.time(),
+                                                   data_plane=req.data_plane)
         on_progress = self._progress(out, writer)
         try:
             try:
@@ -238,7 +239,7 @@ class Outgoing:
             # destination tracker's
             tracker=out.prep.tracker, max_downtime=req.max_downtime, max_rounds=req.max_rounds,
             write_tracking=req.write_tracking, max_throttle=req.max_throttle,
-            completion_timeout=req.completion_timeout),
+            completion_timeout=req.completion_timeout, data_plane=req.data_plane),
             fds=[s.fileno() for s in out.socks], on_progress=on_progress)
 
     async def _after_failure(self, out: Departure, e: ConstmigError, on_progress: OnProgress) -> dict[str, Any]:

@@ -114,6 +114,18 @@ class ChunkLedger:
             self.received[index] = True
             self.count += 1
 
+    def record_sent_many(self, indexes: np.ndarray, tags: np.ndarray) -> None:
+        """Source side: record_sent for a batch (the native data plane's tags, (n, 16) uint8, in send order)."""
+        idx = np.asarray(indexes, dtype=np.int64)
+        if np.unique(idx).size != idx.size:  # a chunk twice in one batch: the later copy counts, as one by one
+            for i, tag in zip(idx.tolist(), tags, strict=True):
+                self.record_sent(i, tag.tobytes())
+            return
+        self.tags[idx] = tags
+        new = idx[~self.received[idx]]
+        self.received[new] = True
+        self.count += int(new.size)
+
     def keep_only(self, have: np.ndarray) -> None:
         """Source, after a reconnect: only chunks in `have` (a bool mask) count as delivered; the rest go again."""
         lost = self.received & ~have

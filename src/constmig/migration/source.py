@@ -36,6 +36,8 @@ from constmig.migration.protocol import HAVE, Machine, St
 from constmig.migration.receiver import segment_figures
 from constmig.migration.resume import HANDSHAKE_TIMEOUT, ResumeSecret, recv_have
 from constmig.migration.strategies.base import Strategy
+from constmig.migration.strategies.stopcopy import NativeLink, data_plane
+from constmig.native import engine
 from constmig.wire import control
 from constmig.wire.channel import SecureChannel
 from constmig.wire.handshake import run_initiator
@@ -79,6 +81,7 @@ def run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut | 
         progress: Callable[[dict], None]) -> dict:
     req = _request(req, control.MigrateOut)  # its strategy, rounds and waits are checked
     strategy = _strategy(req.strategy, socks)
+    _check_data_plane(req.data_plane)
     enclave.whole_heap("migrate")  # refused before the destination hears of it (the same gate, at the stop)
     enclave.begin_out(socks, req.token)
     if enclave.cancelled is not None:
@@ -95,6 +98,13 @@ def run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut | 
         return _run(enclave, socks, req, reporting, strategy, req.timeout)
     finally:
         enclave.end_out()
+
+
+def _check_data_plane(name: str) -> None:
+    """The native data plane is refused here, before a byte goes, where its engine was not built."""
+    if name == "native" and not engine.available():
+        raise MigrationError(f"data plane 'native' is not available in the source enclave: "
+                             f"{engine.why_unavailable()}; use --data-plane python")
 
 
 def _why(enclave: Enclave, e: BaseException) -> str:
@@ -121,7 +131,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
     except OSError as e:
         raise MigrationError(f"destination unreachable during attestation: {_why(enclave, e)}; the enclave "
                              "keeps running here") from None
-    link = Link(chan, Machine("source", strategy=strategy), timeout)
+    link = (NativeLink if req.data_plane == "native" else Link)(chan, Machine("source", strategy=strategy), timeout)
     demand = _demand_link(strategy, socks, chan, link.machine, timeout, heap.chunk_size)
     try:
         before = strategy.before_stop(link, enclave, progress, req)  # pre-copy rounds, while the app runs
@@ -160,7 +170,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
         raise
     enclave.end_out()
     out = Outgoing(strategy, ledger, ResumeSecret.from_ticket(chan.ticket()), t_start, snap.stopped_at,
-                   len(snap.state), req.max_bandwidth, figures=dict(before.figures))
+                   len(snap.state), req.max_bandwidth, figures={**before.figures, "data_plane": data_plane(link)})
     progress({"phase": "handed_off"})  # the agent sends clients to the destination from now on
     try:
         enclave.leave_lineage()  # no checkpoint may restore here once the destination runs it

@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
 import numpy as np
 
-from constmig.errors import ChannelClosed, IntegrityError, ProtocolError, RecvTimeout
+from constmig.errors import ChannelClosed, ConstmigError, IntegrityError, ProtocolError, RecvTimeout
 from constmig.wire.aead import RecordOpener, RecordSealer
 from constmig.wire.records import (
     FLAG_DEMAND,
@@ -120,6 +122,18 @@ class StreamSocket(Protocol):
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, flags: int = 0, /) -> int: ...
 
     def close(self) -> None: ...
+
+
+class BatchSealer(Protocol):
+    """A sealer that sends a batch of CHUNK records from a heap itself (constmig.native.engine.NativeSealer),
+    built by `SecureChannel.send_chunk_batch` at the channel's send position."""
+
+    zero_chunks_sent: int
+
+    def send_chunks(self, sock: int, heap: memoryview, chunk_size: int, indexes: np.ndarray, *,
+                    demand: bool = False, timeout: float | None = None) -> np.ndarray: ...
+
+    def detach(self) -> int: ...
 
 
 class ChannelState(Enum):
@@ -382,6 +396,54 @@ class SecureChannel:
             self.zero_chunks_sent += 1
             return tag
         return self._send_encrypted(Kind.CHUNK, data, n, index, flags)
+
+    def send_chunk_batch(self, make: Callable[[bytes, int, bytes, int], BatchSealer], heap: memoryview,
+                         chunk_size: int, indexes: np.ndarray, *, demand: bool = False) -> np.ndarray:
+        """Send chunks `indexes` of `heap` as CHUNK records through another sealer, the native engine's
+        (`make` is NativeSealer: key, direction, migration id, start seq), at this channel's send position;
+        return their tags ((n, 16) uint8, in order).
+
+        Why here: CONTROL records and chunks share one counter, so the position is lent only under the
+        send lock, from the sealer's own next seq (no nonce is chosen anywhere else), and taken back
+        from the batch sealer's `detach()`: it must be exactly one past the last record. Records are the
+        ones send_chunk would make. Any failure leaves the channel BROKEN for sending (part of a record
+        may be on the wire), raising what send_chunk raises (ChannelClosed for a lost or stalled peer).
+        The batch sends on a duplicate of the socket's descriptor, so a close() here during the batch
+        (a cancel: shutdown, then close) stops it with the stream shut, never on a reused descriptor.
+        """
+        idx = np.ascontiguousarray(indexes, dtype=np.int64)
+        with self._send_lock:
+            self._check_usable()
+            if self._sealer is None or self._keys is None or self._mid is None:
+                raise ProtocolError("cannot send a CHUNK record before keys are installed")
+            start = self._sealer.next_seq
+            if start + idx.size > U64_MAX + 1:
+                raise self._break(ProtocolError("sequence numbers exhausted on this channel"))
+            send_key, _, send_dir, _ = self._keys
+            batch = make(send_key, send_dir, self._mid, start)
+            timeout = self._sock.gettimeout() if isinstance(self._sock, socket.socket) else None
+            fd = os.dup(self._sock.fileno())  # type: ignore[attr-defined]
+            try:
+                tags = batch.send_chunks(fd, heap, chunk_size, idx, demand=demand, timeout=timeout)
+                end = batch.detach()
+            except ConstmigError as e:
+                if self._state is ChannelState.CLOSED:
+                    raise ChannelClosed("secure channel was closed while sending") from None
+                raise self._break(e, sending=True) from None  # type: ignore[arg-type]  # a TransportError too
+            except BaseException as e:
+                self._break(ProtocolError(f"native batch send failed: {e}"), sending=True)
+                raise
+            finally:
+                os.close(fd)
+            if end != start + idx.size:
+                raise self._break(ProtocolError(f"native batch ended at seq {end}, not {start + idx.size}"),
+                                  sending=True)
+            self._sealer = RecordSealer(send_key, send_dir, end)
+            zeros = batch.zero_chunks_sent
+            self.zero_chunks_sent += zeros
+            self.bytes_sent += (idx.size - zeros) * (HEADER_SIZE + chunk_size + TAG_SIZE) + \
+                zeros * (HEADER_SIZE + ZERO_PAYLOAD + TAG_SIZE)
+            return tags
 
     def _send_encrypted(self, kind: Kind, data: bytes | bytearray | memoryview, n: int, arg: int,
                         flags: int, *, last_words: bool = False) -> bytes:

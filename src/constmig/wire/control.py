@@ -44,6 +44,11 @@ ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
 MAX_ROUNDS = 100
 DEFAULT_COMPLETION_TIMEOUT_S = 150.0  # per GiB, KubeVirt's default
 MAX_THROTTLE = 0.99  # a writer keeps at least 1% of its pace (QEMU: max-cpu-throttle 99)
+# what moves the source's bulk chunk sends (stop-and-copy, the pre-copy rounds, the stop's rest): the Python
+# channel, or the native engine (docs/native.md); not the post-copy stream yet, so constmig has no choice
+DATA_PLANES = ("python", "native")
+DEFAULT_DATA_PLANE = "python"
+_NO_BULK_SENDS = ("constmig",)
 _RELEASE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -199,6 +204,7 @@ class _MigrationOptions(Request, kw_only=True):
     # precopy, hybrid: the rounds' time budget, seconds per GiB of heap (at least one GiB's worth), like
     # KubeVirt's completionTimeoutPerGiB: then they end and the stop takes what is left
     completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT_S
+    data_plane: str = DEFAULT_DATA_PLANE  # who seals and sends the bulk chunks: "python" or "native"
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False, "max_downtime": True, "completion_timeout": False}
 
@@ -206,6 +212,10 @@ class _MigrationOptions(Request, kw_only=True):
         super().check()
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.write_tracking, WRITE_TRACKING, "write tracking")
+        _one_of(self.data_plane, DATA_PLANES, "data plane")
+        if self.data_plane == "native" and self.strategy in _NO_BULK_SENDS:
+            raise BadRequest(f"data plane 'native' moves bulk chunk sends (stopcopy, the rounds of precopy, hybrid "
+                             f"and auto); {self.strategy}'s post-copy stream is Python only for now")
         if not (math.isfinite(self.max_bandwidth) and self.max_bandwidth >= 0):
             raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
@@ -516,6 +526,7 @@ class OutgoingProgress(_Checked, kw_only=True, omit_defaults=False):  # every fi
     to: str
     strategy: str
     started: float  # the agent's wall clock when it began preparing
+    data_plane: str | None = None  # who sends the bulk chunks, as asked (None: a reconnect, which sends none)
     elapsed_s: float = 0.0  # since `started`, as of the answer
     phase: str = ""  # the last frame's: round, round_end, copy, stream, handed_off, ...
     round: int | None = None  # the pre-copy round running (or the last that ended)
