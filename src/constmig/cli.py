@@ -30,7 +30,8 @@ from constmig.wire import control
 # Command groups imported when named, so that `constmig call` or an agent does not start by importing the
 # bench, the testbed and the attestation tools (half of every command's start-up time).
 LAZY_GROUPS = {"bench": "constmig.bench.cli:bench", "testbed": "constmig.testbed.cli:testbed",
-               "attest": "constmig.tee.attest_cli:attest", "ca": "constmig.host.ca_cli:ca"}
+               "attest": "constmig.tee.attest_cli:attest", "ca": "constmig.host.ca_cli:ca",
+               "metrics": "constmig.host.targets:metrics"}
 
 
 class Main(click.Group):
@@ -116,7 +117,9 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
                           "hardware enclave backend (sealing keys, monotonic counters) is not built yet; "
                           "run with --tee sim (see docs/hardware.md)")
     handler = logging.StreamHandler()
-    handler.setFormatter(_JsonLog() if log_format == "json" else
+    from constmig.host.logs import JsonLog
+
+    handler.setFormatter(JsonLog(host_id) if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("asyncio").setLevel(logging.WARNING)
@@ -128,12 +131,6 @@ def agent(listen: str, state_dir: Path, host_id: str, ca_dir: Path | None, tee: 
 
 
 ADMIN_TIMEOUT_S = 120.0  # run, stop, checkpoint, restore: an agent that takes longer is reported, not waited on
-
-
-class _JsonLog(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": record.created, "level": record.levelname.lower(), "logger": record.name,
-                           "message": record.getMessage()})
 
 
 def _parse_config(items: tuple[str, ...]) -> dict[str, Any]:

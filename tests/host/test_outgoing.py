@@ -315,3 +315,88 @@ def test_the_enclaves_refusal_is_too_late_only_when_it_handed_off(source, state,
     err = cancel(source)
     assert isinstance(err, PastCommitPoint) is late and "cannot cancel the migration of 'kv'" in str(err)
     assert hosted.cancel is None  # a later failure is not a cancel
+
+
+# ---- one word per ending: the metrics, the log and the history agree ----
+
+
+def _cut_reconnects(source: Source, destination: SimpleNamespace) -> Any:
+    destination.data = [AgentError("connection refused")] * 10_000
+    paused(source)
+    return resume(source, deadline=0.05)
+
+
+def _no_copy(source: Source, destination: SimpleNamespace) -> Any:
+    destination.data = [NoReconnect("no copy")] * 3
+    paused(source)
+    return resume(source)
+
+
+def _abort_on_reconnect(source: Source, destination: SimpleNamespace) -> Any:
+    paused(source, resume_out=EnclaveError("the destination gave the migration up", Life.RUNNING))
+    return resume(source)
+
+
+def _prepare_unreachable(source: Source, destination: SimpleNamespace) -> Any:
+    destination.prepare = AgentError(f"cannot reach agent {THERE}")
+    source.host(FakeEnclave("kv"))
+    return migrate(source)
+
+
+def _cancelled(source: Source, destination: SimpleNamespace) -> Any:
+    async def answer(req: Any, on_progress: Any) -> BaseException:
+        source.roster.enclaves["kv"].cancel = "operator"
+        return EnclaveError("migration cancelled before the commit point (operator)", Life.RUNNING)
+    source.host(FakeEnclave("kv", migrate_out=answer))
+    return migrate(source)
+
+
+ENDINGS = {  # each way a migration out can end that this file can produce -> its one word
+    "aborted before the handoff": ("rolled-back", lambda s, d: (
+        s.host(FakeEnclave("kv", migrate_out=EnclaveError("integrity check failed", Life.RUNNING))), migrate(s))[1]),
+    "destination unreachable": ("rolled-back", _prepare_unreachable),
+    "data connection refused": ("rolled-back", lambda s, d: (
+        setattr(d, "data", [AgentError("refused")]), s.host(FakeEnclave("kv")), migrate(s))[2]),
+    "cancelled": ("cancelled", _cancelled),
+    "link lost past the commit point": ("failed", lambda s, d: (s.host(FakeEnclave(
+        "kv", migrate_out=handed_off_then(EnclaveError("link lost", Life.HANDED_OFF)))), migrate(s, deadline=0))[1]),
+    "enclave process gone on a resume": ("failed", lambda s, d: (paused(
+        s, resume_out=EnclaveError("enclave 'kv' process exited")), resume(s))[1]),
+    "reconnects out of time": ("failed", _cut_reconnects),
+    "destination has no copy": ("stranded", _no_copy),
+    "destination's abort on a reconnect": ("rolled-back", _abort_on_reconnect),
+    "reconnect finishes it": ("done", lambda s, d: (s.host(FakeEnclave(
+        "kv", migrate_out=handed_off_then(EnclaveError("link lost", Life.HANDED_OFF)), resume_out=[DONE])),
+        migrate(s))[1]),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_each_ending_has_one_word_in_metrics_log_and_history(source, destination, caplog, ending):
+    word, run = ENDINGS[ending]
+    with caplog.at_level("INFO", logger="constmig.agent"):
+        run(source, destination)
+    from constmig.host.metrics import OUTCOMES
+
+    counted = {o: source.ended(o) for o in OUTCOMES}
+    assert counted == {o: float(o == word) for o in OUTCOMES}, counted
+    assert source.roster.history[-1]["outcome"] == word
+    said = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "migration-ended"]
+    assert [r.fields["outcome"] for r in said] == [word]
+    assert said[0].fields["enclave"] == "kv" and said[0].fields["direction"] == "out"
+    assert f"ended {word}:" in said[0].getMessage() if word != "done" else " done: " in said[0].getMessage()
+
+
+@pytest.mark.parametrize(("answer", "word"), [(DONE, "done"), (AgentError("integrity check failed"), "failed")])
+def test_an_incoming_migration_has_one_word_too(source, caplog, answer, word):
+    from constmig.host.incoming import Incoming
+
+    incoming = Incoming(source.roster, Upkeep(None, 10, HERE, source.roster, dict), source.metrics, "a",
+                        None)  # type: ignore[arg-type]
+    hosted = source.host(FakeEnclave("kv", migrate_in=answer), S.INCOMING, strategy="stopcopy")
+    with caplog.at_level("INFO", logger="constmig.agent"):
+        asyncio.run(incoming._run(hosted, [], 1.0))
+    got = source.metrics.registry.get_sample_value(
+        "constmig_migrations_total", {"direction": "in", "strategy": "stopcopy", "outcome": word})
+    assert got == 1 and source.roster.history[-1]["outcome"] == word
+    assert [r.fields["outcome"] for r in caplog.records if hasattr(r, "fields")] == [word]

@@ -292,9 +292,7 @@ class Agent:
                     reply = control.ok(await self._dispatch(req, writer))
                 except Redirect as r:
                     reply = control.refused(str(r), redirect=r.location)
-                except ConstmigError as e:
-                    if isinstance(req, control.Migrate):
-                        log.warning("migration of %s failed: %s", req.name, e)
+                except ConstmigError as e:  # a migration that began logged how it ended (outgoing._ended)
                     reply = control.refused(str(e), **({"kind": type(e).__name__}
                                                       if isinstance(e, TYPED_REFUSALS) else {}))
                 finally:

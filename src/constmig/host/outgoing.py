@@ -33,6 +33,7 @@ from constmig.errors import (
 )
 from constmig.host import client, pki, recovery
 from constmig.host.address import parse_addr
+from constmig.host.logs import fields
 from constmig.host.metrics import AgentMetrics
 from constmig.host.recovery import Action, Cause, Failure
 from constmig.host.roster import Hosted, Roster
@@ -136,10 +137,12 @@ class Outgoing:
         if parse_addr(req.to) == parse_addr(self.listen):
             raise AgentError(f"enclave {req.name!r} already runs on this agent ({self.listen}); migrate it "
                              "--to another agent")
-        log.info("migration of %s to %s started: %s", hosted.name, req.to, req.strategy)
         hosted.move(S.RUNNING, S.PREPARING_OUT)  # still serving calls while the destination gets ready
         hosted.settled = asyncio.Event()
         hosted.cancel, hosted.cancelled, hosted.token = None, asyncio.Event(), os.urandom(8).hex()
+        log.info("migration of %s to %s started: %s", hosted.name, req.to, req.strategy,
+                 extra=fields("migration-started", hosted.name, migration=hosted.token, direction="out", to=req.to,
+                              strategy=req.strategy))
         try:  # the enclave's own gate, asked before a destination is prepared (it asks itself again at the stop)
             await hosted.handle.call(control.CheckExport(what="migrate"))
         except ConstmigError as e:
@@ -192,14 +195,20 @@ class Outgoing:
             hosted.outgoing = seen(hosted.outgoing, info)
 
     def _ended(self, hosted: Hosted, error: BaseException) -> None:
-        """A migration out ended short of DONE: its progress goes, its outcome stays in the history (the
-        metrics' outcome: the enclave runs here again after a rollback or a cancel, or failed for good)."""
+        """A migration out ended short of DONE: its progress goes, and its one outcome word (metrics.OUTCOMES:
+        the enclave runs here again after a rollback or a cancel, or it failed or is stranded) goes alike into
+        the history, the metrics and the log."""
         progress, hosted.outgoing = hosted.outgoing, None
+        ending, hosted.ending = hosted.ending, ""
         if progress is None:
             return
-        status = hosted.status
-        outcome = ("cancelled" if hosted.cancel is not None else "rolled-back") if status is S.RUNNING else \
-            "failed" if status is S.FAILED else status.value
+        outcome = ("cancelled" if hosted.cancel is not None else "rolled-back") if hosted.status is S.RUNNING \
+            else ending or "failed"
+        self.metrics.ended("out", progress.strategy, outcome)
+        log.warning("migration of %s to %s ended %s: %s", hosted.name, progress.to, outcome,
+                    str(error) or type(error).__name__,
+                    extra=fields("migration-ended", hosted.name, migration=hosted.token, direction="out",
+                                 to=progress.to, strategy=progress.strategy, outcome=outcome))
         now = time.time()
         self.roster.history.append({"direction": "out", "name": hosted.name, "to": progress.to,
                                     "strategy": progress.strategy, "outcome": outcome,
@@ -310,7 +319,6 @@ class Outgoing:
                 return AgentError(str(error))
             if departure.prepared:
                 self._drop_prepared(departure)
-            self.metrics.ended("out", departure.strategy, "cancelled" if hosted.cancel is not None else "rolled-back")
             if hosted.cancel is not None:
                 log.info("migration of %s cancelled before its commit point: it runs on here", name)
                 return AgentError(f"migration of {name!r} cancelled before its commit point ({hosted.cancel}); it "
@@ -320,10 +328,10 @@ class Outgoing:
         hosted.move(FAIL_FROM, S.FAILED)
         hosted.settled.set()
         if departure is not None:
-            self.metrics.ended("out", departure.strategy, "failed")
             return AgentError(str(error))
         to = hosted.moving_to
         if action is Action.STRANDED:
+            hosted.ending = "stranded"
             advice = self.restore_advice(name, to, hosted.release)
             return AgentError(recovery.stranded_message(name, to, str(error), advice))
         if action is Action.OUT_OF_TIME:
@@ -340,7 +348,10 @@ class Outgoing:
     async def _moved_out(self, hosted: Hosted, result: dict[str, Any]) -> dict[str, Any]:
         name = hosted.name
         log.info("migration of %s to %s done: %s, downtime %.1f ms, total %.2f s", name, result.get("to"),
-                 result.get("strategy"), result.get("downtime_ms") or 0.0, result.get("total_s") or 0.0)
+                 result.get("strategy"), result.get("downtime_ms") or 0.0, result.get("total_s") or 0.0,
+                 extra=fields("migration-ended", name, migration=hosted.token, direction="out", to=result.get("to"),
+                              strategy=result.get("strategy"), outcome="done",
+                              downtime_ms=result.get("downtime_ms")))
         hosted.outgoing = None
         self.roster.history.append({"direction": "out", **result, "outcome": "done", "ended": time.time()})
         self.metrics.finished("out", result)
