@@ -49,6 +49,9 @@ def test_metrics_follow_enclaves_and_migrations():
         assert value(m["constmig_enclave_heap_bytes"], "constmig_enclave_heap_bytes", enclave="kv") == 32 << 20
         hammer = KVHammer(a, "kv", keys=500, write_ratio=0.0, seed=3)  # its reads fault on missing chunks
         hammer.preload()
+        open_now = scrape(a)["constmig_enclave_sessions"]  # asked of each enclave at the scrape
+        assert value(open_now, "constmig_enclave_sessions", enclave="kv") >= 1  # the hammer's session
+        assert value(open_now, "constmig_enclave_sessions", enclave="kv2") >= 0
         hammer.start()
         try:
             fig = migrate("kv", a, b, "constmig", tracker="fault", max_bandwidth=16 << 20)

@@ -62,6 +62,7 @@ from constmig.wire import control
 from constmig.wire.framing import read_frame, write_frame
 
 log = logging.getLogger("constmig.agent")
+SESSIONS_WAIT_S = 1.0  # a scrape waits this long for each enclave's count of open sessions
 TERM_WAIT_S = 60.0  # a stopping agent waits this long for migrations past their commit point, and per checkpoint
 TYPED_REFUSALS = (SessionUnknown, NoSuchEnclave, PastCommitPoint)  # refusals whose type the requester acts on
 
@@ -109,8 +110,9 @@ class Agent:
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
+        self._loop: asyncio.AbstractEventLoop | None = None  # set at start: a scrape asks enclaves through it
         self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing, self.roster.figures,
-                                    {"host_id": host_id, "version": __version__, "tee": "sim"})
+                                    {"host_id": host_id, "version": __version__, "tee": "sim"}, self._sessions)
         if metrics_listen is not None:
             try:
                 log.info("metrics at %s", self.metrics.serve(metrics_listen, metrics_public))
@@ -128,6 +130,25 @@ class Agent:
     def _directory_info(self) -> dict[str, Any]:
         return {"host_id": self.host_id, "metrics_url": self.metrics.url}
 
+    def _sessions(self) -> dict[str, int]:
+        """Open client sessions per running enclave, for a scrape (from its thread): the table lives in each
+        enclave, so the scrape asks each one, bounded; an enclave that does not answer in time has no sample."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return {}
+
+        async def ask() -> dict[str, int]:
+            running = [(n, h) for n, h in list(self.enclaves.items()) if h.cell.value is S.RUNNING]
+            answers = await asyncio.gather(*(asyncio.wait_for(h.handle.call(control.EnclaveStatus()), SESSIONS_WAIT_S)
+                                             for _, h in running), return_exceptions=True)
+            return {n: a["sessions"] for (n, _), a in zip(running, answers, strict=True)
+                    if isinstance(a, dict) and isinstance(a.get("sessions"), int)}
+
+        try:
+            return asyncio.run_coroutine_threadsafe(ask(), loop).result(SESSIONS_WAIT_S + 1)
+        except Exception:  # noqa: BLE001 (a scrape shows what it has; the agent's own work goes on)
+            return {}
+
     async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none",
                       restore: Path | None = None, release: str = "") -> EnclaveHandle:
         return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
@@ -135,6 +156,7 @@ class Agent:
 
     # ---- lifecycle ----
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         host, port = parse_addr(self.listen)
         try:
             self._local_server = await asyncio.start_unix_server(self._on_local, sock=admin.bind_local(self.admin_sock))

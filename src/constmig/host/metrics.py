@@ -207,13 +207,28 @@ class _Host(Collector):
         yield deaths
 
 
+class _Sessions(Collector):
+    """Open client sessions per running enclave, asked of the enclaves at scrape time."""
+
+    def __init__(self, sessions: Callable[[], dict[str, int]]) -> None:
+        self._sessions = sessions
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("constmig_enclave_sessions", "Client sessions open in each running enclave "
+                                  "here (its own table; asked at scrape time)", labels=["enclave"])
+        for name, n in sorted(self._sessions().items()):
+            gauge.add_metric([name], n)
+        yield gauge
+
+
 class AgentMetrics:
     """The agent's registry, its instruments, and the HTTP endpoint once served."""
 
     def __init__(self, table: Callable[[], Iterable[tuple[str, str, int]]],
                  moving: Callable[[], dict[str, Any]] = dict, figures: Callable[[], HostFigures] = HostFigures,
-                 info: dict[str, str] | None = None) -> None:
+                 info: dict[str, str] | None = None, sessions: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_Sessions(sessions))  # `sessions`: Agent._sessions
         self.registry.register(_Enclaves(table))
         self.registry.register(_Migrations(moving))  # `moving`: Roster.outgoing
         self.registry.register(_Host(figures))  # `figures`: Roster.figures
