@@ -50,7 +50,7 @@ def test_promtool_would_catch_a_broken_rule(tmp_path):
 
 def exported() -> set[str]:
     """The series names an agent's registry serves (families with no sample yet count by name)."""
-    figures = HostFigures(checkpoint_age={"kv": 1.0})
+    figures = HostFigures(checkpoint_age={"kv": 1.0}, directory=(True, 0))
     m = AgentMetrics(lambda: [("kv", "running", 1 << 20)], figures=lambda: figures)
     names: set[str] = set()
     for family in m.registry.collect():

@@ -39,6 +39,7 @@ def test_a_real_prometheus_sees_the_first_migration_and_counts_it_once(etcd_url)
         up = prom.wait('up{job="constmig"}', lambda r: len(r) == 3 and all(s["value"] == 1 for s in r))
         assert sorted(s["labels"]["host_id"] for s in up) == ["a", "b", "c"]
         info = prom.wait("constmig_agent_info", lambda r: len(r) == 3)
+        prom.wait("constmig_directory_up", lambda r: by_host(r) == {"a": 1, "b": 1, "c": 1})
         assert {s["labels"]["tee"] for s in info} == {"sim"} and all(s["labels"]["version"] for s in info)
         # before: every host reports its running enclaves, 0 where there is none; the counters are at 0
         prom.wait('constmig_enclaves{state="running"}', lambda r: by_host(r) == {"a": 1, "b": 0, "c": 0})

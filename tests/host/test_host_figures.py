@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from constmig.host.metrics import AgentMetrics
+from constmig.host.metrics import AgentMetrics, HostFigures
 from constmig.host.roster import Hosted, Roster
 from constmig.host.status import Status as S
 from constmig.host.status import StatusCell
@@ -59,3 +59,17 @@ def test_in_flight_checkpoint_age_and_deaths(tmp_path: Path) -> None:
         assert got[("constmig_enclave_deaths_total", (("reason", "SIGSEGV"),))] == 1
         assert got[("constmig_enclave_deaths_total", (("reason", "with-agent"),))] == 1
     assert got[("constmig_host_memory_available_bytes", ())] > 0
+
+
+def test_the_directorys_health_only_with_a_directory(tmp_path: Path) -> None:
+    roster = Roster(tmp_path, "a", "h:1")
+    health: list = [None]
+
+    def figures() -> HostFigures:
+        return HostFigures(directory=health[0])
+
+    m = AgentMetrics(roster.rows, roster.outgoing, figures)
+    assert not [k for k in samples(m) if k[0].startswith("constmig_directory")]
+    health[0] = (False, 3)  # the store is away; three entries to fix
+    got = samples(m)
+    assert got[("constmig_directory_up", ())] == 0 and got[("constmig_directory_unsynced_enclaves", ())] == 3

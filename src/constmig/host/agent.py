@@ -50,7 +50,7 @@ from constmig.host.directory import LEASE_TTL_S, parse_etcd_url
 from constmig.host.incoming import Incoming
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
-from constmig.host.metrics import AgentMetrics
+from constmig.host.metrics import AgentMetrics, HostFigures
 from constmig.host.outgoing import Outgoing
 from constmig.host.roster import Hosted, Roster
 from constmig.host.status import HOLDS_UNDELIVERED, STOPPABLE, StatusCell
@@ -111,7 +111,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._terminating: str | None = None  # why the agent is stopping (a signal): it takes no new work
         self._loop: asyncio.AbstractEventLoop | None = None  # set at start: a scrape asks enclaves through it
-        self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing, self.roster.figures,
+        self.metrics = AgentMetrics(self.roster.rows, self.roster.outgoing, self._figures,
                                     {"host_id": host_id, "version": __version__, "tee": "sim"}, self._sessions)
         if metrics_listen is not None:
             try:
@@ -129,6 +129,13 @@ class Agent:
 
     def _directory_info(self) -> dict[str, Any]:
         return {"host_id": self.host_id, "metrics_url": self.metrics.url}
+
+    def _figures(self) -> HostFigures:
+        """The roster's figures for a scrape, and the fleet directory's health."""
+        figures = self.roster.figures()
+        upkeep = getattr(self, "upkeep", None)  # made after the metrics (its entry names their URL)
+        figures.directory = upkeep.health() if upkeep is not None else None
+        return figures
 
     def _sessions(self) -> dict[str, int]:
         """Open client sessions per running enclave, for a scrape (from its thread): the table lives in each

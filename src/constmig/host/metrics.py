@@ -153,6 +153,7 @@ class HostFigures:
     checkpoint_age: dict[str, float] = field(default_factory=dict)  # enclave -> seconds since its newest
     exited: dict[str, int] = field(default_factory=dict)  # a key per dead enclave -> its returncode
     died_with_agent: int = 0  # enclaves the previous agent on this state folder ran
+    directory: tuple[bool, int] | None = None  # the store answered the last refresh, entries to fix; None: none
 
 
 def death_reason(returncode: int) -> str:
@@ -199,6 +200,12 @@ class _Host(Collector):
         for name, seconds in sorted(f.checkpoint_age.items()):
             age.add_metric([name], seconds)
         yield age
+        if f.directory is not None:  # an agent without a directory has no such series
+            up, unsynced = f.directory
+            yield GaugeMetricFamily("constmig_directory_up", "1 if the fleet directory (etcd) answered this "
+                                    "agent's last lease refresh, else 0", value=int(up))
+            yield GaugeMetricFamily("constmig_directory_unsynced_enclaves", "Enclaves here whose directory entry "
+                                    "may be wrong until the store answers again", value=unsynced)
         deaths = CounterMetricFamily("constmig_enclave_deaths", "Enclaves whose process died while this agent "
                                      "ran them (by signal, or exit), or that died with the previous agent "
                                      "(with-agent)", labels=["reason"])

@@ -35,6 +35,7 @@ class Upkeep:
         self._lease: int | None = None
         self._unsynced: set[str] = set()  # enclaves here whose directory entry may be wrong (the store was away)
         self._task: asyncio.Task[None] | None = None
+        self.away = False  # the store did not answer the last refresh (a scrape reads it: constmig_directory_up)
 
     async def join(self) -> None:
         """Register under a lease (refused start if the store cannot be reached); then keep the lease and
@@ -65,14 +66,21 @@ class Upkeep:
                     await self.claim(name)
                 if away:
                     log.info("the fleet directory at %s answers again", self.etcd)
-                away = False
+                away = self.away = False
             except DirectoryError as e:
                 if not away:
                     log.warning("%s; retrying every %g s", e, max(self.ttl / 3, 0.2))
-                away = True
+                away = self.away = True
             except Exception as e:  # noqa: BLE001 (routing must never stop for good: log it and go on)
                 log.error("fleet directory upkeep failed unexpectedly (%s: %s); retrying", type(e).__name__, e)
-                away = True
+                away = self.away = True
+
+    def health(self) -> tuple[bool, int] | None:
+        """For a scrape: whether the store answered the last refresh, and how many enclaves' entries may
+        be wrong until it answers again; None without a directory."""
+        if self.etcd is None:
+            return None
+        return not self.away, len(self._unsynced)
 
     async def check_free(self, name: str) -> None:
         """Names are fleet-wide with a directory: refuse one that a live agent elsewhere holds."""
