@@ -129,8 +129,20 @@ class ChunkFlipper:
 
     def __init__(self, src_end: socket.socket, dst_end: socket.socket, nth: int) -> None:
         self.src, self.dst, self.nth, self.flipped = src_end, dst_end, nth, False
-        for a, b, edit in ((src_end, dst_end, True), (dst_end, src_end, False)):
-            threading.Thread(target=self._relay, args=(a, b, edit), daemon=True).start()
+        self.threads = [threading.Thread(target=self._relay, args=(a, b, edit), daemon=True)
+                        for a, b, edit in ((src_end, dst_end, True), (dst_end, src_end, False))]
+        for t in self.threads:
+            t.start()
+
+    def close(self, socks: list[socket.socket]) -> None:
+        """Shut every socket (a blocked relay wakes only on a shutdown, not on a close), join, then close."""
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in self.threads:
+            t.join(10)
+        for s in socks:
+            s.close()
 
     @staticmethod
     def _read(sock: socket.socket, n: int) -> bytes:
@@ -177,5 +189,4 @@ def test_a_tampered_chunk_from_a_native_batch_aborts_and_the_source_runs_on(encl
         assert "failed authentication" in str(receiving.outcome())
         assert src.ecall("get", ["fill-1"], {}) is not None  # the source runs on with its data
     finally:
-        for s in (src_sock, relay_a, relay_b, dst_sock):
-            s.close()
+        flipper.close([src_sock, relay_a, relay_b, dst_sock])

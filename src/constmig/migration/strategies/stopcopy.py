@@ -71,7 +71,7 @@ class StopAndCopy(Strategy):
             arrived.link.send(m.Done(arrived.ledger.count, arrived.ledger.digest(), {"tracker": "none"}))
 
 
-BATCH_CHUNKS = 16  # chunks per native batch: 16 MiB, ~5-20 ms here, so the probe and progress stay on time
+BATCH_CHUNKS = 16  # chunks per native batch: 16 MiB, ~15-30 ms here, so the probe and progress stay on time
 BATCH_S = 0.05  # under a bandwidth cap, a batch holds at most this long's worth of chunks (at least one)
 
 
