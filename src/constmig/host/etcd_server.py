@@ -10,11 +10,10 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from constmig.errors import ConfigError
+from constmig.host import daemon
 
 READY_TIMEOUT_S = 20.0
 
@@ -49,39 +48,20 @@ class LocalEtcd:
     def start(self) -> LocalEtcd:
         client, peer = self.url, f"http://{self.host}:{self.peer_port}"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(
-            [self.binary, "--name", "constmig", "--data-dir", str(self.data_dir / "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"constmig={peer}", "--log-level", "warn"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy, as gRPC
-        while True:
-            if self.proc.poll() is not None:
-                tail = (self.data_dir / "etcd.log").read_text(errors="replace")[-400:].strip()
-                self.stop()
-                raise ConfigError(f"etcd exited at start: {tail.splitlines()[-1] if tail else 'no output'}")
-            try:
-                with direct.open(f"{client}/version", timeout=1.0) as r:
-                    r.read()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ConfigError(f"etcd did not answer at {client} within {READY_TIMEOUT_S:g}s") from None
-                time.sleep(0.05)
+        try:
+            self.proc = daemon.start("etcd", [
+                self.binary, "--name", "constmig", "--data-dir", str(self.data_dir / "data"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"constmig={peer}", "--log-level", "warn"],
+                self.data_dir / "etcd.log", f"{client}/version", READY_TIMEOUT_S, 0.05)
+        except ConfigError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        daemon.stop(self.proc)
         self.proc = None
         if self._own_dir:
             with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from constmig.errors import ConfigError
+from constmig.host import daemon
 
 READY_TIMEOUT_S = 30.0
 
@@ -52,39 +53,27 @@ class LocalPrometheus:
         for rules in deploy_dir.glob("rules*.yml"):
             shutil.copy(rules, self.dir / rules.name)
         self.proc: subprocess.Popen[bytes] | None = None
-        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalPrometheus:
-        log = open(self.dir / "prometheus.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(
-            [self.binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                tail = (self.dir / "prometheus.log").read_text(errors="replace").strip()
-                self.stop()
-                raise ConfigError(f"prometheus exited at start: {tail.splitlines()[-1] if tail else 'no output'}")
-            try:
-                with self._http.open(f"{self.url}/-/ready", timeout=1.0) as r:
-                    r.read()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ConfigError(f"prometheus did not answer at {self.url} within {READY_TIMEOUT_S:g}s") from None
-                time.sleep(0.1)
+        try:
+            self.proc = daemon.start("prometheus", [
+                self.binary, f"--config.file={self.dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn"], self.dir / "prometheus.log", f"{self.url}/-/ready", READY_TIMEOUT_S, 0.1,
+                cwd=self.dir)
+        except ConfigError:
+            self.stop()
+            raise
+        return self
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query through the HTTP API (/api/v1/query): its vector, each sample's labels and value."""
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        with self._http.open(url, timeout=10) as r:
+        with daemon.HTTP.open(url, timeout=10) as r:
             body = json.load(r)
         if body.get("status") != "success":
             raise ConfigError(f"prometheus refused {expr!r}: {body.get('error')}")
@@ -102,13 +91,7 @@ class LocalPrometheus:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        daemon.stop(self.proc)
         self.proc = None
         with contextlib.suppress(OSError):
             shutil.rmtree(self.dir, ignore_errors=True)
