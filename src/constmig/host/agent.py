@@ -50,7 +50,7 @@ from constmig.host.directory import LEASE_TTL_S, parse_etcd_url
 from constmig.host.incoming import Incoming
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
-from constmig.host.metrics import AgentMetrics, HostFigures
+from constmig.host.metrics import AgentMetrics, HostFigures, death_reason
 from constmig.host.outgoing import Outgoing
 from constmig.host.roster import Hosted, Roster
 from constmig.host.status import HOLDS_UNDELIVERED, STOPPABLE, StatusCell
@@ -158,8 +158,25 @@ class Agent:
 
     async def _launch(self, spec: LaunchSpec, mode: str, tracker: str = "none",
                       restore: Path | None = None, release: str = "") -> EnclaveHandle:
-        return await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
-                                          restore, release)
+        handle = await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
+                                            restore, release)
+        asyncio.ensure_future(self._watch_exit(handle))
+        return handle
+
+    @staticmethod
+    async def _watch_exit(handle: EnclaveHandle) -> None:
+        """An enclave process that exits without being asked to is logged at once, with its signal (a crash
+        after COMMIT is where an operator looks first; status and the metrics say it later)."""
+        code = await handle.proc.wait()
+        if handle.stopping:
+            return
+        name, pid = handle.spec.name, handle.proc.pid
+        if code == 0:  # it ended itself (an incoming instance that gave up, say): not a death
+            log.info("enclave %s (pid %d) exited", name, pid, extra=fields("enclave-exited", name, pid=pid))
+            return
+        reason = death_reason(code)
+        log.warning("enclave %s (pid %d) died: %s", name, pid, f"killed by {reason}" if code < 0 else f"exit code {code}",
+                    extra=fields("enclave-died", name, reason=reason, pid=pid))
 
     # ---- lifecycle ----
     async def start(self) -> None:

@@ -48,6 +48,7 @@ class EnclaveHandle:
         self.sock_path = sock_path
         self._pool: list[FramedSocket] = [self._connect()]
         self._lock = threading.Lock()
+        self.stopping = False  # asked to exit (stop): its exit is expected, not a death
 
     def _connect(self) -> FramedSocket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -131,6 +132,7 @@ class EnclaveHandle:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Ask the enclave to exit; kill it if it does not."""
+        self.stopping = True
         if self.proc.returncode is None:
             with contextlib.suppress(EnclaveError, TimeoutError):
                 await asyncio.wait_for(self.call(control.Shutdown()), timeout)
@@ -151,5 +153,6 @@ class EnclaveHandle:
             path.unlink(missing_ok=True)
 
     def kill(self) -> None:
+        self.stopping = True
         if self.proc.returncode is None:
             self.proc.kill()
