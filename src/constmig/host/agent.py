@@ -160,7 +160,7 @@ class Agent:
                       restore: Path | None = None, release: str = "") -> EnclaveHandle:
         handle = await EnclaveHandle.launch(spec, mode, self.run_dir, self.platform_dir, self.root_pem, tracker,
                                             restore, release)
-        asyncio.ensure_future(self._watch_exit(handle))
+        handle.watcher = asyncio.ensure_future(self._watch_exit(handle))  # kept: the loop holds tasks weakly
         return handle
 
     @staticmethod

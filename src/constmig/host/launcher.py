@@ -49,6 +49,7 @@ class EnclaveHandle:
         self._pool: list[FramedSocket] = [self._connect()]
         self._lock = threading.Lock()
         self.stopping = False  # asked to exit (stop): its exit is expected, not a death
+        self.watcher: asyncio.Future[None] | None = None  # the agent's wait for its exit (agent._watch_exit)
 
     def _connect(self) -> FramedSocket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
