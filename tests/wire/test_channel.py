@@ -6,12 +6,13 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from keyed import K_D2S, K_S2D, MID, OTHER_MID, install_destination, install_source
 
 from constmig.errors import ChannelClosed, IntegrityError, ProtocolError, RecvTimeout
 from constmig.wire.channel import ChannelState, ControlRecord, HandshakeRecord, SealedChunk, SecureChannel
@@ -26,31 +27,6 @@ from constmig.wire.records import (
     pack_header,
     parse_header,
 )
-
-MID = bytes(range(16))
-OTHER_MID = bytes(range(1, 17))
-K_S2D = bytes([1]) * 32
-K_D2S = bytes([2]) * 32
-
-
-def install_source(ch: SecureChannel, mid: bytes | None = None) -> None:
-    ch.install_keys(K_S2D, K_D2S, 1, 2, migration_id=mid)
-
-
-def install_destination(ch: SecureChannel, mid: bytes | None = None) -> None:
-    ch.install_keys(K_D2S, K_S2D, 2, 1, migration_id=mid)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
-    """(source, destination) channels with keys installed."""
-    a, b = socket.socketpair()
-    src, dst = SecureChannel(a, MID), SecureChannel(b, MID)
-    install_source(src)
-    install_destination(dst)
-    yield src, dst
-    src.close()
-    dst.close()
 
 
 def capture(actions: Callable[[SecureChannel], None], mid: bytes = MID, keys: bool = True) -> list[bytes]:

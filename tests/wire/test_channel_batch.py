@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from keyed import MID, install_source
 
 from constmig.errors import ChannelClosed, ProtocolError
 from constmig.native import engine
@@ -19,21 +19,8 @@ from constmig.wire.records import HEADER_SIZE, TAG_SIZE, ZERO_PAYLOAD
 
 pytestmark = pytest.mark.skipif(not engine.available(), reason=f"{engine.why_unavailable()}")
 
-MID = bytes(range(16))
-K_S2D, K_D2S = bytes([1]) * 32, bytes([2]) * 32
 CS = 64 << 10
 N = 12
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
-    a, b = socket.socketpair()
-    src, dst = SecureChannel(a, MID), SecureChannel(b, MID)
-    src.install_keys(K_S2D, K_D2S, 1, 2)
-    dst.install_keys(K_D2S, K_S2D, 2, 1)
-    yield src, dst
-    src.close()
-    dst.close()
 
 
 @pytest.fixture
@@ -120,7 +107,7 @@ def test_a_batch_that_fails_midway_leaves_the_channel_refusing_to_send(pair, hea
 def test_a_stalled_peer_times_out_like_the_python_path(heap):
     a, b = socket.socketpair()
     src = SecureChannel(a, MID)
-    src.install_keys(K_S2D, K_D2S, 1, 2)
+    install_source(src)
     a.settimeout(0.3)  # as source.py sets it: bounds a send to a peer that stopped reading
     try:
         with pytest.raises(ChannelClosed, match="peer stopped reading: send timed out"):
