@@ -17,7 +17,7 @@ import numpy as np
 
 from constmig.bench.raw import MODES
 from constmig.bench.results import base_variant, dumps
-from constmig.bench.stalls import STOLEN
+from constmig.bench.stalls import Stall
 from constmig.bench.stats import Band, band, fit_line, hist_quantile, merge_hists, show, spread
 from constmig.units import format_size
 
@@ -252,7 +252,7 @@ def machine_stops(doc: dict[str, Any]) -> str:
     if not runs:
         return ""
     stalls = [s for r in runs for s in r["machine_stalls"]]
-    frozen = [s for s in stalls if s[2] >= STOLEN * s[1]]
+    frozen = [s for s in stalls if Stall(*s).frozen]  # [at, ms, steal ms]: the rule reads a ratio
     hit = sum(1 for r in runs if r.get("client_gap_frozen_ms"))
     text = f"{len(stalls)} over {len(runs)} runs, {len(frozen)} with the vCPU stolen by the hypervisor"
     if frozen:
