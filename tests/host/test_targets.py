@@ -19,7 +19,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_group_per_agent_that_serves_metrics():
-    groups, without = file_sd({
+    groups, without, elsewhere = file_sd({
         "10.0.0.2:7001": {"host_id": "b", "metrics_url": "http://10.0.0.2:9464/metrics"},
         "10.0.0.1:7001": {"host_id": "a", "metrics_url": "http://10.0.0.1:9464/metrics"},
         "10.0.0.3:7001": {"host_id": "c", "metrics_url": None},
@@ -29,7 +29,20 @@ def test_a_group_per_agent_that_serves_metrics():
                                                                "__metrics_path__": "/metrics", "__scheme__": "http"}},
                       {"targets": ["10.0.0.2:9464"], "labels": {"host_id": "b", "listen": "10.0.0.2:7001",
                                                                "__metrics_path__": "/metrics", "__scheme__": "http"}}]
-    assert without == ["10.0.0.3:7001", "10.0.0.4:7001"]
+    assert without == ["10.0.0.3:7001", "10.0.0.4:7001"] and elsewhere == []
+
+
+def test_a_record_that_points_prometheus_at_another_host_is_left_out():
+    """The directory is the hosts' word: a host that writes another address into its record's metrics URL
+    (to have the fleet's Prometheus scrape, or probe, something that is not its agent) gets no target."""
+    groups, without, elsewhere = file_sd({
+        "10.0.0.1:7001": {"host_id": "a", "metrics_url": "http://10.0.0.1:9464/metrics"},
+        "10.0.0.6:7001": {"host_id": "evil", "metrics_url": "http://169.254.169.254:80/latest/meta-data"},
+        "10.0.0.7:7001": {"host_id": "evil2", "metrics_url": "http://10.0.0.1:9464/metrics"},  # a's, as its own
+        "not-an-address": {"host_id": "x", "metrics_url": "http://not-an-address:9464/metrics"},
+    })
+    assert [g["targets"] for g in groups] == [["10.0.0.1:9464"]] and without == []
+    assert elsewhere == ["10.0.0.6:7001", "10.0.0.7:7001", "not-an-address"]
 
 
 def test_the_live_agents_of_the_directory_become_targets(etcd_url, tmp_path):

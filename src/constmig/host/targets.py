@@ -20,22 +20,32 @@ from urllib.parse import urlsplit
 import click
 
 from constmig.errors import ConfigError
+from constmig.host.address import parse_addr
 from constmig.options import etcd_option
 from constmig.units import check_writable
 
 
-def file_sd(hosts: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The target groups of every agent that serves metrics, and the agents that do not (by listen)."""
-    groups, without = [], []
+def file_sd(hosts: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """The target groups of every agent that serves metrics, the agents that do not, and the ones whose
+    record names a metrics URL on another host than the agent's own (by listen). A directory record is
+    its host's word: taken as it is, it would point the fleet's Prometheus at any address the host likes."""
+    groups, without, elsewhere = [], [], []
     for listen, entry in sorted(hosts.items()):
         url = urlsplit(str(entry.get("metrics_url") or ""))
         if url.scheme not in ("http", "https") or not url.netloc:
             without.append(listen)
             continue
+        try:
+            own = parse_addr(listen)[0]
+        except ConfigError:
+            own = None
+        if url.hostname is None or own is None or url.hostname.lower() != own.lower():
+            elsewhere.append(listen)
+            continue
         labels = {"host_id": str(entry.get("host_id") or listen), "listen": listen,
                   "__metrics_path__": url.path or "/metrics", "__scheme__": url.scheme}
         groups.append({"targets": [url.netloc], "labels": labels})
-    return groups, without
+    return groups, without, elsewhere
 
 
 def write_targets(groups: list[dict[str, Any]], out: str) -> None:
@@ -79,11 +89,14 @@ def targets(etcd: str | None, out: str, every: float | None) -> None:
         raise ConfigError("name the fleet directory: --etcd URL (or set CONSTMIG_ETCD)")
     check_writable(out, "--out")
     while True:
-        groups, without = file_sd(read_fleet(etcd))
+        groups, without, elsewhere = file_sd(read_fleet(etcd))
         write_targets(groups, out)
         if without:
             click.echo(f"{len(without)} agent(s) serve no metrics (start them with --metrics-listen): "
                        f"{', '.join(without)}", err=True)
+        if elsewhere:
+            click.echo(f"{len(elsewhere)} agent(s) left out: their directory record names a metrics URL on "
+                       f"another host than their own: {', '.join(elsewhere)}", err=True)
         if every is None:
             return
         sys.stdout.flush()
