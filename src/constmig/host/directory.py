@@ -180,6 +180,41 @@ class Directory:
         """`name` stopped at `at`: drop its entry if it still names `at`."""
         return await self._swap(name, at, self._c.transactions.delete(self._enclave_key(name)))
 
+    # ---- plain keys (host/record_store.py: migration records, drain marks) ----
+    def key(self, rest: str) -> bytes:
+        return f"{self.prefix}{rest}".encode()
+
+    async def read(self, rest: str) -> tuple[bytes, int] | None:
+        """The value under `rest` and its mod revision (what a compare-and-set compares), or None."""
+        kv = await self._do(self._c.get(self.key(rest)))
+        return None if kv is None else (bytes(kv.value), int(kv.mod_revision))
+
+    async def read_prefix(self, rest: str) -> dict[str, tuple[bytes, int]]:
+        """Every key under `rest`: its name after `rest` -> (value, mod revision)."""
+        found = await self._do(self._c.get_prefix(self.key(rest)))
+        return {kv.key.decode()[len(self.prefix) + len(rest):]: (bytes(kv.value), int(kv.mod_revision))
+                for kv in found}
+
+    async def write_if(self, rest: str, value: bytes, mod: int, lease: int | None = None) -> bool:
+        """Put `value` if the key's mod revision is still `mod` (0: only if the key does not exist)."""
+        key, tx = self.key(rest), self._c.transactions
+        compare = [tx.version(key) == 0] if mod == 0 else [tx.mod(key) == mod]
+        ok, _ = await self._do(self._c.transaction(compare=compare, success=[tx.put(key, value, lease=lease)],
+                                                   failure=[]))
+        return bool(ok)
+
+    async def delete_if(self, rest: str, mod: int) -> bool:
+        key, tx = self.key(rest), self._c.transactions
+        ok, _ = await self._do(self._c.transaction(compare=[tx.mod(key) == mod], success=[tx.delete(key)],
+                                                   failure=[]))
+        return bool(ok)
+
+    async def write(self, rest: str, value: bytes, lease: int | None = None) -> None:
+        await self._do(self._c.put(self.key(rest), value, lease=lease))
+
+    async def lease(self, ttl: int) -> int:
+        return int((await self._do(self._c.lease(ttl))).id)
+
     async def clear(self) -> None:
         """Delete every key under this directory's prefix (a benchmark's private one, after it)."""
         await self._do(self._c.delete_prefix(self.prefix.encode()))
