@@ -1,5 +1,6 @@
 """The Access Tracker's state: which chunks of an incoming heap are restored, the wait for missing ones,
-the installer's side, and the PROT_NONE tripwire over the chunks still missing."""
+the installer's side, and the PROT_NONE guard over the chunks still missing (an access that escapes the
+instrumentation faults on it, and untracked.py serves that fault)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from constmig.enclave.heap import Heap, chunk_runs
 from constmig.errors import MigrationError
+
+if TYPE_CHECKING:
+    from constmig.enclave.tracker.untracked import UntrackedAccesses
 
 PROT_NONE = 0
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -62,6 +67,7 @@ class TrackerState:
         self._failure: str | None = None
         self._paused: str | None = None  # the stream stopped; waiters wait on (a reconnect may come)
         self._guarded = False
+        self.untracked: UntrackedAccesses | None = None  # serves faults on guarded chunks (serve_untracked)
         # geometry, copied out of the heap so the hot path does plain attribute reads
         self._base = heap.address
         self._size = heap.size
@@ -173,6 +179,46 @@ class TrackerState:
             finally:
                 self.stall_seconds += time.perf_counter() - t0
 
+    def demand(self, chunks: np.ndarray, offsets: np.ndarray | None = None) -> None:
+        """Demand the missing, not yet requested ones among `chunks` without waiting: an access the
+        instrumentation missed waits in the fault handler instead (`offsets`: where in each chunk it
+        touched, so that piece comes first)."""
+        c = np.asarray(chunks, dtype=np.int64).ravel()
+        c = c[(c >= 0) & (c < self._n)]
+        t0 = time.perf_counter()
+        with self._cond:
+            if self._failure is not None:
+                return
+            keep = self.missing[c] & ~self._requested[c]
+            new = c[keep]
+            if not new.size:
+                return
+            self._requested[new] = True
+            self._requested_at[new] = t0
+            self.demanded += int(new.size)
+        where = None if offsets is None else np.asarray(offsets, dtype=np.int64).ravel()[keep]
+        try:
+            if where is None:
+                self._request(new)
+            else:
+                self._request(new, offsets=where)
+        except Exception as e:
+            self.fail(f"cannot demand heap chunks from the source: {e}")
+
+    def serve_untracked(self) -> str | None:
+        """Serve the accesses that fault on guarded chunks from now on (untracked.py); None when served,
+        else why not (the guard then stays a tripwire: such an access crashes the enclave)."""
+        from constmig.enclave.tracker.untracked import UntrackedAccesses, available
+
+        why = available()
+        if why is None and self.untracked is None and not self.complete:
+            self.untracked = UntrackedAccesses(self)
+        return why
+
+    def untracked_figures(self) -> dict[str, float | int]:
+        """What the untracked accesses cost (figures): how many were served, and their summed wait."""
+        return self.untracked.figures() if self.untracked is not None else {"untracked_accesses": 0}
+
     def _failed_error(self, waiting: int = 0) -> MigrationError:
         what = f" while the app waited for {waiting} heap chunk(s)" if waiting else ""
         return MigrationError(f"heap access refused: the incoming migration failed{what} ({self._failure})")
@@ -205,6 +251,10 @@ class TrackerState:
             if self._n_missing == 0:
                 self.complete = True
             self._cond.notify_all()
+        if self.untracked is not None:
+            self.untracked.installed()
+            if self.complete:
+                self.untracked.whole()  # nothing is missing any more: the watcher ends
 
     def abort_install(self, index: int) -> None:
         """The chunk could not be installed (bad tag, short data): it stays missing and guarded."""
@@ -220,10 +270,14 @@ class TrackerState:
         """The stream stopped: accesses to missing chunks keep waiting (up to their timeout) for a reconnect."""
         with self._cond:
             self._paused = str(reason)
+        if self.untracked is not None:
+            self.untracked.note(f"the migration is paused: {reason}")
 
     def unpause(self) -> None:
         with self._cond:
             self._paused = None
+        if self.untracked is not None:
+            self.untracked.note("")
 
     @property
     def paused(self) -> str | None:
@@ -235,6 +289,8 @@ class TrackerState:
             if self._failure is None:
                 self._failure = str(reason)
             self._cond.notify_all()
+        if self.untracked is not None:
+            self.untracked.fail(self._failure)
 
     # -- tripwire ----------------------------------------------------------------------------------
 
@@ -257,6 +313,8 @@ class TrackerState:
 
     def unguard(self) -> int:
         """Make the missing chunks accessible again (before handing the heap to other code)."""
+        if self.untracked is not None:
+            self.untracked.close()  # an access waiting now gives up: opened, its chunk holds no verified bytes
         with self._cond:
             if not self._guarded:
                 return 0
