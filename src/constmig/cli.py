@@ -415,16 +415,23 @@ _HOSTS_HELP = "The fleet's agents, HOST:PORT,HOST:PORT,... [default: every agent
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
     """Every enclave of the fleet: where it runs, its state and size; hosts that do not answer, too (and,
-    with a directory, enclaves it lists on agents that are gone)."""
-    from constmig.host.fleet import fleet_hosts, look, lost_enclaves
+    with a directory, enclaves it lists at agents that are gone, as dead, with what brings them back)."""
+    from constmig.host.fleet import fleet_hosts, look, revival, strays
 
     addrs, listed = fleet_hosts(hosts, etcd)
     views = look(addrs)
-    lost = lost_enclaves(listed, views)
+    stray = strays(listed, views)
+    dead = [s for s in stray if s.state == "dead"]
+    advice = revival(dead, etcd) if etcd else []
+    draining = _drain_states(etcd)
     if as_json:
         click.echo(_show({**{v.addr: {"host_id": v.host_id, "free_bytes": v.free, "enclaves": v.enclaves,
+                                      **({"draining": draining[v.host_id]} if v.host_id in draining else {}),
                                       **({"error": v.error} if v.error else {})} for v in views},
-                          **({"lost": lost} if etcd else {})}))
+                          **({"dead": {s.name: {"at": s.at, "host_id": s.agent.get("host_id"),
+                                                "checkpoint": s.checkpoint} for s in dead},
+                              "unknown": {s.name: s.at for s in stray if s.state == "unknown"},
+                              "advice": advice} if etcd else {})}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -434,7 +441,7 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
 
     out = Console()
     table = Table(title=f"{sum(len(v.enclaves) for v in views)} enclaves on {len(views)} hosts")
-    hosts = [f"{v.host_id} {v.addr}" for v in views if v.enclaves] + list(lost.values())
+    hosts = [f"{v.host_id} {v.addr}" for v in views if v.enclaves] + [s.at for s in stray]
     for col in ("enclave", "host", "state", "app", "heap", "calls/s"):
         table.add_column(col, justify="right" if col == "calls/s" else "left",
                          **(whole(hosts, col, 1, out.width) if col == "host" else FOLD if col == "enclave" else {}))
@@ -442,19 +449,52 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
         for name, e in sorted(v.enclaves.items()):
             table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
                           format_size(int(e.get("heap_bytes") or 0)), f"{float(e.get('calls_per_s') or 0):.1f}")
-    for name, at in sorted(lost.items()):
-        table.add_row(name, at, "lost", "", "", "")
+    for s in stray:
+        table.add_row(s.name, f"{s.agent.get('host_id') or '?'} {s.at}", s.state, "", "", "")
     out.print(table)
     for v in views:
         if v.error:
             out.print(f"{v.addr}: {v.error}", soft_wrap=True)
         else:
-            out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps", soft_wrap=True)
-    if lost:
-        out.print(f"lost: the directory lists {len(lost)} enclave(s) on agents that are gone; restore each from "
-                  "its checkpoint on a live agent", soft_wrap=True)
+            out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps"
+                      + (f"; {draining[v.host_id]}" if v.host_id in draining else ""), soft_wrap=True)
+    for line in advice:  # plain: paths and commands must come out exactly, unwrapped and unstyled
+        click.echo(line)
     if any(v.error for v in views):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("name")
+@etcd_option()
+def forget(name: str, etcd: str | None) -> None:
+    """Drop NAME from the fleet directory once its agent is gone (see `ls`), so that any agent may run an
+    enclave of that name again (a new instance). Refused while its agent is alive: stop it there."""
+    from constmig.host.directory import blocking
+
+    if etcd is None:
+        raise ConfigError("forget needs the fleet directory: --etcd URL (or set CONSTMIG_ETCD)")
+    at = blocking(etcd, lambda d: d.forget(name))
+    click.echo(f"forgot {name}{f' (last at {at}, whose agent is gone)' if at else ''}: any agent may now run an "
+               "enclave of that name; its checkpoints still restore on that host (with --name NEW once the name is taken)")
+
+
+def _drain_states(etcd: str | None) -> dict[str, str]:
+    """Host id -> "draining (N left)", "drained (undrain to clear the mark)" or "drain refused: why", for
+    every host with a drain mark in the fleet directory."""
+    if etcd is None:
+        return {}
+    from constmig.host.marks import marks
+
+    out = {}
+    for host_id, mark in marks(etcd).items():
+        st = mark.get("status") or {}
+        state = str(st.get("state") or "written")
+        out[host_id] = ("drained (undrain to clear the mark)" if state == "drained"
+                        else f"drain refused: {st.get('reason')}" if state == "refused"
+                        else f"{'draining' if state != 'stuck' else 'drain stuck'}"
+                             f" ({len(st.get('left') or [])} left{': ' + st['reason'] if st.get('reason') else ''})")
+    return out
 
 
 @main.command()
@@ -652,8 +692,8 @@ def _ask_cancel(name: str, src: str) -> None:
 
 
 def _check_data_plane(data_plane: str, strategy: str) -> None:
-    """--data-plane native, refused here before any agent hears of it: a strategy without bulk sends, or an
-    engine this install did not build (the source enclave checks its own again)."""
+    """--data-plane native, refused here before any agent hears of it: a request the agents would refuse, or
+    an engine this install did not build (the source enclave checks its own again)."""
     if data_plane != "native":
         return
     try:
@@ -699,9 +739,9 @@ def _check_data_plane(data_plane: str, strategy: str) -> None:
               "the destination does not acknowledge within it ends the migration with the enclave running here.")
 @click.option("--data-plane", type=click.Choice(control.DATA_PLANES), default=control.DEFAULT_DATA_PLANE,
               show_default=True,
-              help="Who seals and sends the heap's bulk chunks at the source (stopcopy, the pre-copy rounds, the "
-              "stop's rest): the Python channel, or the native engine with the GIL released (docs/native.md). "
-              "Not for constmig.")
+              help="Who seals, sends, receives and opens the heap's chunks (stopcopy, the pre-copy rounds, the "
+              "stop's rest, the post-copy stream at both ends): the Python channel, or the native engine with the "
+              "GIL released (docs/native.md).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout, seconds.")
 @click.option("--verify", is_flag=True, help="Compare the app's state checksum before and after "

@@ -32,9 +32,16 @@ from constmig.migration import messages as m
 from constmig.migration.constants import DEMAND_LABEL
 from constmig.migration.ledger import ChunkLedger
 from constmig.migration.streamer import MAX_DEMAND
+from constmig.native import engine
 from constmig.wire.channel import SealedChunk, SecureChannel
 from constmig.wire.handshake import run_initiator, run_responder
 from constmig.wire.records import HEADER_SIZE
+
+# Both data planes (docs/native.md): the source's request, or the plane the fake source names in its small
+# state for the real destination to receive with.
+NATIVE_OK = pytest.mark.skipif(not engine.available(), reason=f"{engine.why_unavailable()}")
+SOURCE_PLANES = [pytest.param({}, id="python"), pytest.param({"data_plane": "native"}, id="native", marks=NATIVE_OK)]
+PLANES = [pytest.param("python", id="python"), pytest.param("native", id="native", marks=NATIVE_OK)]
 
 # A demanded chunk may travel as several PIECE-sized records (arg = chunk * PIECES + piece, the awaited
 # piece first, ledger tag = pieces_tag of the piece tags in piece order), or as one whole-chunk record.
@@ -281,6 +288,7 @@ def test_an_abort_after_commit_gives_the_source_a_plain_heap_back(source_case: S
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("source_req", SOURCE_PLANES)
 @pytest.mark.parametrize("where", ["last", "middle"])
 def test_demanded_chunk_overtakes_background_stream(source_case: SourceCase, where: str) -> None:
     fake = source_case.fake
@@ -314,6 +322,7 @@ def test_demanded_chunk_overtakes_background_stream(source_case: SourceCase, whe
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("source_req", SOURCE_PLANES)
 def test_a_batch_demand_is_carried_by_both_channels(source_case: SourceCase) -> None:
     """A whole-chunk batch (the Access Tracker waits for all of it): the demand channel carries its first
     half, and the background goes on with the second half right away, not with cold chunks."""
@@ -371,7 +380,8 @@ def test_demand_outside_the_heap_fails_the_source(source_case: SourceCase, index
 
 
 @pytest.mark.timeout(60)
-def test_every_chunk_exactly_once_then_done_returns_figures(source_case: SourceCase) -> None:
+@pytest.mark.parametrize("source_req", SOURCE_PLANES)
+def test_every_chunk_exactly_once_then_done_returns_figures(source_case: SourceCase, source_req: dict) -> None:
     fake = source_case.fake
     t_before = time.time()
     ledger = fake.to_running()
@@ -404,6 +414,7 @@ def test_every_chunk_exactly_once_then_done_returns_figures(source_case: SourceC
     send_msg(fake.main, m.Done(ledger.count, ledger.digest(), stats))
     figures = source_case.runner.value()
     assert figures["strategy"] == "constmig"
+    assert figures["data_plane"] == source_req.get("data_plane", "python")
     assert figures["chunks"] == n
     assert figures["state_bytes"] == n * CHUNK
     assert 0 <= figures["downtime_ms"] <= (time.time() - t_before) * 1e3
@@ -475,8 +486,10 @@ def test_stream_may_last_longer_than_the_receive_timeout(source_case: SourceCase
 class FakeSource:
     """Initiator handshake with its own filled enclave, then the protocol by hand."""
 
-    def __init__(self, enclave: Enclave, socks: list[socket.socket], main_sock: Any = None) -> None:
+    def __init__(self, enclave: Enclave, socks: list[socket.socket], main_sock: Any = None,
+                 data_plane: str = "python") -> None:
         self.enclave = enclave
+        self.data_plane = data_plane  # named in the small state: the destination receives with it
         heap = enclave.heap
         self.mid = os.urandom(16)
         self.main = SecureChannel(main_sock or socks[0], self.mid)
@@ -491,7 +504,8 @@ class FakeSource:
         assert self.enclave.app is not None
         heap = self.enclave.heap
         send_msg(self.main, m.StateMsg("constmig", small_state(self.enclave), heap.size,
-                                       heap.chunk_size, self.ledger.to_wire(), time.time()))
+                                       heap.chunk_size, self.ledger.to_wire(), time.time(),
+                                       data_plane=self.data_plane))
 
     def send_chunk(self, index: int, which: str = "main") -> bytes:
         """Send a chunk the way the real streamer does: whole on main, as pieces on the demand channel."""
@@ -552,6 +566,7 @@ class DestCase:
     runner: Runner
     fake: FakeSource
     tamper: TamperSocket
+    data_plane: str
 
 
 @pytest.fixture
@@ -561,7 +576,13 @@ def dest_req() -> dict[str, Any]:
 
 
 @pytest.fixture
-def dest_case(enclaves: Enclaves, pairs: Pairs, dest_req: dict[str, Any]) -> Iterator[DestCase]:
+def data_plane() -> str:
+    """The plane the fake source names in its small state (a test parametrizes this to change it)."""
+    return "python"
+
+
+@pytest.fixture
+def dest_case(enclaves: Enclaves, pairs: Pairs, dest_req: dict[str, Any], data_plane: str) -> Iterator[DestCase]:
     pytest.importorskip("constmig.enclave.tracker")
     peer = enclaves.filled("host-a")
     dst = enclaves.build("host-b", incoming=True, tracker="access")
@@ -571,8 +592,8 @@ def dest_case(enclaves: Enclaves, pairs: Pairs, dest_req: dict[str, Any]) -> Ite
     tamper = TamperSocket(pairs.fake[0])
     fake = None
     try:
-        fake = FakeSource(peer, pairs.fake, tamper)
-        yield DestCase(dst, runner, fake, tamper)
+        fake = FakeSource(peer, pairs.fake, tamper, data_plane)
+        yield DestCase(dst, runner, fake, tamper, data_plane)
     finally:
         if fake is not None:
             fake.close()
@@ -617,11 +638,13 @@ def streaming(case: DestCase) -> Any:
     enclave = case.enclave
     assert enclave.life.state is Life.RUNNING
     assert enclave.receiver is not None and enclave.tracking.access is not None
+    assert enclave.receiver.native == (case.data_plane == "native"), "the destination receives on the plane named"
     return enclave.receiver
 
 
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("data_plane", PLANES)
 @pytest.mark.parametrize("first", ["main", "demand"])
 def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: str) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
@@ -652,6 +675,7 @@ def test_destination_pauses_on_a_chunk_sent_twice(dest_case: DestCase, first: st
 
 @pytest.mark.adversarial
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("data_plane", PLANES)
 def test_destination_rejects_a_tampered_chunk_and_keeps_it_missing(dest_case: DestCase) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
     receiver = streaming(dest_case)
@@ -704,6 +728,7 @@ def test_integrity_error_is_what_a_flipped_bit_gives() -> None:
     # `timeout` bounds waiting for a silent peer, not the stream: here no demand comes for ~3 s.
     pytest.param({"timeout": 1.0}, 0.4, id="longer-than-timeout"),
 ])
+@pytest.mark.parametrize("data_plane", PLANES)
 def test_destination_streams_to_done(dest_case: DestCase, pause: float) -> None:
     enclave, fake = dest_case.enclave, dest_case.fake
     assert fake.enclave.app is not None
@@ -735,6 +760,7 @@ def test_destination_streams_to_done(dest_case: DestCase, pause: float) -> None:
     assert isinstance(done, m.Done), done
     assert done.count == fake.ledger.expected.size and done.digest == fake.ledger.digest()
     assert done.stats["tracker"] == "access" and done.stats["demand_chunks"] == len(served)
+    assert done.stats["recv_data_plane"] == dest_case.data_plane
     assert receiver.wait(TIMEOUT) and receiver.error is None
     assert enclave.ecall("checksum", [], {}) == want_checksum
 

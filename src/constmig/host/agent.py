@@ -128,7 +128,9 @@ class Agent:
         return self.roster.enclaves
 
     def _directory_info(self) -> dict[str, Any]:
-        return {"host_id": self.host_id, "metrics_url": self.metrics.url}
+        # state_dir and ca_dir: how to start this agent again, should it die (`constmig ls` says so)
+        return {"host_id": self.host_id, "metrics_url": self.metrics.url, "state_dir": str(self.state_dir),
+                "ca_dir": str(self.root_pem.parent.absolute())}
 
     def _figures(self) -> HostFigures:
         """The roster's figures for a scrape, and the fleet directory's health."""
@@ -238,6 +240,7 @@ class Agent:
                     folder=str(self.roster.checkpoints), name=name, final=True)), TERM_WAIT_S)
                 log.warning("enclave %s checkpointed to %s; after a restart: constmig restore %s --agent %s "
                             "--name %s", name, done["path"], done["path"], self.listen, name)
+                await self.upkeep.sealed(name, str(done["path"]))
             except (ConstmigError, TimeoutError) as e:
                 log.error("enclave %s could not be checkpointed (%s): it dies with the agent", name, e or "timed out")
         self._stopping.set()
@@ -424,7 +427,9 @@ class Agent:
         hosted = self.roster.get(req.name)
         if hosted.status is not S.RUNNING:
             raise AgentError(f"enclave {req.name!r} is {hosted.status.value}; cannot checkpoint it now")
-        return await hosted.handle.call(control.Seal(folder=str(self.roster.checkpoints), name=hosted.name))
+        done = await hosted.handle.call(control.Seal(folder=str(self.roster.checkpoints), name=hosted.name))
+        await self.upkeep.sealed(hosted.name, str(done["path"]))
+        return done
 
     async def op_restore(self, req: control.Restore, writer: Any) -> Any:
         """Start an enclave from a sealed checkpoint; the enclave itself refuses a stale or foreign one.

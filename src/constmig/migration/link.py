@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import numpy as np
+
 from constmig.errors import ConstmigError, PeerAborted, ProtocolError
 from constmig.migration import messages as m
 from constmig.migration.protocol import CHUNK, Machine
-from constmig.wire.channel import ControlRecord, SealedChunk, SecureChannel
+from constmig.wire.channel import Arrival, ControlRecord, OpenedChunk, SealedChunk, SecureChannel
 
 T = TypeVar("T")
 
@@ -31,8 +33,17 @@ class Link:
 
     def recv(self, timeout: float | None = None) -> m.Message | SealedChunk:
         """The next message, within `timeout` seconds (default: the link's)."""
-        rec = self.chan.recv(timeout=self.timeout if timeout is None else timeout)
-        if isinstance(rec, SealedChunk):
+        return self._judge(self.chan.recv(timeout=self.timeout if timeout is None else timeout))
+
+    def recv_opened(self, out: memoryview | np.ndarray, timeout: float | None = None) -> m.Message | Arrival:
+        """`recv` through the native engine (the post-copy receive threads on the native data plane): a
+        chunk comes back verified into `out` (SecureChannel.recv_opened)."""
+        from constmig.native.engine import NativeOpener
+
+        return self._judge(self.chan.recv_opened(NativeOpener, out, self.timeout if timeout is None else timeout))
+
+    def _judge(self, rec: object) -> m.Message | Arrival:
+        if isinstance(rec, SealedChunk | OpenedChunk):
             self.machine.received(CHUNK)
             return rec
         if not isinstance(rec, ControlRecord):

@@ -32,6 +32,9 @@ class StateMsg(msgspec.Struct, tag="state", frozen=True):
     # with a lineage: the hash of the code that releases it (enclave/persist.py); the destination holds
     # the lineage pending on it from READY until COMMIT
     release_hash: bytes = b""
+    # who moves the post-copy stream (the request's data_plane): "native", the destination receives through
+    # the engine too (docs/native.md step 2b), where it has one
+    data_plane: str = "python"
 
 
 class RoundEnd(msgspec.Struct, tag="round_end", frozen=True):

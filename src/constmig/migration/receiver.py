@@ -25,17 +25,21 @@ from constmig.migration.ledger import PIECE, ChunkLedger, pieces_tag
 from constmig.migration.link import Link
 from constmig.migration.priority import DEMAND_QUIET_S, BackgroundCores, boost_this_thread
 from constmig.migration.streamer import MAX_DEMAND
-from constmig.wire.channel import SealedChunk, SecureChannel
+from constmig.wire.channel import Arrival, OpenedChunk, SealedChunk, SecureChannel
 
 
 class Installer(Protocol):
     pieces_visible: bool  # does a piece become visible to the app before its whole chunk is in?
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
-        """Verify `sealed` (via chan.open_chunk) and make chunk `index` readable by the app. `demand` says
-        which receive thread calls: the two run at once, so each needs scratch memory of its own."""
+    def scratch(self, demand: bool) -> np.ndarray:
+        """The receive thread's own scratch (one chunk): the native data plane opens its records there."""
 
-    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def install(self, index: int, sealed: Arrival, chan: SecureChannel, *, demand: bool) -> None:
+        """Verify `sealed` (channel.verified: a native arrival is verified already, in `scratch(demand)`)
+        and make chunk `index` readable by the app. `demand` says which receive thread calls: the two run
+        at once, so each needs scratch memory of its own."""
+
+    def install_piece(self, index: int, piece: int, sealed: Arrival, chan: SecureChannel) -> None:
         """Verify one PIECE of chunk `index` and put it in place (visible at once for the Fault
         Tracker; for the Access Tracker only with `chunk_done`)."""
 
@@ -108,8 +112,11 @@ class Receiver:
     """Receives the streamed heap on `main` and `demand`, with demand requests going out on `demand`."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
-                 tracker: str, t_resume: float) -> None:
+                 tracker: str, t_resume: float, native: bool = False) -> None:
+        """`native`: the engine receives and opens each record into the thread's scratch, the GIL released
+        (the native data plane, docs/native.md step 2b); the rest (checks, installs, ledger) is the same."""
         self.main, self.demand, self.ledger, self.installer = main, demand, ledger, installer
+        self.native = native
         self.chunk_size = chunk_size
         self.pieces = chunk_size // PIECE  # a demanded chunk comes as this many records (unless whole)
         self._partial: dict[int, list[bytes | None]] = {}  # chunk -> piece tags so far (demand path)
@@ -226,13 +233,14 @@ class Receiver:
                     cores.update(bool(self._t_wait) or time.monotonic() - self._last_wait < DEMAND_QUIET_S)
                 t0 = time.perf_counter()
                 try:
-                    msg = link.recv()
+                    msg = link.recv_opened(self.installer.scratch(link is self.demand)) if self.native \
+                        else link.recv()
                 except RecvTimeout:
                     if link is self.demand:
                         continue  # nothing demanded for a while: normal
                     raise
                 t1 = time.perf_counter()
-                if not isinstance(msg, SealedChunk):
+                if not isinstance(msg, SealedChunk | OpenedChunk):
                     raise ProtocolError(f"unexpected {type(msg).__name__} while the heap streams")
                 if link is self.demand:
                     first = msg.index if msg.length == self.chunk_size else msg.index // self.pieces
@@ -251,7 +259,7 @@ class Receiver:
         except Exception as e:  # a bug must pause the migration, not leave an access waiting forever
             self.fail(f"internal error while receiving: {type(e).__name__}: {e}")
 
-    def _take(self, sealed: SealedChunk, chan: SecureChannel, demand: bool) -> None:
+    def _take(self, sealed: Arrival, chan: SecureChannel, demand: bool) -> None:
         idx = sealed.index
         with self._lock:
             self.ledger.check_acceptable(idx)
@@ -262,7 +270,7 @@ class Receiver:
         self.installer.install(idx, sealed, chan, demand=demand)  # raises on a bad tag: never visible
         self._accept(idx, tag, demand=sealed.demand)
 
-    def _take_piece(self, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def _take_piece(self, sealed: Arrival, chan: SecureChannel) -> None:
         idx, piece = divmod(sealed.index, self.pieces)
         if sealed.length != PIECE:
             raise ProtocolError(f"piece record of chunk {idx} is {sealed.length} bytes, not {PIECE}")
@@ -327,6 +335,7 @@ class Receiver:
             "stream_s": round(time.time() - self.t_resume, 4),
             "recv_wait_s": round(self.recv_s, 3),
             "install_s": round(self.install_s, 3),
+            "recv_data_plane": "native" if self.native else "python",  # who received and opened the stream
         }
         if self.resumes:
             self.stats["resumes"] = self.resumes

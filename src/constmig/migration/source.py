@@ -150,7 +150,7 @@ def _run(enclave: Enclave, socks: list[socket.socket], req: control.MigrateOut, 
         link.send(m.StateMsg(strategy.name, snap.state, heap.size, heap.chunk_size, ledger.to_wire(),
                              snap.stopped_at, *((lineage.lineage, lineage.key, lineage.version) if lineage else
                                                 (b"", b"", 0)), chunks_to_wire(held), snap.sessions,
-                             release_hash(release) if release else b""))
+                             release_hash(release) if release else b"", data_plane=data_plane(link)))
         strategy.send_before_handoff(link, ledger, heap, progress, before)
         link.send(m.HeapEnd(ledger.count))
         ready = link.expect(m.Ready)
@@ -216,8 +216,9 @@ def resume(enclave: Enclave, socks: list[socket.socket], req: control.ResumeOut 
     out.epoch += 1
     chan = SecureChannel(socks[0], out.ledger.migration_id)
     # Until the destination said it runs, an authenticated ABORT may still give the enclave back to us.
-    link = Link(chan, Machine("source", St.HANDED_OFF if out.resume_time is None else St.PEER_RUNNING,
-                              strategy=out.strategy), timeout)
+    link = (NativeLink if out.figures.get("data_plane") == "native" else Link)(  # the stream's plane, again
+        chan, Machine("source", St.HANDED_OFF if out.resume_time is None else St.PEER_RUNNING, strategy=out.strategy),
+        timeout)
     demand = None
     try:
         quick = min(timeout, HANDSHAKE_TIMEOUT)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -34,19 +34,32 @@ if TYPE_CHECKING:
 
 MAX_DEMAND = 256  # chunks one Demand may name; more is a confused or hostile peer
 FOLLOW = 4  # chunks after a demanded one the background sends next
+NATIVE_BATCH = 4  # background chunks per native batch: a demand's follow-up waits at most ~4 MiB behind one
+NATIVE_BATCH_S = 0.05  # under a bandwidth cap, a batch holds at most this long's worth (at least one chunk)
+
+
+
+class SendBatch(Protocol):
+    """Sends chunks `indexes` of `heap` on a link as one batch through the native engine; their tags for the
+    ledger (strategies/stopcopy.py send_native_batch, passed in: the strategies import this module)."""
+
+    def __call__(self, link: Link, heap: Heap, indexes: np.ndarray, *, demand: bool = False) -> np.ndarray: ...
 
 
 class Streamer:
     """Sends the ledger's chunks over `main` in background order and over `demand` when asked."""
 
     def __init__(self, main: Link, demand: Link, ledger: ChunkLedger, heap: Heap,
-                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None
-                 ) -> None:
+                 progress: Callable[[dict], None], max_bandwidth: float = 0.0, done: np.ndarray | None = None,
+                 send_batch: SendBatch | None = None) -> None:
         """`max_bandwidth` (bytes/s, 0 = unlimited) caps the background stream only, like QEMU's
         max-postcopy-bandwidth: demanded chunks always go at once. `done` (a bool mask) names chunks
-        the destination holds already (after a reconnect): they are not sent again."""
+        the destination holds already (after a reconnect): they are not sent again. `send_batch`: the
+        native data plane (docs/native.md step 2b): background chunks go in small batches sealed from the
+        heap with the GIL released, and so does each demanded whole chunk; pieces stay Python."""
         self.main, self.demand, self.ledger, self.heap, self.progress = main, demand, ledger, heap, progress
         self.max_bandwidth = max_bandwidth
+        self.send_batch = send_batch
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)  # notified as sent chunks' tags are recorded
         self._claimed = ~ledger.expected_mask  # chunks not in the migration count as already sent
@@ -123,26 +136,44 @@ class Streamer:
         self._claimed[idx] = True
         self._left -= 1
 
+    def _batch(self) -> int:
+        """Background chunks per send: one on the Python plane; on the native one NATIVE_BATCH, fewer under a
+        cap so that a batch never holds the stream back long."""
+        if self.send_batch is None:
+            return 1
+        if self.max_bandwidth <= 0:
+            return NATIVE_BATCH
+        return max(1, min(NATIVE_BATCH, int(self.max_bandwidth * NATIVE_BATCH_S // self.heap.chunk_size)))
+
     def _background(self) -> None:
         cores = BackgroundCores()
-        total = len(self._order) * self.heap.chunk_size  # progress counts the ledger, resent chunks included
+        size = self.heap.chunk_size
+        total = len(self._order) * size  # progress counts the ledger, resent chunks included
         last = 0.0
         paced = 0
+        step = self._batch()
         while not self._stopping:
-            if self.max_bandwidth > 0:  # pace: a chunk goes once the allowed rate has paid for it
-                ahead = self.t_start + (paced + self.heap.chunk_size) / self.max_bandwidth - time.monotonic()
+            if self.max_bandwidth > 0:  # pace: a batch goes once the allowed rate has paid for it
+                ahead = self.t_start + (paced + step * size) / self.max_bandwidth - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
             cores.update(time.monotonic() - self._last_demand < DEMAND_QUIET_S)
-            idx = self._claim_next()
-            if idx is None:
+            batch = [i for i in (self._claim_next() for _ in range(step)) if i is not None]
+            if not batch:
                 break
-            paced += self.heap.chunk_size
-            tag = self.main.send_chunk(idx, self.heap.chunk_view(idx))
+            paced += len(batch) * size
+            if self.send_batch is not None:
+                idx = np.asarray(batch, dtype=np.int64)
+                tags = self.send_batch(self.main, self.heap, idx)
+            else:
+                idx, tags = batch[0], self.main.send_chunk(batch[0], self.heap.chunk_view(batch[0]))
             self.last_progress = time.monotonic()
             with self._lock:
-                self.ledger.record_sent(idx, tag)
-                self.background_chunks += 1
+                if self.send_batch is not None:
+                    self.ledger.record_sent_many(idx, tags)  # type: ignore[arg-type]
+                else:
+                    self.ledger.record_sent(idx, tags)  # type: ignore[arg-type]
+                self.background_chunks += len(batch)
                 self._recorded.notify_all()
             now = time.monotonic()
             if now - last > 0.1:
@@ -176,7 +207,10 @@ class Streamer:
                                     f"the heap's {n_chunks} chunks or over {MAX_DEMAND} at once")
             run = self._claim_demand(msg)
             for k, idx in enumerate(run):
-                if msg.whole:
+                if msg.whole and self.send_batch is not None:
+                    tag = self.send_batch(self.demand, self.heap, np.array([idx], dtype=np.int64),
+                                          demand=True)[0].tobytes()
+                elif msg.whole:
                     tag = self.demand.send_chunk(idx, self.heap.chunk_view(idx), demand=True)
                 else:
                     tag = self._send_pieces(idx, msg.offset if idx == msg.index else 0,

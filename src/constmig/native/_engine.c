@@ -526,13 +526,14 @@ static int check_header(Cipher *self, const uint8_t *h, err_t *e) {
     return 0;
 }
 
-/* Open the record in self->scratch (header, then `length` body bytes) in place and put its chunk at
- * dst (dst_len bytes, which it must be). Nothing reaches dst before the tag checked. */
-static int open_one(Cipher *self, uint8_t *dst, size_t dst_len, uint8_t *tag_out, err_t *e) {
+/* Decrypt the record in self->scratch (header, then its body) in place and check its tag; the seq moves on
+ * only after the tag checked. A zero record's claimed length is checked for range. Returns 0, or -1 with
+ * e set (the body is cleansed on a bad tag: nothing unverified is left anywhere). */
+static int open_in_scratch(Cipher *self, err_t *e) {
     const uint8_t *h = self->scratch;
     uint8_t flags = h[5];
     uint32_t length = get32(h + 8);
-    uint64_t seq = get64(h + 12), index = get64(h + 20);
+    uint64_t seq = get64(h + 12);
     uint8_t *body = self->scratch + HEADER_SIZE;
     size_t plen = length - TAG_SIZE;
     uint8_t nonce[12], aad[AAD_SIZE];
@@ -562,9 +563,21 @@ static int open_one(Cipher *self, uint8_t *dst, size_t dst_len, uint8_t *tag_out
             set_err(e, E_PROTOCOL, "zero chunk record claims %u bytes, outside 1..%u", claim, MAX_CHUNK);
             return -1;
         }
+    }
+    return 0;
+}
+
+/* Open the record in self->scratch and put its chunk at dst (dst_len bytes, which it must be). Nothing
+ * reaches dst before the tag checked. */
+static int open_one(Cipher *self, uint8_t *dst, size_t dst_len, uint8_t *tag_out, err_t *e) {
+    if (open_in_scratch(self, e) < 0) return -1;
+    const uint8_t *h = self->scratch, *body = self->scratch + HEADER_SIZE;
+    size_t plen = get32(h + 8) - TAG_SIZE;
+    if (h[5] & FLAG_ZERO) {
+        uint32_t claim = get32(body);
         if (claim != dst_len) {
             set_err(e, E_PROTOCOL, "chunk record %llu carries %u bytes where %zu were expected",
-                    (unsigned long long)index, claim, dst_len);
+                    (unsigned long long)get64(h + 20), claim, dst_len);
             return -1;
         }
         memset(dst, 0, dst_len);
@@ -718,6 +731,81 @@ out:
     return result;
 }
 
+/* recv_one(fd, out, idle_ms, timeout_ms) -> None | header (28 bytes) | (index, flags, length, tag).
+ * The receive thread's step of the post-copy stream (step 2b): waits up to idle_ms for a record to begin
+ * (None: nothing came, nothing read, the position is unchanged), reads its header, and
+ *   - hands a record that is not a CHUNK back as its header bytes, its body unread and the position
+ *     unchanged, so the channel's Python side reads and judges it (a CONTROL record: an ABORT, say);
+ *   - reads a CHUNK record of at most len(out) bytes (refused before its body is read otherwise), opens
+ *     it in the opener's own scratch and, only once the tag checked, copies the chunk to the start of
+ *     `out` (a zero record writes nothing: its length is the verified claim). `length` is the chunk's.
+ * timeout_ms bounds each wait once a record began (past it the stream is given up: ChannelClosed). */
+static PyObject *opener_recv_one(Cipher *self, PyObject *args) {
+    int fd, idle_ms, timeout_ms;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "iw*ii", &fd, &out, &idle_ms, &timeout_ms)) return NULL;
+    PyObject *result = NULL;
+    if (out.len < 1 || (size_t)out.len > MAX_CHUNK) {
+        PyErr_Format(PyExc_ValueError, "out must be 1..%u bytes, got %zd", MAX_CHUNK, out.len);
+        goto out;
+    }
+    if (enter(self) < 0) goto out;
+    if (ensure_scratch(self, record_room((size_t)out.len)) < 0) {
+        self->busy = 0;
+        goto out;
+    }
+    err_t e = {E_NONE, ""};
+    enum { R_ERROR, R_IDLE, R_FOREIGN, R_CHUNK } got = R_ERROR;
+    uint8_t *h = self->scratch;
+    uint32_t length = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int w = wait_fd(fd, POLLIN, idle_ms);
+    if (w == 1)
+        got = R_IDLE;
+    else if (w < 0)
+        set_err(&e, E_CLOSED, "connection lost: %s", strerror(errno));
+    else if (recv_all(fd, h, HEADER_SIZE, timeout_ms, "header", 1, &e) < 0)
+        ;
+    else if (h[4] != KIND_CHUNK)
+        got = R_FOREIGN;
+    else if (check_header(self, h, &e) < 0)
+        ;
+    else if (!(h[5] & FLAG_ZERO) && (size_t)get32(h + 8) - TAG_SIZE > (size_t)out.len)
+        set_err(&e, E_PROTOCOL, "chunk record %llu carries %u bytes, more than a chunk's %zd",
+                (unsigned long long)get64(h + 20), get32(h + 8) - TAG_SIZE, out.len);
+    else if (recv_all(fd, h + HEADER_SIZE, get32(h + 8), timeout_ms, "CHUNK record", 0, &e) < 0)
+        ;
+    else if (open_in_scratch(self, &e) == 0) {
+        const uint8_t *body = h + HEADER_SIZE;
+        size_t plen = get32(h + 8) - TAG_SIZE;
+        if (h[5] & FLAG_ZERO) {
+            length = get32(body);
+        } else {
+            memcpy(out.buf, body, plen);
+            length = (uint32_t)plen;
+        }
+        got = R_CHUNK;
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (got == R_IDLE) {
+        result = Py_NewRef(Py_None);
+    } else if (got == R_FOREIGN) {
+        result = PyBytes_FromStringAndSize((const char *)h, HEADER_SIZE);
+    } else if (got == R_CHUNK) {
+        size_t plen = get32(h + 8) - TAG_SIZE;
+        result = Py_BuildValue("(KBIy#)", (unsigned long long)get64(h + 20), h[5], length,
+                               (const char *)h + HEADER_SIZE + plen, (Py_ssize_t)TAG_SIZE);
+    } else {
+        if (e.kind == E_NONE) set_err(&e, E_INTERNAL, "native receive ended without a result");
+        poison(self, &e);
+        raise_err(&e);
+    }
+out:
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 
 static PyGetSetDef cipher_getset[] = {
@@ -739,6 +827,8 @@ static PyMethodDef opener_methods[] = {
     {"open", (PyCFunction)opener_open, METH_VARARGS, "open(record, out) -> (index, flags, tag)"},
     {"recv", (PyCFunction)opener_recv, METH_VARARGS,
      "recv(fd, heap, chunk_size, idx_out, flags_out, tags_out, timeout_ms) -> None"},
+    {"recv_one", (PyCFunction)opener_recv_one, METH_VARARGS,
+     "recv_one(fd, out, idle_ms, timeout_ms) -> None | header bytes | (index, flags, length, tag)"},
     {"detach", (PyCFunction)cipher_detach, METH_NOARGS, "Hand the position back: next seq; unusable after."},
     {NULL},
 };

@@ -104,6 +104,16 @@ class Received:
         return (self.flags & FLAG_DEMAND) != 0
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """One CHUNK record recv_one verified: its chunk is at the start of the caller's buffer (unless zero)."""
+
+    index: int
+    flags: int
+    length: int  # the chunk's bytes (a zero record's verified claim)
+    tag: bytes
+
+
 class NativeSealer:
     """Seals one direction's CHUNK records natively, numbered from `start_seq`."""
 
@@ -192,6 +202,20 @@ class NativeOpener:
         tags = np.empty((count, TAG_SIZE), dtype=np.uint8)
         self._c.recv(_fd(sock), view, chunk_size, idx, flags, tags, _timeout_ms(timeout))
         return Received(idx, tags, flags, self._c.next_seq)
+
+    def recv_one(self, sock: FdLike, out: Buffer, *, idle: float | None = None,
+                 timeout: float | None = None) -> Opened | bytes | None:
+        """One record of the post-copy stream (GIL released): None if none began within `idle` seconds
+        (nothing read, the position unchanged); a record that is not a CHUNK as its 28 header bytes, its
+        body unread and the position unchanged (the caller's Python side reads and judges it); or a CHUNK
+        record of at most len(out) bytes, verified in the opener's scratch and only then copied to the
+        start of `out` (a zero chunk writes nothing). `timeout` bounds each wait once a record began; past
+        it the stream is given up (ChannelClosed). Failures raise as recv_chunks does and poison."""
+        got = self._c.recv_one(_fd(sock), _flat(out), _timeout_ms(idle), _timeout_ms(timeout))
+        if got is None or isinstance(got, bytes):
+            return got
+        index, flags, length, tag = got
+        return Opened(index, flags, length, tag)
 
     def detach(self) -> int:
         """Hand the position back (the seq expected next); this opener refuses everything after."""

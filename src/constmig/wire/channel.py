@@ -183,7 +183,53 @@ class SealedChunk:
         return bool(self.flags & FLAG_ZERO)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class OpenedChunk:
+    """A received chunk that is verified already: the native engine opened it into the caller's scratch
+    (`SecureChannel.recv_opened`), so `plain` holds its bytes (None for a zero chunk: `length` zero bytes,
+    its claim verified). Shaped like SealedChunk where installers look."""
+
+    index: int
+    length: int  # plaintext bytes
+    seq: int
+    flags: int
+    tag: bytes
+    plain: memoryview | None = field(repr=False)
+
+    @property
+    def demand(self) -> bool:
+        return bool(self.flags & FLAG_DEMAND)
+
+    @property
+    def zero(self) -> bool:
+        return bool(self.flags & FLAG_ZERO)
+
+
 Record = HandshakeRecord | ControlRecord | SealedChunk
+Arrival = SealedChunk | OpenedChunk  # a chunk as the post-copy receive threads hand it to an installer
+
+
+class ChunkReceiver(Protocol):
+    """An opener that receives one record at a time itself (constmig.native.engine.NativeOpener), built by
+    `SecureChannel.recv_opened` at the channel's receive position."""
+
+    def recv_one(self, sock: int, out: memoryview, *, idle: float | None = None,
+                 timeout: float | None = None) -> object: ...
+
+    def detach(self) -> int: ...
+
+
+def verified(chunk: Arrival, chan: SecureChannel, scratch: memoryview | np.ndarray) -> memoryview | None:
+    """The verified bytes of `chunk` (None for a zero chunk, whose length the caller checks and whose
+    bytes it zeroes itself): a native arrival is verified already and its bytes are in the scratch it was
+    received into; a Python one is verified and decrypted into `scratch` now (IntegrityError otherwise,
+    and nothing is written but scratch)."""
+    if isinstance(chunk, OpenedChunk):
+        return chunk.plain
+    if chunk.zero:
+        chan.open_zero(chunk)
+        return None
+    return chan.open_chunk(chunk, memoryview(scratch)[:chunk.length])
 
 
 def _nbytes(data: object) -> int:
@@ -537,26 +583,114 @@ class SecureChannel:
             except ProtocolError as e:
                 raise self._break(e) from None
 
+    def recv_opened(self, make: Callable[[bytes, int, bytes, int], ChunkReceiver], out: memoryview | np.ndarray,
+                    timeout: float | None = None) -> OpenedChunk | Record:
+        """`recv` for the post-copy receive threads, through another opener, the native engine's (`make` is
+        NativeOpener: key, direction, migration id, start seq), at this channel's receive position: a CHUNK
+        record of at most len(out) bytes comes back verified, its bytes at the start of `out` (step 2b,
+        docs/native.md), with the GIL released while it is read and opened.
+
+        Why here: CONTROL records and chunks share one counter, so the position is lent only under the
+        receive lock, from the Python opener's own expected seq, and taken back from the native opener's
+        `detach()`: one past the record, or unchanged when nothing came (RecvTimeout, the channel stays
+        OK) or a record that is not a CHUNK began. That one is read and judged here as `recv` would (its
+        header was read natively), so a CONTROL record (an ABORT) reaches the caller as from `recv`. A
+        record half read by an earlier `recv` that timed out is finished in Python. Failures raise what
+        `recv` raises and leave the channel BROKEN; the engine checked the tag before a byte reached
+        `out`. Unlike `recv`, a record that stalls midway past the timeout ends the stream (ChannelClosed).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._recv_lock:
+            self._check_usable()
+            if self._pending is not None:
+                self._verify_pending_into_scratch()
+            try:
+                if self._cur is not None or self._got:
+                    return self._recv_record(deadline, timeout or 0.0)
+                return self._recv_native(make, out, timeout)
+            except RecvTimeout:
+                raise
+            except ProtocolError as e:
+                raise self._break(e) from None
+
+    def _recv_native(self, make: Callable[[bytes, int, bytes, int], ChunkReceiver], out: memoryview | np.ndarray,
+                     timeout: float | None) -> OpenedChunk | Record:
+        if self._opener is None or self._keys is None or self._mid is None:
+            raise ProtocolError("cannot receive a CHUNK record natively before keys are installed")
+        fileno = self._sock.fileno()  # type: ignore[attr-defined]
+        if fileno < 0:  # the socket object was closed on this side (a cancel, a test's cut): no peer left
+            if self._state is ChannelState.CLOSED:
+                raise ChannelClosed("secure channel was closed while receiving")
+            raise self._break(ChannelClosed("connection was closed on this side"))
+        start = self._opener.expected_seq
+        _, recv_key, _, recv_dir = self._keys
+        opener = make(recv_key, recv_dir, self._mid, start)
+        stall = self._sock.gettimeout() if isinstance(self._sock, socket.socket) else None
+        fd = os.dup(fileno)  # a close() here meanwhile shuts the stream (the receive wakes), never a reused number
+        try:
+            got = opener.recv_one(fd, memoryview(out).cast("B"), idle=timeout, timeout=stall or timeout)
+            end = opener.detach()
+        except ConstmigError as e:  # IntegrityError, ProtocolError, ChannelClosed: the opener is poisoned
+            if self._state is ChannelState.CLOSED:
+                raise ChannelClosed("secure channel was closed while receiving") from None
+            raise self._break(e) from None  # type: ignore[arg-type]  # a TransportError too
+        except BaseException as e:
+            self._break(ProtocolError(f"native receive failed: {e}"))
+            raise
+        finally:
+            os.close(fd)
+        if got is None:
+            if end != start:
+                raise ProtocolError(f"native receive moved the position ({start} -> {end}) without a record")
+            raise RecvTimeout(f"no record from the peer within {timeout:g} s")
+        if isinstance(got, bytes):  # not a CHUNK: its header is read, its body is Python's to read and judge
+            if end != start:
+                raise ProtocolError(f"native receive moved the position ({start} -> {end}) on a foreign record")
+            self._hdr[:] = got
+            self.bytes_received += HEADER_SIZE
+            self._begin_record()
+            header = self._cur
+            assert header is not None
+            body = memoryview(self._rbuf)[:header.length]
+            self._fill(body, None if timeout is None else time.monotonic() + timeout, timeout or 0.0)
+            self._cur, self._got = None, 0
+            return self._finish_record(header, body)
+        if end != start + 1:
+            raise ProtocolError(f"native receive ended at seq {end}, not {start + 1}")
+        self._opener = RecordOpener(recv_key, recv_dir, end)
+        zero = bool(got.flags & FLAG_ZERO)  # type: ignore[attr-defined]
+        self.bytes_received += HEADER_SIZE + TAG_SIZE + (ZERO_PAYLOAD if zero else got.length)  # type: ignore[attr-defined]
+        plain = None if zero else memoryview(out).cast("B")[:got.length]  # type: ignore[attr-defined]
+        return OpenedChunk(got.index, got.length, start, got.flags, got.tag, plain)  # type: ignore[attr-defined]
+
     def _recv_record(self, deadline: float | None, timeout: float) -> Record:
         if self._cur is None:
             self._fill(self._hdr_view, deadline, timeout)
-            header = parse_header(self._hdr)
-            if is_encrypted(header.kind) and self._opener is None:
-                raise ProtocolError(f"{header.kind.name} record arrived before keys were installed")
-            if header.kind is Kind.HANDSHAKE and self._opener is not None:
-                raise ProtocolError("HANDSHAKE record arrived after keys were installed")
-            if header.kind is Kind.HANDSHAKE and header.seq != self._hs_recv_seq:
-                raise ProtocolError(f"handshake record seq {header.seq} arrived where {self._hs_recv_seq} "
-                                    "was expected")
-            if self._opener is not None:
-                self._opener.check_seq(header.seq)  # fail before reading a body we would reject anyway
-            if len(self._rbuf) < header.length:
-                self._rbuf = bytearray(header.length)  # new object: an old SealedChunk view stays valid
-            self._cur, self._got = header, 0
+            self._begin_record()
         header = self._cur
+        assert header is not None
         body = memoryview(self._rbuf)[:header.length]
         self._fill(body, deadline, timeout)
         self._cur, self._got = None, 0
+        return self._finish_record(header, body)
+
+    def _begin_record(self) -> None:
+        """The header in self._hdr was read: judge it, and make the record current (its body comes next)."""
+        header = parse_header(self._hdr)
+        if is_encrypted(header.kind) and self._opener is None:
+            raise ProtocolError(f"{header.kind.name} record arrived before keys were installed")
+        if header.kind is Kind.HANDSHAKE and self._opener is not None:
+            raise ProtocolError("HANDSHAKE record arrived after keys were installed")
+        if header.kind is Kind.HANDSHAKE and header.seq != self._hs_recv_seq:
+            raise ProtocolError(f"handshake record seq {header.seq} arrived where {self._hs_recv_seq} "
+                                "was expected")
+        if self._opener is not None:
+            self._opener.check_seq(header.seq)  # fail before reading a body we would reject anyway
+        if len(self._rbuf) < header.length:
+            self._rbuf = bytearray(header.length)  # new object: an old SealedChunk view stays valid
+        self._cur, self._got = header, 0
+
+    def _finish_record(self, header: Header, body: memoryview) -> Record:
         if header.kind is Kind.HANDSHAKE:
             self._hs_recv_seq += 1
             return HandshakeRecord(bytes(body))

@@ -44,11 +44,10 @@ ENCLAVE_TRACKERS = ("none", *TRACKERS)  # what a destination runs with
 MAX_ROUNDS = 100
 DEFAULT_COMPLETION_TIMEOUT_S = 150.0  # per GiB, KubeVirt's default
 MAX_THROTTLE = 0.99  # a writer keeps at least 1% of its pace (QEMU: max-cpu-throttle 99)
-# what moves the source's bulk chunk sends (stop-and-copy, the pre-copy rounds, the stop's rest): the Python
-# channel, or the native engine (docs/native.md); not the post-copy stream yet, so constmig has no choice
+# what moves the heap's chunks (stop-and-copy, the pre-copy rounds, the stop's rest, and the post-copy stream at
+# both ends): the Python channel, or the native engine (docs/native.md)
 DATA_PLANES = ("python", "native")
 DEFAULT_DATA_PLANE = "python"
-_NO_BULK_SENDS = ("constmig",)
 _RELEASE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -213,9 +212,6 @@ class _MigrationOptions(Request, kw_only=True):
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.write_tracking, WRITE_TRACKING, "write tracking")
         _one_of(self.data_plane, DATA_PLANES, "data plane")
-        if self.data_plane == "native" and self.strategy in _NO_BULK_SENDS:
-            raise BadRequest(f"data plane 'native' moves bulk chunk sends (stopcopy, the rounds of precopy, hybrid "
-                             f"and auto); {self.strategy}'s post-copy stream is Python only for now")
         if not (math.isfinite(self.max_bandwidth) and self.max_bandwidth >= 0):
             raise BadRequest(f"max_bandwidth must be a number of bytes per second >= 0, not {self.max_bandwidth!r}")
         if isinstance(self.max_rounds, int) and not 1 <= self.max_rounds <= MAX_ROUNDS:
@@ -402,6 +398,7 @@ class PagerStream(Request, tag="stream", kw_only=True):
     timeout: float = DEFAULT_TIMEOUT_S
     resume_path: str = ""
     epoch: int = 0
+    data_plane: str = DEFAULT_DATA_PLANE  # "native": the pager receives the stream through the engine
 
     SECONDS: ClassVar[dict[str, bool]] = {"timeout": False}
 

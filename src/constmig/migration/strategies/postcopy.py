@@ -10,6 +10,7 @@ from constmig.errors import ConstmigError, ProtocolError
 from constmig.migration.priority import shallow_queue
 from constmig.migration.protocol import CHUNK, St
 from constmig.migration.strategies.base import Progress, Strategy
+from constmig.migration.strategies.stopcopy import data_plane, send_native_batch
 from constmig.migration.streamer import Streamer
 from constmig.migration.trackers.base import Stream
 
@@ -46,7 +47,9 @@ class PostCopy(Strategy):
     def serve_after_commit(self, link: Link, demand: Link | None, ledger: ChunkLedger, heap: Heap,
                            progress: Progress, max_bandwidth: float, done: Any) -> Streamer:
         assert demand is not None
-        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done)
+        native = data_plane(link) == "native"  # the stream goes through the engine too (docs/native.md step 2b)
+        streamer = Streamer(link, demand, ledger, heap, progress, max_bandwidth, done=done,
+                            send_batch=send_native_batch if native else None)
         streamer.start()
         return streamer
 
@@ -56,7 +59,8 @@ class PostCopy(Strategy):
         try:
             shallow_queue(socks[0], socket.SO_RCVBUF, enclave.heap.chunk_size)
             enclave.tracking.receive(Stream(arrived.link, socks, arrived.ledger, arrived.secret, arrived.epoch,
-                                            arrived.reconnected, t_resume, timeout, enclave.resume_path),
+                                            arrived.reconnected, t_resume, timeout, enclave.resume_path,
+                                            arrived.state.data_plane),
                                      enclave.stream_incoming)
         except (ConstmigError, OSError):
             # Running already: the app waits on (access: fails on) missing chunks; the source keeps them.

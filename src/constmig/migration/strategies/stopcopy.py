@@ -79,13 +79,19 @@ class NativeLink(Link):
     """The link of a migration whose request chose `data_plane: "native"`: send_chunks moves its chunks
     through the native engine in batches (docs/native.md); control messages go as on any link."""
 
-    def send_chunk_batch(self, heap: Heap, indexes: np.ndarray) -> np.ndarray:
+    def send_chunk_batch(self, heap: Heap, indexes: np.ndarray, *, demand: bool = False) -> np.ndarray:
         """Send chunks `indexes` of `heap` as one native batch; their tags ((n, 16) uint8) for the ledger."""
-        from constmig.native.engine import NativeSealer
+        return send_native_batch(self, heap, indexes, demand=demand)
 
-        self.machine.sent(CHUNK)  # one check for the batch: a CHUNK leaves every state it is allowed in as it was
-        return self.chan.send_chunk_batch(NativeSealer, memoryview(heap.buf[:heap.size]), heap.chunk_size,
-                                          indexes)
+
+def send_native_batch(link: Link, heap: Heap, indexes: np.ndarray, *, demand: bool = False) -> np.ndarray:
+    """Send chunks `indexes` of `heap` on `link` as one native batch (any link of a native migration: the
+    post-copy demand link too); their tags ((n, 16) uint8) for the ledger."""
+    from constmig.native.engine import NativeSealer
+
+    link.machine.sent(CHUNK)  # one check for the batch: a CHUNK leaves every state it is allowed in as it was
+    return link.chan.send_chunk_batch(NativeSealer, memoryview(heap.buf[:heap.size]), heap.chunk_size, indexes,
+                                      demand=demand)
 
 
 def data_plane(link: Link) -> str:

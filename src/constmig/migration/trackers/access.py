@@ -1,5 +1,7 @@
 """The Access Tracker: the app's heap arrays check every access first (enclave/tracker/), missing chunks
-are guarded PROT_NONE, and the stream is received by threads of the enclave process."""
+are guarded PROT_NONE, and the stream is received by threads of the enclave process. An access that
+escapes the checks faults on the guard and waits in the enclave's fault handler for its chunk
+(enclave/tracker/untracked.py); the figures count those (`untracked_accesses`)."""
 
 from __future__ import annotations
 
@@ -44,12 +46,13 @@ class AccessTracking(Tracker):
 
     def import_wrapper(self, missing: np.ndarray, timeout: float) -> Any:
         """Track the app's arrays until `missing` arrived; the wrapper the import hands them through."""
-        def request(chunks: Any) -> None:
+        def request(chunks: Any, offsets: np.ndarray | None = None) -> None:
             if self.receiver is not None:
-                self.receiver.request(chunks)
+                self.receiver.request(chunks, offsets=offsets)
 
         self.access = AccessTracker(self.heap, missing, request, timeout)
         self.access.adopt_guard()  # the heap was guarded at launch (prepare)
+        self.access.serve_untracked()  # escaped accesses wait for their chunk (the figures say if not)
         if self.app_module is not None:
             interpose(self.app_module)
         return self.access.track
@@ -91,7 +94,7 @@ class AccessTracking(Tracker):
             self.receiver = receive_stream(link, demand, stream.ledger, AccessInstaller(access, self.heap.chunk_size),
                                            chunk_size=self.heap.chunk_size, tracker=self.name,
                                            t_resume=stream.t_resume, resume_path=stream.resume_path,
-                                           secret=stream.secret, epoch=stream.epoch)
+                                           secret=stream.secret, epoch=stream.epoch, receiver_cls=AccessReceiver)
             started(int(stream.ledger.expected.size), self.receiver)
             self.receiver.request(access.outstanding())  # asked for before the receiver existed
         except (ConstmigError, OSError) as e:
@@ -126,6 +129,22 @@ class AccessTracking(Tracker):
             self.access.unguard()
         if self.app_module is not None:
             restore_module(self.app_module)
+
+
+class AccessReceiver(Receiver):
+    """The one Receiver, its figures joined by the Access Tracker's own: the accesses that escaped the
+    checks and were served by the fault handler. The Receiver builds its figures in one dict when the heap
+    is whole and sends that dict in DONE; they join it as it is set, so the source's figures carry them."""
+
+    installer: AccessInstaller
+
+    @property  # type: ignore[override]
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, Any]) -> None:
+        self._stats = {**value, **self.installer.tracker.untracked_figures()} if value else value
 
 
 class AccessInstaller:

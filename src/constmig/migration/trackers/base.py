@@ -109,10 +109,12 @@ class Tracker:
 
 def receive_stream(main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
                    tracker: str, t_resume: float, resume_path: Path | None, secret: ResumeSecret,
-                   epoch: int) -> Receiver:
+                   epoch: int, receiver_cls: type[Receiver] = Receiver) -> Receiver:
     """The one post-copy receive path (the pager process's and the Access Tracker's): a receiver on both
-    channels, started, and the reconnect listener beside it."""
-    receiver = Receiver(main, demand, ledger, installer, chunk_size=chunk_size, tracker=tracker, t_resume=t_resume)
+    channels, started, and the reconnect listener beside it. A tracker may pass a `receiver_cls` that adds
+    its own figures (the Access Tracker's)."""
+    receiver = receiver_cls(main, demand, ledger, installer, chunk_size=chunk_size, tracker=tracker,
+                            t_resume=t_resume)
     receiver.start()
     if resume_path is not None:
         ResumeServer(resume_path, secret, ledger, t_resume, receiver, chunk_size, epoch=epoch)

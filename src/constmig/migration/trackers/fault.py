@@ -52,7 +52,8 @@ class FaultTracker(Tracker):
         try:
             pager.stream(main, main.derive(DEMAND_LABEL), [s.fileno() for s in stream.socks],
                          stream.ledger.to_wire(), stream.t_resume, stream.timeout, stream.secret,
-                         stream.resume_path, stream.epoch, held=stream.ledger.held_wire())
+                         stream.resume_path, stream.epoch, held=stream.ledger.held_wire(),
+                         data_plane=stream.data_plane)
         finally:
             if stream.reconnected:  # the pager holds its own copies; a reconnect's are ours to close
                 for s in stream.socks:

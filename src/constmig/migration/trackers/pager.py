@@ -46,7 +46,7 @@ from constmig.migration.receiver import Receiver
 from constmig.migration.resume import ResumeSecret
 from constmig.migration.trackers.base import receive_stream
 from constmig.wire import control
-from constmig.wire.channel import ChannelTicket, SealedChunk, SecureChannel
+from constmig.wire.channel import Arrival, ChannelTicket, SecureChannel, verified
 from constmig.wire.framing import FramedSocket
 
 START_TIMEOUT = 30.0
@@ -73,20 +73,20 @@ class UffdInstaller:
         for c, a in zip(chunks.tolist(), addrs.tolist(), strict=True):
             self.fault_at.setdefault(c, a)
 
-    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def scratch(self, demand: bool) -> np.ndarray:
+        return self._chunk_bufs[demand]
+
+    def install_piece(self, index: int, piece: int, sealed: Arrival, chan: SecureChannel) -> None:
         dst = self.base + index * self.chunk_size + piece * PIECE
-        if sealed.zero:
-            chan.open_zero(sealed)
-        else:
-            chan.open_chunk(sealed, memoryview(self._piece_buf))
+        plain = verified(sealed, chan, self._piece_buf)  # None: a zero piece
         self.fault_at.pop(index, None)
         have = self._pieces_in.setdefault(index, set())
         if piece in have:  # in place since before a reconnect (same bytes, verified then)
             return
-        if sealed.zero:
+        if plain is None:
             self.uffd.zeropage(dst, PIECE)
         else:
-            self.uffd.copy(dst, buffer_address(self._piece_buf), PIECE)
+            self.uffd.copy(dst, buffer_address(plain), PIECE)
         have.add(piece)
 
     def chunk_done(self, index: int) -> None:
@@ -95,19 +95,17 @@ class UffdInstaller:
     def chunk_failed(self, index: int) -> None:
         pass  # pieces already in place were verified on their own (and remembered); the rest stays missing
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
+    def install(self, index: int, sealed: Arrival, chan: SecureChannel, *, demand: bool) -> None:
         if sealed.length != self.chunk_size:
             raise ProtocolError(f"chunk {index} is {sealed.length} bytes, not the heap's {self.chunk_size}")
         dst = self.base + index * self.chunk_size
-        if sealed.zero:  # the kernel's zero page, no copy (pieces in place from before a reconnect stay)
-            chan.open_zero(sealed)
+        plain = verified(sealed, chan, self._chunk_bufs[demand])  # verified in scratch (or already, natively)
+        if plain is None:  # the kernel's zero page, no copy (pieces in place from before a reconnect stay)
             self._pieces_in.pop(index, None)
             self.fault_at.pop(index, None)
             self.uffd.zeropage(dst, self.chunk_size)
             return
-        buf = self._chunk_bufs[demand]
-        chan.open_chunk(sealed, memoryview(buf))
-        addr = buffer_address(buf)
+        addr = buffer_address(plain)
         partial = self._pieces_in.pop(index, None)
         if partial:  # some pieces arrived before a reconnect: copy only the others (a copy may not overwrite)
             for p in range(self.chunk_size // PIECE):
@@ -220,7 +218,8 @@ class Pager:
         write_status(self.status, {"state": "streaming"})
         receiver = receive_stream(main, demand, ledger, self.installer, chunk_size=self.chunk_size, tracker="fault",
                                   t_resume=req.t_resume, resume_path=Path(req.resume_path) if req.resume_path else None,
-                                  secret=ResumeSecret.from_wire(req.resume), epoch=req.epoch)
+                                  secret=ResumeSecret.from_wire(req.resume), epoch=req.epoch,
+                                  data_plane=req.data_plane)
         with self._lock:  # faults before this waited in _early
             self.ledger, self.receiver = ledger, receiver
             early, self._early = self._early, []
@@ -362,7 +361,7 @@ class PagerHandle:
 
     def stream(self, main: ChannelTicket, demand: ChannelTicket, fds: list[int], expected: bytes,
                t_resume: float, timeout: float, secret: ResumeSecret, resume_path: Path | None,
-               epoch: int = 0, held: tuple[bytes, bytes] = (b"", b"")) -> None:
+               epoch: int = 0, held: tuple[bytes, bytes] = (b"", b""), data_plane: str = "python") -> None:
         """Hand the stream over; `epoch` is the last reconnect epoch used (one that committed the migration);
         `held` the chunks in place from pre-copy rounds and their tags (`ChunkLedger.held_wire`)."""
         self.wait_ready()
@@ -370,7 +369,7 @@ class PagerHandle:
             self.fs.send(control.PagerStream(
                 main=main.to_wire(), demand=demand.to_wire(), expected=expected, held=held[0], held_tags=held[1],
                 t_resume=t_resume, timeout=timeout, resume=secret.to_wire(),
-                resume_path=str(resume_path) if resume_path else "", epoch=epoch), fds=fds)
+                resume_path=str(resume_path) if resume_path else "", epoch=epoch, data_plane=data_plane), fds=fds)
             reply = control.reply(self.fs.recv()[0])
             if not reply.ok:
                 raise EnclaveError(f"pager refused the stream: {reply.error}")

@@ -1,0 +1,79 @@
+"""NativeOpener.recv_one, the engine's step of the post-copy stream (docs/native.md step 2b): one record
+at the opener's position; nothing arriving reads nothing and moves nothing; a record that is not a CHUNK
+comes back as its header with its body unread and the position unchanged; records sealed by Python and
+by the engine open alike, across a handover of the position."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from constmig.native import engine
+from constmig.native.engine import NativeOpener, NativeSealer, Opened
+from constmig.wire.channel import ChannelTicket, SecureChannel
+from constmig.wire.records import FLAG_DEMAND, FLAG_ZERO, HEADER_SIZE, TAG_SIZE, Kind, parse_header
+
+pytestmark = pytest.mark.skipif(not engine.available(), reason=f"{engine.why_unavailable()}")
+
+MID = bytes(range(16))
+K1, K2 = bytes([1]) * 32, bytes([2]) * 32
+CS = 1 << 13
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_nothing_arriving_reads_nothing_and_moves_nothing(sockets) -> None:
+    _, b = sockets
+    opener = NativeOpener(K1, 1, MID, 7)
+    t0 = time.monotonic()
+    assert opener.recv_one(b, bytearray(CS), idle=0.05, timeout=1) is None
+    assert time.monotonic() - t0 >= 0.04
+    assert opener.expected_seq == 7 and not opener.failed
+
+
+def test_a_control_record_comes_back_as_its_header_with_its_body_unread(sockets) -> None:
+    a, b = sockets
+    tx = SecureChannel.resume(a, ChannelTicket(MID, K1, K2, 1, 2, 3, 0))
+    tx.send_control(b"x" * 100)
+    opener = NativeOpener(K1, 1, MID, 3)
+    got = opener.recv_one(b, bytearray(CS), idle=1, timeout=1)
+    assert isinstance(got, bytes) and len(got) == HEADER_SIZE
+    header = parse_header(got)
+    assert header.kind is Kind.CONTROL and header.seq == 3
+    assert opener.expected_seq == 3 and not opener.failed
+    b.setblocking(False)
+    assert len(b.recv(1 << 16)) == 100 + TAG_SIZE, "the body was left for the Python side"
+
+
+def test_python_and_native_records_open_alike_across_a_handover(sockets) -> None:
+    a, b = sockets
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(0, 256, CS, dtype=np.uint8).tobytes(), bytes(CS), rng.bytes(CS)]
+    tx = SecureChannel.resume(a, ChannelTicket(MID, K1, K2, 1, 2, 10, 0))
+    tags = [tx.send_chunk(0, chunks[0]), tx.send_chunk(1, chunks[1], demand=True)]
+    ticket = tx.detach()
+    sealer = NativeSealer.from_ticket(ticket)
+    sealed = sealer.seal_chunk(2, chunks[2])
+    a.sendall(sealed.record)
+    assert sealer.detach() == 13
+    opener = NativeOpener(K1, 1, MID, 10)
+    out = bytearray(CS)
+    first = opener.recv_one(b, out, idle=1, timeout=1)
+    assert first == Opened(0, 0, CS, tags[0]) and bytes(out) == chunks[0]
+    out[:] = b"\x55" * CS
+    zero = opener.recv_one(b, out, idle=1, timeout=1)
+    assert zero == Opened(1, FLAG_ZERO | FLAG_DEMAND, CS, tags[1])
+    assert bytes(out) == b"\x55" * CS, "a zero chunk writes nothing: the caller zeroes it"
+    last = opener.recv_one(b, out, idle=1, timeout=1)
+    assert last == Opened(2, 0, CS, sealed.tag) and bytes(out) == chunks[2]
+    assert opener.detach() == 13
