@@ -47,6 +47,7 @@ from constmig.host import admin, pki
 from constmig.host.address import parse_addr
 from constmig.host.calls import Calls
 from constmig.host.directory import LEASE_TTL_S, parse_etcd_url
+from constmig.host.fleetwork import FleetWork
 from constmig.host.incoming import Incoming
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
@@ -122,6 +123,9 @@ class Agent:
         self.calls = Calls(self.roster, self.metrics, host_id)
         self.incoming = Incoming(self.roster, self.upkeep, self.metrics, host_id, self._launch)
         self.outgoing = Outgoing(self.roster, self.upkeep, self.metrics, listen, self.tls)
+        # drain marks and migration records in the store, carried out here (host/fleetwork.py)
+        self.fleetwork = FleetWork(etcd, host_id, listen, self.roster, self.outgoing, self.tls, state_dir,
+                                   lambda: self._terminating is not None) if etcd is not None else None
 
     @property
     def enclaves(self) -> dict[str, Hosted]:
@@ -199,6 +203,8 @@ class Agent:
         # listed before it answers: whoever sees it answer finds it in the directory
         await self.upkeep.join()
         await self._server.start_serving()
+        if self.fleetwork is not None:
+            await self.fleetwork.start()
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -247,6 +253,8 @@ class Agent:
 
     async def close(self) -> None:
         self.metrics.close()
+        if self.fleetwork is not None:
+            await self.fleetwork.stop()
         await self.upkeep.leave()  # this agent drops out of the fleet at once, not when its lease runs out
         if self._server is not None:
             self._server.close()

@@ -46,10 +46,13 @@ class HostView:
     enclaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     free: int = 0  # bytes a new heap may still claim there
     error: str | None = None
+    load: float | None = None  # calls per second as published in the store (host/fleetwork.py), if not from status
 
     @property
     def calls_per_s(self) -> float:
         """Client calls per second into its running enclaves (the agents' 10 s window)."""
+        if self.load is not None:
+            return self.load
         return sum(float(e.get("calls_per_s") or 0.0) for e in self.enclaves.values() if e.get("status") == "running")
 
 
