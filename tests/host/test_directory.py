@@ -14,12 +14,13 @@ from constmig.host.directory import Directory, blocking, locate, parse_etcd_url
 
 @pytest.mark.parametrize(("text", "want"), [("http://10.0.0.1:2379", ("10.0.0.1", 2379)),
                                             ("127.0.0.1:12379", ("127.0.0.1", 12379)),
-                                            ("http://etcd.local", ("etcd.local", 2379))])
+                                            ("http://etcd.local", ("etcd.local", 2379)),
+                                            ("https://10.0.0.2:2379", ("10.0.0.2", 2379))])
 def test_etcd_addresses(text, want):
     assert parse_etcd_url(text) == want
 
 
-@pytest.mark.parametrize(("text", "fragment"), [("https://h:2379", "only http://"), ("http://h:99999", "bad port"),
+@pytest.mark.parametrize(("text", "fragment"), [("ftp://h:2379", "only http:// and https://"), ("http://h:99999", "bad port"),
                                                 ("http://h:2379/v3/kv", "expected http://HOST:PORT")])
 def test_bad_etcd_addresses_are_one_line(text, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from constmig.errors import ConfigError, DirectoryError
+from constmig.host import etcd_auth
+from constmig.host.etcd_auth import EtcdCredentials
 
 PREFIX = "/constmig/"
 OP_TIMEOUT_S = 5.0  # one request to the store; an unreachable store fails within this
@@ -41,11 +43,11 @@ T = TypeVar("T")
 
 
 def parse_etcd_url(text: str) -> tuple[str, int]:
-    """'http://10.0.0.1:2379' (or '10.0.0.1:2379') -> ('10.0.0.1', 2379)."""
+    """'http://10.0.0.1:2379' (or '10.0.0.1:2379', or 'https://...' for a store with TLS) -> ('10.0.0.1', 2379)."""
     raw = text.strip()
     parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    if parts.scheme != "http":
-        raise ConfigError(f"bad etcd address {text!r}: only http:// endpoints are supported")
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"bad etcd address {text!r}: only http:// and https:// endpoints are supported")
     try:
         port = parts.port or 2379
     except ValueError:
@@ -72,15 +74,19 @@ class Directory:
     """One connection to the store. Async: the agent keeps one in its event loop; synchronous callers
     (the CLI, clients) use `blocking`."""
 
-    def __init__(self, url: str, prefix: str = PREFIX, timeout: float = OP_TIMEOUT_S) -> None:
+    def __init__(self, url: str, prefix: str = PREFIX, timeout: float = OP_TIMEOUT_S,
+                 credentials: EtcdCredentials | None = None) -> None:
         import aetcd
 
         self.url = url
         self.host, self.port = parse_etcd_url(url)
         self.prefix = prefix.rstrip("/") + "/"
         self._aetcd = aetcd
-        # A proxy from the environment (http_proxy) would carry gRPC to a store on another host through it.
-        self._c = aetcd.Client(self.host, self.port, timeout=timeout, options={"grpc.enable_http_proxy": 0})
+        # TLS and a user, for a store that asks for them (host/etcd_auth.py): from the environment by default
+        self.credentials = EtcdCredentials.from_env() if credentials is None else credentials
+        tls = url.strip().startswith("https://")
+        self.credentials.check(tls, url)
+        self._c = etcd_auth.client(self.host, self.port, timeout, self.credentials, tls)
 
     async def close(self) -> None:
         await self._c.close()
@@ -95,9 +101,9 @@ class Directory:
         try:
             return await work
         except self._aetcd.ClientError as e:
-            why = {"ConnectionFailedError": "unreachable", "ConnectionTimeoutError": "did not answer in time"}.get(
-                type(e).__name__, f"{type(e).__name__}: {e}")
-            raise DirectoryError(f"fleet directory at {self.url}: {why}") from None
+            if "invalid auth token" in str(e):  # the store restarted, or the token expired: log in again next time
+                await self._c.close()
+            raise DirectoryError(etcd_auth.why(self.url, self.credentials, type(e).__name__, str(e))) from None
 
     def _host_key(self, listen: str) -> bytes:
         return f"{self.prefix}hosts/{listen}".encode()
@@ -285,14 +291,15 @@ class Directory:
         raise DirectoryError(f"fleet directory at {self.url}: the entry of {name!r} kept changing; try again")
 
 
-def blocking(url: str, work: Callable[[Directory], Awaitable[T]], timeout: float = OP_TIMEOUT_S) -> T:
+def blocking(url: str, work: Callable[[Directory], Awaitable[T]], timeout: float = OP_TIMEOUT_S,
+             credentials: EtcdCredentials | None = None) -> T:
     """Run `work(directory)` to completion from synchronous code, in a thread with its own event loop
     (so it works whether or not the caller's thread runs one)."""
     parse_etcd_url(url)  # a bad address is the caller's mistake: say so before any thread
     box: dict[str, Any] = {}
 
     async def main() -> None:
-        async with Directory(url, timeout=timeout) as d:
+        async with Directory(url, timeout=timeout, credentials=credentials) as d:
             box["result"] = await work(d)
 
     def run() -> None:
