@@ -157,3 +157,39 @@ def test_the_cli_reaches_it_with_the_options_and_the_password_from_the_environme
     p = cm("forget", "tls2", *opts[:2], **{ENV["ca"]: str(other_ca), ENV["cert"]: str(creds.cert),
                                            ENV["key"]: str(creds.key), ENV["user"]: USER, ENV["password"]: PASSWORD})
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "TLS handshake failed" in p.stderr, p.stderr
+
+
+def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_path):
+    url, creds, _ = secured
+    ca = make_ca(tmp_path / "ca", "restart CA")
+    cert, key = issue(ca, tmp_path / "server", "etcd", server=True)
+    first = LocalEtcd(data_dir=tmp_path / "data", tls=ServerTls(cert, key)).start()
+    ours = EtcdCredentials(ca[0], None, None, USER, PASSWORD)
+    again = None
+    try:
+        first.enable_auth({USER: PASSWORD}, credentials=EtcdCredentials(ca[0]))
+
+        async def main() -> list[str]:
+            nonlocal again
+            seen = []
+            async with Directory(first.url, credentials=ours) as d:
+                assert await d.claim("tok", "10.8.0.3:7001") is None  # logged in: a token
+                first.stop()  # its simple tokens live in memory only
+                again = LocalEtcd(port=first.port, peer_port=first.peer_port, data_dir=first.data_dir,
+                                  tls=ServerTls(cert, key)).start()
+                for _ in range(2):
+                    try:
+                        seen.append(str(await d.where("tok")))
+                    except DirectoryError as e:
+                        seen.append(str(e))
+            return seen
+
+        import asyncio
+
+        seen = asyncio.run(main())
+        assert seen[-1] == "10.8.0.3:7001", seen  # the next request logged in again
+        assert all(s == "10.8.0.3:7001" or "the next request logs in again" in s for s in seen), seen
+    finally:
+        first.stop()
+        if again is not None:
+            again.stop()

@@ -92,6 +92,8 @@ def why(url: str, creds: EtcdCredentials, kind: str, details: str) -> str:
     if "user name is empty" in low or "user name not found" in low:
         return (f"fleet directory at {url}: the store requires a user: set {ENV['user']} and {ENV['password']} "
                 "(or a client certificate whose common name is an etcd user)")
+    if "invalid auth token" in low:
+        return f"fleet directory at {url}: the store no longer knows this login (it restarted?); the next request logs in again"
     if "permission denied" in low:
         return (f"fleet directory at {url}: etcd user {creds.user or '(the certificate name)'!r} may not do this "
                 "(permission denied): grant it readwrite on the fleet's prefix (/constmig/)")
