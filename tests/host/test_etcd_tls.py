@@ -4,8 +4,11 @@ setting is one line that says which."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,8 +104,6 @@ def test_register_and_look_up_through_tls_and_a_user(secured):
         async with Directory(url, credentials=creds) as d:
             await work(d)
 
-    import asyncio
-
     asyncio.run(main())
 
 
@@ -122,8 +123,6 @@ def test_each_wrong_setting_is_one_line(secured, change, says):
         async with Directory(url, credentials=bad, timeout=5) as d:
             await look(d)
 
-    import asyncio
-
     with pytest.raises(DirectoryError) as got:
         asyncio.run(main())
     assert says in str(got.value) and "\n" not in str(got.value), got.value
@@ -142,7 +141,7 @@ def test_settings_that_cannot_work_are_refused_before_anything_is_sent(secured):
 def test_the_cli_reaches_it_with_the_options_and_the_password_from_the_environment(secured, tmp_path):
     url, creds, other_ca = secured
     blocking(url, lambda d: d.claim("tls2", "10.8.0.2:7001"), credentials=creds)  # an agent that is gone
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CONSTMIG_ETCD")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSTMIG_ETCD")}
     opts = ["--etcd", url, "--etcd-ca", str(creds.ca), "--etcd-cert", str(creds.cert), "--etcd-key",
             str(creds.key), "--etcd-user", USER]
 
@@ -184,8 +183,6 @@ def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_pat
                         seen.append(str(e))
             return seen
 
-        import asyncio
-
         seen = asyncio.run(main())
         assert seen[-1] == "10.8.0.3:7001", seen  # the next request logged in again
         assert all(s == "10.8.0.3:7001" or "the next request logs in again" in s for s in seen), seen
@@ -193,3 +190,19 @@ def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_pat
         first.stop()
         if again is not None:
             again.stop()
+
+
+def test_an_agent_joins_with_the_options_and_ls_finds_it(secured, monkeypatch):
+    from constmig.host.cluster import LocalCluster
+
+    url, creds, _ = secured
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(ENV["password"], PASSWORD)  # the agent's and ls's password, from the environment only
+    opts = ["--etcd", url, "--etcd-ca", str(creds.ca), "--etcd-cert", str(creds.cert), "--etcd-key", str(creds.key),
+            "--etcd-user", USER]
+    with LocalCluster(1, agent_args=opts) as c:
+        assert c.addrs[0] in blocking(url, lambda d: d.hosts(), credentials=creds)
+        p = subprocess.run([sys.executable, "-m", "constmig", "ls", *opts, "--json"], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0 and c.addrs[0] in json.loads(p.stdout), p.stderr
