@@ -169,10 +169,10 @@ class Agent:
         handle.watcher = asyncio.ensure_future(self._watch_exit(handle))  # kept: the loop holds tasks weakly
         return handle
 
-    @staticmethod
-    async def _watch_exit(handle: EnclaveHandle) -> None:
-        """An enclave process that exits without being asked to is logged at once, with its signal (a crash
-        after COMMIT is where an operator looks first; status and the metrics say it later)."""
+    async def _watch_exit(self, handle: EnclaveHandle) -> None:
+        """An enclave process that exits without being asked to is logged at once, with its signal and the
+        command that restores it from its newest checkpoint here (a crash after COMMIT is where an operator
+        looks first; status and the metrics say it later)."""
         code = await handle.proc.wait()
         if handle.stopping:
             return
@@ -181,8 +181,11 @@ class Agent:
             log.info("enclave %s (pid %d) exited", name, pid, extra=fields("enclave-exited", name, pid=pid))
             return
         reason = death_reason(code)
-        log.warning("enclave %s (pid %d) died: %s", name, pid, f"killed by {reason}" if code < 0 else f"exit code {code}",
-                    extra=fields("enclave-died", name, reason=reason, pid=pid))
+        restore = self.roster.restore_command(name)
+        log.warning("enclave %s (pid %d) died: %s; %s", name, pid,
+                    f"killed by {reason}" if code < 0 else f"exit code {code}",
+                    f"restore it with: {restore}" if restore else "it has no checkpoint here",
+                    extra=fields("enclave-died", name, reason=reason, pid=pid, restore=restore))
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -405,6 +408,8 @@ class Agent:
             if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
                     info.update(await hosted.handle.call(control.EnclaveStatus()))
+            if hosted.status is S.EXITED:  # its process is gone: what brings it back here, if anything
+                info["restore"] = self.roster.restore_command(name)
             if hosted.release and hosted.status in (S.PAUSED, S.RESUMING, S.FAILED):
                 info["recovery"] = self.outgoing.restore_advice(name, hosted.moving_to, hosted.release)
             out[name] = info
