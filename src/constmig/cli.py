@@ -31,7 +31,7 @@ from constmig.wire import control
 # bench, the testbed and the attestation tools (half of every command's start-up time).
 LAZY_GROUPS = {"bench": "constmig.bench.cli:bench", "testbed": "constmig.testbed.cli:testbed",
                "attest": "constmig.tee.attest_cli:attest", "ca": "constmig.host.ca_cli:ca",
-               "metrics": "constmig.host.targets:metrics"}
+               "metrics": "constmig.host.targets:metrics", "migrations": "constmig.host.migrations_cli:migrations"}
 
 
 class Main(click.Group):
@@ -415,16 +415,23 @@ _HOSTS_HELP = "The fleet's agents, HOST:PORT,HOST:PORT,... [default: every agent
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
     """Every enclave of the fleet: where it runs, its state and size; hosts that do not answer, too (and,
-    with a directory, enclaves it lists on agents that are gone)."""
-    from constmig.host.fleet import fleet_hosts, look, lost_enclaves
+    with a directory, enclaves it lists at agents that are gone, as dead, with what brings them back)."""
+    from constmig.host.fleet import fleet_hosts, look, revival, strays
 
     addrs, listed = fleet_hosts(hosts, etcd)
     views = look(addrs)
-    lost = lost_enclaves(listed, views)
+    stray = strays(listed, views)
+    dead = [s for s in stray if s.state == "dead"]
+    advice = revival(dead, etcd) if etcd else []
+    draining = _drain_states(etcd)
     if as_json:
         click.echo(_show({**{v.addr: {"host_id": v.host_id, "free_bytes": v.free, "enclaves": v.enclaves,
+                                      **({"draining": draining[v.host_id]} if v.host_id in draining else {}),
                                       **({"error": v.error} if v.error else {})} for v in views},
-                          **({"lost": lost} if etcd else {})}))
+                          **({"dead": {s.name: {"at": s.at, "host_id": s.agent.get("host_id"),
+                                                "checkpoint": s.checkpoint} for s in dead},
+                              "unknown": {s.name: s.at for s in stray if s.state == "unknown"},
+                              "advice": advice} if etcd else {})}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -434,7 +441,7 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
 
     out = Console()
     table = Table(title=f"{sum(len(v.enclaves) for v in views)} enclaves on {len(views)} hosts")
-    hosts = [f"{v.host_id} {v.addr}" for v in views if v.enclaves] + list(lost.values())
+    hosts = [f"{v.host_id} {v.addr}" for v in views if v.enclaves] + [s.at for s in stray]
     for col in ("enclave", "host", "state", "app", "heap", "calls/s"):
         table.add_column(col, justify="right" if col == "calls/s" else "left",
                          **(whole(hosts, col, 1, out.width) if col == "host" else FOLD if col == "enclave" else {}))
@@ -442,19 +449,52 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
         for name, e in sorted(v.enclaves.items()):
             table.add_row(name, f"{v.host_id} {v.addr}", str(e.get("status")), str(e.get("app", "")),
                           format_size(int(e.get("heap_bytes") or 0)), f"{float(e.get('calls_per_s') or 0):.1f}")
-    for name, at in sorted(lost.items()):
-        table.add_row(name, at, "lost", "", "", "")
+    for s in stray:
+        table.add_row(s.name, f"{s.agent.get('host_id') or '?'} {s.at}", s.state, "", "", "")
     out.print(table)
     for v in views:
         if v.error:
             out.print(f"{v.addr}: {v.error}", soft_wrap=True)
         else:
-            out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps", soft_wrap=True)
-    if lost:
-        out.print(f"lost: the directory lists {len(lost)} enclave(s) on agents that are gone; restore each from "
-                  "its checkpoint on a live agent", soft_wrap=True)
+            out.print(f"{v.host_id} {v.addr}: {format_size(v.free)} free for new heaps"
+                      + (f"; {draining[v.host_id]}" if v.host_id in draining else ""), soft_wrap=True)
+    for line in advice:  # plain: paths and commands must come out exactly, unwrapped and unstyled
+        click.echo(line)
     if any(v.error for v in views):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("name")
+@etcd_option()
+def forget(name: str, etcd: str | None) -> None:
+    """Drop NAME from the fleet directory once its agent is gone (see `ls`), so that any agent may run an
+    enclave of that name again (a new instance). Refused while its agent is alive: stop it there."""
+    from constmig.host.directory import blocking
+
+    if etcd is None:
+        raise ConfigError("forget needs the fleet directory: --etcd URL (or set CONSTMIG_ETCD)")
+    at = blocking(etcd, lambda d: d.forget(name))
+    click.echo(f"forgot {name}{f' (last at {at}, whose agent is gone)' if at else ''}: any agent may now run an "
+               "enclave of that name; its checkpoints still restore on that host (with --name NEW once the name is taken)")
+
+
+def _drain_states(etcd: str | None) -> dict[str, str]:
+    """Host id -> "draining (N left)", "drained (undrain to clear the mark)" or "drain refused: why", for
+    every host with a drain mark in the fleet directory."""
+    if etcd is None:
+        return {}
+    from constmig.host.marks import marks
+
+    out = {}
+    for host_id, mark in marks(etcd).items():
+        st = mark.get("status") or {}
+        state = str(st.get("state") or "written")
+        out[host_id] = ("drained (undrain to clear the mark)" if state == "drained"
+                        else f"drain refused: {st.get('reason')}" if state == "refused"
+                        else f"{'draining' if state != 'stuck' else 'drain stuck'}"
+                             f" ({len(st.get('left') or [])} left{': ' + st['reason'] if st.get('reason') else ''})")
+    return out
 
 
 @main.command()
@@ -471,13 +511,19 @@ def ls_cmd(hosts: str | None, etcd: str | None, as_json: bool) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=control.DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-step timeout of each migration, seconds.")
 @click.option("--json", "json_path", default=None, help="Write the outcome as JSON (FILE, or - for stdout).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="With --etcd: follow the drain until the host is empty (else return once the mark is written).")
 def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_bandwidth: int, strategy: str,
-          tracker: str, timeout: float, json_path: str | None) -> None:
+          tracker: str, timeout: float, json_path: str | None, wait: bool) -> None:
     """Move every running enclave off SOURCE (an agent's HOST:PORT, or with --etcd its host id) to the
-    other hosts with the most room (maintenance)."""
+    other hosts with the most room (maintenance). With --etcd (and no --hosts) this writes a signed drain
+    mark on SOURCE that its agent carries out, even if this command is killed (docs/fleet.md)."""
     from constmig.host.fleet import look_and_plan_drain
 
     check_writable(json_path, "--json")
+    if etcd is not None and hosts is None:
+        _mark_drain(source, etcd, parallel, max_bandwidth, strategy, tracker, timeout, json_path, wait)
+        return
     views, moves, skipped = look_and_plan_drain(source, hosts, etcd)
     source = views[0].addr
     for v in views[1:]:
@@ -488,6 +534,87 @@ def drain(source: str, hosts: str | None, etcd: str | None, parallel: int, max_b
     _run_moves(f"drain of {source}", moves, f"nothing to drain: no running enclave on {source}", parallel,
                max_bandwidth, strategy, tracker, timeout, json_path, {"source": source, "skipped": skipped},
                f"run the same drain again to move what is left off {source}")
+
+
+def _mark_drain(source: str, etcd: str, parallel: int, max_bandwidth: int, strategy: str, tracker: str,
+                timeout: float, json_path: str | None, wait: bool) -> None:
+    """`drain SOURCE --etcd`: the signed mark, then (with --wait) its records followed to the end."""
+    import time
+
+    from constmig.host import marks
+    from constmig.host.fleet import Move, look
+
+    target = marks.resolve(etcd, source)
+    view = look([target.addr])[0] if target.addr else None
+    heaps = {n: int(e.get("heap_bytes") or 0) for n, e in (view.enclaves if view else {}).items()
+             if e.get("status") == "running"}
+    options = {"tracker": tracker, "timeout": timeout, "max_bandwidth": float(max_bandwidth) / parallel}
+    t0 = time.time()
+    mark = marks.write_mark(etcd, target, parallel, strategy, options)
+    quiet = json_path == "-"
+    if not quiet:
+        click.echo(f"drain {mark.id} of host {target.host_id} marked ({len(heaps)} running enclaves; signed as "
+                   f"{mark.asked_by}); its agent carries it out", err=not wait)
+    if not wait:
+        write_json({"source": target.addr, "host_id": target.host_id, "drain": mark.id}, json_path)
+        return
+    from constmig.progress import DrainProgress, print_drain
+
+    phases: dict[str, str] = {}
+    with DrainProgress(f"drain of {target.host_id}", [Move(n, h, "") for n, h in heaps.items()], quiet=quiet) as bar:
+        def seen(rec: dict[str, Any]) -> None:
+            spec, st = rec.get("spec") or {}, rec.get("status") or {}
+            name, phase = str(spec.get("enclave")), str(st.get("phase"))
+            if name not in heaps:
+                return
+            key = f"{spec.get('id')}:{phase}:{(st.get('progress') or {}).get('left_bytes')}"
+            if phases.get(name) == key:
+                return
+            was, phases[name] = phases.get(name, ""), key
+            if phase == "Running" and not was.startswith(f"{spec.get('id')}:Running"):
+                bar.event(name, "start", {"to": st.get("target_addr") or st.get("target")})
+            if phase == "Running" and (left := (st.get("progress") or {}).get("left_bytes")) is not None:
+                bar.event(name, "progress", {"done": max(heaps[name] - int(left), 0), "total": heaps[name]})
+            if phase in ("Succeeded", "Failed", "Cancelled") and f":{phase}" not in was:
+                if not was.startswith(f"{spec.get('id')}:Running"):
+                    bar.event(name, "start", {"to": st.get("target_addr") or st.get("target") or "-"})
+                bar.event(name, "end", {"ok": phase == "Succeeded", "error": st.get("reason", "")})
+
+        end = marks.follow(etcd, target.host_id, mark.id, seen)
+    moved = []
+    for name, rec in sorted(end.latest.items()):
+        spec, st = rec.get("spec") or {}, rec.get("status") or {}
+        fig = st.get("figures") or {}
+        moved.append({"name": name, "from": target.addr, "to": st.get("target_addr") or "", "ok": st.get("phase") == "Succeeded",
+                      "error": None if st.get("phase") == "Succeeded" else st.get("reason") or st.get("phase"),
+                      "id": spec.get("id"), "phase": st.get("phase"), "outcome": st.get("outcome"),
+                      "strategy": fig.get("strategy"), "downtime_ms": fig.get("downtime_ms"),
+                      "total_s": fig.get("total_s"), "state_bytes": fig.get("state_bytes")})
+    doc = {"source": target.addr, "host_id": target.host_id, "drain": mark.id, "state": end.state,
+           "title": f"drain of {target.host_id}", "wall_s": round(time.time() - t0, 3), "moved": moved,
+           "skipped": []}
+    write_json(doc, json_path)
+    if not quiet and moved:
+        print_drain(doc)
+    if end.state != "drained":
+        raise ConstmigError(f"the drain of host {target.host_id} is {end.state}: {end.reason or 'see above'}; "
+                            f"`constmig migrations ls --etcd {etcd}` shows each move")
+
+
+@main.command()
+@click.argument("host")
+@etcd_option()
+def undrain(host: str, etcd: str | None) -> None:
+    """Clear the drain mark on HOST (a host id or HOST:PORT): moves not started are cancelled, those running
+    finish or roll back as they will."""
+    from constmig.host import marks
+
+    if etcd is None:
+        raise ConfigError("undrain needs the fleet directory: --etcd URL (or set CONSTMIG_ETCD)")
+    target = marks.resolve(etcd, host)
+    if not marks.clear_mark(etcd, target.host_id):
+        raise ConfigError(f"host {target.host_id} has no drain mark in the fleet directory at {etcd}")
+    click.echo(f"drain mark on host {target.host_id} cleared; moves not started are cancelled")
 
 
 @main.command()

@@ -33,8 +33,8 @@ def test_bench_directory_measures_every_request_and_cleans_up(etcd_url):
     from constmig.host.directory import blocking
 
     assert blocking(etcd_url, lambda d: d.enclaves()) == {}  # its private prefix is gone
-    bad = _cm("bench", "directory", "--etcd", "https://x:1")
-    assert bad.returncode != 0 and "only http:// endpoints" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _cm("bench", "directory", "--etcd", "ftp://x:1")
+    assert bad.returncode != 0 and "only http:// and https:// endpoints" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @needs_etcd

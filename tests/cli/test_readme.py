@@ -45,7 +45,7 @@ EXPECT: list[tuple[str, Any]] = [
     (r"^constmig rebalance --etcd", lambda p: "kv1" in p.stdout and "kv2" in p.stdout),  # 512/0/0 -> 128/256/128
     (r"^constmig drain a --etcd", lambda p: "kv3" in p.stdout),
     (r"^constmig ls --etcd", lambda p: all(f"kv{i}" in p.stdout for i in (1, 2, 3)) and " a 127.0.0.1:7101" not in
-     p.stdout and "lost" not in p.stdout),
+     p.stdout and "dead" not in p.stdout),
     (r"^curl -s http://127.0.0.1:9464/metrics", lambda p: 'direction="out",outcome="done"' in p.stdout),
     (r"^constmig trust kv1", lambda p: re.search(r"pinned enclave 'kv1': measurement [0-9a-f]{64}", p.stdout)),
     (r"^constmig call kv1 .* fill 0\.9 1", lambda p: json.loads(p.stdout)["count"] > 1000

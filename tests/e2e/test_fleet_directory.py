@@ -85,7 +85,7 @@ def test_found_by_name_wherever_it_runs_and_after_its_old_host_is_retired(etcd_u
         ls = cm("ls", "--etcd", etcd_url, "--json")
         assert ls.returncode == 0, ls.stderr
         doc = json.loads(ls.stdout)
-        assert set(doc) == {b, d, "lost"} and "kv1" in doc[b]["enclaves"] and doc["lost"] == {}
+        assert set(doc) == {b, d, "dead", "unknown", "advice"} and "kv1" in doc[b]["enclaves"] and doc["dead"] == {}
         # Names are fleet-wide: another agent refuses a second kv1 while the first one's agent lives.
         p = cm("run", "kvstore", "--agent", d, "--heap", "16M", "--name", "kv1")
         assert p.returncode == 1 and f"the fleet directory says an enclave named 'kv1' runs at {b}" in p.stderr
@@ -103,7 +103,7 @@ def test_a_dead_agent_drops_out_and_its_restored_enclave_is_found_again(etcd_url
         c.kill_agent(0)  # SIGKILL: no goodbye, only the lease running out
         wait_for(lambda: a not in blocking(etcd_url, lambda dd: dd.hosts()), 8)
         ls = cm("ls", "--etcd", etcd_url)
-        assert ls.returncode == 0 and "lost" in ls.stdout and "kv2" in ls.stdout, ls.stdout
+        assert ls.returncode == 0 and "dead" in ls.stdout and "kv2" in ls.stdout, ls.stdout
         p = cm("call", "kv2", "--etcd", etcd_url, "checksum")
         assert p.returncode == 1 and "Traceback" not in p.stderr
         assert f"enclave 'kv2' was last at {a}, whose agent is not in the fleet directory" in p.stderr

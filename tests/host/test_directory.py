@@ -14,12 +14,13 @@ from constmig.host.directory import Directory, blocking, locate, parse_etcd_url
 
 @pytest.mark.parametrize(("text", "want"), [("http://10.0.0.1:2379", ("10.0.0.1", 2379)),
                                             ("127.0.0.1:12379", ("127.0.0.1", 12379)),
-                                            ("http://etcd.local", ("etcd.local", 2379))])
+                                            ("http://etcd.local", ("etcd.local", 2379)),
+                                            ("https://10.0.0.2:2379", ("10.0.0.2", 2379))])
 def test_etcd_addresses(text, want):
     assert parse_etcd_url(text) == want
 
 
-@pytest.mark.parametrize(("text", "fragment"), [("https://h:2379", "only http://"), ("http://h:99999", "bad port"),
+@pytest.mark.parametrize(("text", "fragment"), [("ftp://h:2379", "only http:// and https://"), ("http://h:99999", "bad port"),
                                                 ("http://h:2379/v3/kv", "expected http://HOST:PORT")])
 def test_bad_etcd_addresses_are_one_line(text, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -100,3 +101,38 @@ def test_an_unreachable_store_is_one_line_and_quick():
     with pytest.raises(DirectoryError, match=rf"fleet directory at {url}: (unreachable|did not answer in time)"):
         locate(url, "kv1")
     assert time.monotonic() - t0 < 10
+
+
+def test_an_agents_record_outlives_its_lease_and_a_checkpoint_is_noted_only_where_the_entry_says(etcd_url):
+    async def work(d: Directory) -> None:
+        a, b = "10.9.4.1:7001", "10.9.4.2:7001"
+        lease = await d.register(a, {"host_id": "a", "state_dir": "/srv/a"}, ttl=5)
+        assert await d.claim("m4", a) is None
+        assert await d.sealed("m4", a, "/srv/a/checkpoints/m4.v1.ckpt")
+        assert not await d.sealed("m4", b, "/elsewhere/m4.v1.ckpt")  # not where the entry says: unchanged
+        assert (await d.entries())["m4"] == {"at": a, "checkpoint": "/srv/a/checkpoints/m4.v1.ckpt"}
+        await d.deregister(lease)
+        assert a not in await d.hosts() and (await d.agents())[a]["state_dir"] == "/srv/a"  # kept for `ls`
+        assert await d.move("m4", a, b) and (await d.entries())["m4"] == {"at": b}  # a move drops the old one
+
+    run(etcd_url, work)
+
+
+def test_forget_is_refused_while_the_agent_lives_and_frees_the_name_once_it_is_gone(etcd_url):
+    async def work(d: Directory) -> None:
+        a, b = "10.9.5.1:7001", "10.9.5.2:7001"
+        lease = await d.register(a, {"host_id": "a"}, ttl=5)
+        assert await d.claim("m5", a) is None
+        with pytest.raises(DirectoryError, match=rf"'m5' runs at {a}, whose agent is alive: stop it there "
+                                                 rf"\(constmig stop m5 --agent {a}\)"):
+            await d.forget("m5")
+        assert await d.where("m5") == a
+        await d.deregister(lease)
+        assert await d.forget("m5") == a and await d.where("m5") is None
+        with pytest.raises(DirectoryError, match="no enclave named 'm5'"):
+            await d.forget("m5")
+        lease_b = await d.register(b, {"host_id": "b"}, ttl=5)
+        assert await d.claim("m5", b) is None  # any agent may take the name now
+        await d.deregister(lease_b)
+
+    run(etcd_url, work)

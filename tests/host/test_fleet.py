@@ -152,14 +152,15 @@ def test_hosts_lists_are_checked(text, fragment):
         hosts_arg(text)
 
 
-def test_lost_enclaves_are_those_the_directory_places_on_agents_that_do_not_answer():
-    from constmig.host.fleet import Listing, lost_enclaves, source_addr
+def test_strays_are_the_directory_enclaves_whose_agent_is_gone_or_does_not_answer():
+    from constmig.host.fleet import Listing, source_addr, strays
 
-    listing = Listing({"h:1": {"host_id": "a"}, "h:2": {"host_id": "b"}},
-                      {"e1": "h:1", "e2": "h:2", "e3": "h:9", "e4": "not an address"})
-    views = [HostView("h:1", "a"), HostView("h:2", "b", error="cannot reach agent")]
-    assert lost_enclaves(listing, views) == {"e2": "h:2", "e3": "h:9", "e4": "not an address"}
-    assert lost_enclaves(None, views) == {}
+    listing = Listing({"h:1": {"host_id": "a"}, "h:2": {"host_id": "b"}, "h:3": {"host_id": "c"}},
+                      {"e1": "h:1", "e2": "h:2", "e3": "h:9", "e4": "not an address", "e5": "h:3"})
+    views = [HostView("h:1", "a"), HostView("h:2", "b", error="cannot reach agent")]  # h:3 not asked (--hosts)
+    assert [(s.name, s.at, s.state) for s in strays(listing, views)] == [
+        ("e2", "h:2", "unknown"), ("e3", "h:9", "dead"), ("e4", "not an address", "dead")]
+    assert strays(None, views) == []
     assert source_addr("b", listing) == "h:2"  # a host id the directory lists
     assert source_addr("h:7", listing) == "h:7"  # or an address
     with pytest.raises(ConfigError, match="bad address 'zz'"):

@@ -65,7 +65,7 @@ def test_the_live_agents_of_the_directory_become_targets(etcd_url, tmp_path):
 
 @pytest.mark.parametrize(("args", "said"), [
     ((), "error: name the fleet directory: --etcd URL (or set CONSTMIG_ETCD)"),
-    (("--etcd", "https://h:2379"), "only http://"),
+    (("--etcd", "ftp://h:2379"), "only http:// and https://"),
     (("--etcd", "http://127.0.0.1:1", "--out", "/nonexistent-folder/t.json"), "/nonexistent-folder"),
 ])
 def test_bad_input_is_one_line(args, said, monkeypatch):

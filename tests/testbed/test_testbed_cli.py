@@ -101,7 +101,7 @@ def test_up_with_etcd_lists_every_agent_in_the_directory_and_down_stops_it(tmp_p
         p = cm("testbed", "run", "--name", name, "--state-dir", sd, "--", sys.executable, "-m", "constmig", "ls",
                "--json")
         assert p.returncode == 0, p.stderr
-        assert set(json.loads(p.stdout)) == {h["addr"] for h in st["hosts"]} | {"lost"}
+        assert set(json.loads(p.stdout)) == {h["addr"] for h in st["hosts"]} | {"dead", "unknown", "advice"}
     finally:
         p = cm("testbed", "down", "--name", name, "--state-dir", sd)
     assert p.returncode == 0 and "etcd" in p.stdout, p.stdout

@@ -47,6 +47,7 @@ from constmig.host import admin, pki
 from constmig.host.address import parse_addr
 from constmig.host.calls import Calls
 from constmig.host.directory import LEASE_TTL_S, parse_etcd_url
+from constmig.host.fleetwork import FleetWork
 from constmig.host.incoming import Incoming
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
@@ -122,13 +123,18 @@ class Agent:
         self.calls = Calls(self.roster, self.metrics, host_id)
         self.incoming = Incoming(self.roster, self.upkeep, self.metrics, host_id, self._launch)
         self.outgoing = Outgoing(self.roster, self.upkeep, self.metrics, listen, self.tls)
+        # drain marks and migration records in the store, carried out here (host/fleetwork.py)
+        self.fleetwork = FleetWork(etcd, host_id, listen, self.roster, self.outgoing, self.tls, state_dir,
+                                   lambda: self._terminating is not None) if etcd is not None else None
 
     @property
     def enclaves(self) -> dict[str, Hosted]:
         return self.roster.enclaves
 
     def _directory_info(self) -> dict[str, Any]:
-        return {"host_id": self.host_id, "metrics_url": self.metrics.url}
+        # state_dir and ca_dir: how to start this agent again, should it die (`constmig ls` says so)
+        return {"host_id": self.host_id, "metrics_url": self.metrics.url, "state_dir": str(self.state_dir),
+                "ca_dir": str(self.root_pem.parent.absolute())}
 
     def _figures(self) -> HostFigures:
         """The roster's figures for a scrape, and the fleet directory's health."""
@@ -163,10 +169,10 @@ class Agent:
         handle.watcher = asyncio.ensure_future(self._watch_exit(handle))  # kept: the loop holds tasks weakly
         return handle
 
-    @staticmethod
-    async def _watch_exit(handle: EnclaveHandle) -> None:
-        """An enclave process that exits without being asked to is logged at once, with its signal (a crash
-        after COMMIT is where an operator looks first; status and the metrics say it later)."""
+    async def _watch_exit(self, handle: EnclaveHandle) -> None:
+        """An enclave process that exits without being asked to is logged at once, with its signal and the
+        command that restores it from its newest checkpoint here (a crash after COMMIT is where an operator
+        looks first; status and the metrics say it later)."""
         code = await handle.proc.wait()
         if handle.stopping:
             return
@@ -175,8 +181,11 @@ class Agent:
             log.info("enclave %s (pid %d) exited", name, pid, extra=fields("enclave-exited", name, pid=pid))
             return
         reason = death_reason(code)
-        log.warning("enclave %s (pid %d) died: %s", name, pid, f"killed by {reason}" if code < 0 else f"exit code {code}",
-                    extra=fields("enclave-died", name, reason=reason, pid=pid))
+        restore = self.roster.restore_command(name)
+        log.warning("enclave %s (pid %d) died: %s; %s", name, pid,
+                    f"killed by {reason}" if code < 0 else f"exit code {code}",
+                    f"restore it with: {restore}" if restore else "it has no checkpoint here",
+                    extra=fields("enclave-died", name, reason=reason, pid=pid, restore=restore))
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -197,6 +206,8 @@ class Agent:
         # listed before it answers: whoever sees it answer finds it in the directory
         await self.upkeep.join()
         await self._server.start_serving()
+        if self.fleetwork is not None:
+            await self.fleetwork.start()
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -238,12 +249,15 @@ class Agent:
                     folder=str(self.roster.checkpoints), name=name, final=True)), TERM_WAIT_S)
                 log.warning("enclave %s checkpointed to %s; after a restart: constmig restore %s --agent %s "
                             "--name %s", name, done["path"], done["path"], self.listen, name)
+                await self.upkeep.sealed(name, str(done["path"]))
             except (ConstmigError, TimeoutError) as e:
                 log.error("enclave %s could not be checkpointed (%s): it dies with the agent", name, e or "timed out")
         self._stopping.set()
 
     async def close(self) -> None:
         self.metrics.close()
+        if self.fleetwork is not None:
+            await self.fleetwork.stop()
         await self.upkeep.leave()  # this agent drops out of the fleet at once, not when its lease runs out
         if self._server is not None:
             self._server.close()
@@ -394,6 +408,8 @@ class Agent:
             if hosted.status is S.RUNNING:
                 with contextlib.suppress(EnclaveError):
                     info.update(await hosted.handle.call(control.EnclaveStatus()))
+            if hosted.status is S.EXITED:  # its process is gone: what brings it back here, if anything
+                info["restore"] = self.roster.restore_command(name)
             if hosted.release and hosted.status in (S.PAUSED, S.RESUMING, S.FAILED):
                 info["recovery"] = self.outgoing.restore_advice(name, hosted.moving_to, hosted.release)
             out[name] = info
@@ -424,7 +440,9 @@ class Agent:
         hosted = self.roster.get(req.name)
         if hosted.status is not S.RUNNING:
             raise AgentError(f"enclave {req.name!r} is {hosted.status.value}; cannot checkpoint it now")
-        return await hosted.handle.call(control.Seal(folder=str(self.roster.checkpoints), name=hosted.name))
+        done = await hosted.handle.call(control.Seal(folder=str(self.roster.checkpoints), name=hosted.name))
+        await self.upkeep.sealed(hosted.name, str(done["path"]))
+        return done
 
     async def op_restore(self, req: control.Restore, writer: Any) -> Any:
         """Start an enclave from a sealed checkpoint; the enclave itself refuses a stale or foreign one.

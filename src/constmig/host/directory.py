@@ -8,11 +8,17 @@ the directory.
 Keys, under a prefix (default /constmig/):
   hosts/<listen>     an agent: {"host_id", "listen", "metrics_url", "since"}, under the agent's lease,
                      so an agent that dies or loses the store drops out when the lease runs out
-  enclaves/<name>    where it runs: {"at": <listen>}, changed only by transactions that compare the
-                     entry's revision, so a late update can never overwrite a newer one
+  agents/<listen>    the agent's last registration, with no lease: kept after it dies, so that its
+                     enclaves' entries still say which host and state folder can bring them back
+  enclaves/<name>    where it runs: {"at": <listen>, "checkpoint": <its newest there, once sealed>},
+                     changed only by transactions that compare the entry's revision, so a late update can
+                     never overwrite a newer one
 
 An enclave's entry outlives its agent on purpose: "kv1 was last at B, whose agent is gone" tells a
-client more than silence, and a restore elsewhere takes the name over (its old host is not alive).
+client more than silence. Its checkpoints restore only on the platform that holds its lineage (that
+host), so `constmig ls` lists it as dead with that host's restart and restore commands; `forget` drops
+the entry of a dead agent's enclave, and then any agent may take the name (a new instance: pinned
+clients tell it from the old one).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from constmig.errors import ConfigError, DirectoryError
+from constmig.host import etcd_auth
+from constmig.host.etcd_auth import EtcdCredentials
 
 PREFIX = "/constmig/"
 OP_TIMEOUT_S = 5.0  # one request to the store; an unreachable store fails within this
@@ -35,11 +43,11 @@ T = TypeVar("T")
 
 
 def parse_etcd_url(text: str) -> tuple[str, int]:
-    """'http://10.0.0.1:2379' (or '10.0.0.1:2379') -> ('10.0.0.1', 2379)."""
+    """'http://10.0.0.1:2379' (or '10.0.0.1:2379', or 'https://...' for a store with TLS) -> ('10.0.0.1', 2379)."""
     raw = text.strip()
     parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    if parts.scheme != "http":
-        raise ConfigError(f"bad etcd address {text!r}: only http:// endpoints are supported")
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"bad etcd address {text!r}: only http:// and https:// endpoints are supported")
     try:
         port = parts.port or 2379
     except ValueError:
@@ -66,15 +74,19 @@ class Directory:
     """One connection to the store. Async: the agent keeps one in its event loop; synchronous callers
     (the CLI, clients) use `blocking`."""
 
-    def __init__(self, url: str, prefix: str = PREFIX, timeout: float = OP_TIMEOUT_S) -> None:
+    def __init__(self, url: str, prefix: str = PREFIX, timeout: float = OP_TIMEOUT_S,
+                 credentials: EtcdCredentials | None = None) -> None:
         import aetcd
 
         self.url = url
         self.host, self.port = parse_etcd_url(url)
         self.prefix = prefix.rstrip("/") + "/"
         self._aetcd = aetcd
-        # A proxy from the environment (http_proxy) would carry gRPC to a store on another host through it.
-        self._c = aetcd.Client(self.host, self.port, timeout=timeout, options={"grpc.enable_http_proxy": 0})
+        # TLS and a user, for a store that asks for them (host/etcd_auth.py): from the environment by default
+        self.credentials = EtcdCredentials.from_env() if credentials is None else credentials
+        tls = url.strip().startswith("https://")
+        self.credentials.check(tls, url)
+        self._c = etcd_auth.client(self.host, self.port, timeout, self.credentials, tls)
 
     async def close(self) -> None:
         await self._c.close()
@@ -89,9 +101,9 @@ class Directory:
         try:
             return await work
         except self._aetcd.ClientError as e:
-            why = {"ConnectionFailedError": "unreachable", "ConnectionTimeoutError": "did not answer in time"}.get(
-                type(e).__name__, f"{type(e).__name__}: {e}")
-            raise DirectoryError(f"fleet directory at {self.url}: {why}") from None
+            if "invalid auth token" in str(e):  # the store restarted, or the token expired: log in again next time
+                await self._c.close()
+            raise DirectoryError(etcd_auth.why(self.url, self.credentials, type(e).__name__, str(e))) from None
 
     def _host_key(self, listen: str) -> bytes:
         return f"{self.prefix}hosts/{listen}".encode()
@@ -99,12 +111,16 @@ class Directory:
     def _enclave_key(self, name: str) -> bytes:
         return f"{self.prefix}enclaves/{name}".encode()
 
+    def _agent_key(self, listen: str) -> bytes:
+        return f"{self.prefix}agents/{listen}".encode()
+
     # ---- agents ----
     async def register(self, listen: str, info: dict[str, Any], ttl: int = LEASE_TTL_S) -> int:
         """Put this agent's entry under a new lease; returns the lease id to refresh."""
         lease = await self._do(self._c.lease(ttl))
-        await self._do(self._c.put(self._host_key(listen),
-                                   _encode({**info, "listen": listen, "since": time.time()}), lease=lease.id))
+        entry, tx = _encode({**info, "listen": listen, "since": time.time()}), self._c.transactions
+        await self._do(self._c.transaction(compare=[], failure=[], success=[
+            tx.put(self._host_key(listen), entry, lease=lease.id), tx.put(self._agent_key(listen), entry)]))
         return int(lease.id)
 
     async def refresh(self, lease_id: int) -> bool:
@@ -127,6 +143,12 @@ class Directory:
     async def alive(self, listen: str) -> bool:
         return await self._do(self._c.get(self._host_key(listen))) is not None
 
+    async def agents(self) -> dict[str, dict[str, Any]]:
+        """Every agent that ever registered, alive or not: listen address -> its last registration (its
+        host id and state folder: where a dead agent's enclaves can come back)."""
+        found = await self._do(self._c.get_prefix(f"{self.prefix}agents/".encode()))
+        return {kv.key.decode()[len(self.prefix) + len("agents/"):]: _decode(kv.value) for kv in found}
+
     # ---- enclaves ----
     async def where(self, name: str) -> str | None:
         kv = await self._do(self._c.get(self._enclave_key(name)))
@@ -136,6 +158,11 @@ class Directory:
         """Every enclave the directory knows: name -> the agent it was last seen at."""
         found = await self._do(self._c.get_prefix(f"{self.prefix}enclaves/".encode()))
         return {kv.key.decode().rsplit("/", 1)[-1]: str(_decode(kv.value).get("at") or "") for kv in found}
+
+    async def entries(self) -> dict[str, dict[str, Any]]:
+        """Every enclave's whole entry: name -> {"at", and "checkpoint" once one was sealed there}."""
+        found = await self._do(self._c.get_prefix(f"{self.prefix}enclaves/".encode()))
+        return {kv.key.decode().rsplit("/", 1)[-1]: _decode(kv.value) for kv in found}
 
     async def claim(self, name: str, at: str) -> str | None:
         """Record that `name` runs at `at`, unless the entry names another agent that is alive: then
@@ -226,18 +253,53 @@ class Directory:
             raise DirectoryError(f"no enclave named {name!r} in the fleet directory at {self.url}")
         if not await self.alive(at):
             raise DirectoryError(f"enclave {name!r} was last at {at}, whose agent is not in the fleet directory "
-                                 "(stopped, dead or cut off); restore it elsewhere from its checkpoint")
+                                 "(stopped, dead or cut off); its checkpoints restore only on that host: "
+                                 f"`constmig ls --etcd {self.url}` says how to bring it back")
         return at
 
+    async def sealed(self, name: str, at: str, checkpoint: str) -> bool:
+        """A checkpoint of `name` was sealed at `at` (whose platform holds its lineage): record it in the
+        entry, if the entry still names `at`, so that `ls` can say what brings it back once `at` is gone."""
+        key, tx = self._enclave_key(name), self._c.transactions
+        kv = await self._do(self._c.get(key))
+        entry = {} if kv is None else _decode(kv.value)
+        if entry.get("at") != at:
+            return False
+        ok, _ = await self._do(self._c.transaction(compare=[tx.mod(key) == kv.mod_revision], failure=[],
+                                                   success=[tx.put(key, _encode({**entry, "checkpoint": checkpoint}))]))
+        return bool(ok)
 
-def blocking(url: str, work: Callable[[Directory], Awaitable[T]], timeout: float = OP_TIMEOUT_S) -> T:
+    async def forget(self, name: str) -> str:
+        """Drop the entry of `name`, whose agent is gone, so that any agent may take the name; returns where
+        it was. Refused while that agent is alive, in the same compare-and-set as the delete: an agent that
+        registers again meanwhile keeps its entry."""
+        key, tx = self._enclave_key(name), self._c.transactions
+        for _ in range(5):  # each round loses only to a concurrent change; then look again
+            kv = await self._do(self._c.get(key))
+            if kv is None:
+                raise DirectoryError(f"no enclave named {name!r} in the fleet directory at {self.url}")
+            at = str(_decode(kv.value).get("at") or "")
+            compare = [tx.mod(key) == kv.mod_revision]
+            if at:
+                if await self.alive(at):
+                    raise DirectoryError(f"enclave {name!r} runs at {at}, whose agent is alive: stop it there "
+                                         f"(constmig stop {name} --agent {at}) rather than forget it")
+                compare.append(tx.version(self._host_key(at)) == 0)
+            ok, _ = await self._do(self._c.transaction(compare=compare, success=[tx.delete(key)], failure=[]))
+            if ok:
+                return at
+        raise DirectoryError(f"fleet directory at {self.url}: the entry of {name!r} kept changing; try again")
+
+
+def blocking(url: str, work: Callable[[Directory], Awaitable[T]], timeout: float = OP_TIMEOUT_S,
+             credentials: EtcdCredentials | None = None) -> T:
     """Run `work(directory)` to completion from synchronous code, in a thread with its own event loop
     (so it works whether or not the caller's thread runs one)."""
     parse_etcd_url(url)  # a bad address is the caller's mistake: say so before any thread
     box: dict[str, Any] = {}
 
     async def main() -> None:
-        async with Directory(url, timeout=timeout) as d:
+        async with Directory(url, timeout=timeout, credentials=credentials) as d:
             box["result"] = await work(d)
 
     def run() -> None:

@@ -17,6 +17,7 @@ before anything moves.
 
 from __future__ import annotations
 
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -45,10 +46,13 @@ class HostView:
     enclaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     free: int = 0  # bytes a new heap may still claim there
     error: str | None = None
+    load: float | None = None  # calls per second as published in the store (host/fleetwork.py), if not from status
 
     @property
     def calls_per_s(self) -> float:
         """Client calls per second into its running enclaves (the agents' 10 s window)."""
+        if self.load is not None:
+            return self.load
         return sum(float(e.get("calls_per_s") or 0.0) for e in self.enclaves.values() if e.get("status") == "running")
 
 
@@ -91,10 +95,13 @@ def hosts_arg(text: str) -> list[str]:
 
 @dataclass
 class Listing:
-    """What the fleet directory says: live agents (address -> entry) and where each enclave was last."""
+    """What the fleet directory says: live agents (address -> entry), where each enclave was last, each
+    enclave's whole entry (its newest checkpoint there) and every agent's last registration, dead or alive."""
 
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     enclaves: dict[str, str] = field(default_factory=dict)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def fleet_hosts(hosts: str | None, etcd: str | None) -> tuple[list[str], Listing | None]:
@@ -107,7 +114,9 @@ def fleet_hosts(hosts: str | None, etcd: str | None) -> tuple[list[str], Listing
         from constmig.host.directory import blocking
 
         async def read(d: Any) -> Listing:
-            return Listing(await d.hosts(), await d.enclaves())
+            entries = await d.entries()
+            return Listing(await d.hosts(), {n: str(e.get("at") or "") for n, e in entries.items()}, entries,
+                           await d.agents())
 
         listing = blocking(etcd, read)
     if hosts is not None:
@@ -128,20 +137,71 @@ def source_addr(source: str, listing: Listing | None) -> str:
     return source
 
 
-def lost_enclaves(listing: Listing | None, views: list[HostView]) -> dict[str, str]:
-    """Enclaves the directory lists at an agent that is not alive (name -> where they were last)."""
+@dataclass
+class Stray:
+    """An enclave the directory lists at an agent that does not answer: `dead` (the agent's lease is gone:
+    killed, stopped, or cut off from the store) or `unknown` (registered, but its status did not come)."""
+
+    name: str
+    at: str
+    state: str
+    checkpoint: str | None = None  # the newest sealed there, as its agent recorded it
+    agent: dict[str, Any] = field(default_factory=dict)  # that agent's last registration (host id, folders)
+
+
+def strays(listing: Listing | None, views: list[HostView]) -> list[Stray]:
+    """The directory's enclaves whose agent is gone (dead) or did not answer (unknown), by name."""
     if listing is None:
-        return {}
-    live = {parse_addr(v.addr) for v in views if v.error is None}
-    out = {}
-    for name, at in listing.enclaves.items():
+        return []
+
+    def key(addr: str) -> tuple[str, int] | None:
         try:
-            key = parse_addr(at)
+            return parse_addr(addr)
         except ConfigError:
-            key = None
-        if key not in live:
-            out[name] = at
+            return None
+
+    alive = {key(h) for h in listing.hosts}
+    silent = {key(v.addr) for v in views if v.error is not None}
+    out = []
+    for name, at in sorted(listing.enclaves.items()):
+        state = "dead" if key(at) not in alive or key(at) is None else "unknown" if key(at) in silent else ""
+        if state:
+            ckpt = listing.entries.get(name, {}).get("checkpoint")
+            out.append(Stray(name, at, state, str(ckpt) if ckpt else None, listing.agents.get(at, {})))
     return out
+
+
+def revival(dead: list[Stray], etcd: str) -> list[str]:
+    """What brings dead enclaves back, as lines of commands: a checkpoint restores only on the platform
+    that holds its lineage, the host it died on, so its agent starts again there on its own state folder
+    (which also lists the enclaves that died with it), and then each restores from its newest checkpoint."""
+    lines: list[str] = []
+    hosts: dict[str, list[Stray]] = {}
+    for s in dead:
+        hosts.setdefault(s.at, []).append(s)
+    for at, group in hosts.items():
+        agent = group[0].agent
+        host_id = str(agent.get("host_id") or "")
+        if agent.get("state_dir") and host_id:
+            lines.append(f"host {host_id} ({at}) is gone; its enclaves' checkpoints restore only there. Start its "
+                         "agent again on that host, with its state folder:")
+            args = ["constmig", "agent", "--listen", at, "--state-dir", str(agent["state_dir"]), "--host-id", host_id,
+                    *(["--ca-dir", str(agent["ca_dir"])] if agent.get("ca_dir") else []), "--etcd", etcd]
+            lines.append(f"  {shlex.join(args)}")
+        else:
+            lines.append(f"the agent at {at} is gone (the directory has no record of its state folder); its "
+                         "enclaves' checkpoints restore only on that host: start its agent again there with the "
+                         "--state-dir it had")
+        for s in group:
+            if s.checkpoint:
+                lines.append(f"  then: {shlex.join(['constmig', 'restore', s.checkpoint, '--agent', at, '--name', s.name])}")
+            else:
+                lines.append(f"  {s.name}: no checkpoint of it there is recorded; once that agent runs, `constmig "
+                             f"status --agent {at}` names any it finds, else its data is lost")
+    if lines:
+        lines.append(f"or give a name up (then any agent may take it, as a new instance): constmig forget NAME "
+                     f"--etcd {etcd}")
+    return lines
 
 
 @dataclass

@@ -41,6 +41,7 @@ class Phase(enum.Enum):
 
 
 FINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
+FINAL_VALUES = frozenset(p.value for p in FINAL)
 
 
 class Event(enum.Enum):
@@ -197,4 +198,5 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": spec.get("id"), "enclave": spec.get("enclave"), "from": spec.get("source"),
             "to": st.get("target") or spec.get("target"), "phase": phase_of(st).value,
             "outcome": st.get("outcome", ""), "left_bytes": prog.get("left_bytes"),
-            "rate": prog.get("ack_bytes_per_s"), "reason": st.get("reason", "")}
+            "rate": prog.get("ack_bytes_per_s"),
+            "reason": st.get("reason") or (f"not acted on: {st['refused']}" if st.get("refused") else "")}

@@ -131,8 +131,7 @@ class Roster:
         died = {}
         for name, entry in roster.items() if isinstance(roster, dict) else ():
             ckpt = self.newest_checkpoint(name)
-            info = {**entry, "checkpoint": str(ckpt) if ckpt else None}
-            info["restore"] = f"constmig restore {ckpt} --agent {self.listen} --name {name}" if ckpt else None
+            info = {**entry, "checkpoint": str(ckpt) if ckpt else None, "restore": self.restore_command(name)}
             died[name] = info
             log.warning("enclave %s died with the previous agent on %s; %s", name, self.state_dir,
                         f"restore it with: {info['restore']}" if ckpt else "it has no checkpoint here",
@@ -224,8 +223,19 @@ class Roster:
         return total
 
     async def clear_tombstone(self, name: str) -> None:
-        """A new enclave of this name replaces a tombstone of an old migration (see destination.py)."""
+        """A new enclave of this name (run, restore) replaces a tombstone of an old migration (see
+        destination.py) or a dead copy: one whose process is gone (killed, or crashed after COMMIT) holds
+        nothing any more, and the restore command printed for it must work as printed."""
         hosted = self.enclaves.get(name)
-        if hosted is not None and hosted.status is S.ABORTED:
-            del self.enclaves[name]
-            await hosted.handle.stop()
+        if hosted is None or hosted.status not in (S.ABORTED, S.EXITED):
+            return
+        if hosted.status is S.EXITED:
+            log.info("enclave %s: its dead copy (exit code %s) gives its name to the new one", name,
+                     hosted.handle.proc.returncode, extra=fields("enclave-replaced", name))
+        del self.enclaves[name]
+        await hosted.handle.stop()
+
+    def restore_command(self, name: str) -> str | None:
+        """The command that restores `name` here from its newest checkpoint here (None without one)."""
+        ckpt = self.newest_checkpoint(name)
+        return f"constmig restore {ckpt} --agent {self.listen} --name {name}" if ckpt else None

@@ -128,6 +128,15 @@ class Upkeep:
         except DirectoryError as e:
             log.warning("cannot record the move of %s to %s in the fleet directory: %s", hosted.name, to, e)
 
+    async def sealed(self, name: str, checkpoint: str) -> None:
+        """A checkpoint of `name` was sealed here: the entry says so, for `ls` to name should this agent die."""
+        if self.directory is None:
+            return
+        try:
+            await self.directory.sealed(name, self.listen, checkpoint)
+        except DirectoryError as e:
+            log.warning("cannot record the checkpoint of %s in the fleet directory: %s", name, e)
+
     async def release(self, name: str) -> None:
         self._unsynced.discard(name)
         if self.directory is None:

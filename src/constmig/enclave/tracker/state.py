@@ -68,6 +68,7 @@ class TrackerState:
         self._paused: str | None = None  # the stream stopped; waiters wait on (a reconnect may come)
         self._guarded = False
         self.untracked: UntrackedAccesses | None = None  # serves faults on guarded chunks (serve_untracked)
+        self._untracked_why: str | None = None  # why they are not served here (they crash the enclave)
         # geometry, copied out of the heap so the hot path does plain attribute reads
         self._base = heap.address
         self._size = heap.size
@@ -210,14 +211,16 @@ class TrackerState:
         else why not (the guard then stays a tripwire: such an access crashes the enclave)."""
         from constmig.enclave.tracker.untracked import UntrackedAccesses, available
 
-        why = available()
+        why = self._untracked_why = available()
         if why is None and self.untracked is None and not self.complete:
             self.untracked = UntrackedAccesses(self)
         return why
 
     def untracked_figures(self) -> dict[str, float | int]:
         """What the untracked accesses cost (figures): how many were served, and their summed wait."""
-        return self.untracked.figures() if self.untracked is not None else {"untracked_accesses": 0}
+        if self.untracked is not None:
+            return self.untracked.figures()
+        return {"untracked_accesses": 0, **({"untracked_unserved": self._untracked_why} if self._untracked_why else {})}
 
     def _failed_error(self, waiting: int = 0) -> MigrationError:
         what = f" while the app waited for {waiting} heap chunk(s)" if waiting else ""

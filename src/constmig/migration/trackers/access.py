@@ -1,5 +1,7 @@
 """The Access Tracker: the app's heap arrays check every access first (enclave/tracker/), missing chunks
-are guarded PROT_NONE, and the stream is received by threads of the enclave process."""
+are guarded PROT_NONE, and the stream is received by threads of the enclave process. An access that
+escapes the checks faults on the guard and waits in the enclave's fault handler for its chunk
+(enclave/tracker/untracked.py); the figures count those (`untracked_accesses`)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from constmig.migration.ledger import PIECE
 from constmig.migration.link import Link
 from constmig.migration.receiver import Receiver
 from constmig.migration.trackers.base import FirstWrite, Started, Stream, Tracker, receive_stream
-from constmig.wire.channel import Arrival, SealedChunk, SecureChannel, verified
+from constmig.wire.channel import SealedChunk, SecureChannel
 
 
 class AccessTracking(Tracker):
@@ -44,12 +46,13 @@ class AccessTracking(Tracker):
 
     def import_wrapper(self, missing: np.ndarray, timeout: float) -> Any:
         """Track the app's arrays until `missing` arrived; the wrapper the import hands them through."""
-        def request(chunks: Any) -> None:
+        def request(chunks: Any, offsets: np.ndarray | None = None) -> None:
             if self.receiver is not None:
-                self.receiver.request(chunks)
+                self.receiver.request(chunks, offsets=offsets)
 
         self.access = AccessTracker(self.heap, missing, request, timeout)
         self.access.adopt_guard()  # the heap was guarded at launch (prepare)
+        self.access.serve_untracked()  # escaped accesses wait for their chunk (the figures say if not)
         if self.app_module is not None:
             interpose(self.app_module)
         return self.access.track
@@ -91,7 +94,7 @@ class AccessTracking(Tracker):
             self.receiver = receive_stream(link, demand, stream.ledger, AccessInstaller(access, self.heap.chunk_size),
                                            chunk_size=self.heap.chunk_size, tracker=self.name,
                                            t_resume=stream.t_resume, resume_path=stream.resume_path,
-                                           secret=stream.secret, epoch=stream.epoch, data_plane=stream.data_plane)
+                                           secret=stream.secret, epoch=stream.epoch, receiver_cls=AccessReceiver)
             started(int(stream.ledger.expected.size), self.receiver)
             self.receiver.request(access.outstanding())  # asked for before the receiver existed
         except (ConstmigError, OSError) as e:
@@ -128,6 +131,22 @@ class AccessTracking(Tracker):
             restore_module(self.app_module)
 
 
+class AccessReceiver(Receiver):
+    """The one Receiver, its figures joined by the Access Tracker's own: the accesses that escaped the
+    checks and were served by the fault handler. The Receiver builds its figures in one dict when the heap
+    is whole and sends that dict in DONE; they join it as it is set, so the source's figures carry them."""
+
+    installer: AccessInstaller
+
+    @property  # type: ignore[override]
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, Any]) -> None:
+        self._stats = {**value, **self.installer.tracker.untracked_figures()} if value else value
+
+
 class AccessInstaller:
     """Access Tracker installs: verify into scratch, copy into the heap chunk (PROT_NONE until
     begin_install), and let the app see it when finish_install flips its bit. Not decrypted in place:
@@ -143,22 +162,19 @@ class AccessInstaller:
         self._chunk_bufs = {lane: np.ones(chunk_size, dtype=np.uint8) for lane in (False, True)}
         self._piece_buf = np.ones(min(PIECE, chunk_size), dtype=np.uint8)
 
-    def scratch(self, demand: bool) -> np.ndarray:
-        return self._chunk_bufs[demand]
-
     @staticmethod
-    def _verify_then_place(sealed: Arrival, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
+    def _verify_then_place(sealed: SealedChunk, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
         target = np.frombuffer(dst, dtype=np.uint8)
         if sealed.zero:
-            verified(sealed, chan, scratch)
+            chan.open_zero(sealed)
             target[:] = 0
             return
         if sealed.length != target.size:
             raise ProtocolError(f"chunk record carries {sealed.length} bytes where {target.size} were expected")
-        plain = verified(sealed, chan, scratch)  # in scratch: the heap chunk sees only verified bytes
-        np.copyto(target, np.frombuffer(plain, dtype=np.uint8))  # type: ignore[arg-type]
+        chan.open_chunk(sealed, memoryview(scratch[:sealed.length]))
+        np.copyto(target, scratch[:sealed.length])
 
-    def install_piece(self, index: int, piece: int, sealed: Arrival, chan: SecureChannel) -> None:
+    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
         view = self._open.get(index)
         if view is None:
             view = self._open[index] = self.tracker.begin_install(index)
@@ -172,7 +188,7 @@ class AccessInstaller:
         if self._open.pop(index, None) is not None:
             self.tracker.abort_install(index)
 
-    def install(self, index: int, sealed: Arrival, chan: SecureChannel, *, demand: bool) -> None:
+    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
         view = self.tracker.begin_install(index)
         if sealed.length != len(view):
             self.tracker.abort_install(index)

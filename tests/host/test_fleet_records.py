@@ -1,0 +1,232 @@
+"""Drain marks and migration records carried out by real agents on a real etcd: what a signature allows
+(and what the host, who holds the store, cannot make them do), a record's phases, a cancel, an undrain,
+and an agent killed mid-drain that says what became of the moves it owned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from constmig.host import pki, records
+from constmig.host.client import request
+from constmig.host.cluster import LocalCluster
+from constmig.host.directory import blocking, parse_etcd_url
+from constmig.host.orchestrate import launch_filled
+from constmig.host.record_store import RecordStore
+from constmig.host.signing import canonical, sign
+
+
+def cm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+def raw_put(url: str, key: str, value: Any) -> None:
+    """The store's owner writes a key: plain bytes, none of constmig's code."""
+    import aetcd
+
+    async def put() -> None:
+        host, port = parse_etcd_url(url)
+        async with aetcd.Client(host, port, options={"grpc.enable_http_proxy": 0}) as c:
+            await c.put(f"/constmig/{key}".encode(), json.dumps(value).encode())
+
+    asyncio.run(put())
+
+
+def read(url: str, key: str) -> dict[str, Any]:
+    got = blocking(url, lambda d: RecordStore(d).get(key))
+    return {} if got is None else got.value
+
+
+def until(what, timeout: float = 20.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (got := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return got
+
+
+def spec_of(rid: str, enclave: str, source: str = "a", **kw: Any) -> dict[str, Any]:
+    return records.Spec(rid, enclave, source, created=time.time(), **kw).as_dict()
+
+
+def record(spec: dict[str, Any], ident: pki.Identity | None) -> dict[str, Any]:
+    return {"spec": spec, **({"signature": sign(ident, spec)} if ident else {}), "status": {"phase": "Pending", "times": {"Pending": spec["created"]}}}
+
+
+@pytest.fixture(scope="module")
+def fleet(etcd_url, tmp_path_factory):
+    with LocalCluster(3, agent_args=["--etcd", etcd_url]) as c:
+        ids = tmp_path_factory.mktemp("ids")
+        other = tmp_path_factory.mktemp("other-ca")
+        pki.create_admin_ca(other)
+        yield c, etcd_url, {"alice": pki.issue(c.ca_dir, "operator", "alice", ids / "alice"),
+                            "mallory": pki.issue(other, "operator", "mallory", ids / "mallory"),
+                            "host-b": pki.read_identity(pki.host_dir(c.base / "host-b"))}
+
+
+def history(addr: str) -> list[dict[str, Any]]:
+    return request(addr, {"op": "status"})["migrations"]
+
+
+def test_what_the_store_holds_alone_moves_nothing(fleet):
+    """The host (it holds etcd) writes marks and records straight into the store: unsigned, signed by
+    another CA, by another host, replayed from another host or from long ago, a good signature moved onto
+    another enclave. None moves anything, and each says why in its status."""
+    c, url, ids = fleet
+    a, b, d = c.addrs
+    request(a, {"op": "run", "name": "kva", "app": "kvstore", "heap": 8 << 20})
+    before = history(a)
+    marks = {
+        "not signed": {"spec": records.MarkSpec("m0", "a", created=time.time()).as_dict()},
+        "not issued by this fleet's admin CA": None,
+        "may not ask this of host 'a'": None,
+        "taken for a replay": None,
+    }
+    good = records.MarkSpec("m1", "a", created=time.time()).as_dict()
+    marks["not issued by this fleet's admin CA"] = {"spec": good, "signature": sign(ids["mallory"], good)}
+    for_b = records.MarkSpec("m2", "b", created=time.time()).as_dict()  # host b's own drain, put on a's key
+    marks["may not ask this of host 'a'"] = {"spec": for_b, "signature": sign(ids["host-b"], for_b)}
+    old = records.MarkSpec("m3", "a", created=time.time() - 2 * records.FRESH_S).as_dict()
+    marks["taken for a replay"] = {"spec": old, "signature": sign(ids["alice"], old)}
+    for said, mark in marks.items():
+        raw_put(url, "drains/a", mark)
+        st = until(lambda: (read(url, "drains/a").get("status") or {}))
+        assert st["state"] == "refused" and said in st["reason"], (said, st)
+    other = spec_of("a.kvz.1", "kvz")
+    moved = {**record(other, ids["alice"]), "spec": {**other, "enclave": "kva", "id": "a.kva.1"}}
+    forged = {
+        "a.kva.0": ("not signed", record(spec_of("a.kva.0", "kva"), None)),
+        "a.kva.1": ("does not match", moved),
+        "a.kva.2": ("not issued by this fleet's admin CA", record(spec_of("a.kva.2", "kva"), ids["mallory"])),
+        # host b's certificate may sign only host b's own moves
+        "a.kva.3": ("may not ask this of host 'a'", record(spec_of("a.kva.3", "kva", drain="m2"), ids["host-b"])),
+        "a.kva.4": ("a replay", record({**spec_of("a.kva.4", "kva", target="b"),
+                                        "created": time.time() - 2 * records.FRESH_S}, ids["alice"])),
+        "a.kva.5": ("a record of host 'b'", record(spec_of("b.kva.5", "kva", source="b"), ids["alice"])),
+    }
+    for rid, (_, rec) in forged.items():
+        raw_put(url, f"migrations/{rid}", rec)
+    for rid, (said, _) in forged.items():
+        st = until(lambda rid=rid: (read(url, f"migrations/{rid}").get("status") or {}).get("refused"))
+        assert said in st, (rid, st)
+        assert read(url, f"migrations/{rid}")["status"]["phase"] == "Pending"  # not acted on
+    time.sleep(1.0)  # a few more of the agents' ticks
+    assert request(a, {"op": "status"})["enclaves"]["kva"]["status"] == "running"
+    assert "kva" not in request(b, {"op": "status"})["enclaves"] and "kva" not in request(d, {"op": "status"})["enclaves"]
+    assert history(a) == before
+    ls = cm("ls", "--etcd", url)
+    assert ls.returncode == 0 and "; drain refused: signed" in ls.stdout and "taken for a replay" in ls.stdout, ls.stdout
+    p = cm("undrain", "a", "--etcd", url)
+    assert p.returncode == 0, p.stderr
+    request(a, {"op": "stop", "name": "kva"})
+
+
+def test_an_operator_record_runs_with_its_phases_and_a_cancel_rolls_one_back(fleet):
+    c, url, ids = fleet
+    a, b, _ = c.addrs
+    launch_filled(a, "kvr", "kvstore", 16 << 20, 0.5, seed=1)
+    rid = records.new_id("a", "kvr")
+    spec = spec_of(rid, "kvr", target="b", strategy="precopy", options={"timeout": 20.0}, asked_by="operator alice")
+    assert blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
+    st = until(lambda: (s := read(url, f"migrations/{rid}")["status"])["phase"] in ("Succeeded", "Failed") and s)
+    assert st["phase"] == "Succeeded" and st["outcome"] == "done" and st["target"] == "b", st
+    assert sorted(st["times"], key=st["times"].get) == ["Pending", "Scheduled", "Running", "Succeeded"], st
+    assert "kvr" in request(b, {"op": "status"})["enclaves"] and st["figures"]["state_bytes"] > 0
+    p = cm("migrations", "show", rid, "--etcd", url)
+    assert p.returncode == 0 and json.loads(p.stdout)["signature"]["signer"] == "operator alice", p.stdout
+    p = cm("migrations", "ls", "--etcd", url, "--json")
+    rows = {r["id"]: r for r in json.loads(p.stdout)}
+    assert rows[rid]["phase"] == "Succeeded" and rows[rid]["to"] == "b" and rows[rid]["outcome"] == "done"
+    assert rows["a.kva.0"]["reason"] == "not acted on: not signed"
+    p = cm("migrations", "ls", "--etcd", url)
+    assert p.returncode == 0 and rid in p.stdout, p.stdout
+
+    # A slow one (4 MB/s for 32 MiB), cancelled while it runs, before its commit point: it rolls back.
+    launch_filled(a, "kvs", "kvstore", 32 << 20, 0.9, seed=2)
+    rid = records.new_id("a", "kvs")
+    spec = spec_of(rid, "kvs", target="b", strategy="precopy", options={"max_bandwidth": 4e6})
+    blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
+    until(lambda: read(url, f"migrations/{rid}")["status"]["phase"] == "Running")
+    env = {**os.environ, "CONSTMIG_ADMIN_CERT": str(ids["alice"].folder)}
+    p = cm("migrations", "cancel", rid, "--etcd", url, env=env)
+    assert p.returncode == 0 and "Cancelled (cancelled)" in p.stdout, (p.stdout, p.stderr)
+    st = read(url, f"migrations/{rid}")["status"]
+    # signed by host a's own certificate: this CLI runs where agent a does (as it uses a's local socket)
+    assert st["phase"] == "Cancelled" and st["outcome"] == "cancelled" and "cancelled by host a" in st["reason"], st
+    assert request(a, {"op": "status"})["enclaves"]["kvs"]["status"] == "running"
+    again = cm("migrations", "cancel", rid, "--etcd", url, env=env)
+    assert again.returncode == 1 and "is over (Cancelled)" in again.stderr and "Traceback" not in again.stderr
+    for name, at in (("kvr", b), ("kvs", a)):
+        request(at, {"op": "stop", "name": name})
+
+
+def test_an_unsigned_cancel_is_refused_and_the_move_goes_on(fleet):
+    c, url, ids = fleet
+    a, b, _ = c.addrs
+    launch_filled(a, "kvu", "kvstore", 16 << 20, 0.9, seed=3)
+    rid = records.new_id("a", "kvu")
+    spec = spec_of(rid, "kvu", target="b", strategy="precopy", options={"max_bandwidth": 4e6})
+    blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
+    until(lambda: read(url, f"migrations/{rid}")["status"]["phase"] == "Running")
+
+    async def forge(d):
+        return await RecordStore(d).update(RecordStore.record_key(rid), lambda v: {**v, "abort": {"at": 1.0}})
+    blocking(url, forge)
+    st = until(lambda: (s := read(url, f"migrations/{rid}")["status"])["phase"] == "Succeeded" and s, timeout=30)
+    assert st["abort"].startswith("refused: not signed"), st
+    request(b, {"op": "stop", "name": "kvu"})
+
+
+def test_undrain_cancels_what_has_not_started_and_a_killed_agent_says_what_became_of_its_moves(fleet):
+    c, url, ids = fleet
+    a, b, d = c.addrs
+    for i, n in enumerate(("kw1", "kw2", "kw3")):
+        launch_filled(a, n, "kvstore", 16 << 20, 0.9, seed=10 + i)
+    # One at a time, slowly: the first runs, the others wait; undrain cancels those.
+    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "4M", "--strategy", "precopy",
+           "--no-wait")
+    assert p.returncode == 0 and "marked" in p.stderr, p.stderr
+    first_mark = read(url, "drains/a")["spec"]["id"]
+    running = until(lambda: [r for r in _mine(url, "a", first_mark) if r["status"]["phase"] == "Running"])
+    ls = cm("ls", "--etcd", url, "--json")
+    assert json.loads(ls.stdout)[a]["draining"].startswith("draining ("), ls.stdout
+    assert cm("undrain", "a", "--etcd", url).returncode == 0
+    waiting = until(lambda: [r for r in _mine(url, "a", first_mark) if r["status"]["phase"] == "Cancelled"])
+    assert all("undrain" in r["status"]["reason"] for r in waiting) and len(waiting) == 2, waiting
+    first = running[0]["spec"]["id"]
+    until(lambda: read(url, f"migrations/{first}")["status"]["phase"] in records.FINAL_VALUES, timeout=30)
+
+    # Drain again, and kill the agent while its first move runs; restarted, it says what became of each.
+    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "2M", "--strategy", "precopy",
+           "--no-wait")
+    assert p.returncode == 0, p.stderr
+    mark = read(url, "drains/a")["spec"]["id"]
+    live = until(lambda: [r for r in _mine(url, "a", mark) if r["status"]["phase"] == "Running"])
+    c.kill_agent(0)
+    c.start_agent(0, a)
+    ended = until(lambda: (rs := _mine(url, "a", mark)) and all(
+        r["status"]["phase"] in records.FINAL_VALUES for r in rs) and rs, timeout=30)
+    by_id = {r["spec"]["id"]: r["status"] for r in ended}
+    killed = by_id[live[0]["spec"]["id"]]
+    assert killed["phase"] == "Failed" and "restarted before its handoff" in killed["reason"], killed
+    assert until(lambda: read(url, "drains/a")["status"]["state"] == "drained")
+    assert request(a, {"op": "status"})["enclaves"] == {}
+    assert cm("undrain", "a", "--etcd", url).returncode == 0
+
+
+def _mine(url: str, host: str, mark: str | None = None) -> list[dict[str, Any]]:
+    async def work(d):
+        return [s.value for s in await RecordStore(d).records(f"{host}.")]
+    return [r for r in blocking(url, work) if mark is None or r["spec"].get("drain") == mark]
+
+
+def test_canonical_bytes_do_not_depend_on_key_order():
+    assert canonical({"b": 1, "a": [2, {"d": 3, "c": 4}]}) == canonical({"a": [2, {"c": 4, "d": 3}], "b": 1})
