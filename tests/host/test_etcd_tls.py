@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def issue(ca: tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey], folder:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory):
     """An etcd with client TLS (certificates required) and users on; yields (url, the right credentials,
-    a second CA that signed nothing the store shows)."""
+    a second CA that signed nothing the store shows, a client certificate named after the user)."""
     if etcd_binary() is None:
         pytest.skip("no etcd binary (apt-get install etcd-server): the fleet directory tests need a real etcd")
     base = tmp_path_factory.mktemp("etcd-tls")
@@ -81,7 +82,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory):
     with LocalEtcd(tls=ServerTls(server_cert, server_key, client_ca=ca[0])) as server:
         creds = EtcdCredentials(ca[0], client_cert, client_key, USER, PASSWORD)
         server.enable_auth({USER: PASSWORD}, credentials=creds)
-        yield server.url, creds, other_ca
+        as_user = EtcdCredentials(ca[0], *issue(ca, base / "as-user", USER, server=False))
+        yield server.url, creds, other_ca, as_user
 
 
 def with_(creds: EtcdCredentials, **change: object) -> EtcdCredentials:
@@ -89,7 +91,7 @@ def with_(creds: EtcdCredentials, **change: object) -> EtcdCredentials:
 
 
 def test_register_and_look_up_through_tls_and_a_user(secured):
-    url, creds, _ = secured
+    url, creds, _, _ = secured
     assert url.startswith("https://127.0.0.1:")
 
     async def work(d: Directory) -> None:
@@ -113,7 +115,7 @@ def test_register_and_look_up_through_tls_and_a_user(secured):
     ({"user": None, "password": None, "cert": None, "key": None}, "TLS handshake failed (check CONSTMIG_ETCD_CERT"),
 ])
 def test_each_wrong_setting_is_one_line(secured, change, says):
-    url, creds, other_ca = secured
+    url, creds, other_ca, _ = secured
     bad = with_(creds, **{k: other_ca if v == "other" else v for k, v in change.items()})
 
     async def look(d: Directory) -> object:
@@ -129,7 +131,7 @@ def test_each_wrong_setting_is_one_line(secured, change, says):
 
 
 def test_settings_that_cannot_work_are_refused_before_anything_is_sent(secured):
-    url, creds, _ = secured
+    url, creds, _, _ = secured
     with pytest.raises(ConfigError, match="are set .* but http://127.0.0.1:1 is not https://"):
         Directory("http://127.0.0.1:1", credentials=creds)
     with pytest.raises(ConfigError, match="needs both CONSTMIG_ETCD_CERT and CONSTMIG_ETCD_KEY"):
@@ -139,7 +141,7 @@ def test_settings_that_cannot_work_are_refused_before_anything_is_sent(secured):
 
 
 def test_the_cli_reaches_it_with_the_options_and_the_password_from_the_environment(secured, tmp_path):
-    url, creds, other_ca = secured
+    url, creds, other_ca, _ = secured
     blocking(url, lambda d: d.claim("tls2", "10.8.0.2:7001"), credentials=creds)  # an agent that is gone
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSTMIG_ETCD")}
     opts = ["--etcd", url, "--etcd-ca", str(creds.ca), "--etcd-cert", str(creds.cert), "--etcd-key",
@@ -149,8 +151,9 @@ def test_the_cli_reaches_it_with_the_options_and_the_password_from_the_environme
         return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True, timeout=60,
                               env={**env, **extra}, stdin=subprocess.DEVNULL)
 
-    p = cm("forget", "tls2", *opts[:-2])  # no user: the store asks for one
+    p = cm("forget", "tls2", *opts[:-2])  # no user, and the certificate names none
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "permission denied to the user the client certificate names: set CONSTMIG_ETCD_USER" in p.stderr, p.stderr
     p = cm("forget", "tls2", *opts, **{ENV["password"]: PASSWORD})
     assert p.returncode == 0 and "forgot tls2 (last at 10.8.0.2:7001" in p.stdout, p.stderr
     p = cm("forget", "tls2", *opts[:2], **{ENV["ca"]: str(other_ca), ENV["cert"]: str(creds.cert),
@@ -159,7 +162,7 @@ def test_the_cli_reaches_it_with_the_options_and_the_password_from_the_environme
 
 
 def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_path):
-    url, creds, _ = secured
+    url, creds, _, _ = secured
     ca = make_ca(tmp_path / "ca", "restart CA")
     cert, key = issue(ca, tmp_path / "server", "etcd", server=True)
     first = LocalEtcd(data_dir=tmp_path / "data", tls=ServerTls(cert, key)).start()
@@ -186,6 +189,8 @@ def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_pat
         seen = asyncio.run(main())
         assert seen[-1] == "10.8.0.3:7001", seen  # the next request logged in again
         assert all(s == "10.8.0.3:7001" or "the next request logs in again" in s for s in seen), seen
+        with pytest.raises(DirectoryError, match="the store requires a user: set CONSTMIG_ETCD_USER and CONSTMIG_ETCD_PA"):
+            blocking(first.url, lambda d: d.where("tok"), credentials=EtcdCredentials(ca[0]))  # TLS, but no user
     finally:
         first.stop()
         if again is not None:
@@ -195,14 +200,24 @@ def test_a_token_the_restarted_store_no_longer_knows_is_renewed(secured, tmp_pat
 def test_an_agent_joins_with_the_options_and_ls_finds_it(secured, monkeypatch):
     from constmig.host.cluster import LocalCluster
 
-    url, creds, _ = secured
+    url, creds, _, _ = secured
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(ENV["password"], PASSWORD)  # the agent's and ls's password, from the environment only
     opts = ["--etcd", url, "--etcd-ca", str(creds.ca), "--etcd-cert", str(creds.cert), "--etcd-key", str(creds.key),
             "--etcd-user", USER]
     with LocalCluster(1, agent_args=opts) as c:
-        assert c.addrs[0] in blocking(url, lambda d: d.hosts(), credentials=creds)
+        deadline = time.monotonic() + 10  # its local socket may answer before it has joined
+        while c.addrs[0] not in blocking(url, lambda d: d.hosts(), credentials=creds):
+            assert time.monotonic() < deadline, (c.base / "agent-a.log").read_text()[-2000:]
+            time.sleep(0.1)
         p = subprocess.run([sys.executable, "-m", "constmig", "ls", *opts, "--json"], capture_output=True, text=True,
                            timeout=60, stdin=subprocess.DEVNULL)
         assert p.returncode == 0 and c.addrs[0] in json.loads(p.stdout), p.stderr
+
+
+def test_a_client_certificate_named_after_a_user_stands_for_it(secured):
+    url, _, _, as_user = secured
+    assert as_user.user is None and as_user.password is None
+    assert blocking(url, lambda d: d.claim("tls3", "10.8.0.4:7001"), credentials=as_user) is None
+    assert blocking(url, lambda d: d.where("tls3"), credentials=as_user) == "10.8.0.4:7001"

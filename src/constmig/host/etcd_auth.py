@@ -94,9 +94,12 @@ def why(url: str, creds: EtcdCredentials, kind: str, details: str) -> str:
                 "(or a client certificate whose common name is an etcd user)")
     if "invalid auth token" in low:
         return f"fleet directory at {url}: the store no longer knows this login (it restarted?); the next request logs in again"
-    if "permission denied" in low:
-        return (f"fleet directory at {url}: etcd user {creds.user or '(the certificate name)'!r} may not do this "
-                "(permission denied): grant it readwrite on the fleet's prefix (/constmig/)")
+    if "permission denied" in low and creds.user:
+        return (f"fleet directory at {url}: etcd user {creds.user!r} may not do this (permission denied): grant "
+                "it readwrite on the fleet's prefix (/constmig/)")
+    if "permission denied" in low:  # etcd took the client certificate's common name for the user
+        return (f"fleet directory at {url}: permission denied to the user the client certificate names: set "
+                f"{ENV['user']} and {ENV['password']}, or grant that user readwrite on /constmig/")
     if kind == "ConnectionFailedError":
         return f"fleet directory at {url}: unreachable"
     if kind == "ConnectionTimeoutError":
