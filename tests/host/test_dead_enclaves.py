@@ -34,3 +34,10 @@ def test_one_agent_line_per_host_and_none_without_its_record():
     assert [line.split()[3] for line in lines if "constmig restore" in line] == ["/b/x.v1.ckpt", "/b/z.v2.ckpt",
                                                                                   "/c/y.v1.ckpt"]
     assert revival([], URL) == []
+
+
+def test_for_a_store_with_tls_the_agent_line_says_it_needs_the_same_settings():
+    agent = {"host_id": "a", "state_dir": "/srv/a"}
+    lines = revival([Stray("kv1", "h:1", "dead", "/srv/a/checkpoints/kv1.v1.ckpt", agent)], "https://etcd:2379")
+    assert "with its state folder (and the CONSTMIG_ETCD_* settings this store needs):" in lines[0]
+    assert "CONSTMIG_ETCD_" not in revival([Stray("kv1", "h:1", "dead", None, agent)], URL)[0]

@@ -183,8 +183,9 @@ def revival(dead: list[Stray], etcd: str) -> list[str]:
         agent = group[0].agent
         host_id = str(agent.get("host_id") or "")
         if agent.get("state_dir") and host_id:
+            tls = " (and the CONSTMIG_ETCD_* settings this store needs)" if etcd.startswith("https://") else ""
             lines.append(f"host {host_id} ({at}) is gone; its enclaves' checkpoints restore only there. Start its "
-                         "agent again on that host, with its state folder:")
+                         f"agent again on that host, with its state folder{tls}:")
             args = ["constmig", "agent", "--listen", at, "--state-dir", str(agent["state_dir"]), "--host-id", host_id,
                     *(["--ca-dir", str(agent["ca_dir"])] if agent.get("ca_dir") else []), "--etcd", etcd]
             lines.append(f"  {shlex.join(args)}")
