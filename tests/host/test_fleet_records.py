@@ -149,10 +149,10 @@ def test_an_operator_record_runs_with_its_phases_and_a_cancel_rolls_one_back(fle
     p = cm("migrations", "ls", "--etcd", url)
     assert p.returncode == 0 and rid in p.stdout, p.stdout
 
-    # A slow one (4 MB/s for 32 MiB), cancelled while it runs, before its commit point: it rolls back.
-    launch_filled(a, "kvs", "kvstore", 32 << 20, 0.9, seed=2)
+    # A slow one (2 MB/s for 16 MiB), cancelled while it runs, before its commit point: it rolls back.
+    launch_filled(a, "kvs", "kvstore", 16 << 20, 0.9, seed=2)
     rid = records.new_id("a", "kvs")
-    spec = spec_of(rid, "kvs", target="b", strategy="precopy", options={"max_bandwidth": 4e6})
+    spec = spec_of(rid, "kvs", target="b", strategy="precopy", options={"max_bandwidth": 2e6})
     blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
     until(lambda: read(url, f"migrations/{rid}")["status"]["phase"] == "Running")
     env = {**os.environ, "CONSTMIG_ADMIN_CERT": str(ids["alice"].folder)}
@@ -189,9 +189,9 @@ def test_undrain_cancels_what_has_not_started_and_a_killed_agent_says_what_becam
     c, url, ids = fleet
     a, b, d = c.addrs
     for i, n in enumerate(("kw1", "kw2", "kw3")):
-        launch_filled(a, n, "kvstore", 16 << 20, 0.9, seed=10 + i)
+        launch_filled(a, n, "kvstore", 8 << 20, 0.9, seed=10 + i)
     # One at a time, slowly: the first runs, the others wait; undrain cancels those.
-    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "4M", "--strategy", "precopy",
+    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "2M", "--strategy", "precopy",
            "--no-wait")
     assert p.returncode == 0 and "marked" in p.stderr, p.stderr
     first_mark = read(url, "drains/a")["spec"]["id"]
@@ -205,7 +205,7 @@ def test_undrain_cancels_what_has_not_started_and_a_killed_agent_says_what_becam
     until(lambda: read(url, f"migrations/{first}")["status"]["phase"] in records.FINAL_VALUES, timeout=30)
 
     # Drain again, and kill the agent while its first move runs; restarted, it says what became of each.
-    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "2M", "--strategy", "precopy",
+    p = cm("drain", "a", "--etcd", url, "--parallel", "1", "--max-bandwidth", "1M", "--strategy", "precopy",
            "--no-wait")
     assert p.returncode == 0, p.stderr
     mark = read(url, "drains/a")["spec"]["id"]

@@ -39,9 +39,10 @@ from constmig.units import available_memory
 from constmig.wire import control
 
 log = logging.getLogger("constmig.agent")
-TICK_S = 0.5  # how often the agent reads its mark and its records
-ROOM_EVERY_S = 2.0  # how often it publishes its room and load
-ROOM_TTL = 10
+TICK_S = 1.0  # how often the agent reads its mark and its records
+ROOM_EVERY_S = 3.0  # how often it keeps its room entry's lease, and rewrites the entry if its figures moved
+ROOM_TTL = 15
+ROOM_STEP = 64 << 20  # free memory moving less than this (and calls by less than a tenth) is not rewritten
 PROGRESS_EVERY_S = 1.0  # a running record's progress is written at most this often
 MAX_TRIES = 3  # moves of one enclave under one mark before the drain leaves it (stuck, and says so)
 SEEN_KEEP = 5000  # record ids remembered as finished (a replayed old record is refused)
@@ -79,6 +80,7 @@ class FleetWork:
         self._cancelling: asyncio.Task[None] | None = None  # kept: the loop holds tasks weakly
         self._task: asyncio.Task[None] | None = None
         self._room_lease: int | None = None
+        self._room_last: dict[str, Any] | None = None  # the figures the entry holds
         self._room_at = 0.0
         self._away = False
 
@@ -155,9 +157,14 @@ class FleetWork:
         room = {"listen": self.listen, "free": max(available_memory() - self.roster.promised(), 0),
                 "calls_per_s": round(sum(h.calls.per_second() for h in running), 3), "at": time.time()}
         try:
-            if self._room_lease is None or not await self.directory.refresh(self._room_lease):
+            fresh = self._room_lease is None or not await self.directory.refresh(self._room_lease)
+            if fresh:
                 self._room_lease = await self.directory.lease(ROOM_TTL)
-            await self.directory.write(f"room/{self.host_id}", canonical(room), lease=self._room_lease)
+            last = self._room_last
+            if fresh or last is None or abs(room["free"] - last["free"]) >= ROOM_STEP or \
+                    abs(room["calls_per_s"] - last["calls_per_s"]) > 0.1 * max(last["calls_per_s"], 1.0):
+                await self.directory.write(f"room/{self.host_id}", canonical(room), lease=self._room_lease)
+                self._room_last = room
         except DirectoryError:
             self._room_lease = None
             raise
