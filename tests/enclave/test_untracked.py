@@ -136,3 +136,19 @@ def test_once_the_heap_is_whole_the_watcher_ends():
                "time.sleep(0.2); print('threads', sorted(th.name for th in threading.enumerate()))")
     assert proc.returncode == 0, proc.stderr
     assert "'untracked'" not in proc.stdout.split("threads")[1], proc.stdout
+
+
+def test_a_chunk_installed_piece_by_piece_is_never_seen_half_there():
+    """The installer writes a guarded chunk in two halves with a pause between (as demanded pieces
+    arrive); an escaped read meanwhile waits for the whole verified chunk, it never sees the half."""
+    access = ("view = t.begin_install(8)\n"
+              "view[:CHUNK // 2] = b'\\x09' * (CHUNK // 2)\n"
+              "def rest():\n"
+              "    time.sleep(0.2)\n"
+              "    view[CHUNK // 2:] = b'\\x09' * (CHUNK // 2)\n"
+              "    t.finish_install(8)\n"
+              "threading.Thread(target=rest).start()\n"
+              "print('got', bytes(np.asarray(a)[8 * CHUNK // 8:9 * CHUNK // 8].view(np.uint8)) == b'\\x09' * CHUNK)")
+    proc = run(access, request="lambda chunks, offsets=None: None")
+    assert proc.returncode == 0, proc.stderr
+    assert "got True" in proc.stdout and "'untracked_accesses': 1" in proc.stdout, proc.stdout

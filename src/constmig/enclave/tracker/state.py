@@ -67,6 +67,11 @@ class TrackerState:
         self._failure: str | None = None
         self._paused: str | None = None  # the stream stopped; waiters wait on (a reconnect may come)
         self._guarded = False
+        # guarded installs write a private buffer, then the chunk through /proc/self/mem (begin_install)
+        self._staging: dict[int, np.ndarray] = {}
+        self._staging_free: list[np.ndarray] = []
+        self._mem_fd: int | None = None
+        self.staging_unavailable: str | None = None  # why guarded chunks are opened while installed
         self.untracked: UntrackedAccesses | None = None  # serves faults on guarded chunks (serve_untracked)
         self._untracked_why: str | None = None  # why they are not served here (they crash the enclave)
         # geometry, copied out of the heap so the hot path does plain attribute reads
@@ -229,17 +234,25 @@ class TrackerState:
     # -- installer side ----------------------------------------------------------------------------
 
     def begin_install(self, index: int) -> memoryview:
-        """Claim missing chunk `index` for writing; returns its heap memory (writable even if guarded)."""
+        """Claim missing chunk `index` for writing; returns the memory its bytes go into.
+
+        Guarded, that is a private buffer (`_staging`): the chunk stays PROT_NONE until finish_install has
+        written all of it, so no access, however it reads, ever sees it half installed (a piece at a time,
+        or mid-copy). Unguarded, it is the chunk's heap memory itself."""
         i = self._index(index)
         with self._cond:
             if not self.missing[i]:
                 raise MigrationError(f"chunk {i} is not awaited (not expected, or restored already)")
             if self._installing[i]:
                 raise MigrationError(f"chunk {i} is being installed already")
-            if self._guarded:
-                self._protect(i, i + 1, PROT_RW)
+            staged = self._guarded and self._mem() is not None
+            if self._guarded and not staged:
+                self._protect(i, i + 1, PROT_RW)  # no way to write a guarded chunk: open it meanwhile
             self._installing[i] = True
-        return self.heap.chunk_view(i)
+            if staged:
+                buf = self._staging_free.pop() if self._staging_free else np.empty(self._chunk, dtype=np.uint8)
+                self._staging[i] = buf
+        return memoryview(buf) if staged else self.heap.chunk_view(i)
 
     def finish_install(self, index: int) -> None:
         """The chunk's bytes are in place and verified: let the app see it and wake waiters."""
@@ -247,12 +260,26 @@ class TrackerState:
         with self._cond:
             if not self._installing[i]:
                 raise MigrationError(f"chunk {i} was not being installed (call begin_install first)")
+            buf = self._staging.get(i)
+        if buf is not None:  # still PROT_NONE: written whole through the kernel, then opened
+            fd = self._mem()
+            assert fd is not None
+            write_guarded(fd, self._base + i * self._chunk, buf)
+        with self._cond:
+            if buf is not None:
+                del self._staging[i]
+                self._staging_free.append(buf)
+                self._protect(i, i + 1, PROT_RW)
             self._installing[i] = False
             self._restored_at[i] = time.perf_counter()
             self.missing[i] = False
             self._n_missing -= 1
             if self._n_missing == 0:
                 self.complete = True
+                self._staging_free.clear()
+                if self._mem_fd is not None and self._mem_fd >= 0:
+                    os.close(self._mem_fd)  # nothing more is installed
+                    self._mem_fd = -1
             self._cond.notify_all()
         if self.untracked is not None:
             self.untracked.installed()
@@ -266,8 +293,21 @@ class TrackerState:
             if not self._installing[i]:
                 return  # called from error paths: never mask the original error
             self._installing[i] = False
-            if self._guarded:
+            buf = self._staging.pop(i, None)
+            if buf is not None:
+                self._staging_free.append(buf)  # never written to the heap: the chunk stayed guarded
+            elif self._guarded:
                 self._protect(i, i + 1, PROT_NONE)
+
+    def _mem(self) -> int | None:
+        """/proc/self/mem, which writes a PROT_NONE chunk (as a debugger pokes a read-only page); None
+        where it cannot be opened (the chunk is then opened for its install)."""
+        if self._mem_fd is None:
+            try:
+                self._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                self._mem_fd, self.staging_unavailable = -1, f"cannot open /proc/self/mem: {e.strerror or e}"
+        return self._mem_fd if self._mem_fd >= 0 else None
 
     def pause(self, reason: str) -> None:
         """The stream stopped: accesses to missing chunks keep waiting (up to their timeout) for a reconnect."""
@@ -355,6 +395,18 @@ def guard_heap(heap: Heap) -> None:
     """PROT_NONE over the whole heap of an incoming enclave, before any migration starts (see adopt_guard)."""
     if _mprotect(heap.address, heap.size, PROT_NONE) != 0:
         raise MigrationError(f"mprotect of the heap failed: {os.strerror(ctypes.get_errno())}")
+
+
+def write_guarded(mem_fd: int, address: int, data: np.ndarray) -> None:
+    """Write `data` at `address` through /proc/self/mem, which the kernel lets write a PROT_NONE page of
+    a private mapping (as ptrace does): the page stays inaccessible to the app throughout."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwrite(mem_fd, view[done:], address + done)
+        if n <= 0:
+            raise MigrationError(f"short write of a guarded heap chunk ({done} of {len(view)} bytes)")
+        done += n
 
 
 def protect_chunks(heap: Heap, chunks: np.ndarray, prot: int) -> int:
