@@ -1,6 +1,7 @@
 """A drain as a mark the fleet carries out (issue 35), end to end: a real etcd, three agents, the stock
 CLI writes the mark and is killed once the first move runs; the drained host's agent finishes the drain,
-every enclave answers with its data where it went, and each record shows its phases. Then the host plays
+every enclave answers with its data where it went (a client reads and writes one of them throughout,
+and finds every acknowledged write), and each record shows its phases. Then the host plays
 the attacker: an unsigned mark written straight into etcd moves nothing."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import pytest
 from tests.host.test_fleet_records import raw_put, read, until
 
+from constmig.bench.loadgen import KVHammer
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
 from constmig.host.directory import blocking
@@ -38,7 +40,10 @@ def test_a_drain_whose_cli_is_killed_finishes_and_an_unsigned_mark_moves_nothing
         a, b, d = c.addrs
         written = {n: launch_filled(a, n, "kvstore", 16 << 20, 0.8, seed=i, client_keys=16)
                    for i, n in enumerate(NAMES)}
-        sums = {n: app_checksum(a, n) for n in NAMES}
+        sums = {n: app_checksum(a, n) for n in NAMES[1:]}
+        hammer = KVHammer(a, "kv1", keys=200, write_ratio=0.3, seed=7)  # a client reads and writes throughout
+        hammer.preload()
+        hammer.start()
         cli = subprocess.Popen([sys.executable, "-m", "constmig", "drain", "a", "--etcd", url, "--parallel", "2",
                                 "--max-bandwidth", "16M", "--strategy", "precopy", "--json", "-"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,7 +53,12 @@ def test_a_drain_whose_cli_is_killed_finishes_and_an_unsigned_mark_moves_nothing
         cli.communicate(timeout=10)
         t0 = time.monotonic()
         st = until(lambda: (s := read(url, "drains/a")["status"])["state"] in ("drained", "stuck") and s, timeout=60)
-        print(f"\ndrain finished {time.monotonic() - t0:.1f} s after its CLI was killed")
+        report = hammer.stop()
+        print(f"\ndrain finished {time.monotonic() - t0:.1f} s after its CLI was killed; the client made "
+              f"{report.calls} calls, worst gap {report.max_gap_ms:.0f} ms")
+        assert report.calls > 0 and report.errors == [] and report.wrong == 0
+        assert hammer.verify() == 0  # every acknowledged write is where kv1 runs now
+        hammer.close()
         assert st["state"] == "drained" and st["left"] == [], st
         recs = records_of(url, "a", mark)
         assert sorted(r["spec"]["enclave"] for r in recs) == NAMES  # one record per move, none repeated
@@ -61,6 +71,7 @@ def test_a_drain_whose_cli_is_killed_finishes_and_an_unsigned_mark_moves_nothing
         where = {r["spec"]["enclave"]: r["status"]["target_addr"] for r in recs}
         for n in NAMES:
             assert request(where[n], {"op": "status"})["enclaves"][n]["status"] == "running"
+        for n in NAMES[1:]:
             assert app_checksum(where[n], n) == sums[n]
         from constmig.client import EnclaveClient
 
