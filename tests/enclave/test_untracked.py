@@ -123,7 +123,10 @@ def test_a_failed_migration_ends_the_wait_at_once():
 @pytest.mark.parametrize("fault", ["ctypes.string_at(8, 1)",  # outside the heap
                                    # inside it, on a chunk that is not missing (protected by something else)
                                    "from constmig.enclave.tracker import protect_chunks, PROT_NONE; "
-                                   "protect_chunks(heap, np.array([6]), PROT_NONE); print(int(heap.buf[6 * CHUNK]))"])
+                                   "protect_chunks(heap, np.array([6]), PROT_NONE); print(int(heap.buf[6 * CHUNK]))",
+                                   # a write to a read-only chunk: readable, so it must not be retried forever
+                                   "from constmig.enclave.tracker import protect_chunks; "
+                                   "protect_chunks(heap, np.array([6]), 1); heap.buf[6 * CHUNK] = 1"])
 def test_a_real_crash_stays_a_crash_and_reaches_the_previous_handler(fault):
     proc = run(fault, before="faulthandler.enable()")
     assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr)

@@ -241,6 +241,20 @@ static int serve_guarded(guard_t *g, uintptr_t a) {
 
 static void pass_on(int sig, siginfo_t *si, void *uctx);
 
+/* The same address faulting again and again on a readable page is no install race but a write to a page
+ * something else left read-only: after SPIN_LIMIT retries in a row it is passed on (a crash, not a spin). */
+#define SPIN_LIMIT 1000
+static uintptr_t spin_addr;
+static unsigned spins;
+
+static int spinning(uintptr_t a) {
+    if (__atomic_exchange_n(&spin_addr, a, __ATOMIC_RELAXED) != a) {
+        __atomic_store_n(&spins, 0, __ATOMIC_RELAXED);
+        return 0;
+    }
+    return __atomic_add_fetch(&spins, 1, __ATOMIC_RELAXED) > SPIN_LIMIT;
+}
+
 static void on_segv(int sig, siginfo_t *si, void *uctx) {
     uintptr_t a = (uintptr_t)si->si_addr;
     int saved = errno;
@@ -257,10 +271,13 @@ static void on_segv(int sig, siginfo_t *si, void *uctx) {
         pass_on(sig, si, uctx); /* given up: a crash, with the line give_up wrote */
         return;
     }
-    for (int i = 0; i < MAX_GUARDS; i++) { /* installed between the fault and the check above */
+    /* Installed between the fault and the check above (the guard may even have been dropped since, the
+     * heap being whole): a guarded heap's chunk is either PROT_NONE or open, so readable now means the
+     * access will succeed when it runs again. */
+    for (int i = 0; i < MAX_GUARDS; i++) {
         guard_t *g = &guards[i];
-        if (__atomic_load_n(&g->state, __ATOMIC_ACQUIRE) != G_FREE && a >= g->base && a < g->base + g->size &&
-            !in_tracked_region(a) && readable(a)) {
+        if (g->size != 0 && a >= g->base && a < g->base + g->size && !in_tracked_region(a) && readable(a) &&
+            !spinning(a)) {
             errno = saved;
             return;
         }

@@ -30,6 +30,11 @@ except ImportError as e:  # built by `pip install` (setup.py); absent where no C
     _NOT_BUILT = f"the enclave's fault handler was not built at install ({e})"
 
 
+# The buffers a guard's handler reads, kept for the process's life: a fault that began while its guard
+# served may still read them after the tracker is gone (one small set per incoming migration).
+_KEEP: list[tuple[np.ndarray, ...]] = []
+
+
 def available() -> str | None:
     """None when untracked accesses can be served here; else why not (they then crash the enclave)."""
     return None if _wtrack is not None else _NOT_BUILT
@@ -49,6 +54,7 @@ class UntrackedAccesses:
         self._taken = np.zeros(n, dtype=np.uint8)
         self._efd = os.eventfd(0, os.EFD_CLOEXEC)
         self._closed = False
+        _KEEP.append((state.missing, self._wanted, self._where))
         _wtrack.guard(self._base, state.heap.size, state.heap.chunk_size, state.missing.ctypes.data,
                       self._wanted.ctypes.data, self._where.ctypes.data, n, self._efd, state.timeout)
         self._thread = threading.Thread(target=self._watch, name="untracked", daemon=True)
@@ -91,20 +97,21 @@ class UntrackedAccesses:
         return {"untracked_accesses": int(served), "untracked_wait_s": round(waited, 4)}
 
     def whole(self) -> None:
-        """The heap is whole: nothing is missing, so nothing more faults here; the watcher ends (the guard
-        stays registered until close, so accesses still waking read their chunk and the figures stay)."""
+        """The heap is whole: nothing is missing, so no fault is ours any more (a write tracker's, later,
+        goes straight to it); the guard is dropped and the watcher ends. Waiting accesses find their
+        chunk restored; the figures stay readable."""
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving (the heap is whole, or goes away): an access still waiting for a missing chunk
+        gives up, and a fault from now on is not ours."""
         if self._closed:
             return
         self._closed = True
+        _wtrack.forget_guard(self._base)
         with contextlib.suppress(OSError):
             os.eventfd_write(self._efd, 1)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=1.0)
-
-    def close(self) -> None:
-        """Stop serving (the heap goes away, or is opened unverified): a waiting access gives up, and a
-        fault from now on is a crash."""
-        self.whole()
-        _wtrack.forget_guard(self._base)
         # The eventfd stays open (one per incoming migration): a handler that saw the guard serving just
         # before the close may still write to it, and must never write to a reused descriptor.
