@@ -1,9 +1,12 @@
-"""The native pieces: the enclave's own write-fault handler (src/constmig/enclave/_wtrack.c) and the
-native data plane (src/constmig/native/_engine.c, AES-256-GCM through the system's libcrypto).
+"""The native pieces: the enclave's own fault handler (src/constmig/enclave/_wtrack.c: write tracking,
+and the Access Tracker's guard serving accesses its checks miss) and the native data plane
+(src/constmig/native/_engine.c, AES-256-GCM through the system's libcrypto).
 
 Everything else is in pyproject.toml. Where no C compiler (or no OpenSSL headers) is at hand the package
 still installs; the Access Tracker's pre-copy then says that its write tracker was not built
-(constmig.enclave.dirty), and constmig.native says why the engine is missing (the Python path runs).
+(constmig.enclave.dirty), its figures say why escaped accesses are not served (untracked_unserved: they
+crash the enclave, never read zeros), and constmig.native says why the engine is missing (the Python
+path runs).
 """
 
 from setuptools import Extension, setup
