@@ -155,3 +155,22 @@ def test_a_chunk_installed_piece_by_piece_is_never_seen_half_there():
     proc = run(access, request="lambda chunks, offsets=None: None")
     assert proc.returncode == 0, proc.stderr
     assert "got True" in proc.stdout and "'untracked_accesses': 1" in proc.stdout, proc.stdout
+
+
+def test_without_the_handler_the_figures_say_why_escaped_accesses_are_not_served(monkeypatch):
+    """A host where _wtrack.c was not built (no C compiler): the guard stays a tripwire, and says so."""
+    import numpy as np
+
+    from constmig.enclave.heap import Heap
+    from constmig.enclave.tracker import AccessTracker, untracked
+
+    monkeypatch.setattr(untracked, "_wtrack", None)
+    monkeypatch.setattr(untracked, "_NOT_BUILT", "the enclave's fault handler was not built at install (test)",
+                        raising=False)
+    heap = Heap(1 << 20, chunk_size=64 << 10)
+    t = AccessTracker(heap, np.array([2, 3]), lambda chunks, offsets=None: None)
+    assert t.serve_untracked() == "the enclave's fault handler was not built at install (test)"
+    assert t.untracked is None
+    assert t.untracked_figures() == {"untracked_accesses": 0,
+                                     "untracked_unserved": "the enclave's fault handler was not built at install (test)"}
+    heap.close()
