@@ -555,7 +555,10 @@ def _mark_drain(source: str, etcd: str, parallel: int, max_bandwidth: int, strat
     if not quiet:
         click.echo(f"drain {mark.id} of host {target.host_id} marked ({len(heaps)} running enclaves; signed as "
                    f"{mark.asked_by}); its agent carries it out", err=not wait)
-    if not wait:
+    if not wait or target.addr is None:
+        if target.addr is None and not quiet:
+            click.echo(f"host {target.host_id} is not in the fleet directory now: its agent carries the drain out "
+                       "when it joins again", err=True)
         write_json({"source": target.addr, "host_id": target.host_id, "drain": mark.id}, json_path)
         return
     from constmig.progress import DrainProgress, print_drain

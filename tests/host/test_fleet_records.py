@@ -230,3 +230,42 @@ def _mine(url: str, host: str, mark: str | None = None) -> list[dict[str, Any]]:
 
 def test_canonical_bytes_do_not_depend_on_key_order():
     assert canonical({"b": 1, "a": [2, {"d": 3, "c": 4}]}) == canonical({"a": [2, {"c": 4, "d": 3}], "b": 1})
+
+
+def test_a_signed_record_that_cannot_run_fails_with_one_line(fleet):
+    c, url, ids = fleet
+    a = c.addrs[0]
+    request(a, {"op": "run", "name": "kvb", "app": "kvstore", "heap": 8 << 20})
+    cases = {"a.kvb.bad1": ("bad options: ", spec_of("a.kvb.bad1", "kvb", target="b", options={"max_bandwidth": "x"})),
+             "a.kvb.bad2": ("target host 'zz' is not in the fleet directory", spec_of("a.kvb.bad2", "kvb", target="zz")),
+             "a.kvb.bad3": ("enclave 'nope' is not here on host a", spec_of("a.kvb.bad3", "nope", target="b"))}
+    for rid, (_, spec) in cases.items():
+        blocking(url, lambda d, rid=rid, spec=spec: RecordStore(d).create(RecordStore.record_key(rid),
+                                                                           record(spec, ids["alice"])))
+    for rid, (said, _) in cases.items():
+        st = until(lambda rid=rid: (s := read(url, f"migrations/{rid}")["status"])["phase"] == "Failed" and s)
+        assert said in st["reason"] and "\n" not in st["reason"], st
+    assert request(a, {"op": "status"})["enclaves"]["kvb"]["status"] == "running"
+    request(a, {"op": "stop", "name": "kvb"})
+
+
+def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet):
+    """Last in this module: it retires agent c."""
+    c, url, ids = fleet
+    for args, said in ((["drain", "zz", "--etcd", url], "no host 'zz' has ever joined the fleet directory"),
+                       (["drain", "127.0.0.1:1", "--etcd", url], "no agent at 127.0.0.1:1 in the fleet directory"),
+                       (["undrain", "b", "--etcd", url], "host b has no drain mark"),
+                       (["migrations", "show", "a.nope.0", "--etcd", url], "no migration record 'a.nope.0'"),
+                       (["migrations", "show", "../x", "--etcd", url], "bad migration id"),
+                       (["migrations", "ls"], "--etcd URL")):
+        p = cm(*args, env={k: v for k, v in os.environ.items() if k != "CONSTMIG_ETCD"})
+        assert p.returncode == 1 and said in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    request(c.addrs[2], {"op": "shutdown"})  # host c leaves the directory at once
+    c.procs[2].wait(15)
+    env = {**os.environ, "CONSTMIG_ADMIN_CERT": str(ids["alice"].folder)}
+    p = cm("drain", "c", "--etcd", url, env=env)  # by its id; no agent here to sign for it: the operator does
+    assert p.returncode == 0 and "carries the drain out when it joins again" in p.stderr, p.stderr
+    mark = read(url, "drains/c")
+    assert mark["spec"]["host_id"] == "c" and mark["spec"]["asked_by"] == "operator alice"
+    p = cm("undrain", "c", "--etcd", url)
+    assert p.returncode == 0 and read(url, "drains/c") == {}, p.stderr

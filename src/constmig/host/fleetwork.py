@@ -264,14 +264,13 @@ class FleetWork:
         await self.store.update(RecordStore.record_key(spec.id), apply)
 
     async def _step(self, spec: records.Spec, event: Event, **changes: Any) -> None:
+        """One step of a record's phase (host/records.py's table), logged with the record's id."""
         await self._write(spec, lambda st: records.step(st, event, time.time(), **changes))
-        phase = records.TRANSITIONS.get((Phase.RUNNING, event)) if event is not Event.SCHEDULE else Phase.SCHEDULED
-        log.info("migration %s of %s: %s", spec.id, spec.enclave, event.value,
-                 extra=fields("record-" + event.value, spec.enclave, migration=spec.id,
-                              phase=phase.value if phase else "", **{k: v for k, v in changes.items()
-                                                                     if k in ("outcome", "target")}))
-        if records.TRANSITIONS.get((Phase.RUNNING, event)) in records.FINAL or \
-                records.TRANSITIONS.get((Phase.PENDING, event)) in records.FINAL:
+        said = {k: v for k, v in changes.items() if k in ("outcome", "target", "reason")}
+        log.info("migration %s of %s: %s%s", spec.id, spec.enclave, event.value,
+                 "".join(f", {k} {v}" for k, v in said.items() if v),
+                 extra=fields("record-" + event.value, spec.enclave, migration=spec.id, **said))
+        if event in (Event.SUCCEED, Event.FAIL, Event.CANCEL):
             self.seen["records"][spec.id] = "done"
             self._save_seen()
 
@@ -465,8 +464,9 @@ class FleetWork:
         try:
             hosted = self.roster.enclaves.get(spec.enclave)
             try:
-                req = control.decode({"op": "migrate", **spec.options, "name": spec.enclave, "to": addr,
-                                      "strategy": spec.strategy}, control.Migrate)
+                options = {k: v for k, v in spec.options.items() if k != "op"}
+                req = control.decode({**options, "name": spec.enclave, "to": addr, "strategy": spec.strategy},
+                                     control.Migrate)
             except control.BadRequest as e:
                 await self._step(spec, Event.FAIL, reason=f"bad options: {e}")
                 return

@@ -49,6 +49,8 @@ def find_host(d: Directory, text: str) -> Any:
         if key is not None:
             raise ConfigError(f"no agent at {text} in the fleet directory at {d.url}: name a host that left it by "
                               "its host id")
+        if not any(e.get("host_id") == text for e in (await d.agents()).values()):
+            raise ConfigError(f"no host {text!r} has ever joined the fleet directory at {d.url}")
         return Target(text, None)  # a host that left the directory: by its id
     return work()
 
