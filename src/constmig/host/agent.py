@@ -192,7 +192,8 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         host, port = parse_addr(self.listen)
         try:
-            self._local_server = await asyncio.start_unix_server(self._on_local, sock=admin.bind_local(self.admin_sock))
+            self._local_server = await asyncio.start_unix_server(self._on_local, sock=admin.bind_local(self.admin_sock),
+                                                                 start_serving=False)
         except OSError as e:
             raise ConfigError(f"cannot serve the admin socket {self.admin_sock}: {e.strerror or e}") from None
         try:  # before the port answers: whoever sees it answer finds the socket too
@@ -203,8 +204,9 @@ class Agent:
                         admin.index_dir(), e.strerror or e)
         log.info("admin socket %s", self.admin_sock)
         self._server = await asyncio.start_server(self._on_conn, host, port, reuse_address=True, start_serving=False)
-        # listed before it answers: whoever sees it answer finds it in the directory
+        # listed before it answers (on either socket): whoever sees it answer finds it in the directory
         await self.upkeep.join()
+        await self._local_server.start_serving()
         await self._server.start_serving()
         if self.fleetwork is not None:
             await self.fleetwork.start()
