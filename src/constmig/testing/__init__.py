@@ -34,7 +34,7 @@ from constmig.units import parse_size
 from constmig.wire import control
 
 NAME = "under-test"
-SLOW_STREAM_S = 4.0  # the default cap streams the whole heap in about this long: chunks stay missing
+SLOW_STREAM_S = 2.0  # the default cap streams the whole heap in about this long: chunks stay missing
 
 
 @dataclass
