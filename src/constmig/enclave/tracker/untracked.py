@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from constmig.enclave.tracker.state import TrackerState
+    from constmig.enclave.heap import Heap
 
 try:
     from constmig.enclave import _wtrack
@@ -40,10 +40,20 @@ def available() -> str | None:
     return None if _wtrack is not None else _NOT_BUILT
 
 
+class Served(Protocol):
+    """What is served: the tracker's state (state.py's TrackerState, which makes this object)."""
+
+    heap: Heap
+    missing: np.ndarray  # one bool per chunk, true until restored: the handler reads it
+    timeout: float
+
+    def demand(self, chunks: np.ndarray, offsets: np.ndarray | None = None) -> None: ...
+
+
 class UntrackedAccesses:
     """Serves the faults on one tracker's guarded chunks until the heap is whole or the tracker fails."""
 
-    def __init__(self, state: TrackerState) -> None:
+    def __init__(self, state: Served) -> None:
         if _wtrack is None:
             raise RuntimeError(_NOT_BUILT)
         self.state = state
