@@ -213,10 +213,11 @@ class ChunkReceiver(Protocol):
     """An opener that receives one record at a time itself (constmig.native.engine.NativeOpener), built by
     `SecureChannel.recv_opened` at the channel's receive position."""
 
+    @property
+    def expected_seq(self) -> int: ...
+
     def recv_one(self, sock: int, out: memoryview, *, idle: float | None = None,
                  timeout: float | None = None) -> object: ...
-
-    def detach(self) -> int: ...
 
 
 def verified(chunk: Arrival, chan: SecureChannel, scratch: memoryview | np.ndarray) -> memoryview | None:
@@ -265,6 +266,7 @@ class SecureChannel:
         self._cur: Header | None = None  # header of the record whose body is being read
         self._got = 0  # bytes of the current part (header or body) read so far
         self._pending: SealedChunk | None = None
+        self._native_rx: ChunkReceiver | None = None  # recv_opened's opener, kept while it agrees with _opener
         self._scratch = bytearray()
         self._poller: select.poll | None = None
         self.bytes_sent = 0
@@ -378,6 +380,7 @@ class SecureChannel:
         with self._send_lock, self._recv_lock:
             self._state = ChannelState.CLOSED
             self._error = "detached"
+            self._native_rx = None  # its key schedule goes with it (cleansed)
         return t
 
     # --- sending -----------------------------------------------------------------------------------
@@ -591,9 +594,12 @@ class SecureChannel:
         docs/native.md), with the GIL released while it is read and opened.
 
         Why here: CONTROL records and chunks share one counter, so the position is lent only under the
-        receive lock, from the Python opener's own expected seq, and taken back from the native opener's
-        `detach()`: one past the record, or unchanged when nothing came (RecvTimeout, the channel stays
-        OK) or a record that is not a CHUNK began. That one is read and judged here as `recv` would (its
+        receive lock, from the Python opener's own expected seq, and taken back from the native opener's:
+        one past the record, or unchanged when nothing came (RecvTimeout, the channel stays OK) or a
+        record that is not a CHUNK began. The native opener is kept for the next call only while the
+        Python opener agrees with it (both strict, both moved together here); once Python read a record
+        itself, a new one starts at its position. Receiving needs no nonce of its own, so two openers at
+        one position can only both refuse what the other would. That one is read and judged here as `recv` would (its
         header was read natively), so a CONTROL record (an ABORT) reaches the caller as from `recv`. A
         record half read by an earlier `recv` that timed out is finished in Python. Failures raise what
         `recv` raises and leave the channel BROKEN; the engine checked the tag before a byte reached
@@ -624,17 +630,21 @@ class SecureChannel:
             raise self._break(ChannelClosed("connection was closed on this side"))
         start = self._opener.expected_seq
         _, recv_key, _, recv_dir = self._keys
-        opener = make(recv_key, recv_dir, self._mid, start)
+        opener = self._native_rx
+        if opener is None or opener.expected_seq != start:
+            opener = self._native_rx = make(recv_key, recv_dir, self._mid, start)
         stall = self._sock.gettimeout() if isinstance(self._sock, socket.socket) else None
         fd = os.dup(fileno)  # a close() here meanwhile shuts the stream (the receive wakes), never a reused number
         try:
             got = opener.recv_one(fd, memoryview(out).cast("B"), idle=timeout, timeout=stall or timeout)
-            end = opener.detach()
+            end = opener.expected_seq
         except ConstmigError as e:  # IntegrityError, ProtocolError, ChannelClosed: the opener is poisoned
+            self._native_rx = None
             if self._state is ChannelState.CLOSED:
                 raise ChannelClosed("secure channel was closed while receiving") from None
             raise self._break(e) from None  # type: ignore[arg-type]  # a TransportError too
         except BaseException as e:
+            self._native_rx = None
             self._break(ProtocolError(f"native receive failed: {e}"))
             raise
         finally:
