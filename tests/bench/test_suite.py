@@ -85,6 +85,9 @@ def test_a_variant_suffix_names_request_options(tmp_path):
     assert split_variant("hybrid-fault+throttle") == ("hybrid", "fault")
     assert variant_options("precopy+throttle") == {"max_throttle": 0.9} == VARIANT_OPTIONS["throttle"]
     assert variant_options("precopy") == {} and variant_options("stopcopy") == {}
+    # the native data plane moves the post-copy stream too (docs/native.md step 2b): constmig takes it
+    assert variant_options("constmig-fault+native") == {"data_plane": "native"} == VARIANT_OPTIONS["native"]
+    assert split_variant("constmig-fault+native") == ("constmig", "fault")
     cfg = make_config(str(tmp_path / "o"), variants="stopcopy,precopy,precopy+throttle,hybrid-fault+throttle")
     assert cfg.variants == ["stopcopy", "precopy", "precopy+throttle", "hybrid-fault+throttle"]
     assert "precopy+throttle" not in make_config(str(tmp_path / "d")).variants  # not in the default suite

@@ -43,14 +43,13 @@ def machine_info(detail: bool = False) -> dict[str, Any]:
 
 # Named sets of request options a variant can carry after a "+": "precopy+throttle" is pre-copy whose rounds
 # may slow the writing calls up to auto's cap (strategies/auto.py AUTO_MAX_THROTTLE), so it needs a strategy
-# that runs them; "stopcopy+native" sends the heap's bulk chunks through the native engine (docs/native.md),
-# which every strategy but constmig has (the copy at the stop, the rounds).
+# that runs them; "+native" moves the heap's chunks through the native engine (docs/native.md): the bulk sends
+# (the copy at the stop, the rounds) and the post-copy stream at both ends, so every strategy takes it.
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"throttle": {"max_throttle": AUTO_MAX_THROTTLE},
                                               "native": {"data_plane": "native"}}
 BULK_OPTIONS = ("native",)  # option sets that need chunks sent in bulk, not rounds
-NO_BULK_SENDS = ("constmig",)  # strategies whose chunks go only by the post-copy stream
 # the ones `bench suite --help` lists (any variant takes a suffix its strategy fits)
-OPTION_VARIANTS = ("precopy+throttle", "stopcopy+native", "auto-fault+native")
+OPTION_VARIANTS = ("precopy+throttle", "stopcopy+native", "auto-fault+native", "constmig-fault+native")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -75,9 +74,6 @@ def variant_options(variant: str) -> dict[str, Any]:
     if rounds and strategy not in ROUNDS:
         raise ConfigError(f"{variant!r}: {'+'.join(rounds)} steers pre-copy rounds, which "
                           f"{strategy} does not run (those that do: {', '.join(ROUNDS)})")
-    if len(rounds) < len(names) and strategy in NO_BULK_SENDS:
-        raise ConfigError(f"{variant!r}: {'+'.join(n for n in names if n in BULK_OPTIONS)} moves bulk chunk "
-                          f"sends, and {strategy} has none (its heap goes by the post-copy stream)")
     return options
 
 
