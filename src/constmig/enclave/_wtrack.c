@@ -172,10 +172,14 @@ static void give_up(guard_t *g, size_t c, int64_t waited_ns, const char *why) {
  * through Python threads (the receiver, the watcher) that need it, so the handler releases it for the wait
  * (PyEval_SaveThread) and takes it back after (PyEval_RestoreThread), as if the interrupted C code had
  * been Py_BEGIN/END_ALLOW_THREADS around the access. Neither function is async-signal-safe in POSIX's
- * sense (CPython 3.11's drop_gil/take_gil lock the GIL's mutex and signal its condition variable): that
- * is sound here because SIGSEGV on a guarded chunk is synchronous and raised only by an access to the
- * heap, and the GIL machinery never touches the heap, so the interrupted code cannot be inside it
- * holding its mutex. take_gil saves and restores errno. Whether this thread holds the GIL is asked as
+ * sense. In CPython 3.11 (Python/ceval.c, ceval_gil.h) PyEval_SaveThread is _PyThreadState_Swap(NULL)
+ * then drop_gil: lock the GIL's pthread mutex, clear `locked`, signal its condition variable, unlock
+ * (and, with a drop request pending, wait on switch_cond until another thread took it); RestoreThread
+ * is take_gil (the same mutex and a timed condition wait; errno saved and restored; a daemon thread
+ * exits there if the interpreter is finalizing) then the swap back. No allocation, no other lock. That
+ * is sound from this handler because SIGSEGV on a guarded chunk is synchronous and raised only by an
+ * access to the heap, and the GIL machinery never touches the heap, so the interrupted code cannot be
+ * inside it holding its mutex. Whether this thread holds the GIL is asked as
  * "is the thread state that holds it this thread's own?" (PyGILState_Check would answer 1 whenever
  * GIL-state checking is off), so a thread with no Python state (a BLAS worker) just waits.
  * What the release lends: other Python threads run while the interrupted C code is paused mid-way. In
