@@ -45,6 +45,7 @@ ROOM_TTL = 15
 ROOM_STEP = 64 << 20  # free memory moving less than this (and calls by less than a tenth) is not rewritten
 PROGRESS_EVERY_S = 1.0  # a running record's progress is written at most this often
 MAX_TRIES = 3  # moves of one enclave under one mark before the drain leaves it (stuck, and says so)
+RETRY_AFTER_S = 5.0  # a failed move's enclave is tried again this long after, on another host if there is one
 SEEN_KEEP = 5000  # record ids remembered as finished (a replayed old record is refused)
 
 
@@ -77,6 +78,7 @@ class FleetWork:
         self.inflight: dict[str, int] = {}  # destination address -> heap bytes of moves running there
         self._verdicts: dict[bytes, str | None] = {}  # a spec+signature's bytes -> why refused (None: fine)
         self._aborting: set[str] = set()
+        self.avoid: dict[str, set[str]] = {}  # enclave -> hosts a move of this drain failed to
         self._cancelling: asyncio.Task[None] | None = None  # kept: the loop holds tasks weakly
         self._task: asyncio.Task[None] | None = None
         self._room_lease: int | None = None
@@ -367,19 +369,25 @@ class FleetWork:
         """A Pending record for each running enclave here that has no live one (at most MAX_TRIES under
         this mark), signed by this host for its drain."""
         assert self.mark is not None and self.store is not None
-        live, tries = set(), {}
+        live, tries, ended = set(), {}, {}
+        self.avoid = {}
         for stored in mine:
-            spec_d = stored.value.get("spec") or {}
-            if spec_d.get("drain") != self.mark.id and records.phase_of(stored.value.get("status") or {}) in records.FINAL:
+            spec_d, st = stored.value.get("spec") or {}, stored.value.get("status") or {}
+            phase = records.phase_of(st)
+            if spec_d.get("drain") != self.mark.id and phase in records.FINAL:
                 continue
             name = str(spec_d.get("enclave", ""))
-            if records.phase_of(stored.value.get("status") or {}) in records.FINAL:
-                tries[name] = tries.get(name, 0) + 1
-            else:
+            if phase not in records.FINAL:
                 live.add(name)
+                continue
+            tries[name] = tries.get(name, 0) + 1
+            ended[name] = max(ended.get(name, 0.0), *(float(t) for t in (st.get("times") or {0: 0.0}).values()))
+            if phase is not Phase.SUCCEEDED and st.get("target_addr"):
+                self.avoid.setdefault(name, set()).add(str(st["target_addr"]))  # try another host next
         out = []
         for name, hosted in sorted(self.roster.enclaves.items()):
-            if hosted.status is not S.RUNNING or name in live or tries.get(name, 0) >= MAX_TRIES:
+            if hosted.status is not S.RUNNING or name in live or tries.get(name, 0) >= MAX_TRIES \
+                    or now - ended.get(name, 0.0) < RETRY_AFTER_S:
                 continue
             spec = records.Spec(records.new_id(self.host_id, name), name, self.host_id, records.ANYWHERE,
                                 self.mark.strategy, dict(self.mark.options), self.mark.asked_by, now, self.mark.id)
@@ -424,7 +432,12 @@ class FleetWork:
         anywhere: dict[str, records.Spec] = {}
         for _, spec in pending:
             hosted = self.roster.enclaves.get(spec.enclave)
-            if hosted is None or hosted.status is not S.RUNNING:
+            died = self.roster.died.get(spec.enclave) if hosted is None else None
+            if died is not None:  # it died with the agent before this one: say what brings it back
+                await self._step(spec, Event.FAIL, outcome="failed", restore=died.get("restore") or "",
+                                 reason="the enclave died with the source agent before it moved"
+                                        + ("" if died.get("restore") else "; it has no checkpoint here"))
+            elif hosted is None or hosted.status is not S.RUNNING:
                 state = "not here" if hosted is None else hosted.status.value
                 await self._step(spec, Event.FAIL, reason=f"enclave {spec.enclave!r} is {state} on host "
                                                           f"{self.host_id}: only a running enclave moves")
@@ -438,17 +451,25 @@ class FleetWork:
                 anywhere[spec.enclave] = spec
         if not anywhere:
             return
-        source = HostView(self.listen, self.host_id, {n: {"status": "running", "heap_bytes": h.handle.spec.heap,
-                                                          "calls_per_s": h.calls.per_second()}
-                                                      for n, h in self.roster.enclaves.items() if n in anywhere})
-        try:
-            moves, _ = plan_drain(source, await self._others())
-        except ConfigError as e:
-            await self._waiting(str(e))
-            return
-        for mv in moves:
+        others = await self._others()
+        for name, spec in sorted(anywhere.items(), key=lambda kv: (-self.roster.enclaves[kv[0]].handle.spec.heap,
+                                                                    kv[0])):
+            hosted = self.roster.enclaves[name]
+            source = HostView(self.listen, self.host_id, {name: {
+                "status": "running", "heap_bytes": hosted.handle.spec.heap, "calls_per_s": hosted.calls.per_second()}})
+            avoid = self.avoid.get(name, set())
+            fits = [v for v in others if v.addr not in avoid] or others  # a host where it failed, only as a last resort
+            try:
+                (mv,), _ = plan_drain(source, fits)
+            except ConfigError as e:
+                await self._waiting(str(e))
+                continue
+            for v in others:  # what this move takes there, for the next one placed now
+                if v.addr == mv.to:
+                    v.free -= mv.heap
+                    v.load = (v.load or 0.0) + hosted.calls.per_second()
             hid = next((h for h, a in hosts.items() if a == mv.to), mv.to)
-            await self._schedule(anywhere[mv.name], hid, mv.to, mv.heap)
+            await self._schedule(spec, hid, mv.to, mv.heap)
 
     async def _schedule(self, spec: records.Spec, host_id: str, addr: str, heap: int) -> None:
         await self._step(spec, Event.SCHEDULE, target=host_id, target_addr=addr)
