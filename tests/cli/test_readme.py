@@ -44,6 +44,8 @@ EXPECT: list[tuple[str, Any]] = [
     (r"^constmig call kv1 --etcd \S+ get k1", lambda p: p.stdout.strip() == "v1" and "now lives" not in p.stderr),
     (r"^constmig rebalance --etcd", lambda p: "kv1" in p.stdout and "kv2" in p.stdout),  # 512/0/0 -> 128/256/128
     (r"^constmig drain a --etcd", lambda p: "kv3" in p.stdout),
+    (r"^constmig migrations ls --etcd", lambda p: re.search(r"a\.kv3\.\w+ .*Succeeded .*done", p.stdout)),
+    (r"^constmig undrain a --etcd", lambda p: "drain mark on host a cleared" in p.stdout),
     (r"^constmig ls --etcd", lambda p: all(f"kv{i}" in p.stdout for i in (1, 2, 3)) and " a 127.0.0.1:7101" not in
      p.stdout and "dead" not in p.stdout),
     (r"^curl -s http://127.0.0.1:9464/metrics", lambda p: 'direction="out",outcome="done"' in p.stdout),
