@@ -77,3 +77,30 @@ def test_python_and_native_records_open_alike_across_a_handover(sockets) -> None
     last = opener.recv_one(b, out, idle=1, timeout=1)
     assert last == Opened(2, 0, CS, sealed.tag) and bytes(out) == chunks[2]
     assert opener.detach() == 13
+
+
+@pytest.mark.parametrize(("attack", "error"), [
+    ("tag-bit", "IntegrityError"), ("replayed", "IntegrityError"), ("longer-than-out", "ProtocolError"),
+    ("truncated", "ChannelClosed"), ("zero-claim-forged", "IntegrityError")])
+def test_a_tampered_record_fails_closed_leaving_out_untouched(sockets, attack: str, error: str) -> None:
+    """The engine's own refusals (run under ASan/UBSan too: test_sanitized.py runs this folder)."""
+    a, b = sockets
+    sealer = NativeSealer(K1, 1, MID, 0)
+    first, second = sealer.seal_chunk(0, b"\x01" * CS).record, sealer.seal_chunk(1, bytes(CS)).record
+    wire = {"tag-bit": first[:-1] + bytes([first[-1] ^ 1]),
+            "replayed": first + first,
+            "longer-than-out": first,
+            "truncated": first[:HEADER_SIZE + 100],
+            "zero-claim-forged": second[:HEADER_SIZE] + bytes([second[HEADER_SIZE] ^ 1]) + second[HEADER_SIZE + 1:]}
+    a.sendall(wire[attack])
+    a.shutdown(socket.SHUT_WR)
+    opener = NativeOpener(K1, 1, MID, 1 if attack == "zero-claim-forged" else 0)  # that one is seq 1
+    out = bytearray(b"\x77" * (CS // 2 if attack == "longer-than-out" else CS))
+    if attack == "replayed":  # the first copy is fine; the second is not
+        assert isinstance(opener.recv_one(b, out, idle=1, timeout=1), Opened)
+        out[:] = b"\x77" * CS
+    with pytest.raises(Exception) as info:
+        opener.recv_one(b, out, idle=1, timeout=1)
+    assert type(info.value).__name__ == error, info.value
+    assert bytes(out) == b"\x77" * len(out), "unverified bytes reached `out`"
+    assert opener.failed
