@@ -251,6 +251,34 @@ def test_a_signed_record_that_cannot_run_fails_with_one_line(fleet):
     request(a, {"op": "stop", "name": "kvb"})
 
 
+def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
+    """settings max_in_flight 1: two records on two sources run one after the other, never together."""
+    c, url, ids = fleet
+    a, b, _ = c.addrs
+    launch_filled(a, "kvm1", "kvstore", 8 << 20, 0.9, seed=21)
+    launch_filled(b, "kvm2", "kvstore", 8 << 20, 0.9, seed=22)
+    raw_put(url, "settings", {"max_in_flight": 1})
+    try:
+        rids = [records.new_id("a", "kvm1"), records.new_id("b", "kvm2")]
+        for rid, src, name, to in ((rids[0], "a", "kvm1", "b"), (rids[1], "b", "kvm2", "a")):
+            spec = spec_of(rid, name, source=src, target=to, strategy="precopy", options={"max_bandwidth": 2e6})
+            blocking(url, lambda d, rid=rid, spec=spec: RecordStore(d).create(RecordStore.record_key(rid),
+                                                                               record(spec, ids["alice"])))
+        most = 0
+        deadline = time.monotonic() + 60
+        while True:
+            phases = [read(url, f"migrations/{rid}")["status"]["phase"] for rid in rids]
+            most = max(most, phases.count("Running"))
+            if all(p in records.FINAL_VALUES for p in phases) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert phases == ["Succeeded", "Succeeded"] and most == 1, (phases, most)
+        assert read(url, "slots/0") == {}  # released by the move that held it
+    finally:
+        blocking(url, lambda d: RecordStore(d).delete("settings"))
+    request(b, {"op": "stop", "name": "kvm1"})
+    request(a, {"op": "stop", "name": "kvm2"})
+
 def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet):
     """Last in this module: it retires agent c."""
     c, url, ids = fleet

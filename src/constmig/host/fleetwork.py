@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,9 @@ class FleetWork:
         self._verdicts: dict[bytes, str | None] = {}  # a spec+signature's bytes -> why refused (None: fine)
         self._aborting: set[str] = set()
         self.avoid: dict[str, set[str]] = {}  # enclave -> hosts a move of this drain failed to
+        self.slots: dict[str, int] = {}  # record id -> the fleet slot its move holds (settings max_in_flight)
+        self._pool: list[int] = []  # slots claimed in this look, not yet given to a move
+        self._stale_slots: set[int] = set()  # slots whose release did not reach the store
         self._cancelling: asyncio.Task[None] | None = None  # kept: the loop holds tasks weakly
         self._task: asyncio.Task[None] | None = None
         self._room_lease: int | None = None
@@ -140,6 +144,9 @@ class FleetWork:
         if now - self._room_at >= ROOM_EVERY_S:
             await self._publish_room()
             self._room_at = now
+        for slot in list(self._stale_slots):
+            self._stale_slots.discard(slot)
+            await self._release_slot(slot)
         self.mark = await self._check_mark(await self.store.get(RecordStore.mark_key(self.host_id)), now)
         mine = await self.store.records(f"{self.host_id}.")
         pending = []
@@ -421,12 +428,29 @@ class FleetWork:
         assert self.store is not None
         if not pending:
             return
+        settings = await self.store.settings()
         cap = self.mark.parallel if self.mark is not None else \
-            int((await self.store.settings()).get("outbound_per_host", records.DEFAULT_PARALLEL))
+            int(settings.get("outbound_per_host", records.DEFAULT_PARALLEL))
         free = cap - len(self.tasks)
         if free <= 0:
             return
         pending = sorted(pending, key=lambda p: (p[1].created, p[1].id))[:free]
+        fleet_cap = int(settings.get("max_in_flight", 0) or 0)
+        if fleet_cap > 0:
+            self._pool = await self._claim_slots(fleet_cap, len(pending))
+            if len(self._pool) < len(pending):
+                pending = pending[:len(self._pool)]
+                if self.mark is not None:
+                    await self._waiting(f"the fleet runs its most migrations at once ({fleet_cap}, settings "
+                                        "max_in_flight); the rest wait")
+        try:
+            await self._schedule_all(pending)
+        finally:
+            for slot in self._pool:  # claimed for a record that did not start after all
+                await self._release_slot(slot)
+            self._pool = []
+
+    async def _schedule_all(self, pending: list[tuple[Stored, records.Spec]]) -> None:
         hosts = {str(e.get("host_id")): a for a, e in (await self.directory.hosts()).items()} \
             if self.directory is not None else {}
         anywhere: dict[str, records.Spec] = {}
@@ -475,7 +499,31 @@ class FleetWork:
         await self._step(spec, Event.SCHEDULE, target=host_id, target_addr=addr)
         await self._launch(spec, addr, heap)
 
+    async def _claim_slots(self, cap: int, want: int) -> list[int]:
+        """Up to `want` of the fleet's `cap` slots (`slots/<n>`, each created only if absent, under this
+        agent's room lease: an agent that dies frees its slots when the lease runs out)."""
+        assert self.directory is not None
+        if self._room_lease is None:
+            self._room_lease = await self.directory.lease(ROOM_TTL)
+        got: list[int] = []
+        for n in random.sample(range(cap), cap):
+            if len(got) >= want:
+                break
+            value = canonical({"host": self.host_id, "at": time.time()})
+            if await self.directory.write_if(f"slots/{n}", value, 0, lease=self._room_lease):
+                got.append(n)
+        return got
+
+    async def _release_slot(self, slot: int) -> None:
+        assert self.store is not None
+        try:
+            await self.store.delete(f"slots/{slot}")
+        except DirectoryError:
+            self._stale_slots.add(slot)  # freed on a later look, or with this agent's lease
+
     async def _launch(self, spec: records.Spec, addr: str, heap: int) -> None:
+        if self._pool:
+            self.slots[spec.id] = self._pool.pop()
         self.inflight[addr] = self.inflight.get(addr, 0) + heap
         self.tasks[spec.id] = asyncio.create_task(self._carry_out(spec, addr, heap))
 
@@ -516,6 +564,8 @@ class FleetWork:
                 progress.cancel()
             self.roster.save()
             self.inflight[addr] = max(self.inflight.get(addr, 0) - heap, 0)
+            if spec.id in self.slots:
+                await self._release_slot(self.slots.pop(spec.id))
             self.tasks.pop(spec.id, None)
             self._aborting.discard(spec.id)
 
