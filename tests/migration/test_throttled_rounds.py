@@ -52,7 +52,7 @@ def _migrate(enclaves: Enclaves, pair, **options: Any) -> tuple[dict, Writer, An
     frames: list[dict] = []
     writer.start()
     time.sleep(0.2)  # the writer is going before the rounds begin
-    req = {"strategy": "precopy", "timeout": TIMEOUT, "max_bandwidth": 4 << 20, "max_downtime": 0.3,
+    req = {"strategy": "precopy", "timeout": TIMEOUT, "max_bandwidth": 4 << 20, "max_downtime": 0.6,
            "max_rounds": 20, **options}
     try:
         figures = Runner(source.run, src, [pair[1]], req, frames.append).value()
