@@ -517,7 +517,9 @@ class FleetWork:
     async def _release_slot(self, slot: int) -> None:
         assert self.store is not None
         try:
-            await self.store.delete(f"slots/{slot}")
+            held = await self.store.get(f"slots/{slot}")
+            if held is not None and held.value.get("host") == self.host_id:  # not one another agent took since
+                await self.directory.delete_if(held.key, held.mod)  # type: ignore[union-attr]
         except DirectoryError:
             self._stale_slots.add(slot)  # freed on a later look, or with this agent's lease
 
