@@ -73,3 +73,29 @@ def test_a_writer_that_always_loses_gives_up_in_one_line(etcd_url):
         assert calls == CAS_TRIES
 
     blocking(etcd_url, work)
+
+
+def test_an_agent_deletes_its_records_that_ended_long_ago(etcd_url, tmp_path):
+    """Each look reads every record its host kept: ended ones go after keep_records_s, except those of
+    the host's standing mark (its drain counts its tries from them); running ones stay."""
+    from constmig.host import pki
+    from constmig.host.fleetwork import FleetWork
+
+    pki.create_admin_ca(tmp_path / "ca")
+    ident = pki.issue(tmp_path / "ca", "host", "a", tmp_path / "tls")
+    now = 1_000_000.0
+    rows = {"a.kw.old": ("Failed", now - 3 * 86400, ""), "a.kw.new": ("Succeeded", now - 60, ""),
+            "a.kw.run": ("Running", now - 3 * 86400, ""), "a.kw.mark": ("Failed", now - 3 * 86400, "m1")}
+
+    async def work(d: Directory) -> list[str]:
+        store = RecordStore(d)
+        for rid, (phase, t, drain) in rows.items():
+            await store.create(RecordStore.record_key(rid), {"spec": {"id": rid, "drain": drain},
+                                                             "status": {"phase": phase, "times": {phase: t}}})
+        fw = FleetWork(etcd_url, "a", "127.0.0.1:1", None, None, ident, tmp_path, lambda: False)  # type: ignore[arg-type]
+        fw.directory, fw.store = d, store
+        fw.mark = records.MarkSpec("m1", "a")
+        await fw._forget_old(await store.records("a."), now)
+        return [s.value["spec"]["id"] for s in await store.records("a.kw.")]
+
+    assert blocking(etcd_url, work) == ["a.kw.mark", "a.kw.new", "a.kw.run"]

@@ -47,6 +47,9 @@ ROOM_STEP = 64 << 20  # free memory moving less than this (and calls by less tha
 PROGRESS_EVERY_S = 1.0  # a running record's progress is written at most this often
 MAX_TRIES = 3  # moves of one enclave under one mark before the drain leaves it (stuck, and says so)
 RETRY_AFTER_S = 5.0  # a failed move's enclave is tried again this long after, on another host if there is one
+KEEP_RECORDS_S = 86400.0  # an ended record is deleted this long after (settings keep_records_s)
+SETTINGS_EVERY_S = 30.0
+FORGET_PER_LOOK = 20
 SEEN_KEEP = 5000  # record ids remembered as finished (a replayed old record is refused)
 
 
@@ -88,6 +91,8 @@ class FleetWork:
         self._room_lease: int | None = None
         self._room_last: dict[str, Any] | None = None  # the figures the entry holds
         self._room_at = 0.0
+        self._settings_at = 0.0
+        self._keep_s = KEEP_RECORDS_S
         self._away = False
 
     # ---- lifecycle ----
@@ -157,8 +162,27 @@ class FleetWork:
         if self.mark is not None:
             pending += await self._plan_new(mine, now)
         await self._start(pending, now)
+        if now - self._settings_at >= SETTINGS_EVERY_S:
+            self._keep_s = float((await self.store.settings()).get("keep_records_s", KEEP_RECORDS_S))
+            self._settings_at = now
+        await self._forget_old(mine, now)
         if self.mark is not None:
             await self._mark_status(mine)
+
+    async def _forget_old(self, mine: list[Stored], now: float) -> None:
+        """Delete this host's records that ended more than keep_records_s ago (not those of its standing
+        mark): each look reads every record its host kept. Their ids stay in fleetwork.json, so a replay
+        of one is still refused."""
+        assert self.directory is not None
+        dropped = 0
+        for stored in mine:
+            st, spec = stored.value.get("status") or {}, stored.value.get("spec") or {}
+            if records.phase_of(st) not in records.FINAL or (self.mark and spec.get("drain") == self.mark.id):
+                continue
+            times = [float(t) for t in (st.get("times") or {}).values() if isinstance(t, int | float)]
+            if times and now - max(times) > self._keep_s and dropped < FORGET_PER_LOOK \
+                    and await self.directory.delete_if(stored.key, stored.mod):
+                dropped += 1
 
     async def _publish_room(self) -> None:
         assert self.directory is not None
