@@ -26,7 +26,7 @@ from constmig.migration.ledger import PIECE
 from constmig.migration.link import Link
 from constmig.migration.receiver import Receiver
 from constmig.migration.trackers.base import FirstWrite, Started, Stream, Tracker, receive_stream
-from constmig.wire.channel import SealedChunk, SecureChannel
+from constmig.wire.channel import Arrival, SealedChunk, SecureChannel, verified
 
 
 class AccessTracking(Tracker):
@@ -94,7 +94,8 @@ class AccessTracking(Tracker):
             self.receiver = receive_stream(link, demand, stream.ledger, AccessInstaller(access, self.heap.chunk_size),
                                            chunk_size=self.heap.chunk_size, tracker=self.name,
                                            t_resume=stream.t_resume, resume_path=stream.resume_path,
-                                           secret=stream.secret, epoch=stream.epoch, receiver_cls=AccessReceiver)
+                                           secret=stream.secret, epoch=stream.epoch, data_plane=stream.data_plane,
+                                           receiver_cls=AccessReceiver)
             started(int(stream.ledger.expected.size), self.receiver)
             self.receiver.request(access.outstanding())  # asked for before the receiver existed
         except (ConstmigError, OSError) as e:
@@ -162,19 +163,22 @@ class AccessInstaller:
         self._chunk_bufs = {lane: np.ones(chunk_size, dtype=np.uint8) for lane in (False, True)}
         self._piece_buf = np.ones(min(PIECE, chunk_size), dtype=np.uint8)
 
+    def scratch(self, demand: bool) -> np.ndarray:
+        return self._chunk_bufs[demand]
+
     @staticmethod
-    def _verify_then_place(sealed: SealedChunk, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
+    def _verify_then_place(sealed: Arrival, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:
         target = np.frombuffer(dst, dtype=np.uint8)
         if sealed.zero:
-            chan.open_zero(sealed)
+            verified(sealed, chan, scratch)
             target[:] = 0
             return
         if sealed.length != target.size:
             raise ProtocolError(f"chunk record carries {sealed.length} bytes where {target.size} were expected")
-        chan.open_chunk(sealed, memoryview(scratch[:sealed.length]))
-        np.copyto(target, scratch[:sealed.length])
+        plain = verified(sealed, chan, scratch)  # in scratch: the heap chunk sees only verified bytes
+        np.copyto(target, np.frombuffer(plain, dtype=np.uint8))  # type: ignore[arg-type]
 
-    def install_piece(self, index: int, piece: int, sealed: SealedChunk, chan: SecureChannel) -> None:
+    def install_piece(self, index: int, piece: int, sealed: Arrival, chan: SecureChannel) -> None:
         view = self._open.get(index)
         if view is None:
             view = self._open[index] = self.tracker.begin_install(index)
@@ -188,7 +192,7 @@ class AccessInstaller:
         if self._open.pop(index, None) is not None:
             self.tracker.abort_install(index)
 
-    def install(self, index: int, sealed: SealedChunk, chan: SecureChannel, *, demand: bool) -> None:
+    def install(self, index: int, sealed: Arrival, chan: SecureChannel, *, demand: bool) -> None:
         view = self.tracker.begin_install(index)
         if sealed.length != len(view):
             self.tracker.abort_install(index)
