@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -261,7 +262,7 @@ def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
     try:
         rids = [records.new_id("a", "kvm1"), records.new_id("b", "kvm2")]
         for rid, src, name, to in ((rids[0], "a", "kvm1", "b"), (rids[1], "b", "kvm2", "a")):
-            spec = spec_of(rid, name, source=src, target=to, strategy="precopy", options={"max_bandwidth": 2e6})
+            spec = spec_of(rid, name, source=src, target=to, strategy="precopy", options={"max_bandwidth": 4e6})
             blocking(url, lambda d, rid=rid, spec=spec: RecordStore(d).create(RecordStore.record_key(rid),
                                                                                record(spec, ids["alice"])))
         most = 0
@@ -282,13 +283,16 @@ def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
 def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet):
     """Last in this module: it retires agent c."""
     c, url, ids = fleet
-    for args, said in ((["drain", "zz", "--etcd", url], "no host 'zz' has ever joined the fleet directory"),
-                       (["drain", "127.0.0.1:1", "--etcd", url], "no agent at 127.0.0.1:1 in the fleet directory"),
-                       (["undrain", "b", "--etcd", url], "host b has no drain mark"),
-                       (["migrations", "show", "a.nope.0", "--etcd", url], "no migration record 'a.nope.0'"),
-                       (["migrations", "show", "../x", "--etcd", url], "bad migration id"),
-                       (["migrations", "ls"], "--etcd URL")):
-        p = cm(*args, env={k: v for k, v in os.environ.items() if k != "CONSTMIG_ETCD"})
+    cases = ((["drain", "zz", "--etcd", url], "no host 'zz' has ever joined the fleet directory"),
+             (["drain", "127.0.0.1:1", "--etcd", url], "no agent at 127.0.0.1:1 in the fleet directory"),
+             (["undrain", "b", "--etcd", url], "host b has no drain mark"),
+             (["migrations", "show", "a.nope.0", "--etcd", url], "no migration record 'a.nope.0'"),
+             (["migrations", "show", "../x", "--etcd", url], "bad migration id"),
+             (["migrations", "ls"], "--etcd URL"))
+    env = {k: v for k, v in os.environ.items() if k != "CONSTMIG_ETCD"}
+    with ThreadPoolExecutor(len(cases)) as pool:  # each CLI start takes a second: all at once
+        done = list(pool.map(lambda case: cm(*case[0], env=env), cases))
+    for (args, said), p in zip(cases, done, strict=True):
         assert p.returncode == 1 and said in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
     request(c.addrs[2], {"op": "shutdown"})  # host c leaves the directory at once
     c.procs[2].wait(15)
