@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from tests.host.test_fleet_records import raw_put, read, until
+from tests.host.fleet_store import raw_put, read, until
 
 from constmig.bench.loadgen import KVHammer
 from constmig.host.client import request

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from tests.host.test_fleet_records import read, until
+from tests.host.fleet_store import read, until
 from tests.testbed.tb_helpers import needs_netns, unique_name
 
 from constmig.bench.loadgen import KVHammer

@@ -1,6 +1,6 @@
 """Migration records and drain marks: what the fleet is asked to do, kept in etcd, and how a record's
 phase moves. Pure: no store, no clock (callers pass `now`); host/record_store.py keeps them in etcd and
-host/fleetwork.py carries them out. tests/host/test_records.py checks the table.
+host/fleetwork.py carries them out. tests/host/test_migration_records.py checks the table.
 
 A record, at `{prefix}/migrations/{id}`:
 

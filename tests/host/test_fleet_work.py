@@ -4,7 +4,6 @@ and an agent killed mid-drain that says what became of the moves it owned."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -14,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from tests.host.fleet_store import raw_put, read, until
 
 from constmig.host import pki, records
 from constmig.host.client import request
 from constmig.host.cluster import LocalCluster
-from constmig.host.directory import blocking, parse_etcd_url
+from constmig.host.directory import blocking
 from constmig.host.orchestrate import launch_filled
 from constmig.host.record_store import RecordStore
 from constmig.host.signing import canonical, sign
@@ -27,31 +27,6 @@ from constmig.host.signing import canonical, sign
 def cm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "constmig", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env=env)
-
-
-def raw_put(url: str, key: str, value: Any) -> None:
-    """The store's owner writes a key: plain bytes, none of constmig's code."""
-    import aetcd
-
-    async def put() -> None:
-        host, port = parse_etcd_url(url)
-        async with aetcd.Client(host, port, options={"grpc.enable_http_proxy": 0}) as c:
-            await c.put(f"/constmig/{key}".encode(), json.dumps(value).encode())
-
-    asyncio.run(put())
-
-
-def read(url: str, key: str) -> dict[str, Any]:
-    got = blocking(url, lambda d: RecordStore(d).get(key))
-    return {} if got is None else got.value
-
-
-def until(what, timeout: float = 20.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (got := what()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-    return got
 
 
 def spec_of(rid: str, enclave: str, source: str = "a", **kw: Any) -> dict[str, Any]:
@@ -77,6 +52,8 @@ def history(addr: str) -> list[dict[str, Any]]:
     return request(addr, {"op": "status"})["migrations"]
 
 
+@pytest.mark.e2e
+@pytest.mark.adversarial
 def test_what_the_store_holds_alone_moves_nothing(fleet):
     """The host (it holds etcd) writes marks and records straight into the store: unsigned, signed by
     another CA, by another host, replayed from another host or from long ago, a good signature moved onto
@@ -130,6 +107,7 @@ def test_what_the_store_holds_alone_moves_nothing(fleet):
     request(a, {"op": "stop", "name": "kva"})
 
 
+@pytest.mark.e2e
 def test_an_operator_record_runs_with_its_phases_and_a_cancel_rolls_one_back(fleet):
     c, url, ids = fleet
     a, b, _ = c.addrs
@@ -169,6 +147,8 @@ def test_an_operator_record_runs_with_its_phases_and_a_cancel_rolls_one_back(fle
         request(at, {"op": "stop", "name": name})
 
 
+@pytest.mark.e2e
+@pytest.mark.adversarial
 def test_an_unsigned_cancel_is_refused_and_the_move_goes_on(fleet):
     c, url, ids = fleet
     a, b, _ = c.addrs
@@ -186,6 +166,7 @@ def test_an_unsigned_cancel_is_refused_and_the_move_goes_on(fleet):
     request(b, {"op": "stop", "name": "kvu"})
 
 
+@pytest.mark.e2e
 def test_undrain_cancels_what_has_not_started_and_a_killed_agent_says_what_became_of_its_moves(fleet):
     c, url, ids = fleet
     a, b, d = c.addrs
@@ -235,6 +216,7 @@ def test_canonical_bytes_do_not_depend_on_key_order():
     assert canonical({"b": 1, "a": [2, {"d": 3, "c": 4}]}) == canonical({"a": [2, {"c": 4, "d": 3}], "b": 1})
 
 
+@pytest.mark.e2e
 def test_a_signed_record_that_cannot_run_fails_with_one_line(fleet):
     c, url, ids = fleet
     a = c.addrs[0]
@@ -252,6 +234,7 @@ def test_a_signed_record_that_cannot_run_fails_with_one_line(fleet):
     request(a, {"op": "stop", "name": "kvb"})
 
 
+@pytest.mark.e2e
 def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
     """settings max_in_flight 1: two records on two sources run one after the other, never together."""
     c, url, ids = fleet
@@ -274,12 +257,14 @@ def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
                 break
             time.sleep(0.1)
         assert phases == ["Succeeded", "Succeeded"] and most == 1, (phases, most)
-        assert read(url, "slots/0") == {}  # released by the move that held it
+        until(lambda: read(url, "slots/0") == {}, timeout=10)  # released by the move that held it, once it ended
     finally:
         blocking(url, lambda d: RecordStore(d).delete("settings"))
     request(b, {"op": "stop", "name": "kvm1"})
     request(a, {"op": "stop", "name": "kvm2"})
 
+
+@pytest.mark.e2e
 def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet):
     """Last in this module: it retires agent c."""
     c, url, ids = fleet
