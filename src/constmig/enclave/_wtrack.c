@@ -389,6 +389,18 @@ static PyObject *py_arm(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Move n one-byte marks into dst, clearing each atomically, so a mark set concurrently is either taken
+ * now or found next time; returns how many were set. */
+static size_t take_marks(uint8_t *marks, uint8_t *dst, size_t n) {
+    size_t count = 0;
+    for (size_t c = 0; c < n; c++) {
+        uint8_t v = __atomic_exchange_n(&marks[c], 0, __ATOMIC_ACQ_REL);
+        dst[c] = v;
+        count += v != 0;
+    }
+    return count;
+}
+
 /* take(base, out_address): move the marks into out (one byte per chunk), clearing them atomically so a
  * mark set concurrently is either taken now or found next time. Returns how many were set. */
 static PyObject *py_take(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -400,14 +412,7 @@ static PyObject *py_take(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "region is not armed");
         return NULL;
     }
-    uint8_t *dst = (uint8_t *)(uintptr_t)out;
-    size_t count = 0;
-    for (size_t c = 0; c < r->n_chunks; c++) {
-        uint8_t v = __atomic_exchange_n(&r->marks[c], 0, __ATOMIC_ACQ_REL);
-        dst[c] = v;
-        count += v != 0;
-    }
-    return PyLong_FromSize_t(count);
+    return PyLong_FromSize_t(take_marks(r->marks, (uint8_t *)(uintptr_t)out, r->n_chunks));
 }
 
 /* opening(base): tracking ends; a write still faulting on a chunk not yet opened is let through. */
@@ -491,14 +496,7 @@ static PyObject *py_guard_take(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "heap is not guarded");
         return NULL;
     }
-    uint8_t *dst = (uint8_t *)(uintptr_t)out;
-    size_t count = 0;
-    for (size_t c = 0; c < g->n_chunks; c++) {
-        uint8_t v = __atomic_exchange_n(&g->wanted[c], 0, __ATOMIC_ACQ_REL);
-        dst[c] = v;
-        count += v != 0;
-    }
-    return PyLong_FromSize_t(count);
+    return PyLong_FromSize_t(take_marks(g->wanted, (uint8_t *)(uintptr_t)out, g->n_chunks));
 }
 
 /* guard_wake(base): a chunk was restored: waiting accesses look again. */

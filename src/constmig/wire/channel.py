@@ -147,13 +147,30 @@ class HandshakeRecord:
     payload: bytes
 
 
+class ChunkFlags:
+    """What a chunk record's flags say, for a chunk received either way (sealed or opened already)."""
+
+    __slots__ = ()
+    flags: int
+
+    @property
+    def demand(self) -> bool:
+        """The sender marked this chunk as an answer to a demand request."""
+        return bool(self.flags & FLAG_DEMAND)
+
+    @property
+    def zero(self) -> bool:
+        """The chunk is `length` zero bytes (verified already: its record carried only the length)."""
+        return bool(self.flags & FLAG_ZERO)
+
+
 @dataclass(frozen=True, slots=True)
 class ControlRecord:
     payload: bytes
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class SealedChunk:
+class SealedChunk(ChunkFlags):
     """A received, not yet verified chunk: its ciphertext sits in the channel's receive buffer.
 
     Open it with `channel.open_chunk(sealed, out)` before the next recv; a chunk not opened by then is
@@ -172,19 +189,9 @@ class SealedChunk:
         """The record's GCM tag, which the completeness digest is built from."""
         return bytes(self._ct[-TAG_SIZE:])
 
-    @property
-    def demand(self) -> bool:
-        """The sender marked this chunk as an answer to a demand request."""
-        return bool(self.flags & FLAG_DEMAND)
-
-    @property
-    def zero(self) -> bool:
-        """The chunk is `length` zero bytes (verified already: its record carried only the length)."""
-        return bool(self.flags & FLAG_ZERO)
-
 
 @dataclass(frozen=True, slots=True, eq=False)
-class OpenedChunk:
+class OpenedChunk(ChunkFlags):
     """A received chunk that is verified already: the native engine opened it into the caller's scratch
     (`SecureChannel.recv_opened`), so `plain` holds its bytes (None for a zero chunk: `length` zero bytes,
     its claim verified). Shaped like SealedChunk where installers look."""
@@ -195,14 +202,6 @@ class OpenedChunk:
     flags: int
     tag: bytes
     plain: memoryview | None = field(repr=False)
-
-    @property
-    def demand(self) -> bool:
-        return bool(self.flags & FLAG_DEMAND)
-
-    @property
-    def zero(self) -> bool:
-        return bool(self.flags & FLAG_ZERO)
 
 
 Record = HandshakeRecord | ControlRecord | SealedChunk
