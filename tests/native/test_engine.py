@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,14 +31,6 @@ def ticket(send_seq: int = 0, recv_seq: int = 0) -> ChannelTicket:
 
 def peer_ticket(send_seq: int = 0, recv_seq: int = 0) -> ChannelTicket:
     return ChannelTicket(MID, K2, K1, 2, 1, send_seq, recv_seq)
-
-
-@pytest.fixture
-def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def read_exact(sock: socket.socket, n: int) -> bytes:

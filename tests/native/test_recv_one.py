@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.skipif(not engine.available(), reason=f"{engine.why_una
 MID = bytes(range(16))
 K1, K2 = bytes([1]) * 32, bytes([2]) * 32
 CS = 1 << 13
-
-
-@pytest.fixture
-def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_nothing_arriving_reads_nothing_and_moves_nothing(sockets) -> None:
