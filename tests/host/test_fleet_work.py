@@ -100,6 +100,9 @@ def test_what_the_store_holds_alone_moves_nothing(fleet):
     assert request(a, {"op": "status"})["enclaves"]["kva"]["status"] == "running"
     assert "kva" not in request(b, {"op": "status"})["enclaves"] and "kva" not in request(d, {"op": "status"})["enclaves"]
     assert history(a) == before
+    p = cm("migrations", "ls", "--etcd", url, "--json")
+    rows = {r["id"]: r for r in json.loads(p.stdout)}
+    assert rows["a.kva.0"]["reason"] == "not acted on: not signed", rows  # what the operator sees
     ls = cm("ls", "--etcd", url)
     assert ls.returncode == 0 and "; drain refused: signed" in ls.stdout and "taken for a replay" in ls.stdout, ls.stdout
     p = cm("undrain", "a", "--etcd", url)
@@ -124,7 +127,6 @@ def test_an_operator_record_runs_with_its_phases_and_a_cancel_rolls_one_back(fle
     p = cm("migrations", "ls", "--etcd", url, "--json")
     rows = {r["id"]: r for r in json.loads(p.stdout)}
     assert rows[rid]["phase"] == "Succeeded" and rows[rid]["to"] == "b" and rows[rid]["outcome"] == "done"
-    assert rows["a.kva.0"]["reason"] == "not acted on: not signed"
     p = cm("migrations", "ls", "--etcd", url)
     assert p.returncode == 0 and rid in p.stdout, p.stdout
 
