@@ -2,7 +2,9 @@
 directory with `constmig metrics targets`, on the shipped deploy/prometheus/ configuration and rules, and
 its own HTTP API shows what an operator's would: the first migration's increase (the series were there
 at 0), downtime counted once per direction, the enclaves per host before and after (0, not absent),
-`up`, and the first rolled-back migration (an unreachable destination) under the same word as the log."""
+`up`, the first rolled-back migration (an unreachable destination) under the same word as the log, and
+then a drain of host c written as a mark and carried out by its agent: c's enclaves leave it, and
+Prometheus sees each host's enclaves and the drain's migrations counted once."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def by_host(found: list[dict]) -> dict[str, float]:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_a_real_prometheus_sees_the_first_migration_and_counts_it_once(etcd_url):
     if prometheus_binary() is None:
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
@@ -70,3 +72,21 @@ def test_a_real_prometheus_sees_the_first_migration_and_counts_it_once(etcd_url)
         assert " ended rolled-back: " in log and "failed" not in log.split(" ended rolled-back: ")[0][-80:]
         assert prom.query('ALERTS{alertname="ConstmigMigrationFailed"}') == []
         assert by_host(prom.query('up{job="constmig"}')) == {"a": 1, "b": 1, "c": 1}
+
+        # a drain as a mark (issue 35): c's agent moves its three enclaves off; Prometheus sees c emptied
+        for i, name in enumerate(("kv2", "kv3")):
+            launch_filled(cc, name, "kvstore", 16 << 20, 0.5, seed=2 + i)
+        prom.wait('constmig_enclaves{state="running"}', lambda r: by_host(r) == {"a": 0, "b": 0, "c": 3})
+        p = subprocess.run([sys.executable, "-m", "constmig", "drain", "c", "--etcd", etcd_url, "--strategy",
+                            "stopcopy", "--json", "-"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr
+        after = prom.wait('constmig_enclaves{state="running"}',
+                          lambda r: (h := by_host(r)).get("c") == 0 and h.get("a", 0) + h.get("b", 0) == 3, timeout=30)
+        assert set(by_host(after)) == {"a", "b", "c"}
+        # every move of the drain is one migration out of c, counted once, none failed
+        prom.wait('constmig_migrations_total{direction="out", outcome="done", host_id="c"}',
+                  lambda r: sum(s["value"] for s in r) == 3, timeout=30)
+        prom.wait('sum(constmig_migrations_total{direction="in", outcome="done"})',
+                  lambda r: r and r[0]["value"] == 5, timeout=30)
+        assert prom.query('ALERTS{alertname="ConstmigMigrationFailed"}') == []
