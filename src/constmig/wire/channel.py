@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -574,12 +574,19 @@ class SecureChannel:
         of these), and RecvTimeout if `timeout` seconds pass first (the channel stays OK).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._receiving():
+            return self._recv_record(deadline, timeout or 0.0)
+
+    @contextlib.contextmanager
+    def _receiving(self) -> Iterator[None]:
+        """One receive, however it reads: under the receive lock, on a usable channel, a chunk the caller
+        left unopened verified first; a protocol failure leaves the channel BROKEN (a timeout does not)."""
         with self._recv_lock:
             self._check_usable()
             if self._pending is not None:
                 self._verify_pending_into_scratch()
             try:
-                return self._recv_record(deadline, timeout or 0.0)
+                yield
             except RecvTimeout:
                 raise
             except ProtocolError as e:
@@ -605,18 +612,10 @@ class SecureChannel:
         `out`. Unlike `recv`, a record that stalls midway past the timeout ends the stream (ChannelClosed).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._recv_lock:
-            self._check_usable()
-            if self._pending is not None:
-                self._verify_pending_into_scratch()
-            try:
-                if self._cur is not None or self._got:
-                    return self._recv_record(deadline, timeout or 0.0)
-                return self._recv_native(make, out, timeout)
-            except RecvTimeout:
-                raise
-            except ProtocolError as e:
-                raise self._break(e) from None
+        with self._receiving():
+            if self._cur is not None or self._got:
+                return self._recv_record(deadline, timeout or 0.0)
+            return self._recv_native(make, out, timeout)
 
     def _recv_native(self, make: Callable[[bytes, int, bytes, int], ChunkReceiver], out: memoryview | np.ndarray,
                      timeout: float | None) -> OpenedChunk | Record:
@@ -657,13 +656,8 @@ class SecureChannel:
                 raise ProtocolError(f"native receive moved the position ({start} -> {end}) on a foreign record")
             self._hdr[:] = got
             self.bytes_received += HEADER_SIZE
-            self._begin_record()
-            header = self._cur
-            assert header is not None
-            body = memoryview(self._rbuf)[:header.length]
-            self._fill(body, None if timeout is None else time.monotonic() + timeout, timeout or 0.0)
-            self._cur, self._got = None, 0
-            return self._finish_record(header, body)
+            self._begin_record()  # current now: _recv_record reads only its body
+            return self._recv_record(None if timeout is None else time.monotonic() + timeout, timeout or 0.0)
         if end != start + 1:
             raise ProtocolError(f"native receive ended at seq {end}, not {start + 1}")
         self._opener = RecordOpener(recv_key, recv_dir, end)
