@@ -62,7 +62,8 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def decode_value(raw: bytes) -> dict[str, Any]:
+    """A stored JSON object; {} for anything else (the store is the host's: a garbled value reads as empty)."""
     try:
         obj = json.loads(raw)
     except ValueError:
@@ -136,7 +137,7 @@ class Directory:
         found = await self._do(self._c.get_prefix(f"{self.prefix}hosts/".encode()))
         out = {}
         for kv in found:
-            entry = _decode(kv.value)
+            entry = decode_value(kv.value)
             out[str(entry.get("listen") or kv.key.decode().rsplit("/", 1)[-1])] = entry
         return out
 
@@ -147,22 +148,22 @@ class Directory:
         """Every agent that ever registered, alive or not: listen address -> its last registration (its
         host id and state folder: where a dead agent's enclaves can come back)."""
         found = await self._do(self._c.get_prefix(f"{self.prefix}agents/".encode()))
-        return {kv.key.decode()[len(self.prefix) + len("agents/"):]: _decode(kv.value) for kv in found}
+        return {kv.key.decode()[len(self.prefix) + len("agents/"):]: decode_value(kv.value) for kv in found}
 
     # ---- enclaves ----
     async def where(self, name: str) -> str | None:
         kv = await self._do(self._c.get(self._enclave_key(name)))
-        return None if kv is None else str(_decode(kv.value).get("at") or "") or None
+        return None if kv is None else str(decode_value(kv.value).get("at") or "") or None
 
     async def enclaves(self) -> dict[str, str]:
         """Every enclave the directory knows: name -> the agent it was last seen at."""
         found = await self._do(self._c.get_prefix(f"{self.prefix}enclaves/".encode()))
-        return {kv.key.decode().rsplit("/", 1)[-1]: str(_decode(kv.value).get("at") or "") for kv in found}
+        return {kv.key.decode().rsplit("/", 1)[-1]: str(decode_value(kv.value).get("at") or "") for kv in found}
 
     async def entries(self) -> dict[str, dict[str, Any]]:
         """Every enclave's whole entry: name -> {"at", and "checkpoint" once one was sealed there}."""
         found = await self._do(self._c.get_prefix(f"{self.prefix}enclaves/".encode()))
-        return {kv.key.decode().rsplit("/", 1)[-1]: _decode(kv.value) for kv in found}
+        return {kv.key.decode().rsplit("/", 1)[-1]: decode_value(kv.value) for kv in found}
 
     async def claim(self, name: str, at: str) -> str | None:
         """Record that `name` runs at `at`, unless the entry names another agent that is alive: then
@@ -174,7 +175,7 @@ class Directory:
             if kv is None:
                 compare = [tx.version(key) == 0]
             else:
-                old = str(_decode(kv.value).get("at") or "")
+                old = str(decode_value(kv.value).get("at") or "")
                 if old == at:
                     return None
                 if old and await self.alive(old):
@@ -192,7 +193,7 @@ class Directory:
         written by another tool in another JSON layout still counts as saying what it says)."""
         key, tx = self._enclave_key(name), self._c.transactions
         kv = await self._do(self._c.get(key))
-        if kv is None or _decode(kv.value).get("at") != frm:
+        if kv is None or decode_value(kv.value).get("at") != frm:
             return False
         ok, _ = await self._do(self._c.transaction(compare=[tx.mod(key) == kv.mod_revision], success=[op],
                                                    failure=[]))
@@ -262,7 +263,7 @@ class Directory:
         entry, if the entry still names `at`, so that `ls` can say what brings it back once `at` is gone."""
         key, tx = self._enclave_key(name), self._c.transactions
         kv = await self._do(self._c.get(key))
-        entry = {} if kv is None else _decode(kv.value)
+        entry = {} if kv is None else decode_value(kv.value)
         if entry.get("at") != at:
             return False
         ok, _ = await self._do(self._c.transaction(compare=[tx.mod(key) == kv.mod_revision], failure=[],
@@ -278,7 +279,7 @@ class Directory:
             kv = await self._do(self._c.get(key))
             if kv is None:
                 raise DirectoryError(f"no enclave named {name!r} in the fleet directory at {self.url}")
-            at = str(_decode(kv.value).get("at") or "")
+            at = str(decode_value(kv.value).get("at") or "")
             compare = [tx.mod(key) == kv.mod_revision]
             if at:
                 if await self.alive(at):

@@ -8,24 +8,15 @@ free memory and load, under a lease, for the placement), `settings` (fleet-wide:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from constmig.errors import DirectoryError
-from constmig.host.directory import Directory
+from constmig.host.directory import Directory, decode_value
 from constmig.host.signing import canonical
 
 CAS_TRIES = 8
-
-
-def decode(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 @dataclass
@@ -51,7 +42,7 @@ class RecordStore:
 
     async def get(self, key: str) -> Stored | None:
         got = await self.d.read(key)
-        return None if got is None else Stored(key, decode(got[0]), got[1])
+        return None if got is None else Stored(key, decode_value(got[0]), got[1])
 
     async def create(self, key: str, value: dict[str, Any]) -> bool:
         """Write a new record or mark; False if the key exists."""
@@ -82,15 +73,15 @@ class RecordStore:
     async def records(self, prefix: str = "") -> list[Stored]:
         """Every record whose id starts with `prefix` (a source host's: `"{host_id}."`)."""
         found = await self.d.read_prefix(f"migrations/{prefix}")
-        return [Stored(self.record_key(prefix + k), decode(v), mod) for k, (v, mod) in sorted(found.items())]
+        return [Stored(self.record_key(prefix + k), decode_value(v), mod) for k, (v, mod) in sorted(found.items())]
 
     async def marks(self) -> dict[str, Stored]:
         found = await self.d.read_prefix("drains/")
-        return {k: Stored(self.mark_key(k), decode(v), mod) for k, (v, mod) in found.items()}
+        return {k: Stored(self.mark_key(k), decode_value(v), mod) for k, (v, mod) in found.items()}
 
     async def rooms(self) -> dict[str, dict[str, Any]]:
-        return {k: decode(v) for k, (v, _) in (await self.d.read_prefix("room/")).items()}
+        return {k: decode_value(v) for k, (v, _) in (await self.d.read_prefix("room/")).items()}
 
     async def settings(self) -> dict[str, Any]:
         got = await self.d.read("settings")
-        return {} if got is None else decode(got[0])
+        return {} if got is None else decode_value(got[0])
