@@ -38,7 +38,6 @@ NATIVE_BATCH = 4  # background chunks per native batch: a demand's follow-up wai
 NATIVE_BATCH_S = 0.05  # under a bandwidth cap, a batch holds at most this long's worth (at least one chunk)
 
 
-
 class SendBatch(Protocol):
     """Sends chunks `indexes` of `heap` on a link as one batch through the native engine; their tags for the
     ledger (strategies/stopcopy.py send_native_batch, passed in: the strategies import this module)."""
@@ -145,6 +144,15 @@ class Streamer:
             return NATIVE_BATCH
         return max(1, min(NATIVE_BATCH, int(self.max_bandwidth * NATIVE_BATCH_S // self.heap.chunk_size)))
 
+    def _send_background(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Send `batch` on the main channel, on either plane (the Python one takes one chunk at a time:
+        `_batch`); its indexes and tags, (n, 16), for the ledger."""
+        idx = np.asarray(batch, dtype=np.int64)
+        if self.send_batch is not None:
+            return idx, self.send_batch(self.main, self.heap, idx)
+        tag = self.main.send_chunk(batch[0], self.heap.chunk_view(batch[0]))
+        return idx, np.frombuffer(tag, dtype=np.uint8).reshape(1, -1)
+
     def _background(self) -> None:
         cores = BackgroundCores()
         size = self.heap.chunk_size
@@ -162,17 +170,10 @@ class Streamer:
             if not batch:
                 break
             paced += len(batch) * size
-            if self.send_batch is not None:
-                idx = np.asarray(batch, dtype=np.int64)
-                tags = self.send_batch(self.main, self.heap, idx)
-            else:
-                idx, tags = batch[0], self.main.send_chunk(batch[0], self.heap.chunk_view(batch[0]))
+            idx, tags = self._send_background(batch)
             self.last_progress = time.monotonic()
             with self._lock:
-                if self.send_batch is not None:
-                    self.ledger.record_sent_many(idx, tags)  # type: ignore[arg-type]
-                else:
-                    self.ledger.record_sent(idx, tags)  # type: ignore[arg-type]
+                self.ledger.record_sent_many(idx, tags)
                 self.background_chunks += len(batch)
                 self._recorded.notify_all()
             now = time.monotonic()
