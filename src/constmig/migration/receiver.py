@@ -55,6 +55,9 @@ class Installer(Protocol):
     def resumed(self) -> None:
         """A reconnect brought the stream back."""
 
+    def figures(self) -> dict[str, Any]:
+        """The tracker's own figures, joined to the receiver's when the heap is whole (and sent in DONE)."""
+
 
 def percentile_us(samples: list[float], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(samples) * 1e6, q)), 1) if samples else None
@@ -336,6 +339,7 @@ class Receiver:
             "recv_wait_s": round(self.recv_s, 3),
             "install_s": round(self.install_s, 3),
             "recv_data_plane": "native" if self.native else "python",  # who received and opened the stream
+            **self.installer.figures(),
         }
         if self.resumes:
             self.stats["resumes"] = self.resumes

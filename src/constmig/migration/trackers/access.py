@@ -94,8 +94,7 @@ class AccessTracking(Tracker):
             self.receiver = receive_stream(link, demand, stream.ledger, AccessInstaller(access, self.heap.chunk_size),
                                            chunk_size=self.heap.chunk_size, tracker=self.name,
                                            t_resume=stream.t_resume, resume_path=stream.resume_path,
-                                           secret=stream.secret, epoch=stream.epoch, data_plane=stream.data_plane,
-                                           receiver_cls=AccessReceiver)
+                                           secret=stream.secret, epoch=stream.epoch, data_plane=stream.data_plane)
             started(int(stream.ledger.expected.size), self.receiver)
             self.receiver.request(access.outstanding())  # asked for before the receiver existed
         except (ConstmigError, OSError) as e:
@@ -132,22 +131,6 @@ class AccessTracking(Tracker):
             restore_module(self.app_module)
 
 
-class AccessReceiver(Receiver):
-    """The one Receiver, its figures joined by the Access Tracker's own: the accesses that escaped the
-    checks and were served by the fault handler. The Receiver builds its figures in one dict when the heap
-    is whole and sends that dict in DONE; they join it as it is set, so the source's figures carry them."""
-
-    installer: AccessInstaller
-
-    @property  # type: ignore[override]
-    def stats(self) -> dict[str, Any]:
-        return self._stats
-
-    @stats.setter
-    def stats(self, value: dict[str, Any]) -> None:
-        self._stats = {**value, **self.installer.tracker.untracked_figures()} if value else value
-
-
 class AccessInstaller:
     """Access Tracker installs: verify into scratch, copy into the heap chunk (PROT_NONE until
     begin_install), and let the app see it when finish_install flips its bit. Not decrypted in place:
@@ -165,6 +148,10 @@ class AccessInstaller:
 
     def scratch(self, demand: bool) -> np.ndarray:
         return self._chunk_bufs[demand]
+
+    def figures(self) -> dict[str, Any]:
+        """The accesses that escaped the checks and were served by the fault handler."""
+        return self.tracker.untracked_figures()
 
     @staticmethod
     def _verify_then_place(sealed: Arrival, chan: SecureChannel, scratch: np.ndarray, dst: memoryview) -> None:

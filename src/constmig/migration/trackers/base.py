@@ -110,15 +110,14 @@ class Tracker:
 
 def receive_stream(main: Link, demand: Link, ledger: ChunkLedger, installer: Installer, *, chunk_size: int,
                    tracker: str, t_resume: float, resume_path: Path | None, secret: ResumeSecret,
-                   epoch: int, data_plane: str = "python", receiver_cls: type[Receiver] = Receiver) -> Receiver:
+                   epoch: int, data_plane: str = "python") -> Receiver:
     """The one post-copy receive path (the pager process's and the Access Tracker's): a receiver on both
     channels, started, and the reconnect listener beside it. `data_plane` "native" receives through the
-    engine where this host built it (else Python: the figures' recv_data_plane says which). A tracker
-    may pass a `receiver_cls` that adds its own figures (the Access Tracker's)."""
+    engine where this host built it (else Python: the figures' recv_data_plane says which)."""
     from constmig.native import engine
 
-    receiver = receiver_cls(main, demand, ledger, installer, chunk_size=chunk_size, tracker=tracker,
-                            t_resume=t_resume, native=data_plane == "native" and engine.available())
+    receiver = Receiver(main, demand, ledger, installer, chunk_size=chunk_size, tracker=tracker,
+                        t_resume=t_resume, native=data_plane == "native" and engine.available())
     receiver.start()
     if resume_path is not None:
         ResumeServer(resume_path, secret, ledger, t_resume, receiver, chunk_size, epoch=epoch)

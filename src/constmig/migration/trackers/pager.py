@@ -76,6 +76,9 @@ class UffdInstaller:
     def scratch(self, demand: bool) -> np.ndarray:
         return self._chunk_bufs[demand]
 
+    def figures(self) -> dict[str, Any]:
+        return {}  # the pager adds its own (zero_filled_chunks) when it finishes
+
     def install_piece(self, index: int, piece: int, sealed: Arrival, chan: SecureChannel) -> None:
         dst = self.base + index * self.chunk_size + piece * PIECE
         plain = verified(sealed, chan, self._piece_buf)  # None: a zero piece
