@@ -5,6 +5,7 @@ No sockets, no agent: tests/host/test_outgoing.py checks that the agent carries 
 from __future__ import annotations
 
 import itertools
+import shlex
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from constmig.host.recovery import (
     decide,
     out_of_time_message,
     restore_advice,
+    restore_command,
     stranded_message,
 )
 from constmig.host.status import Status as S
@@ -153,3 +155,14 @@ def test_stranded_and_out_of_time_say_what_to_run() -> None:
     assert "within 30 s (12 attempts; last: connection refused)" in late
     assert "constmig migrate kv --from a:1 --resume" in late and late.endswith(advice)
     assert "\n" not in stranded + late
+
+
+def test_a_restore_command_runs_as_printed_whatever_the_state_folder_is_called() -> None:
+    """The checkpoint's path is the agent's state folder, which the host names: a space or a shell
+    character in it is one word of the printed command, never a second command."""
+    ckpt = "/srv/host a/state; touch pwned/checkpoints/kv.v3.ckpt"
+    printed = restore_command(ckpt, "10.0.0.2:7001", "kv", release="abc")
+    assert shlex.split(printed) == ["constmig", "restore", ckpt, "--agent", "10.0.0.2:7001", "--name", "kv",
+                                    "--release", "abc"]
+    assert restore_command("/srv/a/kv.v1.ckpt", "10.0.0.2:7001", "kv") == \
+        "constmig restore /srv/a/kv.v1.ckpt --agent 10.0.0.2:7001 --name kv"  # plain paths stay as they were

@@ -53,6 +53,7 @@ from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
 from constmig.host.metrics import AgentMetrics, HostFigures, death_reason
 from constmig.host.outgoing import Outgoing
+from constmig.host.recovery import restore_command
 from constmig.host.roster import Hosted, Roster
 from constmig.host.status import HOLDS_UNDELIVERED, STOPPABLE, StatusCell
 from constmig.host.status import Status as S
@@ -249,8 +250,8 @@ class Agent:
             try:
                 done = await asyncio.wait_for(hosted.handle.call(control.Seal(
                     folder=str(self.roster.checkpoints), name=name, final=True)), TERM_WAIT_S)
-                log.warning("enclave %s checkpointed to %s; after a restart: constmig restore %s --agent %s "
-                            "--name %s", name, done["path"], done["path"], self.listen, name)
+                log.warning("enclave %s checkpointed to %s; after a restart: %s", name, done["path"],
+                            restore_command(done["path"], self.listen, name))
                 await self.upkeep.sealed(name, str(done["path"]))
             except (ConstmigError, TimeoutError) as e:
                 log.error("enclave %s could not be checkpointed (%s): it dies with the agent", name, e or "timed out")

@@ -29,6 +29,7 @@ from constmig.errors import ConfigError, ConstmigError, PastCommitPoint
 from constmig.host.address import parse_addr
 from constmig.host.client import request
 from constmig.host.orchestrate import migrate
+from constmig.host.recovery import restore_command
 from constmig.units import format_size
 from constmig.wire import control
 
@@ -195,7 +196,7 @@ def revival(dead: list[Stray], etcd: str) -> list[str]:
                          "--state-dir it had")
         for s in group:
             if s.checkpoint:
-                lines.append(f"  then: {shlex.join(['constmig', 'restore', s.checkpoint, '--agent', at, '--name', s.name])}")
+                lines.append(f"  then: {restore_command(s.checkpoint, at, s.name)}")
             else:
                 lines.append(f"  {s.name}: no checkpoint of it there is recorded; once that agent runs, `constmig "
                              f"status --agent {at}` names any it finds, else its data is lost")

@@ -13,6 +13,7 @@ tests/host/test_recovery.py checks the table.
 from __future__ import annotations
 
 import enum
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,14 +81,20 @@ def _unasked(f: Failure) -> Life | None:
 
 # ---- what the operator is told (pure text; the agent finds the checkpoint) ----
 
+def restore_command(checkpoint: Path | str, agent: str, name: str, release: str = "") -> str:
+    """The one way a restore command is printed: each word quoted for a shell, so a checkpoint path (the
+    agent's state folder) with a space or a shell character still runs as printed, and as nothing else."""
+    return shlex.join(["constmig", "restore", str(checkpoint), "--agent", agent, "--name", name,
+                       *(["--release", release] if release else [])])
+
+
 def restore_advice(name: str, to: str, release: str, checkpoint: Path | None) -> str:
     """How the newest checkpoint restores on the destination host, where the lineage went at the commit
     point (with the release code, should the destination have died before it handled COMMIT)."""
     if checkpoint is None:
         return "there is no checkpoint of it here, so its data is lost"
     return (f"its newest checkpoint here, {checkpoint}, restores on the destination host (the lineage moved "
-            f"there at the commit point): constmig restore {checkpoint} --agent {to} --name {name}"
-            + (f" --release {release}" if release else "") +
+            f"there at the commit point): {restore_command(checkpoint, to, name, release)}"
             " (copy the file there first if the hosts share no folder); writes since it are lost")
 
 

@@ -26,6 +26,7 @@ from constmig.files import newest_checkpoint
 from constmig.host.launcher import EnclaveHandle, LaunchSpec
 from constmig.host.logs import fields
 from constmig.host.metrics import CallRate, HostFigures
+from constmig.host.recovery import restore_command
 from constmig.host.status import Status, StatusCell
 from constmig.host.status import Status as S
 from constmig.units import available_memory, format_size, resident_bytes
@@ -238,4 +239,4 @@ class Roster:
     def restore_command(self, name: str) -> str | None:
         """The command that restores `name` here from its newest checkpoint here (None without one)."""
         ckpt = self.newest_checkpoint(name)
-        return f"constmig restore {ckpt} --agent {self.listen} --name {name}" if ckpt else None
+        return restore_command(ckpt, self.listen, name) if ckpt else None
