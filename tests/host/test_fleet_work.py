@@ -237,6 +237,30 @@ def test_a_signed_record_that_cannot_run_fails_with_one_line(fleet):
 
 
 @pytest.mark.e2e
+@pytest.mark.adversarial
+def test_garbled_settings_in_the_store_are_named_and_the_moves_run_on_defaults(fleet):
+    """The host writes settings no agent can use: each agent says which (once) and runs its moves on the
+    defaults, where a garbled value used to fail every look of the fleet's work."""
+    c, url, ids = fleet
+    a = c.addrs[0]
+    launch_filled(a, "kvg", "kvstore", 8 << 20, 0.5, seed=5)
+    raw_put(url, "settings", {"max_in_flight": "all", "outbound_per_host": -1, "keep_records_s": "x"})
+    try:
+        rid = records.new_id("a", "kvg")
+        spec = spec_of(rid, "kvg", target="b", strategy="stopcopy")
+        blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
+        st = until(lambda: (s := read(url, f"migrations/{rid}")["status"])["phase"] in records.FINAL_VALUES and s,
+                   timeout=30)
+        assert st["phase"] == "Succeeded", st
+        log = (c.base / "agent-a.log").read_text()
+        assert "settings outbound_per_host=-1 is not an integer >= 1: 2 is used" in log
+        assert "fleet work failed unexpectedly" not in log
+    finally:
+        blocking(url, lambda d: RecordStore(d).delete("settings"))
+    request(c.addrs[1], {"op": "stop", "name": "kvg"})
+
+
+@pytest.mark.e2e
 def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
     """settings max_in_flight 1: two records on two sources run one after the other, never together."""
     c, url, ids = fleet

@@ -135,3 +135,24 @@ def test_who_may_ask_what_of_which_host():
     assert may_ask(Signer("operator", "alice"), "a") is None
     assert may_ask(Signer("host", "a"), "a") is None  # the host itself (its local CLI)
     assert "may not ask this of host 'a'" in (may_ask(Signer("host", "b"), "a") or "")
+
+
+@pytest.mark.parametrize(("obj", "expect", "named"), [
+    ({}, records.Settings(), []),
+    ({"max_in_flight": 3, "outbound_per_host": 1, "keep_records_s": 60}, records.Settings(3, 1, 60.0), []),
+    ({"outbound_per_host": 4.0, "other": "kept out"}, records.Settings(outbound_per_host=4), []),
+    ({"max_in_flight": -1}, records.Settings(), ["max_in_flight=-1"]),
+    ({"max_in_flight": "3"}, records.Settings(), ["max_in_flight='3'"]),
+    ({"max_in_flight": True}, records.Settings(), ["max_in_flight=True"]),
+    ({"outbound_per_host": 0}, records.Settings(), ["outbound_per_host=0"]),
+    ({"outbound_per_host": 1.5}, records.Settings(), ["outbound_per_host=1.5"]),
+    ({"keep_records_s": "x", "max_in_flight": None}, records.Settings(), ["max_in_flight=None", "keep_records_s='x'"]),
+    ({"keep_records_s": -5}, records.Settings(), ["keep_records_s=-5"]),
+])
+def test_settings_the_store_holds_are_taken_only_in_range(obj, expect, named) -> None:
+    """The store's holder writes the settings unsigned: a value out of range or of the wrong type is left
+    at its default and named, never taken (a garbled store must not stall or stop the fleet's work)."""
+    got = records.Settings.from_obj(obj)
+    assert (got.max_in_flight, got.outbound_per_host, got.keep_records_s) == \
+        (expect.max_in_flight, expect.outbound_per_host, expect.keep_records_s)
+    assert len(got.problems) == len(named) and all(n in p for n, p in zip(named, got.problems, strict=True)), got

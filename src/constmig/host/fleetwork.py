@@ -47,7 +47,6 @@ ROOM_STEP = 64 << 20  # free memory moving less than this (and calls by less tha
 PROGRESS_EVERY_S = 1.0  # a running record's progress is written at most this often
 MAX_TRIES = 3  # moves of one enclave under one mark before the drain leaves it (stuck, and says so)
 RETRY_AFTER_S = 5.0  # a failed move's enclave is tried again this long after, on another host if there is one
-KEEP_RECORDS_S = 86400.0  # an ended record is deleted this long after (settings keep_records_s)
 SETTINGS_EVERY_S = 30.0
 FORGET_PER_LOOK = 20
 SEEN_KEEP = 5000  # record ids remembered as finished (a replayed old record is refused)
@@ -92,7 +91,8 @@ class FleetWork:
         self._room_last: dict[str, Any] | None = None  # the figures the entry holds
         self._room_at = 0.0
         self._settings_at = 0.0
-        self._keep_s = KEEP_RECORDS_S
+        self._keep_s = records.KEEP_RECORDS_S
+        self._settings_said: tuple[str, ...] = ()
         self._away = False
 
     # ---- lifecycle ----
@@ -163,11 +163,21 @@ class FleetWork:
             pending += await self._plan_new(mine, now)
         await self._start(pending, now)
         if now - self._settings_at >= SETTINGS_EVERY_S:
-            self._keep_s = float((await self.store.settings()).get("keep_records_s", KEEP_RECORDS_S))
+            self._keep_s = (await self._settings()).keep_records_s
             self._settings_at = now
         await self._forget_old(mine, now)
         if self.mark is not None:
             await self._mark_status(mine)
+
+    async def _settings(self) -> records.Settings:
+        """The fleet's settings; a garbled value is said once (until it changes), its default used."""
+        assert self.store is not None
+        settings = await self.store.settings()
+        if settings.problems != self._settings_said:
+            for problem in settings.problems:
+                log.warning("%s", problem)
+            self._settings_said = settings.problems
+        return settings
 
     async def _forget_old(self, mine: list[Stored], now: float) -> None:
         """Delete this host's records that ended more than keep_records_s ago (not those of its standing
@@ -452,14 +462,13 @@ class FleetWork:
         assert self.store is not None
         if not pending:
             return
-        settings = await self.store.settings()
-        cap = self.mark.parallel if self.mark is not None else \
-            int(settings.get("outbound_per_host", records.DEFAULT_PARALLEL))
+        settings = await self._settings()
+        cap = self.mark.parallel if self.mark is not None else settings.outbound_per_host
         free = cap - len(self.tasks)
         if free <= 0:
             return
         pending = sorted(pending, key=lambda p: (p[1].created, p[1].id))[:free]
-        fleet_cap = int(settings.get("max_in_flight", 0) or 0)
+        fleet_cap = settings.max_in_flight
         if fleet_cap > 0:
             self._pool = await self._claim_slots(fleet_cap, len(pending))
             if len(self._pool) < len(pending):

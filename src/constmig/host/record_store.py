@@ -14,6 +14,7 @@ from typing import Any
 
 from constmig.errors import DirectoryError
 from constmig.host.directory import Directory, decode_value
+from constmig.host.records import Settings
 from constmig.host.signing import canonical
 
 CAS_TRIES = 8
@@ -82,6 +83,6 @@ class RecordStore:
     async def rooms(self) -> dict[str, dict[str, Any]]:
         return {k: decode_value(v) for k, (v, _) in (await self.d.read_prefix("room/")).items()}
 
-    async def settings(self) -> dict[str, Any]:
+    async def settings(self) -> Settings:
         got = await self.d.read("settings")
-        return {} if got is None else decode_value(got[0])
+        return Settings.from_obj({} if got is None else decode_value(got[0]))

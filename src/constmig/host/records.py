@@ -29,6 +29,37 @@ from constmig.host.metrics import OUTCOMES
 ANYWHERE = "anywhere"
 DEFAULT_PARALLEL = 2  # per-host outbound migrations at once, as KubeVirt's default
 FRESH_S = 900.0  # a signed mark or record this old that its agent never saw is taken for a replay
+KEEP_RECORDS_S = 86400.0  # an ended record is deleted this long after (settings keep_records_s)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The fleet's settings (`{prefix}/settings`, a JSON object anyone holding the store may write, unsigned:
+    they tune, never start, a move). A value that is not a number in range is left at its default and
+    named in `problems`, so a garbled store slows nothing down and says why."""
+
+    max_in_flight: int = 0  # migrations at once fleet-wide; 0: no cap
+    outbound_per_host: int = DEFAULT_PARALLEL  # a source's moves at once outside a drain
+    keep_records_s: float = KEEP_RECORDS_S
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Settings:
+        rules = {"max_in_flight": (int, 0), "outbound_per_host": (int, 1), "keep_records_s": (float, 0.0)}
+        values: dict[str, Any] = {}
+        problems = []
+        for key, (kind, least) in rules.items():
+            if key not in obj:
+                continue
+            raw = obj[key]
+            ok = isinstance(raw, int | float) and not isinstance(raw, bool) and raw >= least \
+                and (kind is float or float(raw).is_integer())
+            if ok:
+                values[key] = kind(raw)
+            else:
+                problems.append(f"settings {key}={raw!r} is not {'an integer' if kind is int else 'a number'} "
+                                f">= {least}: {getattr(cls, key)!r} is used")
+        return cls(**values, problems=tuple(problems))
 
 
 class Phase(enum.Enum):
