@@ -93,6 +93,7 @@ class FleetWork:
         self._settings_at = 0.0
         self._keep_s = records.KEEP_RECORDS_S
         self._settings_said: tuple[str, ...] = ()
+        self._bad_rooms: set[str] = set()  # hosts whose room entry did not parse (said once)
         self._away = False
 
     # ---- lifecycle ----
@@ -453,8 +454,16 @@ class FleetWork:
             room = rooms.get(hid)
             if hid == self.host_id or hid in marks or room is None or room.get("listen") != listen:
                 continue
-            views.append(HostView(listen, hid, free=int(room.get("free", 0)) - self.inflight.get(listen, 0),
-                                  load=float(room.get("calls_per_s", 0.0))))
+            try:  # each agent writes its own entry, unsigned: one that does not parse places nothing there
+                free, load = int(room.get("free", 0)), float(room.get("calls_per_s", 0.0))
+            except (TypeError, ValueError):
+                if hid not in self._bad_rooms:
+                    log.warning("host %s's room entry does not parse (%s): nothing is placed there", hid,
+                                json.dumps(room)[:200])
+                self._bad_rooms.add(hid)
+                continue
+            self._bad_rooms.discard(hid)
+            views.append(HostView(listen, hid, free=free - self.inflight.get(listen, 0), load=load))
         return views
 
     async def _start(self, pending: list[tuple[Stored, records.Spec]], now: float) -> None:
