@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -291,6 +292,40 @@ def test_the_fleet_runs_at_most_its_max_in_flight_migrations(fleet):
 
 
 @pytest.mark.e2e
+@pytest.mark.adversarial
+def test_a_room_entry_that_does_not_parse_places_nothing_there_and_stalls_nothing(fleet):
+    """The host garbles host b's room entry (each agent writes its own, unsigned): a move to "anywhere"
+    goes to the one host whose entry parses, where it used to fail every look of the source's fleet work."""
+    c, url, ids = fleet
+    a, b, _ = c.addrs
+    launch_filled(a, "kvp", "kvstore", 8 << 20, 0.5, seed=6)
+    kept = read(url, "room/b")
+    stop = threading.Event()
+
+    def garble() -> None:  # b's agent rewrites its entry when its figures move: the host garbles it again
+        while not stop.wait(0.1):
+            raw_put(url, "room/b", {**kept, "free": "plenty"})
+
+    raw_put(url, "room/b", {**kept, "free": "plenty"})
+    garbler = threading.Thread(target=garble, daemon=True)
+    garbler.start()
+    try:
+        rid = records.new_id("a", "kvp")
+        spec = spec_of(rid, "kvp", strategy="stopcopy")  # target: anywhere
+        blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
+        st = until(lambda: (s := read(url, f"migrations/{rid}")["status"])["phase"] in records.FINAL_VALUES and s,
+                   timeout=30)
+        assert st["phase"] == "Succeeded" and st["target"] == "c", st
+        log = (c.base / "agent-a.log").read_text()
+        assert "host b's room entry does not parse" in log and "fleet work failed unexpectedly" not in log
+    finally:
+        stop.set()
+        garbler.join()
+        raw_put(url, "room/b", kept)
+    request(c.addrs[2], {"op": "stop", "name": "kvp"})
+
+
+@pytest.mark.e2e
 def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet):
     """Last in this module: it retires agent c."""
     c, url, ids = fleet
@@ -314,27 +349,3 @@ def test_bad_names_are_one_line_and_a_host_that_left_is_drained_by_its_id(fleet)
     assert mark["spec"]["host_id"] == "c" and mark["spec"]["asked_by"] == "operator alice"
     p = cm("undrain", "c", "--etcd", url)
     assert p.returncode == 0 and read(url, "drains/c") == {}, p.stderr
-
-
-@pytest.mark.e2e
-@pytest.mark.adversarial
-def test_a_room_entry_that_does_not_parse_places_nothing_there_and_stalls_nothing(fleet):
-    """The host garbles host b's room entry (each agent writes its own, unsigned): a move to "anywhere"
-    goes to the one host whose entry parses, where it used to fail every look of the source's fleet work."""
-    c, url, ids = fleet
-    a, b, _ = c.addrs
-    launch_filled(a, "kvp", "kvstore", 8 << 20, 0.5, seed=6)
-    kept = read(url, "room/b")
-    raw_put(url, "room/b", {**kept, "free": "plenty"})
-    try:
-        rid = records.new_id("a", "kvp")
-        spec = spec_of(rid, "kvp", strategy="stopcopy")  # target: anywhere
-        blocking(url, lambda d: RecordStore(d).create(RecordStore.record_key(rid), record(spec, ids["alice"])))
-        st = until(lambda: (s := read(url, f"migrations/{rid}")["status"])["phase"] in records.FINAL_VALUES and s,
-                   timeout=30)
-        assert st["phase"] == "Succeeded" and st["target"] == "c", st
-        log = (c.base / "agent-a.log").read_text()
-        assert "host b's room entry does not parse" in log and "fleet work failed unexpectedly" not in log
-    finally:
-        raw_put(url, "room/b", kept)
-    request(c.addrs[2], {"op": "stop", "name": "kvp"})
